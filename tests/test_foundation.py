@@ -245,3 +245,65 @@ def test_emulator_injects_server_errors_and_serves_ranges(hub, tiny, tmp_path):
     response = httpx.get(f"{hub.url}/acme/tiny-GGUF/resolve/main/tiny-Q2_K.gguf", headers={"Range": "bytes=0-3"})
     assert response.status_code == 206 and response.content == b"GGUF"
     assert response.headers["Content-Range"].startswith("bytes 0-3/")
+
+
+# -- the error boundary -------------------------------------------------------------------------
+def _app_raising(exc: BaseException):
+    import typer
+
+    from localrun.boundary import boundary
+
+    demo = typer.Typer()
+
+    @demo.command()
+    @boundary
+    def fail() -> None:
+        raise exc
+
+    return demo
+
+
+def test_boundary_known_error_is_one_line_with_hint_and_exit_code():
+    from localrun.errors import ExitCode, NotFound
+
+    result = runner.invoke(_app_raising(NotFound("model x not found", hint="run localrun list")), [])
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == ["error: model x not found", "hint: run localrun list"]
+
+
+def test_boundary_ctrl_c_exits_130():
+    result = runner.invoke(_app_raising(KeyboardInterrupt()), [])
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "error: interrupted"
+
+
+def test_boundary_unexpected_error_hides_traceback_unless_debug(monkeypatch):
+    result = runner.invoke(_app_raising(RuntimeError("boom")), [])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: unexpected RuntimeError: boom")
+    assert "LOCALRUN_DEBUG=1" in result.stderr
+    monkeypatch.setenv("LOCALRUN_DEBUG", "1")
+    result = runner.invoke(_app_raising(RuntimeError("boom")), [])
+    assert "Traceback" in result.stderr
+
+
+def test_boundary_translates_huggingface_hub_errors(hub):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError
+
+    hub.add_repo("acme/gated-GGUF", {"x.gguf": Path(__file__)}, gated=True)
+    try:
+        hf_hub_download("acme/gated-GGUF", "x.gguf", endpoint=hub.url, token=False, cache_dir=hub_cache())
+    except GatedRepoError as exc:
+        gated = exc
+    result = runner.invoke(_app_raising(gated), [])
+    assert result.exit_code == 4
+    assert "gated" in result.stderr.splitlines()[0] and "HF_TOKEN" in result.stderr
+
+
+def hub_cache() -> Path:
+    from localrun.hub import cache_dir
+
+    return cache_dir()
