@@ -25,6 +25,10 @@ app = typer.Typer(
 # Shared options, spelled the same way by every command.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's own log lines.")]
+ModelArg = Annotated[str, typer.Argument(help="org/repo[:QUANT], org/repo:file.gguf, hf.co/..., or a path to a .gguf file.",
+                                         show_default=False)]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the repo.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")]
 
 
 def _version(value: bool) -> None:
@@ -56,6 +60,25 @@ def hw(
     report.show_hardware(out, result)
     if selftest and not result.selftest_ok:
         raise typer.Exit(8)
+
+
+@app.command("list")
+@boundary
+def list_models(json: JsonOpt = False) -> None:
+    """Pulled models in the Hugging Face cache (also those fetched by other tools)."""
+    from localrun import store
+
+    store.show_listing(Output.from_env(json=json), store.scan())
+
+
+@app.command()
+@boundary
+def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json: JsonOpt = False) -> None:
+    """Remove a pulled model (MODEL:QUANT for one quant); asks first unless --yes."""
+    from localrun import store
+    from localrun.refs import parse_ref
+
+    store.rm(parse_ref(model, revision), Output.from_env(json=json), yes=yes)
 
 
 def main() -> None:

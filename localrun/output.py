@@ -103,3 +103,27 @@ class Output:
         if hint:
             self.err.print("[dim]hint:[/] ", end="")
             self.err.print(hint, markup=False)
+
+    def confirm(self, question: str, *, refuse_hint: str = "add --yes to go ahead without asking") -> bool:
+        """Ask yes/no on stderr. Nobody can answer when stdin or stderr is not a terminal, or with
+        --json: then raise UsageError rather than guess."""
+        from localrun.errors import UsageError
+
+        if not (self.interactive and _isatty(sys.stdin)):
+            raise UsageError("refusing to ask for confirmation: not on a terminal", hint=refuse_hint)
+        self.err.print(f"{question} [y/N] ", end="", markup=False)
+        try:
+            answer = input()
+        except EOFError:
+            answer = ""
+        return answer.strip().lower() in ("y", "yes")
+
+
+def human_bytes(n: int | float) -> str:
+    """Sizes as people read them: 512 B, 3.4 MiB, 4.1 GiB."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"

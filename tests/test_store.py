@@ -1,0 +1,174 @@
+"""`localrun list`, `show` and `rm` on an HF cache populated over HTTP from the Hub emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import hf_hub_download, scan_cache_dir
+from typer.testing import CliRunner
+
+from localrun import hub as lhub
+from localrun import store
+from localrun.cli import app
+
+runner = CliRunner()
+REPO = "org/tiny-GGUF"
+
+
+def fetch(repo_id: str, filename: str, revision: str = "main") -> Path:
+    """Download one file the way any other tool would (`hf download`): straight through huggingface_hub."""
+    return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=lhub.endpoint(),
+                                cache_dir=lhub.cache_dir()))
+
+
+def blobs() -> list[Path]:
+    return sorted(p for p in lhub.cache_dir().glob("models--*/blobs/*") if not p.name.endswith(".incomplete"))
+
+
+def listing() -> list[dict]:
+    result = runner.invoke(app, ["list", "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["models"]
+
+
+@pytest.fixture
+def pulled(hub, tiny):
+    """REPO with two quants, a split model and a projector; Q8_0, the split and the projector fetched."""
+    hub.add_repo(REPO, {
+        "tiny-Q8_0.gguf": tiny.quants["Q8_0"],
+        "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"],
+        "mmproj-tiny-F16.gguf": tiny.mmproj,
+        **{f"split/{p.name}": p for p in tiny.split},
+    })
+    for name in ("tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "mmproj-tiny-F16.gguf", *(f"split/{p.name}" for p in tiny.split)):
+        fetch(REPO, name)
+    return hub
+
+
+def test_list_shows_files_fetched_by_other_tools_grouped_by_quant(pulled, tiny):
+    models = listing()
+    by_label = {m["model"]: m for m in models}
+    assert set(by_label) == {f"{REPO}:Q8_0", f"{REPO}:Q4_K_M", f"{REPO}:F32", f"{REPO}:mmproj-tiny-F16.gguf"}
+    assert by_label[f"{REPO}:Q8_0"]["size"] == tiny.quants["Q8_0"].stat().st_size
+    split = by_label[f"{REPO}:F32"]
+    assert split["n_shards"] == len(tiny.split) > 1
+    assert split["size"] == sum(p.stat().st_size for p in tiny.split)
+    assert split["files"][0]["name"].startswith("split/") and "00001-of-" in split["files"][0]["name"]
+    assert by_label[f"{REPO}:mmproj-tiny-F16.gguf"]["kind"] == "mmproj"
+    assert all(m["revision"] == "main" and m["last_used"] is None and m["pulled"] for m in models)
+    # Best quant first within a repo, the projector last.
+    assert [m["quant"] for m in models][:2] == ["F32", "Q8_0"] and models[-1]["kind"] == "mmproj"
+
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["MODEL", "SIZE", "FILES", "PULLED", "LAST", "USED"]
+    assert any(f"{REPO}:F32" in line and f"{len(tiny.split)} shards" in line for line in lines)
+    assert any("(mmproj)" in line for line in lines)
+    assert "\x1b[" not in result.stdout
+
+
+def test_list_on_an_empty_cache_says_how_to_pull():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert "no models pulled yet" in result.stderr and "localrun pull" in result.stderr
+    result = runner.invoke(app, ["list", "--json"])
+    assert json.loads(result.stdout)["models"] == []
+
+
+def test_touch_records_last_use(pulled):
+    q8 = fetch(REPO, "tiny-Q8_0.gguf")  # the snapshot path, as the resolver hands it to the engine
+    store.touch(q8, when=1_700_000_000.0)
+    by_label = {m["model"]: m for m in listing()}
+    assert by_label[f"{REPO}:Q8_0"]["last_used"] == "2023-11-14T22:13:20+00:00"
+    assert by_label[f"{REPO}:Q4_K_M"]["last_used"] is None
+    assert "never" in runner.invoke(app, ["list"]).stdout
+
+
+def test_rm_one_quant_keeps_the_others(pulled, tiny):
+    q8_size = tiny.quants["Q8_0"].stat().st_size
+    before = blobs()
+    result = runner.invoke(app, ["rm", f"{REPO}:q8_0", "--yes"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == f"removed {REPO}:Q8_0"
+    assert f"{REPO}:Q8_0: 1 file" in result.stderr and "freed" in result.stderr
+    assert len(blobs()) == len(before) - 1
+    labels = {m["model"] for m in listing()}
+    assert labels == {f"{REPO}:Q4_K_M", f"{REPO}:F32", f"{REPO}:mmproj-tiny-F16.gguf"}
+    assert not scan_cache_dir(lhub.cache_dir()).warnings
+    # The other quants still load from the cache offline.
+    assert Path(hf_hub_download(REPO, "tiny-Q4_K_M.gguf", cache_dir=lhub.cache_dir(), local_files_only=True)).exists()
+    assert q8_size > 0
+
+
+def test_rm_json_reports_freed_space_and_the_last_model_takes_its_projector(pulled, tiny):
+    result = runner.invoke(app, ["rm", REPO, "--yes", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    expected = sum(p.stat().st_size for p in (tiny.quants["Q8_0"], tiny.quants["Q4_K_M"], tiny.mmproj, *tiny.split))
+    assert report["freed"] == expected
+    assert len(report["removed"]) == 4
+    assert listing() == []
+    assert not any(lhub.cache_dir().glob("models--org--tiny-GGUF"))  # refs, snapshots, blobs: all gone
+
+
+def test_rm_split_removes_every_shard(pulled, tiny):
+    result = runner.invoke(app, ["rm", f"{REPO}:split/{tiny.split[0].name}", "-y"])
+    assert result.exit_code == 0, result.stderr
+    assert f"{len(tiny.split)} files" in result.stderr
+    assert not list(lhub.cache_dir().glob("models--org--tiny-GGUF/snapshots/*/split"))
+    assert f"{REPO}:F32" not in {m["model"] for m in listing()}
+
+
+def test_blob_shared_by_two_revisions_survives_removing_one(hub, tiny):
+    hub.add_repo(REPO, {"tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"]}, revision="main")
+    dev_commit = hub.add_repo(REPO, {"tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"]}, revision="dev")
+    main_path, dev_path = fetch(REPO, "tiny-Q4_K_M.gguf"), fetch(REPO, "tiny-Q4_K_M.gguf", "dev")
+    assert main_path != dev_path and main_path.resolve() == dev_path.resolve() and len(blobs()) == 1
+    assert sorted(m["revision"] for m in listing()) == ["dev", "main"]
+    assert "REVISION" in runner.invoke(app, ["list"]).stdout
+
+    result = runner.invoke(app, ["rm", f"{REPO}:Q4_K_M", "--revision", "dev", "--yes", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["freed"] == 0
+    assert "still used by another revision" in result.stderr
+    assert len(blobs()) == 1 and main_path.read_bytes() == tiny.quants["Q4_K_M"].read_bytes()
+    assert not dev_path.exists()
+    assert [(m["revision"], m["commit"] != dev_commit) for m in listing()] == [("main", True)]
+    cache = scan_cache_dir(lhub.cache_dir())
+    assert not cache.warnings  # refs/dev went with its snapshot
+
+    result = runner.invoke(app, ["rm", f"{REPO}:Q4_K_M", "--yes", "--json"])
+    assert json.loads(result.stdout)["freed"] == tiny.quants["Q4_K_M"].stat().st_size
+    assert blobs() == []
+
+
+def test_rm_unknown_model_is_a_clear_error(pulled):
+    result = runner.invoke(app, ["rm", "org/nothing-here", "--yes"])
+    assert result.exit_code == 3
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[0] == "error: org/nothing-here is not pulled"
+    result = runner.invoke(app, ["rm", f"{REPO}:Q2_K", "--yes"])
+    assert result.exit_code == 3
+    assert f"pulled from that repo: {REPO}:F32, {REPO}:Q4_K_M" in result.stderr
+    result = runner.invoke(app, ["rm", "not a ref"])
+    assert result.exit_code == 2 and "not a model reference" in result.stderr
+
+
+def test_piped_rm_without_yes_refuses_and_deletes_nothing(pulled):
+    before = blobs()
+    exe = Path(sys.executable).with_name("localrun")
+    proc = subprocess.run([str(exe), "rm", f"{REPO}:Q8_0"], capture_output=True, text=True, input="y\n",
+                          env=os.environ.copy())
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert f"{REPO}:Q8_0: 1 file" in proc.stderr  # what would go, even when refusing
+    assert "error: refusing to ask for confirmation: not on a terminal" in proc.stderr
+    assert "--yes" in proc.stderr
+    assert blobs() == before
