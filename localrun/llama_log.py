@@ -10,6 +10,7 @@ from typing import Iterator
 
 _lines: deque[str] = deque(maxlen=400)
 _echo = False
+_LEVEL_DEBUG, _LEVEL_CONT = 1, 5  # ggml_log_level
 _callback = None  # the ctypes callback must stay referenced for as long as llama.cpp may call it
 
 
@@ -21,10 +22,17 @@ def install(echo: bool = False) -> None:
         return
     import llama_cpp
 
+    last_level = [0]
+
     @llama_cpp.llama_log_callback
     def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         line = text.decode("utf-8", errors="replace")
-        _lines.append(line)
+        if level != _LEVEL_CONT:
+            last_level[0] = level
+        # Debug lines (hundreds per graph reservation) would push the buffer sizes and the
+        # error that explains a failure out of the ring: keep them only on the echo.
+        if last_level[0] != _LEVEL_DEBUG:
+            _lines.append(line)
         if _echo:
             sys.stderr.write(line)
 
