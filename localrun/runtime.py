@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 from localrun.errors import BadModel, LocalrunError, NoSpace
+
+
+class DecodeAborted(Exception):
+    """llama_decode stopped early because abort() was called (from another thread or a signal)."""
 from localrun.llama_log import install as install_log
 from localrun.llama_log import recent as recent_log
 
@@ -164,6 +168,19 @@ class LlamaContext:
         self.n_batch = opts.n_batch
         self.n_past = 0
         self._sampler = None
+        # Abort flag read by llama.cpp between graph nodes. The callback is libc's strlen on a
+        # 2-byte buffer: it returns 0 until abort() writes byte 1, costs no GIL and no Python call.
+        self._abort_flag = ctypes.create_string_buffer(2)
+        self._abort_cb = _strlen_callback(lc)
+        if self._abort_cb is not None:
+            lc.llama_set_abort_callback(self.ptr, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p))
+
+    def abort(self) -> None:
+        """Make the running (or next) decode stop early with DecodeAborted. Safe from any thread."""
+        self._abort_flag[0] = b"\x01"
+
+    def clear_abort(self) -> None:
+        self._abort_flag[0] = b"\x00"
 
     # -- decoding --------------------------------------------------------------------------------
     def decode(self, tokens: Sequence[int]) -> None:
@@ -172,6 +189,12 @@ class LlamaContext:
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             n = len(chunk)
+            if not self.logits_all:  # the common case: no per-call batch allocation
+                arr = (lc.llama_token * n)(*chunk)  # must outlive the call: the batch points into it
+                rc = lc.llama_decode(self.ptr, lc.llama_batch_get_one(arr, n))
+                self._check(rc)
+                self.n_past += n
+                continue
             batch = lc.llama_batch_init(n, 0, 1)
             try:
                 for i, tok in enumerate(chunk):
@@ -184,12 +207,18 @@ class LlamaContext:
                 rc = lc.llama_decode(self.ptr, batch)
             finally:
                 lc.llama_batch_free(batch)
-            if rc != 0:
-                if rc == 1:
-                    raise NoSpace("the context is full (no room in the KV cache)",
-                                  hint="use a larger --ctx, or /clear the conversation")
-                raise LocalrunError(f"llama_decode failed ({rc})" + (f": {_last_log_reason()}" if _last_log_reason() else ""))
+            self._check(rc)
             self.n_past += n
+
+    def _check(self, rc: int) -> None:
+        if rc == 0:
+            return
+        if rc == 2:
+            raise DecodeAborted()
+        if rc == 1:
+            raise NoSpace("the context is full (no room in the KV cache)",
+                          hint="use a larger --ctx, or /clear the conversation")
+        raise LocalrunError(f"llama_decode failed ({rc})" + (f": {_last_log_reason()}" if _last_log_reason() else ""))
 
     def logits(self, index: int = -1):
         """The logits row for batch position `index` of the last decode, as a numpy view."""
@@ -198,11 +227,15 @@ class LlamaContext:
         ptr = self._lc.llama_get_logits_ith(self.ptr, index)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
-    def truncate(self, n_keep: int) -> None:
-        """Forget every position from n_keep on (rewind the sequence)."""
+    def truncate(self, n_keep: int) -> bool:
+        """Forget every position from n_keep on (rewind the sequence). False: the memory could
+        not drop a partial sequence (some sliding-window caches), so it was cleared entirely."""
         mem = self._lc.llama_get_memory(self.ptr)
-        self._lc.llama_memory_seq_rm(mem, 0, n_keep, -1)
+        if not self._lc.llama_memory_seq_rm(mem, 0, n_keep, -1):
+            self.reset()
+            return False
         self.n_past = min(self.n_past, n_keep)
+        return True
 
     def reset(self) -> None:
         self._lc.llama_memory_clear(self._lc.llama_get_memory(self.ptr), True)
@@ -261,6 +294,17 @@ class Loaded:
     def close(self) -> None:
         self.ctx.close()
         self.model.close()
+
+
+def _strlen_callback(lc):
+    """libc's strlen as a ggml_abort_callback (see LlamaContext.__init__); None if unavailable."""
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        return lc.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 def _default_threads() -> int:

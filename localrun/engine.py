@@ -1,0 +1,353 @@
+"""Load a model (with back-off) and stream a generation as typed events.
+
+One generator, Engine.generate(), yields Piece(text) events as text becomes final and one Stats
+event at the end; renderers (render.py) and the JSON writers consume the same stream. The engine
+keeps track of what its KV cache holds, so a chat turn only decodes the new suffix of the prompt.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Union
+
+from localrun.errors import LocalrunError, NoSpace
+from localrun.runtime import DecodeAborted, LoadOptions, SamplingOptions
+
+if TYPE_CHECKING:
+    from localrun.output import Output
+    from localrun.runtime import Loaded
+
+MIN_CTX = 512
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class EngineConfig:
+    n_ctx: int | None = None  # None: the fit planner's choice (else min(4096, trained context))
+    n_gpu_layers: int | None = None  # None: the fit planner's choice (else 0)
+    n_threads: int | None = None
+    verbose: bool = False
+
+
+@dataclass
+class Piece:
+    text: str
+    kind: str = "piece"
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int  # tokens in the prompt
+    prompt_tps: float  # prefill speed over the tokens actually decoded (not the cached ones)
+    generated_tokens: int
+    gen_tps: float
+    ttft_s: float  # from generate() to the first piece of text
+    total_s: float
+    finish_reason: str  # "eog" (end-of-generation token), "stop" (a stop string), "length", "cancelled"
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache of the previous turn
+    kind: str = "stats"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Event = Union[Piece, Stats]
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    name: str
+    n_ctx: int
+    n_ctx_train: int
+    n_gpu_layers: int
+    n_threads: int
+    load_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string, so a stop never leaks partially."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found)."""
+        self.buf += text
+        if not self.stops:
+            out, self.buf = self.buf, ""
+            return out, False
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[:min(hits)], ""
+            return out, True
+        keep = 0  # the longest tail of buf that is a prefix of some stop string
+        for n in range(min(self.hold, len(self.buf)), 0, -1):
+            tail = self.buf[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                keep = n
+                break
+        out = self.buf[:len(self.buf) - keep]
+        self.buf = self.buf[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """A loaded model and context; generate() streams events and reuses the KV cache."""
+
+    def __init__(self, loaded: "Loaded", info: ModelInfo):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.ctx = loaded.ctx
+        self.info = info
+        self.cached: list[int] = []  # the tokens the KV cache holds, in order
+        self.extra_eog: set[int] = set()
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, model: "Path | object", cfg: EngineConfig, out: "Output") -> "Engine":
+        """Load a LocalModel or a .gguf path with the planned GPU layers and context; back off
+        (fewer GPU layers, then a smaller context) when llama.cpp cannot allocate, and say so."""
+        from localrun import runtime, selftest
+
+        path = Path(getattr(model, "path", model))
+        n_ctx, n_gpu, notes = _plan(path, cfg)
+        extra = selftest.use_extra_bufts(out.info)
+        started = time.perf_counter()
+        while True:
+            opts = LoadOptions(n_gpu_layers=n_gpu, n_ctx=n_ctx, n_threads=cfg.n_threads,
+                               use_extra_bufts=extra, verbose=cfg.verbose)
+            try:
+                loaded = runtime.load(path, opts)
+                break
+            except NoSpace as exc:
+                if n_gpu > 0:
+                    step = n_gpu // 2
+                    out.warn(f"could not allocate with {n_gpu} GPU layers; retrying with {step}")
+                    notes.append(f"GPU layers reduced from {n_gpu} to {step} to fit")
+                    n_gpu = step
+                elif n_ctx > MIN_CTX:
+                    smaller = max(MIN_CTX, n_ctx // 2)
+                    out.warn(f"could not allocate a context of {n_ctx} tokens; retrying with {smaller}")
+                    notes.append(f"context reduced from {n_ctx} to {smaller} to fit")
+                    n_ctx = smaller
+                else:
+                    raise exc
+        threads = opts.n_threads or runtime._default_threads()
+        name = loaded.model.meta("general.name") or path.stem
+        info = ModelInfo(path, name, loaded.ctx.n_ctx, loaded.model.n_ctx_train, n_gpu, threads,
+                         time.perf_counter() - started, notes)
+        return cls(loaded, info)
+
+    def close(self) -> None:
+        self.loaded.close()
+
+    # -- vocabulary ------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Tokens of rendered text. Special tokens written in it are parsed; a BOS the text
+        already starts with is not doubled."""
+        lc, vocab = self.model._lc, self.model.vocab
+        tokens = self.model.tokenize(text, add_special=False, parse_special=True)
+        bos = lc.llama_vocab_bos(vocab)
+        if add_bos and bos >= 0 and lc.llama_vocab_get_add_bos(vocab) and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        return tokens
+
+    def token_text(self, token: int) -> str:
+        raw = self.model._lc.llama_vocab_get_text(self.model.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def special_text(self, which: str) -> str:
+        """The text of the BOS or EOS token ("" when the model has none)."""
+        lc = self.model._lc
+        token = lc.llama_vocab_bos(self.model.vocab) if which == "bos" else lc.llama_vocab_eos(self.model.vocab)
+        return self.token_text(token) if token >= 0 else ""
+
+    def has_token(self, text: str) -> bool:
+        """Whether `text` is one token of the vocabulary (used to guess a chat format)."""
+        return len(self.model.tokenize(text, add_special=False, parse_special=True)) == 1
+
+    def chat_template(self) -> str | None:
+        return self.model.chat_template()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    # -- generation ------------------------------------------------------------------------------
+    def _prefill(self, tokens: list[int]) -> int:
+        """Bring the KV cache to `tokens`, decoding only what differs from what it holds (at least
+        the last token, for fresh logits); returns how many were reused. The decode runs in a
+        worker thread so that Ctrl-C in the main thread can abort a long prompt."""
+        self.ctx.clear_abort()
+        # Always resync first: an interrupted turn may have left positions we did not record.
+        reuse = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
+        if not self.ctx.truncate(reuse):
+            reuse = 0
+        self.cached = self.cached[:reuse]
+        todo = tokens[reuse:]
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.ctx.decode(todo)
+            except BaseException as exc:  # handed to the main thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=work, name="localrun-prefill", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.1)
+        except KeyboardInterrupt:
+            self.ctx.abort()
+            worker.join()
+            raise
+        if failure:
+            raise failure[0]
+        self.cached = list(tokens)
+        return reuse
+
+    def generate(self, prompt_tokens: list[int], sampling: SamplingOptions, max_tokens: int | None,
+                 stop: list[str]) -> Iterator[Event]:
+        """Stream Piece events, then one Stats. max_tokens None: until the context is full.
+        A KeyboardInterrupt raised in here, or thrown in by the consumer, ends it as 'cancelled'."""
+        t0 = time.perf_counter()
+        n_prompt = len(prompt_tokens)
+        if n_prompt >= self.n_ctx:
+            raise NoSpace(f"the prompt ({n_prompt} tokens) does not fit in the context ({self.n_ctx})",
+                          hint="use a larger --ctx or a shorter prompt")
+        ctx, model = self.ctx, self.model
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        matcher = StopMatcher(stop)
+        limit = self.n_ctx - n_prompt
+        if max_tokens is not None and max_tokens >= 0:
+            limit = min(limit, max_tokens)
+        reused, t_prefill, t_first = 0, None, None
+        generated, finish = 0, "length"
+        try:
+            ctx.set_sampling(sampling)
+            reused = self._prefill(prompt_tokens)
+            t_prefill = time.perf_counter()
+            while generated < limit:
+                token = ctx.sample()
+                generated += 1
+                if model.is_eog(token) or token in self.extra_eog:
+                    finish = "eog"
+                    break
+                text, stopped = matcher.feed(decoder.decode(model.piece(token, special=True)))
+                if text:
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    yield Piece(text)
+                if stopped:
+                    finish = "stop"
+                    break
+                if generated >= limit:
+                    break
+                ctx.decode([token])
+                self.cached.append(token)
+            tail = matcher.flush() + decoder.decode(b"", final=True) if finish != "stop" else ""
+            if tail:
+                t_first = t_first or time.perf_counter()
+                yield Piece(tail)
+        except (KeyboardInterrupt, DecodeAborted):
+            finish = "cancelled"
+        t_end = time.perf_counter()
+        t_prefill = t_prefill or t_end
+        gen_time = t_end - t_prefill
+        yield Stats(
+            prompt_tokens=n_prompt,
+            prompt_tps=(n_prompt - reused) / (t_prefill - t0) if t_prefill > t0 else 0.0,
+            generated_tokens=generated,
+            gen_tps=generated / gen_time if gen_time > 0 and generated else 0.0,
+            ttft_s=((t_first or t_end) - t0),
+            total_s=t_end - t0,
+            finish_reason=finish,
+            cached_tokens=reused,
+        )
+
+
+def _plan(path: Path, cfg: EngineConfig) -> tuple[int, int, list[str]]:
+    """Context and GPU layers: explicit options, else the fit planner, else a CPU default."""
+    notes: list[str] = []
+    n_ctx, n_gpu = cfg.n_ctx, cfg.n_gpu_layers
+    if n_ctx is not None and n_gpu is not None:
+        return n_ctx, n_gpu, notes
+    try:
+        from localrun import fit, gguf_info
+    except ImportError:
+        fit = None  # type: ignore[assignment]
+    if fit is not None:
+        header = gguf_info.read_header(path)
+        plan = fit.plan(header, fit.Resources.detect(), n_ctx)
+        if plan.note:
+            notes.append(plan.note)
+        return (n_ctx if n_ctx is not None else plan.n_ctx,
+                n_gpu if n_gpu is not None else plan.n_gpu_layers, notes)
+    if n_ctx is None:
+        n_ctx = min(DEFAULT_CTX, _trained_ctx(path) or DEFAULT_CTX)
+    return n_ctx, (n_gpu or 0), notes
+
+
+def _trained_ctx(path: Path) -> int | None:
+    """The training context from the GGUF header, read without loading the model."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        arch_field = reader.fields.get("general.architecture")
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
+        ctx_field = reader.fields.get(f"{arch}.context_length")
+        return int(ctx_field.parts[ctx_field.data[0]][0]) if ctx_field else None
+    except Exception:  # a header we cannot read: llama.cpp will say what is wrong at load
+        return None
+
+
+def open_model(ref_text: str, cfg: EngineConfig, out: "Output") -> Engine:
+    """Resolve a model reference (a local .gguf, or a repo: found in the cache, else pulled) and load it."""
+    from localrun.refs import parse_ref
+
+    ref = parse_ref(ref_text)
+    try:
+        from localrun.pull import resolve_model
+    except ImportError:
+        resolve_model = None  # type: ignore[assignment]
+    if resolve_model is not None:
+        model: object = resolve_model(ref, out)
+    elif ref.is_local:
+        if not ref.path.is_file():  # type: ignore[union-attr]
+            from localrun.errors import NotFound
+
+            raise NotFound(f"no such model file: {ref.path}", hint="check the path")
+        try:
+            from localrun.gguf_info import validate
+        except ImportError:
+            validate = None  # type: ignore[assignment]
+        if validate is not None:
+            validate(ref.path)  # llama.cpp aborts the process on some bad files
+        model = ref.path
+    else:
+        raise LocalrunError(f"cannot resolve {ref_text}: this build has no Hub support yet",
+                            hint="pass a path to a .gguf file")
+    return Engine.open(model, cfg, out)
+

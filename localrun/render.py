@@ -1,0 +1,184 @@
+"""Render a stream of engine events: live on a terminal, plain when piped, or as JSON.
+
+The live status line (tokens so far, tok/s, TTFT, elapsed) lives on stderr, on the line *below*
+the streamed text: before each piece of text it is erased, after it redrawn, so text on stdout
+and the status on stderr never interleave, whatever wraps or scrolls. Its text is recomputed
+at most STATUS_HZ times a second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import Any, Iterable, Protocol
+
+from localrun.engine import Event, Piece, Stats
+from localrun.output import Output
+
+STATUS_HZ = 5
+
+# VT100: IND (down one line, scrolling if needed) then RI (back up) makes room below without
+# moving the column; DECSC/DECRC save and restore the cursor; NEL goes to the next line start.
+_ROOM_BELOW = "\x1bD\x1bM"
+_SAVE, _RESTORE, _NEXT_LINE = "\x1b7", "\x1b8", "\x1bE"
+_CLEAR_BELOW, _CLEAR_LINE = "\x1b[J", "\r\x1b[K"
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
+
+
+class Renderer(Protocol):
+    def piece(self, text: str) -> None: ...
+    def finish(self, stats: Stats) -> None: ...
+
+
+def stats_line(s: Stats) -> str:
+    cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
+    line = (f"prompt {s.prompt_tokens} tok{cached}, {s.prompt_tps:.1f} tok/s · "
+            f"reply {s.generated_tokens} tok, {s.gen_tps:.1f} tok/s · "
+            f"TTFT {s.ttft_s:.2f} s · total {s.total_s:.2f} s")
+    if s.finish_reason not in ("eog", "stop"):
+        line += f" · {s.finish_reason}"
+    return line
+
+
+class LiveRenderer:
+    """Text on stdout as it comes; a live status line on stderr when stderr is a terminal."""
+
+    def __init__(self, out: Output, *, show_stats: bool = True):
+        self.out = out
+        self.show_stats = show_stats
+        self.live = out.stderr_tty and not out.json
+        self.below = self.live and out.stdout_tty  # same terminal: status goes on the line below
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.tokens = 0  # pieces, close to tokens (a stop string or a split character merges some)
+        self.status = ""
+        self.next_status = 0.0
+        self.ends_with_newline = True
+        self.width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+        if self.live:
+            self._draw(self._status_text(self.started))
+
+    def _status_text(self, now: float) -> str:
+        elapsed = now - self.started
+        if self.first is None:
+            return f"… reading the prompt · {elapsed:.1f} s"
+        gen = now - self.first
+        tps = (self.tokens - 1) / gen if gen > 0 and self.tokens > 1 else 0.0
+        return (f"… {self.tokens} tok · {tps:.1f} tok/s · TTFT {self.first - self.started:.2f} s"
+                f" · {elapsed:.1f} s")[: self.width]
+
+    def _draw(self, status: str) -> None:
+        self.status = status
+        dim = (_DIM, _RESET) if self.out.color else ("", "")
+        if self.below:
+            sys.stderr.write(f"{_ROOM_BELOW}{_SAVE}{_NEXT_LINE}{dim[0]}{status}{dim[1]}{_RESTORE}")
+        else:
+            sys.stderr.write(f"{_CLEAR_LINE}{dim[0]}{status}{dim[1]}")
+        sys.stderr.flush()
+
+    def _erase(self) -> None:
+        sys.stderr.write(_CLEAR_BELOW if self.below else _CLEAR_LINE)
+        sys.stderr.flush()
+
+    def piece(self, text: str) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.tokens += 1
+        if self.below:
+            self._erase()
+        self.out.text(text)
+        self.ends_with_newline = text.endswith("\n")
+        if self.live:
+            if now >= self.next_status:
+                self.next_status = now + 1 / STATUS_HZ
+                self._draw(self._status_text(now))
+            elif self.below:
+                self._draw(self.status)
+
+    def finish(self, stats: Stats) -> None:
+        if self.live:
+            self._erase()
+        if not self.ends_with_newline:
+            self.out.text("\n")
+        if self.show_stats:
+            line = stats_line(stats)
+            if self.out.stderr_tty and self.out.color:
+                self.out.status(f"[dim]{_escape(line)}[/]")
+            else:
+                self.out.info(line)
+
+
+class JsonRenderer:
+    """One JSON object at the end: the text, the stats, and whatever `extra` says (the model)."""
+
+    def __init__(self, out: Output, extra: dict[str, Any] | None = None):
+        self.out = out
+        self.extra = extra or {}
+        self.parts: list[str] = []
+
+    def piece(self, text: str) -> None:
+        self.parts.append(text)
+
+    def finish(self, stats: Stats) -> None:
+        data = dict(self.extra)
+        data["text"] = "".join(self.parts)
+        data.update({k: v for k, v in stats.to_dict().items() if k != "kind"})
+        self.out.data(data)
+
+
+class JsonLinesRenderer:
+    """JSON Lines: one {"kind": "piece", "text": ...} per piece, then {"kind": "stats", ...}."""
+
+    def __init__(self, out: Output, extra: dict[str, Any] | None = None):
+        self.out = out
+        if extra:
+            out.json_line({"kind": "start", **extra})
+
+    def piece(self, text: str) -> None:
+        self.out.json_line({"kind": "piece", "text": text})
+
+    def finish(self, stats: Stats) -> None:
+        self.out.json_line(stats.to_dict())
+
+
+def make_renderer(out: Output, *, stream: bool = False, extra: dict[str, Any] | None = None,
+                  show_stats: bool = True) -> Renderer:
+    if out.json:
+        return JsonLinesRenderer(out, extra) if stream else JsonRenderer(out, extra)
+    return LiveRenderer(out, show_stats=show_stats)
+
+
+def drive(events: Iterable[Event], renderer: Renderer) -> Stats:
+    """Feed events to a renderer. Ctrl-C while rendering is thrown into the generator, which
+    ends the reply as 'cancelled'; the Stats are returned either way."""
+    it = iter(events)
+    stats: Stats | None = None
+    try:
+        for event in it:
+            if isinstance(event, Piece):
+                renderer.piece(event.text)
+            else:
+                stats = event
+    except KeyboardInterrupt:
+        try:
+            event = it.throw(KeyboardInterrupt)  # type: ignore[attr-defined]
+            stats = event if isinstance(event, Stats) else None
+        except (KeyboardInterrupt, StopIteration):
+            stats = None
+        if stats is None:
+            stats = Stats(0, 0.0, 0, 0.0, 0.0, 0.0, "cancelled")
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()
+    assert stats is not None, "the engine always ends a stream with Stats"
+    renderer.finish(stats)
+    return stats
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
