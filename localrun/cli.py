@@ -29,6 +29,8 @@ ModelArg = Annotated[str, typer.Argument(help="org/repo[:QUANT], org/repo:file.g
                                          show_default=False)]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the repo.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", min=16, show_default=False,
+                                               help="Context size in tokens (default: 4096, capped by the model).")]
 
 
 def _version(value: bool) -> None:
@@ -60,6 +62,27 @@ def hw(
     report.show_hardware(out, result)
     if selftest and not result.selftest_ok:
         raise typer.Exit(8)
+
+
+@app.command()
+@boundary
+def pull(
+    model: ModelArg,
+    quant: Annotated[Optional[str], typer.Option("--quant", "-q", show_default=False,
+                                                 help="Download this quantization (e.g. Q4_K_M) instead of the choice.")] = None,
+    ctx: CtxOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the candidates and the choice; download nothing.")] = False,
+    revision: RevisionOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Choose the quantization that fits this machine, show why, and download it."""
+    from localrun import pull as pulling
+    from localrun.refs import parse_ref
+
+    out = Output.from_env(json=json)
+    result = pulling.pull(parse_ref(model, revision), out, n_ctx=ctx, dry_run=dry_run, quant=quant)
+    if json:
+        out.data(result.to_dict())
 
 
 @app.command("list")
