@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from localrun import quants
 from localrun.errors import AccessDenied, BadModel, LocalrunError, NetworkError, NoSpace, NotFound
@@ -276,7 +276,7 @@ def _transient(exc: BaseException) -> str | None:
 
 
 def download(listing: RepoListing, cand: Candidate, out: "Output", *,
-             free_space: Any = free_disk) -> list[Path]:
+             free_space: Callable[[Path], int] = free_disk) -> list[Path]:
     """Every file of `cand` into the HF cache (resuming partial files), sha256-verified; the paths
     to load, in shard order. `free_space(path) -> bytes` is the disk check, a parameter for tests."""
     states = _file_states(listing, cand)
@@ -362,16 +362,15 @@ class _DownloadProgress:
 
     def __enter__(self) -> "_DownloadProgress":
         if self.out.interactive and self.done < self.total:
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                TransferSpeedColumn(), TimeRemainingColumn(compact=True, elapsed_when_finished=True),
+                TextColumn("{task.fields[speed]}"), TimeRemainingColumn(compact=True, elapsed_when_finished=True),
                 console=self.out.err,
             )
             self._progress.start()
-            self._task = self._progress.add_task(self.label, total=self.total, completed=self.done)
+            self._task = self._progress.add_task(self.label, total=self.total, completed=self.done, speed="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -398,6 +397,8 @@ class _DownloadProgress:
             self.counted[self.file] = self.counted.get(self.file, 0) + n
         if self._progress is not None and n:
             self._progress.advance(self._task, n)
+            speed = self._progress.tasks[0].speed  # in the same binary units as the sizes
+            self._progress.update(self._task, speed=f"{_human(int(speed))}/s" if speed else "")
 
 
 class _TqdmAdapter:

@@ -214,19 +214,23 @@ def _memory(row: Row) -> str:
 def _why(rows: list[Row], chosen: int | None, forced: bool, res: "Resources") -> str:
     """One line: what was chosen and what decided it."""
     if chosen is None:
-        gpu = f" and {human_bytes(sum(d.free for d in res.gpus))} VRAM" if res.gpus else ""
-        return f"nothing fits in {human_bytes(res.ram_available)} available RAM{gpu}"
+        from localrun.fit import ram_headroom
+
+        gpu = f" and {human_bytes(sum(d.free for d in res.gpus))} free VRAM" if res.gpus else ""
+        return (f"nothing fits in {human_bytes(res.ram_available)} available RAM{gpu} "
+                f"({human_bytes(ram_headroom(res))} of the RAM is kept free for the system)")
     row = rows[chosen]
-    label = row.candidate.label
-    if forced:
-        return f"{label}: as asked" + (f", {row.placement()} with {row.plan.n_ctx} ctx" if row.fits and row.plan
-                                       else f" (won't fit: {_memory(row)})" if row.plan else "")
     plan = row.plan
-    assert plan is not None
-    best = chosen == next(i for i, r in enumerate(rows) if r.plan is not None)
+    if plan is None or not plan.fits:
+        return f"{row.candidate.label}: as asked" + (f" (won't fit: {_memory(row)})" if plan else "")
     where = {"gpu": "runs fully on the GPU", "partial": "fits with part of it on the GPU",
              "cpu": "fits in RAM"}.get(plan.placement, "fits")
-    why = f"{label}: the best quality here, and it {where}" if best else f"{label}: the best quality that {where}"
+    if forced:
+        why = f"{row.candidate.label}: as asked; it {where}"
+    elif chosen == next(i for i, r in enumerate(rows) if r.plan is not None):
+        why = f"{row.candidate.label}: the best quality here, and it {where}"
+    else:
+        why = f"{row.candidate.label}: the best quality that {where}"
     why += f" with {plan.n_ctx} ctx"
     return f"{why} ({plan.note})" if plan.note else why
 

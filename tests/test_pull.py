@@ -1,0 +1,374 @@
+"""`localrun pull` and the model resolver, against the Hub emulator through the real huggingface_hub."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from localrun import hub as hubapi
+from localrun.cli import app
+from localrun.errors import BadModel, NetworkError, NoSpace, NotFound
+from localrun.fit import GPU_RESERVE, Device, Resources, ram_headroom
+from localrun.output import Output
+from localrun.pull import find_cached, pull, resolve_model
+from localrun.refs import parse_ref
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "acme/tiny-GGUF"
+GiB = 2**30
+MiB = 2**20
+CHUNK = 10 * MiB  # huggingface_hub writes downloads in 10 MiB chunks: a partial file keeps whole ones
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def blobs() -> list[Path]:
+    return [p for p in hubapi.cache_dir().rglob("blobs/*") if p.is_file() and p.suffix != ".incomplete"]
+
+
+def incomplete() -> list[Path]:
+    return list(hubapi.cache_dir().rglob("*.incomplete"))
+
+
+def quiet() -> Output:
+    return Output()
+
+
+@pytest.fixture(scope="session")
+def big_model() -> Path:
+    """An F32 tiny model of ~50 MB: several of huggingface_hub's 10 MiB chunks, to show a resume."""
+    from localrun.tinymodel import TinySpec, write_tiny_model
+
+    target = ROOT / ".cache" / "tests" / "big" / "tiny-big-F32.gguf"
+    if not target.exists():
+        partial = write_tiny_model(target.with_name("partial.gguf"),
+                                   TinySpec(n_embd=512, n_ff=1536, n_layer=4, name="tiny-big"))
+        partial.replace(target)
+    return target
+
+
+@pytest.fixture
+def repo(hub, tiny):
+    """Quants at the top and in a subfolder, a split in a subfolder, and files that are not models."""
+    files = {f"tiny-llama-{q}.gguf": tiny.quants[q] for q in ("F16", "Q6_K", "Q4_K_M", "Q2_K")}
+    files.update({f"more/tiny-llama-{q}.gguf": tiny.quants[q] for q in ("Q8_0", "Q5_K_M")})
+    files.update({f"split/{p.name}": p for p in tiny.split})
+    files["mmproj-tiny-F16.gguf"] = tiny.mmproj
+    files["tiny-llama.imatrix.gguf"] = tiny.quants["Q2_K"]
+    files["draft/tiny-draft-Q8_0.gguf"] = tiny.quants["Q8_0"]
+    hub.add_repo(REPO, files)
+    return hub
+
+
+# -- listing -------------------------------------------------------------------------------------
+def test_listing_groups_quants_splits_and_subfolders_and_notes_mmproj(repo, tiny):
+    listing = hubapi.list_candidates(parse_ref(REPO))
+    assert [c.label for c in listing.candidates] == ["F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q2_K"]
+    split = listing.candidates[0]
+    assert split.files == [f"split/{p.name}" for p in tiny.split] and len(split.files) == 3
+    assert split.size == sum(p.stat().st_size for p in tiny.split)
+    assert listing.candidates[2].files == ["more/tiny-llama-Q8_0.gguf"]
+    assert listing.candidates[2].sha256["more/tiny-llama-Q8_0.gguf"] == sha256(tiny.quants["Q8_0"])
+    assert listing.mmproj == ["mmproj-tiny-F16.gguf"]
+    assert len(listing.commit) == 40
+    assert listing.candidates[listing.select(tag="q4_k_m")].label == "Q4_K_M"
+    assert listing.select(filename="more/tiny-llama-Q5_K_M.gguf") == 4
+
+
+# -- the choice ------------------------------------------------------------------------------------
+def test_automatic_choice_follows_the_described_memory(repo):
+    def plan_for(ram_available: int, gpus: list[Device] | None = None):
+        return pull(parse_ref(REPO), quiet(), dry_run=True, n_ctx=512,
+                    res=Resources(4 * GiB, ram_available, gpus or []))
+
+    headroom = ram_headroom(Resources(4 * GiB, 4 * GiB, []))
+    roomy = plan_for(64 * GiB)
+    assert roomy.chosen == 0 and roomy.rows[0].plan.placement == "cpu"
+    assert roomy.why == "F32: the best quality here, and it fits in RAM with 512 ctx"
+    for k, row in enumerate(roomy.rows):
+        # Room for exactly this quant's estimate: it is chosen, and every better (bigger) one won't fit.
+        result = plan_for(headroom + row.plan.estimate.ram)
+        assert result.chosen == k, (row.candidate.label, result.why)
+        assert [r.fits for r in result.rows] == [i >= k for i in range(len(result.rows))]
+        if k:
+            assert result.why.startswith(f"{row.candidate.label}: the best quality that fits in RAM")
+    starved = plan_for(headroom + MiB)
+    assert starved.chosen is None and starved.why.startswith("nothing fits")
+    with pytest.raises(NoSpace):
+        pull(parse_ref(REPO), quiet(), n_ctx=512, res=Resources(4 * GiB, headroom + MiB, []))
+
+    big_gpu = plan_for(12 * GiB, [Device("Test GPU", 24 * GiB, 24 * GiB)])
+    assert big_gpu.chosen == 0 and big_gpu.rows[0].plan.placement == "gpu"
+    assert big_gpu.why == "F32: the best quality here, and it runs fully on the GPU with 512 ctx"
+    # A GPU without room for half of F32's weights: F32 would run split, so a smaller quant that fits
+    # whole on the GPU wins.
+    half = GPU_RESERVE + big_gpu.rows[0].plan.estimate.vram - big_gpu.rows[0].candidate.size // 2
+    small_gpu = plan_for(12 * GiB, [Device("Test GPU", half, half)])
+    assert small_gpu.rows[0].plan.placement == "partial"
+    assert small_gpu.rows[0].placement().startswith("GPU ") and small_gpu.rows[0].placement().endswith("+ CPU")
+    assert small_gpu.chosen > 0 and small_gpu.rows[small_gpu.chosen].plan.placement == "gpu"
+    assert not blobs()
+
+
+def test_dry_run_shows_the_table_and_downloads_nothing(repo):
+    result = runner.invoke(app, ["pull", REPO, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(REPO)
+    for word in ("quant", "size", "est. RAM", "est. VRAM", "placement", "verdict"):
+        assert word in lines[1]
+    chosen = [line for line in lines if line.startswith("▶")]
+    assert len(chosen) == 1
+    assert lines[-1].startswith(chosen[0].split()[1] + ": ") and "ctx" in lines[-1]
+    assert result.stderr == ""
+    assert not blobs() and not incomplete()
+    gets = repo.downloads()
+    assert gets and all(g.range for g in gets)  # header reads only: every GET asked for a range
+
+
+def test_json_gives_the_same_data(repo):
+    result = runner.invoke(app, ["pull", REPO, "--dry-run", "--json", "--ctx", "512"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["repo_id"] == REPO and data["dry_run"] is True and data["files"] == []
+    assert [c["quant"] for c in data["candidates"]][:3] == ["F32", "F16", "Q8_0"]
+    chosen = [c for c in data["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["quant"] == data["chosen"] and chosen[0]["fits"]
+    assert all(c["ram"] > 0 and c["n_ctx"] <= 512 for c in data["candidates"])
+    assert data["mmproj"] == ["mmproj-tiny-F16.gguf"] and data["why"].startswith(data["chosen"])
+
+
+# -- downloads -------------------------------------------------------------------------------------
+def test_tag_picks_that_quant_and_a_second_pull_downloads_nothing(repo, tiny):
+    result = runner.invoke(app, ["pull", f"{REPO}:q6_k"])
+    assert result.exit_code == 0, result.output
+    assert "Q6_K: as asked" in result.stdout
+    saved = Path(result.stdout.strip().splitlines()[-1].removeprefix("saved "))
+    assert saved.name == "tiny-llama-Q6_K.gguf" and sha256(saved) == sha256(tiny.quants["Q6_K"])
+    assert len(repo.downloads("tiny-llama-Q6_K.gguf")) >= 2  # header range + the file
+    before = len(repo.downloads("tiny-llama-Q6_K.gguf"))
+    again = runner.invoke(app, ["pull", REPO, "--quant", "Q6_K"])
+    assert again.exit_code == 0 and again.stderr == ""
+    assert all(g.range for g in repo.downloads("tiny-llama-Q6_K.gguf")[before:])  # header reads only
+
+
+def test_split_model_pulls_every_shard_into_one_snapshot_folder(repo, tiny):
+    result = pull(parse_ref(f"{REPO}:F32"), quiet())
+    assert [p.name for p in result.files] == [p.name for p in tiny.split]
+    assert len({p.parent for p in result.files}) == 1
+    assert [sha256(p) for p in result.files] == [sha256(p) for p in tiny.split]
+    model = resolve_model(parse_ref(f"{REPO}:F32"), quiet(), allow_pull=False)
+    assert model.path == result.files[0] and model.files == result.files and model.quant == "F32"
+
+
+def test_file_in_a_subfolder_is_found_by_name_and_resolved_offline(repo, tiny, monkeypatch):
+    ref = parse_ref(f"{REPO}:more/tiny-llama-Q5_K_M.gguf")
+    result = pull(ref, quiet())
+    assert result.files[0].as_posix().endswith("more/tiny-llama-Q5_K_M.gguf")
+    assert sha256(result.files[0]) == sha256(tiny.quants["Q5_K_M"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    requests = len(repo.log)
+    assert resolve_model(ref, quiet()).path == result.files[0]
+    assert resolve_model(parse_ref(REPO), quiet()).quant == "Q5_K_M"  # the best quality present
+    offline = runner.invoke(app, ["pull", REPO])
+    assert offline.exit_code == 0 and "already in the cache" in offline.stdout
+    assert len(repo.log) == requests  # nothing asked of the network
+    with pytest.raises(NotFound):
+        resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet(), allow_pull=False)
+
+
+def test_resolve_model_pulls_a_repo_ref_once_then_finds_it(repo, tiny):
+    model = resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet())
+    assert model.quant == "Q2_K" and sha256(model.path) == sha256(tiny.quants["Q2_K"])
+    gets = len(repo.downloads())
+    assert resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet()).path == model.path
+    assert len(repo.downloads()) == gets
+
+
+def test_local_paths_are_validated(tiny, tmp_path):
+    model = resolve_model(parse_ref(str(tiny.quants["Q4_K_M"])), quiet())
+    assert model.path == tiny.quants["Q4_K_M"] and model.quant == "Q4_K_M" and model.repo_id is None
+    shard2 = resolve_model(parse_ref(str(tiny.split[1])), quiet())
+    assert shard2.path == tiny.split[0] and shard2.files == tiny.split
+    with pytest.raises(NotFound):
+        resolve_model(parse_ref(str(tmp_path / "missing.gguf")), quiet())
+    with pytest.raises(BadModel):
+        resolve_model(parse_ref(str(tiny.corrupt_vocab)), quiet())
+
+
+def test_reset_mid_body_retries_then_resumes_on_the_next_pull(hub, big_model, monkeypatch, capsys):
+    monkeypatch.setattr(hubapi, "RETRY_DELAY", 0.0)
+    hub.add_repo("acme/big-GGUF", {"tiny-big-F32.gguf": big_model})
+    size = big_model.stat().st_size
+    assert size > 4 * CHUNK
+    # Every body is cut 15 MiB in: each attempt keeps one more whole 10 MiB chunk, three attempts.
+    fault = hub.inject("reset", "tiny-big-F32.gguf", times=-1, after_bytes=15 * MiB)
+    with pytest.raises(NetworkError) as failed:
+        pull(parse_ref("acme/big-GGUF"), quiet(), res=Resources(64 * GiB, 60 * GiB, []))
+    assert "run the same command again" in failed.value.hint
+    assert capsys.readouterr().err.count("resuming (attempt") == 2
+    body_gets = [g for g in hub.downloads("tiny-big-F32.gguf") if g.range is None or g.range.endswith("-")]
+    assert [g.range for g in body_gets] == [None, f"bytes={CHUNK}-", f"bytes={2 * CHUNK}-"]
+    (partial,) = incomplete()
+    assert partial.stat().st_size == 3 * CHUNK and not blobs()
+    fault.times = 0
+    result = pull(parse_ref("acme/big-GGUF"), quiet(), res=Resources(64 * GiB, 60 * GiB, []))
+    last = [g for g in hub.downloads("tiny-big-F32.gguf") if g.range is None or g.range.endswith("-")][-1]
+    assert last.range == f"bytes={3 * CHUNK}-" and last.status == 206
+    assert sha256(result.files[0]) == sha256(big_model) and not incomplete()
+
+
+def test_one_reset_is_retried_within_the_pull(hub, big_model, monkeypatch, capsys):
+    monkeypatch.setattr(hubapi, "RETRY_DELAY", 0.0)
+    hub.add_repo("acme/big-GGUF", {"tiny-big-F32.gguf": big_model})
+    listing = hubapi.list_candidates(parse_ref("acme/big-GGUF"))
+    hub.inject("reset", "tiny-big-F32.gguf", times=1, after_bytes=15 * MiB)
+    (saved,) = hubapi.download(listing, listing.candidates[0], quiet())
+    assert "connection lost (ReadError); resuming (attempt 2 of 3)" in capsys.readouterr().err
+    assert [g.range for g in hub.downloads()] == [None, f"bytes={CHUNK}-"]
+    assert sha256(saved) == sha256(big_model)
+
+
+def test_ctrl_c_keeps_the_partial_file_and_the_next_pull_resumes(hub, big_model):
+    hub.add_repo("acme/big-GGUF", {"tiny-big-F32.gguf": big_model})
+    slow = hub.inject("slow", "tiny-big-F32.gguf", times=-1, delay=0.01)
+    exe = Path(sys.executable).with_name("localrun")
+    child = subprocess.Popen([str(exe), "pull", "acme/big-GGUF"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=os.environ.copy())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.stat().st_size >= CHUNK for p in incomplete()):
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=30)
+    assert child.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert "Traceback" not in stderr
+    (partial,) = incomplete()
+    kept = partial.stat().st_size
+    assert kept >= CHUNK and kept % CHUNK == 0
+    slow.times = 0
+    result = pull(parse_ref("acme/big-GGUF"), quiet(), res=Resources(64 * GiB, 60 * GiB, []))
+    last = [g for g in hub.downloads("tiny-big-F32.gguf") if g.range is None or g.range.endswith("-")][-1]
+    assert last.range == f"bytes={kept}-"
+    assert sha256(result.files[0]) == sha256(big_model)
+
+
+def test_progress_bar_on_a_terminal_counts_every_shard(repo, tiny, capsys):
+    out = Output(stderr_tty=True)
+    listing = hubapi.list_candidates(parse_ref(REPO))
+    cand = listing.candidates[listing.select(tag="F32")]
+    hubapi.download(listing, cand, out)
+    err = capsys.readouterr().err
+    total = sum(p.stat().st_size for p in tiny.split) / MiB
+    assert f"{total:.1f}/{total:.1f} MiB" in err and "MiB/s" in err  # all three shards counted
+    assert "downloading F32: 3 files" in err
+
+
+# -- faults and bad input: one line, the documented exit code, nothing corrupt left -------------
+def error_lines(stderr: str) -> list[str]:
+    """The error and its hint: the last lines on stderr, after at most a 'downloading' line."""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert all(line.startswith("downloading ") for line in lines[:start]), stderr
+    assert len(lines) - start <= 2 and (len(lines) - start == 1 or lines[-1].startswith("hint: ")), stderr
+    return lines[start:]
+
+
+@pytest.mark.parametrize("ref, code, words", [
+    ("acme/no-such-repo", 3, "not found"),
+    ("acme/docs-only", 3, "has no GGUF"),
+    (f"{REPO}:Q3_K_S", 3, "available: F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q2_K"),
+    (f"{REPO}:nope/missing.gguf", 3, "no GGUF model file"),
+    ("acme/gated-GGUF", 4, "HF_TOKEN"),
+    ("acme/not-gguf", 7, "not a GGUF"),
+    ("./local-file.gguf", 2, "local file"),
+])
+def test_bad_input_is_one_clear_line(repo, tmp_path, ref, code, words, tiny):
+    docs = tmp_path / "README.md"
+    docs.write_text("# docs\n")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"<html>not a model</html>" * 100)
+    repo.add_repo("acme/docs-only", {"README.md": docs, "config.json": docs})
+    repo.add_repo("acme/gated-GGUF", {"tiny-llama-Q2_K.gguf": tiny.quants["Q2_K"]}, gated=True)
+    repo.add_repo("acme/not-gguf", {"model-Q4_K_M.gguf": fake})
+    result = runner.invoke(app, ["pull", ref])
+    assert result.exit_code == code, result.output
+    assert words in "\n".join(error_lines(result.stderr))
+    assert result.stdout == "" or code == 7
+    assert not blobs()
+
+
+def test_gated_repo_works_with_a_token(repo, tiny, monkeypatch):
+    repo.add_repo("acme/gated-GGUF", {"tiny-llama-Q2_K.gguf": tiny.quants["Q2_K"]}, gated=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_testtoken")
+    result = runner.invoke(app, ["pull", "acme/gated-GGUF"])
+    assert result.exit_code == 0, result.output
+    assert sha256(Path(result.stdout.strip().splitlines()[-1].removeprefix("saved "))) == sha256(tiny.quants["Q2_K"])
+
+
+def test_offline_with_nothing_cached(repo, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["pull", REPO])
+    assert result.exit_code == 5
+    assert "HF_HUB_OFFLINE" in error_lines(result.stderr)[0]
+    assert not repo.log
+
+
+def test_http_500_is_retried_then_reported(repo, monkeypatch, capsys):
+    monkeypatch.setattr(hubapi, "RETRY_DELAY", 0.0)
+    listing = hubapi.list_candidates(parse_ref(REPO))
+    repo.inject("500", "tiny-llama-Q2_K.gguf", times=1)
+    (saved,) = hubapi.download(listing, listing.candidates[listing.select(tag="Q2_K")], quiet())
+    assert "HTTP 500; resuming (attempt 2 of 3)" in capsys.readouterr().err and saved.is_file()
+    repo.inject("500", "tiny-llama-Q4_K_M.gguf", times=-1)
+    failed = runner.invoke(app, ["pull", f"{REPO}:Q4_K_M"])
+    assert failed.exit_code == 5, failed.output
+    assert "HTTP 500" in error_lines(failed.stderr)[0]
+    assert not any("Q4_K_M" in str(p) for p in hubapi.cache_dir().rglob("*.gguf"))
+
+
+def test_disk_without_room_is_refused_before_downloading(repo):
+    listing = hubapi.list_candidates(parse_ref(REPO))
+    cand = listing.candidates[listing.select(tag="F16")]
+    with pytest.raises(NoSpace) as refused:
+        hubapi.download(listing, cand, quiet(), free_space=lambda path: cand.size - 1)
+    assert "to download" in refused.value.message and "free" in refused.value.message
+    assert not repo.downloads() and not blobs()
+    assert hubapi.download(listing, cand, quiet(), free_space=lambda path: cand.size)  # exactly enough is enough
+
+
+def test_corrupt_download_is_deleted(hub, tiny, tmp_path):
+    served = tmp_path / "tiny-Q2_K.gguf"
+    served.write_bytes(tiny.quants["Q2_K"].read_bytes())
+    hub.add_repo("acme/corrupt-GGUF", {"tiny-Q2_K.gguf": served})
+    data = bytearray(served.read_bytes())
+    data[-100] ^= 0xFF  # same size, different bytes than the listing's sha256
+    served.write_bytes(bytes(data))
+    result = runner.invoke(app, ["pull", "acme/corrupt-GGUF"])
+    assert result.exit_code == 7
+    assert "sha256" in error_lines(result.stderr)[0]
+    assert not blobs() and not list(hubapi.cache_dir().rglob("*.gguf"))
+    assert find_cached(parse_ref("acme/corrupt-GGUF")) is None
+
+
+@pytest.mark.parametrize("name", ["../escape-Q4_K_M.gguf", "/etc/abs-Q4_K_M.gguf", "sub\\win-Q4_K_M.gguf",
+                                  "a/../../up-Q4_K_M.gguf"])
+def test_hostile_listing_is_rejected(hub, tiny, tmp_path, name):
+    hub.add_repo("acme/hostile-GGUF", {name: tiny.quants["Q4_K_M"], "ok-Q2_K.gguf": tiny.quants["Q2_K"]})
+    result = runner.invoke(app, ["pull", "acme/hostile-GGUF"])
+    assert result.exit_code == 7
+    assert "unsafe file name" in error_lines(result.stderr)[0]
+    assert not hub.downloads() and not blobs()
