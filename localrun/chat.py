@@ -41,7 +41,7 @@ class Settings:
         key = name.replace("-", "_").lower()
         sampling_keys = {f.name: f.type for f in fields(SamplingOptions)}
         try:
-            if key in sampling_keys and key != "seed":
+            if key in sampling_keys and key in SETTABLE and key != "seed":
                 cast = int if key in ("top_k", "repeat_last_n") else float
                 setattr(self.sampling, key, cast(value))
             elif key == "seed":
@@ -57,7 +57,7 @@ class Settings:
         return f"{key} = {self.describe()[key]}"
 
     def describe(self) -> dict[str, Any]:
-        data: dict[str, Any] = asdict(self.sampling)
+        data: dict[str, Any] = {k: v for k, v in asdict(self.sampling).items() if k in SETTABLE}
         data["max_tokens"] = self.max_tokens
         data["stop"] = self.stop
         return data
@@ -252,7 +252,8 @@ class Repl:
                 out.info(conv.settings.set(name, value.strip()))
         elif cmd == "/stats":
             used = len(conv.tokens(conv.messages)) if conv.messages else 0
-            out.info(f"context: {used} of {conv.engine.n_ctx} tokens used by {len(conv.messages)} messages")
+            n = len(conv.messages)
+            out.info(f"context: {used} of {conv.engine.n_ctx} tokens used by {n} message{'s' if n != 1 else ''}")
             out.info(stats_line(conv.last_stats) if conv.last_stats else "no reply yet")
         elif cmd in ("/save", "/load"):
             if not arg:

@@ -5,6 +5,7 @@ Keep imports here light: `localrun --help` must not import llama_cpp, huggingfac
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -24,6 +25,10 @@ app = typer.Typer(
 
 # Shared options, spelled the same way by every command.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, show_default=False,
+                                                   help="CPU threads (default: one per physical core).")]
+GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", min=0, show_default=False,
+                                                     help="Layers to offload to the GPU (default: as many as fit).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's own log lines.")]
 ModelArg = Annotated[str, typer.Argument(help="org/repo[:QUANT], org/repo:file.gguf, hf.co/..., or a path to a .gguf file.",
                                          show_default=False)]
@@ -102,6 +107,86 @@ def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json:
     from localrun.refs import parse_ref
 
     store.rm(parse_ref(model, revision), Output.from_env(json=json), yes=yes)
+
+
+# -- run / chat: generation options shared by both ------------------------------------------------
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", show_default=False, help="System prompt.")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", min=1, show_default=False,
+                                                     help="Stop the reply after this many tokens (default: end of text or context).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", "--temp", min=0.0, help="0 is greedy (deterministic).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="0 disables.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
+RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", min=0.0, help="1.0 disables.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, show_default=False, help="Sampling seed (default: random).")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", show_default=False, help="Stop at this text (repeatable).")]
+ChatFormatOpt = Annotated[Optional[str], typer.Option("--chat-format", show_default=False,
+                                                      help="Built-in chat format: chatml, gemma, llama3, plain, raw.")]
+TemplateOpt = Annotated[Optional[Path], typer.Option("--template", show_default=False,
+                                                     help="A Jinja chat template file, instead of the model's.")]
+RawOpt = Annotated[bool, typer.Option("--raw", help="Plain completion of the prompt, without a chat template.")]
+StreamOpt = Annotated[bool, typer.Option("--stream", help="With --json: JSON Lines events as they come.")]
+IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Never end at an end-of-text token (fixed-length runs).")]
+
+
+def _generation(mode: str, model: str, words: list[str], *, system: Optional[str], max_tokens: Optional[int],
+                temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
+                seed: Optional[int], stop: Optional[list[str]], chat_format: Optional[str], template: Optional[Path],
+                raw: bool, ctx: Optional[int], gpu_layers: Optional[int], threads: Optional[int],
+                json: bool, stream: bool, verbose: bool, ignore_eos: bool) -> None:
+    from localrun import chat
+    from localrun.engine import EngineConfig
+    from localrun.runtime import SamplingOptions
+
+    out = Output.from_env(json=json, verbose=verbose)
+    settings = chat.Settings(SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                             repeat_penalty=repeat_penalty, seed=seed, ban_eog=ignore_eos),
+                              max_tokens, list(stop or []))
+    cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
+    stats = chat.command(mode, model, words, cfg, settings, out, system=system, raw=raw, chat_format=chat_format,
+                         template_file=template, stream=stream)
+    if stats is not None and stats.finish_reason == "cancelled":
+        raise typer.Exit(130)
+
+
+@app.command()
+@boundary
+def run(
+    model: ModelArg,
+    prompt: Annotated[Optional[list[str]], typer.Argument(show_default=False,
+                                                          help="The prompt; piped stdin is added after it as material.")] = None,
+    system: SystemOpt = None, max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95, top_k: TopKOpt = 40, min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatPenaltyOpt = 1.1, seed: SeedOpt = None, stop: StopOpt = None,
+    chat_format: ChatFormatOpt = None, template: TemplateOpt = None, raw: RawOpt = False,
+    ctx: CtxOpt = None, gpu_layers: GpuLayersOpt = None, threads: ThreadsOpt = None,
+    ignore_eos: IgnoreEosOpt = False, json: JsonOpt = False, stream: StreamOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Answer one prompt (argument and/or piped stdin) and exit; live speed on a terminal."""
+    _generation("run", model, prompt or [], system=system, max_tokens=max_tokens, temperature=temperature,
+                top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop,
+                chat_format=chat_format, template=template, raw=raw, ctx=ctx, gpu_layers=gpu_layers,
+                threads=threads, json=json, stream=stream, verbose=verbose, ignore_eos=ignore_eos)
+
+
+@app.command()
+@boundary
+def chat(
+    model: ModelArg,
+    prompt: Annotated[Optional[list[str]], typer.Argument(show_default=False,
+                                                          help="With piped stdin: the instruction for it (one answer).")] = None,
+    system: SystemOpt = None, max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95, top_k: TopKOpt = 40, min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatPenaltyOpt = 1.1, seed: SeedOpt = None, stop: StopOpt = None,
+    chat_format: ChatFormatOpt = None, template: TemplateOpt = None, raw: RawOpt = False,
+    ctx: CtxOpt = None, gpu_layers: GpuLayersOpt = None, threads: ThreadsOpt = None,
+    ignore_eos: IgnoreEosOpt = False, json: JsonOpt = False, stream: StreamOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Chat with a model: streaming replies with live speed, history, slash commands (/help)."""
+    _generation("chat", model, prompt or [], system=system, max_tokens=max_tokens, temperature=temperature,
+                top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop,
+                chat_format=chat_format, template=template, raw=raw, ctx=ctx, gpu_layers=gpu_layers,
+                threads=threads, json=json, stream=stream, verbose=verbose, ignore_eos=ignore_eos)
 
 
 def main() -> None:

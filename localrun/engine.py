@@ -206,21 +206,29 @@ class Engine:
         self.cached = self.cached[:reuse]
         todo = tokens[reuse:]
         failure: list[BaseException] = []
+        done = threading.Event()
 
         def work() -> None:
             try:
                 self.ctx.decode(todo)
             except BaseException as exc:  # handed to the main thread
                 failure.append(exc)
+            finally:
+                done.set()
 
-        worker = threading.Thread(target=work, name="localrun-prefill", daemon=True)
-        worker.start()
+        # Wait on an Event, not Thread.join: a join interrupted by Ctrl-C marks a running thread
+        # as stopped (Python < 3.13), and we must never free the context under a running decode.
+        threading.Thread(target=work, name="localrun-prefill", daemon=True).start()
         try:
-            while worker.is_alive():
-                worker.join(0.1)
+            while not done.wait(0.1):
+                pass
         except KeyboardInterrupt:
             self.ctx.abort()
-            worker.join()
+            while not done.is_set():
+                try:
+                    done.wait()
+                except KeyboardInterrupt:
+                    pass
             raise
         if failure:
             raise failure[0]

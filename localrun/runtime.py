@@ -44,6 +44,7 @@ class SamplingOptions:
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     seed: int | None = None
+    ban_eog: bool = False  # never sample end-of-generation tokens (fixed-length runs, benchmarks)
 
     @property
     def greedy(self) -> bool:
@@ -128,6 +129,12 @@ class LlamaModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
+
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token of the vocabulary (computed once)."""
+        if getattr(self, "_eog", None) is None:
+            self._eog = [t for t in range(self.n_vocab) if self._lc.llama_vocab_is_eog(self.vocab, t)]
+        return self._eog
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -247,6 +254,10 @@ class LlamaContext:
         if self._sampler is not None:
             lc.llama_sampler_free(self._sampler)
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if s.ban_eog:
+            eog = self.model.eog_tokens()
+            biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.model.n_vocab, len(eog), biases))
         if s.repeat_penalty != 1.0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
                 self.model.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))

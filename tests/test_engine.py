@@ -1,0 +1,151 @@
+"""The engine: streaming events, greedy determinism, KV reuse, stop strings, cancellation, templates."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from localrun import templates
+from localrun.engine import Engine, EngineConfig, Piece, Stats, StopMatcher
+from localrun.errors import UsageError
+from localrun.output import Output
+from localrun.runtime import SamplingOptions
+
+GREEDY = SamplingOptions(temperature=0)
+
+
+def run(engine: Engine, tokens: list[int], n: int = 24, stop: list[str] | None = None,
+        sampling: SamplingOptions = GREEDY) -> tuple[str, Stats]:
+    events = list(engine.generate(tokens, sampling, n, stop or []))
+    assert isinstance(events[-1], Stats) and all(isinstance(e, Piece) for e in events[:-1])
+    return "".join(e.text for e in events[:-1]), events[-1]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny):
+    engine = Engine.open(tiny.quants["Q8_0"], EngineConfig(n_ctx=512), Output())
+    yield engine
+    engine.close()
+
+
+def test_greedy_is_deterministic_and_stats_add_up(tiny_engine: Engine):
+    tokens = tiny_engine.tokenize("the capital of France is")
+    first, stats = run(tiny_engine, tokens, n=16, sampling=SamplingOptions(temperature=0, ban_eog=True))
+    again, _ = run(tiny_engine, tokens, n=16, sampling=SamplingOptions(temperature=0, ban_eog=True))
+    assert first == again and first
+    assert stats.finish_reason == "length" and stats.generated_tokens == 16
+    assert stats.prompt_tokens == len(tokens)
+    assert 0 < stats.ttft_s <= stats.total_s and stats.gen_tps > 0
+
+
+def test_kv_cache_is_reused_for_a_longer_prompt(tiny_engine: Engine):
+    base = tiny_engine.tokenize("the old man said to the boy")
+    run(tiny_engine, base, n=4)
+    longer = tiny_engine.tokenize("the old man said to the boy and the dog went home")
+    text_cached, stats = run(tiny_engine, longer, n=8)
+    assert stats.cached_tokens >= len(base) - 1
+    # the same prompt from a cold cache gives the same text: reuse changes speed, not results
+    tiny_engine.cached = []
+    tiny_engine.ctx.reset()
+    text_cold, cold = run(tiny_engine, longer, n=8)
+    assert cold.cached_tokens == 0 and text_cold == text_cached
+
+
+def test_stop_string_ends_the_reply_without_leaking(tiny_engine: Engine):
+    tokens = tiny_engine.tokenize("you can tell me a story about the sea")
+    sampling = SamplingOptions(temperature=0, ban_eog=True)
+    full, _ = run(tiny_engine, tokens, n=30, sampling=sampling)
+    assert len(full) > 12
+    stop = full[6:11]  # a stop string that likely spans token boundaries
+    text, stats = run(tiny_engine, tokens, n=30, stop=[stop], sampling=sampling)
+    assert stats.finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_stop_matcher_holds_back_partial_matches():
+    m = StopMatcher(["<|end|>"])
+    assert m.feed("hello <") == ("hello ", False)
+    assert m.feed("|en") == ("", False)
+    assert m.feed("d|> more") == ("", True)
+    m = StopMatcher(["ab"])
+    assert m.feed("xa") == ("x", False)
+    assert m.feed("c") == ("ac", False)
+    assert m.flush() == ""
+    assert StopMatcher([]).feed("abc") == ("abc", False)
+
+
+def test_consumer_interrupt_cancels_and_the_next_turn_works(tiny_engine: Engine):
+    tokens = tiny_engine.tokenize("the man and the dog")
+    sampling = SamplingOptions(temperature=0, ban_eog=True)
+    gen = tiny_engine.generate(tokens, sampling, 50, [])
+    assert isinstance(next(gen), Piece)
+    final = gen.throw(KeyboardInterrupt)
+    assert isinstance(final, Stats) and final.finish_reason == "cancelled"
+    after, stats = run(tiny_engine, tokens, n=10, sampling=sampling)
+    tiny_engine.cached = []
+    tiny_engine.ctx.reset()
+    cold, _ = run(tiny_engine, tokens, n=10, sampling=sampling)
+    assert stats.finish_reason == "length" and after == cold
+
+
+@pytest.mark.slow
+def test_ctrl_c_aborts_a_long_prompt_and_the_engine_recovers(gemma: Path):
+    engine = Engine.open(gemma, EngineConfig(n_ctx=4096), Output())
+    try:
+        tokens = engine.tokenize("the quick brown fox jumps over the lazy dog " * 300)
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        _, stats = run(engine, tokens, n=5)
+        timer.join()
+        assert stats.finish_reason == "cancelled" and stats.generated_tokens == 0
+        short = engine.tokenize("The capital of France is the city of")
+        text, stats = run(engine, short, n=5)
+        assert stats.finish_reason == "length" and text.startswith(" Paris")
+    finally:
+        engine.close()
+
+
+def test_templates_render_in_a_sandbox_and_refuse_cleanly():
+    chatml = templates.choose(None, chat_format="chatml", template_file=None, has_token=lambda t: False)
+    text = chatml.render([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    refusing = templates.ChatTemplate("{{ raise_exception('only user and assistant') }}", "model")
+    with pytest.raises(UsageError, match="only user and assistant"):
+        refusing.render([{"role": "user", "content": "x"}])
+    escaping = templates.ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}", "model")
+    with pytest.raises(Exception):  # the sandbox refuses attribute access to internals
+        escaping.render([])
+    with pytest.raises(UsageError, match="unknown chat format"):
+        templates.choose(None, chat_format="nope", template_file=None, has_token=lambda t: False)
+
+
+def test_missing_template_picks_a_fallback_and_says_so(tiny):
+    notes: list[str] = []
+    engine = Engine.open(tiny.no_template, EngineConfig(n_ctx=256), Output())
+    try:
+        assert engine.chat_template() is None
+        chosen = templates.choose(engine.chat_template(), chat_format=None, template_file=None,
+                                  has_token=engine.has_token, notify=notes.append)
+    finally:
+        engine.close()
+    assert chosen.origin == "built-in chatml (fallback)"
+    assert len(notes) == 1 and "--chat-format" in notes[0] and "--template FILE" in notes[0]
+
+
+def test_template_file_and_bos_is_not_doubled(tiny, tmp_path: Path):
+    engine = Engine.open(tiny.quants["Q8_0"], EngineConfig(n_ctx=256), Output())
+    try:
+        path = tmp_path / "t.jinja"
+        path.write_text("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+        t = templates.choose("ignored", chat_format=None, template_file=path, has_token=engine.has_token,
+                             bos_token=engine.special_text("bos"))
+        text = t.render([{"role": "user", "content": "hello"}])
+        assert text == "<s>[user] hello\n"
+        tokens = engine.tokenize(text)
+        assert tokens[0] == 1 and tokens[1] != 1
+    finally:
+        engine.close()
