@@ -101,6 +101,17 @@ def list_models(json: JsonOpt = False) -> None:
 
 @app.command()
 @boundary
+def show(model: ModelArg, ctx: CtxOpt = None, revision: RevisionOpt = None, json: JsonOpt = False) -> None:
+    """What a model is and how it would run here; for a repo not pulled, reads only its header."""
+    from localrun import describe
+    from localrun.refs import parse_ref
+
+    out = Output.from_env(json=json)
+    describe.show(out, describe.describe(parse_ref(model, revision), n_ctx=ctx))
+
+
+@app.command()
+@boundary
 def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json: JsonOpt = False) -> None:
     """Remove a pulled model (MODEL:QUANT for one quant); asks first unless --yes."""
     from localrun import store

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
     from localrun.output import Output
     from localrun.refs import ModelRef
 
-_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 _USAGE_FILE = "usage.json"
 
 
@@ -52,7 +50,8 @@ class ModelEntry:
     commit: str
     refs: list[str]  # branch/tag names pointing at this revision ("main"), empty when detached
     quant: str | None
-    kind: str  # "model", or "mmproj" (a vision projector, loaded next to a model)
+    kind: str  # "model"; "mmproj" (a vision projector, loaded next to a model); "incomplete" (a shard
+    # of a split whose other shards are missing); "other" (a GGUF that is no model: imatrix, draft)
     files: list[CachedFile]
     last_used: float | None = None
     label: str = ""  # set by scan(): repo:QUANT, or repo:file.gguf when the quant is ambiguous
@@ -132,6 +131,11 @@ def touch(path: str | Path, when: float | None = None) -> None:
     _write_usage(usage)
 
 
+def last_used(path: str | Path) -> float | None:
+    """When the model at `path` was last used, as recorded by touch(); None when never."""
+    return _read_usage().get(os.path.realpath(path))
+
+
 def _forget(blobs: Iterable[Path]) -> None:
     usage = _read_usage()
     gone = [str(b) for b in blobs if str(b) in usage]
@@ -151,23 +155,21 @@ def _scan_cache() -> "HFCacheInfo | None":
         return None
 
 
-def _is_mmproj(name: str) -> bool:
-    return "mmproj" in name.rsplit("/", 1)[-1].lower()
-
-
 def _group(repo_id: str, repo_path: Path, commit: str, refs: list[str], files: list[CachedFile]) -> list[ModelEntry]:
-    """GGUF files of one revision -> one entry per single file or per complete set of shards."""
-    groups: dict[str, list[CachedFile]] = {}
-    for f in files:
-        m = _SHARD_RE.match(f.name)
-        key = m["stem"] + "-of-" + m["count"] if m else f.name
-        groups.setdefault(key, []).append(f)
-    entries = []
-    for group in groups.values():
-        group.sort(key=lambda f: f.name)
-        name = group[0].name
-        kind = "mmproj" if _is_mmproj(name) else "model"
-        entries.append(ModelEntry(repo_id, repo_path, commit, refs, quant_from_filename(name), kind, group))
+    """GGUF files of one revision -> entries, grouped the way a Hub listing is (hub.group_candidates):
+    one per single file or complete split; projectors apart; anything else (a split with shards
+    missing, an imatrix) one entry per file, so that `rm` can still reach it."""
+    by_name = {f.name: f for f in files}
+    candidates, mmproj, _ = hub.group_candidates({f.name: (f.size, None) for f in files})
+
+    def entry(names: list[str], quant: str | None, kind: str) -> ModelEntry:
+        return ModelEntry(repo_id, repo_path, commit, refs, quant, kind, [by_name[n] for n in names])
+
+    entries = [entry(c.files, c.quant, "model") for c in candidates]
+    entries += [entry([n], quant_from_filename(n), "mmproj") for n in mmproj]
+    grouped = {n for e in entries for n in (f.name for f in e.files)}
+    entries += [entry([n], quant_from_filename(n), "incomplete" if hub.SHARD_RE.match(n) else "other")
+                for n in sorted(by_name) if n not in grouped]
     return entries
 
 
@@ -254,10 +256,10 @@ def plan_removal(ref: "ModelRef") -> RemovalPlan:
     named revision, and delete a blob only when no other snapshot file of the repo (another quant,
     another revision) still links to it - a blob shared by two revisions stays.
     """
-    listing = scan()
     if ref.is_local:
         raise UsageError(f"{ref.raw} is a local file: `localrun rm` removes pulled models from the HF cache",
                          hint="delete a local file with your file manager or `rm`")
+    listing = scan()
     targets = find(ref, listing)
     if not targets:
         pulled = sorted({e.label for e in listing.entries if e.repo_id.lower() == (ref.repo_id or "").lower()})
@@ -355,32 +357,39 @@ def show_listing(out: "Output", listing: Listing) -> None:
         out.info(f"no models pulled yet (cache: {listing.cache_dir})")
         out.info("pull one with `localrun pull ORG/REPO`")
         return
-    from rich.table import Table
     from rich.text import Text
 
     with_revision = any(e.revision != "main" for e in listing.entries)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("MODEL", "SIZE", "FILES", *(("REVISION",) if with_revision else ()), "PULLED", "LAST USED"):
-        table.add_column(column, justify="right" if column == "SIZE" else "left")
+    header = ["MODEL", "SIZE", "FILES", *(("REVISION",) if with_revision else ()), "PULLED", "LAST USED"]
     now = time.time()
-    for e in listing.entries:
-        files = f"{e.n_shards} shards" if e.n_shards > 1 else "1 file"
-        label = e.label + (" (mmproj)" if e.kind == "mmproj" else "")
-        row = [label, human_bytes(e.size), files, *((e.revision,) if with_revision else ()),
-               ago(e.pulled, now), ago(e.last_used, now)]
-        table.add_row(*(Text(cell) for cell in row))
-    out.show(table)
+    rows = [[e.label, human_bytes(e.size), _files_cell(e),
+             *((e.revision,) if with_revision else ()), ago(e.pulled, now), ago(e.last_used, now)]
+            for e in listing.entries]
+    # Plain aligned columns, never cut or wrapped: a model name is what you type next, and a
+    # rich Table shrinks it to "…" on a narrow terminal or a pipe (80 columns).
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for i, row in enumerate([header, *rows]):
+        cells = [cell.rjust(w) if header[j] == "SIZE" else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths))]
+        out.show(Text("  ".join(cells).rstrip(), style="bold" if i == 0 else ""))
+
+
+def _files_cell(e: ModelEntry) -> str:
+    if e.kind == "incomplete":
+        return "split, shards missing"
+    return f"{e.n_shards} shards" if e.n_shards > 1 else "1 file"
 
 
 def rm(ref: "ModelRef", out: "Output", *, yes: bool = False) -> RemovalPlan | None:
     """`localrun rm`: say what goes and what it frees, ask unless --yes, delete. None when declined."""
     plan = plan_removal(ref)
+    out.info("will remove:")
     for e in plan.entries:
         where = "" if e.revision == "main" else f" @ {e.revision}"
         out.info(f"  {e.label}{where}: {e.n_shards} file{'s' if e.n_shards > 1 else ''}, {human_bytes(e.size)}")
     shared = len({f.blob for e in plan.entries for f in e.files}) - len(plan.blobs)
     kept = f" ({shared} file{'s' if shared > 1 else ''} still used by another revision or quant stay)" if shared else ""
-    question = f"Remove {len(plan.entries)} model file set{'s' if len(plan.entries) > 1 else ''}, freeing {human_bytes(plan.freed)}{kept}?"
+    what = "it" if len(plan.entries) == 1 else f"these {len(plan.entries)}"
+    question = f"Remove {what} and free {human_bytes(plan.freed)}{kept}?"
     if not yes and not out.confirm(question, refuse_hint="add --yes to remove without asking"):
         out.info("nothing removed")
         return None

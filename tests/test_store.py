@@ -69,7 +69,7 @@ def test_list_shows_files_fetched_by_other_tools_grouped_by_quant(pulled, tiny):
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["MODEL", "SIZE", "FILES", "PULLED", "LAST", "USED"]
     assert any(f"{REPO}:F32" in line and f"{len(tiny.split)} shards" in line for line in lines)
-    assert any("(mmproj)" in line for line in lines)
+    assert lines[-1].startswith(f"{REPO}:mmproj-tiny-F16.gguf ")
     assert "\x1b[" not in result.stdout
 
 
@@ -126,6 +126,17 @@ def test_rm_split_removes_every_shard(pulled, tiny):
     assert f"{REPO}:F32" not in {m["model"] for m in listing()}
 
 
+def test_split_with_missing_shards_is_listed_and_removable(hub, tiny):
+    hub.add_repo(REPO, {f"split/{p.name}": p for p in tiny.split})
+    fetch(REPO, f"split/{tiny.split[0].name}")  # an interrupted multi-file download by another tool
+    [entry] = listing()
+    assert (entry["kind"], entry["model"]) == ("incomplete", f"{REPO}:split/{tiny.split[0].name}")
+    assert "split, shards missing" in runner.invoke(app, ["list"]).stdout
+    result = runner.invoke(app, ["rm", REPO, "--yes"])
+    assert result.exit_code == 0, result.stderr
+    assert listing() == [] and blobs() == []
+
+
 def test_blob_shared_by_two_revisions_survives_removing_one(hub, tiny):
     hub.add_repo(REPO, {"tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"]}, revision="main")
     dev_commit = hub.add_repo(REPO, {"tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"]}, revision="dev")
@@ -172,3 +183,119 @@ def test_piped_rm_without_yes_refuses_and_deletes_nothing(pulled):
     assert "error: refusing to ask for confirmation: not on a terminal" in proc.stderr
     assert "--yes" in proc.stderr
     assert blobs() == before
+
+
+# -- show ----------------------------------------------------------------------------------------
+def show_json(*args: str) -> dict:
+    result = runner.invoke(app, ["show", *args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_show_pulled_model_reads_the_cache_only(pulled, tiny):
+    requests = len(pulled.log)
+    d = show_json(f"{REPO}:Q8_0")
+    assert len(pulled.log) == requests  # no network for a pulled model
+    assert (d["source"], d["model"], d["quant"]) == ("pulled", f"{REPO}:Q8_0", "Q8_0")
+    assert (d["architecture"], d["n_layer"], d["n_ctx_train"], d["n_params"]) == ("llama", 2, 2048, 1627392)
+    assert d["chat_template"] and "<|im_start|>" in d["chat_template"]
+    assert d["size"] == tiny.quants["Q8_0"].stat().st_size
+    assert Path(d["files"][0]["path"]).resolve().read_bytes()[:4] == b"GGUF"
+    assert d["plan"]["fits"] is True and d["plan"]["placement"] == "cpu" and d["plan"]["n_ctx"] <= 2048
+    assert d["plan"]["ram"] > d["size"]
+    assert {o["model"] for o in d["other_quants"]} == {f"{REPO}:Q4_K_M", f"{REPO}:F32"}
+
+    result = runner.invoke(app, ["show", f"{REPO}:Q8_0"])
+    assert result.exit_code == 0 and result.stderr == ""
+    text = result.stdout
+    assert text.splitlines()[0] == f"{REPO}:Q8_0  (pulled)"
+    for label, value in (("Architecture", "llama (tiny-llama)"), ("Parameters", "1.6M"), ("Quantization", "Q8_0"),
+                         ("Trained context", "2048 tokens"), ("Layers", "2"), ("Chat template", "yes"),
+                         ("Memory plan", "fits: CPU"), ("Last used", "never"), ("Also pulled", "F32")):
+        assert any(line.startswith(label) and value in line for line in text.splitlines()), (label, text)
+    assert "Licence" not in text  # the tiny models carry none
+
+
+def test_show_without_tag_picks_what_chat_would_load_and_split_counts_shards(pulled, tiny):
+    d = show_json(REPO)
+    assert d["quant"] == "F32" and len(d["files"]) == len(tiny.split)  # best quality pulled first
+    assert d["header"]["n_shards"] == len(tiny.split)
+    assert f"{len(tiny.split)} shards" in runner.invoke(app, ["show", REPO]).stdout
+
+
+def test_show_local_file_without_template(tiny):
+    d = show_json(str(tiny.no_template))
+    assert (d["source"], d["quant"], d["chat_template"]) == ("local", "Q8_0", None)
+    text = runner.invoke(app, ["show", str(tiny.no_template)]).stdout
+    assert any(line.startswith("Chat template") and "none: chat falls back to a built-in format" in line for line in text.splitlines())
+    result = runner.invoke(app, ["show", str(tiny.folder / "missing.gguf")])
+    assert result.exit_code == 3 and "no such model file" in result.stderr
+
+
+def test_show_remote_repo_reads_headers_only(hub, tiny):
+    hub.add_repo(REPO, {"tiny-Q8_0.gguf": tiny.quants["Q8_0"], "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"],
+                        **{f"split/{p.name}": p for p in tiny.split}})
+    d = show_json(f"{REPO}:Q4_K_M")
+    assert (d["source"], d["quant"], d["n_layer"]) == ("remote", "Q4_K_M", 2)
+    assert d["files"] == [{"name": "tiny-Q4_K_M.gguf", "size": tiny.quants["Q4_K_M"].stat().st_size, "path": None}]
+    assert d["plan"]["fits"] is True
+    d = show_json(REPO)  # no tag: the best quant that fits, with the others listed
+    assert d["quant"] == "F32" and len(d["files"]) == len(tiny.split)
+    assert {o["model"] for o in d["other_quants"]} == {f"{REPO}:Q8_0", f"{REPO}:Q4_K_M"}
+
+    fetches = [r for r in hub.log if "/resolve/" in r.path]
+    assert fetches and all(r.method == "GET" and r.range and r.status == 206 for r in fetches)
+    assert blobs() == [] and not list(lhub.cache_dir().glob("**/*.incomplete"))
+    assert runner.invoke(app, ["list", "--json"]).stdout.count('"model"') == 0
+    text = runner.invoke(app, ["show", f"{REPO}:Q8_0"]).stdout
+    assert "(on the Hub, not pulled: header read only)" in text.splitlines()[0]
+
+
+def test_show_unknown_repo_and_quant_are_clear_errors(hub, tiny):
+    hub.add_repo(REPO, {"tiny-Q8_0.gguf": tiny.quants["Q8_0"]})
+    result = runner.invoke(app, ["show", "org/none"])
+    assert result.exit_code == 3 and result.stdout == "" and "not found" in result.stderr
+    result = runner.invoke(app, ["show", f"{REPO}:Q2_K"])
+    assert result.exit_code == 3 and "available: Q8_0" in result.stderr
+
+
+def _rm_on_a_terminal(ref: str, answer: bytes) -> tuple[int, str]:
+    """Run `localrun rm` in a pseudo-terminal, answer its prompt, return the exit code and the screen."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    exe = Path(sys.executable).with_name("localrun")
+    proc = subprocess.Popen([str(exe), "rm", ref], stdin=slave, stdout=slave, stderr=slave, env=os.environ.copy())
+    os.close(slave)
+    screen, answered = b"", False
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 30)
+            assert ready, f"no output from rm: {screen!r}"
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if not answered and b"[y/N]" in screen:
+                os.write(master, answer)
+                answered = True
+    finally:
+        os.close(master)
+    return proc.wait(timeout=30), screen.decode().replace("\r\n", "\n")
+
+
+def test_rm_on_a_terminal_asks_and_respects_the_answer(pulled, tiny):
+    from localrun.output import human_bytes
+
+    before = blobs()
+    code, screen = _rm_on_a_terminal(f"{REPO}:Q8_0", b"n\n")
+    size = human_bytes(tiny.quants["Q8_0"].stat().st_size)
+    assert code == 0 and f"Remove it and free {size}? [y/N]" in screen and "nothing removed" in screen
+    assert blobs() == before
+    code, screen = _rm_on_a_terminal(f"{REPO}:Q8_0", b"y\n")
+    assert code == 0 and f"removed {REPO}:Q8_0" in screen
+    assert len(blobs()) == len(before) - 1
