@@ -56,7 +56,8 @@ def translate_hub_error(exc: BaseException) -> LocalrunError | None:
     """One clear line for huggingface_hub's exceptions. Gated before not-found: one subclasses the other."""
     from huggingface_hub import errors as hf
 
-    repo = getattr(exc, "repo_id", None) or "the repo"
+    # huggingface_hub parses the repo from the request URL, query string included (`?blobs=true`).
+    repo = (getattr(exc, "repo_id", None) or "the repo").split("?")[0]
     if isinstance(exc, hf.GatedRepoError):
         return AccessDenied(f"{repo} is gated: you must accept its licence and be authenticated",
                             hint="accept the licence on the model page, then set HF_TOKEN (or run `hf auth login`)")

@@ -39,6 +39,11 @@ class Row:
     header: "HeaderInfo | None" = None
     plan: "Plan | None" = None
     problem: str | None = None  # e.g. the file is not GGUF: never chosen
+    wanted_ctx: int | None = None  # the context asked for (or the default), before any reduction
+
+    @property
+    def ctx_reduced(self) -> bool:
+        return self.plan is not None and self.wanted_ctx is not None and self.plan.n_ctx < self.wanted_ctx
 
     @property
     def fits(self) -> bool:
@@ -57,9 +62,9 @@ class Row:
     def verdict(self) -> str:
         if self.problem:
             return self.problem
-        assert self.plan is not None
-        text = "fits" if self.plan.fits else "won't fit"
-        return f"{text}: {self.plan.note}" if self.plan.note else text
+        if not self.fits:
+            return "won't fit"
+        return "fits, smaller ctx" if self.ctx_reduced else "fits"
 
     def to_dict(self) -> dict:
         data = self.candidate.to_dict()
@@ -130,6 +135,7 @@ def pull(ref: ModelRef, out: Output, *, n_ctx: int | None = None, dry_run: bool 
     for i, row in enumerate(rows):
         if row.header is not None:
             row.plan = fit.plan(row.header, res, n_ctx)
+            row.wanted_ctx = fit.default_ctx(row.header, n_ctx)
             info = quants.info(row.candidate.quant or "")
             options.append(fit.Option(row.candidate.label, info.quality if info else 0.0, row.candidate.size, row.plan))
             indexes.append(i)
@@ -151,11 +157,14 @@ def pull(ref: ModelRef, out: Output, *, n_ctx: int | None = None, dry_run: bool 
                       hint="try a smaller --ctx, or name one with --quant to download it anyway")
     row = rows[chosen]
     if forced is not None and not row.fits:
-        out.warn(f"{row.candidate.label} will not fit in memory ({_memory(row)}); downloading it as asked")
+        out.warn(f"{row.candidate.label} will not fit in memory ({_memory(row)})"
+                 + ("" if dry_run else "; downloading it as asked"))
     if not dry_run:
         result.files = hub.download(listing, row.candidate, out)
         if not out.json:
             out.show(f"saved {result.files[0]}")
+            if out.interactive:
+                out.info(f"chat with it: localrun chat {listing.repo_id}:{row.candidate.label}")
     return result
 
 
@@ -232,7 +241,9 @@ def _why(rows: list[Row], chosen: int | None, forced: bool, res: "Resources") ->
     else:
         why = f"{row.candidate.label}: the best quality that {where}"
     why += f" with {plan.n_ctx} ctx"
-    return f"{why} ({plan.note})" if plan.note else why
+    if row.ctx_reduced:
+        why += f" (reduced from {row.wanted_ctx} to fit)"
+    return why
 
 
 def show_table(out: Output, result: PullResult) -> None:
@@ -246,14 +257,15 @@ def show_table(out: Output, result: PullResult) -> None:
         machine = f" · {human_bytes(res.ram_available)} RAM available, {gpus}"
     out.show(f"[bold]{escape(result.repo_id)}[/] [dim]@ {(result.commit or '')[:7]}{escape(machine)}[/]")
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name, justify in (("", "left"), ("quant", "left"), ("size", "right"), ("est. RAM", "right"),
-                          ("est. VRAM", "right"), ("placement", "left"), ("verdict", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for name, justify in (("", "left"), ("quant", "left"), ("size", "right"), ("ctx", "right"),
+                          ("est. RAM", "right"), ("est. VRAM", "right"), ("placement", "left"), ("verdict", "left")):
+        table.add_column(name, justify=justify, no_wrap=name != "verdict")  # type: ignore[arg-type]
     for i, row in enumerate(result.rows):
         est = row.plan.estimate if row.plan else None
         mark = "▶" if i == result.chosen else ""
         style = "bold" if i == result.chosen else ("dim" if not row.fits else None)
         table.add_row(mark, escape(row.candidate.label), human_bytes(row.candidate.size),
+                      str(row.plan.n_ctx) if row.plan else "-",
                       human_bytes(est.ram) if est else "-", human_bytes(est.vram) if est and est.vram else "-",
                       row.placement(), escape(row.verdict()), style=style)
     out.show(table)
@@ -274,10 +286,7 @@ def resolve_model(ref: ModelRef, out: Output, *, allow_pull: bool = True) -> Loc
         if found is None:
             if not allow_pull:
                 raise NotFound(f"{ref} is not pulled", hint=f"run `localrun pull {ref}` first")
-            if hub.offline():
-                raise NetworkError(f"offline (HF_HUB_OFFLINE=1) and {ref} is not in the cache",
-                                   hint="unset HF_HUB_OFFLINE to download it")
-            found = pull(ref, out).model
+            found = pull(ref, out).model  # offline, pull() finds nothing cached and says so
             assert found is not None
         model = found
     gguf_info.validate(model.path)

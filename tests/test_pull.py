@@ -88,7 +88,7 @@ def test_listing_groups_quants_splits_and_subfolders_and_notes_mmproj(repo, tiny
 
 
 # -- the choice ------------------------------------------------------------------------------------
-def test_automatic_choice_follows_the_described_memory(repo):
+def test_automatic_choice_follows_the_described_memory(repo, capsys):
     def plan_for(ram_available: int, gpus: list[Device] | None = None):
         return pull(parse_ref(REPO), quiet(), dry_run=True, n_ctx=512,
                     res=Resources(4 * GiB, ram_available, gpus or []))
@@ -108,6 +108,11 @@ def test_automatic_choice_follows_the_described_memory(repo):
     assert starved.chosen is None and starved.why.startswith("nothing fits")
     with pytest.raises(NoSpace):
         pull(parse_ref(REPO), quiet(), n_ctx=512, res=Resources(4 * GiB, headroom + MiB, []))
+    capsys.readouterr()
+    forced = pull(parse_ref(f"{REPO}:F32"), quiet(), dry_run=True, n_ctx=512,
+                  res=Resources(4 * GiB, headroom + MiB, []))
+    assert forced.chosen == 0 and forced.forced and "won't fit" in forced.why
+    assert "warning: F32 will not fit in memory (needs about" in capsys.readouterr().err
 
     big_gpu = plan_for(12 * GiB, [Device("Test GPU", 24 * GiB, 24 * GiB)])
     assert big_gpu.chosen == 0 and big_gpu.rows[0].plan.placement == "gpu"
@@ -288,7 +293,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("ref, code, words", [
-    ("acme/no-such-repo", 3, "not found"),
+    ("acme/no-such-repo", 3, "repository acme/no-such-repo not found"),
     ("acme/docs-only", 3, "has no GGUF"),
     (f"{REPO}:Q3_K_S", 3, "available: F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q2_K"),
     (f"{REPO}:nope/missing.gguf", 3, "no GGUF model file"),
@@ -324,6 +329,8 @@ def test_offline_with_nothing_cached(repo, monkeypatch):
     result = runner.invoke(app, ["pull", REPO])
     assert result.exit_code == 5
     assert "HF_HUB_OFFLINE" in error_lines(result.stderr)[0]
+    with pytest.raises(NetworkError):
+        resolve_model(parse_ref(REPO), quiet())
     assert not repo.log
 
 
