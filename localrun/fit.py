@@ -1,0 +1,298 @@
+"""How much memory a model needs here, and the best way to run it: GPU layers, context, quant.
+
+The estimate follows what llama.cpp 0.3.36 allocates (checked against its logged buffer sizes
+and the process RSS by scripts/fit_accuracy.py):
+- weights: tensor bytes per layer; token_embd always stays on the CPU; llama.cpp offloads from
+  the last block down, and n_gpu_layers = n_layer + 1 also puts the output layer on the GPU
+  (a tied output re-uses token_embd: then that tensor exists on both). CPU layers whose matrices
+  the CPU backend repacks (Q4_0/Q4_K/IQ4_NL/MXFP4 on AVX2, ...) hold a second, repacked copy.
+- KV cache: per layer n_head_kv * (key_length + value_length) * cells, cells = n_ctx padded to
+  256. localrun keeps llama.cpp's default full-size SWA cache (swa_full, needed to rewind a
+  conversation), so sliding-window layers hold n_ctx cells too unless swa_full=False.
+- compute buffer: the larger of the output phase (logits for every row llama.cpp reserves, plus
+  two activations) and the layer phase (FFN/attention activations per token plus the f16 KQ
+  masks), per micro-batch, with flash attention (llama.cpp's default on CPU, CUDA and Metal).
+- output buffer: n_vocab floats per kept logits row; a fixed overhead (runtime, vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from localrun.gguf_info import HeaderInfo
+
+MIB = 1 << 20
+GIB = 1 << 30
+DEFAULT_CTX = 4096
+MIN_CTX = 512
+UBATCH = 512  # runtime.LlamaContext: n_ubatch = min(n_batch, 512)
+CELL_PAD = 256  # llama.cpp pads n_ctx (and the SWA cache) to a multiple of 256
+GPU_RESERVE = 512 * MIB  # per GPU: the CUDA/Metal context, fragmentation, the desktop
+# Beyond its buffers, llama.cpp's process grows by ~7 MiB (tiny model) to ~52 MiB (Gemma 3, 262k
+# tokens): vocabulary strings, maps and caches, graphs, threads (scripts/fit_accuracy.py).
+BASE_OVERHEAD = 12 * MIB
+VOCAB_OVERHEAD = 200  # bytes per vocabulary token
+CTX_OVERHEAD = 128  # bytes per KV cell (cell metadata, host-side masks)
+
+# ggml types the CPU backend repacks for faster matmuls (ggml-cpu/repack.cpp), by CPU feature
+_REPACK = {
+    "avx2": {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"},
+    "avx512f": {"Q2_K"},
+    "i8mm": {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"},
+    "dotprod": {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"},
+}
+# bytes per element of the KV cache types llama.cpp accepts
+_KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+             "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+
+
+@dataclass
+class Device:
+    name: str
+    total: int
+    free: int
+    unified: bool = False  # shares system RAM (Apple silicon): RAM and VRAM are one pool
+
+
+@dataclass
+class Resources:
+    ram_total: int
+    ram_available: int
+    gpus: list[Device]
+    cpu_features: list[str] = field(default_factory=list)  # decides which weights get repacked
+    extra_bufts: bool = True  # False when the self-test disabled repacking on this build
+
+    @classmethod
+    def detect(cls) -> "Resources":
+        from localrun.hardware import machine_info
+
+        info = machine_info()
+        return cls(info.ram_total, info.ram_available,
+                   [Device(g.name, g.total_bytes, g.free_bytes, g.unified) for g in info.gpus],
+                   list(info.cpu.features))
+
+    @property
+    def unified(self) -> bool:
+        return any(g.unified for g in self.gpus)
+
+
+@dataclass
+class MemoryEstimate:
+    weights_ram: int
+    weights_vram: int
+    kv_ram: int
+    kv_vram: int
+    compute_ram: int
+    compute_vram: int
+    overhead: int
+    output_ram: int = 0  # llama.cpp's logits buffer, always in host memory
+
+    @property
+    def ram(self) -> int:
+        return self.weights_ram + self.kv_ram + self.compute_ram + self.output_ram + self.overhead
+
+    @property
+    def vram(self) -> int:
+        return self.weights_vram + self.kv_vram + self.compute_vram
+
+
+@dataclass
+class Plan:
+    placement: str  # "gpu" (all layers), "partial", "cpu", "none" (won't fit)
+    n_gpu_layers: int
+    n_ctx: int
+    estimate: MemoryEstimate
+    fits: bool
+    note: str | None = None
+
+
+@dataclass
+class Option:
+    key: str
+    quality: float
+    size: int
+    plan: Plan
+
+
+def default_ctx(header: HeaderInfo, requested: int | None = None) -> int:
+    """The requested context, else 4096 capped by the context the model was trained with."""
+    if requested:
+        return requested
+    return min(DEFAULT_CTX, header.n_ctx_train) if header.n_ctx_train > 0 else DEFAULT_CTX
+
+
+def _pad(n: int, to: int = CELL_PAD) -> int:
+    return -(-n // to) * to
+
+
+def repack_types(cpu_features: list[str] | None) -> set[str]:
+    types: set[str] = set()
+    for feature in cpu_features or ():
+        types |= _REPACK.get(feature, set())
+    return types
+
+
+def kv_cells(header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, swa_full: bool = True) -> list[int]:
+    """KV cells per layer. Sliding-window layers hold window + ubatch cells unless swa_full."""
+    cells = _pad(n_ctx)
+    swa_cells = cells
+    if header.sliding_window and not swa_full:
+        swa_cells = _pad(min(cells, header.sliding_window + n_ubatch))
+    flags = header.swa_layers or [False] * header.n_layer
+    return [swa_cells if flags[i] else cells for i in range(header.n_layer)]
+
+
+def kv_bytes_per_layer(header: HeaderInfo, n_ctx: int, kv_type: str = "f16", n_ubatch: int = UBATCH,
+                       swa_full: bool = True) -> list[int]:
+    per_elem = _KV_BYTES.get(kv_type.lower())
+    if per_elem is None:
+        raise ValueError(f"unknown KV cache type {kv_type!r}; one of {', '.join(_KV_BYTES)}")
+    cells = kv_cells(header, n_ctx, n_ubatch, swa_full)
+    return [int(header.n_head_kv[i] * (header.key_length + header.value_length) * cells[i] * per_elem)
+            for i in range(header.n_layer)]
+
+
+def compute_bytes(header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, logits_rows: int | None = None,
+                  swa_full: bool = True) -> tuple[int, int]:
+    """(output phase, layer phase) bytes of llama.cpp's compute buffer for one micro-batch.
+
+    llama.cpp reserves logits for every token of a micro-batch (n_outputs_max = n_batch by
+    default). The layer phase: FFN activations (gate, up, product: 3 x n_ff, experts included)
+    and a few n_embd-wide tensors per token, plus one f16 KQ mask per attention kind.
+    """
+    ub = max(1, min(n_ubatch, _pad(n_ctx)))
+    rows = ub if logits_rows is None else max(1, min(logits_rows, ub))
+    output_phase = 4 * (rows * header.n_vocab + 2 * ub * header.n_embd)
+    n_ff = header.n_ff
+    if header.n_expert and header.n_expert_used:
+        n_ff = max(n_ff, header.n_expert_used * n_ff) + header.n_expert
+    q_dim = header.n_head * header.key_length
+    attn = 3 * q_dim + 2 * max(header.n_head_kv, default=0) * (header.key_length + header.value_length)
+    per_token = 4 * max(3 * n_ff + 5 * header.n_embd, attn + 3 * header.n_embd)
+    cells = kv_cells(header, n_ctx, ub, swa_full)
+    masks = [_pad(n_ctx)] + ([min(cells)] if any(header.swa_layers) else [])  # iSWA: two masks
+    layer_phase = ub * per_token + sum(2 * c * ub for c in masks)
+    return output_phase, layer_phase
+
+
+def estimate(header: HeaderInfo, n_ctx: int, n_gpu_layers: int, kv_type: str = "f16", *,
+             n_batch: int = 512, n_outputs: int = 1, logits_rows: int | None = None,
+             extra_bufts: bool = True, cpu_features: list[str] | None = None,
+             swa_full: bool = True) -> MemoryEstimate:
+    """Memory for `n_ctx` tokens with `n_gpu_layers` offloaded (llama.cpp's count: n_layer + 1 = all).
+
+    n_outputs: logits rows kept per decode (1 for chat; n_batch for perplexity); logits_rows:
+    rows llama.cpp reserves in the compute graph (default: a whole micro-batch).
+    """
+    n_layer = header.n_layer
+    n_gpu = max(0, min(n_gpu_layers, n_layer + 1))
+    gpu_blocks = min(n_gpu, n_layer)
+    on_gpu = [i >= n_layer - gpu_blocks for i in range(n_layer)]
+    output_on_gpu = n_gpu > n_layer
+    ubatch = min(n_batch, UBATCH)
+
+    cpu_layer_bytes = sum(b for b, g in zip(header.layer_bytes, on_gpu) if not g)
+    gpu_layer_bytes = sum(b for b, g in zip(header.layer_bytes, on_gpu) if g)
+    output_bytes = header.output_bytes + (header.embd_bytes if header.output_tied else 0)
+    weights_ram = header.embd_bytes + header.other_bytes + cpu_layer_bytes
+    weights_vram = gpu_layer_bytes
+    if output_on_gpu:
+        weights_vram += output_bytes  # a tied output: a GPU copy of token_embd
+    else:
+        weights_ram += header.output_bytes  # a tied output is token_embd itself, already counted
+    if extra_bufts and header.layer_bytes:
+        kinds = repack_types(cpu_features)
+        repackable = sum(b for t, b in header.matmul_bytes.items() if t in kinds)
+        weights_ram += repackable * cpu_layer_bytes // max(1, sum(header.layer_bytes))
+
+    kv = kv_bytes_per_layer(header, n_ctx, kv_type, ubatch, swa_full)
+    kv_vram = sum(b for b, g in zip(kv, on_gpu) if g)
+    kv_ram = sum(kv) - kv_vram
+
+    output_phase, layer_phase = compute_bytes(header, n_ctx, ubatch, logits_rows, swa_full)
+    if n_gpu == 0:
+        compute_ram, compute_vram = max(output_phase, layer_phase), 0
+    else:
+        compute_vram = max(layer_phase, output_phase if output_on_gpu else 0)
+        host = 4 * ubatch * header.n_embd * 2  # inputs and the hand-over between devices
+        compute_ram = max(host, 0 if output_on_gpu else output_phase)
+
+    overhead = BASE_OVERHEAD + VOCAB_OVERHEAD * header.n_vocab + CTX_OVERHEAD * _pad(n_ctx)
+    output_ram = 4 * header.n_vocab * max(1, n_outputs)
+    return MemoryEstimate(weights_ram, weights_vram, kv_ram, kv_vram, compute_ram, compute_vram,
+                          overhead, output_ram)
+
+
+def ram_headroom(res: Resources) -> int:
+    """RAM left free for the system and other programs: 10% of RAM, at least 1 GiB."""
+    return max(GIB, res.ram_total // 10)
+
+
+def _vram_budget(res: Resources) -> int:
+    return sum(max(0, g.free - GPU_RESERVE) for g in res.gpus)
+
+
+def _fits(est: MemoryEstimate, res: Resources) -> bool:
+    ram_room = res.ram_available - ram_headroom(res)
+    if res.unified:  # one pool: the GPU's working-set limit, and everything against RAM
+        return est.vram <= _vram_budget(res) and est.ram + est.vram <= ram_room
+    # each extra GPU holds its own copy of the compute buffer
+    extra_compute = est.compute_vram * max(0, len(res.gpus) - 1)
+    return est.ram <= ram_room and est.vram + extra_compute <= _vram_budget(res)
+
+
+def _best_layers(header: HeaderInfo, res: Resources, n_ctx: int, kv_type: str) -> tuple[int, MemoryEstimate] | None:
+    """The most GPU layers that fit (n_layer + 1 = all), or None when not even the CPU has room."""
+    def est(n_gpu: int) -> MemoryEstimate:
+        return estimate(header, n_ctx, n_gpu, kv_type, extra_bufts=res.extra_bufts,
+                        cpu_features=res.cpu_features)
+
+    top = header.n_layer + 1 if res.gpus else 0
+    for n_gpu in range(top, -1, -1):
+        guess = est(n_gpu)
+        if _fits(guess, res):
+            return n_gpu, guess
+    return None
+
+
+def plan(header: HeaderInfo, res: Resources, n_ctx: int | None = None, kv_type: str = "f16") -> Plan:
+    """Where to run the model: all on the GPU, partly, on the CPU, or not at all; with a margin.
+
+    When nothing fits at the requested (or default) context, halve it down to 512 and say so.
+    """
+    wanted = default_ctx(header, n_ctx)
+    ctx = wanted
+    while True:
+        found = _best_layers(header, res, ctx, kv_type)
+        if found is not None or ctx <= MIN_CTX:
+            break
+        ctx = max(MIN_CTX, ctx // 2)
+    total = header.n_layer + 1
+    if found is None:
+        est = estimate(header, wanted, 0, kv_type, extra_bufts=res.extra_bufts, cpu_features=res.cpu_features)
+        return Plan("none", 0, wanted, est, False, "needs more memory than this machine has")
+    n_gpu, est = found
+    notes = []
+    if ctx != wanted:
+        notes.append(f"context reduced to {ctx} to fit")
+    if n_gpu == total:
+        placement = "gpu"
+    elif n_gpu > 0:
+        placement = "partial"
+        notes.append(f"{n_gpu}/{total} layers on GPU")
+    else:
+        placement = "cpu"
+        if res.gpus:
+            notes.append("no layer fits in VRAM")
+    return Plan(placement, n_gpu, ctx, est, True, "; ".join(notes) or None)
+
+
+def choose(options: list[Option]) -> int | None:
+    """Index of the best option: the best quality fully on the GPU, else the best that fits RAM."""
+    def best(indices: list[int]) -> int | None:
+        return max(indices, key=lambda i: (options[i].quality, -options[i].size), default=None)
+
+    on_gpu = [i for i, o in enumerate(options) if o.plan.fits and o.plan.placement == "gpu"]
+    if on_gpu:
+        return best(on_gpu)
+    return best([i for i, o in enumerate(options) if o.plan.fits])

