@@ -56,6 +56,7 @@ class HeaderInfo:
     metadata: dict[str, object] = field(default_factory=dict)  # scalars; arrays as "[N items]"
     output_tied: bool = False  # no output.weight: llama.cpp reuses token_embd for the output layer
     n_ff: int = 0
+    matmul_bytes: dict[str, int] = field(default_factory=dict)  # blk.* matrices, bytes per ggml type
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -449,9 +450,13 @@ def _header(shards: list[_Parsed], sizes: list[int], label: str) -> HeaderInfo:
     layer_bytes = [0] * n_layer
     embd_bytes = output_bytes = other_bytes = 0
     has_output = False
+    matmul_bytes: dict[str, int] = {}
     for t in tensors:
         if m := layer_re.match(t.name):
             layer_bytes[int(m.group(1))] += t.n_bytes
+            if len(t.shape) >= 2:
+                type_name = _type_name(t.ggml_type)
+                matmul_bytes[type_name] = matmul_bytes.get(type_name, 0) + t.n_bytes
         elif t.name.startswith("token_embd"):
             embd_bytes += t.n_bytes
         elif t.name.startswith("output"):
@@ -504,7 +509,14 @@ def _header(shards: list[_Parsed], sizes: list[int], label: str) -> HeaderInfo:
         metadata={k: _summary(v) for k, v in fields.items() if k != "tokenizer.chat_template"},
         output_tied=not has_output,
         n_ff=max(_per_layer(ff, n_layer, 0), default=0),
+        matmul_bytes=matmul_bytes,
     )
+
+
+def _type_name(ggml_type: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(ggml_type).name
 
 
 # -- validation -----------------------------------------------------------------------------------
