@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localrun import hub, store
-from localrun.errors import NotFound
+from localrun.errors import BadModel, NotFound
 from localrun.output import Output, human_bytes
 from localrun.refs import ModelRef
 
@@ -104,6 +104,9 @@ def _pulled(ref: ModelRef, entries: list[store.ModelEntry]) -> Found:
     from localrun import gguf_info
 
     entry = entries[0]
+    if entry.damaged:
+        raise BadModel(f"{entry.label}: a file is missing from the cache (its blob was deleted)",
+                       hint=f"pull it again to repair it, or `localrun rm {entry.label}`")
     header = gguf_info.read_header(entry.path)
     files = [FileItem(f.name, f.size, f.link) for f in entry.files]
     others = [(e.label, e.size) for e in store.find(ModelRef(ref.raw, repo_id=ref.repo_id))

@@ -39,6 +39,7 @@ class CachedFile:
     blob: Path
     size: int
     linked_at: float  # when the snapshot entry appeared: when it was pulled into this revision
+    missing: bool = False  # a dangling link: its blob was deleted behind huggingface_hub's back
 
 
 @dataclass
@@ -70,6 +71,10 @@ class ModelEntry:
         return len(self.files)
 
     @property
+    def damaged(self) -> bool:
+        return any(f.missing for f in self.files)
+
+    @property
     def pulled(self) -> float:
         return max(f.linked_at for f in self.files)
 
@@ -82,7 +87,7 @@ class ModelEntry:
         return {
             "model": self.label, "repo_id": self.repo_id, "quant": self.quant, "kind": self.kind,
             "revision": self.revision, "commit": self.commit, "refs": sorted(self.refs),
-            "size": self.size, "n_shards": self.n_shards,
+            "size": self.size, "n_shards": self.n_shards, "damaged": self.damaged,
             "files": [{"name": f.name, "path": str(f.link), "size": f.size} for f in self.files],
             "pulled": iso(self.pulled), "last_used": iso(self.last_used),
         }
@@ -202,14 +207,42 @@ def scan() -> Listing:
                 if name.lower().endswith(".gguf"):
                     ggufs.append(CachedFile(name, f.file_path, f.blob_path, f.size_on_disk,
                                             f.file_path.lstat().st_mtime))
-            for entry in _group(repo.repo_id, repo.repo_path, rev.commit_hash, sorted(rev.refs), ggufs):
-                entry.last_used = usage.get(str(entry.files[0].blob))
-                entries.append(entry)
+            entries += _group(repo.repo_id, repo.repo_path, rev.commit_hash, sorted(rev.refs), ggufs)
+    scanned = {repo.repo_path for repo in info.repos}
+    skipped = [p for p in sorted(hub.cache_dir().glob("models--*")) if p.is_dir() and p not in scanned]
+    for repo_path in skipped:
+        repo_id = repo_path.name.split("--", 1)[1].replace("--", "/")
+        for commit, refs, ggufs in _walk_damaged(repo_path):
+            entries += _group(repo_id, repo_path, commit, refs, ggufs)
+    for entry in entries:
+        entry.last_used = usage.get(str(entry.files[0].blob))
     entries.sort(key=lambda e: (e.repo_id.lower(), e.revision != "main", e.revision, e.kind != "model",
                                 sort_key(e.quant, e.size), e.files[0].name))
     _label(entries)
     warnings = [str(w).splitlines()[0] for w in info.warnings]
-    return Listing(entries, hub.cache_dir(), warnings)
+    walked = [w for w in warnings if any(str(p) in w for p in skipped) and w.startswith("Blob missing")]
+    return Listing(entries, hub.cache_dir(), [w for w in warnings if w not in walked])
+
+
+def _walk_damaged(repo_path: Path) -> list[tuple[str, list[str], list[CachedFile]]]:
+    """(commit, refs, GGUF files) of a repo scan_cache_dir skipped because a snapshot link lost its
+    blob (deleted by hand, or an interrupted clean-up by another tool). It skips the whole repo; we
+    walk it so that its intact quants still show, and `rm` can remove the broken one."""
+    refs: dict[str, list[str]] = {}
+    for ref in (repo_path / "refs").glob("**/*"):
+        if ref.is_file():
+            refs.setdefault(ref.read_text().strip(), []).append(ref.relative_to(repo_path / "refs").as_posix())
+    revisions = []
+    snapshots = repo_path / "snapshots"
+    for snapshot in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+        files = []
+        for link in sorted(snapshot.glob("**/*.gguf")):
+            blob = link.resolve()
+            missing = not blob.is_file()
+            files.append(CachedFile(link.relative_to(snapshot).as_posix(), link, blob,
+                                    0 if missing else blob.stat().st_size, link.lstat().st_mtime, missing))
+        revisions.append((snapshot.name, sorted(refs.get(snapshot.name, [])), files))
+    return revisions
 
 
 def _matches(entry: ModelEntry, ref: "ModelRef") -> bool:
@@ -350,6 +383,10 @@ def show_listing(out: "Output", listing: Listing) -> None:
     """`localrun list`: a table on stdout (or JSON); scan warnings on stderr."""
     for warning in listing.warnings:
         out.warn(f"skipped a damaged cache entry: {warning}")
+    for e in listing.entries:
+        if e.damaged:
+            out.warn(f"{e.label}: a file is missing from the cache (its blob was deleted); "
+                     f"pull it again to repair it, or `localrun rm {e.label}`")
     if out.json:
         out.data(listing.to_dict())
         return
@@ -374,6 +411,8 @@ def show_listing(out: "Output", listing: Listing) -> None:
 
 
 def _files_cell(e: ModelEntry) -> str:
+    if e.damaged:
+        return "damaged: file missing"
     if e.kind == "incomplete":
         return "split, shards missing"
     return f"{e.n_shards} shards" if e.n_shards > 1 else "1 file"
@@ -387,7 +426,7 @@ def rm(ref: "ModelRef", out: "Output", *, yes: bool = False) -> RemovalPlan | No
         where = "" if e.revision == "main" else f" @ {e.revision}"
         out.info(f"  {e.label}{where}: {e.n_shards} file{'s' if e.n_shards > 1 else ''}, {human_bytes(e.size)}")
     shared = len({f.blob for e in plan.entries for f in e.files}) - len(plan.blobs)
-    kept = f" ({shared} file{'s' if shared > 1 else ''} still used by another revision or quant stay)" if shared else ""
+    kept = f" (keeping {shared} file{'s' if shared > 1 else ''} that another revision also uses)" if shared else ""
     what = "it" if len(plan.entries) == 1 else f"these {len(plan.entries)}"
     question = f"Remove {what} and free {human_bytes(plan.freed)}{kept}?"
     if not yes and not out.confirm(question, refuse_hint="add --yes to remove without asking"):

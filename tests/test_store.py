@@ -148,7 +148,7 @@ def test_blob_shared_by_two_revisions_survives_removing_one(hub, tiny):
     result = runner.invoke(app, ["rm", f"{REPO}:Q4_K_M", "--revision", "dev", "--yes", "--json"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["freed"] == 0
-    assert "still used by another revision" in result.stderr
+    assert "freed 0 B (keeping 1 file that another revision also uses)" in result.stderr
     assert len(blobs()) == 1 and main_path.read_bytes() == tiny.quants["Q4_K_M"].read_bytes()
     assert not dev_path.exists()
     assert [(m["revision"], m["commit"] != dev_commit) for m in listing()] == [("main", True)]
@@ -299,3 +299,39 @@ def test_rm_on_a_terminal_asks_and_respects_the_answer(pulled, tiny):
     code, screen = _rm_on_a_terminal(f"{REPO}:Q8_0", b"y\n")
     assert code == 0 and f"removed {REPO}:Q8_0" in screen
     assert len(blobs()) == len(before) - 1
+
+
+def test_round_trip_through_localrun_pull(hub, tiny):
+    hub.add_repo(REPO, {"tiny-Q8_0.gguf": tiny.quants["Q8_0"], "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"]})
+    result = runner.invoke(app, ["pull", f"{REPO}:Q4_K_M"])
+    assert result.exit_code == 0, result.stderr
+    [entry] = listing()
+    assert (entry["model"], entry["size"]) == (f"{REPO}:Q4_K_M", tiny.quants["Q4_K_M"].stat().st_size)
+    requests = len(hub.log)
+    d = show_json(REPO)  # the pulled quant, read from the cache: no network
+    assert (d["source"], d["quant"], len(hub.log)) == ("pulled", "Q4_K_M", requests)
+    result = runner.invoke(app, ["rm", REPO, "--yes"])
+    assert result.exit_code == 0, result.stderr
+    assert listing() == [] and blobs() == []
+    assert show_json(REPO)["source"] == "remote"  # gone from the cache, still on the Hub
+
+
+def test_a_blob_deleted_by_hand_is_reported_and_rm_repairs_the_repo(hub, tiny):
+    hub.add_repo(REPO, {"tiny-Q8_0.gguf": tiny.quants["Q8_0"], "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"]})
+    fetch(REPO, "tiny-Q8_0.gguf").resolve().unlink()  # a dangling link: huggingface_hub skips the whole repo
+    fetch(REPO, "tiny-Q4_K_M.gguf")
+    assert scan_cache_dir(lhub.cache_dir()).repos == frozenset()
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    assert f"warning: {REPO}:Q8_0: a file is missing from the cache" in result.stderr
+    assert f"localrun rm {REPO}:Q8_0" in result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert "damaged: file missing" in rows[f"{REPO}:Q8_0"] and "1 file" in rows[f"{REPO}:Q4_K_M"]
+    result = runner.invoke(app, ["show", f"{REPO}:Q8_0"])
+    assert result.exit_code == 7 and "a file is missing" in result.stderr
+
+    result = runner.invoke(app, ["rm", f"{REPO}:Q8_0", "--yes"])
+    assert result.exit_code == 0, result.stderr
+    cache = scan_cache_dir(lhub.cache_dir())
+    assert not cache.warnings and [r.repo_id for r in cache.repos] == [REPO]
+    assert [m["model"] for m in listing()] == [f"{REPO}:Q4_K_M"]
