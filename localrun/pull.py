@@ -9,7 +9,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from localrun import hub, quants
 from localrun.errors import BadModel, NetworkError, NoSpace, NotFound, UsageError
@@ -112,13 +112,17 @@ class PullResult:
 
 # -- pull ----------------------------------------------------------------------------------------
 def pull(ref: ModelRef, out: Output, *, n_ctx: int | None = None, dry_run: bool = False,
-         quant: str | None = None, res: "Resources | None" = None) -> PullResult:
-    """List the repo's quantizations, plan each for this machine, show the table, download the choice."""
+         quant: str | None = None, res: "Resources | None" = None, as_step: bool = False) -> PullResult:
+    """List the repo's quantizations, plan each for this machine, show the table, download the choice.
+
+    as_step: the pull serves another command (chat, run...), whose stdout is its own: report on stderr.
+    """
+    show = (out.err if as_step else out.out).print
     if ref.is_local:
         raise UsageError(f"{ref.raw} is a local file: pull takes a Hub repo (org/repo[:QUANT])")
     assert ref.repo_id is not None
     if hub.offline():
-        return _pull_offline(ref, out, quant)
+        return _pull_offline(ref, out, quant, show)
     from localrun import fit
 
     listing = hub.list_candidates(ref)
@@ -147,7 +151,7 @@ def pull(ref: ModelRef, out: Output, *, n_ctx: int | None = None, dry_run: bool 
     result = PullResult(listing.repo_id, listing.commit, rows, chosen, _why(rows, chosen, forced is not None, res),
                         forced=forced is not None, dry_run=dry_run, mmproj=listing.mmproj, resources=res)
     if not out.json:
-        show_table(out, result)
+        show_table(show, result)
     for skipped in listing.skipped:
         out.warn(f"skipped an incomplete split: {skipped}")
     if chosen is None:
@@ -162,13 +166,13 @@ def pull(ref: ModelRef, out: Output, *, n_ctx: int | None = None, dry_run: bool 
     if not dry_run:
         result.files = hub.download(listing, row.candidate, out)
         if not out.json:
-            out.show(f"saved {result.files[0]}")
+            show(f"saved {result.files[0]}", markup=False)
             if out.interactive:
                 out.info(f"chat with it: localrun chat {listing.repo_id}:{row.candidate.label}")
     return result
 
 
-def _pull_offline(ref: ModelRef, out: Output, quant: str | None) -> PullResult:
+def _pull_offline(ref: ModelRef, out: Output, quant: str | None, show: Callable[..., None]) -> PullResult:
     """HF_HUB_OFFLINE: nothing can be listed; a model already in the cache is all there is."""
     if quant:
         ref = ModelRef(ref.raw, repo_id=ref.repo_id, tag=quant, revision=ref.revision)
@@ -178,8 +182,8 @@ def _pull_offline(ref: ModelRef, out: Output, quant: str | None) -> PullResult:
                            hint="unset HF_HUB_OFFLINE to download it")
     why = f"{model.quant or model.path.name}: already in the cache (offline, nothing was checked on the Hub)"
     if not out.json:
-        out.show(why)
-        out.show(f"saved {model.path}")
+        show(why, markup=False)
+        show(f"saved {model.path}", markup=False)
     size = sum(p.stat().st_size for p in model.files)
     rows = [Row(hub.Candidate(model.quant, [p.name for p in model.files], size, {}))]
     return PullResult(ref.repo_id or "", None, rows, 0, why, files=model.files)
@@ -246,7 +250,8 @@ def _why(rows: list[Row], chosen: int | None, forced: bool, res: "Resources") ->
     return why
 
 
-def show_table(out: Output, result: PullResult) -> None:
+def show_table(show: Callable[..., None], result: PullResult) -> None:
+    """The candidates, the choice marked, and why; `show` is a console's print (stdout, or stderr)."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -255,7 +260,7 @@ def show_table(out: Output, result: PullResult) -> None:
     if res is not None:
         gpus = ", ".join(f"{d.name} {human_bytes(d.free)} free" for d in res.gpus) or "no GPU"
         machine = f" · {human_bytes(res.ram_available)} RAM available, {gpus}"
-    out.show(f"[bold]{escape(result.repo_id)}[/] [dim]@ {(result.commit or '')[:7]}{escape(machine)}[/]")
+    show(f"[bold]{escape(result.repo_id)}[/] [dim]@ {(result.commit or '')[:7]}{escape(machine)}[/]")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in (("", "left"), ("quant", "left"), ("size", "right"), ("ctx", "right"),
                           ("est. RAM", "right"), ("est. VRAM", "right"), ("placement", "left"), ("verdict", "left")):
@@ -268,8 +273,8 @@ def show_table(out: Output, result: PullResult) -> None:
                       str(row.plan.n_ctx) if row.plan else "-",
                       human_bytes(est.ram) if est else "-", human_bytes(est.vram) if est and est.vram else "-",
                       row.placement(), escape(row.verdict()), style=style)
-    out.show(table)
-    out.show(escape(result.why))
+    show(table)
+    show(result.why, markup=False)
 
 
 # -- resolving a reference to a file to load -----------------------------------------------------
@@ -286,7 +291,7 @@ def resolve_model(ref: ModelRef, out: Output, *, allow_pull: bool = True) -> Loc
         if found is None:
             if not allow_pull:
                 raise NotFound(f"{ref} is not pulled", hint=f"run `localrun pull {ref}` first")
-            found = pull(ref, out).model  # offline, pull() finds nothing cached and says so
+            found = pull(ref, out, as_step=True).model  # offline, pull() finds nothing cached and says so
             assert found is not None
         model = found
     gguf_info.validate(model.path)

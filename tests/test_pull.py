@@ -159,6 +159,7 @@ def test_json_gives_the_same_data(repo):
 def test_tag_picks_that_quant_and_a_second_pull_downloads_nothing(repo, tiny):
     result = runner.invoke(app, ["pull", f"{REPO}:q6_k"])
     assert result.exit_code == 0, result.output
+    assert result.stderr == "downloading Q6_K: 1 file, 1.3 MiB\n"  # piped: no progress bar
     assert "Q6_K: as asked" in result.stdout
     saved = Path(result.stdout.strip().splitlines()[-1].removeprefix("saved "))
     assert saved.name == "tiny-llama-Q6_K.gguf" and sha256(saved) == sha256(tiny.quants["Q6_K"])
@@ -194,9 +195,12 @@ def test_file_in_a_subfolder_is_found_by_name_and_resolved_offline(repo, tiny, m
         resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet(), allow_pull=False)
 
 
-def test_resolve_model_pulls_a_repo_ref_once_then_finds_it(repo, tiny):
+def test_resolve_model_pulls_a_repo_ref_once_then_finds_it(repo, tiny, capsys):
     model = resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet())
     assert model.quant == "Q2_K" and sha256(model.path) == sha256(tiny.quants["Q2_K"])
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout belongs to the command that needed the model
+    assert "Q2_K: as asked" in captured.err and f"saved {model.path}" in captured.err
     gets = len(repo.downloads())
     assert resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet()).path == model.path
     assert len(repo.downloads()) == gets
@@ -322,6 +326,27 @@ def test_gated_repo_works_with_a_token(repo, tiny, monkeypatch):
     result = runner.invoke(app, ["pull", "acme/gated-GGUF"])
     assert result.exit_code == 0, result.output
     assert sha256(Path(result.stdout.strip().splitlines()[-1].removeprefix("saved "))) == sha256(tiny.quants["Q2_K"])
+
+
+def test_wrong_token_for_a_gated_repo(repo, tiny, monkeypatch):
+    repo.add_repo("acme/gated-GGUF", {"tiny-llama-Q2_K.gguf": tiny.quants["Q2_K"]}, gated=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_accepted")
+    result = runner.invoke(app, ["pull", "acme/gated-GGUF"])
+    assert result.exit_code == 4, result.output
+    assert "gated" in error_lines(result.stderr)[0] and not blobs()
+
+
+def test_revision_and_hf_home_are_honoured(repo, tiny, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
+    dev = repo.add_repo(REPO, {"dev/tiny-llama-Q3_K_M.gguf": tiny.quants["Q3_K_M"]}, revision="dev")
+    result = runner.invoke(app, ["pull", REPO, "--revision", "dev"])
+    assert result.exit_code == 0, result.output
+    saved = Path(result.stdout.strip().splitlines()[-1].removeprefix("saved "))
+    assert saved == tmp_path / "elsewhere" / "hub" / "models--acme--tiny-GGUF" / "snapshots" / dev / "dev" / \
+        "tiny-llama-Q3_K_M.gguf"
+    assert "Q3_K_M: the best quality here" in result.stdout and "F16" not in result.stdout
+    assert resolve_model(parse_ref(REPO, revision=dev[:10]), quiet(), allow_pull=False).path == saved
 
 
 def test_offline_with_nothing_cached(repo, monkeypatch):
