@@ -203,11 +203,14 @@ def _read_headers(listing: hub.RepoListing, out: Output) -> list[Row]:
 
     count = len(listing.candidates)
     label = f"reading the GGUF header{'s' * (count > 1)} of {count} file{'s' * (count > 1)}..."
-    with ThreadPoolExecutor(max_workers=HEADER_READERS) as pool:
+    pool = ThreadPoolExecutor(max_workers=HEADER_READERS)
+    try:
         if out.interactive:
             with out.err.status(label):
                 return list(pool.map(read, listing.candidates))
         return list(pool.map(read, listing.candidates))
+    finally:  # on Ctrl-C, do not wait for the reads still queued
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _short(message: str, cand: hub.Candidate, repo_id: str) -> str:
