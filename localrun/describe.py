@@ -31,14 +31,14 @@ class FileItem:
 class Found:
     """The model a reference names: its files and header, and what else is there."""
 
-    label: str
-    source: str
+    label: str  # org/repo:QUANT, or the local path
+    source: str  # "local", "pulled" or "remote"
     repo_id: str | None
     commit: str | None
     quant: str | None
     files: list[FileItem]
     header: "HeaderInfo"
-    others: list[tuple[str, int]] = field(default_factory=list)
+    others: list[tuple[str, int]] = field(default_factory=list)  # other quants there: (label, size)
     last_used: float | None = None
 
     @property
@@ -81,8 +81,9 @@ def describe(ref: ModelRef, *, n_ctx: int | None = None, res: "Resources | None"
     if ref.is_local:
         found = _local(ref)
     else:
-        entries = [e for e in store.find(ref) if e.kind == "model"]
-        found = _pulled(ref, entries) if entries else _remote(ref, res)
+        listing = store.scan()
+        entries = [e for e in store.find(ref, listing) if e.kind == "model"]
+        found = _pulled(entries, listing) if entries else _remote(ref, res)
     return Description(found, fit.plan(found.header, res, n_ctx), res)
 
 
@@ -98,7 +99,7 @@ def _local(ref: ModelRef) -> Found:
                   last_used=store.last_used(ref.path))
 
 
-def _pulled(ref: ModelRef, entries: list[store.ModelEntry]) -> Found:
+def _pulled(entries: list[store.ModelEntry], listing: store.Listing) -> Found:
     """The first match: store.find orders a repo's entries main revision first, best quant first -
     the one `chat org/repo` loads when several quants are pulled."""
     from localrun import gguf_info
@@ -109,8 +110,8 @@ def _pulled(ref: ModelRef, entries: list[store.ModelEntry]) -> Found:
                        hint=f"pull it again to repair it, or `localrun rm {entry.label}`")
     header = gguf_info.read_header(entry.path)
     files = [FileItem(f.name, f.size, f.link) for f in entry.files]
-    others = [(e.label, e.size) for e in store.find(ModelRef(ref.raw, repo_id=ref.repo_id))
-              if e.kind == "model" and e.label != entry.label]
+    others = [(e.label, e.size) for e in listing.entries
+              if e.repo_id == entry.repo_id and e.kind == "model" and e.label != entry.label]
     return Found(entry.label, "pulled", entry.repo_id, entry.commit, entry.quant, files, header, others,
                   entry.last_used)
 

@@ -219,15 +219,17 @@ def scan() -> Listing:
     entries.sort(key=lambda e: (e.repo_id.lower(), e.revision != "main", e.revision, e.kind != "model",
                                 sort_key(e.quant, e.size), e.files[0].name))
     _label(entries)
+    # What huggingface_hub skipped, we walked: its complaint is replaced by the entries (and a
+    # warning for each damaged one). Any other warning (a stray file in the cache) is passed on.
     warnings = [str(w).splitlines()[0] for w in info.warnings]
-    walked = [w for w in warnings if any(str(p) in w for p in skipped) and w.startswith("Blob missing")]
-    return Listing(entries, hub.cache_dir(), [w for w in warnings if w not in walked])
+    return Listing(entries, hub.cache_dir(), [w for w in warnings if not any(str(p) in w for p in skipped)])
 
 
 def _walk_damaged(repo_path: Path) -> list[tuple[str, list[str], list[CachedFile]]]:
-    """(commit, refs, GGUF files) of a repo scan_cache_dir skipped because a snapshot link lost its
-    blob (deleted by hand, or an interrupted clean-up by another tool). It skips the whole repo; we
-    walk it so that its intact quants still show, and `rm` can remove the broken one."""
+    """(commit, refs, GGUF files) of a repo scan_cache_dir skipped as corrupted: a snapshot link that
+    lost its blob (deleted by hand), or a ref to a snapshot that never got a file (a first download
+    interrupted). It skips the whole repo; we walk it so that its intact quants still show, and
+    `rm` can remove a broken one."""
     refs: dict[str, list[str]] = {}
     for ref in (repo_path / "refs").glob("**/*"):
         if ref.is_file():

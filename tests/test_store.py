@@ -335,3 +335,15 @@ def test_a_blob_deleted_by_hand_is_reported_and_rm_repairs_the_repo(hub, tiny):
     cache = scan_cache_dir(lhub.cache_dir())
     assert not cache.warnings and [r.repo_id for r in cache.repos] == [REPO]
     assert [m["model"] for m in listing()] == [f"{REPO}:Q4_K_M"]
+
+
+def test_a_ref_to_a_missing_snapshot_does_not_hide_the_repo(hub, tiny):
+    hub.add_repo(REPO, {"tiny-Q8_0.gguf": tiny.quants["Q8_0"]})
+    fetch(REPO, "tiny-Q8_0.gguf")
+    # What an interrupted first download of another revision leaves: a ref, no snapshot.
+    (lhub.cache_dir() / "models--org--tiny-GGUF" / "refs" / "dev").write_text("0" * 40)
+    assert scan_cache_dir(lhub.cache_dir()).warnings  # huggingface_hub gives up on the repo...
+    result = runner.invoke(app, ["list"])
+    assert result.stderr == "" and f"{REPO}:Q8_0" in result.stdout  # ...localrun does not
+    assert runner.invoke(app, ["rm", REPO, "--yes"]).exit_code == 0
+    assert listing() == [] and not (lhub.cache_dir() / "models--org--tiny-GGUF").exists()
