@@ -1,0 +1,218 @@
+"""The memory estimate and the planner, against described devices (a GPU cannot run here).
+
+The model is a synthetic header shaped like Llama-3-8B: 32 layers, 32 heads, 8 KV heads of 128,
+n_embd 4096, n_ff 14336, 128256 tokens. Expected figures are worked out by hand below in MiB:
+- KV at 4096 ctx (f16): 8 heads * (128 + 128) * 4096 cells * 2 B = 16 MiB a layer, 512 in all.
+- compute, output phase: 512 rows * 128256 * 4 B + 2 * 512 * 4096 * 4 B = 250.5 + 16 = 266.5.
+- compute, layer phase: 512 tokens * (3 * 14336 + 5 * 4096) * 4 B = 124, + f16 mask 4096*512*2 = 4.
+- fixed: 12 MiB + 200 B * 128256 tokens + 128 B * 4096 cells = 12 + 24.46 + 0.5 = 36.96;
+  the logits of one row: 0.49.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from localrun.fit import (GPU_RESERVE, Device, MemoryEstimate, Option, Plan, Resources, choose, default_ctx,
+                          estimate, plan)
+from localrun.gguf_info import HeaderInfo, read_header
+
+MiB = 2**20
+GiB = 2**30
+KV_LAYER = 16 * MiB
+OUTPUT_PHASE = int(266.5 * MiB)
+LAYER_PHASE = 128 * MiB
+FIXED = 12 * MiB + 200 * 128256 + 128 * 4096 + 4 * 128256
+
+
+def llama8b(layer_mib: float, embd_mib: float, output_mib: float, quant: str, **extra) -> HeaderInfo:
+    layer = int(layer_mib * MiB)
+    fields = dict(
+        architecture="llama", name="Llama 3 8B", file_type=quant, n_params=8_030_000_000, n_layer=32,
+        n_embd=4096, n_head=32, n_head_kv=[8] * 32, key_length=128, value_length=128, n_ctx_train=8192,
+        sliding_window=None, swa_layers=[False] * 32, n_expert=0, n_expert_used=0, n_vocab=128256,
+        layer_bytes=[layer] * 32, embd_bytes=int(embd_mib * MiB), output_bytes=int(output_mib * MiB),
+        other_bytes=0, tensor_bytes=32 * layer + int((embd_mib + output_mib) * MiB), file_size=0, n_shards=1,
+        chat_template=None, license=None, n_ff=14336)
+    fields.update(extra)
+    return HeaderInfo(**fields)
+
+
+Q4_K_M = llama8b(125, 280, 410, "Q4_K_M")  # 4690 MiB of tensors, ~4.9 GB like the real file
+Q8_0 = llama8b(212, 532, 532, "Q8_0")  # 7848 MiB, ~8.2 GB
+
+
+def gpu_box(vram_free_gib: float, ram_gib: float = 16, n: int = 1) -> Resources:
+    gpus = [Device(f"GPU {i}", int((vram_free_gib + 0.5) * GiB), int(vram_free_gib * GiB)) for i in range(n)]
+    return Resources(int(ram_gib * GiB), int((ram_gib - 2) * GiB), gpus)
+
+
+def cpu_box(ram_gib: float, available_gib: float) -> Resources:
+    return Resources(int(ram_gib * GiB), int(available_gib * GiB), [])
+
+
+def apple(ram_gib: float, available_gib: float) -> Resources:
+    share = int(ram_gib * GiB * 2 / 3)  # Metal's default working-set limit (hardware.py)
+    return Resources(int(ram_gib * GiB), int(available_gib * GiB), [Device("Apple GPU", share, share, unified=True)])
+
+
+def test_default_context():
+    assert default_ctx(Q4_K_M) == 4096
+    assert default_ctx(llama8b(1, 1, 1, "Q4_K_M", n_ctx_train=2048)) == 2048  # capped by training
+    assert default_ctx(Q4_K_M, 16384) == 16384  # an explicit --ctx wins
+
+
+def test_cpu_only_estimate_by_hand():
+    est = estimate(Q4_K_M, 4096, 0)
+    assert est.vram == 0
+    assert est.weights_ram == (32 * 125 + 280 + 410) * MiB
+    assert est.kv_ram == 32 * KV_LAYER
+    assert est.compute_ram == OUTPUT_PHASE  # logits of a whole micro-batch outweigh the layer phase
+    assert est.ram == (4690 + 512) * MiB + OUTPUT_PHASE + FIXED
+
+
+def test_full_offload_puts_the_output_layer_on_the_gpu():
+    est = estimate(Q4_K_M, 4096, 33)
+    assert est.weights_vram == (32 * 125 + 410) * MiB
+    assert est.weights_ram == 280 * MiB  # token_embd stays on the CPU
+    assert (est.kv_vram, est.kv_ram) == (512 * MiB, 0)
+    assert est.compute_vram == OUTPUT_PHASE
+    assert est.compute_ram == 2 * 512 * 4096 * 4  # host-side inputs only
+    # 32 = every block but not the output layer: its logits are computed on the CPU
+    est32 = estimate(Q4_K_M, 4096, 32)
+    assert est32.weights_ram == (280 + 410) * MiB and est32.compute_vram == LAYER_PHASE
+    assert est32.compute_ram == OUTPUT_PHASE
+
+
+def test_partial_offload_takes_the_last_blocks_first():
+    header = llama8b(100, 280, 410, "Q4_K_M", layer_bytes=[i * MiB for i in range(1, 33)])
+    est = estimate(header, 4096, 3)
+    assert est.weights_vram == (30 + 31 + 32) * MiB
+    assert est.kv_vram == 3 * KV_LAYER and est.kv_ram == 29 * KV_LAYER
+
+
+def test_tied_output_is_copied_to_the_gpu():
+    tied = llama8b(125, 280, 0, "Q4_K_M", output_tied=True)
+    assert estimate(tied, 4096, 33).weights_vram == (32 * 125 + 280) * MiB
+    assert estimate(tied, 4096, 33).weights_ram == 280 * MiB
+    assert estimate(tied, 4096, 0).weights_ram == (32 * 125 + 280) * MiB  # one copy on the CPU
+
+
+def test_kv_cache_type_and_sliding_window():
+    assert estimate(Q4_K_M, 4096, 0, "q8_0").kv_ram == 32 * 8 * 256 * 4096 * 34 // 32
+    assert estimate(Q4_K_M, 1000, 0).kv_ram == 32 * 8 * 256 * 1024 * 2  # cells padded to 256
+    swa = llama8b(125, 280, 410, "Q4_K_M", sliding_window=1024, swa_layers=[i % 4 != 3 for i in range(32)])
+    # localrun keeps llama.cpp's full-size SWA cache: the same as without a window
+    assert estimate(swa, 8192, 0).kv_ram == 32 * 32 * MiB
+    # without it, 24 windowed layers hold 1024 + 512 cells instead of 8192
+    assert estimate(swa, 8192, 0, swa_full=False).kv_ram == 8 * 32 * MiB + 24 * 8 * 256 * 1536 * 2
+
+
+def test_repacked_weights_on_the_cpu():
+    header = llama8b(125, 280, 410, "Q4_K_M", matmul_bytes={"Q4_K": 3000 * MiB, "Q6_K": 1000 * MiB})
+    plain = estimate(header, 4096, 0).weights_ram
+    assert estimate(header, 4096, 0, cpu_features=["avx2"]).weights_ram == plain + 3000 * MiB
+    assert estimate(header, 4096, 0, cpu_features=["avx2"], extra_bufts=False).weights_ram == plain
+    # only the CPU half of the blocks is repacked when 16 are offloaded
+    half = estimate(header, 4096, 16, cpu_features=["avx2"])
+    assert half.weights_ram == (16 * 125 + 280 + 410 + 1500) * MiB
+
+
+def test_8gib_gpu_runs_q4_fully_and_q8_partly():
+    res = gpu_box(7.5)  # VRAM budget: 7.5 GiB - 0.5 reserve = 7168 MiB
+    q4 = plan(Q4_K_M, res)
+    assert (q4.placement, q4.n_gpu_layers, q4.n_ctx, q4.fits, q4.note) == ("gpu", 33, 4096, True, None)
+    assert q4.estimate.vram == (4000 + 410 + 512) * MiB + OUTPUT_PHASE  # 5188.5 MiB
+    # Q8_0: every block costs 212 + 16 (KV) MiB, plus the 128 MiB layer-phase compute buffer:
+    # 30 blocks = 6968 MiB fit in 7168, 31 = 7196 do not
+    q8 = plan(Q8_0, res)
+    assert (q8.placement, q8.n_gpu_layers, q8.fits) == ("partial", 30, True)
+    assert q8.note == "30/33 layers on GPU"
+    assert q8.estimate.vram == 30 * (212 * MiB + KV_LAYER) + LAYER_PHASE
+
+
+def test_24gib_gpu_runs_q8_fully():
+    q8 = plan(Q8_0, gpu_box(23.5, ram_gib=32))
+    assert (q8.placement, q8.n_gpu_layers) == ("gpu", 33)
+    assert q8.estimate.vram == (32 * 212 + 532 + 512) * MiB + OUTPUT_PHASE  # 8094.5 MiB
+
+
+def test_two_gpus_add_up_but_each_needs_a_compute_buffer():
+    one = plan(Q8_0, gpu_box(5.5, ram_gib=32))
+    assert one.placement == "partial"
+    two = plan(Q8_0, gpu_box(5.5, ram_gib=32, n=2))  # 2 x 5120 MiB: 8094.5 + 266.5 fit
+    assert (two.placement, two.n_gpu_layers) == ("gpu", 33)
+
+
+def test_cpu_only():
+    res = cpu_box(8, available_gib=7)  # room: 7 GiB - 1 GiB headroom = 6144 MiB
+    q4 = plan(Q4_K_M, res)
+    assert (q4.placement, q4.n_gpu_layers, q4.n_ctx, q4.fits, q4.note) == ("cpu", 0, 4096, True, None)
+    assert q4.estimate.ram == (4690 + 512) * MiB + OUTPUT_PHASE + FIXED  # ~5506 MiB
+    q8 = plan(Q8_0, res)  # 7848 MiB of weights alone
+    assert (q8.placement, q8.fits, q8.n_ctx) == ("none", False, 4096)
+    assert q8.note == "needs more memory than this machine has"
+
+
+def test_a_smaller_context_when_the_requested_one_does_not_fit():
+    res = cpu_box(8, available_gib=6.5)  # room: 5632 MiB
+    # 16384 ctx needs 2048 MiB of KV (7043 MiB in all), 8192 ctx 1024 (6018): too much; 4096: 5506
+    got = plan(Q4_K_M, res, n_ctx=16384)
+    assert (got.placement, got.n_ctx, got.fits) == ("cpu", 4096, True)
+    assert got.note == "context reduced to 4096 to fit"
+
+
+def test_apple_unified_memory_is_one_pool():
+    roomy = plan(Q8_0, apple(16, available_gib=12))  # GPU limit 10.67 GiB - 0.5; pool 12 - 1.6 GiB
+    assert (roomy.placement, roomy.n_gpu_layers) == ("gpu", 33)
+    # 8 GiB available: Q8_0 needs ~8.5 GiB in all, whichever side it is on
+    tight = apple(16, available_gib=8)
+    assert plan(Q8_0, tight).placement == "none"
+    assert plan(Q4_K_M, tight).placement == "gpu"
+    # the same 8 GiB of RAM next to a discrete GPU of the same size runs Q8_0 on the GPU
+    discrete = Resources(16 * GiB, 8 * GiB, [Device("GPU", int(10.67 * GiB), int(10.67 * GiB))])
+    assert plan(Q8_0, discrete).placement == "gpu"
+
+
+def test_vram_reserve_is_kept_free():
+    need = estimate(Q4_K_M, 4096, 33).vram
+    just_enough = Resources(32 * GiB, 30 * GiB, [Device("GPU", need + GPU_RESERVE, need + GPU_RESERVE)])
+    assert plan(Q4_K_M, just_enough).placement == "gpu"
+    short = Resources(32 * GiB, 30 * GiB, [Device("GPU", need + GPU_RESERVE - 1, need + GPU_RESERVE - 1)])
+    assert plan(Q4_K_M, short).placement == "partial"
+
+
+def _options(res: Resources) -> list[Option]:
+    q6 = llama8b(165, 410, 410, "Q6_K")
+    return [Option(name, quality, header.tensor_bytes, plan(header, res))
+            for name, quality, header in (("Q8_0", 90.0, Q8_0), ("Q6_K", 85.0, q6), ("Q4_K_M", 70.0, Q4_K_M))]
+
+
+def test_choose_follows_the_memory():
+    assert [o.key for o in _options(gpu_box(23.5))][choose(_options(gpu_box(23.5)))] == "Q8_0"
+    # 8 GiB GPU: Q6_K needs 32*165 + 410 + 512 + 266.5 = 6468.5 MiB: the best that runs fully on it
+    options = _options(gpu_box(7.5))
+    assert [o.plan.placement for o in options] == ["partial", "gpu", "gpu"]
+    assert options[choose(options)].key == "Q6_K"
+    options = _options(gpu_box(5.5))  # Q4_K_M (5188.5) fits 5120 MiB? no: nothing is fully on the GPU
+    assert all(o.plan.placement == "partial" for o in options)
+    assert options[choose(options)].key == "Q8_0"  # then the best quality that fits at all
+    options = _options(cpu_box(8, available_gib=7))
+    assert options[choose(options)].key == "Q4_K_M"
+    assert choose(_options(cpu_box(4, available_gib=3))) is None
+
+
+def test_choose_prefers_the_smaller_of_equal_quality():
+    est = MemoryEstimate(0, 0, 0, 0, 0, 0, 0)
+    fits = Plan("cpu", 0, 4096, est, True)
+    assert choose([Option("a", 70, 2000, fits), Option("b", 70, 1000, fits)]) == 1
+    assert choose([]) is None
+
+
+def test_plan_for_the_real_gemma_on_this_machine(gemma):
+    header = read_header(gemma)
+    res = Resources.detect()
+    got = plan(header, res)
+    assert got.fits and got.n_ctx == 4096  # the default, below the 32k it was trained with
+    assert got.placement == ("gpu" if res.gpus else "cpu")
+    assert header.tensor_bytes < got.estimate.ram + got.estimate.vram < 2 * GiB
