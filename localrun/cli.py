@@ -120,6 +120,42 @@ def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json:
     store.rm(parse_ref(model, revision), Output.from_env(json=json), yes=yes)
 
 
+@app.command()
+@boundary
+def bench(
+    models: Annotated[list[str], typer.Argument(help="A repo (benches its pulled quants) or several .gguf paths.",
+                                                show_default=False)],
+    quants: Annotated[Optional[str], typer.Option("--quants", show_default=False,
+                                                  help="With a repo: pull and bench these quants (Q4_K_M,Q8_0), or 'fit' for all that fit.")] = None,
+    pp: Annotated[int, typer.Option("--pp", min=0, help="Prompt tokens for the prompt-processing test.")] = 512,
+    tg: Annotated[int, typer.Option("--tg", min=0, help="Tokens for the generation test.")] = 128,
+    reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions after the warm-up.")] = 5,
+    ppl_ctx: Annotated[int, typer.Option("--ppl-ctx", min=16, help="Window of the perplexity / KLD pass.")] = 512,
+    ppl_chunks: Annotated[Optional[int], typer.Option("--ppl-chunks", min=1, show_default=False,
+                                                      help="Score only the first N windows of the text (default: all).")] = None,
+    max_kld: Annotated[float, typer.Option("--max-kld", min=0.0, help="Recommend the fastest candidate within this KLD.")] = 0.05,
+    eval_text: Annotated[Optional[Path], typer.Option("--text", show_default=False,
+                                                      help="Evaluation text (default: the one shipped with localrun).")] = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table on stdout.")] = False,
+    json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Compare quantizations on this machine: speed (pp, tg, TTFT, memory) and quality (perplexity, KLD)."""
+    from localrun import bench as benching
+
+    out = Output.from_env(json=json or csv or markdown, verbose=verbose)
+    opts = benching.BenchOptions(pp=pp, tg=tg, reps=reps, threads=threads, gpu_layers=gpu_layers, ppl_ctx=ppl_ctx,
+                                 ppl_chunks=ppl_chunks, quants=quants, max_kld=max_kld, eval_text=eval_text,
+                                 verbose=verbose)
+    result = benching.bench_command(models, opts, out, fmt="json" if json else "csv" if csv else "markdown" if markdown else "table")
+    if result.interrupted:
+        out.error("interrupted: the table shows what was measured so far")
+        raise typer.Exit(130)
+
+
 # -- run / chat: generation options shared by both ------------------------------------------------
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", show_default=False, help="System prompt.")]
 MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", min=1, show_default=False,

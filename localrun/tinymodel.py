@@ -171,8 +171,10 @@ QUANT_FTYPES = {
 }
 
 
-def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str, threads: int = 2) -> Path:
-    """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize)."""
+def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str, threads: int = 2,
+             requantize: bool = False) -> Path:
+    """Quantize a GGUF with llama.cpp's own quantizer (llama_model_quantize); `requantize`
+    allows an already quantized source (e.g. a lower-precision variant of a real Q4_K_M)."""
     import llama_cpp
 
     from localrun.llama_log import quiet_llama
@@ -181,6 +183,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant.upper()]
     params.nthread = threads
+    params.allow_requantize = requantize
     tmp = dst.with_name(dst.name + ".tmp")
     with quiet_llama():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)

@@ -1,0 +1,148 @@
+"""Does `localrun bench` measure what llama.cpp measures? Two checks on one model, in one run.
+
+1. Speed: bench's worker against a raw llama.cpp loop (llama_cpp's C API, llama-bench's protocol:
+   llama_batch_get_one, synchronize, memory cleared before each repetition) with the same model,
+   threads, context and batch sizes. Each side runs in a fresh process, alternating A B A B so
+   that load from other processes on the machine falls on both. Target: bench/raw >= 0.97.
+2. Perplexity: bench's quality pass against llama.cpp's own `llama-perplexity` on the same text
+   and context. Target: within 1%. Build the tool outside the repo, for example:
+     cmake -B /tmp/llama-build -S <llama-cpp-python sdist>/vendor/llama.cpp -DLLAMA_CURL=OFF
+     cmake --build /tmp/llama-build --target llama-perplexity -j2
+
+Usage: python scripts/bench_agreement.py [--model M.gguf] [--perplexity /tmp/llama-build/bin/llama-perplexity]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RAW_LOOP = r"""
+import json, sys, time
+import llama_cpp as lc
+spec = json.loads(sys.argv[1])
+quiet = lc.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
+lc.llama_log_set(quiet, None)
+lc.llama_backend_init()
+mp = lc.llama_model_default_params()
+mp.n_gpu_layers = spec["gpu_layers"]; mp.use_extra_bufts = spec["use_extra_bufts"]
+model = lc.llama_model_load_from_file(spec["path"].encode(), mp)
+cp = lc.llama_context_default_params()
+cp.n_ctx = spec["pp"] + spec["tg"]; cp.n_batch = spec["pp"]; cp.n_ubatch = min(spec["pp"], 512)
+cp.n_threads = cp.n_threads_batch = spec["threads"]; cp.no_perf = True
+ctx = lc.llama_init_from_model(model, cp)
+mem = lc.llama_get_memory(ctx)
+tokens = spec["tokens"]
+def pp(n):
+    lc.llama_memory_clear(mem, True)
+    arr = (lc.llama_token * n)(*tokens[:n])
+    t = time.perf_counter(); lc.llama_decode(ctx, lc.llama_batch_get_one(arr, n)); lc.llama_synchronize(ctx)
+    return n / (time.perf_counter() - t)
+def tg(n):
+    lc.llama_memory_clear(mem, True)
+    t = time.perf_counter()
+    for tok in tokens[:n]:
+        arr = (lc.llama_token * 1)(tok)
+        lc.llama_decode(ctx, lc.llama_batch_get_one(arr, 1)); lc.llama_synchronize(ctx)
+    return n / (time.perf_counter() - t)
+pp(spec["pp"]); tg(min(spec["tg"], 8))
+print(json.dumps({"pp": [pp(spec["pp"]) for _ in range(spec["reps"])],
+                  "tg": [tg(spec["tg"]) for _ in range(spec["reps"])]}))
+"""
+
+
+def default_model() -> Path:
+    return ROOT / ".cache" / "tests" / "gemma" / "gemma-3-270m-Q4_K_M.gguf"
+
+
+def bench_worker(spec) -> dict:
+    from localrun.bench import CandidateResult, run_worker
+
+    result = CandidateResult("model", spec.path, None, 0)
+    run_worker(spec, result, lambda event: None)
+    if result.status != "ok":
+        raise SystemExit(f"bench worker {result.status}: {result.error}")
+    return {"pp": result.pp.mean if result.pp else None, "tg": result.tg.mean if result.tg else None,
+            "ppl": result.ppl, "windows": result.ppl_windows}
+
+
+def raw_loop(spec, tokens: list[int]) -> dict:
+    payload = json.dumps({"path": spec.path, "pp": spec.pp, "tg": spec.tg, "reps": spec.reps, "threads": spec.threads,
+                          "gpu_layers": spec.gpu_layers, "use_extra_bufts": spec.use_extra_bufts, "tokens": tokens})
+    proc = subprocess.run([sys.executable, "-c", RAW_LOOP, payload], capture_output=True, text=True, check=True)
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"pp": statistics.fmean(data["pp"]), "tg": statistics.fmean(data["tg"])}
+
+
+def llama_perplexity(binary: Path, model: str, text: Path, n_ctx: int, threads: int) -> float:
+    proc = subprocess.run([str(binary), "-m", model, "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
+                           "-t", str(threads)], capture_output=True, text=True)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+    if not found:
+        raise SystemExit("llama-perplexity printed no estimate:\n" + (proc.stderr or proc.stdout)[-2000:])
+    return float(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=default_model())
+    parser.add_argument("--perplexity", type=Path, default=Path("/tmp/llama-build/bin/llama-perplexity"))
+    parser.add_argument("--pp", type=int, default=512)
+    parser.add_argument("--tg", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of bench and raw runs")
+    parser.add_argument("--ppl-ctx", type=int, default=512)
+    args = parser.parse_args()
+
+    from localrun import selftest
+    from localrun.bench import eval_text_path, BenchOptions
+    from localrun.bench_worker import WorkerSpec
+    from localrun.hardware import default_threads
+    from localrun.runtime import LoadOptions, LlamaModel
+
+    text = eval_text_path(BenchOptions())
+    extra = selftest.use_extra_bufts()
+    threads = default_threads()
+    with LlamaModel(args.model, LoadOptions(use_extra_bufts=extra)) as model:
+        tokens = model.tokenize(text.read_text(encoding="utf-8"), add_special=True, parse_special=False)[1:]
+    tokens = (tokens * 2)[:max(args.pp, args.tg)]
+    speed_spec = WorkerSpec(path=str(args.model), eval_text=str(text), pp=args.pp, tg=args.tg, reps=args.reps,
+                            threads=threads, gpu_layers=0, use_extra_bufts=extra, ppl_ctx=64, ppl_chunks=1)
+    bench_runs, raw_runs = [], []
+    for round_ in range(args.rounds):
+        bench_runs.append(bench_worker(speed_spec))
+        raw_runs.append(raw_loop(speed_spec, tokens))
+        print(f"round {round_ + 1}: bench pp {bench_runs[-1]['pp']:.1f} tg {bench_runs[-1]['tg']:.2f} | "
+              f"raw pp {raw_runs[-1]['pp']:.1f} tg {raw_runs[-1]['tg']:.2f} tok/s", flush=True)
+    figures = {}
+    for key in ("pp", "tg"):
+        ours = statistics.fmean(r[key] for r in bench_runs)
+        raw = statistics.fmean(r[key] for r in raw_runs)
+        figures[key] = ours / raw
+        print(f"{key}{getattr(args, key)}: bench {ours:.2f} tok/s, raw llama.cpp loop {raw:.2f} tok/s, "
+              f"ratio {ours / raw:.3f} ({'ok' if ours / raw >= 0.97 else 'BELOW 0.97'})")
+
+    ppl_spec = WorkerSpec(path=str(args.model), eval_text=str(text), pp=0, tg=0, reps=1, threads=threads,
+                          gpu_layers=0, use_extra_bufts=extra, ppl_ctx=args.ppl_ctx)
+    ours = bench_worker(ppl_spec)
+    if not args.perplexity.exists():
+        print(f"perplexity: bench {ours['ppl']:.4f} over {ours['windows']} windows of {args.ppl_ctx}; "
+              f"{args.perplexity} not built, no comparison")
+        return 0
+    theirs = llama_perplexity(args.perplexity, str(args.model), text, args.ppl_ctx, threads)
+    diff = abs(ours["ppl"] - theirs) / theirs
+    print(f"perplexity (ctx {args.ppl_ctx}, {ours['windows']} windows): bench {ours['ppl']:.4f}, "
+          f"llama-perplexity {theirs:.4f}, difference {100 * diff:.3f}% ({'ok' if diff <= 0.01 else 'ABOVE 1%'})")
+    return 0 if figures["pp"] >= 0.97 and figures["tg"] >= 0.97 and diff <= 0.01 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""`localrun bench`: real llama.cpp in real child processes, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from localrun.cli import app
+
+QUICK = ["--reps", "2", "--pp", "32", "--tg", "8", "--ppl-ctx", "128", "--ppl-chunks", "2"]
+
+TOP_KEYS = {"schema", "settings", "machine", "reference", "recommendation", "interrupted", "elapsed_s", "candidates"}
+SETTINGS_KEYS = {"pp", "tg", "reps", "threads", "gpu_layers", "ppl_ctx", "ppl_chunks", "kld_top_k", "max_kld",
+                 "eval_text", "use_extra_bufts"}
+CANDIDATE_KEYS = {"label", "path", "quant", "file_size", "status", "error", "signal", "reference", "load_s", "pp",
+                  "tg", "ttft_ms", "peak_rss", "vram", "threads", "gpu_layers", "ppl", "ppl_error", "kld", "kld_p99",
+                  "top1", "eval_tokens", "ppl_windows", "note", "pareto", "seconds"}
+STAT_KEYS = {"mean", "sd", "n"}
+
+
+def bench(*args: object):
+    result = CliRunner().invoke(app, ["bench", *map(str, args)])
+    return result
+
+
+def by_label(data: dict) -> dict[str, dict]:
+    return {c["label"]: c for c in data["candidates"]}
+
+
+def test_two_tiny_quants_give_complete_sane_figures(tiny):
+    result = bench(tiny.quants["Q4_K_M"], tiny.quants["Q8_0"], *QUICK, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["schema"] == "localrun.bench/1"
+    assert data["reference"] == "Q8_0"  # the higher precision, whatever the argument order
+    assert [c["label"] for c in data["candidates"]] == ["Q8_0", "Q4_K_M"]  # in the order measured: best first
+    tokens = set()
+    for c in data["candidates"]:
+        assert c["status"] == "ok" and c["error"] is None and c["signal"] is None
+        for stat in ("pp", "tg", "ttft_ms"):
+            assert c[stat]["n"] == 2 and c[stat]["mean"] > 0 and c[stat]["sd"] >= 0
+        assert c["load_s"] > 0 and c["seconds"] > c["load_s"]
+        assert c["peak_rss"] > c["file_size"] > 100_000
+        assert c["threads"] == data["settings"]["threads"] >= 1 and c["gpu_layers"] == 0
+        assert 1 < c["ppl"] < 872 ** 2 and math.isfinite(c["ppl"]) and c["ppl_error"] >= 0
+        assert c["ppl_windows"] == 2 and c["eval_tokens"] > 2 * 128
+        assert 0 <= c["top1"] <= 1 and c["kld_p99"] >= c["kld"] >= 0 or c["reference"]
+        tokens.add(c["eval_tokens"])
+    ref, q4 = by_label(data)["Q8_0"], by_label(data)["Q4_K_M"]
+    assert ref["reference"] and ref["kld"] == 0.0 and ref["top1"] == 1.0
+    assert q4["kld"] > 0 and q4["top1"] < 1 and q4["note"] is None
+    assert len(tokens) == 1  # the same tokens for both
+    assert data["recommendation"]["label"] in ("Q8_0", "Q4_K_M")
+    assert any(c["pareto"] for c in data["candidates"])
+    assert not data["interrupted"]
+    # stderr: one progress line per candidate (no live display when not a TTY); stdout is only JSON
+    assert "[1/2] Q8_0: tg " in result.stderr and "[2/2] Q4_K_M: tg " in result.stderr
+
+
+def test_json_schema_is_stable(tiny):
+    result = bench(tiny.quants["Q6_K"], tiny.quants["Q2_K"], *QUICK, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == TOP_KEYS
+    assert set(data["settings"]) == SETTINGS_KEYS
+    assert set(data["machine"]) == {"cpu", "physical_cores", "llama_cpp"}
+    assert set(data["recommendation"]) == {"label", "text"}
+    for c in data["candidates"]:
+        assert set(c) == CANDIDATE_KEYS
+        for stat in ("pp", "tg", "ttft_ms"):
+            assert set(c[stat]) == STAT_KEYS
+
+
+def test_crashing_candidate_is_reported_and_the_rest_measured(tiny):
+    # The corrupt-vocabulary file is F32, so it would be the reference: the next one takes over.
+    result = bench(tiny.corrupt_vocab, tiny.quants["Q5_K_M"], tiny.quants["Q3_K_M"], *QUICK, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    corrupt = data["candidates"][0]  # tried first: F32 is the highest precision
+    assert corrupt["status"] == "crashed" and corrupt["signal"] == "SIGABRT"
+    assert "GGML_ASSERT" in corrupt["error"] and corrupt["tg"] is None and not corrupt["pareto"]
+    assert data["reference"] == "Q5_K_M"
+    assert by_label(data)["Q3_K_M"]["status"] == "ok" and by_label(data)["Q3_K_M"]["kld"] > 0
+    assert "crashed (SIGABRT)" in result.stderr
+
+
+def test_every_candidate_crashing_exits_8(tiny):
+    result = bench(tiny.corrupt_vocab, *QUICK)
+    assert result.exit_code == 8
+    assert "crashed" in result.stdout  # the table still says what happened
+    assert "error: no candidate could be measured" in result.stderr
+
+
+def test_table_csv_and_markdown(tiny):
+    files = (tiny.quants["Q8_0"], tiny.quants["Q2_K"])
+    table = bench(*files, *QUICK)
+    assert table.exit_code == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["MODEL", "SIZE", "pp"]
+    assert any(line.startswith("*  Q8_0") for line in lines)  # the reference is always Pareto-optimal
+    assert "recommended: " in table.stdout and "generation speed (tg, tok/s)" in table.stdout
+    assert "KL divergence against Q8_0" in table.stdout and "█" in table.stdout
+    assert "\x1b[" not in table.stdout  # piped: no ANSI
+
+    csv_out = bench(*files, *QUICK, "--csv")
+    assert csv_out.exit_code == 0, csv_out.stderr
+    header, *rows = csv_out.stdout.strip().splitlines()
+    assert header.startswith("label,quant,path,file_size,status,reference,pareto,pp_mean,pp_sd,tg_mean")
+    assert [r.split(",")[0] for r in rows] == ["Q8_0", "Q2_K"]
+
+    md = bench(*files, *QUICK, "--markdown")
+    assert md.exit_code == 0, md.stderr
+    assert md.stdout.startswith("| Pareto | model | size | pp t/s |")
+    assert "**Recommended:**" in md.stdout
+
+
+def test_bad_arguments(tiny, tmp_path):
+    missing = bench(tmp_path / "nope.gguf")
+    assert missing.exit_code == 3 and "no such model file" in missing.stderr and missing.stdout == ""
+    local_quants = bench(tiny.quants["Q8_0"], "--quants", "Q4_K_M")
+    assert local_quants.exit_code == 2 and "--quants needs a repo" in local_quants.stderr
+
+
+def test_ctrl_c_prints_what_was_measured(tiny):
+    """SIGINT to the whole process group (as a terminal does) during the second candidate."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localrun", "bench", str(tiny.quants["Q8_0"]), str(tiny.quants["F16"]),
+         "--reps", "3", "--pp", "32", "--tg", "8", "--ppl-ctx", "128", "--ppl-chunks", "2", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the first candidate (F16, the reference) is done: interrupt the second
+        if line.startswith("[1/2]"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    data = json.loads(stdout)
+    assert data["interrupted"] is True
+    statuses = {c["label"]: c["status"] for c in data["candidates"]}
+    assert statuses["F16"] == "ok" and statuses["Q8_0"] in ("interrupted", "ok")
+    assert "interrupted" in stderr
+
+
+@pytest.mark.slow
+def test_gemma_lower_precision_has_higher_kld(gemma, tmp_path_factory):
+    """Gemma 3 270M Q4_K_M against lower-precision requantizations of itself: KLD grows as bits shrink."""
+    from localrun.tinymodel import quantize
+
+    folder = Path(__file__).resolve().parents[1] / ".cache" / "tests" / "gemma"
+    variants = {}
+    for quant in ("Q3_K_M", "Q2_K"):
+        target = folder / f"gemma-3-270m-requant-{quant}.gguf"
+        if not target.exists():
+            quantize(gemma, target, quant, requantize=True)
+        variants[quant] = target
+    result = bench(variants["Q2_K"], gemma, variants["Q3_K_M"], "--reps", "1", "--pp", "64", "--tg", "8",
+                   "--ppl-ctx", "256", "--ppl-chunks", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    c = by_label(data)
+    assert data["reference"] == "Q4_K_M" and c["Q4_K_M"]["kld"] == 0.0
+    assert c["Q2_K"]["kld"] > c["Q3_K_M"]["kld"] > 0.005
+    assert c["Q2_K"]["top1"] < c["Q3_K_M"]["top1"] < 1.0
+    assert c["Q2_K"]["ppl"] > c["Q4_K_M"]["ppl"]
+    assert c["Q4_K_M"]["eval_tokens"] == c["Q2_K"]["eval_tokens"] > 4000  # the shipped text, one tokenization
+    assert [x["label"] for x in data["candidates"]] == ["Q4_K_M", "Q3_K_M", "Q2_K"]
