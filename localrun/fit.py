@@ -164,8 +164,8 @@ def compute_bytes(header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, logits
     rows = ub if logits_rows is None else max(1, min(logits_rows, ub))
     output_phase = 4 * (rows * header.n_vocab + 2 * ub * header.n_embd)
     n_ff = header.n_ff
-    if header.n_expert and header.n_expert_used:
-        n_ff = max(n_ff, header.n_expert_used * n_ff) + header.n_expert
+    if header.n_expert and header.n_expert_used:  # the chosen experts' activations, router logits
+        n_ff = max(n_ff, header.n_expert_used * (header.n_ff_expert or header.n_ff) + header.n_expert)
     q_dim = header.n_head * header.key_length
     attn = 3 * q_dim + 2 * max(header.n_head_kv, default=0) * (header.key_length + header.value_length)
     per_token = 4 * max(3 * n_ff + 5 * header.n_embd, attn + 3 * header.n_embd)

@@ -56,6 +56,7 @@ class HeaderInfo:
     metadata: dict[str, object] = field(default_factory=dict)  # scalars; arrays as "[N items]"
     output_tied: bool = False  # no output.weight: llama.cpp reuses token_embd for the output layer
     n_ff: int = 0
+    n_ff_expert: int = 0  # feed-forward width of one expert (MoE)
     matmul_bytes: dict[str, int] = field(default_factory=dict)  # blk.* matrices, bytes per ggml type
 
     def to_dict(self) -> dict:
@@ -509,6 +510,7 @@ def _header(shards: list[_Parsed], sizes: list[int], label: str) -> HeaderInfo:
         metadata={k: _summary(v) for k, v in fields.items() if k != "tokenizer.chat_template"},
         output_tied=not has_output,
         n_ff=max(_per_layer(ff, n_layer, 0), default=0),
+        n_ff_expert=max(_per_layer(key("expert_feed_forward_length", 0), n_layer, 0), default=0),
         matmul_bytes=matmul_bytes,
     )
 

@@ -216,3 +216,12 @@ def test_plan_for_the_real_gemma_on_this_machine(gemma):
     assert got.fits and got.n_ctx == 4096  # the default, below the 32k it was trained with
     assert got.placement == ("gpu" if res.gpus else "cpu")
     assert header.tensor_bytes < got.estimate.ram + got.estimate.vram < 2 * GiB
+
+
+def test_moe_activations_count_the_chosen_experts():
+    dense = llama8b(125, 280, 410, "Q4_K_M")
+    moe = llama8b(125, 280, 410, "Q4_K_M", n_expert=128, n_expert_used=8, n_ff=0, n_ff_expert=768)
+    # per token: 3 * (8 * 768 + 128) + 5 * 4096 floats, against 3 * 14336 + 5 * 4096 for the dense model
+    moe_layer = estimate(moe, 4096, 32).compute_vram
+    assert moe_layer == 512 * 4 * (3 * (8 * 768 + 128) + 5 * 4096) + 4 * MiB
+    assert moe_layer < estimate(dense, 4096, 32).compute_vram == LAYER_PHASE
