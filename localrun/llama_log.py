@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
 import sys
 from collections import deque
 from typing import Iterator
@@ -47,6 +48,20 @@ def recent(n: int = 20) -> list[str]:
 
 def clear() -> None:
     _lines.clear()
+
+
+_BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
+
+
+def buffer_sizes(lines: list[str]) -> dict[str, dict[str, int]]:
+    """The buffers llama.cpp says it allocated, in bytes, per kind and buffer type:
+    {"model": {"CPU_Mapped": ..., "CPU_REPACK": ...}, "KV": {"CPU": ...}, "compute": {...}, "output": {...}}"""
+    found: dict[str, dict[str, int]] = {"model": {}, "KV": {}, "compute": {}, "output": {}}
+    for line in lines:
+        if m := _BUFFER_RE.search(line):
+            kind = found[m.group(2)]
+            kind[m.group(1)] = kind.get(m.group(1), 0) + round(float(m.group(3)) * (1 << 20))
+    return found
 
 
 @contextlib.contextmanager

@@ -15,36 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+from localrun import llama_log
+
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
-_BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
-
-
-_REALLOC_RE = re.compile(r"reallocating output buffer from size [\d.]+ MiB to ([\d.]+) MiB")
-
-
-def parse_buffers(lines: list[str]) -> dict[str, dict[str, int]]:
-    """{"model": {"CPU_Mapped": bytes, ...}, "KV": {...}, "compute": {...}, "output": {...}}"""
-    found: dict[str, dict[str, int]] = {"model": {}, "KV": {}, "compute": {}, "output": {}}
-    for line in lines:
-        if m := _BUFFER_RE.search(line):
-            kind = found[m.group(2)]
-            kind[m.group(1)] = kind.get(m.group(1), 0) + int(float(m.group(3)) * MIB)
-        elif m := _REALLOC_RE.search(line):  # a decode that keeps more logits rows grows it (debug log)
-            found["output"] = {"CPU": int(float(m.group(1)) * MIB)}
-    return found
 
 
 def worker(model: str, n_ctx: int, n_batch: int, logits_all: bool) -> None:
     """Child: load, decode a full batch and a few tokens; print buffers and RSS as one JSON line."""
     import psutil
 
-    from localrun import llama_log, selftest
+    from localrun import selftest
     from localrun.runtime import LoadOptions, _llama, load
 
     proc = psutil.Process()
@@ -53,7 +38,7 @@ def worker(model: str, n_ctx: int, n_batch: int, logits_all: bool) -> None:
     base = proc.memory_info().rss
     extra = selftest.use_extra_bufts()
     loaded = load(model, LoadOptions(n_ctx=n_ctx, n_batch=n_batch, use_extra_bufts=extra,
-                                          logits_all=logits_all, verbose=True))  # log on stderr
+                                     logits_all=logits_all, verbose=True))  # llama.cpp's log on stderr
     after_load = proc.memory_info().rss
     words = "the quick brown fox jumps over the lazy dog and " * 200
     tokens = loaded.model.tokenize(words)[: min(n_batch, loaded.ctx.n_ctx - 8)]
@@ -72,7 +57,7 @@ def measure(model: Path, n_ctx: int, n_batch: int, logits_all: bool) -> dict:
                           str(int(logits_all))],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["buffers"] = parse_buffers(out.stderr.splitlines())
+    result["buffers"] = llama_log.buffer_sizes(out.stderr.splitlines())
     return result
 
 

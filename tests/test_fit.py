@@ -225,3 +225,25 @@ def test_moe_activations_count_the_chosen_experts():
     moe_layer = estimate(moe, 4096, 32).compute_vram
     assert moe_layer == 512 * 4 * (3 * (8 * 768 + 128) + 5 * 4096) + 4 * MiB
     assert moe_layer < estimate(dense, 4096, 32).compute_vram == LAYER_PHASE
+
+
+@pytest.mark.parametrize("quant, n_ctx", [("Q8_0", 1024), ("Q4_K_M", 2048)])
+def test_estimate_covers_what_llama_cpp_allocates(tiny, quant, n_ctx):
+    """Real llama.cpp on a tiny model: the buffers it logs against the estimate, part by part."""
+    from localrun import llama_log, selftest
+    from localrun.hardware import cpu_info
+    from localrun.runtime import LoadOptions, load
+
+    extra = selftest.use_extra_bufts()
+    llama_log.install()
+    llama_log.clear()
+    loaded = load(tiny.quants[quant], LoadOptions(n_ctx=n_ctx, n_batch=512, use_extra_bufts=extra))
+    try:
+        logged = {kind: sum(sizes.values()) for kind, sizes in llama_log.buffer_sizes(llama_log.recent(400)).items()}
+    finally:
+        loaded.close()
+    est = estimate(read_header(tiny.quants[quant]), n_ctx, 0, extra_bufts=extra, cpu_features=cpu_info().features)
+    assert est.kv_ram == logged["KV"] == 2 * 2 * 128 * n_ctx * 2
+    assert logged["model"] <= est.weights_ram <= logged["model"] + 128 * 1024  # logged to 0.01 MiB
+    assert logged["compute"] <= est.compute_ram <= logged["compute"] + 2 * MiB
+    assert logged["output"] <= est.output_ram
