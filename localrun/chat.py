@@ -191,7 +191,7 @@ def compose_prompt(words: list[str], stdin_text: str | None) -> str:
 
 def one_shot(conv: Conversation, prompt: str, out: Output, *, stream: bool = False) -> Stats:
     """Answer one prompt: live text on a terminal, plain when piped, or JSON."""
-    extra = {"model": conv.engine.info.name}
+    extra = {"model": conv.engine.info.name, **conv.engine.info.timings()}
     return conv.reply(prompt, make_renderer(out, stream=stream, extra=extra))
 
 
@@ -279,7 +279,7 @@ class Repl:
     def ask(self, text: str) -> None:
         stats = self.conv.reply(text, make_renderer(self.out))
         if stats.finish_reason == "cancelled":
-            self.out.warn("reply cancelled; the question and the partial reply were left out of the conversation")
+            self.out.warn("reply cancelled; it and its question are left out of the conversation")
 
     def run(self, *, input: "Input | None" = None, output: "PTOutput | None" = None) -> None:
         session = _prompt_session(input, output)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Union
 
-from localrun.errors import LocalrunError, NoSpace
+from localrun.errors import NoSpace
 from localrun.runtime import DecodeAborted, LoadOptions, SamplingOptions
 
 if TYPE_CHECKING:
@@ -66,8 +66,13 @@ class ModelInfo:
     n_ctx_train: int
     n_gpu_layers: int
     n_threads: int
-    load_s: float
+    load_s: float  # llama.cpp: weights and context
+    plan_s: float = 0.0  # reading the header and planning GPU layers and context
+    resolve_s: float = 0.0  # finding (or pulling) and validating the file
     notes: list[str] = field(default_factory=list)
+
+    def timings(self) -> dict[str, float]:
+        return {"resolve_s": round(self.resolve_s, 4), "plan_s": round(self.plan_s, 4), "load_s": round(self.load_s, 4)}
 
 
 class StopMatcher:
@@ -130,6 +135,7 @@ class Engine:
         from localrun import runtime, selftest
 
         path = Path(getattr(model, "path", model))
+        planning = time.perf_counter()
         n_ctx, n_gpu, notes = _plan(path, cfg)
         extra = selftest.use_extra_bufts(out.info)
         started = time.perf_counter()
@@ -155,7 +161,7 @@ class Engine:
         threads = opts.n_threads or runtime._default_threads()
         name = loaded.model.meta("general.name") or path.stem
         info = ModelInfo(path, name, loaded.ctx.n_ctx, loaded.model.n_ctx_train, n_gpu, threads,
-                         time.perf_counter() - started, notes)
+                         time.perf_counter() - started, started - planning, notes=notes)
         return cls(loaded, info)
 
     def close(self) -> None:
@@ -310,6 +316,9 @@ def _plan(path: Path, cfg: EngineConfig) -> tuple[int, int, list[str]]:
         plan = fit.plan(header, fit.Resources.detect(), n_ctx)
         if plan.note:
             notes.append(plan.note)
+        if not plan.fits:
+            notes.append(f"by the estimate this needs more memory than is free ({plan.estimate.ram / 2**30:.1f} GiB); "
+                         "loading anyway: a smaller --ctx or quant helps")
         return (n_ctx if n_ctx is not None else plan.n_ctx,
                 n_gpu if n_gpu is not None else plan.n_gpu_layers, notes)
     if n_ctx is None:
@@ -333,29 +342,15 @@ def _trained_ctx(path: Path) -> int | None:
 
 def open_model(ref_text: str, cfg: EngineConfig, out: "Output") -> Engine:
     """Resolve a model reference (a local .gguf, or a repo: found in the cache, else pulled) and load it."""
+    from localrun.pull import resolve_model
     from localrun.refs import parse_ref
 
-    ref = parse_ref(ref_text)
-    try:
-        from localrun.pull import resolve_model
-    except ImportError:
-        resolve_model = None  # type: ignore[assignment]
-    if resolve_model is not None:
-        model: object = resolve_model(ref, out)
-    elif ref.is_local:
-        if not ref.path.is_file():  # type: ignore[union-attr]
-            from localrun.errors import NotFound
+    started = time.perf_counter()
+    model = resolve_model(parse_ref(ref_text), out)  # validated: llama.cpp aborts on some bad files
+    resolved = time.perf_counter()
+    engine = Engine.open(model, cfg, out)
+    engine.info.resolve_s = resolved - started
+    from localrun import store
 
-            raise NotFound(f"no such model file: {ref.path}", hint="check the path")
-        try:
-            from localrun.gguf_info import validate
-        except ImportError:
-            validate = None  # type: ignore[assignment]
-        if validate is not None:
-            validate(ref.path)  # llama.cpp aborts the process on some bad files
-        model = ref.path
-    else:
-        raise LocalrunError(f"cannot resolve {ref_text}: this build has no Hub support yet",
-                            hint="pass a path to a .gguf file")
-    return Engine.open(model, cfg, out)
-
+    store.touch(model.path)  # "last used" in `localrun list`
+    return engine

@@ -24,6 +24,9 @@ _ROOM_BELOW = "\x1bD\x1bM"
 _SAVE, _RESTORE, _NEXT_LINE = "\x1b7", "\x1b8", "\x1bE"
 _CLEAR_BELOW, _CLEAR_LINE = "\x1b[J", "\r\x1b[K"
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
+# Control characters a model may emit (ESC, VT, BS...) would move the cursor or inject terminal
+# escapes; on a terminal they are dropped. Piped output stays byte-exact.
+_CONTROLS = {c: None for c in [*range(0, 9), *range(11, 32), 127]}  # keeps \t and \n
 
 
 class Renderer(Protocol):
@@ -55,7 +58,10 @@ class LiveRenderer:
         self.status = ""
         self.next_status = 0.0
         self.ends_with_newline = True
-        self.width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+        self.columns = max(20, shutil.get_terminal_size((80, 24)).columns)
+        self.width = self.columns - 1
+        self.drawn = False
+        self.col = 0  # where the cursor is on its line, to know when the terminal is about to wrap
         if self.live:
             self._draw(self._status_text(self.started))
 
@@ -70,6 +76,7 @@ class LiveRenderer:
 
     def _draw(self, status: str) -> None:
         self.status = status
+        self.drawn = True
         dim = (_DIM, _RESET) if self.out.color else ("", "")
         if self.below:
             sys.stderr.write(f"{_ROOM_BELOW}{_SAVE}{_NEXT_LINE}{dim[0]}{status}{dim[1]}{_RESTORE}")
@@ -78,6 +85,9 @@ class LiveRenderer:
         sys.stderr.flush()
 
     def _erase(self) -> None:
+        if not self.drawn:  # also: erasing at a pending wrap would take the last character with it
+            return
+        self.drawn = False
         sys.stderr.write(_CLEAR_BELOW if self.below else _CLEAR_LINE)
         sys.stderr.flush()
 
@@ -88,8 +98,16 @@ class LiveRenderer:
         self.tokens += 1
         if self.below:
             self._erase()
+        if self.out.stdout_tty:
+            text = text.translate(_CONTROLS)
         self.out.text(text)
         self.ends_with_newline = text.endswith("\n")
+        if self.below:
+            self.col = _advance(self.col, text, self.columns)
+            if self.col == self.columns:
+                # The cursor sits past the last column, waiting to wrap; moving it to draw the
+                # status would lose that state and the next character would overwrite this one.
+                return
         if self.live:
             if now >= self.next_status:
                 self.next_status = now + 1 / STATUS_HZ
@@ -98,8 +116,7 @@ class LiveRenderer:
                 self._draw(self.status)
 
     def finish(self, stats: Stats) -> None:
-        if self.live:
-            self._erase()
+        self._erase()
         if not self.ends_with_newline:
             self.out.text("\n")
         if self.show_stats:
@@ -176,6 +193,21 @@ def drive(events: Iterable[Event], renderer: Renderer) -> Stats:
     assert stats is not None, "the engine always ends a stream with Stats"
     renderer.finish(stats)
     return stats
+
+
+def _advance(col: int, text: str, columns: int) -> int:
+    """The cursor column after writing text from `col` (== columns: pending wrap)."""
+    from wcwidth import wcwidth
+
+    for ch in text:
+        if ch in "\r\n":
+            col = 0
+        elif ch == "\t":
+            col = min(columns, (col // 8 + 1) * 8)
+        else:
+            w = max(0, wcwidth(ch))
+            col = w if col + w > columns else col + w
+    return col
 
 
 def _escape(text: str) -> str:

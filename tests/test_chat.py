@@ -134,6 +134,7 @@ def test_ctrl_c_mid_reply_returns_to_the_prompt_and_the_next_turn_works(tiny):
     child.expect_exact(PROMPT)
     child.sendline("/stats")
     child.expect(r"used by 2 messages")  # the cancelled turn was dropped, the last one kept
+    child.expect_exact(PROMPT)  # (a Ctrl-D typed before the prompt is up would be lost by the tty)
     child.sendeof()
     child.expect(pexpect.EOF)
     child.close()

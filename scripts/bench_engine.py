@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""How much does localrun's engine cost? Measured against a bare llama-cpp-python loop, in one run.
+
+    python scripts/bench_engine.py [--model PATH] [--pp 256] [--tg 64] [--reps 5] [--threads N]
+
+- engine vs bare: the prompt-processing and generation speeds of `localrun run`'s in-process path
+  (Engine.generate driven through the same renderer `run` uses, text to /dev/null) and of a bare
+  loop over llama-cpp-python's low-level API (llama_decode, the same sampler chain,
+  token_to_piece), on the same model, threads, prompt and lengths; repetitions interleaved.
+- live rendering: the engine path rendering to a real pty (stdout and stderr on a terminal, so
+  the live status line runs) against rendering to /dev/null.
+- start-up: `localrun run MODEL PROMPT --json --stream` in a subprocess; from spawning it to
+  reading the first piece, minus what it reports for resolving/validating, planning, loading
+  and prefill (ttft): what is left is interpreter start, imports and localrun's own overhead.
+Ratios are medians of per-repetition ratios (engine / bare); >= 0.97 is the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from localrun import render, selftest  # noqa: E402
+from localrun.engine import Engine, EngineConfig  # noqa: E402
+from localrun.output import Output  # noqa: E402
+from localrun.runtime import SamplingOptions, _llama  # noqa: E402
+
+SAMPLING = SamplingOptions(temperature=0, repeat_penalty=1.1, ban_eog=True)
+TEXT = ("The history of the river valley goes back thousands of years. Farmers settled along its banks, "
+        "built canals, and traded grain with the towns upstream. ")
+
+
+def default_model() -> Path:
+    return ROOT / ".cache" / "tests" / "gemma" / "gemma-3-270m-Q4_K_M.gguf"
+
+
+class Bare:
+    """The loop anyone would write with llama-cpp-python's low-level API."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int, extra_bufts: bool):
+        lc = self.lc = _llama()
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = extra_bufts
+        self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
+        self.vocab = lc.llama_model_get_vocab(self.model)
+        cp = lc.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, 512, 512
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        self.ctx = lc.llama_init_from_model(self.model, cp)
+        n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        eog = [t for t in range(n_vocab) if lc.llama_vocab_is_eog(self.vocab, t)]
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        bias = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(eog), bias))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(n_vocab, 64, 1.1, 0.0, 0.0))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        self.sampler = chain
+        self.buf = ctypes.create_string_buffer(256)
+
+    def run(self, tokens: list[int], tg: int, sink) -> tuple[float, float]:
+        lc = self.lc
+        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
+        lc.llama_sampler_reset(self.sampler)
+        t0 = time.perf_counter()
+        for start in range(0, len(tokens), 512):
+            chunk = tokens[start:start + 512]
+            arr = (lc.llama_token * len(chunk))(*chunk)
+            assert lc.llama_decode(self.ctx, lc.llama_batch_get_one(arr, len(chunk))) == 0
+        t1 = time.perf_counter()
+        one = (lc.llama_token * 1)()
+        for i in range(tg):
+            tok = lc.llama_sampler_sample(self.sampler, self.ctx, -1)
+            n = lc.llama_token_to_piece(self.vocab, tok, self.buf, 256, 0, True)
+            sink.write(self.buf.raw[:n].decode("utf-8", "replace"))
+            sink.flush()
+            if i == tg - 1:
+                break
+            one[0] = tok
+            assert lc.llama_decode(self.ctx, lc.llama_batch_get_one(one, 1)) == 0
+        t2 = time.perf_counter()
+        return len(tokens) / (t1 - t0), tg / (t2 - t1)
+
+
+def engine_run(engine: Engine, tokens: list[int], tg: int, out: Output) -> tuple[float, float]:
+    engine.cached = []
+    engine.ctx.reset()
+    stats = render.drive(engine.generate(tokens, SAMPLING, tg, []), render.LiveRenderer(out, show_stats=False))
+    assert stats.generated_tokens == tg, stats
+    return stats.prompt_tps, stats.gen_tps
+
+
+class Redirect:
+    """Point sys.stdout/sys.stderr at a file object for the duration."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self.stream
+
+    def __exit__(self, *exc):
+        sys.stdout, sys.stderr = self.saved
+
+
+def startup(model: Path, prompt: str, threads: int) -> dict[str, float]:
+    argv = [sys.executable, "-m", "localrun", "run", str(model), prompt, "-n", "2", "--temp", "0", "--ignore-eos",
+            "--json", "--stream", "--threads", str(threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    start, first, stats = {}, None, {}
+    for line in proc.stdout:  # type: ignore[union-attr]
+        event = json.loads(line)
+        if event["kind"] == "start":
+            start = event
+        elif event["kind"] == "piece" and first is None:
+            first = time.perf_counter() - t0
+        elif event["kind"] == "stats":
+            stats = event
+    proc.wait()
+    assert first is not None, "no piece came out"
+    model_work = start["resolve_s"] + start["plan_s"] + start["load_s"]
+    return {"to_first_token": first, "resolve_s": start["resolve_s"], "plan_s": start["plan_s"],
+            "load_s": start["load_s"], "ttft_s": stats["ttft_s"],
+            "overhead": first - model_work - stats["ttft_s"],
+            "overhead_excl_llama_load_only": first - start["load_s"] - stats["ttft_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=default_model())
+    ap.add_argument("--pp", type=int, default=256, help="prompt tokens")
+    ap.add_argument("--tg", type=int, default=64, help="generated tokens")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--startup-reps", type=int, default=3)
+    args = ap.parse_args()
+
+    from localrun.hardware import default_threads
+
+    threads = args.threads or default_threads()
+    n_ctx = args.pp + args.tg + 16
+    extra = selftest.use_extra_bufts(print)
+    engine = Engine.open(args.model, EngineConfig(n_ctx=n_ctx, n_gpu_layers=0, n_threads=threads), Output())
+    bare = Bare(args.model, n_ctx, threads, extra)
+    tokens = engine.tokenize(TEXT * (args.pp // 20 + 2))[: args.pp]
+
+    import pty
+
+    master, slave = pty.openpty()
+    drain = subprocess.Popen(["cat"], stdin=master, stdout=subprocess.DEVNULL)  # plays the terminal
+    tty = os.fdopen(slave, "w", buffering=1)
+    devnull = open(os.devnull, "w")
+    plain_out = Output(stdout_tty=False, stderr_tty=False)
+    tty_out = Output(stdout_tty=True, stderr_tty=True, color=True)
+
+    variants = {
+        "bare": lambda: bare.run(tokens, args.tg, devnull),
+        "engine": lambda: _with(devnull, lambda: engine_run(engine, tokens, args.tg, plain_out)),
+        "engine_tty": lambda: _with(tty, lambda: engine_run(engine, tokens, args.tg, tty_out)),
+        "bare_tty": lambda: bare.run(tokens, args.tg, tty),
+    }
+    for fn in variants.values():  # warm-up: page in the weights, settle the caches
+        fn()
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    names = list(variants)
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]  # rotate to spread drift evenly
+        for name in order:
+            results[name].append(variants[name]())
+
+    def ratio(a: str, b: str, i: int) -> float:
+        return statistics.median(x[i] / y[i] for x, y in zip(results[a], results[b]))
+
+    report = {
+        "model": str(args.model.name), "threads": threads, "pp": args.pp, "tg": args.tg, "reps": args.reps,
+        "median_tps": {k: {"prefill": round(statistics.median(x[0] for x in v), 1),
+                           "decode": round(statistics.median(x[1] for x in v), 2)} for k, v in results.items()},
+        "engine_vs_bare": {"prefill": round(ratio("engine", "bare", 0), 4), "decode": round(ratio("engine", "bare", 1), 4)},
+        "live_tty_vs_devnull": {"decode": round(ratio("engine_tty", "engine", 1), 4)},
+        "engine_tty_vs_bare_tty": {"decode": round(ratio("engine_tty", "bare_tty", 1), 4)},
+    }
+    engine.close()
+    drain.terminate()
+    runs = [startup(args.model, "Tell me about rivers.", threads) for _ in range(args.startup_reps)]
+    report["startup_median_s"] = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+    print(json.dumps(report, indent=2))
+
+
+def _with(stream, fn):
+    with Redirect(stream):
+        return fn()
+
+
+if __name__ == "__main__":
+    main()
