@@ -176,64 +176,44 @@ StreamOpt = Annotated[bool, typer.Option("--stream", help="With --json: JSON Lin
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Never end at an end-of-text token (fixed-length runs).")]
 
 
-def _generation(mode: str, model: str, words: list[str], *, system: Optional[str], max_tokens: Optional[int],
-                temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
-                seed: Optional[int], stop: Optional[list[str]], chat_format: Optional[str], template: Optional[Path],
-                raw: bool, ctx: Optional[int], gpu_layers: Optional[int], threads: Optional[int],
-                json: bool, stream: bool, verbose: bool, ignore_eos: bool) -> None:
-    from localrun import chat
-    from localrun.engine import EngineConfig
-    from localrun.runtime import SamplingOptions
-
-    out = Output.from_env(json=json, verbose=verbose)
-    settings = chat.Settings(SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                             repeat_penalty=repeat_penalty, seed=seed, ban_eog=ignore_eos),
-                              max_tokens, list(stop or []))
-    cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
-    stats = chat.command(mode, model, words, cfg, settings, out, system=system, raw=raw, chat_format=chat_format,
-                         template_file=template, stream=stream)
-    if stats is not None and stats.finish_reason == "cancelled":
-        raise typer.Exit(130)
+PromptArg = Annotated[Optional[list[str]], typer.Argument(
+    metavar="PROMPT", show_default=False, help="The prompt. With piped stdin it is the instruction and stdin the material it applies to.")]
 
 
-@app.command()
-@boundary
-def run(
-    model: ModelArg,
-    prompt: Annotated[Optional[list[str]], typer.Argument(show_default=False,
-                                                          help="The prompt; piped stdin is added after it as material.")] = None,
-    system: SystemOpt = None, max_tokens: MaxTokensOpt = None,
-    temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95, top_k: TopKOpt = 40, min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatPenaltyOpt = 1.1, seed: SeedOpt = None, stop: StopOpt = None,
-    chat_format: ChatFormatOpt = None, template: TemplateOpt = None, raw: RawOpt = False,
-    ctx: CtxOpt = None, gpu_layers: GpuLayersOpt = None, threads: ThreadsOpt = None,
-    ignore_eos: IgnoreEosOpt = False, json: JsonOpt = False, stream: StreamOpt = False, verbose: VerboseOpt = False,
-) -> None:
-    """Answer one prompt (argument and/or piped stdin) and exit; live speed on a terminal."""
-    _generation("run", model, prompt or [], system=system, max_tokens=max_tokens, temperature=temperature,
-                top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop,
-                chat_format=chat_format, template=template, raw=raw, ctx=ctx, gpu_layers=gpu_layers,
-                threads=threads, json=json, stream=stream, verbose=verbose, ignore_eos=ignore_eos)
+def _generation_command(mode: str, doc: str):
+    """`run` and `chat` take the same options; they differ in what happens without a prompt."""
+
+    def command(
+        model: ModelArg, prompt: PromptArg = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = None,
+        temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95, top_k: TopKOpt = 40, min_p: MinPOpt = 0.05,
+        repeat_penalty: RepeatPenaltyOpt = 1.1, seed: SeedOpt = None, stop: StopOpt = None,
+        chat_format: ChatFormatOpt = None, template: TemplateOpt = None, raw: RawOpt = False,
+        ctx: CtxOpt = None, gpu_layers: GpuLayersOpt = None, threads: ThreadsOpt = None, ignore_eos: IgnoreEosOpt = False,
+        json: JsonOpt = False, stream: StreamOpt = False, verbose: VerboseOpt = False,
+    ) -> None:
+        from localrun import chat
+        from localrun.engine import EngineConfig
+        from localrun.runtime import SamplingOptions
+
+        out = Output.from_env(json=json, verbose=verbose)
+        sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                   repeat_penalty=repeat_penalty, seed=seed, ban_eog=ignore_eos)
+        settings = chat.Settings(sampling, max_tokens, list(stop or []))
+        cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
+        stats = chat.command(mode, model, prompt or [], cfg, settings, out, system=system, raw=raw,
+                             chat_format=chat_format, template_file=template, stream=stream)
+        if stats is not None and stats.finish_reason == "cancelled":
+            raise typer.Exit(130)
+
+    command.__doc__ = doc
+    command.__name__ = mode
+    return boundary(command)
 
 
-@app.command()
-@boundary
-def chat(
-    model: ModelArg,
-    prompt: Annotated[Optional[list[str]], typer.Argument(show_default=False,
-                                                          help="With piped stdin: the instruction for it (one answer).")] = None,
-    system: SystemOpt = None, max_tokens: MaxTokensOpt = None,
-    temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95, top_k: TopKOpt = 40, min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatPenaltyOpt = 1.1, seed: SeedOpt = None, stop: StopOpt = None,
-    chat_format: ChatFormatOpt = None, template: TemplateOpt = None, raw: RawOpt = False,
-    ctx: CtxOpt = None, gpu_layers: GpuLayersOpt = None, threads: ThreadsOpt = None,
-    ignore_eos: IgnoreEosOpt = False, json: JsonOpt = False, stream: StreamOpt = False, verbose: VerboseOpt = False,
-) -> None:
-    """Chat with a model: streaming replies with live speed, history, slash commands (/help)."""
-    _generation("chat", model, prompt or [], system=system, max_tokens=max_tokens, temperature=temperature,
-                top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop,
-                chat_format=chat_format, template=template, raw=raw, ctx=ctx, gpu_layers=gpu_layers,
-                threads=threads, json=json, stream=stream, verbose=verbose, ignore_eos=ignore_eos)
+app.command("run")(_generation_command(
+    "run", "Answer one prompt (argument and/or piped stdin) and exit; live speed on a terminal."))
+app.command("chat")(_generation_command(
+    "chat", "Chat with a model: streaming replies with live speed, history, slash commands (/help)."))
 
 
 def main() -> None:

@@ -149,3 +149,31 @@ def test_template_file_and_bos_is_not_doubled(tiny, tmp_path: Path):
         assert tokens[0] == 1 and tokens[1] != 1
     finally:
         engine.close()
+
+
+def test_allocation_failure_backs_off_gpu_layers_then_context(tiny, monkeypatch, capsys):
+    """No GPU here and no safe way to exhaust RAM: llama.cpp's allocation failure is the faked
+    boundary (as if VRAM held no layer and RAM only 1024 tokens of context); loading is real."""
+    from localrun import runtime
+    from localrun.errors import NoSpace
+
+    real_load = runtime.load
+    tried: list[tuple[int, int]] = []
+
+    def load(path, opts):
+        tried.append((opts.n_gpu_layers, opts.n_ctx))
+        if opts.n_gpu_layers > 0 or opts.n_ctx > 1024:
+            raise NoSpace(f"llama.cpp could not create a context of {opts.n_ctx} tokens")
+        return real_load(path, opts)
+
+    monkeypatch.setattr(runtime, "load", load)
+    engine = Engine.open(tiny.quants["Q8_0"], EngineConfig(n_ctx=4096, n_gpu_layers=2), Output())
+    try:
+        assert tried == [(2, 4096), (1, 4096), (0, 4096), (0, 2048), (0, 1024)]
+        assert engine.n_ctx == 1024 and engine.info.n_gpu_layers == 0
+        assert engine.info.notes == ["GPU layers reduced from 2 to 1 to fit", "GPU layers reduced from 1 to 0 to fit",
+                                     "context reduced from 4096 to 2048 to fit", "context reduced from 2048 to 1024 to fit"]
+    finally:
+        engine.close()
+    err = capsys.readouterr().err
+    assert "retrying with 1" in err and "could not allocate a context of 2048 tokens; retrying with 1024" in err
