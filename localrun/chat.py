@@ -403,8 +403,6 @@ def command(mode: str, model: str, words: list[str], cfg: "EngineConfig", settin
                          hint="pass a prompt after the model, or pipe text into the command")
     engine = open_model(model, cfg, out)
     try:
-        for note in engine.info.notes:
-            out.info(note)
         conv = open_conversation(engine, out, raw=raw, chat_format=chat_format, template_file=template_file,
                                  system=system, settings=settings)
         if interactive:

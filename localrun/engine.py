@@ -22,13 +22,12 @@ if TYPE_CHECKING:
     from localrun.runtime import Loaded
 
 MIN_CTX = 512
-DEFAULT_CTX = 4096
 
 
 @dataclass
 class EngineConfig:
-    n_ctx: int | None = None  # None: the fit planner's choice (else min(4096, trained context))
-    n_gpu_layers: int | None = None  # None: the fit planner's choice (else 0)
+    n_ctx: int | None = None  # None: the fit planner's choice
+    n_gpu_layers: int | None = None  # None: the fit planner's choice
     n_threads: int | None = None
     verbose: bool = False
 
@@ -137,6 +136,8 @@ class Engine:
         path = Path(getattr(model, "path", model))
         planning = time.perf_counter()
         n_ctx, n_gpu, notes = _plan(path, cfg)
+        for note in notes:
+            out.info(note)
         extra = selftest.use_extra_bufts(out.info)
         started = time.perf_counter()
         while True:
@@ -302,42 +303,20 @@ class Engine:
 
 
 def _plan(path: Path, cfg: EngineConfig) -> tuple[int, int, list[str]]:
-    """Context and GPU layers: explicit options, else the fit planner, else a CPU default."""
+    """Context and GPU layers: the explicit options, else what the fit planner chose."""
+    from localrun import fit, gguf_info
+
     notes: list[str] = []
-    n_ctx, n_gpu = cfg.n_ctx, cfg.n_gpu_layers
-    if n_ctx is not None and n_gpu is not None:
-        return n_ctx, n_gpu, notes
-    try:
-        from localrun import fit, gguf_info
-    except ImportError:
-        fit = None  # type: ignore[assignment]
-    if fit is not None:
-        header = gguf_info.read_header(path)
-        plan = fit.plan(header, fit.Resources.detect(), n_ctx)
-        if plan.note:
-            notes.append(plan.note)
-        if not plan.fits:
-            notes.append(f"by the estimate this needs more memory than is free ({plan.estimate.ram / 2**30:.1f} GiB); "
-                         "loading anyway: a smaller --ctx or quant helps")
-        return (n_ctx if n_ctx is not None else plan.n_ctx,
-                n_gpu if n_gpu is not None else plan.n_gpu_layers, notes)
-    if n_ctx is None:
-        n_ctx = min(DEFAULT_CTX, _trained_ctx(path) or DEFAULT_CTX)
-    return n_ctx, (n_gpu or 0), notes
-
-
-def _trained_ctx(path: Path) -> int | None:
-    """The training context from the GGUF header, read without loading the model."""
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        arch_field = reader.fields.get("general.architecture")
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
-        ctx_field = reader.fields.get(f"{arch}.context_length")
-        return int(ctx_field.parts[ctx_field.data[0]][0]) if ctx_field else None
-    except Exception:  # a header we cannot read: llama.cpp will say what is wrong at load
-        return None
+    if cfg.n_ctx is not None and cfg.n_gpu_layers is not None:
+        return cfg.n_ctx, cfg.n_gpu_layers, notes
+    plan = fit.plan(gguf_info.read_header(path), fit.Resources.detect(), cfg.n_ctx)
+    if plan.note:
+        notes.append(plan.note)
+    if not plan.fits:
+        notes.append(f"by the estimate this needs more memory than is free ({plan.estimate.ram / 2**30:.1f} GiB); "
+                     "loading anyway: a smaller --ctx or quant helps")
+    return (cfg.n_ctx if cfg.n_ctx is not None else plan.n_ctx,
+            cfg.n_gpu_layers if cfg.n_gpu_layers is not None else plan.n_gpu_layers, notes)
 
 
 def open_model(ref_text: str, cfg: EngineConfig, out: "Output") -> Engine:
