@@ -6,12 +6,13 @@ is exactly what it was before; the question stays in the input history to edit a
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 import re
-from typing import TYPE_CHECKING, Any
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
 from localrun.engine import Engine, Stats
 from localrun.errors import LocalrunError, NoSpace, UsageError
@@ -22,9 +23,9 @@ from localrun.templates import ChatTemplate, Message
 
 if TYPE_CHECKING:
     from prompt_toolkit.input import Input
+    from prompt_toolkit.output import Output as PTOutput
 
     from localrun.engine import EngineConfig
-    from prompt_toolkit.output import Output as PTOutput
 
 REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
 
@@ -39,17 +40,15 @@ class Settings:
 
     def set(self, name: str, value: str) -> str:
         key = name.replace("-", "_").lower()
-        sampling_keys = {f.name: f.type for f in fields(SamplingOptions)}
         try:
-            if key in sampling_keys and key in SETTABLE and key != "seed":
-                cast = int if key in ("top_k", "repeat_last_n") else float
-                setattr(self.sampling, key, cast(value))
+            if key in _NUMERIC:
+                setattr(self.sampling, key, _NUMERIC[key](value))
             elif key == "seed":
                 self.sampling.seed = None if value.lower() in ("none", "random", "-1") else int(value)
             elif key == "max_tokens":
                 self.max_tokens = None if value.lower() in ("none", "-1", "0") else int(value)
-            elif key == "stop":
-                self.stop = [] if value.lower() == "none" else [value.encode().decode("unicode_escape")]
+            elif key == "stop":  # one stop string (\n for a newline); "none" clears
+                self.stop = [] if value.lower() == "none" else [value.replace("\\n", "\n")]
             else:
                 raise UsageError(f"unknown setting {name!r}", hint="settings: " + ", ".join(SETTABLE))
         except ValueError:
@@ -63,8 +62,9 @@ class Settings:
         return data
 
 
-SETTABLE = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed",
-            "max_tokens", "stop")
+_NUMERIC = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float,
+            "repeat_last_n": int}
+SETTABLE = (*_NUMERIC, "seed", "max_tokens", "stop")
 
 
 class _Recorder:
@@ -277,7 +277,8 @@ class Repl:
         return True
 
     def ask(self, text: str) -> None:
-        stats = self.conv.reply(text, make_renderer(self.out))
+        with _no_echo():
+            stats = self.conv.reply(text, make_renderer(self.out))
         if stats.finish_reason == "cancelled":
             self.out.warn("reply cancelled; it and its question are left out of the conversation")
 
@@ -304,6 +305,26 @@ class Repl:
                     self.ask(text)
             except LocalrunError as exc:
                 self.out.error(exc.message, exc.hint)
+
+
+@contextlib.contextmanager
+def _no_echo() -> Iterator[None]:
+    """Keys typed during a reply are not echoed into its text (they wait for the next prompt)."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def _read_block(session: Any, first: str) -> str:

@@ -177,3 +177,16 @@ def test_allocation_failure_backs_off_gpu_layers_then_context(tiny, monkeypatch,
         engine.close()
     err = capsys.readouterr().err
     assert "retrying with 1" in err and "could not allocate a context of 2048 tokens; retrying with 1024" in err
+
+
+@pytest.mark.slow
+def test_characters_split_over_byte_tokens_come_out_whole(gemma: Path):
+    engine = Engine.open(gemma, EngineConfig(n_ctx=512), Output())
+    try:
+        assert len(engine.model.tokenize("𓀀", add_special=False)) == 4  # four byte tokens in Gemma's vocabulary
+        events = list(engine.generate(engine.tokenize("𓀀𐍈 " * 8), GREEDY, 9, []))
+    finally:
+        engine.close()
+    pieces = [e.text for e in events[:-1]]
+    assert pieces == ["𓀀", "𐍈", " "]  # 8 byte tokens, 2 whole characters, no replacement characters
+    assert "\ufffd" not in "".join(pieces)
