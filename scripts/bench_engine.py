@@ -145,6 +145,52 @@ def startup(model: Path, prompt: str, threads: int) -> dict[str, float]:
             "overhead_minus_imports": overhead - imports}  # localrun's own work
 
 
+class FirstPiece:
+    """A stdout that notes when the first JSON "piece" line is written."""
+
+    def __init__(self):
+        self.first: float | None = None
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        if self.first is None and '"piece"' in text:
+            self.first = time.perf_counter()
+        self.lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def startup_in_process(model: Path, prompt: str, threads: int) -> dict[str, float]:
+    """The same command in this (already warm) process: what localrun itself adds between the
+    command starting and the first token, beyond reading, planning, loading and prefill."""
+    import io
+
+    from localrun import chat
+    from localrun.engine import EngineConfig
+
+    sink = FirstPiece()
+    saved = sys.stdout, sys.stdin
+    sys.stdout, sys.stdin = sink, io.StringIO("")  # type: ignore[assignment]
+    try:
+        t0 = time.perf_counter()
+        out = Output(json=True)
+        settings = chat.Settings(SamplingOptions(temperature=0, ban_eog=True), 2, [])
+        chat.command("run", str(model), [prompt], EngineConfig(n_threads=threads), settings, out, system=None,
+                     raw=False, chat_format=None, template_file=None, stream=True)
+    finally:
+        sys.stdout, sys.stdin = saved
+    events = [json.loads(x) for x in "".join(sink.lines).splitlines()]
+    start, stats = events[0], events[-1]
+    model_work = start["resolve_s"] + start["plan_s"] + start["load_s"]
+    return {"to_first_token": sink.first - t0, "model_work": model_work, "ttft_s": stats["ttft_s"],
+            "localrun_overhead": sink.first - t0 - model_work - stats["ttft_s"]}
+
+
 # What `localrun run` imports: a Python start-up plus these is the floor of any Python CLI doing this.
 IMPORTS = "import localrun.cli, localrun.chat, localrun.engine, localrun.pull, localrun.fit, llama_cpp, jinja2.sandbox, rich.console"
 
@@ -218,6 +264,8 @@ def main() -> None:
     drain.terminate()
     runs = [startup(args.model, "Tell me about rivers.", threads) for _ in range(args.startup_reps)]
     report["startup_median_s"] = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+    runs = [startup_in_process(args.model, "Tell me about rivers.", threads) for _ in range(args.startup_reps)]
+    report["startup_in_process_median_s"] = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
     print(json.dumps(report, indent=2))
 
 
