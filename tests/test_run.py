@@ -120,3 +120,15 @@ def test_gemma_completes_a_fact(gemma: Path):
     result = cli("run", gemma, "--raw", "-n", "3", "--temp", "0", "The capital of France is the city of")
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith(" Paris")
+
+
+def test_a_repo_reference_is_pulled_first_then_found_offline(tiny, hub, monkeypatch):
+    hub.add_repo("acme/tiny-GGUF", {"tiny-Q8_0.gguf": tiny.quants["Q8_0"], "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"]})
+    first = cli("run", "acme/tiny-GGUF:Q8_0", "hi", "-n", "3", *GREEDY)
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout.strip() and "reply 3 tok" in first.stderr
+    assert hub.downloads() and "tiny-Q8_0.gguf" in " ".join(map(str, hub.downloads()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = cli("run", "acme/tiny-GGUF:Q8_0", "hi", "-n", "3", *GREEDY)
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout == first.stdout  # greedy, same file, no network
