@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from localrun.engine import Engine, Stats
+from localrun.engine import Engine, Progress, Stats
 from localrun.errors import LocalrunError, NoSpace, UsageError
 from localrun.output import Output
 from localrun.render import Renderer, drive, make_renderer, stats_line
@@ -77,6 +77,9 @@ class _Recorder:
     def piece(self, text: str) -> None:
         self.parts.append(text)
         self.inner.piece(text)
+
+    def progress(self, event: Progress) -> None:
+        self.inner.progress(event)
 
     def finish(self, stats: Stats) -> None:
         self.inner.finish(stats)

@@ -1,7 +1,7 @@
 """Load a model (with back-off) and stream a generation as typed events.
 
-One generator, Engine.generate(), yields Piece(text) events as text becomes final and one Stats
-event at the end; renderers (render.py) and the JSON writers consume the same stream. The engine
+One generator, Engine.generate(), yields Piece(text) events as text becomes final (Progress
+while a long prompt is read) and one Stats event at the end; renderers (render.py) and the JSON writers consume the same stream. The engine
 keeps track of what its KV cache holds, so a chat turn only decodes the new suffix of the prompt.
 """
 
@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Union
+from typing import TYPE_CHECKING, Generator, Iterator, Union
 
 from localrun.errors import NoSpace
 from localrun.runtime import DecodeAborted, LoadOptions, SamplingOptions
@@ -54,7 +54,19 @@ class Stats:
         return asdict(self)
 
 
-Event = Union[Piece, Stats]
+@dataclass
+class Progress:
+    """While a long prompt is processed (every PROGRESS_EVERY seconds), for live displays."""
+
+    prompt_tokens: int  # being decoded
+    cached_tokens: int
+    elapsed_s: float
+    kind: str = "progress"
+
+
+PROGRESS_EVERY = 0.2
+
+Event = Union[Piece, Progress, Stats]
 
 
 @dataclass
@@ -201,10 +213,11 @@ class Engine:
         return self.ctx.n_ctx
 
     # -- generation ------------------------------------------------------------------------------
-    def _prefill(self, tokens: list[int]) -> int:
+    def _prefill(self, tokens: list[int]) -> Generator[Progress, None, int]:
         """Bring the KV cache to `tokens`, decoding only what differs from what it holds (at least
-        the last token, for fresh logits); returns how many were reused. The decode runs in a
-        worker thread so that Ctrl-C in the main thread can abort a long prompt."""
+        the last token, for fresh logits); returns how many were reused, yielding Progress while
+        it works. The decode runs in a worker thread so that Ctrl-C in the main thread (or thrown
+        in by the consumer) can abort a long prompt."""
         self.ctx.clear_abort()
         # Always resync first: an interrupted turn may have left positions we did not record.
         reuse = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
@@ -225,11 +238,12 @@ class Engine:
 
         # Wait on an Event, not Thread.join: a join interrupted by Ctrl-C marks a running thread
         # as stopped (Python < 3.13), and we must never free the context under a running decode.
+        started = time.perf_counter()
         threading.Thread(target=work, name="localrun-prefill", daemon=True).start()
         try:
-            while not done.wait(0.1):
-                pass
-        except KeyboardInterrupt:
+            while not done.wait(PROGRESS_EVERY):
+                yield Progress(len(todo), reuse, time.perf_counter() - started)
+        except BaseException:  # Ctrl-C, or the consumer closed the stream
             self.ctx.abort()
             while not done.is_set():
                 try:
@@ -261,7 +275,7 @@ class Engine:
         generated, finish = 0, "length"
         try:
             ctx.set_sampling(sampling)
-            reused = self._prefill(prompt_tokens)
+            reused = yield from self._prefill(prompt_tokens)
             t_prefill = time.perf_counter()
             while generated < limit:
                 token = ctx.sample()

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Iterable, Protocol
 
-from localrun.engine import Event, Piece, Stats
+from localrun.engine import Event, Piece, Progress, Stats
 from localrun.output import Output
 
 STATUS_HZ = 5
@@ -31,6 +31,7 @@ _CONTROLS = {c: None for c in [*range(0, 9), *range(11, 32), 127]}  # keeps \t a
 
 class Renderer(Protocol):
     def piece(self, text: str) -> None: ...
+    def progress(self, event: Progress) -> None: ...
     def finish(self, stats: Stats) -> None: ...
 
 
@@ -68,7 +69,7 @@ class LiveRenderer:
     def _status_text(self, now: float) -> str:
         elapsed = now - self.started
         if self.first is None:
-            return f"… reading the prompt · {elapsed:.1f} s"
+            return f"… reading the prompt · {elapsed:.1f} s"[: self.width]
         gen = now - self.first
         tps = (self.tokens - 1) / gen if gen > 0 and self.tokens > 1 else 0.0
         return (f"… {self.tokens} tok · {tps:.1f} tok/s · TTFT {self.first - self.started:.2f} s"
@@ -115,6 +116,11 @@ class LiveRenderer:
             elif self.below:
                 self._draw(self.status)
 
+    def progress(self, event: Progress) -> None:
+        if self.live:
+            self._erase()
+            self._draw(f"… reading the prompt: {event.prompt_tokens} tokens · {event.elapsed_s:.1f} s"[: self.width])
+
     def finish(self, stats: Stats) -> None:
         self._erase()
         if not self.ends_with_newline:
@@ -138,6 +144,9 @@ class JsonRenderer:
     def piece(self, text: str) -> None:
         self.parts.append(text)
 
+    def progress(self, event: Progress) -> None:
+        pass
+
     def finish(self, stats: Stats) -> None:
         data = dict(self.extra)
         data["text"] = "".join(self.parts)
@@ -155,6 +164,9 @@ class JsonLinesRenderer:
 
     def piece(self, text: str) -> None:
         self.out.json_line({"kind": "piece", "text": text})
+
+    def progress(self, event: Progress) -> None:
+        pass
 
     def finish(self, stats: Stats) -> None:
         self.out.json_line(stats.to_dict())
@@ -176,6 +188,8 @@ def drive(events: Iterable[Event], renderer: Renderer) -> Stats:
         for event in it:
             if isinstance(event, Piece):
                 renderer.piece(event.text)
+            elif isinstance(event, Progress):
+                renderer.progress(event)
             else:
                 stats = event
     except KeyboardInterrupt:

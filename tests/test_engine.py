@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from localrun import templates
-from localrun.engine import Engine, EngineConfig, Piece, Stats, StopMatcher
+from localrun.engine import Engine, EngineConfig, Piece, Progress, Stats, StopMatcher
 from localrun.errors import UsageError
 from localrun.output import Output
 from localrun.runtime import SamplingOptions
@@ -20,7 +20,7 @@ GREEDY = SamplingOptions(temperature=0)
 
 def run(engine: Engine, tokens: list[int], n: int = 24, stop: list[str] | None = None,
         sampling: SamplingOptions = GREEDY) -> tuple[str, Stats]:
-    events = list(engine.generate(tokens, sampling, n, stop or []))
+    events = [e for e in engine.generate(tokens, sampling, n, stop or []) if not isinstance(e, Progress)]
     assert isinstance(events[-1], Stats) and all(isinstance(e, Piece) for e in events[:-1])
     return "".join(e.text for e in events[:-1]), events[-1]
 
@@ -82,7 +82,7 @@ def test_consumer_interrupt_cancels_and_the_next_turn_works(tiny_engine: Engine)
     tokens = tiny_engine.tokenize("the man and the dog")
     sampling = SamplingOptions(temperature=0, ban_eog=True)
     gen = tiny_engine.generate(tokens, sampling, 50, [])
-    assert isinstance(next(gen), Piece)
+    assert isinstance(next(e for e in gen if not isinstance(e, Progress)), Piece)
     final = gen.throw(KeyboardInterrupt)
     assert isinstance(final, Stats) and final.finish_reason == "cancelled"
     after, stats = run(tiny_engine, tokens, n=10, sampling=sampling)
@@ -184,9 +184,24 @@ def test_characters_split_over_byte_tokens_come_out_whole(gemma: Path):
     engine = Engine.open(gemma, EngineConfig(n_ctx=512), Output())
     try:
         assert len(engine.model.tokenize("𓀀", add_special=False)) == 4  # four byte tokens in Gemma's vocabulary
-        events = list(engine.generate(engine.tokenize("𓀀𐍈 " * 8), GREEDY, 9, []))
+        events = [e for e in engine.generate(engine.tokenize("𓀀𐍈 " * 8), GREEDY, 9, []) if not isinstance(e, Progress)]
     finally:
         engine.close()
     pieces = [e.text for e in events[:-1]]
     assert pieces == ["𓀀", "𐍈", " "]  # 8 byte tokens, 2 whole characters, no replacement characters
     assert "\ufffd" not in "".join(pieces)
+
+
+@pytest.mark.slow
+def test_a_long_prompt_reports_progress_and_a_closed_stream_stops_it(gemma: Path):
+    engine = Engine.open(gemma, EngineConfig(n_ctx=4096), Output())
+    try:
+        tokens = engine.tokenize("the quick brown fox jumps over the lazy dog " * 300)
+        gen = engine.generate(tokens, GREEDY, 5, [])
+        first = next(gen)
+        assert isinstance(first, Progress) and first.prompt_tokens == len(tokens) and first.cached_tokens == 0
+        gen.close()  # the consumer walks away mid-prompt: the decode is aborted, not left running
+        text, stats = run(engine, engine.tokenize("The capital of France is the city of"), n=3)
+        assert text.startswith(" Paris") and stats.cached_tokens <= 1
+    finally:
+        engine.close()
