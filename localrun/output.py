@@ -120,10 +120,12 @@ class Output:
 
 
 def human_bytes(n: int | float) -> str:
-    """Sizes as people read them: 512 B, 3.4 MiB, 4.1 GiB."""
+    """Sizes as people read them: 512 B, 0.99 MiB, 3.4 MiB, 4.1 GiB (never four digits)."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1000 or unit == "TiB":
+            if unit == "B":
+                return f"{value:.0f} B"
+            return f"{value:.2f} {unit}" if abs(value) < 1 else f"{value:.1f} {unit}"
         value /= 1024
-    return f"{value:.1f} GiB"
+    raise AssertionError("unreachable")
