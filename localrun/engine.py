@@ -136,7 +136,6 @@ class Engine:
         self.ctx = loaded.ctx
         self.info = info
         self.cached: list[int] = []  # the tokens the KV cache holds, in order
-        self.extra_eog: set[int] = set()
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -280,7 +279,7 @@ class Engine:
             while generated < limit:
                 token = ctx.sample()
                 generated += 1
-                if model.is_eog(token) or token in self.extra_eog:
+                if model.is_eog(token):
                     finish = "eog"
                     break
                 text, stopped = matcher.feed(decoder.decode(model.piece(token, special=True)))

@@ -195,6 +195,26 @@ def startup_in_process(model: Path, prompt: str, threads: int) -> dict[str, floa
 IMPORTS = "import localrun.cli, localrun.chat, localrun.engine, localrun.pull, localrun.fit, llama_cpp, jinja2.sandbox, rich.console"
 
 
+def fixed_costs(path: Path, threads: int, reps: int = 10) -> dict[str, float]:
+    """The engine's own cost per token and per prompt, measured on the tiny test model: its
+    decode is ~100x faster than Gemma's, so the Python work around llama.cpp stands out of the
+    noise. Multiply by a model's tok/s to get the fraction it costs there."""
+    tg, pp = 400, 64
+    engine = Engine.open(path, EngineConfig(n_ctx=1024, n_gpu_layers=0, n_threads=threads), Output())
+    bare = Bare(path, 1024, threads, selftest.use_extra_bufts())
+    tokens = engine.tokenize(TEXT * 10)[:pp]
+    devnull, out = open(os.devnull, "w"), Output()
+    runs: dict[str, list[tuple[float, float]]] = {"bare": [], "engine": []}
+    for _ in range(reps):
+        runs["bare"].append(bare.run(tokens, tg, devnull))
+        runs["engine"].append(_with(devnull, lambda: engine_run(engine, tokens, tg, out)))
+    engine.close()
+    med = {k: (statistics.median(pp / x[0] for x in v), statistics.median(1 / x[1] for x in v)) for k, v in runs.items()}
+    return {"per_token_us": round((med["engine"][1] - med["bare"][1]) * 1e6, 1),
+            "per_prompt_ms": round((med["engine"][0] - med["bare"][0]) * 1e3, 2),
+            "bare_tok_per_s": round(1 / med["bare"][1], 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=default_model())
@@ -203,6 +223,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--startup-reps", type=int, default=3)
+    ap.add_argument("--tiny", type=Path, default=None, help="tiny model for the fixed costs (default: the test suite's)")
     args = ap.parse_args()
 
     from localrun.hardware import default_threads
@@ -266,6 +287,15 @@ def main() -> None:
     report["startup_median_s"] = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
     runs = [startup_in_process(args.model, "Tell me about rivers.", threads) for _ in range(args.startup_reps)]
     report["startup_in_process_median_s"] = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+    tiny = args.tiny
+    if tiny is None:
+        from localrun.testing.models import build_suite
+
+        tiny = build_suite(ROOT / ".cache" / "tests" / "models").quants["Q8_0"]
+    costs = fixed_costs(tiny, threads)
+    decode = report["median_tps"]["bare"]["decode"]
+    costs["share_of_decode_here"] = round(costs["per_token_us"] * 1e-6 * decode, 5)  # at this model's speed
+    report["engine_fixed_costs"] = costs
     print(json.dumps(report, indent=2))
 
 
