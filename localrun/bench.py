@@ -82,7 +82,7 @@ class CandidateResult:
     path: str
     quant: str | None
     file_size: int
-    status: str = "pending"  # ok | crashed | failed | interrupted | pending (not reached)
+    status: str = "pending"  # ok | crashed | failed | interrupted (while measured) | pending (not reached)
     error: str | None = None
     signal: str | None = None
     reference: bool = False
@@ -193,6 +193,8 @@ def resolve_candidates(models: list[str], opts: BenchOptions, out: Output) -> li
     """MODEL arguments -> candidates: local files as they are; a repo -> its pulled (or --quants) files."""
     from localrun.refs import parse_ref
 
+    if opts.quants and all(parse_ref(m).is_local for m in models):
+        raise UsageError("--quants needs a repo (org/repo), not local files")
     found: list[tuple[Path, str | None, int, str]] = []
     for raw in models:
         ref = parse_ref(raw)
@@ -203,8 +205,6 @@ def resolve_candidates(models: list[str], opts: BenchOptions, out: Output) -> li
             found.append((path, *_local_facts(path), path.name))
         else:
             found.extend(_repo_candidates(ref, opts, out))
-    if opts.quants and all(parse_ref(m).is_local for m in models):
-        raise UsageError("--quants needs a repo (org/repo), not local files")
     seen: set[str] = set()
     unique = []
     for item in found:
@@ -232,8 +232,9 @@ def eval_text_path(opts: BenchOptions) -> Path:
     return Path(str(resources.files("localrun") / "data" / "eval.txt"))
 
 
-def run_worker(spec: WorkerSpec, result: CandidateResult, on_event: Callable[[dict], None]) -> None:
-    """Measure one candidate in a child process; fill `result` (status ok/failed/crashed)."""
+def run_worker(spec: WorkerSpec, result: CandidateResult, on_event: Callable[[dict], None]) -> dict | None:
+    """Measure one candidate in a child process; fill `result` (status ok/failed/crashed) and
+    return the worker's raw figures when it finished."""
     from localrun.selftest import _signal_name
 
     start = time.perf_counter()
@@ -261,19 +262,23 @@ def run_worker(spec: WorkerSpec, result: CandidateResult, on_event: Callable[[di
             raise
         finally:
             result.seconds = time.perf_counter() - start
+            if spec.verbose:  # llama.cpp's log of this candidate, after it (live it would tear the progress line)
+                log.seek(0)
+                sys.stderr.write(log.read())
         if data is not None and data.get("event") == "result":
             _fill(result, data)
             result.status = "ok"
-            return
+            return data
         if data is not None and data.get("event") == "error":
             result.status, result.error = "failed", data.get("message")
-            return
-        log.seek(0)
+            return None
+        log.seek(0)  # the log is read again for the reason of the failure
         result.signal = _signal_name(proc.returncode)
         result.status = "crashed" if result.signal else "failed"
         what = f"llama.cpp crashed ({result.signal})" if result.signal else f"exit {proc.returncode}"
         reason = _last_words(log.read())
         result.error = what + (f": {reason}" if reason else "")
+        return None
 
 
 def _last_words(log: str) -> str:
@@ -341,14 +346,18 @@ def run_bench(models: list[str], opts: BenchOptions, out: Output, progress: Prog
                                   ref_out=None if have_ref else str(ref_file),
                                   ref_in=str(ref_file) if have_ref else None, verbose=opts.verbose)
                 result.status = "running"
-                run_worker(spec, result, lambda event: progress and progress(bench.results, index, event))
-                if result.status == "ok" and not have_ref:
+                data = run_worker(spec, result, lambda event: progress and progress(bench.results, index, event))
+                if data is not None and not have_ref:
                     bench.reference, result.reference, result.kld, result.top1 = result.label, True, 0.0, 1.0
                     result.kld_p99 = 0.0
+                    settings["kld_top_k"] = data["kld_top_k"]  # what was kept: n_vocab = whole distributions
                 if progress:
                     progress(bench.results, index, {"event": "done"})
         except KeyboardInterrupt:
             bench.interrupted = True
+            for result in bench.results:
+                if result.status == "running":
+                    result.status = "interrupted"
     bench.elapsed_s = time.perf_counter() - started
     from localrun.bench_report import mark_pareto, recommend
 

@@ -124,7 +124,7 @@ def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json:
 @boundary
 def bench(
     models: Annotated[list[str], typer.Argument(help="A repo (benches its pulled quants) or several .gguf paths.",
-                                                show_default=False)],
+                                                metavar="MODEL", show_default=False)],
     quants: Annotated[Optional[str], typer.Option("--quants", show_default=False,
                                                   help="With a repo: pull and bench these quants (Q4_K_M,Q8_0), or 'fit' for all that fit.")] = None,
     pp: Annotated[int, typer.Option("--pp", min=0, help="Prompt tokens for the prompt-processing test.")] = 512,

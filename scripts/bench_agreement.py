@@ -2,8 +2,9 @@
 
 1. Speed: bench's worker against a raw llama.cpp loop (llama_cpp's C API, llama-bench's protocol:
    llama_batch_get_one, synchronize, memory cleared before each repetition) with the same model,
-   threads, context and batch sizes. Each side runs in a fresh process, alternating A B A B so
-   that load from other processes on the machine falls on both. Target: bench/raw >= 0.97.
+   threads, context and batch sizes: (a) each side in a fresh process, alternating A B A B, and
+   (b) both on one loaded model in one process, alternating every repetition - on a shared
+   machine only (b) is steady enough for a verdict. Target: bench/raw >= 0.97.
 2. Perplexity: bench's quality pass against llama.cpp's own `llama-perplexity` on the same text
    and context. Target: within 1%. Build the tool outside the repo, for example:
      cmake -B /tmp/llama-build -S <llama-cpp-python sdist>/vendor/llama.cpp -DLLAMA_CURL=OFF
@@ -82,6 +83,53 @@ def raw_loop(spec, tokens: list[int]) -> dict:
     return {"pp": statistics.fmean(data["pp"]), "tg": statistics.fmean(data["tg"])}
 
 
+def interleaved(path: str, spec, tokens: list[int], rounds: int) -> dict[str, float]:
+    """Both loops on one loaded model in this process, alternating every repetition: the fairest
+    comparison on a busy machine. bench's side is its own measure_speed(); the raw side calls
+    llama_cpp directly on the same context. Returns the median ratio bench/raw for pp and tg."""
+    import contextlib
+    import dataclasses
+    import io
+    import time
+
+    import llama_cpp as lc
+
+    from localrun.bench_worker import measure_speed
+    from localrun.runtime import LoadOptions, load
+
+    loaded = load(path, LoadOptions(n_ctx=spec.pp + spec.tg, n_batch=spec.pp, n_threads=spec.threads,
+                                    use_extra_bufts=spec.use_extra_bufts))
+    ctx, mem = loaded.ctx.ptr, lc.llama_get_memory(loaded.ctx.ptr)
+
+    def raw_pp() -> float:
+        lc.llama_memory_clear(mem, True)
+        arr = (lc.llama_token * spec.pp)(*tokens[:spec.pp])
+        start = time.perf_counter()
+        lc.llama_decode(ctx, lc.llama_batch_get_one(arr, spec.pp))
+        lc.llama_synchronize(ctx)
+        return spec.pp / (time.perf_counter() - start)
+
+    def raw_tg() -> float:
+        lc.llama_memory_clear(mem, True)
+        start = time.perf_counter()
+        for tok in tokens[:spec.tg]:
+            arr = (lc.llama_token * 1)(tok)
+            lc.llama_decode(ctx, lc.llama_batch_get_one(arr, 1))
+            lc.llama_synchronize(ctx)
+        return spec.tg / (time.perf_counter() - start)
+
+    one = dataclasses.replace(spec, reps=1)
+    ratios: dict[str, list[float]] = {"pp": [], "tg": []}
+    raw_pp(), raw_tg()  # warm-up
+    for _ in range(rounds):
+        with contextlib.redirect_stdout(io.StringIO()):  # measure_speed reports phases on stdout
+            ours = measure_speed(loaded, tokens, one)
+        ratios["pp"].append(ours["pp"][0] / raw_pp())
+        ratios["tg"].append(ours["tg"][0] / raw_tg())
+    loaded.close()
+    return {key: statistics.median(values) for key, values in ratios.items()}
+
+
 def llama_perplexity(binary: Path, model: str, text: Path, n_ctx: int, threads: int) -> float:
     proc = subprocess.run([str(binary), "-m", model, "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
                            "-t", str(threads)], capture_output=True, text=True)
@@ -97,9 +145,10 @@ def main() -> int:
     parser.add_argument("--perplexity", type=Path, default=Path("/tmp/llama-build/bin/llama-perplexity"))
     parser.add_argument("--pp", type=int, default=512)
     parser.add_argument("--tg", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of bench and raw runs")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6, help="alternations of bench and raw runs")
     parser.add_argument("--ppl-ctx", type=int, default=512)
+    parser.add_argument("--speed-only", action="store_true", help="skip the perplexity comparison")
     args = parser.parse_args()
 
     from localrun import selftest
@@ -126,10 +175,20 @@ def main() -> int:
     for key in ("pp", "tg"):
         ours = statistics.fmean(r[key] for r in bench_runs)
         raw = statistics.fmean(r[key] for r in raw_runs)
-        figures[key] = ours / raw
-        print(f"{key}{getattr(args, key)}: bench {ours:.2f} tok/s, raw llama.cpp loop {raw:.2f} tok/s, "
-              f"ratio {ours / raw:.3f} ({'ok' if ours / raw >= 0.97 else 'BELOW 0.97'})")
+        # Other processes on the machine move both sides by tens of percent from one minute to the
+        # next: the median of the per-round ratios (each round runs both back to back) is steadier.
+        ratio = statistics.median(b[key] / r[key] for b, r in zip(bench_runs, raw_runs))
+        figures[key] = ratio
+        print(f"{key}{getattr(args, key)}: bench {ours:.2f} tok/s, raw llama.cpp loop {raw:.2f} tok/s (means); "
+              f"median ratio over {args.rounds} rounds {ratio:.3f} ({'ok' if ratio >= 0.97 else 'BELOW 0.97'})")
 
+    same = interleaved(str(args.model), speed_spec, tokens, rounds=4 * args.rounds)
+    for key in ("pp", "tg"):
+        print(f"{key}{getattr(args, key)} in one process, alternating every repetition ({4 * args.rounds}x): "
+              f"median ratio bench/raw {same[key]:.3f} ({'ok' if same[key] >= 0.97 else 'BELOW 0.97'})")
+    figures = same  # the verdict rests on the controlled comparison; the per-process rounds are shown above
+    if args.speed_only:
+        return 0 if min(figures.values()) >= 0.97 else 1
     ppl_spec = WorkerSpec(path=str(args.model), eval_text=str(text), pp=0, tg=0, reps=1, threads=threads,
                           gpu_layers=0, use_extra_bufts=extra, ppl_ctx=args.ppl_ctx)
     ours = bench_worker(ppl_spec)

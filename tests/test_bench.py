@@ -58,6 +58,7 @@ def test_two_tiny_quants_give_complete_sane_figures(tiny):
     assert ref["reference"] and ref["kld"] == 0.0 and ref["top1"] == 1.0
     assert q4["kld"] > 0 and q4["top1"] < 1 and q4["note"] is None
     assert len(tokens) == 1  # the same tokens for both
+    assert data["settings"]["kld_top_k"] == 872  # the tiny vocabulary: whole distributions kept
     assert data["recommendation"]["label"] in ("Q8_0", "Q4_K_M")
     assert any(c["pareto"] for c in data["candidates"])
     assert not data["interrupted"]
@@ -146,7 +147,7 @@ def test_ctrl_c_prints_what_was_measured(tiny):
     data = json.loads(stdout)
     assert data["interrupted"] is True
     statuses = {c["label"]: c["status"] for c in data["candidates"]}
-    assert statuses["F16"] == "ok" and statuses["Q8_0"] in ("interrupted", "ok")
+    assert statuses["F16"] == "ok" and statuses["Q8_0"] in ("interrupted", "pending")
     assert "interrupted" in stderr
 
 
@@ -168,8 +169,41 @@ def test_gemma_lower_precision_has_higher_kld(gemma, tmp_path_factory):
     data = json.loads(result.stdout)
     c = by_label(data)
     assert data["reference"] == "Q4_K_M" and c["Q4_K_M"]["kld"] == 0.0
+    assert data["settings"]["kld_top_k"] == 256  # 262k vocabulary: top-256 plus the rest
     assert c["Q2_K"]["kld"] > c["Q3_K_M"]["kld"] > 0.005
     assert c["Q2_K"]["top1"] < c["Q3_K_M"]["top1"] < 1.0
     assert c["Q2_K"]["ppl"] > c["Q4_K_M"]["ppl"]
     assert c["Q4_K_M"]["eval_tokens"] == c["Q2_K"]["eval_tokens"] > 4000  # the shipped text, one tokenization
     assert [x["label"] for x in data["candidates"]] == ["Q4_K_M", "Q3_K_M", "Q2_K"]
+
+
+def test_repo_quants_are_pulled_then_benched_offline(hub, tiny, monkeypatch):
+    repo = "acme/tiny-GGUF"
+    hub.add_repo(repo, {f"tiny-llama-{q}.gguf": tiny.quants[q] for q in ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K")})
+    nothing = bench(repo, *QUICK)
+    assert nothing.exit_code == 3 and "nothing pulled from acme/tiny-GGUF" in nothing.stderr
+
+    pulled = bench(repo, "--quants", "Q6_K,Q2_K", *QUICK, "--json")
+    assert pulled.exit_code == 0, pulled.stderr
+    data = json.loads(pulled.stdout)
+    assert [c["label"] for c in data["candidates"]] == ["Q6_K", "Q2_K"] and data["reference"] == "Q6_K"
+    from localrun import store
+    from localrun.refs import parse_ref
+
+    assert sorted(e.quant for e in store.find(parse_ref(repo))) == ["Q2_K", "Q6_K"]  # only those were pulled
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what is pulled is benched without the Hub
+    again = bench(repo, *QUICK, "--json")
+    assert again.exit_code == 0, again.stderr
+    assert {c["status"] for c in json.loads(again.stdout)["candidates"]} == {"ok"}
+    assert len(json.loads(again.stdout)["candidates"]) == 2
+
+
+def test_quants_fit_pulls_every_quant_that_fits(hub, tiny):
+    hub.add_repo("acme/pair-GGUF", {f"tiny-llama-{q}.gguf": tiny.quants[q] for q in ("Q5_K_M", "Q3_K_M")})
+    result = bench("acme/pair-GGUF", "--quants", "fit", *QUICK, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "quants that fit: Q5_K_M, Q3_K_M" in result.stderr
+    data = json.loads(result.stdout)
+    assert [c["label"] for c in data["candidates"]] == ["Q5_K_M", "Q3_K_M"]
+    assert all(c["status"] == "ok" for c in data["candidates"])
