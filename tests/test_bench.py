@@ -207,3 +207,16 @@ def test_quants_fit_pulls_every_quant_that_fits(hub, tiny):
     data = json.loads(result.stdout)
     assert [c["label"] for c in data["candidates"]] == ["Q5_K_M", "Q3_K_M"]
     assert all(c["status"] == "ok" for c in data["candidates"])
+
+
+@pytest.mark.slow
+def test_different_vocabularies_get_no_kld(gemma, tiny):
+    result = bench(gemma, tiny.quants["Q8_0"], "--reps", "1", "--pp", "32", "--tg", "4", "--ppl-ctx", "128",
+                   "--ppl-chunks", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    c = by_label(data)
+    assert data["reference"] == "Q8_0"  # higher precision by its quant, even on another vocabulary
+    assert c["Q4_K_M"]["status"] == "ok" and c["Q4_K_M"]["kld"] is None and c["Q4_K_M"]["top1"] is None
+    assert "vocabulary differs" in c["Q4_K_M"]["note"] and c["Q4_K_M"]["ppl"] > 1
+    assert data["recommendation"]["text"] == "Q8_0: the other candidates could not be compared with it"
