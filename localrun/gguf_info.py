@@ -11,6 +11,9 @@ growing until the tensor-info section is complete — the tensor data is never d
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
@@ -23,6 +26,7 @@ from localrun.quants import FTYPE_NAMES
 FIRST_FETCH = 2 << 20  # most headers fit in 2-8 MB; Gemma 3's (262k-token vocabulary) needs 6.5 MB
 MAX_HEADER = 512 << 20  # a header larger than this is not a model we can help with
 DEFAULT_ALIGNMENT = 32
+_CACHE_VERSION = 1  # bump when HeaderInfo or validation changes
 _SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -260,9 +264,54 @@ def _parse_local(path: Path) -> tuple[_Parsed, int]:
 
 def read_header(path: str | Path) -> HeaderInfo:
     """The header of a local model; a split model's shard reads every shard next to it."""
+    key = _cache_key(path)
+    cached = _cache_get(key) if key else None
+    if cached and cached.get("header"):
+        return HeaderInfo(**cached["header"])
     shards = shard_paths(path)
     parsed = [_parse_local(p) for p in shards]
-    return _header([p for p, _ in parsed], [s for _, s in parsed], Path(path).name)
+    header = _header([p for p, _ in parsed], [s for _, s in parsed], Path(path).name)
+    if key:
+        _cache_put(key, header=header.to_dict())
+    return header
+
+
+# -- a cache of parsed headers and validation verdicts ------------------------------------------
+# Parsing a large vocabulary takes most of a second, and every command that loads a model both
+# validates and plans it. A file's facts are kept, keyed by its real path, size and mtime (HF
+# cache blobs never change in place), in $LOCALRUN_HOME/headers/.
+
+def _cache_key(path: str | Path) -> str | None:
+    try:
+        ident = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in shard_paths(path)]
+    except OSError:
+        return None  # missing shards: let the parser report it
+    return hashlib.sha256(json.dumps([_CACHE_VERSION, ident]).encode()).hexdigest()[:32]
+
+
+def _cache_file(key: str) -> Path:
+    from localrun import paths
+
+    return paths.home() / "headers" / f"{key}.json"
+
+
+def _cache_get(key: str) -> dict | None:
+    try:
+        return json.loads(_cache_file(key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cache_put(key: str, **entry: object) -> None:
+    target = _cache_file(key)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**(_cache_get(key) or {}), **entry}
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged))
+        tmp.replace(target)
+    except OSError:
+        pass  # a read-only home only costs speed
 
 
 # -- remote files ---------------------------------------------------------------------------------
@@ -525,17 +574,27 @@ def _type_name(ggml_type: int) -> str:
 
 def validate(path: str | Path) -> None:
     """Raise BadModel for what would make llama.cpp abort or fail on this file, checked in Python."""
+    key = _cache_key(path)
+    if key and (_cache_get(key) or {}).get("valid"):
+        return
+    header = _validate(path)
+    if key:
+        _cache_put(key, valid=True, header=header.to_dict())
+
+
+def _validate(path: str | Path) -> HeaderInfo:
     shards = shard_paths(path)
     label = Path(path).name
-    parsed = []
+    parsed, sizes = [], []
     for shard in shards:
         header, size = _parse_local(shard)
+        sizes.append(size)
         for t in header.tensors:
             if header.data_start + t.offset + t.n_bytes > size:
                 raise BadModel(f"{shard.name} is truncated: tensor {t.name} ends past the end of the file",
                                hint="download it again")
         parsed.append(header)
-    info = _header(parsed, [0] * len(parsed), label)  # architecture, shard count
+    info = _header(parsed, sizes, label)
     fields = parsed[0].fields
     tokens = fields.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list):
@@ -543,6 +602,7 @@ def validate(path: str | Path) -> None:
     elif fields.get("tokenizer.ggml.model") not in ("none", "no_vocab") and info.architecture != "clip":
         raise BadModel(f"{label} has no tokenizer vocabulary (tokenizer.ggml.tokens)",
                        hint="re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+    return info
 
 
 def _check_vocab(fields: dict[str, object], tokens: list[str], label: str) -> None:

@@ -207,3 +207,18 @@ def test_sliding_window_layers_follow_llama_cpp(arch, fields, n_layer, window, g
     got_window, flags = gguf_info._swa_layers(arch, fields, n_layer)
     assert got_window == window
     assert [i for i, swa in enumerate(flags) if not swa] == globals_
+
+
+def test_parsed_headers_and_verdicts_are_cached_per_file_identity(tiny, tmp_path):
+    import os
+
+    model = tmp_path / "model.gguf"
+    shutil.copy(tiny.quants["Q2_K"], model)
+    gguf_info.validate(model)
+    cache = list((Path(os.environ["LOCALRUN_HOME"]) / "headers").glob("*.json"))
+    assert len(cache) == 1
+    assert gguf_info.read_header(model).n_layer == gguf_info.read_header(tiny.quants["Q2_K"]).n_layer
+    # The same path with other contents (size/mtime change) is parsed and judged again.
+    shutil.copy(tiny.corrupt_vocab, model)
+    with pytest.raises(BadModel, match="appears twice"):
+        gguf_info.validate(model)
