@@ -245,7 +245,7 @@ def _best_layers(header: HeaderInfo, res: Resources, n_ctx: int, kv_type: str) -
     """The most GPU layers that fit (n_layer + 1 = all), or None when not even the CPU has room."""
     def est(n_gpu: int) -> MemoryEstimate:
         return estimate(header, n_ctx, n_gpu, kv_type, extra_bufts=res.extra_bufts,
-                        cpu_features=res.cpu_features)
+                        cpu_features=res.cpu_features, logits_rows=1)
 
     top = header.n_layer + 1 if res.gpus else 0
     for n_gpu in range(top, -1, -1):
@@ -258,6 +258,8 @@ def _best_layers(header: HeaderInfo, res: Resources, n_ctx: int, kv_type: str) -
 def plan(header: HeaderInfo, res: Resources, n_ctx: int | None = None, kv_type: str = "f16") -> Plan:
     """Where to run the model: all on the GPU, partly, on the CPU, or not at all; with a margin.
 
+    Plans are for generation: runtime contexts without logits_all reserve one logits row.
+
     When nothing fits at the requested (or default) context, halve it down to 512 and say so.
     """
     wanted = default_ctx(header, n_ctx)
@@ -269,7 +271,8 @@ def plan(header: HeaderInfo, res: Resources, n_ctx: int | None = None, kv_type: 
         ctx = max(MIN_CTX, ctx // 2)
     total = header.n_layer + 1
     if found is None:
-        est = estimate(header, wanted, 0, kv_type, extra_bufts=res.extra_bufts, cpu_features=res.cpu_features)
+        est = estimate(header, wanted, 0, kv_type, extra_bufts=res.extra_bufts, cpu_features=res.cpu_features,
+                       logits_rows=1)
         return Plan("none", 0, wanted, est, False, "needs more memory than this machine has")
     n_gpu, est = found
     notes = []

@@ -165,6 +165,10 @@ class LlamaContext:
         params.no_perf = True
         if opts.flash_attn is not None:
             params.flash_attn_type = 1 if opts.flash_attn else 0
+        if not opts.logits_all:
+            # One logits row per decode is all generation reads. By default llama.cpp reserves a
+            # row per token of a micro-batch: 512 MiB of compute buffer for a 262k vocabulary.
+            params.n_outputs_max = 1
         self.logits_all = opts.logits_all
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:

@@ -7,6 +7,8 @@ n_embd 4096, n_ff 14336, 128256 tokens. Expected figures are worked out by hand 
 - compute, layer phase: 512 tokens * (3 * 14336 + 5 * 4096) * 4 B = 124, + f16 mask 4096*512*2 = 4.
 - fixed: 12 MiB + 200 B * 128256 tokens + 128 B * 4096 cells = 12 + 24.46 + 0.5 = 36.96;
   the logits of one row: 0.49.
+Plans are for generation, whose contexts reserve one logits row (runtime sets n_outputs_max = 1):
+their output phase is 0.49 + 16 = 16.5 MiB, so the layer phase (128 MiB) is the compute buffer.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def test_8gib_gpu_runs_q4_fully_and_q8_partly():
     res = gpu_box(7.5)  # VRAM budget: 7.5 GiB - 0.5 reserve = 7168 MiB
     q4 = plan(Q4_K_M, res)
     assert (q4.placement, q4.n_gpu_layers, q4.n_ctx, q4.fits, q4.note) == ("gpu", 33, 4096, True, None)
-    assert q4.estimate.vram == (4000 + 410 + 512) * MiB + OUTPUT_PHASE  # 5188.5 MiB
+    assert q4.estimate.vram == (4000 + 410 + 512) * MiB + LAYER_PHASE  # 5050 MiB
     # Q8_0: every block costs 212 + 16 (KV) MiB, plus the 128 MiB layer-phase compute buffer:
     # 30 blocks = 6968 MiB fit in 7168, 31 = 7196 do not
     q8 = plan(Q8_0, res)
@@ -134,13 +136,13 @@ def test_8gib_gpu_runs_q4_fully_and_q8_partly():
 def test_24gib_gpu_runs_q8_fully():
     q8 = plan(Q8_0, gpu_box(23.5, ram_gib=32))
     assert (q8.placement, q8.n_gpu_layers) == ("gpu", 33)
-    assert q8.estimate.vram == (32 * 212 + 532 + 512) * MiB + OUTPUT_PHASE  # 8094.5 MiB
+    assert q8.estimate.vram == (32 * 212 + 532 + 512) * MiB + LAYER_PHASE  # 7956 MiB
 
 
 def test_two_gpus_add_up_but_each_needs_a_compute_buffer():
     one = plan(Q8_0, gpu_box(5.5, ram_gib=32))
     assert one.placement == "partial"
-    two = plan(Q8_0, gpu_box(5.5, ram_gib=32, n=2))  # 2 x 5120 MiB: 8094.5 + 266.5 fit
+    two = plan(Q8_0, gpu_box(5.5, ram_gib=32, n=2))  # 2 x 5120 MiB: 7956 + 128 fit
     assert (two.placement, two.n_gpu_layers) == ("gpu", 33)
 
 
@@ -148,7 +150,7 @@ def test_cpu_only():
     res = cpu_box(8, available_gib=7)  # room: 7 GiB - 1 GiB headroom = 6144 MiB
     q4 = plan(Q4_K_M, res)
     assert (q4.placement, q4.n_gpu_layers, q4.n_ctx, q4.fits, q4.note) == ("cpu", 0, 4096, True, None)
-    assert q4.estimate.ram == (4690 + 512) * MiB + OUTPUT_PHASE + FIXED  # ~5506 MiB
+    assert q4.estimate.ram == (4690 + 512) * MiB + LAYER_PHASE + FIXED  # ~5367 MiB
     q8 = plan(Q8_0, res)  # 7848 MiB of weights alone
     assert (q8.placement, q8.fits, q8.n_ctx) == ("none", False, 4096)
     assert q8.note == "needs more memory than this machine has"
@@ -156,7 +158,7 @@ def test_cpu_only():
 
 def test_a_smaller_context_when_the_requested_one_does_not_fit():
     res = cpu_box(8, available_gib=6.5)  # room: 5632 MiB
-    # 16384 ctx needs 2048 MiB of KV (7043 MiB in all), 8192 ctx 1024 (6018): too much; 4096: 5506
+    # 16384 ctx needs 2048 MiB of KV (~6915 MiB in all), 8192 ctx 1024 (~5883): too much; 4096: ~5367
     got = plan(Q4_K_M, res, n_ctx=16384)
     assert (got.placement, got.n_ctx, got.fits) == ("cpu", 4096, True)
     assert got.note == "context reduced to 4096 to fit"
@@ -175,7 +177,7 @@ def test_apple_unified_memory_is_one_pool():
 
 
 def test_vram_reserve_is_kept_free():
-    need = estimate(Q4_K_M, 4096, 33).vram
+    need = estimate(Q4_K_M, 4096, 33, logits_rows=1).vram
     just_enough = Resources(32 * GiB, 30 * GiB, [Device("GPU", need + GPU_RESERVE, need + GPU_RESERVE)])
     assert plan(Q4_K_M, just_enough).placement == "gpu"
     short = Resources(32 * GiB, 30 * GiB, [Device("GPU", need + GPU_RESERVE - 1, need + GPU_RESERVE - 1)])
@@ -190,11 +192,11 @@ def _options(res: Resources) -> list[Option]:
 
 def test_choose_follows_the_memory():
     assert [o.key for o in _options(gpu_box(23.5))][choose(_options(gpu_box(23.5)))] == "Q8_0"
-    # 8 GiB GPU: Q6_K needs 32*165 + 410 + 512 + 266.5 = 6468.5 MiB: the best that runs fully on it
+    # 8 GiB GPU: Q6_K needs 32*165 + 410 + 512 + 128 = 6330 MiB: the best that runs fully on it
     options = _options(gpu_box(7.5))
     assert [o.plan.placement for o in options] == ["partial", "gpu", "gpu"]
     assert options[choose(options)].key == "Q6_K"
-    options = _options(gpu_box(5.5))  # Q4_K_M (5188.5) fits 5120 MiB? no: nothing is fully on the GPU
+    options = _options(gpu_box(5.0))  # Q4_K_M (5050) fits 4608 MiB? no: nothing is fully on the GPU
     assert all(o.plan.placement == "partial" for o in options)
     assert options[choose(options)].key == "Q8_0"  # then the best quality that fits at all
     options = _options(cpu_box(8, available_gib=7))
@@ -242,7 +244,8 @@ def test_estimate_covers_what_llama_cpp_allocates(tiny, quant, n_ctx):
         logged = {kind: sum(sizes.values()) for kind, sizes in llama_log.buffer_sizes(llama_log.recent(400)).items()}
     finally:
         loaded.close()
-    est = estimate(read_header(tiny.quants[quant]), n_ctx, 0, extra_bufts=extra, cpu_features=cpu_info().features)
+    est = estimate(read_header(tiny.quants[quant]), n_ctx, 0, extra_bufts=extra, cpu_features=cpu_info().features,
+                   logits_rows=1)  # a generation context, as runtime creates it
     assert est.kv_ram == logged["KV"] == 2 * 2 * 128 * n_ctx * 2
     assert logged["model"] <= est.weights_ram <= logged["model"] + 128 * 1024  # logged to 0.01 MiB
     assert logged["compute"] <= est.compute_ram <= logged["compute"] + 2 * MiB
