@@ -113,6 +113,7 @@ class RepoListing:
     candidates: list[Candidate]  # best quality first
     mmproj: list[str]  # vision projectors, for later; never candidates
     skipped: list[str] = field(default_factory=list)  # splits with shards missing
+    revision: str = "main"  # the branch or tag asked for; `commit` is what it pointed to
 
     def select(self, tag: str | None = None, filename: str | None = None) -> int:
         """The index of the candidate a file name or a quant tag names; NotFound lists what there is."""
@@ -203,7 +204,8 @@ def list_candidates(ref: "ModelRef") -> RepoListing:
     if not candidates:
         raise NotFound(f"{ref.repo_id} has no GGUF model files",
                        hint="localrun runs GGUF models: look for a repo named like ...-GGUF")
-    return RepoListing(ref.repo_id, info.sha or ref.revision or "main", candidates, mmproj, skipped)
+    return RepoListing(ref.repo_id, info.sha or ref.revision or "main", candidates, mmproj, skipped,
+                       ref.revision or "main")
 
 
 def _any_token() -> bool:
@@ -303,7 +305,27 @@ def download(listing: RepoListing, cand: Candidate, out: "Output", *,
                 progress.describe(f"verifying {state.name.rsplit('/', 1)[-1]}")
                 _verify(path, state)
             paths.append(path)
+    if todo:
+        _record_revision(listing, states[0])
     return paths
+
+
+def _record_revision(listing: RepoListing, state: "_FileState") -> None:
+    """Let the cache know which commit `main` (or the tag asked for) is, as `hf download` does.
+
+    Files are fetched pinned to the listed commit, so every shard comes from one commit; such
+    downloads record no branch. One more call by name (a HEAD request, nothing downloaded)
+    records it through huggingface_hub itself.
+    """
+    from huggingface_hub import hf_hub_download
+
+    if listing.revision == listing.commit or offline():
+        return
+    try:
+        hf_hub_download(listing.repo_id, state.name, revision=listing.revision, cache_dir=cache_dir(),
+                        endpoint=endpoint(), token=token())
+    except Exception:  # the files are in place; a missing ref only hides the branch name in `list`
+        pass
 
 
 def _fetch(listing: RepoListing, state: _FileState, out: "Output", progress: "_DownloadProgress") -> Path:

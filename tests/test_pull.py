@@ -163,6 +163,7 @@ def test_tag_picks_that_quant_and_a_second_pull_downloads_nothing(repo, tiny):
     assert "Q6_K: as asked" in result.stdout
     saved = Path(result.stdout.strip().splitlines()[-1].removeprefix("saved "))
     assert saved.name == "tiny-llama-Q6_K.gguf" and sha256(saved) == sha256(tiny.quants["Q6_K"])
+    assert (hubapi.cache_dir() / "models--acme--tiny-GGUF" / "refs" / "main").read_text() == saved.parent.name
     assert len(repo.downloads("tiny-llama-Q6_K.gguf")) >= 2  # header range + the file
     before = len(repo.downloads("tiny-llama-Q6_K.gguf"))
     again = runner.invoke(app, ["pull", REPO, "--quant", "Q6_K"])
