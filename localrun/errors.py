@@ -55,5 +55,11 @@ class EngineCrash(LocalrunError):
     exit_code = ExitCode.CRASH
 
 
+class Interrupted(LocalrunError):
+    """Ctrl-C where there is something useful to say about it (what was kept, how to go on)."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
 class UsageError(LocalrunError):
     exit_code = ExitCode.USAGE

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from localrun import quants
-from localrun.errors import AccessDenied, BadModel, LocalrunError, NetworkError, NoSpace, NotFound
+from localrun.errors import AccessDenied, BadModel, Interrupted, LocalrunError, NetworkError, NoSpace, NotFound
 
 if TYPE_CHECKING:
     from localrun.output import Output
@@ -300,7 +300,11 @@ def download(listing: RepoListing, cand: Candidate, out: "Output", *,
                            done=sum(s.size if s.complete else s.partial for s in states)) as progress:
         for i, state in enumerate(states, 1):
             progress.current(state, f"{i}/{len(states)}" if len(states) > 1 else "")
-            path = _fetch(listing, state, out, progress)
+            try:
+                path = _fetch(listing, state, out, progress)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted: the download of {cand.label} stopped",
+                                  hint="run the same command again: it resumes where it stopped") from None
             if not state.complete and state.sha256:
                 progress.describe(f"verifying {state.name.rsplit('/', 1)[-1]}")
                 _verify(path, state)

@@ -263,7 +263,8 @@ def test_ctrl_c_keeps_the_partial_file_and_the_next_pull_resumes(hub, big_model)
     child.send_signal(signal.SIGINT)
     stdout, stderr = child.communicate(timeout=30)
     assert child.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert stderr.strip().splitlines()[-2:] == ["error: interrupted: the download of F32 stopped",
+                                                "hint: run the same command again: it resumes where it stopped"]
     assert "Traceback" not in stderr
     (partial,) = incomplete()
     kept = partial.stat().st_size
