@@ -109,23 +109,31 @@ def interleaved(path: str, spec, tokens: list[int], rounds: int) -> dict[str, fl
         lc.llama_synchronize(ctx)
         return spec.pp / (time.perf_counter() - start)
 
-    def raw_tg() -> float:
+    def raw_tg(n: int = spec.tg) -> float:
         lc.llama_memory_clear(mem, True)
         start = time.perf_counter()
-        for tok in tokens[:spec.tg]:
+        for tok in tokens[:n]:
             arr = (lc.llama_token * 1)(tok)
             lc.llama_decode(ctx, lc.llama_batch_get_one(arr, 1))
             lc.llama_synchronize(ctx)
-        return spec.tg / (time.perf_counter() - start)
+        return n / (time.perf_counter() - start)
+
+    def raw_side() -> dict[str, float]:
+        raw_pp(), raw_tg(min(spec.tg, 8))  # the same warm-up measure_speed does before each measurement
+        return {"pp": raw_pp(), "tg": raw_tg()}
 
     one = dataclasses.replace(spec, reps=1)
     ratios: dict[str, list[float]] = {"pp": [], "tg": []}
-    raw_pp(), raw_tg()  # warm-up
-    for _ in range(rounds):
+    for round_ in range(rounds):
+        raw_first = round_ % 2 == 1  # swap the order every round: neither side always goes first
+        if raw_first:
+            raw = raw_side()
         with contextlib.redirect_stdout(io.StringIO()):  # measure_speed reports phases on stdout
             ours = measure_speed(loaded, tokens, one)
-        ratios["pp"].append(ours["pp"][0] / raw_pp())
-        ratios["tg"].append(ours["tg"][0] / raw_tg())
+        if not raw_first:
+            raw = raw_side()
+        for key in ratios:
+            ratios[key].append(ours[key][0] / raw[key])
     loaded.close()
     return {key: statistics.median(values) for key, values in ratios.items()}
 
