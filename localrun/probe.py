@@ -10,6 +10,27 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from localrun.runtime import Loaded
+
+
+def greedy(loaded: "Loaded", prompt: str, n: int) -> tuple[str, int]:
+    """Decode `prompt`, then up to n tokens greedily: the text and how many tokens it took."""
+    from localrun.runtime import SamplingOptions
+
+    loaded.ctx.set_sampling(SamplingOptions(temperature=0))
+    loaded.ctx.decode(loaded.model.tokenize(prompt))
+    text, generated = b"", 0
+    for _ in range(n):
+        token = loaded.ctx.sample()
+        if loaded.model.is_eog(token):
+            break
+        text += loaded.model.piece(token)
+        generated += 1
+        loaded.ctx.decode([token])
+    return text.decode("utf-8", errors="replace"), generated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,25 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from localrun.llama_log import install
-    from localrun.runtime import LoadOptions, SamplingOptions, load
+    from localrun.runtime import LoadOptions, load
 
     install(echo=True)  # the parent keeps our stderr: llama.cpp's last words explain a crash
     start = time.perf_counter()
     loaded = load(args.model, LoadOptions(n_ctx=256, n_batch=64, use_extra_bufts=not args.no_extra_bufts))
-    loaded.ctx.set_sampling(SamplingOptions(temperature=0))
-    tokens = loaded.model.tokenize(args.prompt)
-    loaded.ctx.decode(tokens)
-    text = b""
-    generated = 0
-    for _ in range(args.tokens):
-        token = loaded.ctx.sample()
-        if loaded.model.is_eog(token):
-            break
-        text += loaded.model.piece(token)
-        generated += 1
-        loaded.ctx.decode([token])
-    loaded.close()
-    result = {"ok": True, "generated": generated, "text": text.decode("utf-8", errors="replace"),
+    try:
+        text, generated = greedy(loaded, args.prompt, args.tokens)
+    finally:
+        loaded.close()
+    result = {"ok": True, "generated": generated, "text": text,
               "seconds": round(time.perf_counter() - start, 3)}
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

@@ -28,7 +28,9 @@ class LoadOptions:
     n_ctx: int = 2048
     n_batch: int = 512
     n_threads: int | None = None
-    use_extra_bufts: bool = True  # False avoids the AMX/repack buffer types (see selftest)
+    # False avoids the AMX/repack buffer types; None (default): the self-test's verdict for this
+    # llama.cpp build on this CPU (selftest.use_extra_bufts), so no load can hit the AMX crash.
+    use_extra_bufts: bool | None = None
     use_mmap: bool = True
     logits_all: bool = False  # keep logits for every position (perplexity, KL divergence)
     flash_attn: bool | None = None  # None: llama.cpp decides
@@ -87,7 +89,12 @@ class LlamaModel:
         params = lc.llama_model_default_params()
         params.n_gpu_layers = opts.n_gpu_layers
         params.use_mmap = opts.use_mmap
-        params.use_extra_bufts = opts.use_extra_bufts
+        if opts.use_extra_bufts is None:
+            from localrun import selftest
+
+            params.use_extra_bufts = selftest.use_extra_bufts()
+        else:
+            params.use_extra_bufts = opts.use_extra_bufts
         self._lc = lc
         self.ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:

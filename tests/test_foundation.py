@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from localrun import __version__, selftest
 from localrun.cli import app
-from localrun.runtime import LoadOptions, SamplingOptions, load
+from localrun.probe import greedy
+from localrun.runtime import LoadOptions, load
 
 runner = CliRunner()
 
@@ -22,17 +23,7 @@ runner = CliRunner()
 def generate(path: Path, prompt: str, n: int = 12) -> tuple[str, int]:
     loaded = load(path, LoadOptions(n_ctx=256))
     try:
-        loaded.ctx.set_sampling(SamplingOptions(temperature=0))
-        loaded.ctx.decode(loaded.model.tokenize(prompt))
-        text, count = b"", 0
-        for _ in range(n):
-            token = loaded.ctx.sample()
-            if loaded.model.is_eog(token):
-                break
-            text += loaded.model.piece(token)
-            count += 1
-            loaded.ctx.decode([token])
-        return text.decode("utf-8", errors="replace"), count
+        return greedy(loaded, prompt, n)
     finally:
         loaded.close()
 
