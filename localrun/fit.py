@@ -276,6 +276,9 @@ def plan(header: HeaderInfo, res: Resources, n_ctx: int | None = None, kv_type: 
         return Plan("none", 0, wanted, est, False, "needs more memory than this machine has")
     n_gpu, est = found
     notes = []
+    if 0 < header.n_ctx_train < ctx:
+        notes.append(f"context {ctx} is beyond the {header.n_ctx_train} the model was trained with: "
+                     "expect worse output past that")
     if ctx != wanted:
         notes.append(f"context reduced to {ctx} to fit")
     if n_gpu == total:

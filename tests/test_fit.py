@@ -250,3 +250,9 @@ def test_estimate_covers_what_llama_cpp_allocates(tiny, quant, n_ctx):
     assert logged["model"] <= est.weights_ram <= logged["model"] + 128 * 1024  # logged to 0.01 MiB
     assert logged["compute"] <= est.compute_ram <= logged["compute"] + 2 * MiB
     assert logged["output"] <= est.output_ram
+
+
+def test_a_context_beyond_the_trained_one_is_planned_with_a_warning():
+    got = plan(Q4_K_M, cpu_box(64, available_gib=60), n_ctx=16384)  # trained with 8192
+    assert got.fits and got.n_ctx == 16384
+    assert got.note == "context 16384 is beyond the 8192 the model was trained with: expect worse output past that"
