@@ -66,7 +66,9 @@ def hw(
     result = report.hardware_report(out, selftest=selftest)
     report.show_hardware(out, result)
     if selftest and not result.selftest_ok:
-        raise typer.Exit(8)
+        from localrun.errors import ExitCode
+
+        raise typer.Exit(ExitCode.CRASH)
 
 
 @app.command()
