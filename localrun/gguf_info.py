@@ -27,7 +27,8 @@ FIRST_FETCH = 2 << 20  # most headers fit in 2-8 MB; Gemma 3's (262k-token vocab
 MAX_HEADER = 512 << 20  # a header larger than this is not a model we can help with
 DEFAULT_ALIGNMENT = 32
 _CACHE_VERSION = 1  # bump when HeaderInfo or validation changes
-_SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# llama.cpp's split naming: `name-00001-of-00003.gguf` (gguf-split, convert_hf_to_gguf --split-*)
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 
 
 @dataclass
@@ -238,11 +239,11 @@ def _parse_growing(read: Callable[[int, int], bytes], size: int, label: str) -> 
 def shard_paths(path: str | Path) -> list[Path]:
     """All shards of a split model given any shard (`name-0000i-of-0000N.gguf`), else [path]."""
     path = Path(path)
-    m = _SPLIT_RE.match(path.name)
+    m = SHARD_RE.match(path.name)
     if not m:
         return [path]
-    count = int(m["count"])
-    return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    rest = path.name[m.end("index"):]  # "-of-0000N.gguf", as the file spells it
+    return [path.with_name(f"{m['stem']}-{i:05d}{rest}") for i in range(1, int(m["total"]) + 1)]
 
 
 def _parse_local(path: Path) -> tuple[_Parsed, int]:

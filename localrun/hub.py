@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from localrun import quants
+from localrun.gguf_info import SHARD_RE
 from localrun.errors import AccessDenied, BadModel, Interrupted, LocalrunError, NetworkError, NoSpace, NotFound
 
 if TYPE_CHECKING:
@@ -82,7 +83,6 @@ def translate_hub_error(exc: BaseException) -> LocalrunError | None:
 
 
 # -- listing: a repo's GGUF files, one candidate per quant ----------------------------------------
-SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 # Files that are GGUF but not a model to run: vision projectors, importance matrices, draft models.
 _NOT_A_MODEL_RE = re.compile(r"(?<![a-z0-9])(mmproj|imatrix|draft)(?![a-z])", re.IGNORECASE)
 

@@ -306,13 +306,12 @@ def _local_model(ref: ModelRef) -> LocalModel:
     assert path is not None
     if not path.is_file():
         raise NotFound(f"no such model file: {path}")
-    files = [path]
-    if m := hub.SHARD_RE.match(path.name):  # a split loads from its first shard; llama.cpp finds the rest
-        total = int(m["total"])
-        files = [path.with_name(f"{m['stem']}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise BadModel(f"{path.name} is one shard of {total}; missing: {', '.join(missing)}")
+    from localrun.gguf_info import shard_paths
+
+    files = shard_paths(path)  # a split loads from its first shard; llama.cpp finds the rest
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise BadModel(f"{path.name} is one shard of {len(files)}; missing: {', '.join(missing)}")
     return LocalModel(files[0], None, quants.quant_from_filename(path.name), files)
 
 

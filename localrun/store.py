@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from localrun import hub, paths
 from localrun.errors import NotFound, UsageError
+from localrun.gguf_info import SHARD_RE
 from localrun.output import human_bytes
 from localrun.quants import matches_tag, quant_from_filename, sort_key
 
@@ -173,7 +174,7 @@ def _group(repo_id: str, repo_path: Path, commit: str, refs: list[str], files: l
     entries = [entry(c.files, c.quant, "model") for c in candidates]
     entries += [entry([n], quant_from_filename(n), "mmproj") for n in mmproj]
     grouped = {n for e in entries for n in (f.name for f in e.files)}
-    entries += [entry([n], quant_from_filename(n), "incomplete" if hub.SHARD_RE.match(n) else "other")
+    entries += [entry([n], quant_from_filename(n), "incomplete" if SHARD_RE.match(n) else "other")
                 for n in sorted(by_name) if n not in grouped]
     return entries
 
