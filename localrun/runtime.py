@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 from localrun.errors import BadModel, LocalrunError, NoSpace
+from localrun.llama_log import install as install_log
+from localrun.llama_log import recent as recent_log
 
 
 class DecodeAborted(Exception):
     """llama_decode stopped early because abort() was called (from another thread or a signal)."""
-from localrun.llama_log import install as install_log
-from localrun.llama_log import recent as recent_log
 
 
 @dataclass
@@ -68,6 +68,12 @@ def _llama():
     return llama_cpp
 
 
+def _with_reason(message: str) -> str:
+    """`message`, followed by llama.cpp's last logged error when there is one."""
+    reason = _last_log_reason()
+    return f"{message}: {reason}" if reason else message
+
+
 def _last_log_reason() -> str:
     for line in reversed(recent_log(30)):
         text = line.strip()
@@ -81,9 +87,7 @@ class LlamaModel:
 
     def __init__(self, path: str | os.PathLike[str], opts: LoadOptions):
         lc = _llama()
-        from localrun.llama_log import install
-
-        install(echo=opts.verbose)
+        install_log(echo=opts.verbose)
         self.path = Path(path)
         self.opts = opts
         params = lc.llama_model_default_params()
@@ -98,8 +102,7 @@ class LlamaModel:
         self._lc = lc
         self.ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
-            reason = _last_log_reason()
-            raise BadModel(f"llama.cpp could not load {self.path.name}" + (f": {reason}" if reason else ""),
+            raise BadModel(_with_reason(f"llama.cpp could not load {self.path.name}"),
                            hint="check the file with `localrun show`; run with --verbose for llama.cpp's log")
         self.vocab = lc.llama_model_get_vocab(self.ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
@@ -179,8 +182,7 @@ class LlamaContext:
         self.logits_all = opts.logits_all
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
-            raise NoSpace(f"llama.cpp could not create a context of {opts.n_ctx} tokens"
-                          + (f": {_last_log_reason()}" if _last_log_reason() else ""),
+            raise NoSpace(_with_reason(f"llama.cpp could not create a context of {opts.n_ctx} tokens"),
                           hint="try a smaller --ctx or fewer --gpu-layers")
         self.n_ctx = lc.llama_n_ctx(self.ptr)
         self.n_batch = opts.n_batch
@@ -236,7 +238,7 @@ class LlamaContext:
         if rc == 1:
             raise NoSpace("the context is full (no room in the KV cache)",
                           hint="use a larger --ctx, or /clear the conversation")
-        raise LocalrunError(f"llama_decode failed ({rc})" + (f": {_last_log_reason()}" if _last_log_reason() else ""))
+        raise LocalrunError(_with_reason(f"llama_decode failed ({rc})"))
 
     def logits(self, index: int = -1):
         """The logits row for batch position `index` of the last decode, as a numpy view."""
