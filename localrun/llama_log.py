@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import re
 import sys
 from collections import deque
-from typing import Iterator
 
 _lines: deque[str] = deque(maxlen=400)
 _echo = False
@@ -62,9 +60,3 @@ def buffer_sizes(lines: list[str]) -> dict[str, dict[str, int]]:
             kind = found[m.group(2)]
             kind[m.group(1)] = kind.get(m.group(1), 0) + round(float(m.group(3)) * (1 << 20))
     return found
-
-
-@contextlib.contextmanager
-def quiet_llama(echo: bool = False) -> Iterator[None]:
-    install(echo)
-    yield

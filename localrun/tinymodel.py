@@ -177,7 +177,7 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
     allows an already quantized source (e.g. a lower-precision variant of a real Q4_K_M)."""
     import llama_cpp
 
-    from localrun.llama_log import quiet_llama
+    from localrun.llama_log import install
 
     dst = Path(dst)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -185,8 +185,8 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: st
     params.nthread = threads
     params.allow_requantize = requantize
     tmp = dst.with_name(dst.name + ".tmp")
-    with quiet_llama():
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    install()  # llama.cpp's quantizer logs every tensor: keep that off the terminal
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {quant}")
