@@ -9,6 +9,7 @@ load uses the safe path. The verdict is kept in $LOCALRUN_HOME/probe.json.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -107,6 +108,7 @@ def run_probe(model: str | os.PathLike[str], *, extra_bufts: bool = True, tokens
     return ProbeResult(False, extra_bufts, proc.returncode, sig, _tail(proc.stderr))
 
 
+@functools.cache  # neither the build nor the CPU changes while a process runs
 def build_key() -> str:
     """Identifies a llama.cpp build on a CPU: a verdict holds as long as neither changes."""
     from localrun.hardware import build_info, cpu_info
