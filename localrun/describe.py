@@ -40,6 +40,7 @@ class Found:
     header: "HeaderInfo"
     others: list[tuple[str, int]] = field(default_factory=list)  # other quants there: (label, size)
     last_used: float | None = None
+    problem: str | None = None  # what validation found that would make llama.cpp fail or abort
 
     @property
     def size(self) -> int:
@@ -69,6 +70,7 @@ class Description:
             "resources": asdict(self.resources),
             "other_quants": [{"model": label, "size": size} for label, size in m.others],
             "last_used": store.iso(m.last_used),
+            "problem": m.problem,
             "header": h.to_dict(),
         }
 
@@ -96,7 +98,18 @@ def _local(ref: ModelRef) -> Found:
     header = gguf_info.read_header(ref.path)
     files = [FileItem(p.name, p.stat().st_size, p) for p in gguf_info.shard_paths(ref.path)]
     return Found(str(ref.path), "local", None, None, header.file_type, files, header,
-                  last_used=store.last_used(ref.path))
+                  last_used=store.last_used(ref.path), problem=_problem(ref.path))
+
+
+def _problem(path: Path) -> str | None:
+    """Why loading this file would fail (checked in Python, as before every load), or None."""
+    from localrun import gguf_info
+
+    try:
+        gguf_info.validate(path)
+    except BadModel as exc:
+        return exc.message
+    return None
 
 
 def _pulled(entries: list[store.ModelEntry], listing: store.Listing) -> Found:
@@ -113,7 +126,7 @@ def _pulled(entries: list[store.ModelEntry], listing: store.Listing) -> Found:
     others = [(e.label, e.size) for e in listing.entries
               if e.repo_id == entry.repo_id and e.kind == "model" and e.label != entry.label]
     return Found(entry.label, "pulled", entry.repo_id, entry.commit, entry.quant, files, header, others,
-                  entry.last_used)
+                  entry.last_used, _problem(entry.path))
 
 
 def _remote(ref: ModelRef, res: "Resources") -> Found:
@@ -183,6 +196,8 @@ def show(out: Output, d: Description) -> None:
     m, h = d.model, d.model.header
     source = {"local": "local file", "pulled": "pulled", "remote": "on the Hub, not pulled: header read only"}
     out.show(Text(f"{m.label}  ({source[m.source]})", style="bold"))
+    if m.problem:
+        out.warn(f"this file will not load: {m.problem}")
     rows: list[tuple[str, str]] = [
         ("Architecture", h.architecture + (f" ({h.name})" if h.name else "")),
         ("Parameters", count(h.n_params)),

@@ -347,3 +347,13 @@ def test_a_ref_to_a_missing_snapshot_does_not_hide_the_repo(hub, tiny):
     assert result.stderr == "" and f"{REPO}:Q8_0" in result.stdout  # ...localrun does not
     assert runner.invoke(app, ["rm", REPO, "--yes"]).exit_code == 0
     assert listing() == [] and not (lhub.cache_dir() / "models--org--tiny-GGUF").exists()
+
+
+def test_show_flags_a_file_llama_cpp_would_abort_on(tiny):
+    result = runner.invoke(app, ["show", str(tiny.corrupt_vocab)])
+    assert result.exit_code == 0, result.output
+    assert "Architecture" in result.stdout
+    assert result.stderr.startswith("warning: this file will not load: tiny-dupvocab-F16.gguf has a corrupt vocabulary")
+    data = json.loads(runner.invoke(app, ["show", str(tiny.corrupt_vocab), "--json"]).stdout)
+    assert "appears twice" in data["problem"]
+    assert json.loads(runner.invoke(app, ["show", str(tiny.quants["Q2_K"]), "--json"]).stdout)["problem"] is None
