@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import os
 import traceback
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import typer
 
-from localrun.errors import ExitCode, LocalrunError
+from localrun.errors import ExitCode, LocalrunError, NoSpace
+from localrun.hub.errors import translate_hub_error
 from localrun.output import Output
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -19,15 +21,13 @@ def translate(exc: BaseException) -> LocalrunError | None:
     """Map third-party exceptions we know to LocalrunError; None when unknown."""
     if isinstance(exc, LocalrunError):
         return exc
-    from localrun.errors import NoSpace
-
     if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-        return NoSpace(f"no space left on device: {exc.filename or ''}".strip(),
-                       hint="free some disk space; an interrupted download resumes on the next run")
+        return NoSpace(
+            f"no space left on device: {exc.filename or ''}".strip(),
+            hint="free some disk space; an interrupted download resumes on the next run",
+        )
     module = type(exc).__module__ or ""
     if module.startswith("huggingface_hub"):
-        from localrun.hub import translate_hub_error
-
         return translate_hub_error(exc)
     return None
 
@@ -44,7 +44,7 @@ def boundary(func: F) -> F:
             raise
         except KeyboardInterrupt:
             Output.from_env().error("interrupted")
-            raise typer.Exit(ExitCode.INTERRUPTED)
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
         except Exception as exc:  # the boundary: everything ends here, explained
             if debug:
                 traceback.print_exc()
@@ -52,9 +52,11 @@ def boundary(func: F) -> F:
             out = Output.from_env()
             if known is not None:
                 out.error(known.message, known.hint)
-                raise typer.Exit(known.exit_code)
-            out.error(f"unexpected {type(exc).__name__}: {exc}".splitlines()[0],
-                      None if debug else "run again with LOCALRUN_DEBUG=1 for the traceback, and please report it")
-            raise typer.Exit(ExitCode.ERROR)
+                raise typer.Exit(known.exit_code) from None
+            out.error(
+                f"unexpected {type(exc).__name__}: {exc}".splitlines()[0],
+                None if debug else "run again with LOCALRUN_DEBUG=1 for the traceback, and please report it",
+            )
+            raise typer.Exit(ExitCode.ERROR) from None
 
     return wrapper  # type: ignore[return-value]

@@ -12,6 +12,7 @@ import typer
 
 from localrun import __version__
 from localrun.boundary import boundary
+from localrun.errors import ExitCode
 from localrun.output import Output
 
 app = typer.Typer(
@@ -25,17 +26,35 @@ app = typer.Typer(
 
 # Shared options, spelled the same way by every command.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, show_default=False,
-                                                   help="CPU threads (default: one per physical core).")]
-GpuLayersOpt = Annotated[Optional[int], typer.Option("--gpu-layers", "-ngl", min=0, show_default=False,
-                                                     help="Layers to offload to the GPU (default: as many as fit).")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", "-t", min=1, show_default=False, help="CPU threads (default: one per physical core)."),
+]
+GpuLayersOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--gpu-layers",
+        "-ngl",
+        min=0,
+        show_default=False,
+        help="Layers to offload to the GPU (default: as many as fit).",
+    ),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's own log lines.")]
-ModelArg = Annotated[str, typer.Argument(help="org/repo[:QUANT], org/repo:file.gguf, hf.co/..., or a path to a .gguf file.",
-                                         show_default=False)]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="org/repo[:QUANT], org/repo:file.gguf, hf.co/..., or a path to a .gguf file.", show_default=False
+    ),
+]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the repo.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")]
-CtxOpt = Annotated[Optional[int], typer.Option("--ctx", "-c", min=16, show_default=False,
-                                               help="Context size in tokens (default: 4096, capped by the model).")]
+CtxOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--ctx", "-c", min=16, show_default=False, help="Context size in tokens (default: 4096, capped by the model)."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -46,8 +65,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
-                                                    help="Show the version and exit.")] = None,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = None,
 ) -> None:
     """Run quantized LLMs locally: pull the GGUF that fits this machine, chat, benchmark."""
 
@@ -56,18 +76,17 @@ def _root(
 @boundary
 def hw(
     json: JsonOpt = False,
-    selftest: Annotated[bool, typer.Option("--selftest/--no-selftest",
-                                           help="Load a tiny model and decode in a child process.")] = True,
+    selftest: Annotated[
+        bool, typer.Option("--selftest/--no-selftest", help="Load a tiny model and decode in a child process.")
+    ] = True,
 ) -> None:
     """Hardware report: CPU features, RAM, GPUs, the llama.cpp build, and a self-test."""
-    from localrun import report
+    from localrun.commands import hw as command
 
     out = Output.from_env(json=json)
-    result = report.hardware_report(out, selftest=selftest)
-    report.show_hardware(out, result)
+    result = command.hardware_report(out, run_selftest=selftest)
+    command.show_hardware(out, result)
     if selftest and not result.selftest_ok:
-        from localrun.errors import ExitCode
-
         raise typer.Exit(ExitCode.CRASH)
 
 
@@ -75,19 +94,25 @@ def hw(
 @boundary
 def pull(
     model: ModelArg,
-    quant: Annotated[Optional[str], typer.Option("--quant", "-q", show_default=False,
-                                                 help="Download this quantization (e.g. Q4_K_M) instead of the choice.")] = None,
+    quant: Annotated[
+        Optional[str],
+        typer.Option(
+            "--quant", "-q", show_default=False, help="Download this quantization (e.g. Q4_K_M) instead of the choice."
+        ),
+    ] = None,
     ctx: CtxOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the candidates and the choice; download nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show the candidates and the choice; download nothing.")
+    ] = False,
     revision: RevisionOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Choose the quantization that fits this machine, show why, and download it."""
-    from localrun import pull as pulling
-    from localrun.refs import parse_ref
+    from localrun.commands.pull import pull as command
+    from localrun.model.refs import parse_ref
 
     out = Output.from_env(json=json)
-    result = pulling.pull(parse_ref(model, revision), out, n_ctx=ctx, dry_run=dry_run, quant=quant)
+    result = command(parse_ref(model, revision), out, n_ctx=ctx, dry_run=dry_run, quant=quant)
     if json:
         out.data(result.to_dict())
 
@@ -96,48 +121,69 @@ def pull(
 @boundary
 def list_models(json: JsonOpt = False) -> None:
     """Pulled models in the Hugging Face cache (also those fetched by other tools)."""
-    from localrun import store
+    from localrun.cache.scan import scan
+    from localrun.commands.listing import show_listing
 
-    store.show_listing(Output.from_env(json=json), store.scan())
+    show_listing(Output.from_env(json=json), scan())
 
 
 @app.command()
 @boundary
 def show(model: ModelArg, ctx: CtxOpt = None, revision: RevisionOpt = None, json: JsonOpt = False) -> None:
     """What a model is and how it would run here; for a repo not pulled, reads only its header."""
-    from localrun import describe
-    from localrun.refs import parse_ref
+    from localrun.commands import show as command
+    from localrun.inference.selftest import this_machine
+    from localrun.model.refs import parse_ref
 
     out = Output.from_env(json=json)
-    describe.show(out, describe.describe(parse_ref(model, revision), n_ctx=ctx))
+    ref = parse_ref(model, revision)
+    command.show(out, command.describe(ref, n_ctx=ctx, machine=this_machine(out.info)))
 
 
 @app.command()
 @boundary
 def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json: JsonOpt = False) -> None:
     """Remove a pulled model (MODEL:QUANT for one quant); asks first unless --yes."""
-    from localrun import store
-    from localrun.refs import parse_ref
+    from localrun.commands.rm import rm as command
+    from localrun.model.refs import parse_ref
 
-    store.rm(parse_ref(model, revision), Output.from_env(json=json), yes=yes)
+    command(parse_ref(model, revision), Output.from_env(json=json), yes=yes)
 
 
 @app.command()
 @boundary
 def bench(
-    models: Annotated[list[str], typer.Argument(help="A repo (benches its pulled quants) or several .gguf paths.",
-                                                metavar="MODEL", show_default=False)],
-    quants: Annotated[Optional[str], typer.Option("--quants", show_default=False,
-                                                  help="With a repo: pull and bench these quants (Q4_K_M,Q8_0), or 'fit' for all that fit.")] = None,
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="A repo (benches its pulled quants) or several .gguf paths.", metavar="MODEL", show_default=False
+        ),
+    ],
+    quants: Annotated[
+        Optional[str],
+        typer.Option(
+            "--quants",
+            show_default=False,
+            help="With a repo: pull and bench these quants (Q4_K_M,Q8_0), or 'fit' for all that fit.",
+        ),
+    ] = None,
     pp: Annotated[int, typer.Option("--pp", min=0, help="Prompt tokens for the prompt-processing test.")] = 512,
     tg: Annotated[int, typer.Option("--tg", min=0, help="Tokens for the generation test.")] = 128,
     reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions after the warm-up.")] = 5,
     ppl_ctx: Annotated[int, typer.Option("--ppl-ctx", min=16, help="Window of the perplexity / KLD pass.")] = 512,
-    ppl_chunks: Annotated[Optional[int], typer.Option("--ppl-chunks", min=1, show_default=False,
-                                                      help="Score only the first N windows of the text (default: all).")] = None,
-    max_kld: Annotated[float, typer.Option("--max-kld", min=0.0, help="Recommend the fastest candidate within this KLD.")] = 0.05,
-    eval_text: Annotated[Optional[Path], typer.Option("--text", show_default=False,
-                                                      help="Evaluation text (default: the one shipped with localrun).")] = None,
+    ppl_chunks: Annotated[
+        Optional[int],
+        typer.Option(
+            "--ppl-chunks", min=1, show_default=False, help="Score only the first N windows of the text (default: all)."
+        ),
+    ] = None,
+    max_kld: Annotated[
+        float, typer.Option("--max-kld", min=0.0, help="Recommend the fastest candidate within this KLD.")
+    ] = 0.05,
+    eval_text: Annotated[
+        Optional[Path],
+        typer.Option("--text", show_default=False, help="Evaluation text (default: the one shipped with localrun)."),
+    ] = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
@@ -146,76 +192,138 @@ def bench(
     verbose: VerboseOpt = False,
 ) -> None:
     """Compare quantizations on this machine: speed (pp, tg, TTFT, memory) and quality (perplexity, KLD)."""
-    from localrun import bench as benching
+    from localrun.bench.results import BenchOptions
+    from localrun.commands.bench import bench as command
 
     out = Output.from_env(json=json or csv or markdown, verbose=verbose)
-    opts = benching.BenchOptions(pp=pp, tg=tg, reps=reps, threads=threads, gpu_layers=gpu_layers, ppl_ctx=ppl_ctx,
-                                 ppl_chunks=ppl_chunks, quants=quants, max_kld=max_kld, eval_text=eval_text,
-                                 verbose=verbose)
-    result = benching.bench_command(models, opts, out, fmt="json" if json else "csv" if csv else "markdown" if markdown else "table")
+    opts = BenchOptions(
+        pp=pp,
+        tg=tg,
+        reps=reps,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        ppl_ctx=ppl_ctx,
+        ppl_chunks=ppl_chunks,
+        quants=quants,
+        max_kld=max_kld,
+        eval_text=eval_text,
+        verbose=verbose,
+    )
+    result = command(models, opts, out, "json" if json else "csv" if csv else "markdown" if markdown else "table")
     if result.interrupted:
         out.error("interrupted: the table shows what was measured so far")
-        raise typer.Exit(130)
+        raise typer.Exit(ExitCode.INTERRUPTED)
 
 
 # -- run / chat: generation options shared by both ------------------------------------------------
 SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", show_default=False, help="System prompt.")]
-MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens", "-n", min=1, show_default=False,
-                                                     help="Stop the reply after this many tokens (default: end of text or context).")]
+MaxTokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-tokens",
+        "-n",
+        min=1,
+        show_default=False,
+        help="Stop the reply after this many tokens (default: end of text or context).",
+    ),
+]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "--temp", min=0.0, help="0 is greedy (deterministic).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="0 disables.")]
 MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
 RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", min=0.0, help="1.0 disables.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, show_default=False, help="Sampling seed (default: random).")]
-StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", show_default=False, help="Stop at this text (repeatable).")]
-ChatFormatOpt = Annotated[Optional[str], typer.Option("--chat-format", show_default=False,
-                                                      help="Built-in chat format: chatml, gemma, llama3, plain, raw.")]
-TemplateOpt = Annotated[Optional[Path], typer.Option("--template", show_default=False,
-                                                     help="A Jinja chat template file, instead of the model's.")]
+SeedOpt = Annotated[
+    Optional[int], typer.Option("--seed", min=0, show_default=False, help="Sampling seed (default: random).")
+]
+StopOpt = Annotated[
+    Optional[list[str]], typer.Option("--stop", show_default=False, help="Stop at this text (repeatable).")
+]
+ChatFormatOpt = Annotated[
+    Optional[str],
+    typer.Option("--chat-format", show_default=False, help="Built-in chat format: chatml, gemma, llama3, plain, raw."),
+]
+TemplateOpt = Annotated[
+    Optional[Path],
+    typer.Option("--template", show_default=False, help="A Jinja chat template file, instead of the model's."),
+]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Plain completion of the prompt, without a chat template.")]
 StreamOpt = Annotated[bool, typer.Option("--stream", help="With --json: JSON Lines events as they come.")]
-IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Never end at an end-of-text token (fixed-length runs).")]
+IgnoreEosOpt = Annotated[
+    bool, typer.Option("--ignore-eos", help="Never end at an end-of-text token (fixed-length runs).")
+]
 
 
-PromptArg = Annotated[Optional[list[str]], typer.Argument(
-    metavar="PROMPT", show_default=False, help="The prompt. With piped stdin it is the instruction and stdin the material it applies to.")]
+PromptArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(
+        metavar="PROMPT",
+        show_default=False,
+        help="The prompt. With piped stdin it is the instruction and stdin the material it applies to.",
+    ),
+]
 
 
 def _generation_command(mode: str, doc: str):
     """`run` and `chat` take the same options; they differ in what happens without a prompt."""
 
     def command(
-        model: ModelArg, prompt: PromptArg = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = None,
-        temperature: TemperatureOpt = 0.8, top_p: TopPOpt = 0.95, top_k: TopKOpt = 40, min_p: MinPOpt = 0.05,
-        repeat_penalty: RepeatPenaltyOpt = 1.1, seed: SeedOpt = None, stop: StopOpt = None,
-        chat_format: ChatFormatOpt = None, template: TemplateOpt = None, raw: RawOpt = False,
-        ctx: CtxOpt = None, gpu_layers: GpuLayersOpt = None, threads: ThreadsOpt = None, ignore_eos: IgnoreEosOpt = False,
-        json: JsonOpt = False, stream: StreamOpt = False, verbose: VerboseOpt = False,
+        model: ModelArg,
+        prompt: PromptArg = None,
+        system: SystemOpt = None,
+        max_tokens: MaxTokensOpt = None,
+        temperature: TemperatureOpt = 0.8,
+        top_p: TopPOpt = 0.95,
+        top_k: TopKOpt = 40,
+        min_p: MinPOpt = 0.05,
+        repeat_penalty: RepeatPenaltyOpt = 1.1,
+        seed: SeedOpt = None,
+        stop: StopOpt = None,
+        chat_format: ChatFormatOpt = None,
+        template: TemplateOpt = None,
+        raw: RawOpt = False,
+        ctx: CtxOpt = None,
+        gpu_layers: GpuLayersOpt = None,
+        threads: ThreadsOpt = None,
+        ignore_eos: IgnoreEosOpt = False,
+        json: JsonOpt = False,
+        stream: StreamOpt = False,
+        verbose: VerboseOpt = False,
     ) -> None:
-        from localrun import chat
-        from localrun.engine import EngineConfig
-        from localrun.runtime import SamplingOptions
+        from localrun.commands.generate import PromptOptions, generate
+        from localrun.inference.conversation import Settings
+        from localrun.inference.engine import EngineConfig
+        from localrun.inference.runtime import SamplingOptions
 
         out = Output.from_env(json=json, verbose=verbose)
-        sampling = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                   repeat_penalty=repeat_penalty, seed=seed, ban_eog=ignore_eos)
-        settings = chat.Settings(sampling, max_tokens, list(stop or []))
+        sampling = SamplingOptions(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            ban_eog=ignore_eos,
+        )
+        settings = Settings(sampling, max_tokens, list(stop or []))
         cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
-        stats = chat.command(mode, model, prompt or [], cfg, settings, out, system=system, raw=raw,
-                             chat_format=chat_format, template_file=template, stream=stream)
+        prompt_options = PromptOptions(system, raw, chat_format, template)
+        stats = generate(mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream)
         if stats is not None and stats.finish_reason == "cancelled":
-            raise typer.Exit(130)
+            raise typer.Exit(ExitCode.INTERRUPTED)
 
     command.__doc__ = doc
     command.__name__ = mode
     return boundary(command)
 
 
-app.command("run")(_generation_command(
-    "run", "Answer one prompt (argument and/or piped stdin) and exit; live speed on a terminal."))
-app.command("chat")(_generation_command(
-    "chat", "Chat with a model: streaming replies with live speed, history, slash commands (/help)."))
+app.command("run")(
+    _generation_command("run", "Answer one prompt (argument and/or piped stdin) and exit; live speed on a terminal.")
+)
+app.command("chat")(
+    _generation_command(
+        "chat", "Chat with a model: streaming replies with live speed, history, slash commands (/help)."
+    )
+)
 
 
 def main() -> None:

@@ -17,15 +17,18 @@ and the process RSS by scripts/fit_accuracy.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
-from localrun.gguf_info import HeaderInfo
+from localrun.hardware import Machine
+from localrun.model import quants
+from localrun.model.header import HeaderInfo
 
 MIB = 1 << 20
 GIB = 1 << 30
 DEFAULT_CTX = 4096
-MIN_CTX = 512
-UBATCH = 512  # runtime.LlamaContext: n_ubatch = min(n_batch, 512)
+MIN_CTX = 512  # the smallest context the planner reduces to
+UBATCH = 512  # the largest micro-batch a context decodes at once (n_ubatch)
 CELL_PAD = 256  # llama.cpp pads n_ctx (and the SWA cache) to a multiple of 256
 GPU_RESERVE = 512 * MIB  # per GPU: the CUDA/Metal context, fragmentation, the desktop
 # Beyond its buffers, llama.cpp's process grows by ~7 MiB (tiny model) to ~52 MiB (Gemma 3, 262k
@@ -42,38 +45,17 @@ _REPACK = {
     "dotprod": {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"},
 }
 # bytes per element of the KV cache types llama.cpp accepts
-_KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-             "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
-
-
-@dataclass
-class Device:
-    name: str
-    total: int
-    free: int
-    unified: bool = False  # shares system RAM (Apple silicon): RAM and VRAM are one pool
-
-
-@dataclass
-class Resources:
-    ram_total: int
-    ram_available: int
-    gpus: list[Device]
-    cpu_features: list[str] = field(default_factory=list)  # decides which weights get repacked
-    extra_bufts: bool = True  # False when the self-test disabled repacking on this build
-
-    @classmethod
-    def detect(cls) -> "Resources":
-        from localrun.hardware import machine_info
-
-        info = machine_info()
-        return cls(info.ram_total, info.ram_available,
-                   [Device(g.name, g.total_bytes, g.free_bytes, g.unified) for g in info.gpus],
-                   list(info.cpu.features))
-
-    @property
-    def unified(self) -> bool:
-        return any(g.unified for g in self.gpus)
+_KV_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+    "iq4_nl": 18 / 32,
+}
 
 
 @dataclass
@@ -96,22 +78,36 @@ class MemoryEstimate:
         return self.weights_vram + self.kv_vram + self.compute_vram
 
 
+Placement = Literal["gpu", "partial", "cpu", "none"]  # all layers on the GPU, some, none, won't fit
+
+
 @dataclass
 class Plan:
-    placement: str  # "gpu" (all layers), "partial", "cpu", "none" (won't fit)
+    placement: Placement
     n_gpu_layers: int
     n_ctx: int
     estimate: MemoryEstimate
     fits: bool
     note: str | None = None
+    extra_bufts: bool = True  # the self-test's verdict the estimate assumed: the load uses the same
 
 
 @dataclass
 class Option:
+    """One candidate quant, planned: what `choose` picks from."""
+
     key: str
     quality: float
     size: int
     plan: Plan
+
+
+def option(
+    key: str, quant: str | None, size: int, header: HeaderInfo, machine: Machine, n_ctx: int | None = None
+) -> Option:
+    """Plan one candidate (a remote quant in `pull`, a pulled one in the resolver, one in `bench`)."""
+    known = quants.info(quant or "")
+    return Option(key, known.quality if known else 0.0, size, plan(header, machine, n_ctx))
 
 
 def default_ctx(header: HeaderInfo, requested: int | None = None) -> int:
@@ -142,18 +138,22 @@ def kv_cells(header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, swa_full: b
     return [swa_cells if flags[i] else cells for i in range(header.n_layer)]
 
 
-def kv_bytes_per_layer(header: HeaderInfo, n_ctx: int, kv_type: str = "f16", n_ubatch: int = UBATCH,
-                       swa_full: bool = True) -> list[int]:
+def kv_bytes_per_layer(
+    header: HeaderInfo, n_ctx: int, kv_type: str = "f16", n_ubatch: int = UBATCH, swa_full: bool = True
+) -> list[int]:
     per_elem = _KV_BYTES.get(kv_type.lower())
     if per_elem is None:
         raise ValueError(f"unknown KV cache type {kv_type!r}; one of {', '.join(_KV_BYTES)}")
     cells = kv_cells(header, n_ctx, n_ubatch, swa_full)
-    return [int(header.n_head_kv[i] * (header.key_length + header.value_length) * cells[i] * per_elem)
-            for i in range(header.n_layer)]
+    return [
+        int(header.n_head_kv[i] * (header.key_length + header.value_length) * cells[i] * per_elem)
+        for i in range(header.n_layer)
+    ]
 
 
-def compute_bytes(header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, logits_rows: int | None = None,
-                  swa_full: bool = True) -> tuple[int, int]:
+def compute_bytes(
+    header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, logits_rows: int | None = None, swa_full: bool = True
+) -> tuple[int, int]:
     """(output phase, layer phase) bytes of llama.cpp's compute buffer for one micro-batch.
 
     llama.cpp reserves logits for every token of a micro-batch (n_outputs_max = n_batch by
@@ -175,10 +175,19 @@ def compute_bytes(header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, logits
     return output_phase, layer_phase
 
 
-def estimate(header: HeaderInfo, n_ctx: int, n_gpu_layers: int, kv_type: str = "f16", *,
-             n_batch: int = 512, n_outputs: int = 1, logits_rows: int | None = None,
-             extra_bufts: bool = True, cpu_features: list[str] | None = None,
-             swa_full: bool = True) -> MemoryEstimate:
+def estimate(
+    header: HeaderInfo,
+    n_ctx: int,
+    n_gpu_layers: int,
+    kv_type: str = "f16",
+    *,
+    n_batch: int = 512,
+    n_outputs: int = 1,
+    logits_rows: int | None = None,
+    extra_bufts: bool = True,
+    cpu_features: list[str] | None = None,
+    swa_full: bool = True,
+) -> MemoryEstimate:
     """Memory for `n_ctx` tokens with `n_gpu_layers` offloaded (llama.cpp's count: n_layer + 1 = all).
 
     n_outputs: logits rows kept per decode (1 for chat; n_batch for perplexity); logits_rows:
@@ -219,43 +228,50 @@ def estimate(header: HeaderInfo, n_ctx: int, n_gpu_layers: int, kv_type: str = "
 
     overhead = BASE_OVERHEAD + VOCAB_OVERHEAD * header.n_vocab + CTX_OVERHEAD * _pad(n_ctx)
     output_ram = 4 * header.n_vocab * max(1, n_outputs)
-    return MemoryEstimate(weights_ram, weights_vram, kv_ram, kv_vram, compute_ram, compute_vram,
-                          overhead, output_ram)
+    return MemoryEstimate(weights_ram, weights_vram, kv_ram, kv_vram, compute_ram, compute_vram, overhead, output_ram)
 
 
-def ram_headroom(res: Resources) -> int:
+def ram_headroom(machine: Machine) -> int:
     """RAM left free for the system and other programs: 10% of RAM, at least 1 GiB."""
-    return max(GIB, res.ram_total // 10)
+    return max(GIB, machine.ram_total // 10)
 
 
-def _vram_budget(res: Resources) -> int:
-    return sum(max(0, g.free - GPU_RESERVE) for g in res.gpus)
+def _vram_budget(machine: Machine) -> int:
+    return sum(max(0, g.free - GPU_RESERVE) for g in machine.gpus)
 
 
-def _fits(est: MemoryEstimate, res: Resources) -> bool:
-    ram_room = res.ram_available - ram_headroom(res)
-    if res.unified:  # one pool: the GPU's working-set limit, and everything against RAM
-        return est.vram <= _vram_budget(res) and est.ram + est.vram <= ram_room
+def _fits(est: MemoryEstimate, machine: Machine) -> bool:
+    ram_room = machine.ram_available - ram_headroom(machine)
+    if machine.unified:  # one pool: the GPU's working-set limit, and everything against RAM
+        return est.vram <= _vram_budget(machine) and est.ram + est.vram <= ram_room
     # each extra GPU holds its own copy of the compute buffer
-    extra_compute = est.compute_vram * max(0, len(res.gpus) - 1)
-    return est.ram <= ram_room and est.vram + extra_compute <= _vram_budget(res)
+    extra_compute = est.compute_vram * max(0, len(machine.gpus) - 1)
+    return est.ram <= ram_room and est.vram + extra_compute <= _vram_budget(machine)
 
 
-def _best_layers(header: HeaderInfo, res: Resources, n_ctx: int, kv_type: str) -> tuple[int, MemoryEstimate] | None:
+def _best_layers(header: HeaderInfo, machine: Machine, n_ctx: int, kv_type: str) -> tuple[int, MemoryEstimate] | None:
     """The most GPU layers that fit (n_layer + 1 = all), or None when not even the CPU has room."""
-    def est(n_gpu: int) -> MemoryEstimate:
-        return estimate(header, n_ctx, n_gpu, kv_type, extra_bufts=res.extra_bufts,
-                        cpu_features=res.cpu_features, logits_rows=1)
 
-    top = header.n_layer + 1 if res.gpus else 0
+    def est(n_gpu: int) -> MemoryEstimate:
+        return estimate(
+            header,
+            n_ctx,
+            n_gpu,
+            kv_type,
+            extra_bufts=machine.extra_bufts,
+            cpu_features=machine.cpu.features,
+            logits_rows=1,
+        )
+
+    top = header.n_layer + 1 if machine.gpus else 0
     for n_gpu in range(top, -1, -1):
         guess = est(n_gpu)
-        if _fits(guess, res):
+        if _fits(guess, machine):
             return n_gpu, guess
     return None
 
 
-def plan(header: HeaderInfo, res: Resources, n_ctx: int | None = None, kv_type: str = "f16") -> Plan:
+def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, kv_type: str = "f16") -> Plan:
     """Where to run the model: all on the GPU, partly, on the CPU, or not at all; with a margin.
 
     Plans are for generation: runtime contexts without logits_all reserve one logits row.
@@ -265,20 +281,29 @@ def plan(header: HeaderInfo, res: Resources, n_ctx: int | None = None, kv_type: 
     wanted = default_ctx(header, n_ctx)
     ctx = wanted
     while True:
-        found = _best_layers(header, res, ctx, kv_type)
+        found = _best_layers(header, machine, ctx, kv_type)
         if found is not None or ctx <= MIN_CTX:
             break
         ctx = max(MIN_CTX, ctx // 2)
     total = header.n_layer + 1
     if found is None:
-        est = estimate(header, wanted, 0, kv_type, extra_bufts=res.extra_bufts, cpu_features=res.cpu_features,
-                       logits_rows=1)
-        return Plan("none", 0, wanted, est, False, "needs more memory than this machine has")
+        est = estimate(
+            header,
+            wanted,
+            0,
+            kv_type,
+            extra_bufts=machine.extra_bufts,
+            cpu_features=machine.cpu.features,
+            logits_rows=1,
+        )
+        return Plan("none", 0, wanted, est, False, "needs more memory than this machine has", machine.extra_bufts)
     n_gpu, est = found
     notes = []
     if 0 < header.n_ctx_train < ctx:
-        notes.append(f"context {ctx} is beyond the {header.n_ctx_train} the model was trained with: "
-                     "expect worse output past that")
+        notes.append(
+            f"context {ctx} is beyond the {header.n_ctx_train} the model was trained with: "
+            "expect worse output past that"
+        )
     if ctx != wanted:
         notes.append(f"context reduced to {ctx} to fit")
     if n_gpu == total:
@@ -288,13 +313,14 @@ def plan(header: HeaderInfo, res: Resources, n_ctx: int | None = None, kv_type: 
         notes.append(f"{n_gpu}/{total} layers on GPU")
     else:
         placement = "cpu"
-        if res.gpus:
+        if machine.gpus:
             notes.append("no layer fits in VRAM")
-    return Plan(placement, n_gpu, ctx, est, True, "; ".join(notes) or None)
+    return Plan(placement, n_gpu, ctx, est, True, "; ".join(notes) or None, machine.extra_bufts)
 
 
 def choose(options: list[Option]) -> int | None:
     """Index of the best option: the best quality fully on the GPU, else the best that fits RAM."""
+
     def best(indices: list[int]) -> int | None:
         return max(indices, key=lambda i: (options[i].quality, -options[i].size), default=None)
 

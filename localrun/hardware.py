@@ -1,11 +1,11 @@
-"""What this machine has: CPU and its features, RAM, GPUs, and what the llama.cpp build supports."""
+"""What this machine has: CPU and its features, RAM, GPUs. One model of the machine, used by
+the hardware report and by the memory planner."""
 
 from __future__ import annotations
 
 import os
 import platform
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import psutil
 
@@ -14,16 +14,16 @@ LLAMA_CPU_FLAGS = (
     "sse3", "ssse3", "avx", "avx2", "f16c", "fma", "avx_vnni",
     "avx512f", "avx512bw", "avx512vl", "avx512_vbmi", "avx512_vnni", "avx512_bf16",
     "amx_tile", "amx_int8", "amx_bf16", "neon", "sve", "dotprod", "i8mm",
-)
+)  # fmt: skip
 
 
 @dataclass
-class CPUInfo:
-    model: str
-    arch: str
-    physical_cores: int | None
-    logical_cores: int | None
-    features: list[str]
+class CPU:
+    model: str = "unknown"
+    arch: str = ""
+    physical_cores: int | None = None
+    logical_cores: int | None = None
+    features: list[str] = field(default_factory=list)
 
     @property
     def has_amx(self) -> bool:
@@ -31,39 +31,32 @@ class CPUInfo:
 
 
 @dataclass
-class GPUInfo:
+class GPU:
     name: str
-    backend: str  # "cuda", "metal", ...
-    total_bytes: int
-    free_bytes: int
-    unified: bool = False  # shares system RAM (Apple silicon)
+    total: int  # bytes
+    free: int  # bytes
+    unified: bool = False  # shares system RAM (Apple silicon): RAM and VRAM are one pool
+    backend: str = ""  # "cuda", "metal", ...
 
 
 @dataclass
-class BuildInfo:
-    """What the installed llama-cpp-python / llama.cpp build can do."""
+class Machine:
+    """RAM, GPUs and CPU, plus what the installed llama.cpp build may use here (the self-test's
+    verdict on extra buffer types): everything the planner needs to know about where it runs."""
 
-    version: str
-    gpu_offload: bool
-    system_info: str
-    backends: list[str] = field(default_factory=list)
-
-    @property
-    def has_amx(self) -> bool:
-        return bool(re.search(r"AMX_INT8 = 1", self.system_info))
-
-
-@dataclass
-class MachineInfo:
-    os: str
-    cpu: CPUInfo
     ram_total: int
     ram_available: int
-    gpus: list[GPUInfo]
+    gpus: list[GPU] = field(default_factory=list)
+    cpu: CPU = field(default_factory=CPU)
+    os: str = ""
+    extra_bufts: bool = True  # False when the self-test disabled repacking on this build
 
     @property
-    def unified_memory(self) -> bool:
+    def unified(self) -> bool:
         return any(g.unified for g in self.gpus)
+
+    def with_extra_bufts(self, extra_bufts: bool) -> Machine:
+        return replace(self, extra_bufts=extra_bufts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +80,7 @@ def _cpuinfo_linux() -> tuple[str, list[str]]:
     return model, flags
 
 
-def cpu_info() -> CPUInfo:
+def cpu_info() -> CPU:
     model, flags = ("", [])
     if platform.system() == "Linux":
         model, flags = _cpuinfo_linux()
@@ -98,7 +91,7 @@ def cpu_info() -> CPUInfo:
     wanted = [f for f in LLAMA_CPU_FLAGS if f in present]
     if "asimddp" in flags:
         wanted.append("dotprod")
-    return CPUInfo(
+    return CPU(
         model=model,
         arch=platform.machine(),
         physical_cores=psutil.cpu_count(logical=False),
@@ -107,7 +100,7 @@ def cpu_info() -> CPUInfo:
     )
 
 
-def _nvidia_gpus() -> list[GPUInfo]:
+def _nvidia_gpus() -> list[GPU]:
     try:
         import pynvml  # from nvidia-ml-py, optional
     except ImportError:
@@ -122,53 +115,53 @@ def _nvidia_gpus() -> list[GPUInfo]:
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(handle)
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(GPUInfo(name=name if isinstance(name, str) else name.decode(),
-                                backend="cuda", total_bytes=int(mem.total), free_bytes=int(mem.free)))
+            gpus.append(
+                GPU(name if isinstance(name, str) else name.decode(), int(mem.total), int(mem.free), backend="cuda")
+            )
     finally:
         pynvml.nvmlShutdown()
     return gpus
 
 
-def _apple_gpu(ram_total: int, ram_available: int) -> list[GPUInfo]:
+def nvml_available() -> bool:
+    """Whether nvidia-ml-py is installed (without it NVIDIA GPUs cannot be seen)."""
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver is loaded: worth suggesting nvidia-ml-py when it is missing."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def _apple_gpu(ram_total: int, ram_available: int) -> list[GPU]:
     if platform.system() != "Darwin" or platform.machine() != "arm64":
         return []
     # Metal may wire about 2/3 (≤36 GiB RAM) to 3/4 of unified memory for the GPU by default.
     share = 0.75 if ram_total > 36 * 2**30 else 2 / 3
-    return [GPUInfo(name="Apple GPU (Metal)", backend="metal", total_bytes=int(ram_total * share),
-                    free_bytes=int(min(ram_available, ram_total * share)), unified=True)]
+    return [
+        GPU(
+            "Apple GPU (Metal)",
+            int(ram_total * share),
+            int(min(ram_available, ram_total * share)),
+            unified=True,
+            backend="metal",
+        )
+    ]
 
 
-def machine_info() -> MachineInfo:
+def detect() -> Machine:
+    """This machine as it is now (RAM available changes; call again for a fresh figure)."""
     vm = psutil.virtual_memory()
-    gpus = _nvidia_gpus() + _apple_gpu(vm.total, vm.available)
-    return MachineInfo(
-        os=f"{platform.system()} {platform.release()}",
-        cpu=cpu_info(),
+    return Machine(
         ram_total=int(vm.total),
         ram_available=int(vm.available),
-        gpus=gpus,
-    )
-
-
-def build_info() -> BuildInfo:
-    """Ask the installed llama.cpp what it was built with. Imports llama_cpp (slow): call lazily."""
-    import llama_cpp
-
-    from localrun.llama_log import install
-
-    install()
-    system_info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
-    backends = []
-    try:
-        for i in range(llama_cpp.ggml_backend_reg_count()):
-            backends.append(llama_cpp.ggml_backend_reg_name(llama_cpp.ggml_backend_reg_get(i)).decode())
-    except AttributeError:  # older bindings do not expose the backend registry
-        backends = [m.group(1) for m in re.finditer(r"(\w+) : ", system_info)]
-    return BuildInfo(
-        version=getattr(llama_cpp, "__version__", "unknown"),
-        gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
-        system_info=system_info,
-        backends=backends,
+        gpus=_nvidia_gpus() + _apple_gpu(vm.total, vm.available),
+        cpu=cpu_info(),
+        os=f"{platform.system()} {platform.release()}",
     )
 
 

@@ -8,11 +8,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from localrun.errors import UsageError
+from localrun.text import safe
+
 if TYPE_CHECKING:  # rich is imported on first use: `--help` must stay fast
     from rich.console import Console
 
+MESSAGE_LIMIT = 1000  # characters of one error or warning line
 
-def _isatty(stream: Any) -> bool:
+
+def isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
@@ -28,38 +33,41 @@ class Output:
     stderr_tty: bool = False
     color: bool = False
     verbose: bool = False
-    _out: "Console | None" = field(default=None, repr=False)
-    _err: "Console | None" = field(default=None, repr=False)
+    _out: Console | None = field(default=None, repr=False)
+    _err: Console | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls, *, json: bool = False, verbose: bool = False) -> "Output":
-        stdout_tty, stderr_tty = _isatty(sys.stdout), _isatty(sys.stderr)
+    def from_env(cls, *, json: bool = False, verbose: bool = False) -> Output:
+        stdout_tty, stderr_tty = isatty(sys.stdout), isatty(sys.stderr)
         color = "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
         return cls(json=json, stdout_tty=stdout_tty, stderr_tty=stderr_tty, color=color, verbose=verbose)
 
     # Consoles are made on first use so that `--help` never pays for them, and so that they
     # write to whatever sys.stdout/sys.stderr are at that moment (pytest and CliRunner swap them).
     @property
-    def out(self) -> "Console":
+    def out(self) -> Console:
         if self._out is None:
-            from rich.console import Console
-
-            self._out = Console(
-                file=sys.stdout, force_terminal=self.stdout_tty, no_color=not self.color,
-                highlight=False, soft_wrap=True,
-            )
+            self._out = self._console(sys.stdout, self.stdout_tty)
         return self._out
 
     @property
-    def err(self) -> "Console":
+    def err(self) -> Console:
         if self._err is None:
-            from rich.console import Console
-
-            self._err = Console(
-                file=sys.stderr, force_terminal=self.stderr_tty, no_color=not self.color,
-                highlight=False, soft_wrap=True,
-            )
+            self._err = self._console(sys.stderr, self.stderr_tty)
         return self._err
+
+    def _console(self, file: Any, tty: bool) -> Console:
+        from rich.console import Console
+
+        # Piped, a line is as long as it is: rich would otherwise pad and wrap it to 80 columns.
+        return Console(
+            file=file,
+            force_terminal=tty,
+            no_color=not self.color,
+            highlight=False,
+            soft_wrap=True,
+            width=None if tty else 10_000,
+        )
 
     @property
     def interactive(self) -> bool:
@@ -87,7 +95,7 @@ class Output:
 
     # -- messages (stderr) ----------------------------------------------------------------------
     def info(self, message: str) -> None:
-        self.err.print(message, markup=False)
+        self.err.print(safe(message, None, multiline=True), markup=False)
 
     def status(self, markup: str) -> None:
         """A styled message on stderr; the caller escapes any outside text it includes."""
@@ -95,21 +103,19 @@ class Output:
 
     def warn(self, message: str) -> None:
         self.err.print("[yellow]warning:[/] ", end="")
-        self.err.print(message, markup=False)
+        self.err.print(safe(message, MESSAGE_LIMIT), markup=False)
 
     def error(self, message: str, hint: str | None = None) -> None:
         self.err.print("[bold red]error:[/] ", end="")
-        self.err.print(message, markup=False)
+        self.err.print(safe(message, MESSAGE_LIMIT), markup=False)
         if hint:
             self.err.print("[dim]hint:[/] ", end="")
-            self.err.print(hint, markup=False)
+            self.err.print(safe(hint, MESSAGE_LIMIT), markup=False)
 
     def confirm(self, question: str, *, refuse_hint: str = "add --yes to go ahead without asking") -> bool:
         """Ask yes/no on stderr. Nobody can answer when stdin or stderr is not a terminal, or with
         --json: then raise UsageError rather than guess."""
-        from localrun.errors import UsageError
-
-        if not (self.interactive and _isatty(sys.stdin)):
+        if not (self.interactive and isatty(sys.stdin)):
             raise UsageError("refusing to ask for confirmation: not on a terminal", hint=refuse_hint)
         self.err.print(f"{question} [y/N] ", end="", markup=False)
         try:
@@ -117,15 +123,3 @@ class Output:
         except EOFError:
             answer = ""
         return answer.strip().lower() in ("y", "yes")
-
-
-def human_bytes(n: int | float) -> str:
-    """Sizes as people read them: 512 B, 0.99 MiB, 3.4 MiB, 4.1 GiB (never four digits)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1000 or unit == "TiB":
-            if unit == "B":
-                return f"{value:.0f} B"
-            return f"{value:.2f} {unit}" if abs(value) < 1 else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")

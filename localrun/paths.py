@@ -1,9 +1,16 @@
-"""Where localrun keeps its own small files (history, probe verdicts). Models stay in the HF cache."""
+"""Where localrun keeps its own small files, and the one way it writes them.
+
+Models stay in the HF cache. localrun's own files (history, verdicts, last use, header cache, KV
+cache) live in $LOCALRUN_HOME, else $XDG_CONFIG_HOME/localrun, else ~/.config/localrun.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def home() -> Path:
@@ -16,3 +23,36 @@ def home() -> Path:
         path = Path(base) / "localrun"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document at `path`; None when it is missing or unreadable (bookkeeping only)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: Any, *, indent: int | None = None) -> None:
+    """Write JSON atomically: a unique temporary file in the same folder, fsync, then rename, so
+    that a reader (or a second process writing at once) never sees half a file. Raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=indent, sort_keys=indent is not None)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_quietly(path: Path, data: Any, **kwargs: Any) -> bool:
+    """write_json for bookkeeping that must never stop a command (a full or read-only disk)."""
+    try:
+        write_json(path, data, **kwargs)
+    except OSError:
+        return False
+    return True

@@ -65,19 +65,34 @@ def default_model() -> Path:
 
 
 def bench_worker(spec) -> dict:
-    from localrun.bench import CandidateResult, run_worker
+    from localrun.bench.results import CandidateResult
+    from localrun.bench.runner import run_worker
 
     result = CandidateResult("model", spec.path, None, 0)
     run_worker(spec, result, lambda event: None)
     if result.status != "ok":
         raise SystemExit(f"bench worker {result.status}: {result.error}")
-    return {"pp": result.pp.mean if result.pp else None, "tg": result.tg.mean if result.tg else None,
-            "ppl": result.ppl, "windows": result.ppl_windows}
+    return {
+        "pp": result.pp.mean if result.pp else None,
+        "tg": result.tg.mean if result.tg else None,
+        "ppl": result.ppl,
+        "windows": result.ppl_windows,
+    }
 
 
 def raw_loop(spec, tokens: list[int]) -> dict:
-    payload = json.dumps({"path": spec.path, "pp": spec.pp, "tg": spec.tg, "reps": spec.reps, "threads": spec.threads,
-                          "gpu_layers": spec.gpu_layers, "use_extra_bufts": spec.use_extra_bufts, "tokens": tokens})
+    payload = json.dumps(
+        {
+            "path": spec.path,
+            "pp": spec.pp,
+            "tg": spec.tg,
+            "reps": spec.reps,
+            "threads": spec.threads,
+            "gpu_layers": spec.gpu_layers,
+            "use_extra_bufts": spec.use_extra_bufts,
+            "tokens": tokens,
+        }
+    )
     proc = subprocess.run([sys.executable, "-c", RAW_LOOP, payload], capture_output=True, text=True, check=True)
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"pp": statistics.fmean(data["pp"]), "tg": statistics.fmean(data["tg"])}
@@ -93,17 +108,20 @@ def interleaved(path: str, spec, tokens: list[int], rounds: int) -> dict[str, fl
     import time
 
     import llama_cpp as lc
+    from localrun.bench.worker import measure_speed
+    from localrun.inference.runtime import LoadOptions, load
 
-    from localrun.bench_worker import measure_speed
-    from localrun.runtime import LoadOptions, load
-
-    loaded = load(path, LoadOptions(n_ctx=spec.pp + spec.tg, n_batch=spec.pp, n_threads=spec.threads,
-                                    use_extra_bufts=spec.use_extra_bufts))
+    loaded = load(
+        path,
+        LoadOptions(
+            n_ctx=spec.pp + spec.tg, n_batch=spec.pp, n_threads=spec.threads, use_extra_bufts=spec.use_extra_bufts
+        ),
+    )
     ctx, mem = loaded.ctx.ptr, lc.llama_get_memory(loaded.ctx.ptr)
 
     def raw_pp() -> float:
         lc.llama_memory_clear(mem, True)
-        arr = (lc.llama_token * spec.pp)(*tokens[:spec.pp])
+        arr = (lc.llama_token * spec.pp)(*tokens[: spec.pp])
         start = time.perf_counter()
         lc.llama_decode(ctx, lc.llama_batch_get_one(arr, spec.pp))
         lc.llama_synchronize(ctx)
@@ -139,8 +157,11 @@ def interleaved(path: str, spec, tokens: list[int], rounds: int) -> dict[str, fl
 
 
 def llama_perplexity(binary: Path, model: str, text: Path, n_ctx: int, threads: int) -> float:
-    proc = subprocess.run([str(binary), "-m", model, "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
-                           "-t", str(threads)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(binary), "-m", model, "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads)],
+        capture_output=True,
+        text=True,
+    )
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
     if not found:
         raise SystemExit("llama-perplexity printed no estimate:\n" + (proc.stderr or proc.stdout)[-2000:])
@@ -159,26 +180,40 @@ def main() -> int:
     parser.add_argument("--speed-only", action="store_true", help="skip the perplexity comparison")
     args = parser.parse_args()
 
-    from localrun import selftest
-    from localrun.bench import eval_text_path, BenchOptions
-    from localrun.bench_worker import WorkerSpec
+    from localrun.bench.results import BenchOptions
+    from localrun.bench.runner import eval_text_path
+    from localrun.bench.worker import WorkerSpec
     from localrun.hardware import default_threads
-    from localrun.runtime import LoadOptions, LlamaModel
+    from localrun.inference import selftest
+    from localrun.inference.runtime import LlamaModel, LoadOptions
 
     text = eval_text_path(BenchOptions())
     extra = selftest.use_extra_bufts()
     threads = default_threads()
     with LlamaModel(args.model, LoadOptions(use_extra_bufts=extra)) as model:
         tokens = model.tokenize(text.read_text(encoding="utf-8"), add_special=True, parse_special=False)[1:]
-    tokens = (tokens * 2)[:max(args.pp, args.tg)]
-    speed_spec = WorkerSpec(path=str(args.model), eval_text=str(text), pp=args.pp, tg=args.tg, reps=args.reps,
-                            threads=threads, gpu_layers=0, use_extra_bufts=extra, ppl_ctx=64, ppl_chunks=1)
+    tokens = (tokens * 2)[: max(args.pp, args.tg)]
+    speed_spec = WorkerSpec(
+        path=str(args.model),
+        eval_text=str(text),
+        pp=args.pp,
+        tg=args.tg,
+        reps=args.reps,
+        threads=threads,
+        gpu_layers=0,
+        use_extra_bufts=extra,
+        ppl_ctx=64,
+        ppl_chunks=1,
+    )
     bench_runs, raw_runs = [], []
     for round_ in range(args.rounds):
         bench_runs.append(bench_worker(speed_spec))
         raw_runs.append(raw_loop(speed_spec, tokens))
-        print(f"round {round_ + 1}: bench pp {bench_runs[-1]['pp']:.1f} tg {bench_runs[-1]['tg']:.2f} | "
-              f"raw pp {raw_runs[-1]['pp']:.1f} tg {raw_runs[-1]['tg']:.2f} tok/s", flush=True)
+        print(
+            f"round {round_ + 1}: bench pp {bench_runs[-1]['pp']:.1f} tg {bench_runs[-1]['tg']:.2f} | "
+            f"raw pp {raw_runs[-1]['pp']:.1f} tg {raw_runs[-1]['tg']:.2f} tok/s",
+            flush=True,
+        )
     figures = {}
     for key in ("pp", "tg"):
         ours = statistics.fmean(r[key] for r in bench_runs)
@@ -187,27 +222,44 @@ def main() -> int:
         # next: the median of the per-round ratios (each round runs both back to back) is steadier.
         ratio = statistics.median(b[key] / r[key] for b, r in zip(bench_runs, raw_runs))
         figures[key] = ratio
-        print(f"{key}{getattr(args, key)}: bench {ours:.2f} tok/s, raw llama.cpp loop {raw:.2f} tok/s (means); "
-              f"median ratio over {args.rounds} rounds {ratio:.3f} ({'ok' if ratio >= 0.97 else 'BELOW 0.97'})")
+        print(
+            f"{key}{getattr(args, key)}: bench {ours:.2f} tok/s, raw llama.cpp loop {raw:.2f} tok/s (means); "
+            f"median ratio over {args.rounds} rounds {ratio:.3f} ({'ok' if ratio >= 0.97 else 'BELOW 0.97'})"
+        )
 
     same = interleaved(str(args.model), speed_spec, tokens, rounds=4 * args.rounds)
     for key in ("pp", "tg"):
-        print(f"{key}{getattr(args, key)} in one process, alternating every repetition ({4 * args.rounds}x): "
-              f"median ratio bench/raw {same[key]:.3f} ({'ok' if same[key] >= 0.97 else 'BELOW 0.97'})")
+        print(
+            f"{key}{getattr(args, key)} in one process, alternating every repetition ({4 * args.rounds}x): "
+            f"median ratio bench/raw {same[key]:.3f} ({'ok' if same[key] >= 0.97 else 'BELOW 0.97'})"
+        )
     figures = same  # the verdict rests on the controlled comparison; the per-process rounds are shown above
     if args.speed_only:
         return 0 if min(figures.values()) >= 0.97 else 1
-    ppl_spec = WorkerSpec(path=str(args.model), eval_text=str(text), pp=0, tg=0, reps=1, threads=threads,
-                          gpu_layers=0, use_extra_bufts=extra, ppl_ctx=args.ppl_ctx)
+    ppl_spec = WorkerSpec(
+        path=str(args.model),
+        eval_text=str(text),
+        pp=0,
+        tg=0,
+        reps=1,
+        threads=threads,
+        gpu_layers=0,
+        use_extra_bufts=extra,
+        ppl_ctx=args.ppl_ctx,
+    )
     ours = bench_worker(ppl_spec)
     if not args.perplexity.exists():
-        print(f"perplexity: bench {ours['ppl']:.4f} over {ours['windows']} windows of {args.ppl_ctx}; "
-              f"{args.perplexity} not built, no comparison")
+        print(
+            f"perplexity: bench {ours['ppl']:.4f} over {ours['windows']} windows of {args.ppl_ctx}; "
+            f"{args.perplexity} not built, no comparison"
+        )
         return 0
     theirs = llama_perplexity(args.perplexity, str(args.model), text, args.ppl_ctx, threads)
     diff = abs(ours["ppl"] - theirs) / theirs
-    print(f"perplexity (ctx {args.ppl_ctx}, {ours['windows']} windows): bench {ours['ppl']:.4f}, "
-          f"llama-perplexity {theirs:.4f}, difference {100 * diff:.3f}% ({'ok' if diff <= 0.01 else 'ABOVE 1%'})")
+    print(
+        f"perplexity (ctx {args.ppl_ctx}, {ours['windows']} windows): bench {ours['ppl']:.4f}, "
+        f"llama-perplexity {theirs:.4f}, difference {100 * diff:.3f}% ({'ok' if diff <= 0.01 else 'ABOVE 1%'})"
+    )
     return 0 if figures["pp"] >= 0.97 and figures["tg"] >= 0.97 and diff <= 0.01 else 1
 
 

@@ -30,16 +30,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' model builder and engine helper
 
-from localrun import render, selftest  # noqa: E402
-from localrun.engine import Engine, EngineConfig  # noqa: E402
+from localrun.commands.stream import LiveRenderer  # noqa: E402
+from localrun.inference import selftest  # noqa: E402
+from localrun.inference.build import llama  # noqa: E402
+from localrun.inference.engine import Engine, drive  # noqa: E402
+from localrun.inference.runtime import SamplingOptions  # noqa: E402
 from localrun.output import Output  # noqa: E402
-from localrun.runtime import SamplingOptions, _llama  # noqa: E402
+
+from support.engines import open_engine  # noqa: E402
+from support.models import build_suite  # noqa: E402
 
 SAMPLING = SamplingOptions(temperature=0, repeat_penalty=1.1, ban_eog=True)
-TEXT = ("The history of the river valley goes back thousands of years. Farmers settled along its banks, "
-        "built canals, and traded grain with the towns upstream. ")
+TEXT = (
+    "The history of the river valley goes back thousands of years. Farmers settled along its banks, "
+    "built canals, and traded grain with the towns upstream. "
+)
 
 
 def default_model() -> Path:
@@ -50,7 +57,7 @@ class Bare:
     """The loop anyone would write with llama-cpp-python's low-level API."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int, extra_bufts: bool):
-        lc = self.lc = _llama()
+        lc = self.lc = llama()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0
         mp.use_extra_bufts = extra_bufts
@@ -77,7 +84,7 @@ class Bare:
         lc.llama_sampler_reset(self.sampler)
         t0 = time.perf_counter()
         for start in range(0, len(tokens), 512):
-            chunk = tokens[start:start + 512]
+            chunk = tokens[start : start + 512]
             arr = (lc.llama_token * len(chunk))(*chunk)
             assert lc.llama_decode(self.ctx, lc.llama_batch_get_one(arr, len(chunk))) == 0
         t1 = time.perf_counter()
@@ -98,7 +105,7 @@ class Bare:
 def engine_run(engine: Engine, tokens: list[int], tg: int, out: Output) -> tuple[float, float]:
     engine.cached = []
     engine.ctx.reset()
-    stats = render.drive(engine.generate(tokens, SAMPLING, tg, []), render.LiveRenderer(out, show_stats=False))
+    stats = drive(engine.generate(tokens, SAMPLING, tg, []), LiveRenderer(out, show_stats=False))
     assert stats.generated_tokens == tg, stats
     return stats.prompt_tps, stats.gen_tps
 
@@ -118,8 +125,23 @@ class Redirect:
 
 
 def startup(model: Path, prompt: str, threads: int) -> dict[str, float]:
-    argv = [sys.executable, "-m", "localrun", "run", str(model), prompt, "-n", "2", "--temp", "0", "--ignore-eos",
-            "--json", "--stream", "--threads", str(threads)]
+    argv = [
+        sys.executable,
+        "-m",
+        "localrun",
+        "run",
+        str(model),
+        prompt,
+        "-n",
+        "2",
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--stream",
+        "--threads",
+        str(threads),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     start, first, stats = {}, None, {}
@@ -133,16 +155,20 @@ def startup(model: Path, prompt: str, threads: int) -> dict[str, float]:
             stats = event
     proc.wait()
     assert first is not None, "no piece came out"
-    model_work = start["resolve_s"] + start["plan_s"] + start["load_s"]
+    model_work = start["resolve_s"] + start["load_s"]
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", IMPORTS], check=True, cwd=ROOT)
     imports = time.perf_counter() - t0
     overhead = first - model_work - stats["ttft_s"]
-    return {"to_first_token": first, "resolve_s": start["resolve_s"], "plan_s": start["plan_s"],
-            "load_s": start["load_s"], "ttft_s": stats["ttft_s"],
-            "overhead": overhead,  # everything but reading/validating/planning/loading the model and prefill
-            "interpreter_and_imports": imports,  # python start + the modules the command needs
-            "overhead_minus_imports": overhead - imports}  # localrun's own work
+    return {
+        "to_first_token": first,
+        "resolve_s": start["resolve_s"],
+        "load_s": start["load_s"],
+        "ttft_s": stats["ttft_s"],
+        "overhead": overhead,  # everything but reading/validating/planning/loading the model and prefill
+        "interpreter_and_imports": imports,  # python start + the modules the command needs
+        "overhead_minus_imports": overhead - imports,
+    }  # localrun's own work
 
 
 class FirstPiece:
@@ -170,8 +196,9 @@ def startup_in_process(model: Path, prompt: str, threads: int) -> dict[str, floa
     command starting and the first token, beyond reading, planning, loading and prefill."""
     import io
 
-    from localrun import chat
-    from localrun.engine import EngineConfig
+    from localrun.commands.generate import PromptOptions, generate
+    from localrun.inference.conversation import Settings
+    from localrun.inference.engine import EngineConfig
 
     sink = FirstPiece()
     saved = sys.stdout, sys.stdin
@@ -179,20 +206,28 @@ def startup_in_process(model: Path, prompt: str, threads: int) -> dict[str, floa
     try:
         t0 = time.perf_counter()
         out = Output(json=True)
-        settings = chat.Settings(SamplingOptions(temperature=0, ban_eog=True), 2, [])
-        chat.command("run", str(model), [prompt], EngineConfig(n_threads=threads), settings, out, system=None,
-                     raw=False, chat_format=None, template_file=None, stream=True)
+        settings = Settings(SamplingOptions(temperature=0, ban_eog=True), 2, [])
+        generate(
+            "run", str(model), [prompt], EngineConfig(n_threads=threads), settings, out, PromptOptions(), stream=True
+        )
     finally:
         sys.stdout, sys.stdin = saved
     events = [json.loads(x) for x in "".join(sink.lines).splitlines()]
     start, stats = events[0], events[-1]
-    model_work = start["resolve_s"] + start["plan_s"] + start["load_s"]
-    return {"to_first_token": sink.first - t0, "model_work": model_work, "ttft_s": stats["ttft_s"],
-            "localrun_overhead": sink.first - t0 - model_work - stats["ttft_s"]}
+    model_work = start["resolve_s"] + start["load_s"]
+    return {
+        "to_first_token": sink.first - t0,
+        "model_work": model_work,
+        "ttft_s": stats["ttft_s"],
+        "localrun_overhead": sink.first - t0 - model_work - stats["ttft_s"],
+    }
 
 
 # What `localrun run` imports: a Python start-up plus these is the floor of any Python CLI doing this.
-IMPORTS = "import localrun.cli, localrun.chat, localrun.engine, localrun.pull, localrun.fit, llama_cpp, jinja2.sandbox, rich.console"
+IMPORTS = (
+    "import localrun.cli, localrun.commands.generate, localrun.commands.loading, llama_cpp, jinja2.sandbox, "
+    "rich.console"
+)
 
 
 def fixed_costs(path: Path, threads: int, reps: int = 10) -> dict[str, float]:
@@ -200,7 +235,7 @@ def fixed_costs(path: Path, threads: int, reps: int = 10) -> dict[str, float]:
     decode is ~100x faster than Gemma's, so the Python work around llama.cpp stands out of the
     noise. Multiply by a model's tok/s to get the fraction it costs there."""
     tg, pp = 400, 64
-    engine = Engine.open(path, EngineConfig(n_ctx=1024, n_gpu_layers=0, n_threads=threads), Output())
+    engine = open_engine(path, n_ctx=1024, n_gpu_layers=0, n_threads=threads)
     bare = Bare(path, 1024, threads, selftest.use_extra_bufts())
     tokens = engine.tokenize(TEXT * 10)[:pp]
     devnull, out = open(os.devnull, "w"), Output()
@@ -209,10 +244,14 @@ def fixed_costs(path: Path, threads: int, reps: int = 10) -> dict[str, float]:
         runs["bare"].append(bare.run(tokens, tg, devnull))
         runs["engine"].append(_with(devnull, lambda: engine_run(engine, tokens, tg, out)))
     engine.close()
-    med = {k: (statistics.median(pp / x[0] for x in v), statistics.median(1 / x[1] for x in v)) for k, v in runs.items()}
-    return {"per_token_us": round((med["engine"][1] - med["bare"][1]) * 1e6, 1),
-            "per_prompt_ms": round((med["engine"][0] - med["bare"][0]) * 1e3, 2),
-            "bare_tok_per_s": round(1 / med["bare"][1], 1)}
+    med = {
+        k: (statistics.median(pp / x[0] for x in v), statistics.median(1 / x[1] for x in v)) for k, v in runs.items()
+    }
+    return {
+        "per_token_us": round((med["engine"][1] - med["bare"][1]) * 1e6, 1),
+        "per_prompt_ms": round((med["engine"][0] - med["bare"][0]) * 1e3, 2),
+        "bare_tok_per_s": round(1 / med["bare"][1], 1),
+    }
 
 
 def main() -> None:
@@ -223,7 +262,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--startup-reps", type=int, default=3)
-    ap.add_argument("--tiny", type=Path, default=None, help="tiny model for the fixed costs (default: the test suite's)")
+    ap.add_argument(
+        "--tiny", type=Path, default=None, help="tiny model for the fixed costs (default: the test suite's)"
+    )
     args = ap.parse_args()
 
     from localrun.hardware import default_threads
@@ -231,7 +272,7 @@ def main() -> None:
     threads = args.threads or default_threads()
     n_ctx = args.pp + args.tg + 16
     extra = selftest.use_extra_bufts(print)
-    engine = Engine.open(args.model, EngineConfig(n_ctx=n_ctx, n_gpu_layers=0, n_threads=threads), Output())
+    engine = open_engine(args.model, n_ctx=n_ctx, n_gpu_layers=0, n_threads=threads)
     bare = Bare(args.model, n_ctx, threads, extra)
     tokens = engine.tokenize(TEXT * (args.pp // 20 + 2))[: args.pp]
 
@@ -255,7 +296,7 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     names = list(variants)
     for rep in range(args.reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]  # rotate to spread drift evenly
+        order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate to spread drift evenly
         for name in order:
             results[name].append(variants[name]())
 
@@ -270,12 +311,27 @@ def main() -> None:
         return [round(min(values), 3), round(max(values), 3)]
 
     report = {
-        "model": str(args.model.name), "threads": threads, "pp": args.pp, "tg": args.tg, "reps": args.reps,
-        "median_tps": {k: {"prefill": round(statistics.median(x[0] for x in v), 1),
-                           "decode": round(statistics.median(x[1] for x in v), 2)} for k, v in results.items()},
-        "engine_vs_bare": {"prefill": round(ratio("engine", "bare", 0), 4), "decode": round(ratio("engine", "bare", 1), 4)},
+        "model": str(args.model.name),
+        "threads": threads,
+        "pp": args.pp,
+        "tg": args.tg,
+        "reps": args.reps,
+        "median_tps": {
+            k: {
+                "prefill": round(statistics.median(x[0] for x in v), 1),
+                "decode": round(statistics.median(x[1] for x in v), 2),
+            }
+            for k, v in results.items()
+        },
+        "engine_vs_bare": {
+            "prefill": round(ratio("engine", "bare", 0), 4),
+            "decode": round(ratio("engine", "bare", 1), 4),
+        },
         # best-of-N: on a shared machine the fastest repetition is the least disturbed one
-        "engine_vs_bare_best": {"prefill": round(best("engine", "bare", 0), 4), "decode": round(best("engine", "bare", 1), 4)},
+        "engine_vs_bare_best": {
+            "prefill": round(best("engine", "bare", 0), 4),
+            "decode": round(best("engine", "bare", 1), 4),
+        },
         "live_tty_vs_devnull_best": {"decode": round(best("engine_tty", "engine", 1), 4)},
         "engine_vs_bare_min_max": {"prefill": spread("engine", "bare", 0), "decode": spread("engine", "bare", 1)},
         "live_tty_vs_devnull": {"decode": round(ratio("engine_tty", "engine", 1), 4)},
@@ -289,8 +345,6 @@ def main() -> None:
     report["startup_in_process_median_s"] = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
     tiny = args.tiny
     if tiny is None:
-        from localrun.testing.models import build_suite
-
         tiny = build_suite(ROOT / ".cache" / "tests" / "models").quants["Q8_0"]
     costs = fixed_costs(tiny, threads)
     decode = report["median_tps"]["bare"]["decode"]

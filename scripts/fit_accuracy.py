@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from localrun import llama_log
+from localrun.inference import llama_log
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -28,17 +28,18 @@ MIB = 1 << 20
 def worker(model: str, n_ctx: int, n_batch: int, logits_all: bool) -> None:
     """Child: load, decode a full batch and a few tokens; print buffers and RSS as one JSON line."""
     import psutil
-
-    from localrun import selftest
-    from localrun.runtime import LoadOptions, _llama, load
+    from localrun.inference import selftest
+    from localrun.inference.build import llama
+    from localrun.inference.runtime import LoadOptions, load
 
     proc = psutil.Process()
-    _llama()  # libraries and backends loaded: the baseline
+    llama()  # libraries and backends loaded: the baseline
     llama_log.clear()
     base = proc.memory_info().rss
     extra = selftest.use_extra_bufts()
-    loaded = load(model, LoadOptions(n_ctx=n_ctx, n_batch=n_batch, use_extra_bufts=extra,
-                                     logits_all=logits_all, verbose=True))  # llama.cpp's log on stderr
+    loaded = load(
+        model, LoadOptions(n_ctx=n_ctx, n_batch=n_batch, use_extra_bufts=extra, logits_all=logits_all, verbose=True)
+    )  # llama.cpp's log on stderr
     after_load = proc.memory_info().rss
     words = "the quick brown fox jumps over the lazy dog and " * 200
     tokens = loaded.model.tokenize(words)[: min(n_batch, loaded.ctx.n_ctx - 8)]
@@ -46,16 +47,28 @@ def worker(model: str, n_ctx: int, n_batch: int, logits_all: bool) -> None:
     for _ in range(4):
         loaded.ctx.decode([loaded.ctx.sample()])
     after = proc.memory_info().rss
-    print(json.dumps({"rss_base": base, "rss_load": after_load,
-                      "rss": max(after, after_load), "n_ctx": loaded.ctx.n_ctx, "extra_bufts": extra,
-                      "logits_all": logits_all,
-                      "prompt": len(tokens)}))
+    print(
+        json.dumps(
+            {
+                "rss_base": base,
+                "rss_load": after_load,
+                "rss": max(after, after_load),
+                "n_ctx": loaded.ctx.n_ctx,
+                "extra_bufts": extra,
+                "logits_all": logits_all,
+                "prompt": len(tokens),
+            }
+        )
+    )
 
 
 def measure(model: Path, n_ctx: int, n_batch: int, logits_all: bool) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", str(model), str(n_ctx), str(n_batch),
-                          str(int(logits_all))],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", str(model), str(n_ctx), str(n_batch), str(int(logits_all))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["buffers"] = llama_log.buffer_sizes(out.stderr.splitlines())
     return result
@@ -63,18 +76,20 @@ def measure(model: Path, n_ctx: int, n_batch: int, logits_all: bool) -> dict:
 
 def cases(quick: bool) -> list[tuple[str, Path, list[int]]]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import CACHE  # the same cache the tests build
-
-    from localrun.testing.models import build_suite, gemma_model
+    from conftest import CACHE
+    from support.models import build_suite, gemma_model
+    # the same cache the tests build
 
     suite = build_suite(CACHE / "models")
     gemma = gemma_model(CACHE)
     quants = ["F16", "Q4_K_M"] if quick else list(suite.quants)
     tiny_ctx = [512, 2048] if quick else [512, 1024, 2048]
     gemma_ctx = [2048, 8192] if quick else [1024, 4096, 8192, 32768]
-    return ([(f"tiny {q}", suite.quants[q], tiny_ctx) for q in quants]
-            + [("tiny split F32", suite.split[0], tiny_ctx[:1])]
-            + [("gemma3 270M Q4_K_M", gemma, gemma_ctx)])
+    return (
+        [(f"tiny {q}", suite.quants[q], tiny_ctx) for q in quants]
+        + [("tiny split F32", suite.split[0], tiny_ctx[:1])]
+        + [("gemma3 270M Q4_K_M", gemma, gemma_ctx)]
+    )
 
 
 def _err(estimate: int, actual: int) -> str:
@@ -97,26 +112,45 @@ def main() -> int:
         worker(args.worker[0], int(args.worker[1]), int(args.worker[2]), args.worker[3] == "1")
         return 0
 
-    from localrun import fit, gguf_info
-
+    from localrun import fit
     from localrun.hardware import cpu_info
+    from localrun.model.header import read_header
 
     features = cpu_info().features
-    cols = ("case", "n_ctx", "logits", "weights est/log", "KV est/log", "compute est/log", "est RAM",
-            "log buffers", "RSS growth", "est vs buffers", "est vs RSS", "ok")
+    cols = (
+        "case",
+        "n_ctx",
+        "logits",
+        "weights est/log",
+        "KV est/log",
+        "compute est/log",
+        "est RAM",
+        "log buffers",
+        "RSS growth",
+        "est vs buffers",
+        "est vs RSS",
+        "ok",
+    )
     print(" | ".join(cols))
     print("|".join("---" for _ in cols))
     failures = 0
     for label, path, contexts in cases(args.quick):
-        header = gguf_info.read_header(path)
+        header = read_header(path)
         for n_ctx in contexts:
             for logits_all in (False, True):
                 got = measure(path, n_ctx, args.batch, logits_all)
                 rows = min(args.batch, got["prompt"]) if logits_all else 1
                 # Generation contexts reserve one logits row (runtime sets n_outputs_max = 1).
-                est = fit.estimate(header, n_ctx, 0, n_batch=args.batch, n_outputs=rows,
-                                   logits_rows=None if logits_all else 1,
-                                   extra_bufts=got["extra_bufts"], cpu_features=features)
+                est = fit.estimate(
+                    header,
+                    n_ctx,
+                    0,
+                    n_batch=args.batch,
+                    n_outputs=rows,
+                    logits_rows=None if logits_all else 1,
+                    extra_bufts=got["extra_bufts"],
+                    cpu_features=features,
+                )
                 buffers = {k: sum(v.values()) for k, v in got["buffers"].items()}
                 # llama.cpp logs the output buffer at its first size only; it grows to the rows kept
                 buffers["output"] = max(buffers["output"], 4 * header.n_vocab * rows)
@@ -124,17 +158,29 @@ def main() -> int:
                 rss = got["rss"] - got["rss_base"]
                 ok = _ok(est.ram - est.overhead, logged - est.overhead) and _ok(est.ram, rss)
                 failures += not ok
-                print(" | ".join([
-                    label, str(n_ctx), "all" if logits_all else "last",
-                    f"{est.weights_ram / MIB:.2f}/{buffers['model'] / MIB:.2f}",
-                    f"{est.kv_ram / MIB:.2f}/{buffers['KV'] / MIB:.2f}",
-                    f"{est.compute_ram / MIB:.2f}/{buffers['compute'] / MIB:.2f}",
-                    f"{est.ram / MIB:.1f}", f"{(logged - est.overhead) / MIB:.1f}", f"{rss / MIB:.1f}",
-                    _err(est.ram - est.overhead, logged - est.overhead), _err(est.ram, rss),
-                    "yes" if ok else "NO",
-                ]), flush=True)
-    print(f"\n{failures} case(s) outside the target. Target: buffers (est without overhead vs logged) "
-          "never under and at most 5% or 64 MiB over; the same for RSS growth.")
+                print(
+                    " | ".join(
+                        [
+                            label,
+                            str(n_ctx),
+                            "all" if logits_all else "last",
+                            f"{est.weights_ram / MIB:.2f}/{buffers['model'] / MIB:.2f}",
+                            f"{est.kv_ram / MIB:.2f}/{buffers['KV'] / MIB:.2f}",
+                            f"{est.compute_ram / MIB:.2f}/{buffers['compute'] / MIB:.2f}",
+                            f"{est.ram / MIB:.1f}",
+                            f"{(logged - est.overhead) / MIB:.1f}",
+                            f"{rss / MIB:.1f}",
+                            _err(est.ram - est.overhead, logged - est.overhead),
+                            _err(est.ram, rss),
+                            "yes" if ok else "NO",
+                        ]
+                    ),
+                    flush=True,
+                )
+    print(
+        f"\n{failures} case(s) outside the target. Target: buffers (est without overhead vs logged) "
+        "never under and at most 5% or 64 MiB over; the same for RSS growth."
+    )
     return 1 if failures else 0
 
 

@@ -4,11 +4,15 @@ Usage: python scripts/hub_emulator.py   then, in another shell, export the HF_EN
 Repos: tiny/tiny-llama-GGUF (every quant, a split model, an mmproj), tiny/gated-GGUF (token hf_testtoken).
 """
 
+import sys
 import time
 from pathlib import Path
 
-from localrun.testing.hub import HubEmulator
-from localrun.testing.models import build_suite
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' Hub emulator and model builder
+
+from support.hub import HubEmulator  # noqa: E402
+from support.models import build_suite  # noqa: E402
 
 suite = build_suite(Path(__file__).resolve().parents[1] / ".cache" / "tests" / "models")
 files = {f"tiny-llama-{q}.gguf": p for q, p in suite.quants.items()}

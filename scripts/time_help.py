@@ -13,5 +13,7 @@ for _ in range(runs):
     start = time.perf_counter()
     subprocess.run([exe, "--help"], stdout=subprocess.DEVNULL, check=True)
     times.append(time.perf_counter() - start)
-print(f"localrun --help: median {statistics.median(times) * 1000:.0f} ms, "
-      f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {runs} runs")
+print(
+    f"localrun --help: median {statistics.median(times) * 1000:.0f} ms, "
+    f"min {min(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms over {runs} runs"
+)

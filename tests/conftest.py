@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from localrun.testing.hub import HubEmulator
-from localrun.testing.models import TinySuite, build_suite, gemma_model
+from support.hub import HubEmulator
+from support.models import TinySuite, build_suite, gemma_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "tests"  # git-ignored; generated and assembled models live here
@@ -35,7 +35,7 @@ def probe_verdicts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     old = os.environ.get("LOCALRUN_HOME")
     os.environ["LOCALRUN_HOME"] = str(home)
     try:
-        from localrun import selftest
+        from localrun.inference import selftest
 
         selftest.use_extra_bufts()
     finally:

@@ -11,18 +11,53 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from localrun.cli import app
+from typer.testing import CliRunner
 
 QUICK = ["--reps", "2", "--pp", "32", "--tg", "8", "--ppl-ctx", "128", "--ppl-chunks", "2"]
 
 TOP_KEYS = {"schema", "settings", "machine", "reference", "recommendation", "interrupted", "elapsed_s", "candidates"}
-SETTINGS_KEYS = {"pp", "tg", "reps", "threads", "gpu_layers", "ppl_ctx", "ppl_chunks", "kld_top_k", "max_kld",
-                 "eval_text", "use_extra_bufts"}
-CANDIDATE_KEYS = {"label", "path", "quant", "file_size", "status", "error", "signal", "reference", "load_s", "pp",
-                  "tg", "ttft_ms", "peak_rss", "vram", "threads", "gpu_layers", "ppl", "ppl_error", "kld", "kld_p99",
-                  "top1", "eval_tokens", "ppl_windows", "note", "pareto", "seconds"}
+SETTINGS_KEYS = {
+    "pp",
+    "tg",
+    "reps",
+    "threads",
+    "gpu_layers",
+    "ppl_ctx",
+    "ppl_chunks",
+    "kld_top_k",
+    "max_kld",
+    "eval_text",
+    "use_extra_bufts",
+}
+CANDIDATE_KEYS = {
+    "label",
+    "path",
+    "quant",
+    "file_size",
+    "status",
+    "error",
+    "signal",
+    "reference",
+    "load_s",
+    "pp",
+    "tg",
+    "ttft_ms",
+    "peak_rss",
+    "vram",
+    "threads",
+    "gpu_layers",
+    "ppl",
+    "ppl_error",
+    "kld",
+    "kld_p99",
+    "top1",
+    "eval_tokens",
+    "ppl_windows",
+    "note",
+    "pareto",
+    "seconds",
+}
 STAT_KEYS = {"mean", "sd", "n"}
 
 
@@ -50,9 +85,9 @@ def test_two_tiny_quants_give_complete_sane_figures(tiny):
         assert c["load_s"] > 0 and c["seconds"] > c["load_s"]
         assert c["peak_rss"] > c["file_size"] > 100_000
         assert c["threads"] == data["settings"]["threads"] >= 1 and c["gpu_layers"] == 0
-        assert 1 < c["ppl"] < 872 ** 2 and math.isfinite(c["ppl"]) and c["ppl_error"] >= 0
+        assert 1 < c["ppl"] < 872**2 and math.isfinite(c["ppl"]) and c["ppl_error"] >= 0
         assert c["ppl_windows"] == 2 and c["eval_tokens"] > 2 * 128
-        assert 0 <= c["top1"] <= 1 and c["kld_p99"] >= c["kld"] >= 0 or c["reference"]
+        assert (0 <= c["top1"] <= 1 and c["kld_p99"] >= c["kld"] >= 0) or c["reference"]
         tokens.add(c["eval_tokens"])
     ref, q4 = by_label(data)["Q8_0"], by_label(data)["Q4_K_M"]
     assert ref["reference"] and ref["kld"] == 0.0 and ref["top1"] == 1.0
@@ -134,9 +169,31 @@ def test_ctrl_c_prints_what_was_measured(tiny):
     """SIGINT to the whole process group (as a terminal does) during the second candidate."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "localrun", "bench", str(tiny.quants["Q8_0"]), str(tiny.quants["F16"]),
-         "--reps", "3", "--pp", "32", "--tg", "8", "--ppl-ctx", "128", "--ppl-chunks", "2", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "localrun",
+            "bench",
+            str(tiny.quants["Q8_0"]),
+            str(tiny.quants["F16"]),
+            "--reps",
+            "3",
+            "--pp",
+            "32",
+            "--tg",
+            "8",
+            "--ppl-ctx",
+            "128",
+            "--ppl-chunks",
+            "2",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     assert proc.stderr is not None
     for line in proc.stderr:  # the first candidate (F16, the reference) is done: interrupt the second
         if line.startswith("[1/2]"):
@@ -154,7 +211,7 @@ def test_ctrl_c_prints_what_was_measured(tiny):
 @pytest.mark.slow
 def test_gemma_lower_precision_has_higher_kld(gemma, tmp_path_factory):
     """Gemma 3 270M Q4_K_M against lower-precision requantizations of itself: KLD grows as bits shrink."""
-    from localrun.tinymodel import quantize
+    from localrun.inference.build import quantize
 
     folder = Path(__file__).resolve().parents[1] / ".cache" / "tests" / "gemma"
     variants = {}
@@ -163,8 +220,22 @@ def test_gemma_lower_precision_has_higher_kld(gemma, tmp_path_factory):
         if not target.exists():
             quantize(gemma, target, quant, requantize=True)
         variants[quant] = target
-    result = bench(variants["Q2_K"], gemma, variants["Q3_K_M"], "--reps", "1", "--pp", "64", "--tg", "8",
-                   "--ppl-ctx", "256", "--ppl-chunks", "3", "--json")
+    result = bench(
+        variants["Q2_K"],
+        gemma,
+        variants["Q3_K_M"],
+        "--reps",
+        "1",
+        "--pp",
+        "64",
+        "--tg",
+        "8",
+        "--ppl-ctx",
+        "256",
+        "--ppl-chunks",
+        "3",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     c = by_label(data)
@@ -187,10 +258,10 @@ def test_repo_quants_are_pulled_then_benched_offline(hub, tiny, monkeypatch):
     assert pulled.exit_code == 0, pulled.stderr
     data = json.loads(pulled.stdout)
     assert [c["label"] for c in data["candidates"]] == ["Q6_K", "Q2_K"] and data["reference"] == "Q6_K"
-    from localrun import store
-    from localrun.refs import parse_ref
+    from localrun.cache.resolve import find
+    from localrun.model.refs import parse_ref
 
-    assert sorted(e.quant for e in store.find(parse_ref(repo))) == ["Q2_K", "Q6_K"]  # only those were pulled
+    assert sorted(e.quant for e in find(parse_ref(repo))) == ["Q2_K", "Q6_K"]  # only those were pulled
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what is pulled is benched without the Hub
     again = bench(repo, *QUICK, "--json")
@@ -211,8 +282,21 @@ def test_quants_fit_pulls_every_quant_that_fits(hub, tiny):
 
 @pytest.mark.slow
 def test_different_vocabularies_get_no_kld(gemma, tiny):
-    result = bench(gemma, tiny.quants["Q8_0"], "--reps", "1", "--pp", "32", "--tg", "4", "--ppl-ctx", "128",
-                   "--ppl-chunks", "1", "--json")
+    result = bench(
+        gemma,
+        tiny.quants["Q8_0"],
+        "--reps",
+        "1",
+        "--pp",
+        "32",
+        "--tg",
+        "4",
+        "--ppl-ctx",
+        "128",
+        "--ppl-chunks",
+        "1",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     c = by_label(data)

@@ -10,29 +10,37 @@ from pathlib import Path
 
 import pexpect
 import pytest
-
-from localrun import chat
-from localrun.engine import Engine, EngineConfig
+from localrun.commands.generate import PromptOptions, open_conversation
+from localrun.commands.repl import Repl
+from localrun.inference.conversation import Conversation, Settings
+from localrun.inference.runtime import SamplingOptions
 from localrun.output import Output
-from localrun.runtime import SamplingOptions
+
+from support.engines import open_engine
 
 
-def repl(model: Path, keys: str, *, n_ctx: int = 512, max_tokens: int = 8, system: str | None = None,
-         chat_format: str | None = None) -> chat.Conversation:
+def repl(
+    model: Path,
+    keys: str,
+    *,
+    n_ctx: int = 512,
+    max_tokens: int = 8,
+    system: str | None = None,
+    chat_format: str | None = None,
+) -> Conversation:
     """Type `keys` into the real REPL (prompt-toolkit over a pipe) until they run out."""
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
 
     out = Output()
-    engine = Engine.open(model, EngineConfig(n_ctx=n_ctx), out)
-    settings = chat.Settings(SamplingOptions(temperature=0), max_tokens)
-    conv = chat.open_conversation(engine, out, raw=False, chat_format=chat_format, template_file=None,
-                                  system=system, settings=settings)
+    engine = open_engine(model, n_ctx=n_ctx)
+    settings = Settings(SamplingOptions(temperature=0), max_tokens)
+    conv = open_conversation(engine, out, settings, PromptOptions(system=system, chat_format=chat_format))
     try:
         with create_pipe_input() as pipe:
             pipe.send_text(keys)
             pipe.close()
-            chat.Repl(conv, out).run(input=pipe, output=DummyOutput())
+            Repl(conv, out).run(input=pipe, output=DummyOutput())
         # what the engine was last sent, as text (while the model is still loaded)
         conv.sent = b"".join(engine.model.piece(t, special=True) for t in conv.last_prompt).decode("utf-8", "replace")
     finally:
@@ -58,11 +66,31 @@ def test_two_turns_keep_context_and_reuse_the_cache(gemma: Path, capsys):
 
 def test_every_slash_command(tiny, tmp_path: Path, capsys):
     saved = tmp_path / "conv.json"
-    keys = "\r".join([
-        "/help", "/set temperature 0", "/set max_tokens 5", "/set top_k nope", "/set", "/system Be brief.",
-        "/system", "/model", "hello there", "/stats", f"/save {saved}", "/clear", "/stats",
-        f"/load {saved}", "/bogus", "/system -", "/exit", "never sent",
-    ]) + "\r"
+    keys = (
+        "\r".join(
+            [
+                "/help",
+                "/set temperature 0",
+                "/set max_tokens 5",
+                "/set top_k nope",
+                "/set",
+                "/system Be brief.",
+                "/system",
+                "/model",
+                "hello there",
+                "/stats",
+                f"/save {saved}",
+                "/clear",
+                "/stats",
+                f"/load {saved}",
+                "/bogus",
+                "/system -",
+                "/exit",
+                "never sent",
+            ]
+        )
+        + "\r"
+    )
     conv = repl(tiny.quants["Q8_0"], keys, max_tokens=20)
     out, err = capsys.readouterr()
     assert "/save FILE" in err and "Esc then Enter" in err  # /help, with the multiline key
@@ -113,8 +141,9 @@ PROMPT = ">>>"
 
 def spawn(*args: str) -> pexpect.spawn:
     env = dict(os.environ, TERM="xterm", COLUMNS="100", LINES="30", PROMPT_TOOLKIT_NO_CPR="1")
-    child = pexpect.spawn(sys.executable, ["-m", "localrun", "chat", *args], env=env, encoding="utf-8",
-                          timeout=60, dimensions=(30, 100))
+    child = pexpect.spawn(
+        sys.executable, ["-m", "localrun", "chat", *args], env=env, encoding="utf-8", timeout=60, dimensions=(30, 100)
+    )
     child.expect_exact(PROMPT)
     return child
 
@@ -145,6 +174,7 @@ def test_history_persists_across_runs(tiny):
     model = str(tiny.quants["Q8_0"])
     child = spawn(model, "-n", "2")
     child.sendline("remember this line")
+    child.expect(r"reply \d+ tok")  # the reply is over: the prompt that follows is the next one
     child.expect_exact(PROMPT)
     child.sendeof()
     child.expect(pexpect.EOF)

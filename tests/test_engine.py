@@ -8,26 +8,28 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from localrun import templates
-from localrun.engine import Engine, EngineConfig, Piece, Progress, Stats, StopMatcher
 from localrun.errors import UsageError
-from localrun.output import Output
-from localrun.runtime import SamplingOptions
+from localrun.inference import templates
+from localrun.inference.engine import Engine, Piece, PrefillProgress, Stats
+from localrun.inference.runtime import SamplingOptions
+from localrun.inference.stops import StopMatcher
+
+from support.engines import open_engine
 
 GREEDY = SamplingOptions(temperature=0)
 
 
-def run(engine: Engine, tokens: list[int], n: int = 24, stop: list[str] | None = None,
-        sampling: SamplingOptions = GREEDY) -> tuple[str, Stats]:
-    events = [e for e in engine.generate(tokens, sampling, n, stop or []) if not isinstance(e, Progress)]
+def run(
+    engine: Engine, tokens: list[int], n: int = 24, stop: list[str] | None = None, sampling: SamplingOptions = GREEDY
+) -> tuple[str, Stats]:
+    events = [e for e in engine.generate(tokens, sampling, n, stop or []) if not isinstance(e, PrefillProgress)]
     assert isinstance(events[-1], Stats) and all(isinstance(e, Piece) for e in events[:-1])
     return "".join(e.text for e in events[:-1]), events[-1]
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny):
-    engine = Engine.open(tiny.quants["Q8_0"], EngineConfig(n_ctx=512), Output())
+    engine = open_engine(tiny.quants["Q8_0"], n_ctx=512)
     yield engine
     engine.close()
 
@@ -82,7 +84,7 @@ def test_consumer_interrupt_cancels_and_the_next_turn_works(tiny_engine: Engine)
     tokens = tiny_engine.tokenize("the man and the dog")
     sampling = SamplingOptions(temperature=0, ban_eog=True)
     gen = tiny_engine.generate(tokens, sampling, 50, [])
-    assert isinstance(next(e for e in gen if not isinstance(e, Progress)), Piece)
+    assert isinstance(next(e for e in gen if not isinstance(e, PrefillProgress)), Piece)
     final = gen.throw(KeyboardInterrupt)
     assert isinstance(final, Stats) and final.finish_reason == "cancelled"
     after, stats = run(tiny_engine, tokens, n=10, sampling=sampling)
@@ -94,7 +96,7 @@ def test_consumer_interrupt_cancels_and_the_next_turn_works(tiny_engine: Engine)
 
 @pytest.mark.slow
 def test_ctrl_c_aborts_a_long_prompt_and_the_engine_recovers(gemma: Path):
-    engine = Engine.open(gemma, EngineConfig(n_ctx=4096), Output())
+    engine = open_engine(gemma, n_ctx=4096)
     try:
         tokens = engine.tokenize("the quick brown fox jumps over the lazy dog " * 300)
         timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
@@ -125,11 +127,16 @@ def test_templates_render_in_a_sandbox_and_refuse_cleanly():
 
 def test_missing_template_picks_a_fallback_and_says_so(tiny):
     notes: list[str] = []
-    engine = Engine.open(tiny.no_template, EngineConfig(n_ctx=256), Output())
+    engine = open_engine(tiny.no_template, n_ctx=256)
     try:
         assert engine.chat_template() is None
-        chosen = templates.choose(engine.chat_template(), chat_format=None, template_file=None,
-                                  has_token=engine.has_token, notify=notes.append)
+        chosen = templates.choose(
+            engine.chat_template(),
+            chat_format=None,
+            template_file=None,
+            has_token=engine.has_token,
+            notify=notes.append,
+        )
     finally:
         engine.close()
     assert chosen.origin == "built-in chatml (fallback)"
@@ -137,12 +144,17 @@ def test_missing_template_picks_a_fallback_and_says_so(tiny):
 
 
 def test_template_file_and_bos_is_not_doubled(tiny, tmp_path: Path):
-    engine = Engine.open(tiny.quants["Q8_0"], EngineConfig(n_ctx=256), Output())
+    engine = open_engine(tiny.quants["Q8_0"], n_ctx=256)
     try:
         path = tmp_path / "t.jinja"
         path.write_text("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
-        t = templates.choose("ignored", chat_format=None, template_file=path, has_token=engine.has_token,
-                             bos_token=engine.special_text("bos"))
+        t = templates.choose(
+            "ignored",
+            chat_format=None,
+            template_file=path,
+            has_token=engine.has_token,
+            bos_token=engine.special_text("bos"),
+        )
         text = t.render([{"role": "user", "content": "hello"}])
         assert text == "<s>[user] hello\n"
         tokens = engine.tokenize(text)
@@ -154,8 +166,8 @@ def test_template_file_and_bos_is_not_doubled(tiny, tmp_path: Path):
 def test_allocation_failure_backs_off_gpu_layers_then_context(tiny, monkeypatch, capsys):
     """No GPU here and no safe way to exhaust RAM: llama.cpp's allocation failure is the faked
     boundary (as if VRAM held no layer and RAM only 1024 tokens of context); loading is real."""
-    from localrun import runtime
     from localrun.errors import NoSpace
+    from localrun.inference import runtime
 
     real_load = runtime.load
     tried: list[tuple[int, int]] = []
@@ -167,12 +179,16 @@ def test_allocation_failure_backs_off_gpu_layers_then_context(tiny, monkeypatch,
         return real_load(path, opts)
 
     monkeypatch.setattr(runtime, "load", load)
-    engine = Engine.open(tiny.quants["Q8_0"], EngineConfig(n_ctx=4096, n_gpu_layers=2), Output())
+    engine = open_engine(tiny.quants["Q8_0"], n_ctx=4096, n_gpu_layers=2)
     try:
         assert tried == [(2, 4096), (1, 4096), (0, 4096), (0, 2048), (0, 1024)]
         assert engine.n_ctx == 1024 and engine.info.n_gpu_layers == 0
-        assert engine.info.notes == ["GPU layers reduced from 2 to 1 to fit", "GPU layers reduced from 1 to 0 to fit",
-                                     "context reduced from 4096 to 2048 to fit", "context reduced from 2048 to 1024 to fit"]
+        assert engine.info.notes == [
+            "GPU layers reduced from 2 to 1 to fit",
+            "GPU layers reduced from 1 to 0 to fit",
+            "context reduced from 4096 to 2048 to fit",
+            "context reduced from 2048 to 1024 to fit",
+        ]
     finally:
         engine.close()
     err = capsys.readouterr().err
@@ -181,10 +197,12 @@ def test_allocation_failure_backs_off_gpu_layers_then_context(tiny, monkeypatch,
 
 @pytest.mark.slow
 def test_characters_split_over_byte_tokens_come_out_whole(gemma: Path):
-    engine = Engine.open(gemma, EngineConfig(n_ctx=512), Output())
+    engine = open_engine(gemma, n_ctx=512)
     try:
         assert len(engine.model.tokenize("𓀀", add_special=False)) == 4  # four byte tokens in Gemma's vocabulary
-        events = [e for e in engine.generate(engine.tokenize("𓀀𐍈 " * 8), GREEDY, 9, []) if not isinstance(e, Progress)]
+        events = [
+            e for e in engine.generate(engine.tokenize("𓀀𐍈 " * 8), GREEDY, 9, []) if not isinstance(e, PrefillProgress)
+        ]
     finally:
         engine.close()
     pieces = [e.text for e in events[:-1]]
@@ -194,12 +212,12 @@ def test_characters_split_over_byte_tokens_come_out_whole(gemma: Path):
 
 @pytest.mark.slow
 def test_a_long_prompt_reports_progress_and_a_closed_stream_stops_it(gemma: Path):
-    engine = Engine.open(gemma, EngineConfig(n_ctx=4096), Output())
+    engine = open_engine(gemma, n_ctx=4096)
     try:
         tokens = engine.tokenize("the quick brown fox jumps over the lazy dog " * 300)
         gen = engine.generate(tokens, GREEDY, 5, [])
         first = next(gen)
-        assert isinstance(first, Progress) and first.prompt_tokens == len(tokens) and first.cached_tokens == 0
+        assert isinstance(first, PrefillProgress) and first.prompt_tokens == len(tokens) and first.cached_tokens == 0
         gen.close()  # the consumer walks away mid-prompt: the decode is aborted, not left running
         text, stats = run(engine, engine.tokenize("The capital of France is the city of"), n=3)
         assert text.startswith(" Paris") and stats.cached_tokens <= 1

@@ -14,10 +14,10 @@ their output phase is 0.49 + 16 = 16.5 MiB, so the layer phase (128 MiB) is the 
 from __future__ import annotations
 
 import pytest
-
-from localrun.fit import (GPU_RESERVE, Device, MemoryEstimate, Option, Plan, Resources, choose, default_ctx,
-                          estimate, plan)
-from localrun.gguf_info import HeaderInfo, read_header
+from localrun.fit import GPU_RESERVE, MemoryEstimate, Option, Plan, choose, default_ctx, estimate, plan
+from localrun.hardware import GPU, Machine
+from localrun.inference import selftest
+from localrun.model.header import HeaderInfo, read_header
 
 MiB = 2**20
 GiB = 2**30
@@ -30,12 +30,33 @@ FIXED = 12 * MiB + 200 * 128256 + 128 * 4096 + 4 * 128256
 def llama8b(layer_mib: float, embd_mib: float, output_mib: float, quant: str, **extra) -> HeaderInfo:
     layer = int(layer_mib * MiB)
     fields = dict(
-        architecture="llama", name="Llama 3 8B", file_type=quant, n_params=8_030_000_000, n_layer=32,
-        n_embd=4096, n_head=32, n_head_kv=[8] * 32, key_length=128, value_length=128, n_ctx_train=8192,
-        sliding_window=None, swa_layers=[False] * 32, n_expert=0, n_expert_used=0, n_vocab=128256,
-        layer_bytes=[layer] * 32, embd_bytes=int(embd_mib * MiB), output_bytes=int(output_mib * MiB),
-        other_bytes=0, tensor_bytes=32 * layer + int((embd_mib + output_mib) * MiB), file_size=0, n_shards=1,
-        chat_template=None, license=None, n_ff=14336)
+        architecture="llama",
+        name="Llama 3 8B",
+        file_type=quant,
+        n_params=8_030_000_000,
+        n_layer=32,
+        n_embd=4096,
+        n_head=32,
+        n_head_kv=[8] * 32,
+        key_length=128,
+        value_length=128,
+        n_ctx_train=8192,
+        sliding_window=None,
+        swa_layers=[False] * 32,
+        n_expert=0,
+        n_expert_used=0,
+        n_vocab=128256,
+        layer_bytes=[layer] * 32,
+        embd_bytes=int(embd_mib * MiB),
+        output_bytes=int(output_mib * MiB),
+        other_bytes=0,
+        tensor_bytes=32 * layer + int((embd_mib + output_mib) * MiB),
+        file_size=0,
+        n_shards=1,
+        chat_template=None,
+        license=None,
+        n_ff=14336,
+    )
     fields.update(extra)
     return HeaderInfo(**fields)
 
@@ -44,18 +65,18 @@ Q4_K_M = llama8b(125, 280, 410, "Q4_K_M")  # 4690 MiB of tensors, ~4.9 GB like t
 Q8_0 = llama8b(212, 532, 532, "Q8_0")  # 7848 MiB, ~8.2 GB
 
 
-def gpu_box(vram_free_gib: float, ram_gib: float = 16, n: int = 1) -> Resources:
-    gpus = [Device(f"GPU {i}", int((vram_free_gib + 0.5) * GiB), int(vram_free_gib * GiB)) for i in range(n)]
-    return Resources(int(ram_gib * GiB), int((ram_gib - 2) * GiB), gpus)
+def gpu_box(vram_free_gib: float, ram_gib: float = 16, n: int = 1) -> Machine:
+    gpus = [GPU(f"GPU {i}", int((vram_free_gib + 0.5) * GiB), int(vram_free_gib * GiB)) for i in range(n)]
+    return Machine(int(ram_gib * GiB), int((ram_gib - 2) * GiB), gpus)
 
 
-def cpu_box(ram_gib: float, available_gib: float) -> Resources:
-    return Resources(int(ram_gib * GiB), int(available_gib * GiB), [])
+def cpu_box(ram_gib: float, available_gib: float) -> Machine:
+    return Machine(int(ram_gib * GiB), int(available_gib * GiB), [])
 
 
-def apple(ram_gib: float, available_gib: float) -> Resources:
+def apple(ram_gib: float, available_gib: float) -> Machine:
     share = int(ram_gib * GiB * 2 / 3)  # Metal's default working-set limit (hardware.py)
-    return Resources(int(ram_gib * GiB), int(available_gib * GiB), [Device("Apple GPU", share, share, unified=True)])
+    return Machine(int(ram_gib * GiB), int(available_gib * GiB), [GPU("Apple GPU", share, share, unified=True)])
 
 
 def test_default_context():
@@ -172,22 +193,24 @@ def test_apple_unified_memory_is_one_pool():
     assert plan(Q8_0, tight).placement == "none"
     assert plan(Q4_K_M, tight).placement == "gpu"
     # the same 8 GiB of RAM next to a discrete GPU of the same size runs Q8_0 on the GPU
-    discrete = Resources(16 * GiB, 8 * GiB, [Device("GPU", int(10.67 * GiB), int(10.67 * GiB))])
+    discrete = Machine(16 * GiB, 8 * GiB, [GPU("GPU", int(10.67 * GiB), int(10.67 * GiB))])
     assert plan(Q8_0, discrete).placement == "gpu"
 
 
 def test_vram_reserve_is_kept_free():
     need = estimate(Q4_K_M, 4096, 33, logits_rows=1).vram
-    just_enough = Resources(32 * GiB, 30 * GiB, [Device("GPU", need + GPU_RESERVE, need + GPU_RESERVE)])
+    just_enough = Machine(32 * GiB, 30 * GiB, [GPU("GPU", need + GPU_RESERVE, need + GPU_RESERVE)])
     assert plan(Q4_K_M, just_enough).placement == "gpu"
-    short = Resources(32 * GiB, 30 * GiB, [Device("GPU", need + GPU_RESERVE - 1, need + GPU_RESERVE - 1)])
+    short = Machine(32 * GiB, 30 * GiB, [GPU("GPU", need + GPU_RESERVE - 1, need + GPU_RESERVE - 1)])
     assert plan(Q4_K_M, short).placement == "partial"
 
 
-def _options(res: Resources) -> list[Option]:
+def _options(res: Machine) -> list[Option]:
     q6 = llama8b(165, 410, 410, "Q6_K")
-    return [Option(name, quality, header.tensor_bytes, plan(header, res))
-            for name, quality, header in (("Q8_0", 90.0, Q8_0), ("Q6_K", 85.0, q6), ("Q4_K_M", 70.0, Q4_K_M))]
+    return [
+        Option(name, quality, header.tensor_bytes, plan(header, res))
+        for name, quality, header in (("Q8_0", 90.0, Q8_0), ("Q6_K", 85.0, q6), ("Q4_K_M", 70.0, Q4_K_M))
+    ]
 
 
 def test_choose_follows_the_memory():
@@ -213,7 +236,7 @@ def test_choose_prefers_the_smaller_of_equal_quality():
 
 def test_plan_for_the_real_gemma_on_this_machine(gemma):
     header = read_header(gemma)
-    res = Resources.detect()
+    res = selftest.this_machine()
     got = plan(header, res)
     assert got.fits and got.n_ctx == 4096  # the default, below the 32k it was trained with
     assert got.placement == ("gpu" if res.gpus else "cpu")
@@ -232,9 +255,9 @@ def test_moe_activations_count_the_chosen_experts():
 @pytest.mark.parametrize("quant, n_ctx", [("Q8_0", 1024), ("Q4_K_M", 2048)])
 def test_estimate_covers_what_llama_cpp_allocates(tiny, quant, n_ctx):
     """Real llama.cpp on a tiny model: the buffers it logs against the estimate, part by part."""
-    from localrun import llama_log, selftest
     from localrun.hardware import cpu_info
-    from localrun.runtime import LoadOptions, load
+    from localrun.inference import llama_log
+    from localrun.inference.runtime import LoadOptions, load
 
     extra = selftest.use_extra_bufts()
     llama_log.install()
@@ -244,8 +267,9 @@ def test_estimate_covers_what_llama_cpp_allocates(tiny, quant, n_ctx):
         logged = {kind: sum(sizes.values()) for kind, sizes in llama_log.buffer_sizes(llama_log.recent(400)).items()}
     finally:
         loaded.close()
-    est = estimate(read_header(tiny.quants[quant]), n_ctx, 0, extra_bufts=extra, cpu_features=cpu_info().features,
-                   logits_rows=1)  # a generation context, as runtime creates it
+    est = estimate(
+        read_header(tiny.quants[quant]), n_ctx, 0, extra_bufts=extra, cpu_features=cpu_info().features, logits_rows=1
+    )  # a generation context, as runtime creates it
     assert est.kv_ram == logged["KV"] == 2 * 2 * 128 * n_ctx * 2
     assert logged["model"] <= est.weights_ram <= logged["model"] + 128 * 1024  # logged to 0.01 MiB
     assert logged["compute"] <= est.compute_ram <= logged["compute"] + 2 * MiB

@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from localrun import __version__, selftest
+from localrun import __version__
 from localrun.cli import app
-from localrun.probe import greedy
-from localrun.runtime import LoadOptions, load
+from localrun.hub.settings import cache_dir
+from localrun.inference import selftest
+from localrun.inference.probe import greedy
+from localrun.inference.runtime import LoadOptions, load
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -90,12 +91,16 @@ def test_selftest_reports_a_child_killed_by_a_signal(tiny):
 def test_selftest_falls_back_to_safe_path_when_fast_path_segfaults(tiny):
     # The AMX crash cannot happen on a CPU without AMX, so the child stands in for such a build:
     # it dies of SIGSEGV on the fast path, and runs the real probe on the safe path.
-    crashing_fast_path = [sys.executable, "-c", (
-        "import os, signal, sys\n"
-        "if '--no-extra-bufts' not in sys.argv: os.kill(os.getpid(), signal.SIGSEGV)\n"
-        "from localrun.probe import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )]
+    crashing_fast_path = [
+        sys.executable,
+        "-c",
+        (
+            "import os, signal, sys\n"
+            "if '--no-extra-bufts' not in sys.argv: os.kill(os.getpid(), signal.SIGSEGV)\n"
+            "from localrun.inference.probe import main\n"
+            "sys.exit(main(sys.argv[1:]))\n"
+        ),
+    ]
     verdict = selftest.check(tiny.quants["Q4_K_M"], command=crashing_fast_path, key="amx-like")
     assert verdict.fast.signal == "SIGSEGV"
     assert verdict.safe is not None and verdict.safe.ok
@@ -165,10 +170,13 @@ def _sha256(path: Path) -> str:
 def test_emulator_serves_model_info_and_tree(hub, tiny):
     from huggingface_hub import HfApi
 
-    hub.add_repo("acme/tiny-GGUF", {
-        "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"],
-        "sub/tiny-Q8_0.gguf": tiny.quants["Q8_0"],
-    })
+    hub.add_repo(
+        "acme/tiny-GGUF",
+        {
+            "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"],
+            "sub/tiny-Q8_0.gguf": tiny.quants["Q8_0"],
+        },
+    )
     api = HfApi(endpoint=hub.url)
     info = api.model_info("acme/tiny-GGUF", files_metadata=True)
     by_name = {s.rfilename: s for s in info.siblings}
@@ -190,8 +198,9 @@ def test_emulator_download_and_errors(hub, tiny, tmp_path):
     assert _sha256(path) == _sha256(tiny.quants["Q2_K"])
     with pytest.raises(GatedRepoError):
         hf_hub_download("acme/gated-GGUF", "tiny-Q2_K.gguf", cache_dir=cache, endpoint=hub.url, token=False)
-    gated = hf_hub_download("acme/gated-GGUF", "tiny-Q2_K.gguf", cache_dir=cache, endpoint=hub.url,
-                            token="hf_testtoken")
+    gated = hf_hub_download(
+        "acme/gated-GGUF", "tiny-Q2_K.gguf", cache_dir=cache, endpoint=hub.url, token="hf_testtoken"
+    )
     assert _sha256(gated) == _sha256(tiny.quants["Q2_K"])
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download("acme/missing", "x.gguf", cache_dir=cache, endpoint=hub.url)
@@ -241,7 +250,6 @@ def test_emulator_injects_server_errors_and_serves_ranges(hub, tiny, tmp_path):
 # -- the error boundary -------------------------------------------------------------------------
 def _app_raising(exc: BaseException):
     import typer
-
     from localrun.boundary import boundary
 
     demo = typer.Typer()
@@ -295,6 +303,4 @@ def test_boundary_translates_huggingface_hub_errors(hub):
 
 
 def hub_cache() -> Path:
-    from localrun.hub import cache_dir
-
     return cache_dir()

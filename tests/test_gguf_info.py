@@ -6,11 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from localrun import gguf_info
 from localrun.errors import BadModel, ExitCode, NotFound
-from localrun.gguf_info import read_header, read_remote_header, validate
-from localrun.tinymodel import CHATML_TEMPLATE, vocabulary
+from localrun.hub.ranges import read_remote_header
+from localrun.model.files import shard_paths
+from localrun.model.header import read_header, swa_layers
+from localrun.model.tiny import CHATML_TEMPLATE, vocabulary
+from localrun.model.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VOCAB = len(vocabulary()[0])
@@ -75,7 +76,7 @@ def test_split_header_reads_every_shard(tiny):
     assert h.n_shards == 3 and h.file_size == sum(p.stat().st_size for p in tiny.split)
     assert h.file_type == "F32" and h.tensor_bytes == 4 * h.n_params == 4 * TINY_PARAMS
     assert read_header(second) == h  # any shard finds the others
-    assert gguf_info.shard_paths(third) == [first, second, third]
+    assert shard_paths(third) == [first, second, third]
 
 
 def test_split_with_a_missing_shard(tiny, tmp_path):
@@ -190,21 +191,37 @@ def test_validate_rejects_a_model_without_vocabulary(tmp_path):
         validate(path)
 
 
-@pytest.mark.parametrize("arch, fields, n_layer, window, globals_", [
-    ("gemma2", {}, 4, 4096, [1, 3]),  # default window, every 2nd layer global
-    ("gemma3", {"gemma3.attention.sliding_window": 1024}, 12, 1024, [5, 11]),
-    ("gemma3", {}, 12, None, list(range(12))),  # no window key: no SWA
-    ("cohere2", {"cohere2.attention.sliding_window": 4096}, 8, 4096, [3, 7]),
-    ("gpt-oss", {"gpt-oss.attention.sliding_window": 128}, 4, 128, [1, 3]),
-    ("laguna", {"laguna.attention.sliding_window": 512}, 8, 512, [0, 4]),  # dense first
-    ("gemma3", {"gemma3.attention.sliding_window": 512, "gemma3.attention.sliding_window_pattern": 4},
-     8, 512, [3, 7]),  # a pattern period overrides the architecture's
-    ("gemma4", {"gemma4.attention.sliding_window": 512,
-                "gemma4.attention.sliding_window_pattern": [True, True, False, True]}, 4, 512, [2]),
-    ("llama", {"llama.attention.sliding_window": 4096}, 4, 4096, [0, 1, 2, 3]),  # llama.cpp ignores it
-])
+@pytest.mark.parametrize(
+    "arch, fields, n_layer, window, globals_",
+    [
+        ("gemma2", {}, 4, 4096, [1, 3]),  # default window, every 2nd layer global
+        ("gemma3", {"gemma3.attention.sliding_window": 1024}, 12, 1024, [5, 11]),
+        ("gemma3", {}, 12, None, list(range(12))),  # no window key: no SWA
+        ("cohere2", {"cohere2.attention.sliding_window": 4096}, 8, 4096, [3, 7]),
+        ("gpt-oss", {"gpt-oss.attention.sliding_window": 128}, 4, 128, [1, 3]),
+        ("laguna", {"laguna.attention.sliding_window": 512}, 8, 512, [0, 4]),  # dense first
+        (
+            "gemma3",
+            {"gemma3.attention.sliding_window": 512, "gemma3.attention.sliding_window_pattern": 4},
+            8,
+            512,
+            [3, 7],
+        ),  # a pattern period overrides the architecture's
+        (
+            "gemma4",
+            {
+                "gemma4.attention.sliding_window": 512,
+                "gemma4.attention.sliding_window_pattern": [True, True, False, True],
+            },
+            4,
+            512,
+            [2],
+        ),
+        ("llama", {"llama.attention.sliding_window": 4096}, 4, 4096, [0, 1, 2, 3]),  # llama.cpp ignores it
+    ],
+)
 def test_sliding_window_layers_follow_llama_cpp(arch, fields, n_layer, window, globals_):
-    got_window, flags = gguf_info._swa_layers(arch, fields, n_layer)
+    got_window, flags = swa_layers(arch, fields, n_layer)
     assert got_window == window
     assert [i for i, swa in enumerate(flags) if not swa] == globals_
 
@@ -214,11 +231,11 @@ def test_parsed_headers_and_verdicts_are_cached_per_file_identity(tiny, tmp_path
 
     model = tmp_path / "model.gguf"
     shutil.copy(tiny.quants["Q2_K"], model)
-    gguf_info.validate(model)
+    validate(model)
     cache = list((Path(os.environ["LOCALRUN_HOME"]) / "headers").glob("*.json"))
     assert len(cache) == 1
-    assert gguf_info.read_header(model).n_layer == gguf_info.read_header(tiny.quants["Q2_K"]).n_layer
+    assert read_header(model).n_layer == read_header(tiny.quants["Q2_K"]).n_layer
     # The same path with other contents (size/mtime change) is parsed and judged again.
     shutil.copy(tiny.corrupt_vocab, model)
     with pytest.raises(BadModel, match="appears twice"):
-        gguf_info.validate(model)
+        validate(model)

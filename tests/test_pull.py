@@ -12,15 +12,21 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from localrun import hub as hubapi
+from localrun.cache.resolve import resolve
 from localrun.cli import app
+from localrun.commands.loading import obtain
+from localrun.commands.progress import RichDownloadProgress
+from localrun.commands.pull import pull
 from localrun.errors import BadModel, NetworkError, NoSpace, NotFound
-from localrun.fit import GPU_RESERVE, Device, Resources, ram_headroom
+from localrun.fit import GPU_RESERVE, ram_headroom
+from localrun.hardware import GPU, Machine
+from localrun.hub import download as hub_download
+from localrun.hub.listing import list_quants
+from localrun.hub.settings import cache_dir
+from localrun.model.files import ModelFiles
+from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
-from localrun.pull import find_cached, pull, resolve_model
-from localrun.refs import parse_ref
+from typer.testing import CliRunner
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,26 +41,42 @@ def sha256(path: Path) -> str:
 
 
 def blobs() -> list[Path]:
-    return [p for p in hubapi.cache_dir().rglob("blobs/*") if p.is_file() and p.suffix != ".incomplete"]
+    return [p for p in cache_dir().rglob("blobs/*") if p.is_file() and p.suffix != ".incomplete"]
 
 
 def incomplete() -> list[Path]:
-    return list(hubapi.cache_dir().rglob("*.incomplete"))
+    return list(cache_dir().rglob("*.incomplete"))
 
 
 def quiet() -> Output:
     return Output()
 
 
+def download(listing, quant, out: Output | None = None, **kwargs) -> list[Path]:
+    return hub_download.download(listing, quant, RichDownloadProgress(out or quiet()), **kwargs)
+
+
+def pulled(ref: ModelRef) -> ModelFiles | None:
+    """What the resolver finds in the cache for `ref`, offline; None when it is not pulled."""
+    found = resolve(ref, Machine(64 * GiB, 60 * GiB))
+    return found.model if found else None
+
+
+def loaded(ref: ModelRef) -> ModelFiles:
+    """What a command that loads `ref` gets: found in the cache, or pulled first."""
+    return obtain(ref, quiet()).model
+
+
 @pytest.fixture(scope="session")
 def big_model() -> Path:
     """An F32 tiny model of ~50 MB: several of huggingface_hub's 10 MiB chunks, to show a resume."""
-    from localrun.tinymodel import TinySpec, write_tiny_model
+    from localrun.model.tiny import TinySpec, write_tiny_model
 
     target = ROOT / ".cache" / "tests" / "big" / "tiny-big-F32.gguf"
     if not target.exists():
-        partial = write_tiny_model(target.with_name("partial.gguf"),
-                                   TinySpec(n_embd=512, n_ff=1536, n_layer=4, name="tiny-big"))
+        partial = write_tiny_model(
+            target.with_name("partial.gguf"), TinySpec(n_embd=512, n_ff=1536, n_layer=4, name="tiny-big")
+        )
         partial.replace(target)
     return target
 
@@ -74,53 +96,55 @@ def repo(hub, tiny):
 
 # -- listing -------------------------------------------------------------------------------------
 def test_listing_groups_quants_splits_and_subfolders_and_notes_mmproj(repo, tiny):
-    listing = hubapi.list_candidates(parse_ref(REPO))
-    assert [c.label for c in listing.candidates] == ["F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q2_K"]
-    split = listing.candidates[0]
+    listing = list_quants(parse_ref(REPO))
+    assert [c.label for c in listing.quants] == ["F32", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q2_K"]
+    split = listing.quants[0]
     assert split.files == [f"split/{p.name}" for p in tiny.split] and len(split.files) == 3
     assert split.size == sum(p.stat().st_size for p in tiny.split)
-    assert listing.candidates[2].files == ["more/tiny-llama-Q8_0.gguf"]
-    assert listing.candidates[2].sha256["more/tiny-llama-Q8_0.gguf"] == sha256(tiny.quants["Q8_0"])
+    assert listing.quants[2].files == ["more/tiny-llama-Q8_0.gguf"]
+    assert listing.quants[2].sha256["more/tiny-llama-Q8_0.gguf"] == sha256(tiny.quants["Q8_0"])
     assert listing.mmproj == ["mmproj-tiny-F16.gguf"]
     assert len(listing.commit) == 40
-    assert listing.candidates[listing.select(tag="q4_k_m")].label == "Q4_K_M"
+    assert listing.quants[listing.select(tag="q4_k_m")].label == "Q4_K_M"
     assert listing.select(filename="more/tiny-llama-Q5_K_M.gguf") == 4
 
 
 # -- the choice ------------------------------------------------------------------------------------
 def test_automatic_choice_follows_the_described_memory(repo, capsys):
-    def plan_for(ram_available: int, gpus: list[Device] | None = None):
-        return pull(parse_ref(REPO), quiet(), dry_run=True, n_ctx=512,
-                    res=Resources(4 * GiB, ram_available, gpus or []))
+    def plan_for(ram_available: int, gpus: list[GPU] | None = None):
+        return pull(
+            parse_ref(REPO), quiet(), dry_run=True, n_ctx=512, machine=Machine(4 * GiB, ram_available, gpus or [])
+        )
 
-    headroom = ram_headroom(Resources(4 * GiB, 4 * GiB, []))
+    headroom = ram_headroom(Machine(4 * GiB, 4 * GiB, []))
     roomy = plan_for(64 * GiB)
     assert roomy.chosen == 0 and roomy.rows[0].plan.placement == "cpu"
     assert roomy.why == "F32: the best quality here, and it fits in RAM with 512 ctx"
     for k, row in enumerate(roomy.rows):
         # Room for exactly this quant's estimate: it is chosen, and every better (bigger) one won't fit.
         result = plan_for(headroom + row.plan.estimate.ram)
-        assert result.chosen == k, (row.candidate.label, result.why)
+        assert result.chosen == k, (row.quant.label, result.why)
         assert [r.fits for r in result.rows] == [i >= k for i in range(len(result.rows))]
         if k:
-            assert result.why.startswith(f"{row.candidate.label}: the best quality that fits in RAM")
+            assert result.why.startswith(f"{row.quant.label}: the best quality that fits in RAM")
     starved = plan_for(headroom + MiB)
     assert starved.chosen is None and starved.why.startswith("nothing fits")
     with pytest.raises(NoSpace):
-        pull(parse_ref(REPO), quiet(), n_ctx=512, res=Resources(4 * GiB, headroom + MiB, []))
+        pull(parse_ref(REPO), quiet(), n_ctx=512, machine=Machine(4 * GiB, headroom + MiB, []))
     capsys.readouterr()
-    forced = pull(parse_ref(f"{REPO}:F32"), quiet(), dry_run=True, n_ctx=512,
-                  res=Resources(4 * GiB, headroom + MiB, []))
+    forced = pull(
+        parse_ref(f"{REPO}:F32"), quiet(), dry_run=True, n_ctx=512, machine=Machine(4 * GiB, headroom + MiB, [])
+    )
     assert forced.chosen == 0 and forced.forced and "won't fit" in forced.why
     assert "warning: F32 will not fit in memory (needs about" in capsys.readouterr().err
 
-    big_gpu = plan_for(12 * GiB, [Device("Test GPU", 24 * GiB, 24 * GiB)])
+    big_gpu = plan_for(12 * GiB, [GPU("Test GPU", 24 * GiB, 24 * GiB)])
     assert big_gpu.chosen == 0 and big_gpu.rows[0].plan.placement == "gpu"
     assert big_gpu.why == "F32: the best quality here, and it runs fully on the GPU with 512 ctx"
     # A GPU without room for half of F32's weights: F32 would run split, so a smaller quant that fits
     # whole on the GPU wins.
-    half = GPU_RESERVE + big_gpu.rows[0].plan.estimate.vram - big_gpu.rows[0].candidate.size // 2
-    small_gpu = plan_for(12 * GiB, [Device("Test GPU", half, half)])
+    half = GPU_RESERVE + big_gpu.rows[0].plan.estimate.vram - big_gpu.rows[0].quant.size // 2
+    small_gpu = plan_for(12 * GiB, [GPU("Test GPU", half, half)])
     assert small_gpu.rows[0].plan.placement == "partial"
     assert small_gpu.rows[0].placement().startswith("GPU ") and small_gpu.rows[0].placement().endswith("+ CPU")
     assert small_gpu.chosen > 0 and small_gpu.rows[small_gpu.chosen].plan.placement == "gpu"
@@ -163,7 +187,7 @@ def test_tag_picks_that_quant_and_a_second_pull_downloads_nothing(repo, tiny):
     assert "Q6_K: as asked" in result.stdout
     saved = Path(result.stdout.strip().splitlines()[-1].removeprefix("saved "))
     assert saved.name == "tiny-llama-Q6_K.gguf" and sha256(saved) == sha256(tiny.quants["Q6_K"])
-    assert (hubapi.cache_dir() / "models--acme--tiny-GGUF" / "refs" / "main").read_text() == saved.parent.name
+    assert (cache_dir() / "models--acme--tiny-GGUF" / "refs" / "main").read_text() == saved.parent.name
     assert len(repo.downloads("tiny-llama-Q6_K.gguf")) >= 2  # header range + the file
     before = len(repo.downloads("tiny-llama-Q6_K.gguf"))
     again = runner.invoke(app, ["pull", REPO, "--quant", "Q6_K"])
@@ -176,8 +200,8 @@ def test_split_model_pulls_every_shard_into_one_snapshot_folder(repo, tiny):
     assert [p.name for p in result.files] == [p.name for p in tiny.split]
     assert len({p.parent for p in result.files}) == 1
     assert [sha256(p) for p in result.files] == [sha256(p) for p in tiny.split]
-    model = resolve_model(parse_ref(f"{REPO}:F32"), quiet(), allow_pull=False)
-    assert model.path == result.files[0] and model.files == result.files and model.quant == "F32"
+    model = pulled(parse_ref(f"{REPO}:F32"))
+    assert model.path == result.files[0] and list(model.files) == result.files and model.quant == "F32"
 
 
 def test_file_in_a_subfolder_is_found_by_name_and_resolved_offline(repo, tiny, monkeypatch):
@@ -187,46 +211,45 @@ def test_file_in_a_subfolder_is_found_by_name_and_resolved_offline(repo, tiny, m
     assert sha256(result.files[0]) == sha256(tiny.quants["Q5_K_M"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     requests = len(repo.log)
-    assert resolve_model(ref, quiet()).path == result.files[0]
-    assert resolve_model(parse_ref(REPO), quiet()).quant == "Q5_K_M"  # the best quality present
+    assert loaded(ref).path == result.files[0]
+    assert loaded(parse_ref(REPO)).quant == "Q5_K_M"  # the only quant present
     offline = runner.invoke(app, ["pull", REPO])
     assert offline.exit_code == 0 and "already in the cache" in offline.stdout
     assert len(repo.log) == requests  # nothing asked of the network
-    with pytest.raises(NotFound):
-        resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet(), allow_pull=False)
+    assert pulled(parse_ref(f"{REPO}:Q2_K")) is None
 
 
 def test_resolve_model_pulls_a_repo_ref_once_then_finds_it(repo, tiny, capsys):
-    model = resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet())
+    model = loaded(parse_ref(f"{REPO}:Q2_K"))
     assert model.quant == "Q2_K" and sha256(model.path) == sha256(tiny.quants["Q2_K"])
     captured = capsys.readouterr()
     assert captured.out == ""  # stdout belongs to the command that needed the model
     assert "Q2_K: as asked" in captured.err and f"saved {model.path}" in captured.err
     gets = len(repo.downloads())
-    assert resolve_model(parse_ref(f"{REPO}:Q2_K"), quiet()).path == model.path
+    assert loaded(parse_ref(f"{REPO}:Q2_K")).path == model.path
     assert len(repo.downloads()) == gets
 
 
 def test_local_paths_are_validated(tiny, tmp_path):
-    model = resolve_model(parse_ref(str(tiny.quants["Q4_K_M"])), quiet())
+    model = loaded(parse_ref(str(tiny.quants["Q4_K_M"])))
     assert model.path == tiny.quants["Q4_K_M"] and model.quant == "Q4_K_M" and model.repo_id is None
-    shard2 = resolve_model(parse_ref(str(tiny.split[1])), quiet())
-    assert shard2.path == tiny.split[0] and shard2.files == tiny.split
+    shard2 = loaded(parse_ref(str(tiny.split[1])))
+    assert shard2.path == tiny.split[0] and list(shard2.files) == tiny.split
     with pytest.raises(NotFound):
-        resolve_model(parse_ref(str(tmp_path / "missing.gguf")), quiet())
+        loaded(parse_ref(str(tmp_path / "missing.gguf")))
     with pytest.raises(BadModel):
-        resolve_model(parse_ref(str(tiny.corrupt_vocab)), quiet())
+        loaded(parse_ref(str(tiny.corrupt_vocab)))
 
 
 def test_reset_mid_body_retries_then_resumes_on_the_next_pull(hub, big_model, monkeypatch, capsys):
-    monkeypatch.setattr(hubapi, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(hub_download, "RETRY_DELAY", 0.0)
     hub.add_repo("acme/big-GGUF", {"tiny-big-F32.gguf": big_model})
     size = big_model.stat().st_size
     assert size > 4 * CHUNK
     # Every body is cut 15 MiB in: each attempt keeps one more whole 10 MiB chunk, three attempts.
     fault = hub.inject("reset", "tiny-big-F32.gguf", times=-1, after_bytes=15 * MiB)
     with pytest.raises(NetworkError) as failed:
-        pull(parse_ref("acme/big-GGUF"), quiet(), res=Resources(64 * GiB, 60 * GiB, []))
+        pull(parse_ref("acme/big-GGUF"), quiet(), machine=Machine(64 * GiB, 60 * GiB, []))
     assert "run the same command again" in failed.value.hint
     assert capsys.readouterr().err.count("resuming (attempt") == 2
     body_gets = [g for g in hub.downloads("tiny-big-F32.gguf") if g.range is None or g.range.endswith("-")]
@@ -234,18 +257,18 @@ def test_reset_mid_body_retries_then_resumes_on_the_next_pull(hub, big_model, mo
     (partial,) = incomplete()
     assert partial.stat().st_size == 3 * CHUNK and not blobs()
     fault.times = 0
-    result = pull(parse_ref("acme/big-GGUF"), quiet(), res=Resources(64 * GiB, 60 * GiB, []))
+    result = pull(parse_ref("acme/big-GGUF"), quiet(), machine=Machine(64 * GiB, 60 * GiB, []))
     last = [g for g in hub.downloads("tiny-big-F32.gguf") if g.range is None or g.range.endswith("-")][-1]
     assert last.range == f"bytes={3 * CHUNK}-" and last.status == 206
     assert sha256(result.files[0]) == sha256(big_model) and not incomplete()
 
 
 def test_one_reset_is_retried_within_the_pull(hub, big_model, monkeypatch, capsys):
-    monkeypatch.setattr(hubapi, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(hub_download, "RETRY_DELAY", 0.0)
     hub.add_repo("acme/big-GGUF", {"tiny-big-F32.gguf": big_model})
-    listing = hubapi.list_candidates(parse_ref("acme/big-GGUF"))
+    listing = list_quants(parse_ref("acme/big-GGUF"))
     hub.inject("reset", "tiny-big-F32.gguf", times=1, after_bytes=15 * MiB)
-    (saved,) = hubapi.download(listing, listing.candidates[0], quiet())
+    (saved,) = download(listing, listing.quants[0])
     assert "connection lost (ReadError); resuming (attempt 2 of 3)" in capsys.readouterr().err
     assert [g.range for g in hub.downloads()] == [None, f"bytes={CHUNK}-"]
     assert sha256(saved) == sha256(big_model)
@@ -255,22 +278,29 @@ def test_ctrl_c_keeps_the_partial_file_and_the_next_pull_resumes(hub, big_model)
     hub.add_repo("acme/big-GGUF", {"tiny-big-F32.gguf": big_model})
     slow = hub.inject("slow", "tiny-big-F32.gguf", times=-1, delay=0.01)
     exe = Path(sys.executable).with_name("localrun")
-    child = subprocess.Popen([str(exe), "pull", "acme/big-GGUF"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=os.environ.copy())
+    child = subprocess.Popen(
+        [str(exe), "pull", "acme/big-GGUF"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(p.stat().st_size >= CHUNK for p in incomplete()):
         time.sleep(0.05)
     child.send_signal(signal.SIGINT)
     stdout, stderr = child.communicate(timeout=30)
     assert child.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-2:] == ["error: interrupted: the download of F32 stopped",
-                                                "hint: run the same command again: it resumes where it stopped"]
+    assert stderr.strip().splitlines()[-2:] == [
+        "error: interrupted: the download of F32 stopped",
+        "hint: run the same command again: it resumes where it stopped",
+    ]
     assert "Traceback" not in stderr
     (partial,) = incomplete()
     kept = partial.stat().st_size
     assert kept >= CHUNK and kept % CHUNK == 0
     slow.times = 0
-    result = pull(parse_ref("acme/big-GGUF"), quiet(), res=Resources(64 * GiB, 60 * GiB, []))
+    result = pull(parse_ref("acme/big-GGUF"), quiet(), machine=Machine(64 * GiB, 60 * GiB, []))
     last = [g for g in hub.downloads("tiny-big-F32.gguf") if g.range is None or g.range.endswith("-")][-1]
     assert last.range == f"bytes={kept}-"
     assert sha256(result.files[0]) == sha256(big_model)
@@ -278,9 +308,9 @@ def test_ctrl_c_keeps_the_partial_file_and_the_next_pull_resumes(hub, big_model)
 
 def test_progress_bar_on_a_terminal_counts_every_shard(repo, tiny, capsys):
     out = Output(stderr_tty=True)
-    listing = hubapi.list_candidates(parse_ref(REPO))
-    cand = listing.candidates[listing.select(tag="F32")]
-    hubapi.download(listing, cand, out)
+    listing = list_quants(parse_ref(REPO))
+    cand = listing.quants[listing.select(tag="F32")]
+    download(listing, cand, out)
     err = capsys.readouterr().err
     total = sum(p.stat().st_size for p in tiny.split) / MiB
     assert f"{total:.1f}/{total:.1f} MiB" in err and "MiB/s" in err  # all three shards counted
@@ -298,15 +328,18 @@ def error_lines(stderr: str) -> list[str]:
     return lines[start:]
 
 
-@pytest.mark.parametrize("ref, code, words", [
-    ("acme/no-such-repo", 3, "repository acme/no-such-repo not found"),
-    ("acme/docs-only", 3, "has no GGUF"),
-    (f"{REPO}:Q3_K_S", 3, "available: F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q2_K"),
-    (f"{REPO}:nope/missing.gguf", 3, "no GGUF model file"),
-    ("acme/gated-GGUF", 4, "HF_TOKEN"),
-    ("acme/not-gguf", 7, "not a GGUF"),
-    ("./local-file.gguf", 2, "local file"),
-])
+@pytest.mark.parametrize(
+    "ref, code, words",
+    [
+        ("acme/no-such-repo", 3, "repository acme/no-such-repo not found"),
+        ("acme/docs-only", 3, "has no GGUF"),
+        (f"{REPO}:Q3_K_S", 3, "available: F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q2_K"),
+        (f"{REPO}:nope/missing.gguf", 3, "no GGUF model file"),
+        ("acme/gated-GGUF", 4, "HF_TOKEN"),
+        ("acme/not-gguf", 7, "not a GGUF"),
+        ("./local-file.gguf", 2, "local file"),
+    ],
+)
 def test_bad_input_is_one_clear_line(repo, tmp_path, ref, code, words, tiny):
     docs = tmp_path / "README.md"
     docs.write_text("# docs\n")
@@ -345,10 +378,19 @@ def test_revision_and_hf_home_are_honoured(repo, tiny, monkeypatch, tmp_path):
     result = runner.invoke(app, ["pull", REPO, "--revision", "dev"])
     assert result.exit_code == 0, result.output
     saved = Path(result.stdout.strip().splitlines()[-1].removeprefix("saved "))
-    assert saved == tmp_path / "elsewhere" / "hub" / "models--acme--tiny-GGUF" / "snapshots" / dev / "dev" / \
-        "tiny-llama-Q3_K_M.gguf"
+    assert (
+        saved
+        == tmp_path
+        / "elsewhere"
+        / "hub"
+        / "models--acme--tiny-GGUF"
+        / "snapshots"
+        / dev
+        / "dev"
+        / "tiny-llama-Q3_K_M.gguf"
+    )
     assert "Q3_K_M: the best quality here" in result.stdout and "F16" not in result.stdout
-    assert resolve_model(parse_ref(REPO, revision=dev[:10]), quiet(), allow_pull=False).path == saved
+    assert pulled(parse_ref(REPO, revision=dev[:10])).path == saved
 
 
 def test_offline_with_nothing_cached(repo, monkeypatch):
@@ -357,31 +399,31 @@ def test_offline_with_nothing_cached(repo, monkeypatch):
     assert result.exit_code == 5
     assert "HF_HUB_OFFLINE" in error_lines(result.stderr)[0]
     with pytest.raises(NetworkError):
-        resolve_model(parse_ref(REPO), quiet())
+        loaded(parse_ref(REPO))
     assert not repo.log
 
 
 def test_http_500_is_retried_then_reported(repo, monkeypatch, capsys):
-    monkeypatch.setattr(hubapi, "RETRY_DELAY", 0.0)
-    listing = hubapi.list_candidates(parse_ref(REPO))
+    monkeypatch.setattr(hub_download, "RETRY_DELAY", 0.0)
+    listing = list_quants(parse_ref(REPO))
     repo.inject("500", "tiny-llama-Q2_K.gguf", times=1)
-    (saved,) = hubapi.download(listing, listing.candidates[listing.select(tag="Q2_K")], quiet())
+    (saved,) = download(listing, listing.quants[listing.select(tag="Q2_K")])
     assert "HTTP 500; resuming (attempt 2 of 3)" in capsys.readouterr().err and saved.is_file()
     repo.inject("500", "tiny-llama-Q4_K_M.gguf", times=-1)
     failed = runner.invoke(app, ["pull", f"{REPO}:Q4_K_M"])
     assert failed.exit_code == 5, failed.output
     assert "HTTP 500" in error_lines(failed.stderr)[0]
-    assert not any("Q4_K_M" in str(p) for p in hubapi.cache_dir().rglob("*.gguf"))
+    assert not any("Q4_K_M" in str(p) for p in cache_dir().rglob("*.gguf"))
 
 
 def test_disk_without_room_is_refused_before_downloading(repo):
-    listing = hubapi.list_candidates(parse_ref(REPO))
-    cand = listing.candidates[listing.select(tag="F16")]
+    listing = list_quants(parse_ref(REPO))
+    cand = listing.quants[listing.select(tag="F16")]
     with pytest.raises(NoSpace) as refused:
-        hubapi.download(listing, cand, quiet(), free_space=lambda path: cand.size - 1)
+        download(listing, cand, free_space=lambda path: cand.size - 1)
     assert "to download" in refused.value.message and "free" in refused.value.message
     assert not repo.downloads() and not blobs()
-    assert hubapi.download(listing, cand, quiet(), free_space=lambda path: cand.size)  # exactly enough is enough
+    assert download(listing, cand, free_space=lambda path: cand.size)  # exactly enough is enough
 
 
 def test_corrupt_download_is_deleted(hub, tiny, tmp_path):
@@ -394,12 +436,13 @@ def test_corrupt_download_is_deleted(hub, tiny, tmp_path):
     result = runner.invoke(app, ["pull", "acme/corrupt-GGUF"])
     assert result.exit_code == 7
     assert "sha256" in error_lines(result.stderr)[0]
-    assert not blobs() and not list(hubapi.cache_dir().rglob("*.gguf"))
-    assert find_cached(parse_ref("acme/corrupt-GGUF")) is None
+    assert not blobs() and not list(cache_dir().rglob("*.gguf"))
+    assert pulled(parse_ref("acme/corrupt-GGUF")) is None
 
 
-@pytest.mark.parametrize("name", ["../escape-Q4_K_M.gguf", "/etc/abs-Q4_K_M.gguf", "sub\\win-Q4_K_M.gguf",
-                                  "a/../../up-Q4_K_M.gguf"])
+@pytest.mark.parametrize(
+    "name", ["../escape-Q4_K_M.gguf", "/etc/abs-Q4_K_M.gguf", "sub\\win-Q4_K_M.gguf", "a/../../up-Q4_K_M.gguf"]
+)
 def test_hostile_listing_is_rejected(hub, tiny, tmp_path, name):
     hub.add_repo("acme/hostile-GGUF", {name: tiny.quants["Q4_K_M"], "ok-Q2_K.gguf": tiny.quants["Q2_K"]})
     result = runner.invoke(app, ["pull", "acme/hostile-GGUF"])

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import pytest
-
 from localrun.errors import UsageError
-from localrun.quants import info, matches_tag, quant_from_filename, sort_key
-from localrun.refs import parse_ref
+from localrun.model.quants import info, matches_tag, quant_from_filename, sort_key
+from localrun.model.refs import parse_ref
 
 
-@pytest.mark.parametrize("text, repo, tag, filename, revision", [
-    ("org/repo", "org/repo", None, None, None),
-    ("org/repo:Q4_K_M", "org/repo", "Q4_K_M", None, None),
-    ("org/repo:q8_0", "org/repo", "q8_0", None, None),
-    ("org/repo:sub/model-Q2_K.gguf", "org/repo", None, "sub/model-Q2_K.gguf", None),
-    ("hf.co/org/repo:Q6_K", "org/repo", "Q6_K", None, None),
-    ("https://huggingface.co/org/repo", "org/repo", None, None, None),
-    ("https://huggingface.co/org/repo/", "org/repo", None, None, None),
-    ("https://huggingface.co/org/repo/blob/dev/x-Q4_0.gguf", "org/repo", None, "x-Q4_0.gguf", "dev"),
-    ("https://huggingface.co/org/repo/tree/v2", "org/repo", None, None, "v2"),
-])
+@pytest.mark.parametrize(
+    "text, repo, tag, filename, revision",
+    [
+        ("org/repo", "org/repo", None, None, None),
+        ("org/repo:Q4_K_M", "org/repo", "Q4_K_M", None, None),
+        ("org/repo:q8_0", "org/repo", "q8_0", None, None),
+        ("org/repo:sub/model-Q2_K.gguf", "org/repo", None, "sub/model-Q2_K.gguf", None),
+        ("hf.co/org/repo:Q6_K", "org/repo", "Q6_K", None, None),
+        ("https://huggingface.co/org/repo", "org/repo", None, None, None),
+        ("https://huggingface.co/org/repo/", "org/repo", None, None, None),
+        ("https://huggingface.co/org/repo/blob/dev/x-Q4_0.gguf", "org/repo", None, "x-Q4_0.gguf", "dev"),
+        ("https://huggingface.co/org/repo/tree/v2", "org/repo", None, None, "v2"),
+    ],
+)
 def test_hub_references(text, repo, tag, filename, revision):
     ref = parse_ref(text)
     assert (ref.repo_id, ref.tag, ref.filename, ref.revision) == (repo, tag, filename, revision)
@@ -40,15 +42,18 @@ def test_bad_references_are_usage_errors(bad):
         parse_ref(bad)
 
 
-@pytest.mark.parametrize("name, quant", [
-    ("gemma-3-270m-it-Q4_K_M.gguf", "Q4_K_M"),
-    ("Qwen3-8B-UD-Q4_K_XL.gguf", "UD-Q4_K_XL"),
-    ("model.i1-IQ3_M.gguf", "I1-IQ3_M"),
-    ("x-IQ4_XS-00001-of-00002.gguf", "IQ4_XS"),
-    ("sub/dir/llama-q8_0.gguf", "Q8_0"),
-    ("llama-bf16.gguf", "BF16"),
-    ("readme.gguf", None),
-])
+@pytest.mark.parametrize(
+    "name, quant",
+    [
+        ("gemma-3-270m-it-Q4_K_M.gguf", "Q4_K_M"),
+        ("Qwen3-8B-UD-Q4_K_XL.gguf", "UD-Q4_K_XL"),
+        ("model.i1-IQ3_M.gguf", "I1-IQ3_M"),
+        ("x-IQ4_XS-00001-of-00002.gguf", "IQ4_XS"),
+        ("sub/dir/llama-q8_0.gguf", "Q8_0"),
+        ("llama-bf16.gguf", "BF16"),
+        ("readme.gguf", None),
+    ],
+)
 def test_quant_from_filename(name, quant):
     assert quant_from_filename(name) == quant
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from typer.testing import CliRunner
-
 from localrun.cli import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 GREEDY = ["--temp", "0", "--ignore-eos"]
@@ -34,19 +33,22 @@ def test_json_is_one_object_and_stream_is_json_lines(tiny):
     result = cli("run", tiny.quants["Q8_0"], "hello", "-n", "5", "--json", *GREEDY)
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["model"] == "tiny-llama" and data["generated_tokens"] == 5 and data["finish_reason"] == "length"
+    assert data["model"] == str(tiny.quants["Q8_0"]) and data["name"] == "tiny-llama"
+    assert data["quant"] == "Q8_0" and data["generated_tokens"] == 5 and data["finish_reason"] == "length"
     assert data["text"] and data["prompt_tokens"] > 0 and data["gen_tps"] > 0
     assert result.stderr == ""
     streamed = cli("run", tiny.quants["Q8_0"], "hello", "-n", "5", "--json", "--stream", *GREEDY)
     events = [json.loads(line) for line in streamed.stdout.splitlines()]
-    assert events[0]["kind"] == "start" and events[0]["model"] == "tiny-llama" and events[0]["load_s"] > 0
+    assert events[0]["kind"] == "start" and events[0]["name"] == "tiny-llama" and events[0]["load_s"] > 0
     assert events[-1]["kind"] == "stats" and events[-1]["generated_tokens"] == 5
     assert "".join(e["text"] for e in events if e["kind"] == "piece") == data["text"]  # greedy: the same text
 
 
 def test_piped_stdin_is_the_material_and_the_argument_the_instruction(tiny):
     model = tiny.quants["Q8_0"]
-    combined = cli("run", model, "--raw", "-n", "6", "--json", *GREEDY, "summarize this", input="the old man and the sea\n")
+    combined = cli(
+        "run", model, "--raw", "-n", "6", "--json", *GREEDY, "summarize this", input="the old man and the sea\n"
+    )
     by_hand = cli("run", model, "--raw", "-n", "6", "--json", *GREEDY, "summarize this\n\nthe old man and the sea")
     only_stdin = cli("run", model, "--raw", "-n", "6", "--json", *GREEDY, input="the old man and the sea\n")
     by_hand_stdin = cli("run", model, "--raw", "-n", "6", "--json", *GREEDY, "the old man and the sea")
@@ -87,8 +89,14 @@ def test_piped_output_has_no_ansi_and_greedy_output_is_deterministic(tiny):
 
 
 def test_tty_shows_the_answer_and_a_stats_line(tiny):
-    child = pexpect.spawn(sys.executable, ["-m", "localrun", "run", str(tiny.quants["Q8_0"]), "hello", "-n", "40", *GREEDY],
-                          env=dict(os.environ, TERM="xterm"), encoding="utf-8", timeout=60, dimensions=(24, 100))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "localrun", "run", str(tiny.quants["Q8_0"]), "hello", "-n", "40", *GREEDY],
+        env=dict(os.environ, TERM="xterm"),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(24, 100),
+    )
     child.expect(r"reply 40 tok, [\d.]+ tok/s")
     child.expect(pexpect.EOF)
     child.close()
@@ -102,13 +110,16 @@ def test_verbose_shows_llama_cpp_logs(tiny):
     assert "llama_model_loader" in loud.stderr or "print_info" in loud.stderr
 
 
-@pytest.mark.parametrize("args,code,message", [
-    (["run", "/nonexistent/model.gguf", "hi"], 3, "no such model file"),
-    (["run", "{tiny}", "hi", "--stream"], 2, "--stream goes with --json"),
-    (["run", "{tiny}"], 2, "nothing to answer"),
-    (["run", "{tiny}", "hi", "--chat-format", "nope"], 2, "unknown chat format"),
-    (["run", "{tiny}", "hi", "--template", "/nonexistent.jinja"], 2, "cannot read the template file"),
-])
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["run", "/nonexistent/model.gguf", "hi"], 3, "no such model file"),
+        (["run", "{tiny}", "hi", "--stream"], 2, "--stream goes with --json"),
+        (["run", "{tiny}"], 2, "nothing to answer"),
+        (["run", "{tiny}", "hi", "--chat-format", "nope"], 2, "unknown chat format"),
+        (["run", "{tiny}", "hi", "--template", "/nonexistent.jinja"], 2, "cannot read the template file"),
+    ],
+)
 def test_bad_input_is_one_line_and_an_exit_code(tiny, args, code, message):
     result = cli(*[a.replace("{tiny}", str(tiny.quants["Q8_0"])) for a in args])
     assert result.exit_code == code, result.stderr

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir
-from typer.testing import CliRunner
-
-from localrun import hub as lhub
-from localrun import store
+from localrun.cache import usage
 from localrun.cli import app
+from localrun.hub import settings as lhub
+from typer.testing import CliRunner
 
 runner = CliRunner()
 REPO = "org/tiny-GGUF"
@@ -22,8 +21,9 @@ REPO = "org/tiny-GGUF"
 
 def fetch(repo_id: str, filename: str, revision: str = "main") -> Path:
     """Download one file the way any other tool would (`hf download`): straight through huggingface_hub."""
-    return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=lhub.endpoint(),
-                                cache_dir=lhub.cache_dir()))
+    return Path(
+        hf_hub_download(repo_id, filename, revision=revision, endpoint=lhub.endpoint(), cache_dir=lhub.cache_dir())
+    )
 
 
 def blobs() -> list[Path]:
@@ -39,13 +39,21 @@ def listing() -> list[dict]:
 @pytest.fixture
 def pulled(hub, tiny):
     """REPO with two quants, a split model and a projector; Q8_0, the split and the projector fetched."""
-    hub.add_repo(REPO, {
-        "tiny-Q8_0.gguf": tiny.quants["Q8_0"],
-        "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"],
-        "mmproj-tiny-F16.gguf": tiny.mmproj,
-        **{f"split/{p.name}": p for p in tiny.split},
-    })
-    for name in ("tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "mmproj-tiny-F16.gguf", *(f"split/{p.name}" for p in tiny.split)):
+    hub.add_repo(
+        REPO,
+        {
+            "tiny-Q8_0.gguf": tiny.quants["Q8_0"],
+            "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"],
+            "mmproj-tiny-F16.gguf": tiny.mmproj,
+            **{f"split/{p.name}": p for p in tiny.split},
+        },
+    )
+    for name in (
+        "tiny-Q8_0.gguf",
+        "tiny-Q4_K_M.gguf",
+        "mmproj-tiny-F16.gguf",
+        *(f"split/{p.name}" for p in tiny.split),
+    ):
         fetch(REPO, name)
     return hub
 
@@ -84,7 +92,7 @@ def test_list_on_an_empty_cache_says_how_to_pull():
 
 def test_touch_records_last_use(pulled):
     q8 = fetch(REPO, "tiny-Q8_0.gguf")  # the snapshot path, as the resolver hands it to the engine
-    store.touch(q8, when=1_700_000_000.0)
+    usage.touch(q8, when=1_700_000_000.0)
     by_label = {m["model"]: m for m in listing()}
     assert by_label[f"{REPO}:Q8_0"]["last_used"] == "2023-11-14T22:13:20+00:00"
     assert by_label[f"{REPO}:Q4_K_M"]["last_used"] is None
@@ -175,8 +183,9 @@ def test_rm_unknown_model_is_a_clear_error(pulled):
 def test_piped_rm_without_yes_refuses_and_deletes_nothing(pulled):
     before = blobs()
     exe = Path(sys.executable).with_name("localrun")
-    proc = subprocess.run([str(exe), "rm", f"{REPO}:Q8_0"], capture_output=True, text=True, input="y\n",
-                          env=os.environ.copy())
+    proc = subprocess.run(
+        [str(exe), "rm", f"{REPO}:Q8_0"], capture_output=True, text=True, input="y\n", env=os.environ.copy()
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert f"{REPO}:Q8_0: 1 file" in proc.stderr  # what would go, even when refusing
@@ -209,9 +218,17 @@ def test_show_pulled_model_reads_the_cache_only(pulled, tiny):
     assert result.exit_code == 0 and result.stderr == ""
     text = result.stdout
     assert text.splitlines()[0] == f"{REPO}:Q8_0  (pulled)"
-    for label, value in (("Architecture", "llama (tiny-llama)"), ("Parameters", "1.6M"), ("Quantization", "Q8_0"),
-                         ("Trained context", "2048 tokens"), ("Layers", "2"), ("Chat template", "yes"),
-                         ("Memory plan", "fits: CPU"), ("Last used", "never"), ("Also pulled", "F32")):
+    for label, value in (
+        ("Architecture", "llama (tiny-llama)"),
+        ("Parameters", "1.6M"),
+        ("Quantization", "Q8_0"),
+        ("Trained context", "2048 tokens"),
+        ("Layers", "2"),
+        ("Chat template", "yes"),
+        ("Memory plan", "fits: CPU"),
+        ("Last used", "never"),
+        ("Also pulled", "F32"),
+    ):
         assert any(line.startswith(label) and value in line for line in text.splitlines()), (label, text)
     assert "Licence" not in text  # the tiny models carry none
 
@@ -227,14 +244,23 @@ def test_show_local_file_without_template(tiny):
     d = show_json(str(tiny.no_template))
     assert (d["source"], d["quant"], d["chat_template"]) == ("local", "Q8_0", None)
     text = runner.invoke(app, ["show", str(tiny.no_template)]).stdout
-    assert any(line.startswith("Chat template") and "none: chat falls back to a built-in format" in line for line in text.splitlines())
+    assert any(
+        line.startswith("Chat template") and "none: chat falls back to a built-in format" in line
+        for line in text.splitlines()
+    )
     result = runner.invoke(app, ["show", str(tiny.folder / "missing.gguf")])
     assert result.exit_code == 3 and "no such model file" in result.stderr
 
 
 def test_show_remote_repo_reads_headers_only(hub, tiny):
-    hub.add_repo(REPO, {"tiny-Q8_0.gguf": tiny.quants["Q8_0"], "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"],
-                        **{f"split/{p.name}": p for p in tiny.split}})
+    hub.add_repo(
+        REPO,
+        {
+            "tiny-Q8_0.gguf": tiny.quants["Q8_0"],
+            "tiny-Q4_K_M.gguf": tiny.quants["Q4_K_M"],
+            **{f"split/{p.name}": p for p in tiny.split},
+        },
+    )
     d = show_json(f"{REPO}:Q4_K_M")
     assert (d["source"], d["quant"], d["n_layer"]) == ("remote", "Q4_K_M", 2)
     assert d["files"] == [{"name": "tiny-Q4_K_M.gguf", "size": tiny.quants["Q4_K_M"].stat().st_size, "path": None}]
@@ -289,7 +315,7 @@ def _rm_on_a_terminal(ref: str, answer: bytes) -> tuple[int, str]:
 
 
 def test_rm_on_a_terminal_asks_and_respects_the_answer(pulled, tiny):
-    from localrun.output import human_bytes
+    from localrun.text import human_bytes
 
     before = blobs()
     code, screen = _rm_on_a_terminal(f"{REPO}:Q8_0", b"n\n")

@@ -1,0 +1,1 @@
+"""Comparing quantizations: each candidate measured in a child process, then ranked."""

@@ -1,0 +1,115 @@
+"""What a bench measured: per-candidate figures and the run's settings, as JSON-ready dataclasses."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from localrun.model.files import ModelFiles
+from localrun.model.quants import info as quant_info
+
+SCHEMA = "localrun.bench/1"
+
+
+@dataclass
+class BenchOptions:
+    pp: int = 512
+    tg: int = 128
+    reps: int = 5
+    threads: int | None = None
+    gpu_layers: int | None = None  # None: all layers when the build can offload, else 0
+    ppl_ctx: int = 512
+    ppl_chunks: int | None = None
+    kld_top_k: int = 256
+    quants: str | None = None  # "Q4_K_M,Q8_0" pulls those; "fit" pulls every quant that fits
+    max_kld: float = 0.05  # the recommendation's bar: the fastest candidate within this KLD
+    eval_text: Path | None = None
+    verbose: bool = False
+
+
+def precision(model: ModelFiles) -> tuple[float, int]:
+    """How close to the original a candidate is, by its quant name (then its size)."""
+    known = quant_info(model.quant) if model.quant else None
+    return (known.quality if known else -1.0, model.size)
+
+
+@dataclass
+class Stat:
+    mean: float
+    sd: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float], scale: float = 1.0) -> Stat | None:
+        if not values:
+            return None
+        scaled = [v * scale for v in values]
+        return cls(statistics.fmean(scaled), statistics.stdev(scaled) if len(scaled) > 1 else 0.0, len(scaled))
+
+
+# ok; crashed (killed by a signal); failed; interrupted (while measured); pending (not reached); running
+Status = Literal["ok", "crashed", "failed", "interrupted", "pending", "running"]
+
+
+@dataclass
+class CandidateResult:
+    label: str
+    path: str
+    quant: str | None
+    file_size: int
+    status: Status = "pending"
+    error: str | None = None
+    signal: str | None = None
+    reference: bool = False
+    load_s: float | None = None
+    pp: Stat | None = None  # tok/s
+    tg: Stat | None = None  # tok/s
+    ttft_ms: Stat | None = None
+    peak_rss: int | None = None
+    vram: int | None = None
+    threads: int | None = None
+    gpu_layers: int | None = None
+    ppl: float | None = None
+    ppl_error: float | None = None
+    kld: float | None = None
+    kld_p99: float | None = None
+    top1: float | None = None  # share of positions whose most likely token matches the reference's
+    eval_tokens: int | None = None
+    ppl_windows: int | None = None
+    note: str | None = None
+    pareto: bool = False
+    seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Recommendation:
+    label: str
+    text: str
+
+
+@dataclass
+class BenchResult:
+    settings: dict
+    machine: dict
+    results: list[CandidateResult]
+    reference: str | None = None
+    recommendation: Recommendation | None = None
+    interrupted: bool = False
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "settings": self.settings,
+            "machine": self.machine,
+            "reference": self.reference,
+            "recommendation": asdict(self.recommendation) if self.recommendation else None,
+            "interrupted": self.interrupted,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "candidates": [r.to_dict() for r in self.results],
+        }

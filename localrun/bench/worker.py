@@ -1,0 +1,332 @@
+"""Child side of `localrun bench`: measure one model, print JSON lines (phases, then the result).
+
+Run as `python -m localrun.bench.worker SPEC_JSON`. Each candidate runs in its own process so its
+peak RSS is its own, and a llama.cpp abort (SIGABRT on a corrupt vocabulary, SIGSEGV) ends only
+this child. Speed follows llama-bench: after a warm-up, pp decodes a prompt in one batch from an
+empty cache and tg decodes tokens one at a time from an empty cache. Quality follows
+llama-perplexity: fixed windows of ppl_ctx tokens, BOS first, the second half of each window
+scored. The reference run writes the token ids and its top-k log-probabilities to an .npz file
+that later runs read, so every candidate is scored on the same tokens at the same positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from localrun.hardware import default_threads
+from localrun.inference.llama_log import install
+from localrun.inference.runtime import LlamaContext, LlamaModel, Loaded, LoadOptions, SamplingOptions, load
+from localrun.model.quants import FTYPE_NAMES
+
+
+@dataclass
+class WorkerSpec:
+    path: str
+    eval_text: str
+    pp: int = 512
+    tg: int = 128
+    reps: int = 5
+    threads: int | None = None
+    gpu_layers: int = 0
+    use_extra_bufts: bool = True
+    ppl_ctx: int = 512
+    ppl_chunks: int | None = None  # None: every whole window of the text
+    kld_top_k: int = 256  # used when full distributions would not fit in FULL_DIST_BYTES
+    ref_out: str | None = None  # write reference tokens and log-probs here (the reference run)
+    ref_in: str | None = None  # read them from here (every other run)
+    verbose: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+# Full next-token distributions are stored when they take at most this much; otherwise the
+# reference keeps its top-k log-probs and KL is computed over those k tokens plus one bucket for
+# the rest of the mass (a lower bound of the full KL that is tight when the tail is small).
+FULL_DIST_BYTES = 128 * 2**20
+
+
+def _emit(event: str, **data: object) -> None:
+    sys.stdout.write(json.dumps({"event": event, **data}) + "\n")
+    sys.stdout.flush()
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory. On Linux from VmHWM: ru_maxrss survives exec, so in a
+    child it can report the parent's peak instead of ours."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _vram_used() -> int | None:
+    """Bytes of GPU memory this process holds (NVIDIA, through nvidia-ml-py); None elsewhere."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        used = 0
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory:
+                    used += int(proc.usedGpuMemory)
+        return used or None
+    except Exception:  # no NVIDIA driver or library: nothing to report
+        return None
+
+
+def vocab_fingerprint(model) -> str:
+    """Identifies a vocabulary: token ids mean the same text in two models with the same hash."""
+    digest = hashlib.sha256(str(model.n_vocab).encode())
+    for token in range(model.n_vocab):
+        digest.update(model.piece(token, special=True) + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _bos(model) -> int | None:
+    """The BOS token when the vocabulary adds one (tokenizing nothing with specials yields it)."""
+    ids = model.tokenize("", add_special=True, parse_special=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+def measure_speed(loaded: Loaded, prompt: list[int], spec: WorkerSpec) -> dict:
+    """pp and tg rates over spec.reps repetitions after one warm-up, and time to first token."""
+    ctx = loaded.ctx
+    ctx.set_sampling(SamplingOptions(temperature=0, repeat_penalty=1.0))
+    pp_rates: list[float] = []
+    tg_rates: list[float] = []
+    ttft: list[float] = []
+    for rep in range(spec.reps + 1):  # rep 0 is the warm-up
+        _emit("phase", phase="warm-up" if rep == 0 else "speed", rep=rep, reps=spec.reps)
+        if spec.pp:
+            ctx.reset()
+            start = time.perf_counter()
+            ctx.decode(prompt[: spec.pp])
+            done = time.perf_counter()
+            ctx.sample()
+            first = time.perf_counter()
+            if rep:
+                pp_rates.append(spec.pp / (done - start))
+                ttft.append(first - start)
+        if spec.tg:
+            n = spec.tg if rep else min(spec.tg, 8)
+            ctx.reset()
+            start = time.perf_counter()
+            for token in prompt[:n]:
+                ctx.decode([token])
+            if rep:
+                tg_rates.append(n / (time.perf_counter() - start))
+    return {"pp": pp_rates, "tg": tg_rates, "ttft": ttft}
+
+
+def _log_softmax(rows):
+    """Row-wise log-softmax in float32 (a 262k vocabulary makes float64 copies costly), summed in float64."""
+    import numpy as np
+
+    rows = rows - rows.max(axis=1, keepdims=True)
+    norm = np.log(np.exp(rows).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    rows -= norm
+    return rows
+
+
+def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: dict | None) -> dict:
+    """Perplexity over fixed windows; with `ref`, KL divergence and top-token agreement against it."""
+    import numpy as np
+
+    n_ctx = spec.ppl_ctx
+    n_chunks = len(tokens) // n_ctx
+    if spec.ppl_chunks:
+        n_chunks = min(n_chunks, spec.ppl_chunks)
+    if n_chunks < 1:
+        raise ValueError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
+    first = n_ctx // 2
+    bos = _bos(model)
+    opts = LoadOptions(
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=spec.threads,
+        n_gpu_layers=spec.gpu_layers,
+        use_extra_bufts=spec.use_extra_bufts,
+        logits_all=True,
+        verbose=True,
+    )
+    nll: list[np.ndarray] = []
+    kld: list[np.ndarray] = []
+    top1: list[np.ndarray] = []
+    keep_k = (
+        model.n_vocab
+        if n_chunks * (n_ctx - 1 - first) * model.n_vocab * 8 <= FULL_DIST_BYTES
+        else min(spec.kld_top_k, model.n_vocab)
+    )
+    out_idx: list[np.ndarray] = []
+    out_logp: list[np.ndarray] = []
+    row = 0
+    with LlamaContext(model, opts) as ctx:
+        for chunk in range(n_chunks):
+            _emit("phase", phase="quality", rep=chunk + 1, reps=n_chunks)
+            window = list(tokens[chunk * n_ctx : (chunk + 1) * n_ctx])
+            if bos is not None:
+                window[0] = bos
+            ctx.reset()
+            # Like llama-perplexity, ask for logits only where they are scored: the output layer
+            # over a large vocabulary costs as much as the rest of the model.
+            ctx.logits_all = False
+            ctx.decode(window[:first])
+            ctx.logits_all = True
+            ctx.decode(window[first:])
+            logp = _log_softmax(np.stack([ctx.logits(i) for i in range(n_ctx - 1 - first)]))
+            targets = np.asarray(tokens[chunk * n_ctx + first + 1 : (chunk + 1) * n_ctx])
+            nll.append(-logp[np.arange(len(targets)), targets])
+            if spec.ref_out:
+                idx = (
+                    np.argpartition(-logp, keep_k - 1, axis=1)[:, :keep_k]
+                    if keep_k < logp.shape[1]
+                    else np.tile(np.arange(logp.shape[1]), (len(logp), 1))
+                )
+                vals = np.take_along_axis(logp, idx, axis=1)
+                order = np.argsort(-vals, axis=1)
+                out_idx.append(np.take_along_axis(idx, order, axis=1).astype(np.int32))
+                out_logp.append(np.take_along_axis(vals, order, axis=1).astype(np.float32))
+            if ref is not None:
+                r_idx = ref["idx"][row : row + len(logp)]
+                r_logp = ref["logp"][row : row + len(logp)].astype(np.float64)
+                q = np.take_along_axis(logp, r_idx, axis=1)
+                p = np.exp(r_logp)
+                kl = (p * (r_logp - q)).sum(axis=1)
+                p_rest = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+                q_rest = np.clip(1.0 - np.exp(q).sum(axis=1), 1e-12, 1.0)
+                tail = p_rest > 1e-9
+                kl[tail] += p_rest[tail] * (np.log(p_rest[tail]) - np.log(q_rest[tail]))
+                kld.append(np.maximum(kl, 0.0))
+                top1.append(logp.argmax(axis=1) == r_idx[:, 0])
+            row += len(logp)
+    all_nll = np.concatenate(nll)
+    result: dict = {
+        "ppl": float(np.exp(all_nll.mean())),
+        "ppl_error": float(np.exp(all_nll.mean()) * all_nll.std(ddof=1) / np.sqrt(len(all_nll)))
+        if len(all_nll) > 1
+        else 0.0,
+        "scored": len(all_nll),
+        "chunks": n_chunks,
+        "kld_top_k": keep_k,
+    }
+    if ref is not None:
+        all_kld = np.concatenate(kld)
+        result.update(
+            kld=float(all_kld.mean()),
+            kld_p99=float(np.percentile(all_kld, 99)),
+            top1=float(np.concatenate(top1).mean()),
+        )
+    if spec.ref_out:
+        np.savez(
+            spec.ref_out,
+            tokens=np.asarray(tokens, dtype=np.int32),
+            vocab=np.asarray(result_vocab(model)),
+            idx=np.concatenate(out_idx),
+            logp=np.concatenate(out_logp),
+            ppl_ctx=n_ctx,
+            chunks=n_chunks,
+        )
+    return result
+
+
+_fingerprints: dict[int, str] = {}
+
+
+def result_vocab(model) -> str:
+    key = id(model)
+    if key not in _fingerprints:
+        _fingerprints[key] = vocab_fingerprint(model)
+    return _fingerprints[key]
+
+
+def _file_type(model: LlamaModel) -> str | None:
+    raw = model.meta("general.file_type")
+    try:
+        return FTYPE_NAMES.get(int(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def run(spec: WorkerSpec) -> dict:
+    import numpy as np
+
+    install(echo=True)  # llama.cpp's log goes to our stderr, which the parent keeps for crash reports
+    threads = spec.threads or default_threads()
+    _emit("phase", phase="load")
+    opts = LoadOptions(
+        n_ctx=max(spec.pp + spec.tg, 64),
+        n_batch=max(spec.pp, 32),
+        n_threads=threads,
+        n_gpu_layers=spec.gpu_layers,
+        use_extra_bufts=spec.use_extra_bufts,
+        verbose=True,
+    )
+    start = time.perf_counter()
+    loaded = load(spec.path, opts)
+    load_s = time.perf_counter() - start
+    model = loaded.model
+    text = Path(spec.eval_text).read_text(encoding="utf-8")
+    own_tokens = model.tokenize(text, add_special=True, parse_special=False)
+    ref = None
+    tokens = own_tokens
+    note = None
+    if spec.ref_in:
+        data = np.load(spec.ref_in)
+        if str(data["vocab"]) == result_vocab(model):
+            tokens = data["tokens"].tolist()
+            ref = {"idx": data["idx"], "logp": data["logp"]}
+        else:
+            note = "vocabulary differs from the reference: no KLD; perplexity on its own tokenization"
+    prompt = (tokens[1:] * (1 + (spec.pp + spec.tg) // max(len(tokens) - 1, 1)))[: max(spec.pp, spec.tg)]
+    speed = measure_speed(loaded, prompt, spec)
+    peak_rss = _peak_rss()  # inference memory, before the quality pass allocates logits for every position
+    vram = _vram_used() if spec.gpu_layers else None
+    loaded.ctx.close()
+    quality = measure_quality(model, tokens, spec, ref)
+    result = {
+        "quant": _file_type(model),
+        "n_vocab": model.n_vocab,
+        "n_layer": model.n_layer,
+        "load_s": load_s,
+        "peak_rss": peak_rss,
+        "vram": vram,
+        "threads": threads,
+        "gpu_layers": min(spec.gpu_layers, model.n_layer + 1),
+        "eval_tokens": len(tokens),
+        "vocab": result_vocab(model),
+        "kld_note": note,
+        **speed,
+        **quality,
+    }
+    model.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec = WorkerSpec(**json.loads(args[0]))
+    try:
+        result = run(spec)
+    except Exception as exc:  # reported to the parent as a failed candidate, not a crash
+        _emit("error", message=f"{type(exc).__name__}: {exc}".splitlines()[0], hint=getattr(exc, "hint", None))
+        return 1
+    _emit("result", **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

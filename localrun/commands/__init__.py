@@ -1,0 +1,1 @@
+"""One module per command: compute a result, then render it. Only this layer (and output) prints."""

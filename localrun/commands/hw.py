@@ -1,0 +1,108 @@
+"""`localrun hw`: the machine, the llama.cpp build and a self-test, as a report or JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from rich.markup import escape
+from rich.table import Table
+
+from localrun import hardware
+from localrun.hardware import Machine
+from localrun.inference import selftest
+from localrun.inference.build import BuildInfo, build_info
+from localrun.inference.selftest import Verdict
+from localrun.output import Output
+from localrun.text import human_bytes
+
+
+@dataclass
+class HardwareReport:
+    machine: Machine
+    build: BuildInfo
+    selftest: Verdict | None
+
+    @property
+    def selftest_ok(self) -> bool:
+        return self.selftest is not None and self.selftest.ok
+
+    def to_dict(self) -> dict:
+        data = {"machine": self.machine.to_dict(), "llama_cpp": asdict(self.build), "selftest": None}
+        if self.selftest is not None:
+            v = self.selftest
+            data["selftest"] = {
+                "ok": v.ok,
+                "use_extra_bufts": v.use_extra_bufts,
+                "advice": v.advice(),
+                "fast_path": asdict(v.fast),
+                "safe_path": asdict(v.safe) if v.safe else None,
+            }
+        return data
+
+
+def hardware_report(out: Output, run_selftest: bool = True) -> HardwareReport:
+    build = build_info()
+    verdict = None
+    if run_selftest:
+        if out.interactive:
+            with out.err.status("self-test: loading a tiny model in a child process..."):
+                verdict = selftest.check()
+        else:
+            verdict = selftest.check()
+    machine = hardware.detect()
+    if verdict is not None and verdict.use_extra_bufts is not None:
+        machine = machine.with_extra_bufts(verdict.use_extra_bufts)
+    return HardwareReport(machine, build, verdict)
+
+
+def _gpu_rows(m: Machine) -> list[tuple[str, str]]:
+    rows = []
+    for i, g in enumerate(m.gpus):
+        kind = "unified memory" if g.unified else "VRAM"
+        rows.append((f"GPU {i}", f"{g.name} [{g.backend}]: {human_bytes(g.total)} {kind}, {human_bytes(g.free)} free"))
+    if not rows:
+        missing_nvml = hardware.nvidia_driver_present() and not hardware.nvml_available()
+        rows.append(
+            (
+                "GPU",
+                "an NVIDIA driver is loaded, but nvidia-ml-py is missing: pip install 'localrun[nvidia]'"
+                if missing_nvml
+                else "none found",
+            )
+        )
+    return rows
+
+
+def show_hardware(out: Output, report: HardwareReport) -> None:
+    if out.json:
+        out.data(report.to_dict())
+        return
+    m, b = report.machine, report.build
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("OS", m.os)
+    table.add_row("CPU", f"{m.cpu.model} ({m.cpu.arch})")
+    table.add_row("Cores", f"{m.cpu.physical_cores} physical, {m.cpu.logical_cores} logical")
+    table.add_row("CPU features", " ".join(m.cpu.features) or "-")
+    table.add_row("RAM", f"{human_bytes(m.ram_total)} total, {human_bytes(m.ram_available)} available")
+    for label, value in _gpu_rows(m):
+        table.add_row(label, escape(value))
+    table.add_row("llama-cpp-python", b.version)
+    table.add_row("GPU offload", "yes" if b.gpu_offload else "no (CPU-only build)")
+    table.add_row("Backends", ", ".join(b.backends) or "-")
+    table.add_row("System info", escape(b.system_info))
+    if m.cpu.has_amx:
+        table.add_row("AMX", "this CPU has AMX; " + ("the build uses it" if b.has_amx else "the build does not use it"))
+    v = report.selftest
+    if v is not None:
+        if v.ok and v.use_extra_bufts:
+            status = f"passed: a tiny model loaded and decoded in a child process ({v.fast.seconds}s)"
+        elif v.ok:
+            status = "passed on the safe path (use_extra_bufts=False)"
+        else:
+            status = escape(f"FAILED: {v.fast.signal or 'exit ' + str(v.fast.returncode)}: {v.fast.detail[-300:]}")
+        table.add_row("Self-test", status)
+    out.show(table)
+    if v is not None and v.advice():
+        out.warn(v.advice())

@@ -1,0 +1,59 @@
+"""`localrun list`: the pulled models, a table on stdout (or JSON), what is damaged on stderr."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+
+from localrun.cache.scan import CacheEntry, Listing
+from localrun.output import Output
+from localrun.text import ago, human_bytes, safe
+
+
+def show_listing(out: Output, listing: Listing) -> None:
+    for warning in listing.warnings:
+        out.warn(f"skipped a damaged cache entry: {warning}")
+    for e in listing.entries:
+        if e.damaged:
+            out.warn(
+                f"{e.label}: a file is missing from the cache (its blob was deleted); "
+                f"pull it again to repair it, or `localrun rm {e.label}`"
+            )
+    if out.json:
+        out.data(listing.to_dict())
+        return
+    if not listing.entries:
+        out.info(f"no models pulled yet (cache: {listing.cache_dir})")
+        out.info("pull one with `localrun pull ORG/REPO`")
+        return
+    with_revision = any(e.revision != "main" for e in listing.entries)
+    header = ["MODEL", "SIZE", "FILES", *(("REVISION",) if with_revision else ()), "PULLED", "LAST USED"]
+    now = time.time()
+    rows = [
+        [
+            safe(e.label, None),
+            human_bytes(e.size),
+            _files_cell(e),
+            *((e.revision,) if with_revision else ()),
+            ago(e.pulled, now),
+            ago(e.last_used, now),
+        ]
+        for e in listing.entries
+    ]
+    # Plain aligned columns, never cut or wrapped: a model name is what you type next, and a
+    # rich Table shrinks it to "…" on a narrow terminal or a pipe (80 columns).
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    for i, row in enumerate([header, *rows]):
+        cells = [
+            cell.rjust(w) if header[j] == "SIZE" else cell.ljust(w) for j, (cell, w) in enumerate(zip(row, widths))
+        ]
+        out.show(Text("  ".join(cells).rstrip(), style="bold" if i == 0 else ""))
+
+
+def _files_cell(e: CacheEntry) -> str:
+    if e.damaged:
+        return "damaged: file missing"
+    if e.kind == "incomplete":
+        return "split, shards missing"
+    return f"{e.n_shards} shards" if e.n_shards > 1 else "1 file"

@@ -1,0 +1,51 @@
+"""From a model reference to a loaded engine: found in the cache (or pulled first), planned once
+on this machine, loaded as planned."""
+
+from __future__ import annotations
+
+import time
+
+from localrun.cache.resolve import Resolved, resolve
+from localrun.cache.usage import touch
+from localrun.commands.pull import pull
+from localrun.hardware import Machine
+from localrun.inference.engine import Engine, EngineConfig
+from localrun.inference.selftest import this_machine
+from localrun.model.refs import ModelRef, parse_ref
+from localrun.output import Output
+from localrun.text import human_bytes, safe
+
+
+def obtain(ref: ModelRef, out: Output, *, n_ctx: int | None = None, machine: Machine | None = None) -> Resolved:
+    """The model `ref` names with its plan: a local file, a pulled model (offline), or a pull first."""
+    machine = machine or this_machine(out.info)
+    found = resolve(ref, machine, n_ctx)
+    if found is None:
+        found = pull(ref, out, machine=machine, n_ctx=n_ctx, as_step=True).resolved
+        assert found is not None, "a pull that returns ends with the files on disk"
+    return found
+
+
+def open_engine(reference: str, cfg: EngineConfig, out: Output) -> Engine:
+    """Resolve, plan and load; the plan's notes and what is loaded are said on stderr."""
+    started = time.perf_counter()
+    resolved = obtain(parse_ref(reference), out, n_ctx=cfg.n_ctx)
+    resolved_at = time.perf_counter()
+    plan = resolved.plan
+    if plan.note:
+        out.info(plan.note)
+    if not plan.fits:
+        out.info(
+            f"by the estimate this needs more memory than is free ({human_bytes(plan.estimate.ram)}); "
+            "loading anyway: a smaller --ctx or quant helps"
+        )
+    model = resolved.model
+    what = f"loading {safe(model.label)} ({human_bytes(model.size)})..."
+    if out.interactive:
+        with out.err.status(what.replace("[", "\\[")):
+            engine = Engine.open(model, plan, cfg, notify=out.warn)
+    else:
+        engine = Engine.open(model, plan, cfg, notify=out.warn)
+    engine.info.resolve_s = resolved_at - started
+    touch(model.path)  # "last used" in `localrun list`
+    return engine

@@ -1,0 +1,212 @@
+"""The chat REPL: prompt-toolkit input with history, multiline and slash commands; replies stream
+through the live renderer, and Ctrl-C cancels a reply, not the session."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.history import FileHistory
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.output import Output as PTOutput
+
+from localrun import paths
+from localrun.commands.stream import make_renderer, stats_line
+from localrun.errors import LocalrunError, UsageError
+from localrun.inference.conversation import SETTABLE, Conversation
+from localrun.output import Output
+
+HELP = """\
+Type a message and press Enter. Multiline: start with \"\"\" and end with \"\"\", or press
+Esc then Enter (Alt-Enter) for a new line. Ctrl-C stops a reply; Ctrl-C on an empty line or
+Ctrl-D exits.
+
+  /help               this help
+  /exit               leave (also /bye, Ctrl-D)
+  /clear              forget the conversation (keeps the system prompt)
+  /system [TEXT]      set the system prompt (show it without TEXT; /system - removes it)
+  /set [PARAM VALUE]  change a setting (show them without arguments): {settable}
+  /stats              figures of the last reply, and how full the context is
+  /save FILE          save the conversation as JSON
+  /load FILE          load a saved conversation
+  /model              the model, its context, placement and chat template
+"""
+
+_COMMAND_RE = re.compile(r"^/[a-z]+(\s|$)")
+COMMANDS = ("/help", "/exit", "/bye", "/clear", "/system", "/set", "/stats", "/save", "/load", "/model")
+
+
+class Repl:
+    """Slash commands and the prompt loop; `handle` is separate from the I/O to keep it testable."""
+
+    def __init__(self, conv: Conversation, out: Output):
+        self.conv = conv
+        self.out = out
+
+    def handle(self, line: str) -> bool:
+        """Run one slash command; False means exit."""
+        cmd, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        conv, out = self.conv, self.out
+        if cmd in ("/exit", "/bye", "/quit"):
+            return False
+        if cmd == "/help":
+            out.info(HELP.format(settable=", ".join(SETTABLE)))
+        elif cmd == "/clear":
+            conv.clear()
+            out.info("conversation cleared" + (" (system prompt kept)" if conv.system else ""))
+        elif cmd == "/system":
+            if not arg:
+                out.info(f"system prompt: {conv.system}" if conv.system else "no system prompt")
+            else:
+                conv.set_system("" if arg == "-" else arg)
+                out.info("system prompt removed" if arg == "-" else "system prompt set")
+        elif cmd == "/set":
+            if not arg:
+                for key, value in conv.settings.describe().items():
+                    out.info(f"{key} = {value}")
+            else:
+                name, _, value = arg.partition(" ")
+                if not value.strip():
+                    raise UsageError(f"/set {name} needs a value", hint="/set temperature 0.2")
+                out.info(conv.settings.set(name, value.strip()))
+        elif cmd == "/stats":
+            used = len(conv.tokens(conv.messages)) if conv.messages else 0
+            n = len(conv.messages)
+            out.info(f"context: {used} of {conv.engine.n_ctx} tokens used by {n} message{'s' if n != 1 else ''}")
+            out.info(stats_line(conv.last_stats) if conv.last_stats else "no reply yet")
+        elif cmd in ("/save", "/load"):
+            if not arg:
+                raise UsageError(f"{cmd} needs a file name", hint=f"{cmd} chat.json")
+            path = Path(arg).expanduser()
+            if cmd == "/save":
+                conv.save(path)
+                out.info(f"saved {len(conv.messages)} messages to {path}")
+            else:
+                out.info(f"loaded {conv.load(path)} messages from {path}")
+        elif cmd == "/model":
+            info = conv.engine.info
+            out.info(f"{info.label}  ({info.name}, {info.path})")
+            out.info(
+                f"context {info.n_ctx} tokens (trained {info.n_ctx_train}), GPU layers {info.n_gpu_layers}, "
+                f"threads {info.n_threads}, loaded in {info.load_s:.2f} s"
+            )
+            out.info("chat template: " + (conv.template.origin if conv.template else "none (--raw)"))
+            for note in info.notes:
+                out.info(note)
+        else:
+            raise UsageError(f"unknown command {cmd}", hint="/help lists the commands")
+        return True
+
+    def ask(self, text: str) -> None:
+        with _no_echo():
+            stats = self.conv.reply(text, make_renderer(self.out))
+        if stats.finish_reason == "cancelled":
+            self.out.warn("reply cancelled; it and its question are left out of the conversation")
+
+    def run(self, *, input: Input | None = None, output: PTOutput | None = None) -> None:
+        session = _prompt_session(input, output)
+        info = self.conv.engine.info
+        self.out.info(
+            f"{info.label} ({info.name}) ready, context {info.n_ctx} tokens. /help for commands, Ctrl-D to exit."
+        )
+        while True:
+            try:
+                text = session.prompt(">>> ")
+            except EOFError:
+                break
+            except KeyboardInterrupt:  # Ctrl-C with text on the line: start over
+                continue
+            if text.strip().startswith('"""'):
+                text = _read_block(session, text)
+            if not text.strip():
+                continue
+            try:
+                if _COMMAND_RE.match(text):
+                    if not self.handle(text):
+                        break
+                else:
+                    self.ask(text)
+            except LocalrunError as exc:
+                self.out.error(exc.message, exc.hint)
+
+
+@contextlib.contextmanager
+def _no_echo() -> Iterator[None]:
+    """Keys typed during a reply are not echoed into its text (they wait for the next prompt)."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def _read_block(session: Any, first: str) -> str:
+    """A \"\"\"-delimited block: keep reading lines until one holds the closing quotes."""
+    body = first.strip()[3:]
+    lines = []
+    while '"""' not in body:
+        lines.append(body)
+        try:
+            body = session.prompt("... ")
+        except (EOFError, KeyboardInterrupt):
+            return ""
+    lines.append(body[: body.index('"""')])
+    return "\n".join(lines).strip("\n")
+
+
+def _prompt_session(input: Input | None, output: PTOutput | None) -> Any:
+    class SlashCompleter(Completer):
+        def get_completions(self, document: Any, complete_event: Any):  # type: ignore[override]
+            text = document.text_before_cursor
+            if not text.startswith("/"):
+                return
+            if " " not in text:
+                for cmd in COMMANDS:
+                    if cmd.startswith(text):
+                        yield Completion(cmd, start_position=-len(text))
+            elif text.startswith("/set ") and text.count(" ") == 1:
+                word = text[5:]
+                for key in SETTABLE:
+                    if key.startswith(word):
+                        yield Completion(key, start_position=-len(word))
+
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _newline(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    @keys.add("c-c")
+    def _interrupt(event: Any) -> None:
+        buffer = event.current_buffer
+        if buffer.text:
+            buffer.reset()
+        else:
+            event.app.exit(exception=EOFError())
+
+    return PromptSession(
+        history=FileHistory(str(paths.home() / "chat_history")),
+        completer=SlashCompleter(),
+        key_bindings=keys,
+        input=input,
+        output=output,
+        complete_while_typing=False,
+    )

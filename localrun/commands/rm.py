@@ -1,0 +1,33 @@
+"""`localrun rm`: say what goes and what it frees, ask unless --yes, delete."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+from localrun.cache.remove import RemovalPlan, plan_removal, remove
+from localrun.model.refs import ModelRef
+from localrun.output import Output
+from localrun.text import human_bytes, plural
+
+
+def rm(ref: ModelRef, out: Output, *, yes: bool = False) -> RemovalPlan | None:
+    """Remove what `ref` names from the cache; None when the user declined."""
+    plan = plan_removal(ref)
+    out.info("will remove:")
+    for e in plan.entries:
+        where = "" if e.revision == "main" else f" @ {e.revision}"
+        out.info(f"  {e.label}{where}: {plural(e.n_shards, 'file')}, {human_bytes(e.size)}")
+    kept = f" (keeping {plural(plan.shared, 'file')} that another revision also uses)" if plan.shared else ""
+    what = "it" if len(plan.entries) == 1 else f"these {len(plan.entries)}"
+    question = f"Remove {what} and free {human_bytes(plan.freed)}{kept}?"
+    if not yes and not out.confirm(question, refuse_hint="add --yes to remove without asking"):
+        out.info("nothing removed")
+        return None
+    remove(plan)
+    if out.json:
+        out.data(plan.to_dict())
+    else:
+        for e in plan.entries:
+            out.show(Text(f"removed {e.label}" + ("" if e.revision == "main" else f" @ {e.revision}")))
+    out.info(f"freed {human_bytes(plan.freed)}{kept}")
+    return plan

@@ -1,0 +1,201 @@
+"""Render a stream of engine events: live on a terminal, plain when piped, or as JSON.
+
+The live status line (tokens so far, tok/s, TTFT, elapsed) lives on stderr, on the line *below*
+the streamed text: before each piece of text it is erased, after it redrawn, so text on stdout
+and the status on stderr never interleave, whatever wraps or scrolls. Its text is recomputed
+at most STATUS_HZ times a second.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import Any
+
+from rich.markup import escape
+from wcwidth import wcwidth
+
+from localrun.inference.engine import EventSink, PrefillProgress, Stats
+from localrun.output import Output
+from localrun.text import safe
+
+STATUS_HZ = 5
+
+# VT100: IND (down one line, scrolling if needed) then RI (back up) makes room below without
+# moving the column; DECSC/DECRC save and restore the cursor; NEL goes to the next line start.
+_ROOM_BELOW = "\x1bD\x1bM"
+_SAVE, _RESTORE, _NEXT_LINE = "\x1b7", "\x1b8", "\x1bE"
+_CLEAR_BELOW, _CLEAR_LINE = "\x1b[J", "\r\x1b[K"
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
+# Control characters a model may emit (ESC, VT, BS...) would move the cursor or inject terminal
+# escapes; on a terminal they are dropped. Piped output stays byte-exact.
+_CONTROLS = dict.fromkeys([*range(0, 9), *range(11, 32), 127])  # keeps \t and \n
+
+
+def stats_line(s: Stats, model: str | None = None) -> str:
+    """One line after a reply: what was loaded (one-shot runs), prompt and reply speed, TTFT."""
+    cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
+    line = (f"{safe(model)} · " if model else "") + (
+        f"prompt {s.prompt_tokens} tok{cached}, {s.prompt_tps:.1f} tok/s · "
+        f"reply {s.generated_tokens} tok, {s.gen_tps:.1f} tok/s · "
+        f"TTFT {s.ttft_s:.2f} s · total {s.total_s:.2f} s"
+    )
+    if s.finish_reason not in ("eog", "stop"):
+        line += f" · {s.finish_reason}"
+    return line
+
+
+class LiveRenderer:
+    """Text on stdout as it comes; a live status line on stderr when stderr is a terminal."""
+
+    def __init__(self, out: Output, *, show_stats: bool = True, model: str | None = None):
+        self.out = out
+        self.show_stats = show_stats
+        self.model = model
+        self.live = out.stderr_tty and not out.json
+        self.below = self.live and out.stdout_tty  # same terminal: status goes on the line below
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.tokens = 0  # pieces, close to tokens (a stop string or a split character merges some)
+        self.status = ""
+        self.next_status = 0.0
+        self.ends_with_newline = True
+        self.columns = max(20, shutil.get_terminal_size((80, 24)).columns)
+        self.width = self.columns - 1
+        self.drawn = False
+        self.col = 0  # where the cursor is on its line, to know when the terminal is about to wrap
+        if self.live:
+            self._draw(self._status_text(self.started))
+
+    def _status_text(self, now: float) -> str:
+        elapsed = now - self.started
+        if self.first is None:
+            return f"… reading the prompt · {elapsed:.1f} s"[: self.width]
+        gen = now - self.first
+        tps = (self.tokens - 1) / gen if gen > 0 and self.tokens > 1 else 0.0
+        return (f"… {self.tokens} tok · {tps:.1f} tok/s · TTFT {self.first - self.started:.2f} s · {elapsed:.1f} s")[
+            : self.width
+        ]
+
+    def _draw(self, status: str) -> None:
+        self.status = status
+        self.drawn = True
+        dim = (_DIM, _RESET) if self.out.color else ("", "")
+        if self.below:
+            sys.stderr.write(f"{_ROOM_BELOW}{_SAVE}{_NEXT_LINE}{dim[0]}{status}{dim[1]}{_RESTORE}")
+        else:
+            sys.stderr.write(f"{_CLEAR_LINE}{dim[0]}{status}{dim[1]}")
+        sys.stderr.flush()
+
+    def _erase(self) -> None:
+        if not self.drawn:  # also: erasing at a pending wrap would take the last character with it
+            return
+        self.drawn = False
+        sys.stderr.write(_CLEAR_BELOW if self.below else _CLEAR_LINE)
+        sys.stderr.flush()
+
+    def piece(self, text: str) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.tokens += 1
+        if self.below:
+            self._erase()
+        if self.out.stdout_tty:
+            text = text.translate(_CONTROLS)
+        self.out.text(text)
+        self.ends_with_newline = text.endswith("\n")
+        if self.below:
+            self.col = _advance(self.col, text, self.columns)
+            if self.col == self.columns:
+                # The cursor sits past the last column, waiting to wrap; moving it to draw the
+                # status would lose that state and the next character would overwrite this one.
+                return
+        if self.live:
+            if now >= self.next_status:
+                self.next_status = now + 1 / STATUS_HZ
+                self._draw(self._status_text(now))
+            elif self.below:
+                self._draw(self.status)
+
+    def progress(self, event: PrefillProgress) -> None:
+        if self.live:
+            self._erase()
+            self._draw(f"… reading the prompt: {event.prompt_tokens} tokens · {event.elapsed_s:.1f} s"[: self.width])
+
+    def finish(self, stats: Stats) -> None:
+        self._erase()
+        if not self.ends_with_newline:
+            self.out.text("\n")
+        if self.show_stats:
+            line = stats_line(stats, self.model)
+            if self.out.stderr_tty and self.out.color:
+                self.out.status(f"[dim]{escape(line)}[/]")
+            else:
+                self.out.info(line)
+
+
+class JsonRenderer:
+    """One JSON object at the end: the text, the stats, and whatever `extra` says (the model)."""
+
+    def __init__(self, out: Output, extra: dict[str, Any] | None = None):
+        self.out = out
+        self.extra = extra or {}
+        self.parts: list[str] = []
+
+    def piece(self, text: str) -> None:
+        self.parts.append(text)
+
+    def progress(self, event: PrefillProgress) -> None:
+        pass
+
+    def finish(self, stats: Stats) -> None:
+        data = dict(self.extra)
+        data["text"] = "".join(self.parts)
+        data.update({k: v for k, v in stats.to_dict().items() if k != "kind"})
+        self.out.data(data)
+
+
+class JsonLinesRenderer:
+    """JSON Lines: one {"kind": "piece", "text": ...} per piece, then {"kind": "stats", ...}."""
+
+    def __init__(self, out: Output, extra: dict[str, Any] | None = None):
+        self.out = out
+        if extra:
+            out.json_line({"kind": "start", **extra})
+
+    def piece(self, text: str) -> None:
+        self.out.json_line({"kind": "piece", "text": text})
+
+    def progress(self, event: PrefillProgress) -> None:
+        pass
+
+    def finish(self, stats: Stats) -> None:
+        self.out.json_line(stats.to_dict())
+
+
+def make_renderer(
+    out: Output,
+    *,
+    stream: bool = False,
+    extra: dict[str, Any] | None = None,
+    show_stats: bool = True,
+    model: str | None = None,
+) -> EventSink:
+    if out.json:
+        return JsonLinesRenderer(out, extra) if stream else JsonRenderer(out, extra)
+    return LiveRenderer(out, show_stats=show_stats, model=model)
+
+
+def _advance(col: int, text: str, columns: int) -> int:
+    """The cursor column after writing text from `col` (== columns: pending wrap)."""
+    for ch in text:
+        if ch in "\r\n":
+            col = 0
+        elif ch == "\t":
+            col = min(columns, (col // 8 + 1) * 8)
+        else:
+            w = max(0, wcwidth(ch))
+            col = w if col + w > columns else col + w
+    return col

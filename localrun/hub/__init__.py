@@ -1,0 +1,1 @@
+"""The Hugging Face Hub through huggingface_hub: settings, errors, listings, Range reads, downloads."""

@@ -1,0 +1,283 @@
+"""Downloads through huggingface_hub into the standard cache: resumable, retried, sha256-verified.
+
+huggingface_hub writes `<blob>.incomplete` and renames it under its lock; an interrupted download
+keeps the partial file and the next one resumes it with a Range request. Progress reaches the
+caller through a DownloadProgress (the command draws it), never through printing here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from localrun.errors import BadModel, Interrupted, NetworkError, NoSpace
+from localrun.hub.listing import RepoListing, RepoQuant
+from localrun.hub.settings import cache_dir, endpoint, free_disk, offline, repo_folder, token
+from localrun.text import human_bytes, plural, safe
+
+DOWNLOAD_ATTEMPTS = 3  # within one pull; a later pull resumes from the .incomplete file anyway
+RETRY_DELAY = 0.5  # seconds, times the attempt number
+
+
+class DownloadProgress(Protocol):
+    """What a download tells whoever shows it: messages, then bytes done out of the total."""
+
+    def message(self, text: str, *, warning: bool = False) -> None: ...
+    def begin(self, label: str, total: int, done: int) -> None: ...
+    def update(self, done: int, description: str) -> None: ...
+    def end(self) -> None: ...
+
+
+class SilentProgress:
+    def message(self, text: str, *, warning: bool = False) -> None:
+        pass
+
+    def begin(self, label: str, total: int, done: int) -> None:
+        pass
+
+    def update(self, done: int, description: str) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class _FileState:
+    name: str
+    size: int
+    sha256: str | None
+    complete: bool  # in the cache already: never downloaded again
+    partial: int  # bytes kept in <blob>.incomplete by an interrupted download
+
+
+def _file_states(listing: RepoListing, quant: RepoQuant) -> list[_FileState]:
+    from huggingface_hub import try_to_load_from_cache
+
+    blobs = repo_folder(listing.repo_id) / "blobs"
+    states = []
+    for name in quant.files:
+        sha, size = quant.sha256.get(name), quant.sizes.get(name, 0)
+        blob = blobs / sha if sha else None  # LFS blobs are named by their sha256
+        cached = try_to_load_from_cache(listing.repo_id, name, cache_dir=cache_dir(), revision=listing.commit)
+        complete = isinstance(cached, str) or bool(blob and blob.exists())
+        partial = 0
+        if blob is not None and not complete:
+            incomplete = blob.with_name(blob.name + ".incomplete")
+            partial = min(incomplete.stat().st_size, size) if incomplete.exists() else 0
+        states.append(_FileState(name, size, sha, complete, partial))
+    return states
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _transient(exc: BaseException) -> str | None:
+    """Why a download attempt failed, when trying again may help; None when it will not."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, httpx.TransportError):
+        return f"connection lost ({type(exc).__name__})"
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        if status is not None and (status >= 500 or status == 429):
+            return f"the Hub answered HTTP {status}"
+    return None
+
+
+def download(
+    listing: RepoListing,
+    quant: RepoQuant,
+    progress: DownloadProgress | None = None,
+    *,
+    free_space: Callable[[Path], int] = free_disk,
+) -> list[Path]:
+    """Every file of `quant` into the HF cache (resuming partial files), sha256-verified; the paths
+    to load, in shard order. `free_space(path) -> bytes` is the disk check, a parameter for tests."""
+    progress = progress or SilentProgress()
+    states = _file_states(listing, quant)
+    todo = [s for s in states if not s.complete]
+    remaining = sum(s.size - s.partial for s in todo)
+    if todo and not offline():
+        free = free_space(cache_dir())
+        if remaining > free:
+            raise NoSpace(
+                f"not enough disk space: {human_bytes(remaining)} to download, {human_bytes(free)} free "
+                f"in {cache_dir()}",
+                hint="free some space, or set HF_HUB_CACHE to a bigger disk",
+            )
+    if todo:
+        done = sum(s.size for s in states if s.complete) + sum(s.partial for s in todo)
+        resumed = f", resuming from {human_bytes(done)}" if done else ""
+        progress.message(
+            f"downloading {safe(quant.label)}: {plural(len(todo), 'file')}, {human_bytes(remaining)}{resumed}"
+        )
+    counter = _ByteCounter(progress, safe(quant.label))
+    paths: list[Path] = []
+    progress.begin(counter.label, quant.size, sum(s.size if s.complete else s.partial for s in states))
+    try:
+        for i, state in enumerate(states, 1):
+            counter.next_file(state, f"{i}/{len(states)}" if len(states) > 1 else "")
+            try:
+                path = _fetch(listing, state, progress, counter)
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"interrupted: the download of {safe(quant.label)} stopped",
+                    hint="run the same command again: it resumes where it stopped",
+                ) from None
+            if not state.complete and state.sha256:
+                progress.update(counter.total, f"verifying {safe(state.name.rsplit('/', 1)[-1])}")
+                _verify(path, state)
+            paths.append(path)
+        progress.update(counter.total, counter.label)
+    finally:
+        progress.end()
+    if todo:
+        _record_revision(listing, states[0])
+    return paths
+
+
+def _record_revision(listing: RepoListing, state: _FileState) -> None:
+    """Let the cache know which commit `main` (or the tag asked for) is, as `hf download` does.
+
+    Files are fetched pinned to the listed commit, so every shard comes from one commit; such
+    downloads record no branch. One more call by name (a HEAD request, nothing downloaded)
+    records it through huggingface_hub itself.
+    """
+    from huggingface_hub import hf_hub_download
+
+    if listing.revision == listing.commit or offline():
+        return
+    try:
+        hf_hub_download(
+            listing.repo_id,
+            state.name,
+            revision=listing.revision,
+            cache_dir=cache_dir(),
+            endpoint=endpoint(),
+            token=token(),
+        )
+    except Exception:  # the files are in place; a missing ref only hides the branch name in `list`
+        pass
+
+
+def _fetch(listing: RepoListing, state: _FileState, progress: DownloadProgress, counter: _ByteCounter) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            return Path(
+                hf_hub_download(
+                    listing.repo_id,
+                    state.name,
+                    revision=listing.commit,
+                    cache_dir=cache_dir(),
+                    endpoint=endpoint(),
+                    token=token(),
+                    local_files_only=offline(),
+                    tqdm_class=counter.tqdm_class,
+                )
+            )
+        except Exception as exc:
+            reason = _transient(exc)
+            if reason is None:
+                raise
+            if attempt == DOWNLOAD_ATTEMPTS:
+                raise NetworkError(
+                    f"download of {safe(state.name)} failed: {reason}, {DOWNLOAD_ATTEMPTS} attempts",
+                    hint="run the same command again: it resumes where it stopped",
+                ) from exc
+            progress.message(
+                f"{safe(state.name)}: {reason}; resuming (attempt {attempt + 1} of {DOWNLOAD_ATTEMPTS})", warning=True
+            )
+            time.sleep(RETRY_DELAY * attempt)
+    raise AssertionError("unreachable")
+
+
+def _verify(path: Path, state: _FileState) -> None:
+    """sha256 against the Hub's LFS metadata; a mismatching file is deleted, never left to load."""
+    got = sha256_of(path)
+    if got != state.sha256:
+        blob = path.resolve()
+        for victim in {blob, path}:
+            victim.unlink(missing_ok=True)
+        raise BadModel(
+            f"{safe(state.name)} is corrupt: its sha256 {got[:12]}… is not the Hub's {state.sha256[:12]}…; "
+            "the file was deleted",
+            hint="pull again; if it repeats, the repo or a proxy serves a bad file",
+        )
+
+
+class _ByteCounter:
+    """Counts bytes over every file of a download, fed by huggingface_hub through its `tqdm_class`
+    hook: it restarts a file at `initial` bytes when it resumes, so each file's share is rebased."""
+
+    def __init__(self, progress: DownloadProgress, label: str):
+        self.progress, self.label = progress, label
+        self.counted: dict[str, int] = {}  # bytes each file has contributed
+        self.file: str | None = None
+        self.description = label
+        owner = self
+
+        class Bar(_TqdmAdapter):
+            counter = owner
+
+        self.tqdm_class = Bar
+
+    @property
+    def total(self) -> int:
+        return sum(self.counted.values())
+
+    def next_file(self, state: _FileState, position: str = "") -> None:
+        """The next file starts; `position` ("2/3") tells the shards of a split apart."""
+        self.file = state.name
+        self.counted[state.name] = state.size if state.complete else state.partial
+        self.description = f"{self.label} {position}".strip()
+        self.progress.update(self.total, self.description)
+
+    def rebase(self, initial: int) -> None:
+        """huggingface_hub starts (or restarts) the current file at `initial` bytes."""
+        if self.file is not None:
+            self.counted[self.file] = initial
+        self.progress.update(self.total, self.description)
+
+    def advance(self, n: int) -> None:
+        if self.file is not None and n:
+            self.counted[self.file] = self.counted.get(self.file, 0) + n
+            self.progress.update(self.total, self.description)
+
+
+class _TqdmAdapter:
+    """The part of tqdm's interface huggingface_hub's downloads use."""
+
+    counter: _ByteCounter
+
+    def __init__(self, *args: Any, total: int | None = None, initial: int = 0, **kwargs: Any):
+        self.total, self.n = total, initial
+        self.counter.rebase(initial)
+
+    def update(self, n: int | None = 1) -> None:
+        self.n += n or 0
+        self.counter.advance(n or 0)
+
+    def close(self) -> None:
+        pass
+
+    def set_description(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _TqdmAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,201 @@
+"""A conversation: messages through a chat template, trimmed to the context, answered by the engine.
+
+A cancelled reply (Ctrl-C) drops both the question and the partial answer, so the conversation
+is exactly what it was before.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localrun.errors import LocalrunError, NoSpace, UsageError
+from localrun.inference.engine import Engine, EventSink, PrefillProgress, Stats, drive
+from localrun.inference.runtime import SamplingOptions
+from localrun.inference.templates import ChatTemplate, Message
+
+REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
+
+
+@dataclass
+class Settings:
+    """What /set changes: sampling, reply length, stop strings."""
+
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    max_tokens: int | None = None  # None: until end of generation or the context is full
+    stop: list[str] = field(default_factory=list)
+
+    def set(self, name: str, value: str) -> str:
+        key = name.replace("-", "_").lower()
+        try:
+            if key in _NUMERIC:
+                setattr(self.sampling, key, _NUMERIC[key](value))
+            elif key == "seed":
+                self.sampling.seed = None if value.lower() in ("none", "random", "-1") else int(value)
+            elif key == "max_tokens":
+                self.max_tokens = None if value.lower() in ("none", "-1", "0") else int(value)
+            elif key == "stop":  # one stop string (\n for a newline); "none" clears
+                self.stop = [] if value.lower() == "none" else [value.replace("\\n", "\n")]
+            else:
+                raise UsageError(f"unknown setting {name!r}", hint="settings: " + ", ".join(SETTABLE))
+        except ValueError:
+            raise UsageError(f"bad value for {name}: {value!r}") from None
+        return f"{key} = {self.describe()[key]}"
+
+    def describe(self) -> dict[str, Any]:
+        data: dict[str, Any] = {k: v for k, v in asdict(self.sampling).items() if k in SETTABLE}
+        data["max_tokens"] = self.max_tokens
+        data["stop"] = self.stop
+        return data
+
+
+_NUMERIC = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repeat_penalty": float,
+    "repeat_last_n": int,
+}
+SETTABLE = (*_NUMERIC, "seed", "max_tokens", "stop")
+
+
+class _Recorder:
+    """Passes events to a sink and keeps the text, to add the reply to the conversation."""
+
+    def __init__(self, inner: EventSink):
+        self.inner = inner
+        self.parts: list[str] = []
+
+    def piece(self, text: str) -> None:
+        self.parts.append(text)
+        self.inner.piece(text)
+
+    def progress(self, event: PrefillProgress) -> None:
+        self.inner.progress(event)
+
+    def finish(self, stats: Stats) -> None:
+        self.inner.finish(stats)
+
+
+class Conversation:
+    """Messages, a template, settings; reply() renders the prompt, trims it, streams the answer."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        template: ChatTemplate | None,
+        settings: Settings,
+        system: str | None = None,
+        warn: Callable[[str], None] = lambda message: None,
+    ):
+        self.engine = engine
+        self.template = template  # None: raw completion, no roles
+        self.settings = settings
+        self.warn = warn
+        self.messages: list[Message] = []
+        self.last_stats: Stats | None = None
+        self.last_prompt: list[int] = []
+        if system:
+            self.set_system(system)
+
+    def set_system(self, text: str) -> None:
+        self.messages = [m for m in self.messages if m["role"] != "system"]
+        if text:
+            self.messages.insert(0, {"role": "system", "content": text})
+
+    @property
+    def system(self) -> str | None:
+        return next((m["content"] for m in self.messages if m["role"] == "system"), None)
+
+    def clear(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+
+    def tokens(self, messages: list[Message]) -> list[int]:
+        if self.template is None:
+            return self.engine.tokenize("".join(m["content"] for m in messages))
+        return self.engine.tokenize(self.template.render(messages, add_generation_prompt=True))
+
+    def _fit(self) -> list[int]:
+        """The prompt tokens; drops the oldest turns (never the system prompt or the new
+        question) while the prompt leaves too little room for a reply, and says so."""
+        n_ctx = self.engine.n_ctx
+        reserve = min(self.settings.max_tokens or REPLY_RESERVE, n_ctx // 4)
+        tokens = self.tokens(self.messages)
+        dropped = 0
+        while len(tokens) + reserve > n_ctx:
+            oldest = next((i for i, m in enumerate(self.messages[:-1]) if m["role"] != "system"), None)
+            if oldest is None:
+                break
+            del self.messages[oldest]
+            dropped += 1
+            # an answer without its question confuses most templates: it goes too
+            if oldest < len(self.messages) - 1 and self.messages[oldest]["role"] == "assistant":
+                del self.messages[oldest]
+                dropped += 1
+            tokens = self.tokens(self.messages)
+        if dropped:
+            self.warn(
+                f"the context ({n_ctx} tokens) was nearly full: dropped the {dropped} oldest "
+                f"message{'s' if dropped > 1 else ''}" + (" (the system prompt stays)" if self.system else "")
+            )
+        if len(tokens) >= n_ctx:
+            raise NoSpace(
+                f"the message is too long for the context ({len(tokens)} of {n_ctx} tokens)",
+                hint="use a larger --ctx, or a shorter message",
+            )
+        return tokens
+
+    def reply(self, text: str, sink: EventSink) -> Stats:
+        """Ask; stream the answer to the sink; keep the turn unless it was cancelled."""
+        self.messages.append({"role": "user", "content": text})
+        try:
+            tokens = self._fit()
+        except LocalrunError:
+            self.messages.pop()
+            raise
+        self.last_prompt = tokens
+        stop = list(self.settings.stop) + list(self.template.stop if self.template else ())
+        recorder = _Recorder(sink)
+        stats = drive(self.engine.generate(tokens, self.settings.sampling, self.settings.max_tokens, stop), recorder)
+        self.last_stats = stats
+        if stats.finish_reason == "cancelled":
+            self.messages.pop()
+        else:
+            self.messages.append({"role": "assistant", "content": "".join(recorder.parts)})
+        return stats
+
+    # -- /save and /load -------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        data = {"model": self.engine.info.label, "messages": self.messages, "settings": self.settings.describe()}
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def load(self, path: Path) -> int:
+        try:
+            data = json.loads(path.read_text())
+            messages = data["messages"] if isinstance(data, dict) else data
+            if not all(
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise ValueError("messages need a role (system/user/assistant) and a content")
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{path} is not a saved conversation: {exc}") from None
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return len(self.messages)
+
+
+def compose_prompt(words: list[str], stdin_text: str | None) -> str:
+    """The argument is the instruction, piped stdin the material it applies to."""
+    instruction = " ".join(words).strip()
+    material = (stdin_text or "").strip("\n")
+    if instruction and material:
+        return f"{instruction}\n\n{material}"
+    return instruction or material

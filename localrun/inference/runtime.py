@@ -1,0 +1,326 @@
+"""A thin, typed layer over llama.cpp's public C API (llama_cpp's ctypes bindings).
+
+We use the low-level API rather than llama_cpp.Llama because we need model parameters the
+high-level class does not expose (use_extra_bufts, for CPUs whose AMX path crashes), exact
+control over batching and cancellation, and per-token timing without overhead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localrun.errors import BadModel, LocalrunError, NoSpace
+from localrun.fit import UBATCH
+from localrun.hardware import default_threads
+from localrun.inference import selftest
+from localrun.inference.build import llama
+from localrun.inference.llama_log import install as install_log
+from localrun.inference.llama_log import last_error, recent
+
+
+class DecodeAborted(Exception):
+    """llama_decode stopped early because abort() was called (from another thread or a signal)."""
+
+
+@dataclass
+class LoadOptions:
+    n_gpu_layers: int = 0
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int | None = None
+    # False avoids the AMX/repack buffer types; None (default): the self-test's verdict for this
+    # llama.cpp build on this CPU (selftest.use_extra_bufts), so no load can hit the AMX crash.
+    use_extra_bufts: bool | None = None
+    use_mmap: bool = True
+    logits_all: bool = False  # keep logits for every position (perplexity, KL divergence)
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    verbose: bool = False
+
+
+@dataclass
+class SamplingOptions:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+    ban_eog: bool = False  # never sample end-of-generation tokens (fixed-length runs, benchmarks)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def _with_reason(message: str) -> str:
+    """`message`, followed by llama.cpp's last logged error when there is one."""
+    reason = last_error(recent(30))
+    return f"{message}: {reason}" if reason else message
+
+
+class LlamaModel:
+    """A loaded model and its vocabulary. Use as a context manager or call close()."""
+
+    def __init__(self, path: str | os.PathLike[str], opts: LoadOptions):
+        lc = llama()
+        install_log(echo=opts.verbose)
+        self.path = Path(path)
+        self.opts = opts
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = opts.n_gpu_layers
+        params.use_mmap = opts.use_mmap
+        if opts.use_extra_bufts is None:
+            params.use_extra_bufts = selftest.use_extra_bufts()
+        else:
+            params.use_extra_bufts = opts.use_extra_bufts
+        self._lc = lc
+        self.ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise BadModel(
+                _with_reason(f"llama.cpp could not load {self.path.name}"),
+                hint="check the file with `localrun show`; run with --verbose for llama.cpp's log",
+            )
+        self.vocab = lc.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
+        self.n_layer = lc.llama_model_n_layer(self.ptr)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self._lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def chat_template(self) -> str | None:
+        raw = self._lc.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (self._lc.llama_token * n_max)()
+        n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            buf = (self._lc.llama_token * -n)()
+            n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = self._lc.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = self._lc.llama_token_to_piece(self.vocab, token, big, len(big), 0, special)
+            return big.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
+
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token of the vocabulary (computed once)."""
+        if getattr(self, "_eog", None) is None:
+            self._eog = [t for t in range(self.n_vocab) if self._lc.llama_vocab_is_eog(self.vocab, t)]
+        return self._eog
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LlamaContext:
+    """An inference context over a model: decode tokens, read logits, sample."""
+
+    def __init__(self, model: LlamaModel, opts: LoadOptions):
+        lc = model._lc
+        self._lc = lc
+        self.model = model
+        params = lc.llama_context_default_params()
+        params.n_ctx = opts.n_ctx
+        params.n_batch = opts.n_batch
+        params.n_ubatch = min(opts.n_batch, UBATCH)
+        threads = opts.n_threads or default_threads()
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        if opts.flash_attn is not None:
+            params.flash_attn_type = 1 if opts.flash_attn else 0
+        if not opts.logits_all:
+            # One logits row per decode is all generation reads. By default llama.cpp reserves a
+            # row per token of a micro-batch: 512 MiB of compute buffer for a 262k vocabulary.
+            params.n_outputs_max = 1
+        self.logits_all = opts.logits_all
+        self.ptr = lc.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise NoSpace(
+                _with_reason(f"llama.cpp could not create a context of {opts.n_ctx} tokens"),
+                hint="try a smaller --ctx or fewer --gpu-layers",
+            )
+        self.n_ctx = lc.llama_n_ctx(self.ptr)
+        self.n_batch = opts.n_batch
+        self.n_past = 0
+        self._sampler = None
+        # Abort flag read by llama.cpp between graph nodes. The callback is libc's strlen on a
+        # 2-byte buffer: it returns 0 until abort() writes byte 1, costs no GIL and no Python call.
+        self._abort_flag = ctypes.create_string_buffer(2)
+        self._abort_cb = _strlen_callback(lc)
+        if self._abort_cb is not None:
+            lc.llama_set_abort_callback(self.ptr, self._abort_cb, ctypes.cast(self._abort_flag, ctypes.c_void_p))
+
+    def abort(self) -> None:
+        """Make the running (or next) decode stop early with DecodeAborted. Safe from any thread."""
+        self._abort_flag[0] = b"\x01"
+
+    def clear_abort(self) -> None:
+        self._abort_flag[0] = b"\x00"
+
+    # -- decoding --------------------------------------------------------------------------------
+    def decode(self, tokens: Sequence[int]) -> None:
+        """Append tokens to the sequence, in batches of n_batch. Logits: last token (or all)."""
+        lc = self._lc
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            n = len(chunk)
+            if not self.logits_all:  # the common case: no per-call batch allocation
+                arr = (lc.llama_token * n)(*chunk)  # must outlive the call: the batch points into it
+                rc = lc.llama_decode(self.ptr, lc.llama_batch_get_one(arr, n))
+                self._check(rc)
+                self.n_past += n
+                continue
+            batch = lc.llama_batch_init(n, 0, 1)
+            try:
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = self.n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = self.logits_all or (start + i == len(tokens) - 1)
+                batch.n_tokens = n
+                rc = lc.llama_decode(self.ptr, batch)
+            finally:
+                lc.llama_batch_free(batch)
+            self._check(rc)
+            self.n_past += n
+
+    def _check(self, rc: int) -> None:
+        if rc == 0:
+            return
+        if rc == 2:
+            raise DecodeAborted()
+        if rc == 1:
+            raise NoSpace(
+                "the context is full (no room in the KV cache)", hint="use a larger --ctx, or /clear the conversation"
+            )
+        raise LocalrunError(_with_reason(f"llama_decode failed ({rc})"))
+
+    def logits(self, index: int = -1):
+        """The logits row for batch position `index` of the last decode, as a numpy view."""
+        import numpy as np
+
+        ptr = self._lc.llama_get_logits_ith(self.ptr, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def truncate(self, n_keep: int) -> bool:
+        """Forget every position from n_keep on (rewind the sequence). False: the memory could
+        not drop a partial sequence (some sliding-window caches), so it was cleared entirely."""
+        mem = self._lc.llama_get_memory(self.ptr)
+        if not self._lc.llama_memory_seq_rm(mem, 0, n_keep, -1):
+            self.reset()
+            return False
+        self.n_past = min(self.n_past, n_keep)
+        return True
+
+    def reset(self) -> None:
+        self._lc.llama_memory_clear(self._lc.llama_get_memory(self.ptr), True)
+        self.n_past = 0
+
+    # -- sampling --------------------------------------------------------------------------------
+    def set_sampling(self, s: SamplingOptions) -> None:
+        lc = self._lc
+        if self._sampler is not None:
+            lc.llama_sampler_free(self._sampler)
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if s.ban_eog:
+            eog = self.model.eog_tokens()
+            biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.model.n_vocab, len(eog), biases))
+        if s.repeat_penalty != 1.0:
+            lc.llama_sampler_chain_add(
+                chain, lc.llama_sampler_init_penalties(self.model.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
+            )
+        if s.greedy:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(s.top_k))
+            if s.top_p < 1.0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
+            if s.min_p > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(s.temperature))
+            seed = s.seed if s.seed is not None else 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        self._sampler = chain
+
+    def sample(self) -> int:
+        if self._sampler is None:
+            self.set_sampling(SamplingOptions())
+        return int(self._lc.llama_sampler_sample(self._sampler, self.ptr, -1))
+
+    def close(self) -> None:
+        if self._sampler is not None:
+            self._lc.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if getattr(self, "ptr", None):
+            self._lc.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> LlamaContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class Loaded:
+    model: LlamaModel
+    ctx: LlamaContext
+    opts: LoadOptions
+    notes: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.model.close()
+
+
+def _strlen_callback(lc):
+    """libc's strlen as a ggml_abort_callback (see LlamaContext.__init__); None if unavailable."""
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        return lc.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def load(path: str | os.PathLike[str], opts: LoadOptions) -> Loaded:
+    model = LlamaModel(path, opts)
+    try:
+        ctx = LlamaContext(model, opts)
+    except BaseException:
+        model.close()
+        raise
+    return Loaded(model, ctx, opts)

