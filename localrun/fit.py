@@ -249,23 +249,19 @@ def _fits(est: MemoryEstimate, machine: Machine) -> bool:
     return est.ram <= ram_room and est.vram + extra_compute <= _vram_budget(machine)
 
 
+def _generation_estimate(header: HeaderInfo, machine: Machine, n_ctx: int, n_gpu: int, kv_type: str) -> MemoryEstimate:
+    """The estimate for a generation context on this machine (one logits row, its repack verdict)."""
+    return estimate(
+        header, n_ctx, n_gpu, kv_type, extra_bufts=machine.extra_bufts, cpu_features=machine.cpu.features, logits_rows=1
+    )
+
+
 def _best_layers(header: HeaderInfo, machine: Machine, n_ctx: int, kv_type: str) -> tuple[int, MemoryEstimate] | None:
     """The most GPU layers that fit (n_layer + 1 = all), or None when not even the CPU has room."""
 
-    def est(n_gpu: int) -> MemoryEstimate:
-        return estimate(
-            header,
-            n_ctx,
-            n_gpu,
-            kv_type,
-            extra_bufts=machine.extra_bufts,
-            cpu_features=machine.cpu.features,
-            logits_rows=1,
-        )
-
     top = header.n_layer + 1 if machine.gpus else 0
     for n_gpu in range(top, -1, -1):
-        guess = est(n_gpu)
+        guess = _generation_estimate(header, machine, n_ctx, n_gpu, kv_type)
         if _fits(guess, machine):
             return n_gpu, guess
     return None
@@ -287,15 +283,7 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, kv_type
         ctx = max(MIN_CTX, ctx // 2)
     total = header.n_layer + 1
     if found is None:
-        est = estimate(
-            header,
-            wanted,
-            0,
-            kv_type,
-            extra_bufts=machine.extra_bufts,
-            cpu_features=machine.cpu.features,
-            logits_rows=1,
-        )
+        est = _generation_estimate(header, machine, wanted, 0, kv_type)
         return Plan("none", 0, wanted, est, False, "needs more memory than this machine has", machine.extra_bufts)
     n_gpu, est = found
     notes = []
