@@ -29,29 +29,33 @@ def gemma() -> Path:
 
 
 @pytest.fixture(scope="session")
-def probe_verdicts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run the build self-test once per session; every test's home starts with its verdict."""
-    home = tmp_path_factory.mktemp("probe-home")
+def session_home(tmp_path_factory: pytest.TempPathFactory, tiny: TinySuite) -> Path:
+    """What localrun learns once per build and file, learnt once per session: the build self-test
+    verdict, and the first-load check of every tiny model (a child process each). Every test's
+    home starts with a copy, as a user's would after the first runs."""
+    home = tmp_path_factory.mktemp("session-home")
     old = os.environ.get("LOCALRUN_HOME")
     os.environ["LOCALRUN_HOME"] = str(home)
     try:
         from localrun.inference import selftest
+        from localrun.inference.filecheck import check_file
 
-        selftest.use_extra_bufts()
+        extra = selftest.use_extra_bufts()
+        for model in (*tiny.quants.values(), tiny.split[0], tiny.no_template):
+            check_file(model, extra)
     finally:
         if old is None:
             os.environ.pop("LOCALRUN_HOME", None)
         else:
             os.environ["LOCALRUN_HOME"] = old
-    return home / "probe.json"
+    return home
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_verdicts: Path) -> Path:
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, session_home: Path) -> Path:
     """Point every home and cache at tmp_path; no colour, fixed width, no token, online."""
     home = tmp_path / "localrun-home"
-    home.mkdir()
-    shutil.copy(probe_verdicts, home / "probe.json")
+    shutil.copytree(session_home, home)
     monkeypatch.setenv("LOCALRUN_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))

@@ -10,6 +10,7 @@ from localrun.cache.usage import touch
 from localrun.commands.pull import pull
 from localrun.hardware import Machine
 from localrun.inference.engine import Engine, EngineConfig
+from localrun.inference.filecheck import check_file
 from localrun.inference.selftest import this_machine
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
@@ -40,6 +41,7 @@ def open_engine(reference: str, cfg: EngineConfig, out: Output) -> Engine:
             "loading anyway: a smaller --ctx or quant helps"
         )
     model = resolved.model
+    check_file(model.path, plan.extra_bufts, notify=out.info)
     what = f"loading {safe(model.label)} ({human_bytes(model.size)})..."
     if out.interactive:
         with out.err.status(what.replace("[", "\\[")):

@@ -21,7 +21,12 @@ from localrun import paths
 from localrun.commands.stream import make_renderer, stats_line
 from localrun.errors import LocalrunError, UsageError
 from localrun.inference.conversation import SETTABLE, Conversation
-from localrun.output import Output
+from localrun.output import Output, isatty
+
+try:
+    import termios
+except ImportError:  # not a POSIX system: keys typed during a reply are echoed
+    termios = None  # type: ignore[assignment]
 
 HELP = """\
 Type a message and press Enter. Multiline: start with \"\"\" and end with \"\"\", or press
@@ -141,14 +146,16 @@ class Repl:
 @contextlib.contextmanager
 def _no_echo() -> Iterator[None]:
     """Keys typed during a reply are not echoed into its text (they wait for the next prompt)."""
-    try:
-        import termios
-
-        fd = sys.stdin.fileno()
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):
+    saved = None
+    if termios is not None and isatty(sys.stdin):
+        try:
+            saved = termios.tcgetattr(sys.stdin.fileno())
+        except (termios.error, OSError, ValueError):  # not a terminal after all
+            saved = None
+    if saved is None:
         yield
         return
+    fd = sys.stdin.fileno()
     quiet = list(saved)
     quiet[3] &= ~termios.ECHO
     termios.tcsetattr(fd, termios.TCSANOW, quiet)

@@ -146,6 +146,10 @@ class Engine:
                     n_ctx = smaller
                 else:
                     raise
+        if loaded.ctx.n_ctx != n_ctx:
+            note = f"context {n_ctx} became {loaded.ctx.n_ctx}: llama.cpp sizes it in steps of 256 tokens"
+            notify(note)
+            notes.append(note)
         name = loaded.model.meta("general.name") or model.path.stem
         info = ModelInfo(
             model.path,

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 
+from localrun.errors import LocalrunError
 from localrun.inference.llama_log import install
 from localrun.inference.runtime import Loaded, LoadOptions, SamplingOptions, load
 
@@ -39,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     install(echo=True)  # the parent keeps our stderr: llama.cpp's last words explain a crash
     start = time.perf_counter()
-    loaded = load(args.model, LoadOptions(n_ctx=256, n_batch=64, use_extra_bufts=not args.no_extra_bufts))
     try:
-        text, generated = greedy(loaded, args.prompt, args.tokens)
-    finally:
-        loaded.close()
+        loaded = load(args.model, LoadOptions(n_ctx=256, n_batch=64, use_extra_bufts=not args.no_extra_bufts))
+        try:
+            text, generated = greedy(loaded, args.prompt, args.tokens)
+        finally:
+            loaded.close()
+    except LocalrunError as exc:  # llama.cpp refused the file: a clean failure, not a crash
+        sys.stderr.write(f"error: {exc.message}\n")
+        return 1
     result = {"ok": True, "generated": generated, "text": text, "seconds": round(time.perf_counter() - start, 3)}
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

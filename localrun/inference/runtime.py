@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localrun.errors import BadModel, LocalrunError, NoSpace
-from localrun.fit import UBATCH
+from localrun.fit import CELL_PAD, UBATCH
 from localrun.hardware import default_threads
 from localrun.inference import selftest
 from localrun.inference.build import llama
 from localrun.inference.llama_log import install as install_log
 from localrun.inference.llama_log import last_error, recent
+
+
+def padded_ctx(n_ctx: int) -> int:
+    """The context llama.cpp really makes for `n_ctx` tokens (a multiple of 256)."""
+    return max(CELL_PAD, -(-n_ctx // CELL_PAD) * CELL_PAD)
 
 
 class DecodeAborted(Exception):
@@ -147,7 +152,9 @@ class LlamaContext:
         self._lc = lc
         self.model = model
         params = lc.llama_context_default_params()
-        params.n_ctx = opts.n_ctx
+        # llama.cpp pads the context to a multiple of 256 but sizes the batch by the context asked
+        # for: ask for the padded size, so that every figure below is what the context really has.
+        params.n_ctx = padded_ctx(opts.n_ctx)
         params.n_batch = opts.n_batch
         params.n_ubatch = min(opts.n_batch, UBATCH)
         threads = opts.n_threads or default_threads()
@@ -168,7 +175,7 @@ class LlamaContext:
                 hint="try a smaller --ctx or fewer --gpu-layers",
             )
         self.n_ctx = lc.llama_n_ctx(self.ptr)
-        self.n_batch = opts.n_batch
+        self.n_batch = lc.llama_n_batch(self.ptr)  # at most n_ctx: one decode never holds more
         self.n_past = 0
         self._sampler = None
         # Abort flag read by llama.cpp between graph nodes. The callback is libc's strlen on a

@@ -104,8 +104,10 @@ def run_probe(
     if not extra_bufts:
         argv.append("--no-extra-bufts")
     try:
+        # No gdb backtrace from ggml on an abort: it is slow and buries llama.cpp's reason.
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
         proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, errors="replace"
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, errors="replace", env=env
         )
     except subprocess.TimeoutExpired:
         return ProbeResult(False, extra_bufts, -1, None, f"timed out after {timeout:.0f}s")

@@ -258,6 +258,7 @@ class TinySpec:
     name: str = "tiny-llama"
     chat_template: str | None = CHATML_TEMPLATE
     duplicate_token: bool = False  # a corrupt vocabulary: llama.cpp aborts on it (GGML_ASSERT)
+    rms_eps: float = 1e-5  # below 0 llama.cpp aborts at the first decode (GGML_ASSERT(eps >= 0))
     seed: int = 0
 
 
@@ -305,7 +306,7 @@ def write_tiny_model(path: str | os.PathLike[str], spec: TinySpec = TinySpec(), 
     writer.add_head_count(spec.n_head)
     writer.add_head_count_kv(spec.n_head_kv)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_layer_norm_rms_eps(spec.rms_eps)
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(0)  # all F32
     writer.add_tokenizer_model("llama")
