@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from localrun.errors import UsageError
+from jinja2 import Template, TemplateError
+
+from localrun.errors import BadModel, LocalrunError, UsageError
+from localrun.inference import sandbox
+from localrun.text import safe
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
 
@@ -73,28 +77,25 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
     stop: tuple[str, ...] = ()
-    _compiled: Callable[..., str] | None = field(default=None, repr=False)
+    _compiled: Template | None = field(default=None, repr=False)
+
+    def _broken(self, what: str) -> LocalrunError:
+        """A template that fails is a bad model when it came with the model, else a bad argument."""
+        hint = "use --chat-format NAME or --template FILE"
+        if self.origin == "model":
+            return BadModel(f"the model's chat template {what}", hint=hint)
+        return UsageError(f"the chat template ({self.origin}) {what}", hint=hint)
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         if self._compiled is None:
-            from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-            )
-            env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
+            env = sandbox.environment({"raise_exception": _raise, "strftime_now": _strftime_now})
             try:
-                self._compiled = env.from_string(self.source).render
+                self._compiled = env.from_string(self.source)
             except TemplateError as exc:
-                raise UsageError(
-                    f"the chat template ({self.origin}) does not compile: {exc}",
-                    hint="use --chat-format NAME or --template FILE",
-                ) from None
-        from jinja2 import TemplateError
-
+                raise self._broken(f"does not compile: {safe(exc)}") from None
         try:
-            return self._compiled(
+            return sandbox.render(
+                self._compiled,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
@@ -102,10 +103,10 @@ class ChatTemplate:
                 tools=None,
                 documents=None,
             )
-        except TemplateError as exc:
-            raise UsageError(
-                f"the chat template ({self.origin}) failed: {exc}", hint="use --chat-format NAME or --template FILE"
-            ) from None
+        except sandbox.TemplateLimit as exc:
+            raise self._broken(f"was stopped: {exc}") from None
+        except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
+            raise self._broken(f"failed: {safe(exc)}") from None
 
 
 def guess_format(has_token: Callable[[str], bool]) -> Format:
