@@ -22,7 +22,6 @@ class BenchOptions:
     gpu_layers: int | None = None  # None: all layers when the build can offload, else 0
     ppl_ctx: int = 512
     ppl_chunks: int | None = None
-    kld_top_k: int = 256
     quants: str | None = None  # "Q4_K_M,Q8_0" pulls those; "fit" pulls every quant that fits
     max_kld: float = 0.05  # the recommendation's bar: the fastest candidate within this KLD
     eval_text: Path | None = None

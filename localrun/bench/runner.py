@@ -4,10 +4,8 @@ Each candidate is measured in a fresh child process (localrun.bench.worker), hig
 first: that one is the reference. Speed is llama-bench's protocol (pp: a prompt in one batch; tg:
 one token at a time; mean and sd over repetitions after a warm-up). Quality is perplexity over
 localrun/data/eval.txt in llama-perplexity's fixed windows, and the mean KL divergence of each
-candidate's next-token distributions from the reference's on the very same tokens. The reference
-distributions are kept whole when they fit in 128 MiB, else as the top 256 log-probs per position
-plus one bucket for the remaining mass (for Gemma's 262k vocabulary the full ones would be ~2 GB
-for 4.5k tokens); KL over that coarser partition is a lower bound, tight when the tail is small.
+candidate's next-token distributions from the reference's on the very same tokens, over the whole
+vocabulary: the reference's distributions are kept in a temporary folder (localrun.bench.reference).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from localrun.bench.ranking import mark_pareto, recommend
 from localrun.bench.results import BenchOptions, BenchResult, CandidateResult, Stat, precision
 from localrun.bench.worker import WorkerSpec
 from localrun.cache.resolve import pulled_models
-from localrun.errors import LocalrunError, NotFound, UsageError
+from localrun.errors import LocalrunError, NoSpace, NotFound, UsageError
 from localrun.hub.listing import list_quants
 from localrun.hub.ranges import read_remote_header
 from localrun.inference import selftest
@@ -175,6 +173,8 @@ def run_worker(spec: WorkerSpec, result: CandidateResult, on_event: Callable[[di
             result.status = "ok"
             return data
         if data is not None and data.get("event") == "error":
+            if data.get("kind") == "NoSpace":  # no room for the reference: no candidate could be compared
+                raise NoSpace(data["message"], hint=data.get("hint"))
             result.status, result.error = "failed", data.get("message")
             return None
         log.seek(0)  # the log is read again for the reason of the failure
@@ -222,7 +222,7 @@ def run_bench(
         "gpu_layers": gpu_layers,
         "ppl_ctx": opts.ppl_ctx,
         "ppl_chunks": opts.ppl_chunks,
-        "kld_top_k": opts.kld_top_k,
+        "kld_reference": None,  # how the reference's distributions were kept: float32 or uint16
         "max_kld": opts.max_kld,
         "eval_text": str(text),
         "use_extra_bufts": extra_bufts,
@@ -231,7 +231,6 @@ def run_bench(
     bench = BenchResult(settings, machine, [CandidateResult(c.label, str(c.path), c.quant, c.size) for c in candidates])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="localrun-bench-") as tmp:
-        ref_file = Path(tmp) / "reference.npz"
         try:
             for index, (cand, result) in enumerate(zip(candidates, bench.results)):
                 have_ref = bench.reference is not None
@@ -246,9 +245,8 @@ def run_bench(
                     use_extra_bufts=extra_bufts,
                     ppl_ctx=opts.ppl_ctx,
                     ppl_chunks=opts.ppl_chunks,
-                    kld_top_k=opts.kld_top_k,
-                    ref_out=None if have_ref else str(ref_file),
-                    ref_in=str(ref_file) if have_ref else None,
+                    ref_out=None if have_ref else tmp,
+                    ref_in=tmp if have_ref else None,
                     verbose=opts.verbose,
                 )
                 result.status = "running"
@@ -256,7 +254,7 @@ def run_bench(
                 if data is not None and not have_ref:
                     bench.reference, result.reference, result.kld, result.top1 = result.label, True, 0.0, 1.0
                     result.kld_p99 = 0.0
-                    settings["kld_top_k"] = data["kld_top_k"]  # what was kept: n_vocab = whole distributions
+                    settings["kld_reference"] = data["kld_reference"]
                 if progress:
                     progress(bench.results, index, {"event": "done"})
         except KeyboardInterrupt:

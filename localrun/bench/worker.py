@@ -5,8 +5,9 @@ peak RSS is its own, and a llama.cpp abort (SIGABRT on a corrupt vocabulary, SIG
 this child. Speed follows llama-bench: after a warm-up, pp decodes a prompt in one batch from an
 empty cache and tg decodes tokens one at a time from an empty cache. Quality follows
 llama-perplexity: fixed windows of ppl_ctx tokens, BOS first, the second half of each window
-scored. The reference run writes the token ids and its top-k log-probabilities to an .npz file
-that later runs read, so every candidate is scored on the same tokens at the same positions.
+scored. The reference run writes the token ids and its whole next-token distributions into a
+folder (localrun.bench.reference) that later runs read, so every candidate is scored on the same
+tokens at the same positions, over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
+from localrun.bench.reference import ReferenceReader, ReferenceWriter, ensure_room
+from localrun.errors import LocalrunError
 from localrun.hardware import default_threads
 from localrun.inference.llama_log import install
 from localrun.inference.runtime import LlamaContext, LlamaModel, Loaded, LoadOptions, SamplingOptions, load
@@ -38,19 +43,12 @@ class WorkerSpec:
     use_extra_bufts: bool = True
     ppl_ctx: int = 512
     ppl_chunks: int | None = None  # None: every whole window of the text
-    kld_top_k: int = 256  # used when full distributions would not fit in FULL_DIST_BYTES
-    ref_out: str | None = None  # write reference tokens and log-probs here (the reference run)
-    ref_in: str | None = None  # read them from here (every other run)
+    ref_out: str | None = None  # folder: write the reference tokens and distributions here (the reference run)
+    ref_in: str | None = None  # folder: read them from here (every other run)
     verbose: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
-
-
-# Full next-token distributions are stored when they take at most this much; otherwise the
-# reference keeps its top-k log-probs and KL is computed over those k tokens plus one bucket for
-# the rest of the mass (a lower bound of the full KL that is tight when the tail is small).
-FULL_DIST_BYTES = 128 * 2**20
 
 
 def _emit(event: str, **data: object) -> None:
@@ -134,24 +132,32 @@ def measure_speed(loaded: Loaded, prompt: list[int], spec: WorkerSpec) -> dict:
 
 def _log_softmax(rows):
     """Row-wise log-softmax in float32 (a 262k vocabulary makes float64 copies costly), summed in float64."""
-    import numpy as np
-
     rows = rows - rows.max(axis=1, keepdims=True)
     norm = np.log(np.exp(rows).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
     rows -= norm
     return rows
 
 
-def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: dict | None) -> dict:
-    """Perplexity over fixed windows; with `ref`, KL divergence and top-token agreement against it."""
-    import numpy as np
-
-    n_ctx = spec.ppl_ctx
-    n_chunks = len(tokens) // n_ctx
+def windows(n_tokens: int, spec: WorkerSpec) -> int:
+    """How many whole windows of spec.ppl_ctx tokens are scored (at most spec.ppl_chunks)."""
+    n_chunks = n_tokens // spec.ppl_ctx
     if spec.ppl_chunks:
         n_chunks = min(n_chunks, spec.ppl_chunks)
     if n_chunks < 1:
-        raise ValueError(f"the evaluation text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
+        raise ValueError(f"the evaluation text has {n_tokens} tokens, fewer than one window of {spec.ppl_ctx}")
+    return n_chunks
+
+
+def scored_per_window(spec: WorkerSpec) -> int:
+    """Positions scored in each window: the second half, as llama-perplexity scores them."""
+    return spec.ppl_ctx - 1 - spec.ppl_ctx // 2
+
+
+def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: ReferenceReader | None) -> dict:
+    """Perplexity over fixed windows; with `ref`, KL divergence and top-token agreement against it.
+    The reference run (spec.ref_out) writes its own distributions for the later runs."""
+    n_ctx = spec.ppl_ctx
+    n_chunks = windows(len(tokens), spec)
     first = n_ctx // 2
     bos = _bos(model)
     opts = LoadOptions(
@@ -166,14 +172,13 @@ def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: dict | None
     nll: list[np.ndarray] = []
     kld: list[np.ndarray] = []
     top1: list[np.ndarray] = []
-    keep_k = (
-        model.n_vocab
-        if n_chunks * (n_ctx - 1 - first) * model.n_vocab * 8 <= FULL_DIST_BYTES
-        else min(spec.kld_top_k, model.n_vocab)
+    writer = (
+        ReferenceWriter(
+            Path(spec.ref_out), tokens, result_vocab(model), n_chunks * scored_per_window(spec), model.n_vocab
+        )
+        if spec.ref_out
+        else None
     )
-    out_idx: list[np.ndarray] = []
-    out_logp: list[np.ndarray] = []
-    row = 0
     with LlamaContext(model, opts) as ctx:
         for chunk in range(n_chunks):
             _emit("phase", phase="quality", rep=chunk + 1, reps=n_chunks)
@@ -190,29 +195,14 @@ def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: dict | None
             logp = _log_softmax(np.stack([ctx.logits(i) for i in range(n_ctx - 1 - first)]))
             targets = np.asarray(tokens[chunk * n_ctx + first + 1 : (chunk + 1) * n_ctx])
             nll.append(-logp[np.arange(len(targets)), targets])
-            if spec.ref_out:
-                idx = (
-                    np.argpartition(-logp, keep_k - 1, axis=1)[:, :keep_k]
-                    if keep_k < logp.shape[1]
-                    else np.tile(np.arange(logp.shape[1]), (len(logp), 1))
-                )
-                vals = np.take_along_axis(logp, idx, axis=1)
-                order = np.argsort(-vals, axis=1)
-                out_idx.append(np.take_along_axis(idx, order, axis=1).astype(np.int32))
-                out_logp.append(np.take_along_axis(vals, order, axis=1).astype(np.float32))
+            if writer is not None:
+                writer.add(logp)
             if ref is not None:
-                r_idx = ref["idx"][row : row + len(logp)]
-                r_logp = ref["logp"][row : row + len(logp)].astype(np.float64)
-                q = np.take_along_axis(logp, r_idx, axis=1)
-                p = np.exp(r_logp)
-                kl = (p * (r_logp - q)).sum(axis=1)
-                p_rest = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
-                q_rest = np.clip(1.0 - np.exp(q).sum(axis=1), 1e-12, 1.0)
-                tail = p_rest > 1e-9
-                kl[tail] += p_rest[tail] * (np.log(p_rest[tail]) - np.log(q_rest[tail]))
-                kld.append(np.maximum(kl, 0.0))
-                top1.append(logp.argmax(axis=1) == r_idx[:, 0])
-            row += len(logp)
+                compared = ref.compare(logp)
+                kld.append(compared.kld)
+                top1.append(compared.same_top)
+    if writer is not None:
+        writer.close()
     all_nll = np.concatenate(nll)
     result: dict = {
         "ppl": float(np.exp(all_nll.mean())),
@@ -221,7 +211,7 @@ def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: dict | None
         else 0.0,
         "scored": len(all_nll),
         "chunks": n_chunks,
-        "kld_top_k": keep_k,
+        "kld_reference": writer.encoding if writer else None,
     }
     if ref is not None:
         all_kld = np.concatenate(kld)
@@ -229,16 +219,6 @@ def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: dict | None
             kld=float(all_kld.mean()),
             kld_p99=float(np.percentile(all_kld, 99)),
             top1=float(np.concatenate(top1).mean()),
-        )
-    if spec.ref_out:
-        np.savez(
-            spec.ref_out,
-            tokens=np.asarray(tokens, dtype=np.int32),
-            vocab=np.asarray(result_vocab(model)),
-            idx=np.concatenate(out_idx),
-            logp=np.concatenate(out_logp),
-            ppl_ctx=n_ctx,
-            chunks=n_chunks,
         )
     return result
 
@@ -262,8 +242,6 @@ def _file_type(model: LlamaModel) -> str | None:
 
 
 def run(spec: WorkerSpec) -> dict:
-    import numpy as np
-
     install(echo=True)  # llama.cpp's log goes to our stderr, which the parent keeps for crash reports
     threads = spec.threads or default_threads()
     _emit("phase", phase="load")
@@ -285,12 +263,13 @@ def run(spec: WorkerSpec) -> dict:
     tokens = own_tokens
     note = None
     if spec.ref_in:
-        data = np.load(spec.ref_in)
-        if str(data["vocab"]) == result_vocab(model):
-            tokens = data["tokens"].tolist()
-            ref = {"idx": data["idx"], "logp": data["logp"]}
+        reference = ReferenceReader(Path(spec.ref_in))
+        if reference.vocab == result_vocab(model):
+            tokens, ref = reference.tokens, reference
         else:
             note = "vocabulary differs from the reference: no KLD; perplexity on its own tokenization"
+    if spec.ref_out:  # before minutes of measuring: is there room for the reference's distributions?
+        ensure_room(Path(spec.ref_out), windows(len(tokens), spec) * scored_per_window(spec), model.n_vocab)
     prompt = (tokens[1:] * (1 + (spec.pp + spec.tg) // max(len(tokens) - 1, 1)))[: max(spec.pp, spec.tg)]
     speed = measure_speed(loaded, prompt, spec)
     peak_rss = _peak_rss()  # inference memory, before the quality pass allocates logits for every position
@@ -321,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec(**json.loads(args[0]))
     try:
         result = run(spec)
+    except LocalrunError as exc:  # the parent raises it again when it concerns the whole bench (NoSpace)
+        _emit("error", message=exc.message.splitlines()[0], hint=exc.hint, kind=type(exc).__name__)
+        return 1
     except Exception as exc:  # reported to the parent as a failed candidate, not a crash
-        _emit("error", message=f"{type(exc).__name__}: {exc}".splitlines()[0], hint=getattr(exc, "hint", None))
+        _emit("error", message=f"{type(exc).__name__}: {exc}".splitlines()[0], hint=None, kind=None)
         return 1
     _emit("result", **result)
     return 0
