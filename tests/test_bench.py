@@ -399,3 +399,25 @@ def test_no_room_for_the_reference_is_a_clear_error(tmp_path):
     assert str(tmp_path) in caught.value.message and "free" in caught.value.message
     assert "TMPDIR" in caught.value.hint
     ensure_room(tmp_path, rows=100, n_vocab=872)  # a tiny one fits
+
+
+def test_live_progress_line_ticks_during_a_long_phase():
+    """No event arrives for seconds during a long phase: the elapsed time must still move."""
+    import io
+    import re
+    import time
+
+    from localrun.bench.results import CandidateResult
+    from localrun.commands.bench import ProgressDisplay
+    from localrun.output import Output
+    from rich.console import Console
+
+    stream = io.StringIO()
+    out = Output(stderr_tty=True, _err=Console(file=stream, force_terminal=True, width=100, no_color=True))
+    results = [CandidateResult("Q8_0", "q8.gguf", "Q8_0", 1000), CandidateResult("Q2_K", "q2.gguf", "Q2_K", 400)]
+    with ProgressDisplay(out) as progress:
+        progress(results, 0, {"event": "phase", "phase": "quality", "rep": 1, "reps": 8})
+        time.sleep(2.5)  # no event meanwhile, as during one window of a big model
+    shown = set(re.findall(r"(\d+)s elapsed", stream.getvalue()))
+    assert "[1/2] Q8_0: quality 1/8" in stream.getvalue()
+    assert len(shown) >= 2, shown

@@ -213,19 +213,22 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressDisplay:
-    """Which candidate, which phase, ETA: a live line on a TTY, one line per candidate otherwise."""
+    """Which candidate, which phase, elapsed time and ETA: a live line on a TTY (redrawn from the
+    clock four times a second, so it moves during phases that send no event for many seconds),
+    one line per candidate otherwise."""
 
     def __init__(self, out: Output):
         self.out = out
-        self.live = None
+        self.live: Live | None = None
         self.results: list[CandidateResult] = []
         self.started = time.perf_counter()
         self.current_started = self.started
         self.current = -1
+        self.phase = ""
 
     def __enter__(self) -> ProgressDisplay:
         if self.out.interactive:
-            self.live = Live("", console=self.out.err, transient=True, refresh_per_second=4)
+            self.live = Live(self, console=self.out.err, transient=True, refresh_per_second=4)
             self.live.__enter__()
         return self
 
@@ -233,30 +236,35 @@ class ProgressDisplay:
         if self.live is not None:
             self.live.__exit__(None, None, None)
 
+    def __rich__(self) -> Text:
+        """The line as of now: Live calls this on every refresh."""
+        if self.current < 0:
+            return Text("")
+        now = time.perf_counter()
+        eta = eta_seconds(self.results, self.current, now - self.current_started)
+        eta_text = f"ETA {_duration(eta)}" if eta is not None else "ETA after the first candidate"
+        return Text(
+            f"[{self.current + 1}/{len(self.results)}] {self.results[self.current].label}: {self.phase}  ·  "
+            f"{_duration(now - self.started)} elapsed  ·  {eta_text}"
+        )
+
     def __call__(self, results: list[CandidateResult], index: int, event: dict) -> None:
         self.results, result = results, results[index]
         if index != self.current:
             self.current, self.current_started = index, time.perf_counter()
-        total = len(results)
         if event.get("event") == "done":
             if self.live is None or result.status != "ok":
-                summary = (
-                    f"tg {result.tg.mean:.1f} tok/s, PPL {result.ppl:.3f}"
-                    if result.status == "ok" and result.tg
-                    else _status(result)
-                )
-                self.out.info(f"[{index + 1}/{total}] {result.label}: {summary}")
-            return
-        if self.live is None:
+                if result.status == "ok" and result.tg:
+                    summary = f"tg {result.tg.mean:.1f} tok/s" + (
+                        f", PPL {result.ppl:.3f}" if result.ppl is not None else ""
+                    )
+                else:
+                    summary = _status(result)
+                self.out.info(f"[{index + 1}/{len(results)}] {result.label}: {summary}")
             return
         phase = event.get("phase", "")
         if event.get("reps") and phase != "load":
             phase += f" {event.get('rep')}/{event.get('reps')}"
-        eta = eta_seconds(self.results, index, time.perf_counter() - self.current_started)
-        eta_text = f"ETA {_duration(eta)}" if eta is not None else "ETA after the first candidate"
-        self.live.update(
-            Text(
-                f"[{index + 1}/{total}] {result.label}: {phase}  ·  "
-                f"{_duration(time.perf_counter() - self.started)} elapsed  ·  {eta_text}"
-            )
-        )
+        self.phase = phase
+        if self.live is not None:
+            self.live.refresh()
