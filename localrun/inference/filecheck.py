@@ -32,8 +32,9 @@ def verdict_error(name: str, verdict: dict) -> BadModel | EngineCrash:
             hint="the file is corrupt or uses something this llama.cpp build cannot run; try another quant or "
             "conversion of the model (localrun caught this in a child process)",
         )
+    detail = verdict.get("detail") or "no reason given"  # the child's own message names the file
     return BadModel(
-        f"llama.cpp could not load {name}: {verdict.get('detail') or 'no reason given'}",
+        detail if detail.startswith("llama.cpp could not load") else f"llama.cpp could not load {name}: {detail}",
         hint="check the file with `localrun show`; run with --verbose for llama.cpp's log",
     )
 

@@ -15,10 +15,12 @@ _LEVEL_DEBUG, _LEVEL_CONT = 1, 5  # ggml_log_level
 _callback = None  # the ctypes callback must stay referenced for as long as llama.cpp may call it
 
 
-def install(echo: bool = False) -> None:
-    """Route llama.cpp and ggml logs to an in-memory ring buffer (and to stderr when echo)."""
+def install(echo: bool | None = None) -> None:
+    """Route llama.cpp and ggml logs to an in-memory ring buffer, and to stderr when echo is set
+    (None leaves the echo as it was: importing llama_cpp must not silence a --verbose run)."""
     global _callback, _echo
-    _echo = echo
+    if echo is not None:
+        _echo = echo
     if _callback is not None:
         return
     import llama_cpp
@@ -65,7 +67,9 @@ def buffer_sizes(lines: list[str]) -> dict[str, dict[str, int]]:
 
 
 _SOURCE_PATH = re.compile(r"\S*/([^/\s]+:\d+:)")  # /long/build/path/ggml.c:123: -> ggml.c:123:
-_FAILURE_WORDS = ("ggml_assert", "error", "failed", "terminate", "abort")
+# The most telling first: an assert names the broken invariant, "error loading model" the reason a
+# load failed; the generic "failed to load model" that follows them says nothing more.
+_FAILURE_WORDS = ("ggml_assert", "error loading model", "error", "failed", "terminate", "abort")
 
 
 def last_error(lines: list[str], *, or_last_line: bool = False) -> str:
@@ -73,7 +77,8 @@ def last_error(lines: list[str], *, or_last_line: bool = False) -> str:
     print; with or_last_line the last line when none does. Serves a failed load in this process
     and a child that died (self-test, probes, bench)."""
     cleaned = [_SOURCE_PATH.sub(r"\1", line.strip()) for line in lines if line.strip()]
-    for line in reversed(cleaned):
-        if any(word in line.lower() for word in _FAILURE_WORDS):
-            return safe(line, 300)
+    for word in _FAILURE_WORDS:
+        for line in reversed(cleaned):
+            if word in line.lower():
+                return safe(line, 300)
     return safe(cleaned[-1], 300) if or_last_line and cleaned else ""

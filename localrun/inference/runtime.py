@@ -73,7 +73,7 @@ class LlamaModel:
 
     def __init__(self, path: str | os.PathLike[str], opts: LoadOptions):
         lc = llama()
-        install_log(echo=opts.verbose)
+        install_log(echo=opts.verbose or None)  # never silences a child that echoes on purpose
         self.path = Path(path)
         self.opts = opts
         params = lc.llama_model_default_params()

@@ -21,7 +21,7 @@ from localrun.model.parse import ArrayStub, Parsed, parse
 from localrun.model.quants import FTYPE_NAMES
 from localrun.text import safe
 
-CACHE_VERSION = 3  # bump when HeaderInfo or validation changes
+CACHE_VERSION = 4  # bump when HeaderInfo or validation changes
 MAX_LAYERS = 10_000  # far beyond any real model; a bigger count is a corrupt header
 
 

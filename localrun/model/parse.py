@@ -114,7 +114,7 @@ class _Cursor:
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
 
-def _string_array(cur: _Cursor, count: int, keep: bool) -> list[str] | ArrayStub:
+def _string_array(cur: _Cursor, count: int, keep: bool, errors: str = "replace") -> list[str] | ArrayStub:
     """A tight loop: vocabularies have 100k+ strings."""
     buf, pos, end = cur.buf, cur.pos, len(cur.buf)
     unpack = _Q.unpack_from
@@ -131,7 +131,7 @@ def _string_array(cur: _Cursor, count: int, keep: bool) -> list[str] | ArrayStub
         if pos + n > end:
             raise _NeedMore(pos + n)
         if keep:
-            out.append(bytes(buf[pos : pos + n]).decode("utf-8", errors="replace"))
+            out.append(bytes(buf[pos : pos + n]).decode("utf-8", errors=errors))
         pos += n
     cur.pos = pos
     return out if keep else ArrayStub(count)
@@ -147,8 +147,11 @@ def _read_value(cur: _Cursor, vtype: int, key: str):
     etype, count = cur.unpack("I"), cur.unpack("Q")
     if etype == 8:
         cur.room(8 * count, f"an array of {count:,} strings ({safe(key, 60)})")
-        keep = key == "tokenizer.ggml.tokens" or count <= KEEP_ARRAY  # merges and the like: counted
-        return _string_array(cur, count, keep)
+        vocabulary = key == "tokenizer.ggml.tokens"
+        keep = vocabulary or count <= KEEP_ARRAY  # merges and the like: counted
+        # token texts byte for byte (two invalid ones must not both become U+FFFD): validation
+        # compares them as llama.cpp does
+        return _string_array(cur, count, keep, "surrogateescape" if vocabulary else "replace")
     if etype not in _SCALAR:
         raise cur.corrupt(f"unsupported array type {etype} for {safe(key, 60)}")
     size = struct.calcsize("<" + _SCALAR[etype])

@@ -68,9 +68,11 @@ def _validate(path: str | Path) -> HeaderInfo:
 
 
 def _check_vocab(fields: dict[str, object], tokens: list[str], label: str) -> None:
-    if len(set(tokens)) != len(tokens):
+    # llama.cpp reads token texts as C strings: a NUL ends one, and what is left must be unique
+    texts = [t.split("\0", 1)[0] for t in tokens]
+    if len(set(texts)) != len(texts):
         seen: set[str] = set()
-        for i, tok in enumerate(tokens):
+        for i, tok in enumerate(texts):
             if tok in seen:
                 raise BadModel(
                     f"{label} has a corrupt vocabulary: token {safe(repr(tok), 40)} (id {i}) appears twice "
