@@ -38,7 +38,6 @@ from localrun.inference.build import llama  # noqa: E402
 from localrun.inference.engine import Engine, drive  # noqa: E402
 from localrun.inference.runtime import SamplingOptions  # noqa: E402
 from localrun.output import Output  # noqa: E402
-
 from support.engines import open_engine  # noqa: E402
 from support.models import build_suite  # noqa: E402
 

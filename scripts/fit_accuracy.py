@@ -28,6 +28,7 @@ MIB = 1 << 20
 def worker(model: str, n_ctx: int, n_batch: int, logits_all: bool) -> None:
     """Child: load, decode a full batch and a few tokens; print buffers and RSS as one JSON line."""
     import psutil
+
     from localrun.inference import selftest
     from localrun.inference.build import llama
     from localrun.inference.runtime import LoadOptions, load

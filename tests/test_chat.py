@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pexpect
 import pytest
+
 from localrun.commands.generate import PromptOptions, open_conversation
 from localrun.commands.repl import Repl
 from localrun.inference.conversation import Conversation, Settings
 from localrun.inference.runtime import SamplingOptions
 from localrun.output import Output
-
 from support.engines import open_engine
 
 

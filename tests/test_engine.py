@@ -8,12 +8,12 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from localrun.errors import UsageError
 from localrun.inference import templates
 from localrun.inference.engine import Engine, Piece, PrefillProgress, Stats
 from localrun.inference.runtime import SamplingOptions
 from localrun.inference.stops import StopMatcher
-
 from support.engines import open_engine
 
 GREEDY = SamplingOptions(temperature=0)

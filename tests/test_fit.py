@@ -14,6 +14,7 @@ their output phase is 0.49 + 16 = 16.5 MiB, so the layer phase (128 MiB) is the 
 from __future__ import annotations
 
 import pytest
+
 from localrun.fit import GPU_RESERVE, MemoryEstimate, Option, Plan, choose, default_ctx, estimate, plan
 from localrun.hardware import GPU, Machine
 from localrun.inference import selftest

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 from localrun import __version__
 from localrun.cli import app
 from localrun.hub.settings import cache_dir
 from localrun.inference import selftest
 from localrun.inference.probe import greedy
 from localrun.inference.runtime import LoadOptions, load
-from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -250,6 +251,7 @@ def test_emulator_injects_server_errors_and_serves_ranges(hub, tiny, tmp_path):
 # -- the error boundary -------------------------------------------------------------------------
 def _app_raising(exc: BaseException):
     import typer
+
     from localrun.boundary import boundary
 
     demo = typer.Typer()

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from localrun.errors import BadModel, ExitCode, NotFound
 from localrun.hub.ranges import read_remote_header
 from localrun.model.files import shard_paths

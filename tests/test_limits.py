@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 from localrun.cli import app
 from localrun.errors import EngineCrash
 from localrun.inference.filecheck import check_file
 from localrun.model.header import cached_facts
 from localrun.model.tiny import TinySpec, write_tiny_model
-from typer.testing import CliRunner
 
 runner = CliRunner()
 DRIVER = Path(__file__).parent / "support" / "drive_limits.py"

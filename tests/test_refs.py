@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from localrun.errors import UsageError
 from localrun.model.quants import info, matches_tag, quant_from_filename, sort_key
 from localrun.model.refs import parse_ref

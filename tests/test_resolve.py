@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import hf_hub_download
+from typer.testing import CliRunner
+
 from localrun import fit, hardware
 from localrun.cache.resolve import resolve
 from localrun.cli import app
@@ -18,7 +20,6 @@ from localrun.hub import settings
 from localrun.inference import selftest
 from localrun.model.header import read_header
 from localrun.model.refs import parse_ref
-from typer.testing import CliRunner
 
 runner = CliRunner()
 REPO = "org/tiny-GGUF"

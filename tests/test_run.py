@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from localrun.cli import app
 from typer.testing import CliRunner
+
+from localrun.cli import app
 
 runner = CliRunner()
 GREEDY = ["--temp", "0", "--ignore-eos"]

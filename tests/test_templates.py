@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from typer.testing import CliRunner
+
 from localrun.cli import app
 from localrun.errors import BadModel, ExitCode, UsageError
 from localrun.inference.templates import ChatTemplate
 from localrun.model.tiny import TinySpec, write_tiny_model
-from typer.testing import CliRunner
 
 HOSTILE = {
     "huge range": "{% for i in range(10**9) %}x{% endfor %}",

@@ -10,6 +10,9 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
 from localrun.commands.generate import PromptOptions, generate, open_conversation
 from localrun.commands.loading import open_engine
 from localrun.commands.repl import Repl
@@ -18,8 +21,6 @@ from localrun.inference.conversation import Settings
 from localrun.inference.engine import EngineConfig
 from localrun.inference.runtime import SamplingOptions, padded_ctx
 from localrun.output import Output
-from prompt_toolkit.input import create_pipe_input
-from prompt_toolkit.output import DummyOutput
 
 CONTEXTS = (16, 100, 160, 255, 256, 257, 300, 511, 512, 513, 700)
 
