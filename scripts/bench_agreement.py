@@ -9,8 +9,13 @@
    and context. Target: within 1%. Build the tool outside the repo, for example:
      cmake -B /tmp/llama-build -S <llama-cpp-python sdist>/vendor/llama.cpp -DLLAMA_CURL=OFF
      cmake --build /tmp/llama-build --target llama-perplexity -j2
+3. KL divergence (with --kl-divergence LOWER.gguf, a lower quant of the same model): bench's KLD of
+   LOWER against --model, as `localrun bench` computes it (the reference's distributions kept in
+   a temporary folder), against `llama-perplexity --kl-divergence-base` then `--kl-divergence`
+   on the same text and context. Target: within 1%.
 
 Usage: python scripts/bench_agreement.py [--model M.gguf] [--perplexity /tmp/llama-build/bin/llama-perplexity]
+       [--kl-divergence LOWER.gguf] [--quality-only]
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ def interleaved(path: str, spec, tokens: list[int], rounds: int) -> dict[str, fl
     import time
 
     import llama_cpp as lc
+
     from localrun.bench.worker import measure_speed
     from localrun.inference.runtime import LoadOptions, load
 
@@ -168,6 +174,123 @@ def llama_perplexity(binary: Path, model: str, text: Path, n_ctx: int, threads: 
     return float(found.group(1))
 
 
+def llama_kl_divergence(
+    binary: Path, reference: str, candidate: str, text: Path, n_ctx: int, threads: int, folder: Path
+) -> dict[str, float]:
+    """llama-perplexity's KLD of `candidate` against `reference`: the base run stores the
+    reference's log-probabilities (16 bits per token), the second run reads them."""
+    base = folder / "kld-base.bin"
+    common = [
+        "-f",
+        str(text),
+        "-c",
+        str(n_ctx),
+        "-b",
+        str(n_ctx),
+        "-t",
+        str(threads),
+        "--kl-divergence-base",
+        str(base),
+    ]
+    subprocess.run([str(binary), "-m", reference, *common], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [str(binary), "-m", candidate, *common, "--kl-divergence"], capture_output=True, text=True, check=True
+    )
+    log = proc.stdout + proc.stderr
+    kld = re.search(r"Mean\s+KLD:\s+([0-9.]+)", log)
+    ppl = re.search(r"Mean PPL\(Q\)\s*:\s+([0-9.]+)", log)
+    if not (kld and ppl):
+        raise SystemExit("llama-perplexity --kl-divergence printed no mean KLD:\n" + log[-2000:])
+    return {"kld": float(kld.group(1)), "ppl": float(ppl.group(1))}
+
+
+def bench_kl_divergence(reference: str, candidate: str, spec, folder: Path) -> dict[str, float]:
+    """bench's KLD of `candidate` against `reference`, each measured by its worker as bench runs it."""
+    import dataclasses
+
+    from localrun.bench.results import CandidateResult
+    from localrun.bench.runner import run_worker
+
+    figures = {}
+    for path, ref in ((reference, {"ref_out": str(folder)}), (candidate, {"ref_in": str(folder)})):
+        result = CandidateResult(Path(path).name, path, None, 0)
+        run_worker(dataclasses.replace(spec, path=path, **ref), result, lambda event: None)
+        if result.status != "ok":
+            raise SystemExit(f"bench worker {result.status} on {path}: {result.error}")
+        figures = {"kld": result.kld, "ppl": result.ppl, "windows": result.ppl_windows}
+    return figures  # the candidate's
+
+
+def compare_kl_divergence(args, spec, text: Path, threads: int) -> bool:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-agreement-") as tmp:
+        ours = bench_kl_divergence(str(args.model), str(args.kl_divergence), spec, Path(tmp))
+        if not args.perplexity.exists():
+            print(f"KLD: bench {ours['kld']:.6f}; {args.perplexity} not built, no comparison")
+            return True
+        theirs = llama_kl_divergence(
+            args.perplexity, str(args.model), str(args.kl_divergence), text, args.ppl_ctx, threads, Path(tmp)
+        )
+    diff = abs(ours["kld"] - theirs["kld"]) / theirs["kld"]
+    ppl_diff = abs(ours["ppl"] - theirs["ppl"]) / theirs["ppl"]
+    print(
+        f"KLD of {args.kl_divergence.name} against {args.model.name} (ctx {args.ppl_ctx}, {ours['windows']} windows): "
+        f"bench {ours['kld']:.6f}, llama-perplexity {theirs['kld']:.6f}, difference {100 * diff:.3f}% "
+        f"({'ok' if diff <= 0.01 else 'ABOVE 1%'}); its perplexity: bench {ours['ppl']:.4f}, "
+        f"llama-perplexity {theirs['ppl']:.4f}, difference {100 * ppl_diff:.3f}%"
+    )
+    return diff <= 0.01 and ppl_diff <= 0.01
+
+
+def compare_speed(args, speed_spec, tokens: list[int]) -> bool:
+    bench_runs, raw_runs = [], []
+    for round_ in range(args.rounds):
+        bench_runs.append(bench_worker(speed_spec))
+        raw_runs.append(raw_loop(speed_spec, tokens))
+        print(
+            f"round {round_ + 1}: bench pp {bench_runs[-1]['pp']:.1f} tg {bench_runs[-1]['tg']:.2f} | "
+            f"raw pp {raw_runs[-1]['pp']:.1f} tg {raw_runs[-1]['tg']:.2f} tok/s",
+            flush=True,
+        )
+    for key in ("pp", "tg"):
+        ours = statistics.fmean(r[key] for r in bench_runs)
+        raw = statistics.fmean(r[key] for r in raw_runs)
+        # Other processes on the machine move both sides by tens of percent from one minute to the
+        # next: the median of the per-round ratios (each round runs both back to back) is steadier.
+        ratio = statistics.median(b[key] / r[key] for b, r in zip(bench_runs, raw_runs))
+        print(
+            f"{key}{getattr(args, key)}: bench {ours:.2f} tok/s, raw llama.cpp loop {raw:.2f} tok/s (means); "
+            f"median ratio over {args.rounds} rounds {ratio:.3f} ({'ok' if ratio >= 0.97 else 'BELOW 0.97'})"
+        )
+
+    same = interleaved(str(args.model), speed_spec, tokens, rounds=4 * args.rounds)
+    for key in ("pp", "tg"):
+        print(
+            f"{key}{getattr(args, key)} in one process, alternating every repetition ({4 * args.rounds}x): "
+            f"median ratio bench/raw {same[key]:.3f} ({'ok' if same[key] >= 0.97 else 'BELOW 0.97'})"
+        )
+    # The verdict rests on the controlled comparison; the per-process rounds are shown above.
+    return min(same.values()) >= 0.97
+
+
+def compare_perplexity(args, ppl_spec, text: Path, threads: int) -> bool:
+    ours = bench_worker(ppl_spec)
+    if not args.perplexity.exists():
+        print(
+            f"perplexity: bench {ours['ppl']:.4f} over {ours['windows']} windows of {args.ppl_ctx}; "
+            f"{args.perplexity} not built, no comparison"
+        )
+        return True
+    theirs = llama_perplexity(args.perplexity, str(args.model), text, args.ppl_ctx, threads)
+    diff = abs(ours["ppl"] - theirs) / theirs
+    print(
+        f"perplexity (ctx {args.ppl_ctx}, {ours['windows']} windows): bench {ours['ppl']:.4f}, "
+        f"llama-perplexity {theirs:.4f}, difference {100 * diff:.3f}% ({'ok' if diff <= 0.01 else 'ABOVE 1%'})"
+    )
+    return diff <= 0.01
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=default_model())
@@ -178,6 +301,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6, help="alternations of bench and raw runs")
     parser.add_argument("--ppl-ctx", type=int, default=512)
     parser.add_argument("--speed-only", action="store_true", help="skip the perplexity comparison")
+    parser.add_argument("--quality-only", action="store_true", help="skip the speed comparison")
+    parser.add_argument(
+        "--kl-divergence",
+        type=Path,
+        metavar="LOWER.gguf",
+        help="also compare bench's KLD of this lower quant against --model with llama-perplexity's",
+    )
     args = parser.parse_args()
 
     from localrun.bench.results import BenchOptions
@@ -205,37 +335,11 @@ def main() -> int:
         ppl_ctx=64,
         ppl_chunks=1,
     )
-    bench_runs, raw_runs = [], []
-    for round_ in range(args.rounds):
-        bench_runs.append(bench_worker(speed_spec))
-        raw_runs.append(raw_loop(speed_spec, tokens))
-        print(
-            f"round {round_ + 1}: bench pp {bench_runs[-1]['pp']:.1f} tg {bench_runs[-1]['tg']:.2f} | "
-            f"raw pp {raw_runs[-1]['pp']:.1f} tg {raw_runs[-1]['tg']:.2f} tok/s",
-            flush=True,
-        )
-    figures = {}
-    for key in ("pp", "tg"):
-        ours = statistics.fmean(r[key] for r in bench_runs)
-        raw = statistics.fmean(r[key] for r in raw_runs)
-        # Other processes on the machine move both sides by tens of percent from one minute to the
-        # next: the median of the per-round ratios (each round runs both back to back) is steadier.
-        ratio = statistics.median(b[key] / r[key] for b, r in zip(bench_runs, raw_runs))
-        figures[key] = ratio
-        print(
-            f"{key}{getattr(args, key)}: bench {ours:.2f} tok/s, raw llama.cpp loop {raw:.2f} tok/s (means); "
-            f"median ratio over {args.rounds} rounds {ratio:.3f} ({'ok' if ratio >= 0.97 else 'BELOW 0.97'})"
-        )
-
-    same = interleaved(str(args.model), speed_spec, tokens, rounds=4 * args.rounds)
-    for key in ("pp", "tg"):
-        print(
-            f"{key}{getattr(args, key)} in one process, alternating every repetition ({4 * args.rounds}x): "
-            f"median ratio bench/raw {same[key]:.3f} ({'ok' if same[key] >= 0.97 else 'BELOW 0.97'})"
-        )
-    figures = same  # the verdict rests on the controlled comparison; the per-process rounds are shown above
+    ok = True
+    if not args.quality_only:
+        ok = compare_speed(args, speed_spec, tokens)
     if args.speed_only:
-        return 0 if min(figures.values()) >= 0.97 else 1
+        return 0 if ok else 1
     ppl_spec = WorkerSpec(
         path=str(args.model),
         eval_text=str(text),
@@ -247,20 +351,10 @@ def main() -> int:
         use_extra_bufts=extra,
         ppl_ctx=args.ppl_ctx,
     )
-    ours = bench_worker(ppl_spec)
-    if not args.perplexity.exists():
-        print(
-            f"perplexity: bench {ours['ppl']:.4f} over {ours['windows']} windows of {args.ppl_ctx}; "
-            f"{args.perplexity} not built, no comparison"
-        )
-        return 0
-    theirs = llama_perplexity(args.perplexity, str(args.model), text, args.ppl_ctx, threads)
-    diff = abs(ours["ppl"] - theirs) / theirs
-    print(
-        f"perplexity (ctx {args.ppl_ctx}, {ours['windows']} windows): bench {ours['ppl']:.4f}, "
-        f"llama-perplexity {theirs:.4f}, difference {100 * diff:.3f}% ({'ok' if diff <= 0.01 else 'ABOVE 1%'})"
-    )
-    return 0 if figures["pp"] >= 0.97 and figures["tg"] >= 0.97 and diff <= 0.01 else 1
+    ok = compare_perplexity(args, ppl_spec, text, threads) and ok
+    if args.kl_divergence:
+        ok = compare_kl_divergence(args, ppl_spec, text, threads) and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
