@@ -12,12 +12,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from localrun.cli import app
 from typer.testing import CliRunner
+
+from localrun.cli import app
 
 QUICK = ["--reps", "2", "--pp", "32", "--tg", "8", "--ppl-ctx", "128", "--ppl-chunks", "2"]
 
-TOP_KEYS = {"schema", "settings", "machine", "reference", "recommendation", "interrupted", "elapsed_s", "candidates"}
+TOP_KEYS = {
+    "schema",
+    "settings",
+    "machine",
+    "reference",
+    "recommendation",
+    "warnings",
+    "interrupted",
+    "elapsed_s",
+    "candidates",
+}
 SETTINGS_KEYS = {
     "pp",
     "tg",
@@ -56,6 +67,7 @@ CANDIDATE_KEYS = {
     "eval_tokens",
     "ppl_windows",
     "note",
+    "others_cpu",
     "pareto",
     "seconds",
 }
@@ -314,6 +326,7 @@ def exact_kld(reference: Path, candidate: Path, text: str, n_ctx: int, windows: 
     positions llama-perplexity scores (second half of each window, BOS first): straight from the
     logits of both models loaded here, without bench's storage or its floor."""
     import numpy as np
+
     from localrun.inference.runtime import LlamaContext, LlamaModel, LoadOptions
 
     def log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -360,6 +373,7 @@ def test_gemma_kld_is_over_the_whole_vocabulary(gemma):
 def test_reference_16_bit_encoding_keeps_kl(tmp_path):
     """llama-perplexity's 16-bit encoding of log-probabilities, round trip and KL, on a 5k vocabulary."""
     import numpy as np
+
     from localrun.bench.reference import ReferenceReader, ReferenceWriter, decode_uint16, encode_uint16
 
     rng = np.random.default_rng(7)
@@ -407,10 +421,11 @@ def test_live_progress_line_ticks_during_a_long_phase():
     import re
     import time
 
+    from rich.console import Console
+
     from localrun.bench.results import CandidateResult
     from localrun.commands.bench import ProgressDisplay
     from localrun.output import Output
-    from rich.console import Console
 
     stream = io.StringIO()
     out = Output(stderr_tty=True, _err=Console(file=stream, force_terminal=True, width=100, no_color=True))
@@ -421,3 +436,78 @@ def test_live_progress_line_ticks_during_a_long_phase():
     shown = set(re.findall(r"(\d+)s elapsed", stream.getvalue()))
     assert "[1/2] Q8_0: quality 1/8" in stream.getvalue()
     assert len(shown) >= 2, shown
+
+
+def ranked(*rows: tuple, reps: int = 5, max_kld: float = 0.05):
+    """A BenchResult as run_bench leaves it, from (label, tg mean, tg sd, KLD[, others' CPU share])
+    rows, the first the reference; ranked by the real rules."""
+    from localrun.bench.ranking import mark_pareto, noise_warnings, recommend
+    from localrun.bench.results import BenchResult, CandidateResult, Stat
+
+    results = []
+    for label, tg, sd, kld, *busy in rows:
+        r = CandidateResult(label, f"{label}.gguf", label, 1000, status="ok", reference=not results)
+        r.tg, r.pp = Stat(tg, sd, reps), Stat(10 * tg, sd, reps)
+        r.kld, r.ppl, r.top1 = kld, 10.0 + 100 * kld, 1.0 - kld
+        r.others_cpu = busy[0] if busy else 0.01
+        results.append(r)
+    bench = BenchResult({"reps": reps, "max_kld": max_kld}, {}, results, reference=results[0].label)
+    mark_pareto(bench.results)
+    bench.recommendation = recommend(bench)
+    bench.warnings = noise_warnings(bench)
+    return bench
+
+
+def test_recommendation_never_rests_on_a_speed_difference_within_noise():
+    # Q3_K_M is the fastest by its mean, but within the spread of Q4_K_M, which is closer.
+    bench = ranked(("Q8_0", 50.0, 1.0, 0.0), ("Q4_K_M", 80.0, 2.0, 0.01), ("Q3_K_M", 83.0, 2.0, 0.03))
+    assert bench.recommendation.label == "Q4_K_M"
+    assert "Q3_K_M is not clearly faster (tg within noise)" in bench.recommendation.text
+    assert bench.warnings == []  # a quiet run with a small spread
+
+    clear = ranked(("Q8_0", 50.0, 1.0, 0.0), ("Q4_K_M", 80.0, 1.0, 0.01), ("Q3_K_M", 90.0, 1.0, 0.03))
+    assert clear.recommendation.label == "Q3_K_M" and "within noise" not in clear.recommendation.text
+
+    # Faster than the reference only within noise: the reference.
+    near = ranked(("Q8_0", 50.0, 2.0, 0.0), ("Q6_K", 53.0, 2.0, 0.002))
+    assert near.recommendation.label == "Q8_0"
+    assert "Q6_K stays within KLD 0.05 but is not clearly faster" in near.recommendation.text
+
+
+def test_one_rep_busy_machine_and_spread_are_noise():
+    # One repetition: no sd, so 10% of the mean is the noise: 80 vs 86 tok/s cannot be told apart.
+    once = ranked(("Q8_0", 50.0, 0.0, 0.0), ("Q4_K_M", 80.0, 0.0, 0.01), ("Q3_K_M", 86.0, 0.0, 0.03), reps=1)
+    assert once.recommendation.label == "Q4_K_M"
+    assert any(w.startswith("one repetition") for w in once.warnings)
+
+    busy = ranked(("Q8_0", 50.0, 1.0, 0.0), ("Q4_K_M", 80.0, 1.0, 0.01), ("Q3_K_M", 86.0, 1.0, 0.03, 0.45))
+    assert busy.recommendation.label == "Q4_K_M"
+    assert any("busy while Q3_K_M ran" in w and "45%" in w for w in busy.warnings)
+
+    spread = ranked(("Q8_0", 50.0, 1.0, 0.0), ("Q4_K_M", 80.0, 1.0, 0.01), ("Q3_K_M", 90.0, 12.0, 0.03))
+    assert spread.recommendation.label == "Q4_K_M"
+    assert any("more than 10% between repetitions (Q3_K_M 90.0 ± 12.0" in w for w in spread.warnings)
+
+
+def test_one_rep_warns_through_the_cli(tiny):
+    result = bench(tiny.quants["Q8_0"], tiny.quants["Q4_K_M"], *QUICK[2:], "--reps", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: one repetition" in result.stderr
+    assert any(w.startswith("one repetition") for w in json.loads(result.stdout)["warnings"])
+
+
+def test_a_busy_machine_is_noticed(tiny):
+    """Other processes burning CPU while the candidates run: psutil sees it, bench says so."""
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(1, (os.cpu_count() or 2) // 2))
+    ]
+    try:
+        result = bench(tiny.quants["Q8_0"], tiny.quants["Q4_K_M"], *QUICK, "--json")
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert all(c["others_cpu"] > 0.1 for c in data["candidates"]), [c["others_cpu"] for c in data["candidates"]]
+    assert "warning: the machine was busy while Q8_0, Q4_K_M ran" in result.stderr

@@ -35,19 +35,89 @@ def mark_pareto(results: list[CandidateResult]) -> None:
         )
 
 
+# Speed figures are noise until shown otherwise: a candidate's tg counts as noisy when its sd is
+# above NOISY_SD of its mean, when it was measured once, or when other processes took more than
+# BUSY_SHARE of the machine's CPU meanwhile; a noisy figure is only trusted to NOISY_SD.
+NOISY_SD = 0.10
+BUSY_SHARE = 0.10
+
+
+def _busy(r: CandidateResult) -> bool:
+    return (r.others_cpu or 0.0) > BUSY_SHARE
+
+
+def speed_noise(r: CandidateResult, reps: int) -> float:
+    """How far r's tg mean may be from what a quiet run would give, in tok/s: its sd, and at least
+    NOISY_SD of the mean after one repetition or on a busy machine. The sd between repetitions,
+    not the standard error: on a shared machine the drift between candidates is the larger part."""
+    assert r.tg is not None
+    floor = NOISY_SD * r.tg.mean if reps == 1 or _busy(r) else 0.0
+    return max(r.tg.sd, floor)
+
+
+def same_speed(a: CandidateResult, b: CandidateResult, reps: int) -> bool:
+    """True when a and b's generation speeds differ by no more than their noise."""
+    return abs(a.tg.mean - b.tg.mean) <= speed_noise(a, reps) + speed_noise(b, reps)  # type: ignore[union-attr]
+
+
+def noise_warnings(bench: BenchResult) -> list[str]:
+    """Why the speed figures of this run may be noise, one sentence each (none on a quiet run)."""
+    measured = measured_ok(bench.results)
+    if not measured:
+        return []
+    warnings = []
+    rule = f"differences within {NOISY_SD:.0%} count as noise"
+    if bench.settings.get("reps") == 1:
+        warnings.append(f"one repetition: the speeds have no spread to judge them by; {rule} (use --reps 3 or more)")
+    busy = [r for r in measured if _busy(r)]
+    if busy:
+        worst = max(r.others_cpu or 0.0 for r in busy)
+        warnings.append(
+            f"the machine was busy while {', '.join(r.label for r in busy)} ran (other processes took up to "
+            f"{worst:.0%} of the CPU): speeds are not comparable with a quiet run; {rule}"
+        )
+    spread = [r for r in measured if r.tg.sd > NOISY_SD * r.tg.mean]  # type: ignore[union-attr]
+    if spread:
+        figures = ", ".join(f"{r.label} {r.tg.mean:.1f} ± {r.tg.sd:.1f}" for r in spread)  # type: ignore[union-attr]
+        warnings.append(
+            f"generation speed varies by more than {NOISY_SD:.0%} between repetitions ({figures} tok/s): "
+            "differences within the spread count as noise"
+        )
+    return warnings
+
+
 def recommend(bench: BenchResult) -> Recommendation | None:
-    """The fastest candidate whose KLD stays within settings['max_kld'] of the reference."""
+    """The candidate closest to the reference among the fastest within settings['max_kld'] of it,
+    where "the fastest" are those whose tg is within noise of the top one: a recommendation never
+    rests on a speed difference within the noise."""
     measured = measured_ok(bench.results)
     ref = next((r for r in measured if r.reference), None)
     if ref is None or len(measured) < 2:
         return None
     bar = bench.settings.get("max_kld", 0.05)
+    reps = bench.settings.get("reps", 0)
     within = [r for r in measured if r.kld is not None and r.kld <= bar]
-    best = max(within, key=lambda r: r.tg.mean)  # type: ignore[union-attr]
+    fastest = max(within, key=lambda r: r.tg.mean)  # type: ignore[union-attr]
+    ties = [r for r in within if same_speed(r, fastest, reps)]
+    best = min(ties, key=lambda r: (r.kld, -r.tg.mean))  # type: ignore[union-attr]
+    if best is not ref and same_speed(best, ref, reps):
+        # Faster than the reference only within noise: not worth any loss of quality.
+        return Recommendation(
+            ref.label,
+            f"{ref.label}: {best.label} is not clearly faster than it on this run (tg within noise), "
+            f"so the reference itself",
+        )
     if best is ref:
         others = [r for r in measured if r is not ref and r.kld is not None]
         if not others:
             return Recommendation(ref.label, f"{ref.label}: the other candidates could not be compared with it")
+        close = [r for r in within if r is not ref]
+        if close:
+            return Recommendation(
+                ref.label,
+                f"{ref.label}: {_joined(close)} {'stays' if len(close) == 1 else 'stay'} within KLD {bar:g} but "
+                f"{'is not' if len(close) == 1 else 'none is'} clearly faster on this run (tg within noise)",
+            )
         closest = min(others, key=lambda r: r.kld)  # type: ignore[arg-type,return-value]
         return Recommendation(
             ref.label,
@@ -55,7 +125,18 @@ def recommend(bench: BenchResult) -> Recommendation | None:
             f"(closest: {closest.label}, KLD {closest.kld:.3f})",
         )
     ratio = best.tg.mean / ref.tg.mean  # type: ignore[union-attr]
-    return Recommendation(best.label, f"{best.label}: KLD {best.kld:.3f} against {ref.label} at {ratio:.1f}x its speed")
+    text = f"{best.label}: KLD {best.kld:.3f} against {ref.label} at {ratio:.1f}x its speed"
+    passed_over = [r for r in ties if r is not best]
+    if passed_over:
+        verb = "is" if len(passed_over) == 1 else "are"
+        text += f"; {_joined(passed_over)} {verb} not clearly faster (tg within noise), so the closer one"
+    return Recommendation(best.label, text)
+
+
+def _joined(results: list[CandidateResult]) -> str:
+    """'A', 'A and B', 'A, B and C'."""
+    labels = [r.label for r in results]
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + f" and {labels[-1]}"
 
 
 def sorted_rows(results: list[CandidateResult]) -> list[CandidateResult]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +78,7 @@ class CandidateResult:
     eval_tokens: int | None = None
     ppl_windows: int | None = None
     note: str | None = None
+    others_cpu: float | None = None  # share of the machine's CPU other processes used during the speed runs
     pareto: bool = False
     seconds: float | None = None
 
@@ -98,6 +99,7 @@ class BenchResult:
     results: list[CandidateResult]
     reference: str | None = None
     recommendation: Recommendation | None = None
+    warnings: list[str] = field(default_factory=list)  # why the speed figures may be noise
     interrupted: bool = False
     elapsed_s: float = 0.0
 
@@ -108,6 +110,7 @@ class BenchResult:
             "machine": self.machine,
             "reference": self.reference,
             "recommendation": asdict(self.recommendation) if self.recommendation else None,
+            "warnings": self.warnings,
             "interrupted": self.interrupted,
             "elapsed_s": round(self.elapsed_s, 2),
             "candidates": [r.to_dict() for r in self.results],

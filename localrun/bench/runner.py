@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from localrun import fit, hardware
-from localrun.bench.ranking import mark_pareto, recommend
+from localrun.bench.ranking import mark_pareto, noise_warnings, recommend
 from localrun.bench.results import BenchOptions, BenchResult, CandidateResult, Stat, precision
 from localrun.bench.worker import WorkerSpec
 from localrun.cache.resolve import pulled_models
@@ -195,6 +195,7 @@ def _fill(r: CandidateResult, d: dict) -> None:
     r.ppl, r.ppl_error, r.eval_tokens, r.ppl_windows = d["ppl"], d["ppl_error"], d["eval_tokens"], d["chunks"]
     r.kld, r.kld_p99, r.top1 = d.get("kld"), d.get("kld_p99"), d.get("top1")
     r.note = d.get("kld_note")
+    r.others_cpu = d.get("others_cpu")
 
 
 def run_bench(
@@ -265,6 +266,7 @@ def run_bench(
     bench.elapsed_s = time.perf_counter() - started
     mark_pareto(bench.results)
     bench.recommendation = recommend(bench)
+    bench.warnings = noise_warnings(bench)
     return bench
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from localrun.bench.reference import ReferenceReader, ReferenceWriter, ensure_room
 from localrun.errors import LocalrunError
@@ -100,9 +101,27 @@ def _bos(model) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds the whole machine has been busy, CPU seconds of this process)."""
+    machine = psutil.cpu_times()
+    # guest time is already counted in user time; iowait is idle
+    busy = sum(machine) - machine.idle - sum(getattr(machine, f, 0.0) for f in ("iowait", "guest", "guest_nice"))
+    own = psutil.Process().cpu_times()
+    return time.perf_counter(), busy, own.user + own.system
+
+
+def others_cpu_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """The share of the machine's CPU time that other processes used between two _cpu_seconds()."""
+    wall = (after[0] - before[0]) * (psutil.cpu_count() or 1)
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, min(1.0, others / wall)) if wall > 0 else 0.0
+
+
 def measure_speed(loaded: Loaded, prompt: list[int], spec: WorkerSpec) -> dict:
-    """pp and tg rates over spec.reps repetitions after one warm-up, and time to first token."""
+    """pp and tg rates over spec.reps repetitions after one warm-up, time to first token, and how
+    much of the CPU other processes took meanwhile (they make the rates noisy)."""
     ctx = loaded.ctx
+    cpu_before = _cpu_seconds()
     ctx.set_sampling(SamplingOptions(temperature=0, repeat_penalty=1.0))
     pp_rates: list[float] = []
     tg_rates: list[float] = []
@@ -127,7 +146,7 @@ def measure_speed(loaded: Loaded, prompt: list[int], spec: WorkerSpec) -> dict:
                 ctx.decode([token])
             if rep:
                 tg_rates.append(n / (time.perf_counter() - start))
-    return {"pp": pp_rates, "tg": tg_rates, "ttft": ttft}
+    return {"pp": pp_rates, "tg": tg_rates, "ttft": ttft, "others_cpu": others_cpu_share(cpu_before, _cpu_seconds())}
 
 
 def _log_softmax(rows):

@@ -38,6 +38,8 @@ def bench(models: list[str], opts: BenchOptions, out: Output, fmt: Format = "tab
         out.text(to_markdown(result))
     else:
         show(out, result)
+    for warning in result.warnings:
+        out.warn(warning)
     if not result.interrupted and not any(r.status == "ok" for r in result.results):
         raise EngineCrash(
             "no candidate could be measured", hint="the NOTE column says why; --verbose shows llama.cpp's log"
