@@ -20,6 +20,7 @@ QUICK = ["--reps", "2", "--pp", "32", "--tg", "8", "--ppl-ctx", "128", "--ppl-ch
 
 TOP_KEYS = {
     "schema",
+    "date",
     "settings",
     "machine",
     "reference",
@@ -39,6 +40,7 @@ SETTINGS_KEYS = {
     "ppl_chunks",
     "kld_reference",
     "max_kld",
+    "quality",
     "eval_text",
     "use_extra_bufts",
 }
@@ -46,6 +48,7 @@ CANDIDATE_KEYS = {
     "label",
     "path",
     "quant",
+    "repo",
     "file_size",
     "status",
     "error",
@@ -167,8 +170,29 @@ def test_table_csv_and_markdown(tiny):
 
     md = bench(*files, *QUICK, "--markdown")
     assert md.exit_code == 0, md.stderr
-    assert md.stdout.startswith("| Pareto | model | size | pp t/s |")
+    assert "| Pareto | model | size | pp t/s |" in md.stdout
     assert "**Recommended:**" in md.stdout
+
+
+def test_markdown_says_what_ran_where_and_when(tiny):
+    """Shared as Markdown, a result names the models, the CPU, threads, llama.cpp and the date."""
+    from datetime import datetime, timezone
+
+    from localrun.hardware import cpu_info
+    from localrun.inference.build import build_info
+
+    md = bench(tiny.quants["Q8_0"], tiny.quants["Q2_K"], *QUICK, "--markdown", "--threads", "1")
+    assert md.exit_code == 0, md.stderr
+    head = md.stdout.split("| Pareto |")[0]
+    assert "tiny-llama-Q8_0.gguf" in head and "tiny-llama-Q2_K.gguf" in head
+    assert cpu_info().model in head and "1 thread" in head
+    assert f"llama.cpp {build_info().version}" in head
+    assert datetime.now(timezone.utc).strftime("%Y-%m-%d") in head
+    rows = [line for line in md.stdout.splitlines() if line.startswith("| ") and "Q2_K" in line]
+    assert len(rows) == 1
+    ppl = rows[0].split(" | ")[8]  # Pareto, model, size, pp, tg, TTFT, load, RSS, PPL
+    value, error = ppl.split(" ± ")
+    assert float(value) > 1 and float(error) > 0
 
 
 def test_bad_arguments(tiny, tmp_path):
@@ -502,7 +526,9 @@ def test_a_busy_machine_is_noticed(tiny):
         subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(1, (os.cpu_count() or 2) // 2))
     ]
     try:
-        result = bench(tiny.quants["Q8_0"], tiny.quants["Q4_K_M"], *QUICK, "--json")
+        # Long enough generation runs for the kernel's CPU accounting (10 ms ticks) to tell.
+        speed = ["--pp", "512", "--tg", "1536", "--reps", "3", "--ppl-ctx", "128", "--ppl-chunks", "1"]
+        result = bench(tiny.quants["Q8_0"], tiny.quants["Q4_K_M"], *speed, "--json")
     finally:
         for burner in burners:
             burner.kill()
@@ -511,3 +537,79 @@ def test_a_busy_machine_is_noticed(tiny):
     data = json.loads(result.stdout)
     assert all(c["others_cpu"] > 0.1 for c in data["candidates"]), [c["others_cpu"] for c in data["candidates"]]
     assert "warning: the machine was busy while Q8_0, Q4_K_M ran" in result.stderr
+
+
+def test_kld_chart_draws_magnitude_not_just_rank():
+    """A KLD of 2e-08 is no difference at all: it must not get the full bar the largest value gets."""
+    from localrun.commands.bench import bar_chart
+
+    tiny_gap = ranked(("F32", 50.0, 1.0, 0.0), ("F16", 60.0, 1.0, 2e-08))
+    chart = bar_chart(tiny_gap).split("KL divergence")[1]
+    title, *lines = chart.splitlines()
+    assert "full width = KLD 0.05" in title
+    f16 = next(line for line in lines if "F16" in line)
+    assert "█" not in f16 and "2.0e-08" in f16
+
+    # Above the --max-kld bar, the largest value sets the scale; smaller ones stay in proportion.
+    wide = ranked(("Q8_0", 50.0, 1.0, 0.0), ("Q4_K_M", 70.0, 1.0, 0.04), ("Q2_K", 90.0, 1.0, 0.2))
+    lines = bar_chart(wide).split("KL divergence")[1].splitlines()
+    assert "full width = KLD 0.2" in lines[0]
+    bars = {line.split()[0]: line.count("█") for line in lines[1:]}
+    assert bars["Q2_K"] == 40 and bars["Q4_K_M"] == 8 and bars["Q8_0"] == 0
+
+
+def rendered(out_width: int, result) -> str:
+    import io
+
+    from rich.console import Console
+
+    from localrun.commands.bench import show
+    from localrun.output import Output
+
+    stream = io.StringIO()
+    show(Output(stdout_tty=True, _out=Console(file=stream, width=out_width, no_color=True)), result)
+    return stream.getvalue()
+
+
+def test_narrow_terminal_drops_columns_and_never_crops_a_cell(tiny):
+    """At 80 and 110 columns every cell shown is whole, the Pareto mark and the note stay, and the
+    table says which columns it left out."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from localrun.bench.ranking import sorted_rows
+    from localrun.bench.results import BenchOptions
+    from localrun.commands.bench import bench as run_command
+    from localrun.commands.bench import row_cells
+    from localrun.output import Output
+
+    opts = BenchOptions(pp=32, tg=8, reps=2, ppl_ctx=128, ppl_chunks=2)
+    out = Output(stdout_tty=True, _out=Console(file=io.StringIO(), width=80, no_color=True))
+    files = [str(tiny.corrupt_vocab), str(tiny.quants["Q8_0"]), str(tiny.quants["Q2_K"])]
+    result = run_command(files, opts, out)
+    assert [r.status for r in result.results] == ["crashed", "ok", "ok"]
+    dropped = {}
+    for width in (80, 110):
+        text = rendered(width, result)
+        table = text.split("\n\n")[0]
+        assert max(len(line) for line in table.splitlines()) <= width, table
+        header = table.splitlines()[0].split()
+        assert header[0] == "MODEL" and "tg t/s" in " ".join(header) and header[-1] == "NOTE"
+        assert "KLD" in header and "PPL" in header
+        said = re.search(
+            rf"not shown at {width} columns: (.+?) \(--json or --csv has every column\)", " ".join(text.split())
+        )
+        assert said, text
+        dropped[width] = said.group(1).split(", ")
+        flat = "".join(text.split())
+        for r in sorted_rows(result.results):
+            cells = row_cells(r)
+            for name, value in cells.items():
+                if name in ("note", "") or name in dropped[width] or name.upper() in dropped[width]:
+                    continue
+                assert value in table, (width, name, value)
+            assert "".join(cells["note"].split()) in flat  # wrapped over lines, never cut
+        assert any(line.startswith("*") for line in table.splitlines())  # the Pareto mark
+    assert len(dropped[110]) < len(dropped[80])

@@ -10,27 +10,34 @@ def measured_ok(results: list[CandidateResult]) -> list[CandidateResult]:
 
 
 def quality_metric(results: list[CandidateResult]) -> str:
-    """KLD when every measured candidate has one (same vocabulary as the reference), else perplexity."""
+    """KLD when every measured candidate has one (same vocabulary as the reference), else perplexity;
+    with neither (--no-quality), the precision of the quant type, the order the candidates ran in."""
     measured = measured_ok(results)
-    return "kld" if measured and all(r.kld is not None for r in measured) else "ppl"
+    if measured and all(r.kld is not None for r in measured):
+        return "kld"
+    return "ppl" if any(r.ppl is not None for r in measured) else "precision"
 
 
-def _loss(r: CandidateResult, metric: str) -> float:
-    value = r.kld if metric == "kld" else r.ppl
-    return float("inf") if value is None else value
+def _losses(results: list[CandidateResult]) -> dict[int, float]:
+    """How far each candidate is from the original, by quality_metric (lower is closer), by id()."""
+    metric = quality_metric(results)
+    if metric == "precision":
+        return {id(r): float(i) for i, r in enumerate(results)}  # results come most precise first
+    values = {id(r): r.kld if metric == "kld" else r.ppl for r in results}
+    return {key: float("inf") if value is None else value for key, value in values.items()}
 
 
 def mark_pareto(results: list[CandidateResult]) -> None:
     """Mark the rows no other candidate beats on both generation speed (tg) and quality."""
-    metric = quality_metric(results)
+    loss = _losses(results)
     measured = measured_ok(results)
     ids = {id(m) for m in measured}
     for r in results:
         r.pareto = id(r) in ids and not any(
             o is not r
-            and o.tg.mean >= r.tg.mean
-            and _loss(o, metric) <= _loss(r, metric)  # type: ignore[union-attr]
-            and (o.tg.mean > r.tg.mean or _loss(o, metric) < _loss(r, metric))  # type: ignore[union-attr]
+            and o.tg.mean >= r.tg.mean  # type: ignore[union-attr]
+            and loss[id(o)] <= loss[id(r)]
+            and (o.tg.mean > r.tg.mean or loss[id(o)] < loss[id(r)])  # type: ignore[union-attr]
             for o in measured
         )
 
@@ -141,7 +148,7 @@ def _joined(results: list[CandidateResult]) -> str:
 
 def sorted_rows(results: list[CandidateResult]) -> list[CandidateResult]:
     """Best quality first; candidates that were not measured last, in the order they were tried."""
-    metric = quality_metric(results)
-    measured = sorted(measured_ok(results), key=lambda r: (_loss(r, metric), r.ppl or 0.0))
+    loss = _losses(results)
+    measured = sorted(measured_ok(results), key=lambda r: (loss[id(r)], r.ppl or 0.0))
     ids = {id(m) for m in measured}
     return measured + [r for r in results if id(r) not in ids]

@@ -24,6 +24,7 @@ class BenchOptions:
     ppl_chunks: int | None = None
     quants: str | None = None  # "Q4_K_M,Q8_0" pulls those; "fit" pulls every quant that fits
     max_kld: float = 0.05  # the recommendation's bar: the fastest candidate within this KLD
+    quality: bool = True  # False: speed only, no perplexity / KLD pass
     eval_text: Path | None = None
     verbose: bool = False
 
@@ -58,6 +59,7 @@ class CandidateResult:
     path: str
     quant: str | None
     file_size: int
+    repo: str | None = None  # org/repo of a pulled model; None for a local file
     status: Status = "pending"
     error: str | None = None
     signal: str | None = None
@@ -97,6 +99,7 @@ class BenchResult:
     settings: dict
     machine: dict
     results: list[CandidateResult]
+    date: str = ""  # when the run started, UTC: YYYY-MM-DD HH:MM UTC
     reference: str | None = None
     recommendation: Recommendation | None = None
     warnings: list[str] = field(default_factory=list)  # why the speed figures may be noise
@@ -106,6 +109,7 @@ class BenchResult:
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA,
+            "date": self.date,
             "settings": self.settings,
             "machine": self.machine,
             "reference": self.reference,

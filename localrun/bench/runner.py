@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
@@ -192,7 +193,8 @@ def _fill(r: CandidateResult, d: dict) -> None:
     r.pp, r.tg = Stat.of(d["pp"]), Stat.of(d["tg"])
     r.ttft_ms = Stat.of(d["ttft"], 1000.0)
     r.peak_rss, r.vram, r.threads, r.gpu_layers = d["peak_rss"], d.get("vram"), d["threads"], d["gpu_layers"]
-    r.ppl, r.ppl_error, r.eval_tokens, r.ppl_windows = d["ppl"], d["ppl_error"], d["eval_tokens"], d["chunks"]
+    r.ppl, r.ppl_error, r.ppl_windows = d.get("ppl"), d.get("ppl_error"), d.get("chunks")
+    r.eval_tokens = d["eval_tokens"]
     r.kld, r.kld_p99, r.top1 = d.get("kld"), d.get("kld_p99"), d.get("top1")
     r.note = d.get("kld_note")
     r.others_cpu = d.get("others_cpu")
@@ -225,16 +227,23 @@ def run_bench(
         "ppl_chunks": opts.ppl_chunks,
         "kld_reference": None,  # how the reference's distributions were kept: float32 or uint16
         "max_kld": opts.max_kld,
+        "quality": opts.quality,
         "eval_text": str(text),
         "use_extra_bufts": extra_bufts,
     }
     machine = {"cpu": cpu.model, "physical_cores": cpu.physical_cores, "llama_cpp": build.version}
-    bench = BenchResult(settings, machine, [CandidateResult(c.label, str(c.path), c.quant, c.size) for c in candidates])
+    bench = BenchResult(
+        settings,
+        machine,
+        [CandidateResult(c.label, str(c.path), c.quant, c.size, c.repo_id) for c in candidates],
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="localrun-bench-") as tmp:
         try:
             for index, (cand, result) in enumerate(zip(candidates, bench.results)):
                 have_ref = bench.reference is not None
+                ref_dir = tmp if opts.quality else None  # speed only: no reference to write or read
                 spec = WorkerSpec(
                     path=str(cand.path),
                     eval_text=str(text),
@@ -246,13 +255,14 @@ def run_bench(
                     use_extra_bufts=extra_bufts,
                     ppl_ctx=opts.ppl_ctx,
                     ppl_chunks=opts.ppl_chunks,
-                    ref_out=None if have_ref else tmp,
-                    ref_in=tmp if have_ref else None,
+                    quality=opts.quality,
+                    ref_out=None if have_ref else ref_dir,
+                    ref_in=ref_dir if have_ref else None,
                     verbose=opts.verbose,
                 )
                 result.status = "running"
                 data = run_worker(spec, result, _forward(progress, bench.results, index))
-                if data is not None and not have_ref:
+                if data is not None and not have_ref and opts.quality:
                     bench.reference, result.reference, result.kld, result.top1 = result.label, True, 0.0, 1.0
                     result.kld_p99 = 0.0
                     settings["kld_reference"] = data["kld_reference"]

@@ -44,6 +44,7 @@ class WorkerSpec:
     use_extra_bufts: bool = True
     ppl_ctx: int = 512
     ppl_chunks: int | None = None  # None: every whole window of the text
+    quality: bool = True  # False: speed only
     ref_out: str | None = None  # folder: write the reference tokens and distributions here (the reference run)
     ref_in: str | None = None  # folder: read them from here (every other run)
     verbose: bool = False
@@ -110,11 +111,18 @@ def _cpu_seconds() -> tuple[float, float, float]:
     return time.perf_counter(), busy, own.user + own.system
 
 
-def others_cpu_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """The share of the machine's CPU time that other processes used between two _cpu_seconds()."""
-    wall = (after[0] - before[0]) * (psutil.cpu_count() or 1)
+# The kernel counts CPU time in 10 ms ticks: over a shorter window the share is mostly rounding.
+MIN_CPU_WINDOW = 0.5
+
+
+def others_cpu_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float | None:
+    """The share of the machine's CPU time that other processes used between two _cpu_seconds(),
+    None when the window was too short to tell."""
+    wall = after[0] - before[0]
+    if wall < MIN_CPU_WINDOW:
+        return None
     others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, min(1.0, others / wall)) if wall > 0 else 0.0
+    return max(0.0, min(1.0, others / (wall * (psutil.cpu_count() or 1))))
 
 
 def measure_speed(loaded: Loaded, prompt: list[int], spec: WorkerSpec) -> dict:
@@ -294,7 +302,7 @@ def run(spec: WorkerSpec) -> dict:
     peak_rss = _peak_rss()  # inference memory, before the quality pass allocates logits for every position
     vram = _vram_used() if spec.gpu_layers else None
     loaded.ctx.close()
-    quality = measure_quality(model, tokens, spec, ref)
+    quality = measure_quality(model, tokens, spec, ref) if spec.quality else {}
     result = {
         "quant": _file_type(model),
         "n_vocab": model.n_vocab,

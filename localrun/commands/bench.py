@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from pathlib import Path
 from typing import Literal
 
 from rich.console import Console
@@ -13,13 +14,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from localrun import __version__
 from localrun.bench.ranking import measured_ok, quality_metric, sorted_rows
 from localrun.bench.results import BenchOptions, BenchResult, CandidateResult
 from localrun.bench.runner import eta_seconds, resolve_candidates, run_bench
 from localrun.commands.loading import obtain
 from localrun.errors import EngineCrash
 from localrun.output import Output
-from localrun.text import human_bytes
+from localrun.text import human_bytes, plural
 
 PARETO_MARK = "*"
 Format = Literal["table", "json", "csv", "markdown"]
@@ -59,6 +61,13 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _kld(value: float | None) -> str:
+    """KLD with its magnitude visible: 0.0123, or 2.0e-08 rather than a misleading 0.0000."""
+    if value is None:
+        return "-"
+    return "0" if value == 0 else f"{value:.4f}" if value >= 0.001 else f"{value:.1e}"
+
+
 def _status(r: CandidateResult) -> str:
     if r.status == "ok":
         return "reference" if r.reference else (r.note or "")
@@ -77,40 +86,83 @@ def row_cells(r: CandidateResult) -> dict[str, str]:
         "TTFT ms": _stat(r.ttft_ms),
         "load s": _num(r.load_s, ".2f"),
         "RSS": "-" if r.peak_rss is None else human_bytes(r.peak_rss),
-        "PPL": _num(r.ppl, ".3f"),
-        "KLD": _num(r.kld, ".4f"),
+        "PPL": "-" if r.ppl is None else f"{r.ppl:.3f} ± {r.ppl_error or 0.0:.3f}",
+        "KLD": _kld(r.kld),
         "top-1": "-" if r.top1 is None else f"{100 * r.top1:.1f}%",
         "note": _status(r),
     }
 
 
+# On a narrow terminal these columns go first, in this order; the Pareto mark, the model, tg, the
+# quality figures and the note always stay (--json and --csv have every column).
+DROP_ORDER = ("load s", "TTFT ms", "top-1", "size", "pp t/s", "RSS")
+NOTE_MIN = 24  # columns are dropped until the note has this much; then it wraps onto more lines
+GAP = 2  # between columns: rich's padding of one space on each side
+
+
+def _title(name: str) -> str:
+    return name.upper() if name in ("model", "size", "note") else name
+
+
+def fit_columns(rows: list[dict[str, str]], width: int) -> tuple[list[str], list[str]]:
+    """The columns to show at `width` and those left out for room. Columns with no figure in any
+    row (KLD without a reference, quality with --no-quality) are not shown either."""
+    names = [n for n in rows[0] if n == "" or any(cells[n] not in ("", "-") for cells in rows)]
+
+    def needed(cols: list[str]) -> int:
+        widths = [
+            min(max(len(c["note"]) for c in rows), NOTE_MIN)
+            if n == "note"
+            else max(len(_title(n)), *(len(c[n]) for c in rows))
+            for n in cols
+        ]
+        return sum(widths) + GAP * (len(cols) - 1)
+
+    dropped = []
+    for name in DROP_ORDER:
+        if needed(names) <= width:
+            break
+        if name in names:
+            names.remove(name)
+            dropped.append(name)
+    return names, dropped
+
+
 def caption(bench: BenchResult) -> str:
     s = bench.settings
     scored = next((r for r in bench.results if r.ppl_windows), None)
-    parts = [f"pp{s['pp']} / tg{s['tg']}, {s['reps']} reps, {s['threads']} threads, {s['gpu_layers']} GPU layers"]
+    parts = [
+        f"pp{s['pp']} / tg{s['tg']}, {plural(s['reps'], 'rep')}, {plural(s['threads'], 'thread')}, "
+        f"{s['gpu_layers']} GPU layers"
+    ]
+    if not s.get("quality", True):
+        parts.append("speed only (--no-quality): no perplexity or KLD, so no recommendation")
     if scored:
-        parts.append(f"PPL over {scored.ppl_windows} windows of {s['ppl_ctx']} tokens")
+        parts.append(f"PPL ± its standard error over {scored.ppl_windows} windows of {s['ppl_ctx']} tokens")
     if bench.reference:
         parts.append(f"KLD against {bench.reference}")
-    parts.append(f"{PARETO_MARK} Pareto-optimal: no other candidate both faster (tg) and closer")
+    closer = "closer" if bench.reference or scored else "more precise (quant type)"
+    parts.append(f"{PARETO_MARK} Pareto-optimal: no other candidate both faster (tg) and {closer}")
     return "; ".join(parts)
 
 
 def show(out: Output, bench: BenchResult) -> None:
-    """The table, the recommendation and the bar chart on stdout."""
+    """The table, the recommendation and the bar chart on stdout. On a terminal the table fits its
+    width by leaving out the least important columns (and says which); piped, it has them all."""
     rows = [row_cells(r) for r in sorted_rows(bench.results)]
+    width = out.out.width if out.stdout_tty else 10_000
+    names, dropped = fit_columns(rows, width)
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in rows[0]:
-        if name == "note" and not any(cells["note"] for cells in rows):
-            continue
+    for name in names:
+        wraps = name in ("model", "note")  # only when nothing else is left to drop
         table.add_column(
-            name.upper() if name in ("model", "size", "note") else name,
+            _title(name),
             justify="left" if name in ("", "model", "note") else "right",
-            no_wrap=name != "note",
+            no_wrap=not wraps,
             overflow="fold",
         )
     for cells in rows:
-        table.add_row(*(Text(v) for v in list(cells.values())[: len(table.columns)]))
+        table.add_row(*(Text(cells[name]) for name in names))
     if out.stdout_tty:
         out.show(table)
     else:  # piped into a file or a pager the rows stay whole, whatever COLUMNS says
@@ -118,21 +170,26 @@ def show(out: Output, bench: BenchResult) -> None:
         with wide.capture() as captured:
             wide.print(table)
         out.text("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    if dropped:
+        shown = ", ".join(_title(n) for n in dropped)
+        out.show(Text(f"not shown at {width} columns: {shown} (--json or --csv has every column)", style="dim"))
     out.show(Text(caption(bench), style="dim"))
     if bench.recommendation:
         out.show(Text("\nrecommended: " + bench.recommendation.text, style="bold"))
-    chart = bar_chart(bench)
+    chart = bar_chart(bench, max(10, min(40, width - 16 - max((len(r.label) for r in bench.results), default=0))))
     if chart:
         out.show(Text("\n" + chart))
 
 
 def _bar(value: float, top: float, width: int) -> str:
-    eighths = round(8 * width * value / top) if top > 0 else 0
+    eighths = min(round(8 * width * value / top), 8 * width) if top > 0 else 0
     return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
 
 
 def bar_chart(bench: BenchResult, width: int = 40) -> str:
-    """Generation speed and KL divergence per candidate, as bars of block characters."""
+    """Generation speed and KL divergence per candidate, as bars of block characters. KLD bars are
+    to scale from 0 to the larger of the --max-kld bar and the largest KLD, so a negligible
+    divergence gets no bar rather than the longest one."""
     rows = sorted_rows(measured_ok(bench.results))
     if not rows:
         return ""
@@ -142,10 +199,10 @@ def bar_chart(bench: BenchResult, width: int = 40) -> str:
     for r in rows:
         lines.append(f"  {r.label:<{name_width}}  {_bar(r.tg.mean, top, width):<{width}}  {r.tg.mean:.1f}")  # type: ignore[union-attr]
     if quality_metric(rows) == "kld" and len(rows) > 1:
-        lines.append(f"KL divergence against {bench.reference} (lower is closer)")
-        top = max(r.kld or 0.0 for r in rows)
+        top = max(bench.settings.get("max_kld", 0.05), *(r.kld or 0.0 for r in rows))
+        lines.append(f"KL divergence against {bench.reference} (lower is closer; full width = KLD {top:.3g})")
         for r in rows:
-            lines.append(f"  {r.label:<{name_width}}  {_bar(r.kld or 0.0, top, width):<{width}}  {r.kld:.4f}")
+            lines.append(f"  {r.label:<{name_width}}  {_bar(r.kld or 0.0, top, width):<{width}}  {_kld(r.kld)}")
     return "\n".join(lines)
 
 
@@ -177,6 +234,8 @@ CSV_FIELDS = (
     "signal",
     "error",
     "note",
+    "repo",
+    "others_cpu",
 )
 
 
@@ -194,18 +253,33 @@ def to_csv(bench: BenchResult) -> str:
     return buf.getvalue()
 
 
+def _model_names(bench: BenchResult) -> str:
+    """repo:QUANT for pulled models, the file name for local ones."""
+    return ", ".join(f"`{r.repo}:{r.quant}`" if r.repo and r.quant else f"`{Path(r.path).name}`" for r in bench.results)
+
+
 def to_markdown(bench: BenchResult) -> str:
+    """A report to paste: what ran, where and when, then the table, the caption, the verdict."""
+    s, m = bench.settings, bench.machine
     rows = [row_cells(r) for r in sorted_rows(bench.results)]
-    names = list(rows[0])
+    names, _ = fit_columns(rows, 10_000)
     lines = [
+        f"**localrun bench** of {_model_names(bench)}",
+        "",
+        f"- CPU: {m['cpu']} ({plural(m['physical_cores'] or 0, 'core')}), {plural(s['threads'], 'thread')}, "
+        f"{s['gpu_layers']} GPU layers",
+        f"- llama.cpp {m['llama_cpp']}, localrun {__version__}",
+        f"- date: {bench.date}",
+        "",
         "| " + " | ".join(n or "Pareto" for n in names) + " |",
         "| " + " | ".join("---" if n in ("", "model", "note") else "---:" for n in names) + " |",
     ]
     for cells in rows:
-        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in cells.values()) + " |")
+        lines.append("| " + " | ".join(cells[n].replace("|", "\\|") for n in names) + " |")
     lines += ["", caption(bench).replace(PARETO_MARK + " Pareto", "Pareto", 1) + "."]
     if bench.recommendation:
         lines += ["", f"**Recommended:** {bench.recommendation.text}"]
+    lines += [f"\n> warning: {w}" for w in bench.warnings]
     return "\n".join(lines) + "\n"
 
 
