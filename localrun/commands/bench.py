@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -172,13 +172,19 @@ def show(out: Output, bench: BenchResult) -> None:
         out.text("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
     if dropped:
         shown = ", ".join(_title(n) for n in dropped)
-        out.show(Text(f"not shown at {width} columns: {shown} (--json or --csv has every column)", style="dim"))
-    out.show(Text(caption(bench), style="dim"))
+        out.show(_para(f"not shown at {width} columns: {shown} (--json or --csv has every column)", "dim"))
+    out.show(_para(caption(bench), "dim"))
     if bench.recommendation:
-        out.show(Text("\nrecommended: " + bench.recommendation.text, style="bold"))
+        out.show(_para("\nrecommended: " + bench.recommendation.text, "bold"))
     chart = bar_chart(bench, max(10, min(40, width - 16 - max((len(r.label) for r in bench.results), default=0))))
     if chart:
         out.show(Text("\n" + chart))
+
+
+def _para(text: str, style: str) -> Group:
+    """A paragraph wrapped at word boundaries on a terminal. Output's consoles leave long lines to
+    the terminal, which breaks them mid-word; a Text inside a Group keeps its own no_wrap."""
+    return Group(Text(text, style=style, no_wrap=False, overflow="fold"))
 
 
 def _bar(value: float, top: float, width: int) -> str:
