@@ -184,6 +184,7 @@ def bench(
         Optional[Path],
         typer.Option("--text", show_default=False, help="Evaluation text (default: the one shipped with localrun)."),
     ] = None,
+    no_quality: Annotated[bool, typer.Option("--no-quality", help="Speed only: no perplexity or KLD pass.")] = False,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
@@ -206,6 +207,7 @@ def bench(
         ppl_chunks=ppl_chunks,
         quants=quants,
         max_kld=max_kld,
+        quality=not no_quality,
         eval_text=eval_text,
         verbose=verbose,
     )

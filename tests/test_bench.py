@@ -614,3 +614,22 @@ def test_narrow_terminal_drops_columns_and_never_crops_a_cell(tiny):
             assert "".join(cells["note"].split()) in flat  # wrapped over lines, never cut
         assert any(line.startswith("*") for line in table.splitlines())  # the Pareto mark
     assert len(dropped[110]) < len(dropped[80])
+
+
+def test_no_quality_measures_speed_only(tiny):
+    files = (tiny.quants["Q8_0"], tiny.quants["Q4_K_M"])
+    result = bench(*files, *QUICK, "--no-quality", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["settings"]["quality"] is False and data["reference"] is None
+    for c in data["candidates"]:
+        assert c["status"] == "ok" and c["tg"]["n"] == 2 and c["pp"]["mean"] > 0
+        assert c["ppl"] is None and c["kld"] is None and c["top1"] is None and c["ppl_windows"] is None
+    assert data["recommendation"] is None
+    assert by_label(data)["Q8_0"]["pareto"]  # the most precise is never beaten on precision
+
+    table = bench(*files, *QUICK, "--no-quality")
+    assert table.exit_code == 0, table.stderr
+    assert "PPL" not in table.stdout and "KL divergence" not in table.stdout
+    assert "speed only (--no-quality)" in table.stdout
+    assert "generation speed (tg, tok/s)" in table.stdout
