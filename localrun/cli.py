@@ -18,17 +18,19 @@ from localrun.output import Output
 app = typer.Typer(
     name="localrun",
     help="Run quantized LLMs locally: pull the GGUF that fits this machine, chat, benchmark.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
 # Shared options, spelled the same way by every command.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ThreadsOpt = Annotated[
     Optional[int],
-    typer.Option("--threads", "-t", min=1, show_default=False, help="CPU threads (default: one per physical core)."),
+    typer.Option(
+        "--threads", "-t", min=1, metavar="N", show_default=False, help="CPU threads (default: one per physical core)."
+    ),
 ]
 GpuLayersOpt = Annotated[
     Optional[int],
@@ -36,6 +38,7 @@ GpuLayersOpt = Annotated[
         "--gpu-layers",
         "-ngl",
         min=0,
+        metavar="N",
         show_default=False,
         help="Layers to offload to the GPU (default: as many as fit).",
     ),
@@ -44,15 +47,24 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cp
 ModelArg = Annotated[
     str,
     typer.Argument(
-        help="org/repo[:QUANT], org/repo:file.gguf, hf.co/..., or a path to a .gguf file.", show_default=False
+        metavar="MODEL",
+        help="org/repo[:QUANT], org/repo:file.gguf, hf.co/..., or a path to a .gguf file.",
+        show_default=False,
     ),
 ]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit of the repo.")]
+RevisionOpt = Annotated[
+    Optional[str], typer.Option("--revision", metavar="REV", help="Branch, tag or commit of the repo.")
+]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")]
 CtxOpt = Annotated[
     Optional[int],
     typer.Option(
-        "--ctx", "-c", min=16, show_default=False, help="Context size in tokens (default: 4096, capped by the model)."
+        "--ctx",
+        "-c",
+        min=16,
+        metavar="N",
+        show_default=False,
+        help="Context size in tokens (default: 4096, capped by the model).",
     ),
 ]
 
@@ -63,16 +75,20 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = None,
 ) -> None:
     """Run quantized LLMs locally: pull the GGUF that fits this machine, chat, benchmark."""
+    if ctx.invoked_subcommand is None:  # bare `localrun`: the help, and success
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
 
 
-@app.command()
+@app.command(short_help="This machine and the llama.cpp build, with a self-test.")
 @boundary
 def hw(
     json: JsonOpt = False,
@@ -90,14 +106,18 @@ def hw(
         raise typer.Exit(ExitCode.CRASH)
 
 
-@app.command()
+@app.command(short_help="Download the quantization that fits this machine.")
 @boundary
 def pull(
     model: ModelArg,
     quant: Annotated[
         Optional[str],
         typer.Option(
-            "--quant", "-q", show_default=False, help="Download this quantization (e.g. Q4_K_M) instead of the choice."
+            "--quant",
+            "-q",
+            metavar="QUANT",
+            show_default=False,
+            help="Download this quantization (e.g. Q4_K_M) instead of the choice.",
         ),
     ] = None,
     ctx: CtxOpt = None,
@@ -117,7 +137,7 @@ def pull(
         out.data(result.to_dict())
 
 
-@app.command("list")
+@app.command("list", short_help="The models pulled, whichever tool pulled them.")
 @boundary
 def list_models(json: JsonOpt = False) -> None:
     """Pulled models in the Hugging Face cache (also those fetched by other tools)."""
@@ -127,7 +147,7 @@ def list_models(json: JsonOpt = False) -> None:
     show_listing(Output.from_env(json=json), scan())
 
 
-@app.command()
+@app.command(short_help="What a model is and how it would run here.")
 @boundary
 def show(model: ModelArg, ctx: CtxOpt = None, revision: RevisionOpt = None, json: JsonOpt = False) -> None:
     """What a model is and how it would run here; for a repo not pulled, reads only its header."""
@@ -140,7 +160,7 @@ def show(model: ModelArg, ctx: CtxOpt = None, revision: RevisionOpt = None, json
     command.show(out, command.describe(ref, n_ctx=ctx, machine=this_machine(out.info)))
 
 
-@app.command()
+@app.command(short_help="Remove a pulled model, or one quant of it.")
 @boundary
 def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json: JsonOpt = False) -> None:
     """Remove a pulled model (MODEL:QUANT for one quant); asks first unless --yes."""
@@ -150,7 +170,7 @@ def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json:
     command(parse_ref(model, revision), Output.from_env(json=json), yes=yes)
 
 
-@app.command()
+@app.command(short_help="Compare quantizations: speed and quality.")
 @boundary
 def bench(
     models: Annotated[
@@ -218,35 +238,64 @@ def bench(
 
 
 # -- run / chat: generation options shared by both ------------------------------------------------
-SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", show_default=False, help="System prompt.")]
+def _bounded(name: str) -> dict:
+    """min/max of a sampling option from the one table /set also checks against."""
+    from localrun.inference.sampling import BOUNDS
+
+    bound = BOUNDS[name]
+    return {"min": bound.low, "max": bound.high}
+
+
+SystemOpt = Annotated[
+    Optional[str], typer.Option("--system", "-s", metavar="TEXT", show_default=False, help="System prompt.")
+]
 MaxTokensOpt = Annotated[
     Optional[int],
     typer.Option(
         "--max-tokens",
         "-n",
-        min=1,
+        metavar="N",
         show_default=False,
         help="Stop the reply after this many tokens (default: end of text or context).",
+        **_bounded("max_tokens"),
     ),
 ]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", "--temp", min=0.0, help="0 is greedy (deterministic).")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=0, help="0 disables.")]
-MinPOpt = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
-RepeatPenaltyOpt = Annotated[float, typer.Option("--repeat-penalty", min=0.0, help="1.0 disables.")]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option(
+        "--temperature", "--temp", metavar="T", help="0 is greedy (deterministic).", **_bounded("temperature")
+    ),
+]
+TopPOpt = Annotated[float, typer.Option("--top-p", metavar="P", **_bounded("top_p"))]
+TopKOpt = Annotated[int, typer.Option("--top-k", metavar="K", help="0 disables.", **_bounded("top_k"))]
+MinPOpt = Annotated[float, typer.Option("--min-p", metavar="P", **_bounded("min_p"))]
+RepeatPenaltyOpt = Annotated[
+    float, typer.Option("--repeat-penalty", metavar="X", help="1.0 disables.", **_bounded("repeat_penalty"))
+]
 SeedOpt = Annotated[
-    Optional[int], typer.Option("--seed", min=0, show_default=False, help="Sampling seed (default: random).")
+    Optional[int],
+    typer.Option(
+        "--seed", metavar="N", show_default=False, help="Sampling seed (default: random).", **_bounded("seed")
+    ),
 ]
 StopOpt = Annotated[
-    Optional[list[str]], typer.Option("--stop", show_default=False, help="Stop at this text (repeatable).")
+    Optional[list[str]],
+    typer.Option("--stop", metavar="TEXT", show_default=False, help="Stop at this text (repeatable)."),
 ]
 ChatFormatOpt = Annotated[
     Optional[str],
-    typer.Option("--chat-format", show_default=False, help="Built-in chat format: chatml, gemma, llama3, plain, raw."),
+    typer.Option(
+        "--chat-format",
+        metavar="NAME",
+        show_default=False,
+        help="Built-in chat format: chatml, gemma, llama3, plain, raw.",
+    ),
 ]
 TemplateOpt = Annotated[
     Optional[Path],
-    typer.Option("--template", show_default=False, help="A Jinja chat template file, instead of the model's."),
+    typer.Option(
+        "--template", metavar="FILE", show_default=False, help="A Jinja chat template file, instead of the model's."
+    ),
 ]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Plain completion of the prompt, without a chat template.")]
 StreamOpt = Annotated[bool, typer.Option("--stream", help="With --json: JSON Lines events as they come.")]
@@ -292,9 +341,8 @@ def _generation_command(mode: str, doc: str):
         verbose: VerboseOpt = False,
     ) -> None:
         from localrun.commands.generate import PromptOptions, generate
-        from localrun.inference.conversation import Settings
         from localrun.inference.engine import EngineConfig
-        from localrun.inference.runtime import SamplingOptions
+        from localrun.inference.sampling import SamplingOptions, Settings
 
         out = Output.from_env(json=json, verbose=verbose)
         sampling = SamplingOptions(
@@ -318,12 +366,14 @@ def _generation_command(mode: str, doc: str):
     return boundary(command)
 
 
-app.command("run")(
+app.command("run", short_help="Answer one prompt and exit (piped stdin is the material).")(
     _generation_command("run", "Answer one prompt (argument and/or piped stdin) and exit; live speed on a terminal.")
 )
-app.command("chat")(
+app.command("chat", short_help="Chat in the terminal: history, slash commands, live speed.")(
     _generation_command(
-        "chat", "Chat with a model: streaming replies with live speed, history, slash commands (/help)."
+        "chat",
+        "Chat with a model: streaming replies with live speed, history, slash commands (/help). A prompt "
+        "given as an argument starts the chat.",
     )
 )
 

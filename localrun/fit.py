@@ -90,6 +90,7 @@ class Plan:
     fits: bool
     note: str | None = None
     extra_bufts: bool = True  # the self-test's verdict the estimate assumed: the load uses the same
+    beyond_training: bool = False  # n_ctx is more than the model was trained with
 
 
 @dataclass
@@ -303,7 +304,9 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, kv_type
         placement = "cpu"
         if machine.gpus:
             notes.append("no layer fits in VRAM")
-    return Plan(placement, n_gpu, ctx, est, True, "; ".join(notes) or None, machine.extra_bufts)
+    return Plan(
+        placement, n_gpu, ctx, est, True, "; ".join(notes) or None, machine.extra_bufts, 0 < header.n_ctx_train < ctx
+    )
 
 
 def choose(options: list[Option]) -> int | None:

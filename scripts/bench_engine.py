@@ -36,7 +36,7 @@ from localrun.commands.stream import LiveRenderer  # noqa: E402
 from localrun.inference import selftest  # noqa: E402
 from localrun.inference.build import llama  # noqa: E402
 from localrun.inference.engine import Engine, drive  # noqa: E402
-from localrun.inference.runtime import SamplingOptions  # noqa: E402
+from localrun.inference.sampling import SamplingOptions  # noqa: E402
 from localrun.output import Output  # noqa: E402
 from support.engines import open_engine  # noqa: E402
 from support.models import build_suite  # noqa: E402
@@ -196,8 +196,8 @@ def startup_in_process(model: Path, prompt: str, threads: int) -> dict[str, floa
     import io
 
     from localrun.commands.generate import PromptOptions, generate
-    from localrun.inference.conversation import Settings
     from localrun.inference.engine import EngineConfig
+    from localrun.inference.sampling import Settings
 
     sink = FirstPiece()
     saved = sys.stdout, sys.stdin

@@ -13,8 +13,8 @@ import pytest
 
 from localrun.commands.generate import PromptOptions, open_conversation
 from localrun.commands.repl import Repl
-from localrun.inference.conversation import Conversation, Settings
-from localrun.inference.runtime import SamplingOptions
+from localrun.inference.conversation import Conversation
+from localrun.inference.sampling import SamplingOptions, Settings
 from localrun.output import Output
 from support.engines import open_engine
 
@@ -118,9 +118,12 @@ def test_multiline_input_by_quotes_and_by_escape_enter(tiny):
     assert asked == ["line one\nline two", "first\nsecond"]
 
 
-def test_ctrl_c_on_an_empty_prompt_exits(tiny):
+def test_ctrl_c_on_an_empty_prompt_says_how_to_quit_and_a_second_exits(tiny, capsys):
+    conv = repl(tiny.quants["Q8_0"], "\x03\x03hello\r")
+    assert conv.messages == []  # the second Ctrl-C left before "hello"
+    assert "press Ctrl-D or type /exit to quit" in capsys.readouterr().err
     conv = repl(tiny.quants["Q8_0"], "\x03hello\r")
-    assert conv.messages == []
+    assert [m["content"] for m in conv.messages if m["role"] == "user"] == ["hello"]  # one Ctrl-C does not quit
 
 
 def test_context_overflow_drops_the_oldest_turns_but_keeps_the_system_prompt(tiny, capsys):
@@ -184,7 +187,10 @@ def test_history_persists_across_runs(tiny):
     child.send("\x1b[A")  # Up: the previous session's line comes back
     child.expect_exact("remember this line")
     child.sendcontrol("c")  # clears the line
-    child.sendcontrol("c")  # on an empty line: exits
+    child.sendcontrol("c")  # on an empty line: says how to quit
+    child.expect_exact("press Ctrl-D or type /exit to quit")
+    child.expect_exact(PROMPT)
+    child.sendcontrol("c")  # and a second one quits
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0

@@ -12,7 +12,7 @@ import pytest
 from localrun.errors import UsageError
 from localrun.inference import templates
 from localrun.inference.engine import Engine, Piece, PrefillProgress, Stats
-from localrun.inference.runtime import SamplingOptions
+from localrun.inference.sampling import SamplingOptions
 from localrun.inference.stops import StopMatcher
 from support.engines import open_engine
 
@@ -172,11 +172,11 @@ def test_allocation_failure_backs_off_gpu_layers_then_context(tiny, monkeypatch,
     real_load = runtime.load
     tried: list[tuple[int, int]] = []
 
-    def load(path, opts):
+    def load(path, opts, progress=None):
         tried.append((opts.n_gpu_layers, opts.n_ctx))
         if opts.n_gpu_layers > 0 or opts.n_ctx > 1024:
             raise NoSpace(f"llama.cpp could not create a context of {opts.n_ctx} tokens")
-        return real_load(path, opts)
+        return real_load(path, opts, progress)
 
     monkeypatch.setattr(runtime, "load", load)
     engine = open_engine(tiny.quants["Q8_0"], n_ctx=4096, n_gpu_layers=2)

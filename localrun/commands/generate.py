@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from localrun.commands.repl import Repl
 from localrun.commands.stream import make_renderer
 from localrun.errors import UsageError
 from localrun.inference import templates
-from localrun.inference.conversation import Conversation, Settings, compose_prompt
+from localrun.inference.conversation import Conversation, compose_prompt
 from localrun.inference.engine import Engine, EngineConfig, Stats
-from localrun.output import Output
+from localrun.inference.sampling import Settings
+from localrun.output import Output, isatty
 
 
 @dataclass
@@ -26,10 +28,17 @@ class PromptOptions:
     template_file: Path | None = None
 
 
-def open_conversation(engine: Engine, out: Output, settings: Settings, prompt: PromptOptions) -> Conversation:
+def open_conversation(
+    engine: Engine, out: Output, settings: Settings, prompt: PromptOptions, *, chatting: bool = False
+) -> Conversation:
     """The conversation over a loaded engine, with the template chosen (and announced if guessed)."""
     template = None
     if not prompt.raw:
+        if chatting and engine.chat_template() is None and not (prompt.chat_format or prompt.template_file):
+            out.info(
+                f"{engine.info.label} has no chat template: it may be a base model, which continues text "
+                f'rather than answers. For that: localrun run {engine.info.label} --raw "TEXT"'
+            )
         template = templates.choose(
             engine.chat_template(),
             chat_format=prompt.chat_format,
@@ -42,11 +51,25 @@ def open_conversation(engine: Engine, out: Output, settings: Settings, prompt: P
     return Conversation(engine, template, settings, prompt.system, warn=out.warn)
 
 
-def read_stdin() -> str | None:
-    """Piped stdin, or None on a terminal."""
-    if sys.stdin is None or sys.stdin.isatty():
+def read_stdin(warn: Callable[[str], None]) -> str | None:
+    """Piped stdin as text, or None on a terminal. Bytes that are not UTF-8 (a binary file, another
+    encoding) are replaced, and said so once: a prompt is text."""
+    if sys.stdin is None or isatty(sys.stdin):
         return None
-    return sys.stdin.read()
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "replace")
+    text = data.decode("utf-8", errors="replace")
+    if "\ufffd" in text and "\ufffd".encode() not in data:
+        bad = text.count("\ufffd")
+        warn(f"stdin is not valid UTF-8: {bad} undecodable byte sequence{'s' * (bad > 1)} replaced by �")
+    return text
+
+
+def prompt_words(words: list[str], warn: Callable[[str], None]) -> list[str]:
+    """The prompt arguments as text: bytes the shell passed that are not UTF-8 are replaced."""
+    fixed = [w.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for w in words]
+    if fixed != words:
+        warn("the prompt is not valid UTF-8: undecodable bytes replaced by �")
+    return fixed
 
 
 def one_shot(conv: Conversation, prompt: str, out: Output, *, stream: bool = False) -> Stats:
@@ -68,28 +91,24 @@ def generate(
     stream: bool,
 ) -> Stats | None:
     """`run` and `chat`: one answer when there is a prompt or piped stdin (or mode is run), else the REPL."""
-    stdin_text = read_stdin()
     if stream and not out.json:
         raise UsageError("--stream goes with --json", hint="add --json, or drop --stream")
+    stdin_text = read_stdin(out.warn)
+    words = prompt_words(words, out.warn)
     interactive = mode == "chat" and stdin_text is None
-    if interactive and words:
-        raise UsageError(
-            "chat takes a prompt argument only with piped stdin",
-            hint="use `localrun run MODEL PROMPT` for one answer, or pipe the material in",
-        )
     if interactive and out.json:
         raise UsageError("--json needs a prompt: use `localrun run MODEL PROMPT --json`")
     prompt = compose_prompt(words, stdin_text)
     if not interactive and not prompt.strip():
-        raise UsageError(
-            "nothing to answer: the prompt is empty",
-            hint="pass a prompt after the model, or pipe text into the command",
-        )
+        hint = "pass a prompt after the model, or pipe text into the command"
+        if mode == "run" and not stdin_text:
+            hint += f"; to chat with it: localrun chat {model}"
+        raise UsageError("nothing to answer: the prompt is empty", hint=hint)
     engine = open_engine(model, cfg, out)
     try:
-        conv = open_conversation(engine, out, settings, prompt_options)
-        if interactive:
-            Repl(conv, out).run()
+        conv = open_conversation(engine, out, settings, prompt_options, chatting=interactive)
+        if interactive:  # a prompt given as an argument is the chat's first message, as in Ollama
+            Repl(conv, out).run(first=prompt or None)
             return None
         return one_shot(conv, prompt, out, stream=stream)
     finally:

@@ -4,11 +4,16 @@ on this machine, loaded as planned."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
+from rich.markup import escape
+
+from localrun import hardware
 from localrun.cache.resolve import Resolved, resolve
 from localrun.cache.usage import touch
 from localrun.commands.pull import pull
 from localrun.hardware import Machine
+from localrun.inference.build import build_info
 from localrun.inference.engine import Engine, EngineConfig
 from localrun.inference.filecheck import check_file
 from localrun.inference.selftest import this_machine
@@ -27,8 +32,29 @@ def obtain(ref: ModelRef, out: Output, *, n_ctx: int | None = None, machine: Mac
     return found
 
 
+def checked_config(cfg: EngineConfig, out: Output) -> EngineConfig:
+    """Options that cannot do what they ask on this machine are said, and made to fit: more threads
+    than cores spin against each other (10x slower), GPU layers on a CPU-only build do nothing."""
+    cores = hardware.cpu_info().logical_cores or 1
+    threads, gpu_layers = cfg.n_threads, cfg.n_gpu_layers
+    if threads and threads > cores:
+        out.warn(
+            f"--threads {threads} is more than the {cores} cores here: llama.cpp's threads would wait on "
+            f"each other; using {cores}"
+        )
+        threads = cores
+    if gpu_layers and not build_info().gpu_offload:
+        out.warn(
+            "--gpu-layers is ignored: this llama.cpp build runs on the CPU only "
+            "(reinstall llama-cpp-python with CMAKE_ARGS set for your GPU, see the README)"
+        )
+        gpu_layers = 0
+    return replace(cfg, n_threads=threads, n_gpu_layers=gpu_layers)
+
+
 def open_engine(reference: str, cfg: EngineConfig, out: Output) -> Engine:
     """Resolve, plan and load; the plan's notes and what is loaded are said on stderr."""
+    cfg = checked_config(cfg, out)
     started = time.perf_counter()
     resolved = obtain(parse_ref(reference), out, n_ctx=cfg.n_ctx)
     resolved_at = time.perf_counter()
@@ -42,10 +68,14 @@ def open_engine(reference: str, cfg: EngineConfig, out: Output) -> Engine:
         )
     model = resolved.model
     check_file(model.path, plan.extra_bufts, notify=out.info)
-    what = f"loading {safe(model.label)} ({human_bytes(model.size)})..."
+    what = f"loading {safe(model.label)} ({human_bytes(model.size)})"
     if out.interactive:
-        with out.err.status(what.replace("[", "\\[")):
-            engine = Engine.open(model, plan, cfg, notify=out.warn)
+        with out.err.status(escape(what) + "...") as status:
+
+            def progress(fraction: float) -> None:
+                status.update(f"{escape(what)}: {100 * fraction:.0f}%")
+
+            engine = Engine.open(model, plan, cfg, notify=out.warn, progress=progress)
     else:
         engine = Engine.open(model, plan, cfg, notify=out.warn)
     engine.info.resolve_s = resolved_at - started

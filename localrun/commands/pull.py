@@ -142,6 +142,11 @@ def plan_pull(
     if ref.is_local:
         raise UsageError(f"{ref.raw} is a local file: pull takes a Hub repo (org/repo[:QUANT])")
     assert ref.repo_id is not None
+    if quant and (ref.tag or ref.filename) and (ref.tag or "").upper() != quant.upper():
+        raise UsageError(
+            f"{safe(ref.raw)} names {safe(ref.tag or ref.filename)} and --quant names {safe(quant)}",
+            hint="name one of them",
+        )
     listing = list_quants(ref)
     wanted = quant or ref.tag
     forced = listing.select(tag=wanted, filename=ref.filename) if (wanted or ref.filename) else None
@@ -281,6 +286,11 @@ def pull(
             hint="try a smaller --ctx, or name one with --quant to download it anyway",
         )
     row = result.rows[result.chosen]
+    if row.plan is not None and row.plan.beyond_training and row.header is not None:
+        out.warn(
+            f"a context of {row.plan.n_ctx} is beyond the {row.header.n_ctx_train} tokens this model was "
+            "trained with: expect worse output past that"
+        )
     if result.forced and not row.fits:
         out.warn(
             f"{safe(row.quant.label)} will not fit in memory ({_memory(row)})"

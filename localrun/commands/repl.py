@@ -14,13 +14,17 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.history import FileHistory
 from prompt_toolkit.input import Input
+from prompt_toolkit.input.typeahead import get_typeahead, store_typeahead
 from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.keys import Keys
 from prompt_toolkit.output import Output as PTOutput
+from prompt_toolkit.output import create_output
 
 from localrun import paths
 from localrun.commands.stream import make_renderer, stats_line
 from localrun.errors import LocalrunError, UsageError
-from localrun.inference.conversation import SETTABLE, Conversation
+from localrun.inference.conversation import Conversation
+from localrun.inference.sampling import SETTABLE
 from localrun.output import Output, isatty
 
 try:
@@ -30,8 +34,8 @@ except ImportError:  # not a POSIX system: keys typed during a reply are echoed
 
 HELP = """\
 Type a message and press Enter. Multiline: start with \"\"\" and end with \"\"\", or press
-Esc then Enter (Alt-Enter) for a new line. Ctrl-C stops a reply; Ctrl-C on an empty line or
-Ctrl-D exits.
+Esc then Enter (Alt-Enter) for a new line. Ctrl-C stops a reply; Ctrl-D, /exit or Ctrl-C twice
+on an empty line exits.
 
   /help               this help
   /exit               leave (also /bye, Ctrl-D)
@@ -92,7 +96,13 @@ class Repl:
                 raise UsageError(f"{cmd} needs a file name", hint=f"{cmd} chat.json")
             path = Path(arg).expanduser()
             if cmd == "/save":
-                conv.save(path)
+                try:
+                    conv.save(path)
+                except OSError as exc:
+                    raise UsageError(
+                        f"cannot save to {path}: {exc.strerror or exc}",
+                        hint="the conversation is still here: /save to another file",
+                    ) from None
                 out.info(f"saved {len(conv.messages)} messages to {path}")
             else:
                 out.info(f"loaded {conv.load(path)} messages from {path}")
@@ -116,31 +126,55 @@ class Repl:
         if stats.finish_reason == "cancelled":
             self.out.warn("reply cancelled; it and its question are left out of the conversation")
 
-    def run(self, *, input: Input | None = None, output: PTOutput | None = None) -> None:
+    def run(self, *, input: Input | None = None, output: PTOutput | None = None, first: str | None = None) -> None:
+        """The prompt loop, until /exit, Ctrl-D or a second Ctrl-C on an empty line. `first` is
+        asked before the first prompt (`localrun chat MODEL "question"`). No error ends it."""
         session = _prompt_session(input, output)
         info = self.conv.engine.info
         self.out.info(
             f"{info.label} ({info.name}) ready, context {info.n_ctx} tokens. /help for commands, Ctrl-D to exit."
         )
+        armed = False  # the last key was Ctrl-C on an empty line: one more exits
+        pending = first
         while True:
             try:
-                text = session.prompt(">>> ")
+                if pending is not None:
+                    text, pending = pending, None
+                else:
+                    text = session.prompt(">>> ")
             except EOFError:
                 break
-            except KeyboardInterrupt:  # Ctrl-C with text on the line: start over
+            except (_EmptyInterrupt, KeyboardInterrupt):  # Ctrl-C on an empty line, or between prompts
+                if armed:
+                    break
+                armed = True
+                self.out.info("press Ctrl-D or type /exit to quit (or Ctrl-C once more)")
+                continue
+            armed = False
+            if _ctrl_c_typed_ahead(session):  # Enter, then Ctrl-C before the reply could start
+                self.out.warn("reply cancelled; it and its question are left out of the conversation")
                 continue
             if text.strip().startswith('"""'):
                 text = _read_block(session, text)
-            if not text.strip():
-                continue
-            try:
-                if _COMMAND_RE.match(text):
-                    if not self.handle(text):
-                        break
-                else:
-                    self.ask(text)
-            except LocalrunError as exc:
-                self.out.error(exc.message, exc.hint)
+            if text.strip() and not self._one(text):
+                break
+
+    def _one(self, text: str) -> bool:
+        """A slash command or a question; False to leave. Errors are reported, never raised."""
+        try:
+            if _COMMAND_RE.match(text):
+                return self.handle(text)
+            self.ask(text)
+        except LocalrunError as exc:
+            self.out.error(exc.message, exc.hint)
+        except KeyboardInterrupt:
+            self.out.warn("interrupted")
+        except Exception as exc:  # the chat outlives what went wrong in one turn
+            self.out.error(
+                f"unexpected {type(exc).__name__}: {exc}",
+                hint="the conversation is kept; please report this (LOCALRUN_DEBUG=1 shows it)",
+            )
+        return True
 
 
 @contextlib.contextmanager
@@ -207,13 +241,43 @@ def _prompt_session(input: Input | None, output: PTOutput | None) -> Any:
         if buffer.text:
             buffer.reset()
         else:
-            event.app.exit(exception=EOFError())
+            event.app.exit(exception=_EmptyInterrupt())
 
+    if output is None:
+        # No cursor-position requests: on a terminal that ignores them, prompt-toolkit keeps the
+        # terminal raw for a while after Enter, and a Ctrl-C typed then is read as a key (lost to
+        # the reply, and taken as "exit" at the next prompt) instead of interrupting.
+        output = create_output()
+        if hasattr(output, "enable_cpr"):
+            output.enable_cpr = False
     return PromptSession(
-        history=FileHistory(str(paths.home() / "chat_history")),
+        history=_History(str(paths.home() / "chat_history")),
         completer=SlashCompleter(),
         key_bindings=keys,
         input=input,
         output=output,
         complete_while_typing=False,
     )
+
+
+def _ctrl_c_typed_ahead(session: Any) -> bool:
+    """Whether Ctrl-C came in the same read as the Enter that sent the line: prompt-toolkit keeps
+    such keys for the next prompt, where it would be taken for Ctrl-C on an empty line."""
+    keys = get_typeahead(session.input)
+    ctrl_c = [k for k in keys if k.key == Keys.ControlC]
+    store_typeahead(session.input, [k for k in keys if k.key != Keys.ControlC])
+    return bool(ctrl_c)
+
+
+class _EmptyInterrupt(Exception):
+    """Ctrl-C on an empty line."""
+
+
+class _History(FileHistory):
+    """The input history; a disk that cannot take it costs the history, never the chat."""
+
+    def store_string(self, string: str) -> None:
+        try:
+            super().store_string(string)
+        except OSError:
+            pass

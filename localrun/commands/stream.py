@@ -33,21 +33,86 @@ _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 _CONTROLS = dict.fromkeys([*range(0, 9), *range(11, 32), 127])  # keeps \t and \n
 
 
+_ENDED = {"stop": "stopped at a stop string", "cancelled": "cancelled"}
+
+
+def ending(s: Stats) -> str | None:
+    """Why a reply ended, in words; None for the usual end (the model's end-of-text token)."""
+    if s.finish_reason == "length":
+        return "the context is full" if s.context_full else "stopped at the token limit"
+    return _ENDED.get(s.finish_reason)
+
+
 def stats_line(s: Stats, model: str | None = None) -> str:
-    """One line after a reply: what was loaded (one-shot runs), prompt and reply speed, TTFT."""
+    """One line after a reply: what was loaded (one-shot runs), prompt and reply speed, TTFT, and
+    why it ended. Figures for work that never finished (a prompt cancelled while read) are left out."""
     cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
-    line = (f"{safe(model)} · " if model else "") + (
-        f"prompt {s.prompt_tokens} tok{cached}, {s.prompt_tps:.1f} tok/s · "
-        f"reply {s.generated_tokens} tok, {s.gen_tps:.1f} tok/s · "
-        f"TTFT {s.ttft_s:.2f} s · total {s.total_s:.2f} s"
-    )
-    if s.finish_reason not in ("eog", "stop"):
-        line += f" · {s.finish_reason}"
-    return line
+    speed = f", {s.prompt_tps:.1f} tok/s" if s.prompt_tps is not None else ", not read to the end"
+    parts = [f"prompt {s.prompt_tokens} tok{cached}{speed}"]
+    if s.generated_tokens or s.finish_reason != "cancelled":
+        parts.append(f"reply {s.generated_tokens} tok, {s.gen_tps:.1f} tok/s")
+    if s.ttft_s is not None:
+        parts.append(f"TTFT {s.ttft_s:.2f} s")
+    parts.append(f"total {s.total_s:.2f} s")
+    if why := ending(s):
+        parts.append(why)
+    return (f"{safe(model)} · " if model else "") + " · ".join(parts)
+
+
+class WordWrap:
+    """Line breaks at spaces, so that no word of a reply is split at the terminal's edge. A word
+    is held back until it ends (a space, a newline) or is wider than a line; wide characters
+    (CJK) break anywhere, each on its own."""
+
+    def __init__(self, columns: int):
+        self.columns = columns
+        self.col = 0
+        self.word = ""
+        self.word_width = 0
+
+    def feed(self, text: str) -> str:
+        out = []
+        for ch in text:
+            if ch == "\n":
+                out += [self.flush(), "\n"]
+                self.col = 0
+            elif ch in " \t":
+                out.append(self.flush())
+                width = 1 if ch == " " else 8 - self.col % 8
+                if self.col + width > self.columns:  # a space at the edge becomes the line break
+                    out.append("\n")
+                    self.col = 0
+                else:
+                    out.append(ch)
+                    self.col += width
+            else:
+                width = max(0, wcwidth(ch))
+                if width == 2:
+                    out.append(self.flush())
+                self.word += ch
+                self.word_width += width
+                if width == 2 or self.word_width >= self.columns:
+                    out.append(self.flush())
+        return "".join(out)
+
+    def flush(self) -> str:
+        """The word held back, placed on this line or the next."""
+        word, width = self.word, self.word_width
+        self.word, self.word_width = "", 0
+        if not word:
+            return ""
+        if self.col > 0 and self.col + width > self.columns:
+            self.col = width
+            return "\n" + word
+        self.col += width
+        return word
 
 
 class LiveRenderer:
-    """Text on stdout as it comes; a live status line on stderr when stderr is a terminal."""
+    """Text on stdout as it comes, wrapped at word boundaries on a terminal; a live status line on
+    stderr when stderr is a terminal. When stdout goes elsewhere (a pipe, `| tee`) the status line
+    is shown only while the prompt is read: once text flows, anything drawn on stderr would land
+    in the middle of it on the screen."""
 
     def __init__(self, out: Output, *, show_stats: bool = True, model: str | None = None):
         self.out = out
@@ -63,6 +128,7 @@ class LiveRenderer:
         self.ends_with_newline = True
         self.columns = max(20, shutil.get_terminal_size((80, 24)).columns)
         self.width = self.columns - 1
+        self.wrap = WordWrap(self.columns) if out.stdout_tty else None
         self.drawn = False
         self.col = 0  # where the cursor is on its line, to know when the terminal is about to wrap
         if self.live:
@@ -95,23 +161,30 @@ class LiveRenderer:
         sys.stderr.write(_CLEAR_BELOW if self.below else _CLEAR_LINE)
         sys.stderr.flush()
 
+    def _write(self, text: str) -> None:
+        self.out.text(text)
+        if text:
+            self.ends_with_newline = text.endswith("\n")
+        if self.below:
+            self.col = _advance(self.col, text, self.columns)
+
     def piece(self, text: str) -> None:
         now = time.perf_counter()
         if self.first is None:
             self.first = now
+            if self.live and not self.below:  # stdout is elsewhere: the status line ends here
+                self._erase()
+                self.live = False
         self.tokens += 1
         if self.below:
             self._erase()
         if self.out.stdout_tty:
             text = text.translate(_CONTROLS)
-        self.out.text(text)
-        self.ends_with_newline = text.endswith("\n")
-        if self.below:
-            self.col = _advance(self.col, text, self.columns)
-            if self.col == self.columns:
-                # The cursor sits past the last column, waiting to wrap; moving it to draw the
-                # status would lose that state and the next character would overwrite this one.
-                return
+        self._write(self.wrap.feed(text) if self.wrap else text)
+        if self.below and self.col == self.columns:
+            # The cursor sits past the last column, waiting to wrap; moving it to draw the
+            # status would lose that state and the next character would overwrite this one.
+            return
         if self.live:
             if now >= self.next_status:
                 self.next_status = now + 1 / STATUS_HZ
@@ -126,6 +199,8 @@ class LiveRenderer:
 
     def finish(self, stats: Stats) -> None:
         self._erase()
+        if self.wrap:
+            self._write(self.wrap.flush())
         if not self.ends_with_newline:
             self.out.text("\n")
         if self.show_stats:

@@ -8,59 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from localrun.errors import LocalrunError, NoSpace, UsageError
+from localrun.errors import NoSpace, UsageError
 from localrun.inference.engine import Engine, EventSink, PrefillProgress, Stats, drive
-from localrun.inference.runtime import SamplingOptions
+from localrun.inference.sampling import Settings
 from localrun.inference.templates import ChatTemplate, Message
 
 REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
-
-
-@dataclass
-class Settings:
-    """What /set changes: sampling, reply length, stop strings."""
-
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    max_tokens: int | None = None  # None: until end of generation or the context is full
-    stop: list[str] = field(default_factory=list)
-
-    def set(self, name: str, value: str) -> str:
-        key = name.replace("-", "_").lower()
-        try:
-            if key in _NUMERIC:
-                setattr(self.sampling, key, _NUMERIC[key](value))
-            elif key == "seed":
-                self.sampling.seed = None if value.lower() in ("none", "random", "-1") else int(value)
-            elif key == "max_tokens":
-                self.max_tokens = None if value.lower() in ("none", "-1", "0") else int(value)
-            elif key == "stop":  # one stop string (\n for a newline); "none" clears
-                self.stop = [] if value.lower() == "none" else [value.replace("\\n", "\n")]
-            else:
-                raise UsageError(f"unknown setting {name!r}", hint="settings: " + ", ".join(SETTABLE))
-        except ValueError:
-            raise UsageError(f"bad value for {name}: {value!r}") from None
-        return f"{key} = {self.describe()[key]}"
-
-    def describe(self) -> dict[str, Any]:
-        data: dict[str, Any] = {k: v for k, v in asdict(self.sampling).items() if k in SETTABLE}
-        data["max_tokens"] = self.max_tokens
-        data["stop"] = self.stop
-        return data
-
-
-_NUMERIC = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "min_p": float,
-    "repeat_penalty": float,
-    "repeat_last_n": int,
-}
-SETTABLE = (*_NUMERIC, "seed", "max_tokens", "stop")
 
 
 class _Recorder:
@@ -150,20 +105,30 @@ class Conversation:
         return tokens
 
     def reply(self, text: str, sink: EventSink) -> Stats:
-        """Ask; stream the answer to the sink; keep the turn unless it was cancelled."""
-        self.messages.append({"role": "user", "content": text})
+        """Ask; stream the answer to the sink; keep the turn unless it was cancelled. A cancelled
+        or failed turn leaves the conversation as it was, trimmed turns included, wherever the
+        Ctrl-C lands (rendering the prompt, reading it, or the reply)."""
+        before = list(self.messages)
         try:
+            self.messages.append({"role": "user", "content": text})
             tokens = self._fit()
-        except LocalrunError:
-            self.messages.pop()
+            self.last_prompt = tokens
+            stop = list(self.settings.stop) + list(self.template.stop if self.template else ())
+            recorder = _Recorder(sink)
+            events = self.engine.generate(tokens, self.settings.sampling, self.settings.max_tokens, stop)
+            stats = drive(events, recorder)
+        except KeyboardInterrupt:
+            self.messages = before
+            stats = Stats(len(self.last_prompt), None, 0, 0.0, None, 0.0, "cancelled")
+            sink.finish(stats)
+            self.last_stats = stats
+            return stats
+        except BaseException:
+            self.messages = before
             raise
-        self.last_prompt = tokens
-        stop = list(self.settings.stop) + list(self.template.stop if self.template else ())
-        recorder = _Recorder(sink)
-        stats = drive(self.engine.generate(tokens, self.settings.sampling, self.settings.max_tokens, stop), recorder)
         self.last_stats = stats
         if stats.finish_reason == "cancelled":
-            self.messages.pop()
+            self.messages = before
         else:
             self.messages.append({"role": "assistant", "content": "".join(recorder.parts)})
         return stats

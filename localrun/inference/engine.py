@@ -21,7 +21,8 @@ from localrun.errors import NoSpace
 from localrun.fit import MIN_CTX, Plan
 from localrun.hardware import default_threads
 from localrun.inference import runtime
-from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions, SamplingOptions
+from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions
+from localrun.inference.sampling import SamplingOptions
 from localrun.inference.stops import StopMatcher
 from localrun.model.files import ModelFiles
 
@@ -45,13 +46,14 @@ class Piece:
 @dataclass
 class Stats:
     prompt_tokens: int  # tokens in the prompt
-    prompt_tps: float  # prefill speed over the tokens actually decoded (not the cached ones)
+    prompt_tps: float | None  # prefill speed over the tokens decoded (not cached); None: not read to the end
     generated_tokens: int
     gen_tps: float
-    ttft_s: float  # from generate() to the first piece of text
+    ttft_s: float | None  # from generate() to the first piece of text; None: no text came
     total_s: float
     finish_reason: FinishReason  # end-of-generation token, a stop string, max tokens or context, Ctrl-C
     cached_tokens: int = 0  # prompt tokens reused from the KV cache of the previous turn
+    context_full: bool = False  # "length" because the context had no room left, not max_tokens
     kind: str = "stats"
 
     def to_dict(self) -> dict:
@@ -113,7 +115,12 @@ class Engine:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, model: ModelFiles, plan: Plan, cfg: EngineConfig, notify: Callable[[str], None] = lambda message: None
+        cls,
+        model: ModelFiles,
+        plan: Plan,
+        cfg: EngineConfig,
+        notify: Callable[[str], None] = lambda message: None,
+        progress: Callable[[float], None] | None = None,
     ) -> Engine:
         """Load `model` with the planned GPU layers and context (explicit options win); back off
         (fewer GPU layers, then a smaller context) when llama.cpp cannot allocate, and say so."""
@@ -131,7 +138,7 @@ class Engine:
                 verbose=cfg.verbose,
             )
             try:
-                loaded = runtime.load(model.path, opts)
+                loaded = runtime.load(model.path, opts, progress)
                 break
             except NoSpace:
                 if n_gpu > 0:
@@ -259,9 +266,8 @@ class Engine:
         ctx, model = self.ctx, self.model
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         matcher = StopMatcher(stop)
-        limit = self.n_ctx - n_prompt
-        if max_tokens is not None and max_tokens >= 0:
-            limit = min(limit, max_tokens)
+        room = self.n_ctx - n_prompt
+        limit = room if max_tokens is None or max_tokens < 0 else min(room, max_tokens)
         reused, t_prefill, t_first = 0, None, None
         generated, finish = 0, "length"
         try:
@@ -293,17 +299,17 @@ class Engine:
         except (KeyboardInterrupt, DecodeAborted):
             finish = "cancelled"
         t_end = time.perf_counter()
-        t_prefill = t_prefill or t_end
-        gen_time = t_end - t_prefill
+        gen_time = t_end - (t_prefill or t_end)
         yield Stats(
             prompt_tokens=n_prompt,
-            prompt_tps=(n_prompt - reused) / (t_prefill - t0) if t_prefill > t0 else 0.0,
+            prompt_tps=(n_prompt - reused) / (t_prefill - t0) if t_prefill and t_prefill > t0 else None,
             generated_tokens=generated,
             gen_tps=generated / gen_time if gen_time > 0 and generated else 0.0,
-            ttft_s=((t_first or t_end) - t0),
+            ttft_s=t_first - t0 if t_first else None,
             total_s=t_end - t0,
             finish_reason=finish,
             cached_tokens=reused,
+            context_full=finish == "length" and generated >= room,
         )
 
 
@@ -335,7 +341,7 @@ def drive(events: Iterable[Event], sink: EventSink) -> Stats:
         except (KeyboardInterrupt, StopIteration):
             stats = None
         if stats is None:
-            stats = Stats(0, 0.0, 0, 0.0, 0.0, 0.0, "cancelled")
+            stats = Stats(0, None, 0, 0.0, None, 0.0, "cancelled")
     finally:
         close = getattr(it, "close", None)
         if close:

@@ -13,7 +13,8 @@ import time
 
 from localrun.errors import LocalrunError
 from localrun.inference.llama_log import install
-from localrun.inference.runtime import Loaded, LoadOptions, SamplingOptions, load
+from localrun.inference.runtime import Loaded, LoadOptions, load
+from localrun.inference.sampling import SamplingOptions
 
 
 def greedy(loaded: Loaded, prompt: str, n: int) -> tuple[str, int]:
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     install(echo=True)  # the parent keeps our stderr: llama.cpp's last words explain a crash
     start = time.perf_counter()
     try:
-        loaded = load(args.model, LoadOptions(n_ctx=256, n_batch=64, use_extra_bufts=not args.no_extra_bufts))
+        loaded = load(
+            args.model, LoadOptions(n_ctx=256, n_batch=64, use_extra_bufts=not args.no_extra_bufts, verbose=True)
+        )
         try:
             text, generated = greedy(loaded, args.prompt, args.tokens)
         finally:

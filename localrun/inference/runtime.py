@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from localrun.errors import BadModel, LocalrunError, NoSpace
 from localrun.fit import CELL_PAD, UBATCH
@@ -20,6 +22,7 @@ from localrun.inference import selftest
 from localrun.inference.build import llama
 from localrun.inference.llama_log import install as install_log
 from localrun.inference.llama_log import last_error, recent
+from localrun.inference.sampling import SamplingOptions
 
 
 def padded_ctx(n_ctx: int) -> int:
@@ -46,22 +49,6 @@ class LoadOptions:
     verbose: bool = False
 
 
-@dataclass
-class SamplingOptions:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.1
-    repeat_last_n: int = 64
-    seed: int | None = None
-    ban_eog: bool = False  # never sample end-of-generation tokens (fixed-length runs, benchmarks)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
-
 def _with_reason(message: str) -> str:
     """`message`, followed by llama.cpp's last logged error when there is one."""
     reason = last_error(recent(30))
@@ -71,9 +58,11 @@ def _with_reason(message: str) -> str:
 class LlamaModel:
     """A loaded model and its vocabulary. Use as a context manager or call close()."""
 
-    def __init__(self, path: str | os.PathLike[str], opts: LoadOptions):
+    def __init__(
+        self, path: str | os.PathLike[str], opts: LoadOptions, progress: Callable[[float], None] | None = None
+    ):
         lc = llama()
-        install_log(echo=opts.verbose or None)  # never silences a child that echoes on purpose
+        install_log(echo=opts.verbose)
         self.path = Path(path)
         self.opts = opts
         params = lc.llama_model_default_params()
@@ -84,7 +73,7 @@ class LlamaModel:
         else:
             params.use_extra_bufts = opts.use_extra_bufts
         self._lc = lc
-        self.ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        self.ptr = _load_abortably(lc, str(self.path).encode(), params, progress)
         if not self.ptr:
             raise BadModel(
                 _with_reason(f"llama.cpp could not load {self.path.name}"),
@@ -323,8 +312,49 @@ def _strlen_callback(lc):
         return None
 
 
-def load(path: str | os.PathLike[str], opts: LoadOptions) -> Loaded:
-    model = LlamaModel(path, opts)
+def _load_abortably(lc: Any, path: bytes, params: Any, progress: Callable[[float], None] | None) -> Any:
+    """llama_model_load_from_file in a worker thread, so that Ctrl-C reaches this one: it stops the
+    load through llama.cpp's progress callback (returning false aborts it) and is raised here once
+    the worker is done. Nor can Ctrl-C land inside a ctypes callback (the log) and be lost."""
+    cancelled = threading.Event()
+    done = threading.Event()
+    result: list[Any] = []
+
+    @lc.llama_progress_callback
+    def on_progress(fraction: float, user_data: Any) -> bool:
+        if progress is not None:
+            try:
+                progress(fraction)
+            except Exception:  # a display must never break a load
+                pass
+        return not cancelled.is_set()
+
+    params.progress_callback = on_progress
+
+    def work() -> None:
+        try:
+            result.append(lc.llama_model_load_from_file(path, params))
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="localrun-load", daemon=True).start()
+    interrupted = False
+    while not done.is_set():
+        try:
+            done.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+            cancelled.set()
+    if interrupted:
+        if result and result[0]:
+            lc.llama_model_free(result[0])
+        raise KeyboardInterrupt
+    return result[0] if result else None
+
+
+def load(path: str | os.PathLike[str], opts: LoadOptions, progress: Callable[[float], None] | None = None) -> Loaded:
+    """A model and a context on it; `progress(fraction)` is told how far the load is."""
+    model = LlamaModel(path, opts, progress)
     try:
         ctx = LlamaContext(model, opts)
     except BaseException:
