@@ -114,3 +114,13 @@ def test_a_model_loaded_for_the_first_time_is_checked_then_remembered(tiny, tmp_
     assert "first load of fresh-Q4_K_M.gguf: checking it in a child process" in first.stderr
     second = runner.invoke(app, ["run", str(model), "hi", "-n", "2"])
     assert "checking it in a child process" not in second.stderr
+
+
+def test_show_reports_what_a_first_load_ran_into(tiny, tmp_path):
+    model = tmp_path / "model-Q8_0.gguf"
+    model.write_bytes(tiny.quants["Q8_0"].read_bytes())
+    aborting = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"]
+    with pytest.raises(EngineCrash):
+        check_file(model, True, command=aborting)
+    shown = runner.invoke(app, ["show", str(model)])
+    assert shown.exit_code == 0 and "will not load: llama.cpp crashed loading model-Q8_0.gguf" in shown.stderr

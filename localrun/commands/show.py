@@ -19,6 +19,7 @@ from localrun.cache.usage import last_used
 from localrun.commands.pull import plan_pull
 from localrun.fit import Plan
 from localrun.hardware import Machine
+from localrun.inference.filecheck import remembered_problem
 from localrun.inference.selftest import this_machine
 from localrun.model.header import HeaderInfo
 from localrun.model.refs import ModelRef
@@ -112,7 +113,7 @@ def describe(ref: ModelRef, *, n_ctx: int | None = None, machine: Machine | None
             found.plan,
             machine,
             last_used=last_used(found.model.path),
-            problem=problem(found.model.path),
+            problem=_problem(found.model.path),
         )
     listing = scan()
     found = resolve(ref, machine, n_ctx, listing, validated=False)
@@ -136,9 +137,14 @@ def describe(ref: ModelRef, *, n_ctx: int | None = None, machine: Machine | None
             machine,
             others,
             entry.last_used,
-            problem(entry.path),
+            _problem(entry.path),
         )
     return _remote(ref, machine, n_ctx)
+
+
+def _problem(path: Path) -> str | None:
+    """Why a load would fail: what validation finds, else what a first load in a child ran into."""
+    return problem(path) or remembered_problem(path)
 
 
 def _remote(ref: ModelRef, machine: Machine, n_ctx: int | None) -> Description:

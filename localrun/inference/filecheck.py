@@ -39,6 +39,12 @@ def verdict_error(name: str, verdict: dict) -> BadModel | EngineCrash:
     )
 
 
+def remembered_problem(path: str | os.PathLike[str]) -> str | None:
+    """What a first load of this file ran into, if it was tried and failed (`show` says it)."""
+    verdict = cached_facts(path).get("loads")
+    return verdict_error(safe(Path(path).name), verdict).message if isinstance(verdict, dict) else None
+
+
 def check_file(
     path: str | os.PathLike[str],
     extra_bufts: bool,
