@@ -90,7 +90,7 @@ def test_two_tiny_quants_give_complete_sane_figures(tiny):
     result = bench(tiny.quants["Q4_K_M"], tiny.quants["Q8_0"], *QUICK, "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["schema"] == "localrun.bench/1"
+    assert data["schema"] == "localrun.bench/2"
     assert data["reference"] == "Q8_0"  # the higher precision, whatever the argument order
     assert [c["label"] for c in data["candidates"]] == ["Q8_0", "Q4_K_M"]  # in the order measured: best first
     tokens = set()

@@ -10,7 +10,7 @@ from typing import Literal
 from localrun.model.files import ModelFiles
 from localrun.model.quants import info as quant_info
 
-SCHEMA = "localrun.bench/1"
+SCHEMA = "localrun.bench/2"  # 2: settings.kld_top_k became kld_reference (distributions kept whole)
 
 
 @dataclass
