@@ -412,7 +412,7 @@ def test_reference_16_bit_encoding_keeps_kl(tmp_path):
     codes, scale, offset = encode_uint16(ref.astype(np.float32))
     back = decode_uint16(codes, scale, offset)
     above = ref > ref.max(axis=1, keepdims=True) - 16
-    assert np.all(np.abs(back - ref)[above] <= (scale[:, None] * 0.51 + 1e-6).repeat(5000, axis=1)[above])
+    assert (np.abs(back - ref) <= scale[:, None] * 0.51 + 1e-6)[above].all()  # half a step of rounding
     exact = (np.exp(ref) * (ref - cand)).sum(axis=1)
 
     writer = ReferenceWriter(tmp_path, [1, 2, 3], "vocab", rows=40, n_vocab=5000, encoding="uint16")
@@ -421,9 +421,10 @@ def test_reference_16_bit_encoding_keeps_kl(tmp_path):
     writer.close()
     reader = ReferenceReader(tmp_path)
     assert reader.tokens == [1, 2, 3] and reader.encoding == "uint16"
-    compared = reader.compare(cand.astype(np.float32))
-    assert np.allclose(compared.kld, exact, rtol=0.01, atol=1e-4)
-    assert compared.same_top.all() == (ref.argmax(axis=1) == cand.argmax(axis=1)).all()
+    first, rest = reader.compare(cand[:30].astype(np.float32)), reader.compare(cand[30:].astype(np.float32))
+    assert np.allclose(np.concatenate([first.kld, rest.kld]), exact, rtol=0.01, atol=1e-4)
+    same_top = np.concatenate([first.same_top, rest.same_top])
+    assert (same_top == (ref.argmax(axis=1) == cand.argmax(axis=1))).all()
 
 
 def test_no_room_for_the_reference_is_a_clear_error(tmp_path):
