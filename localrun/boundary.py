@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import traceback
@@ -21,13 +22,13 @@ def translate(exc: BaseException) -> LocalrunError | None:
     """Map third-party exceptions we know to LocalrunError; None when unknown."""
     if isinstance(exc, LocalrunError):
         return exc
-    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return NoSpace(
-            f"no space left on device: {exc.filename or ''}".strip(),
+            "no space left on device" + (f": {exc.filename}" if exc.filename else ""),
             hint="free some disk space; an interrupted download resumes on the next run",
         )
     module = type(exc).__module__ or ""
-    if module.startswith("huggingface_hub"):
+    if module.split(".")[0] in ("huggingface_hub", "httpx"):  # the Hub, and the network under it
         return translate_hub_error(exc)
     return None
 

@@ -306,3 +306,40 @@ def test_boundary_translates_huggingface_hub_errors(hub):
 
 def hub_cache() -> Path:
     return cache_dir()
+
+
+def test_boundary_translates_network_failures_naming_the_endpoint(monkeypatch):
+    import httpx
+
+    from support.hub import refusing_endpoint
+
+    with refusing_endpoint() as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(httpx.ConnectError) as refused:
+            httpx.get(url)
+        result = runner.invoke(_app_raising(refused.value), [])
+    assert result.exit_code == 5
+    assert result.stderr.splitlines() == [
+        f"error: cannot reach the Hub at {url}: connection refused",
+        "hint: check your connection and HF_ENDPOINT; models already pulled run offline",
+    ]
+
+
+def test_boundary_a_missing_cache_entry_is_a_network_error_not_a_missing_file(hub):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    hub.add_repo("acme/tiny-GGUF", {"x.gguf": Path(__file__)})
+    with pytest.raises(LocalEntryNotFoundError) as missing:  # not in the cache, the Hub not asked
+        hf_hub_download("acme/tiny-GGUF", "x.gguf", endpoint=hub.url, cache_dir=hub_cache(), local_files_only=True)
+    assert isinstance(missing.value, EntryNotFoundError)  # why the order of the checks matters
+    result = runner.invoke(_app_raising(missing.value), [])
+    assert result.exit_code == 5 and "not found in the repo" not in result.stderr
+
+
+def test_boundary_a_full_disk_without_a_path_is_one_clean_line():
+    import errno
+
+    result = runner.invoke(_app_raising(OSError(errno.ENOSPC, "No space left on device")), [])
+    assert result.exit_code == 6
+    assert result.stderr.splitlines()[0] == "error: no space left on device"

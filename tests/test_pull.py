@@ -9,9 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 from localrun.cache.resolve import resolve
 from localrun.cli import app
 from localrun.commands.loading import obtain
@@ -26,7 +29,7 @@ from localrun.hub.settings import cache_dir
 from localrun.model.files import ModelFiles
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
-from typer.testing import CliRunner
+from support.hub import refusing_endpoint, unanswering_endpoint
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -449,3 +452,35 @@ def test_hostile_listing_is_rejected(hub, tiny, tmp_path, name):
     assert result.exit_code == 7
     assert "unsafe file name" in error_lines(result.stderr)[0]
     assert not hub.downloads() and not blobs()
+
+
+# -- the network failing: one line naming the endpoint, exit 5, in bounded time --------------------
+@contextmanager
+def dead_endpoint(kind: str):
+    if kind == "refused":
+        with refusing_endpoint() as url:
+            yield url
+    elif kind == "unanswering":
+        with unanswering_endpoint() as url:
+            yield url
+    else:
+        yield "http://localrun-test.invalid"  # .invalid never resolves (RFC 2606)
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [("refused", "connection refused"), ("unresolvable", "cannot resolve"), ("unanswering", "no answer")],
+)
+@pytest.mark.parametrize("command", [["pull", REPO], ["show", REPO], ["run", f"{REPO}:Q2_K", "hi"]])
+def test_an_unreachable_hub_is_a_network_error_naming_the_endpoint(monkeypatch, command, kind, reason):
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")  # the metadata timeout, honoured as huggingface_hub does
+    with dead_endpoint(kind) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        started = time.monotonic()
+        result = runner.invoke(app, command)
+        elapsed = time.monotonic() - started
+    assert result.exit_code == 5, result.output
+    error, hint = error_lines(result.stderr)
+    assert error.startswith(f"error: cannot reach the Hub at {url}: {reason}"), error
+    assert "HF_ENDPOINT" in hint and result.stdout == ""
+    assert elapsed < 30  # does not hang

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from localrun.errors import AccessDenied, BadModel, NetworkError, NotFound
-from localrun.hub.settings import any_token, api, offline
+from localrun.hub.settings import any_token, api, metadata_timeout, offline
 from localrun.model import quants
 from localrun.model.files import SHARD_RE
 from localrun.model.refs import ModelRef
@@ -153,7 +153,7 @@ def list_quants(ref: ModelRef) -> RepoListing:
             f"offline (HF_HUB_OFFLINE=1): cannot list the files of {ref.repo_id}",
             hint="unset HF_HUB_OFFLINE, or use a model that is already pulled",
         )
-    info = api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+    info = api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True, timeout=metadata_timeout())
     if info.gated and not any_token():
         raise AccessDenied(
             f"{ref.repo_id} is gated: accept its licence on the model page and authenticate",

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from localrun.errors import BadModel, NetworkError, NotFound
+from localrun.errors import BadModel, NotFound
 from localrun.hub.errors import translate_hub_error
-from localrun.hub.settings import endpoint, token
+from localrun.hub.settings import download_timeout, endpoint, token
 from localrun.model.header import HeaderInfo, interpret
 from localrun.model.parse import FIRST_FETCH, Parsed, parse
 from localrun.text import safe
 
-READ_TIMEOUT = 30.0
-
 
 def _remote_reader(repo_id: str, filename: str, revision: str | None, size: int | None):
     """A read(offset, n) over HTTP Range requests, and the file size the server reports."""
-    import httpx
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
@@ -32,7 +29,7 @@ def _remote_reader(repo_id: str, filename: str, revision: str | None, size: int 
         want = end - offset
         try:
             with get_session().stream(
-                "GET", url, headers={**headers, "Range": f"bytes={offset}-{end - 1}"}, timeout=READ_TIMEOUT
+                "GET", url, headers={**headers, "Range": f"bytes={offset}-{end - 1}"}, timeout=download_timeout()
             ) as r:
                 if r.status_code == 416:
                     return b""
@@ -63,11 +60,6 @@ def _remote_reader(repo_id: str, filename: str, revision: str | None, size: int 
                 )
             if translated is not None:
                 raise translated from exc
-            if isinstance(exc, httpx.HTTPError):
-                raise NetworkError(
-                    f"cannot read the header of {safe(filename)} from {endpoint()}: {type(exc).__name__}",
-                    hint="check your connection or HF_ENDPOINT",
-                ) from exc
             raise
 
     return read, state

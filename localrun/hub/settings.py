@@ -1,7 +1,7 @@
 """The Hub settings as the environment has them now.
 
-huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE once, at import.
-localrun reads them at call time and passes them explicitly, so that every call (and every
+huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and its timeouts once, at
+import. localrun reads them at call time and passes them explicitly, so that every call (and every
 test, which points them at a temporary folder) sees the environment as it is now.
 """
 
@@ -22,6 +22,29 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(home).expanduser() / "hub"
+
+
+DEFAULT_TIMEOUT = 10.0  # seconds; huggingface_hub's default for both of its timeouts
+
+
+def _seconds(variable: str) -> float:
+    try:
+        value = float(os.environ.get(variable, ""))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if value > 0 else DEFAULT_TIMEOUT
+
+
+def metadata_timeout() -> float:
+    """How long to wait for the Hub to answer a metadata request (a listing, a file's HEAD):
+    HF_HUB_ETAG_TIMEOUT, as huggingface_hub reads it, else 10 s."""
+    return _seconds("HF_HUB_ETAG_TIMEOUT")
+
+
+def download_timeout() -> float:
+    """How long a read may wait for the next bytes of a file: HF_HUB_DOWNLOAD_TIMEOUT, else 10 s
+    (huggingface_hub reads the same variable, at import, for its downloads)."""
+    return _seconds("HF_HUB_DOWNLOAD_TIMEOUT")
 
 
 def offline() -> bool:

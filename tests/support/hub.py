@@ -15,6 +15,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,11 +45,19 @@ class HostedRepo:
 
 @dataclass
 class Fault:
-    kind: str  # "500", "reset" (connection reset after `after_bytes`), "slow" (delay per chunk)
+    """What goes wrong with a resolve request: "500"; "429" (Too Many Requests, with Retry-After:
+    `retry_after` when given); "stall" (the request is read and never answered, for `delay`
+    seconds or until the emulator stops); "reset" (connection reset after `after_bytes` of the
+    body); "slow" (`delay` per 64 KiB chunk of the body)."""
+
+    kind: str
     pattern: str = "*"  # fnmatch against the file path in the repo
     times: int = 1  # how many requests it hits; -1 for all
     after_bytes: int = 0
     delay: float = 0.05
+    method: str = "GET"  # the requests it hits: "GET", "HEAD" (huggingface_hub's metadata call) or "*"
+    retry_after: int | None = None
+    downloads_only: bool = False  # spare Range reads of a part (a header): hit whole files and resumes only
 
 
 @dataclass
@@ -80,6 +90,7 @@ class HubEmulator:
         self.log: list[LoggedRequest] = []
         self.tokens = tokens or {"hf_testtoken"}  # tokens allowed into gated repos
         self._lock = threading.Lock()
+        self._stopped = threading.Event()  # ends every stall
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -106,9 +117,18 @@ class HubEmulator:
         return commit
 
     def inject(
-        self, kind: str, pattern: str = "*", *, times: int = 1, after_bytes: int = 0, delay: float = 0.05
+        self,
+        kind: str,
+        pattern: str = "*",
+        *,
+        times: int = 1,
+        after_bytes: int = 0,
+        delay: float = 0.05,
+        method: str = "GET",
+        retry_after: int | None = None,
+        downloads_only: bool = False,
     ) -> Fault:
-        fault = Fault(kind, pattern, times, after_bytes, delay)
+        fault = Fault(kind, pattern, times, after_bytes, delay, method, retry_after, downloads_only)
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -123,10 +143,14 @@ class HubEmulator:
             and fnmatch.fnmatch(r.path.split("/resolve/", 1)[1].split("/", 1)[1], pattern)
         ]
 
-    def _take_fault(self, file_path: str) -> Fault | None:
+    def _take_fault(self, file_path: str, method: str, range_header: str | None) -> Fault | None:
+        # huggingface_hub downloads a whole file, or resumes one with an open-ended range (bytes=N-)
+        download = range_header is None or range_header.strip().endswith("-")
         with self._lock:
             for fault in self.faults:
-                if fault.times != 0 and fnmatch.fnmatch(file_path, fault.pattern):
+                if fault.times == 0 or fault.method not in ("*", method) or (fault.downloads_only and not download):
+                    continue
+                if fnmatch.fnmatch(file_path, fault.pattern):
                     if fault.times > 0:
                         fault.times -= 1
                     return fault
@@ -140,6 +164,7 @@ class HubEmulator:
         return f"http://{host}:{port}"
 
     def start(self) -> HubEmulator:
+        self._stopped.clear()
         handler = type("Handler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -148,6 +173,7 @@ class HubEmulator:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -340,9 +366,17 @@ class _Handler(BaseHTTPRequestHandler):
         if hosted is None:
             return self._error(404, "EntryNotFound", f"{file_path} does not exist on {rev}")
 
-        fault = self.hub._take_fault(file_path) if self.command == "GET" else None
+        fault = self.hub._take_fault(file_path, self.command, self.headers.get("Range"))
         if fault is not None and fault.kind == "500":
             return self._error(500, "InternalError", "Injected server error")
+        if fault is not None and fault.kind == "429":
+            headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+            body = json.dumps({"error": "Too many requests"}).encode()
+            return self._send(429, body, {"X-Error-Message": "Too many requests", **headers})
+        if fault is not None and fault.kind == "stall":
+            self.hub._stopped.wait(fault.delay)
+            self.close_connection = True
+            return self._record(0)  # 0: never answered
 
         start, end = 0, hosted.size - 1
         status = 200
@@ -413,3 +447,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
         except OSError:
             pass
+
+
+@contextmanager
+def refusing_endpoint() -> Iterator[str]:
+    """A loopback URL where connections are refused: the port is bound (so no one else takes it)
+    and never listened on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextmanager
+def unanswering_endpoint() -> Iterator[str]:
+    """A loopback URL whose server accepts connections and never answers: the kernel completes
+    the handshake from the listen backlog, and nothing ever reads or writes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
