@@ -36,6 +36,11 @@ GPU_RESERVE = 512 * MIB  # per GPU: the CUDA/Metal context, fragmentation, the d
 BASE_OVERHEAD = 12 * MIB
 VOCAB_OVERHEAD = 200  # bytes per vocabulary token
 CTX_OVERHEAD = 128  # bytes per KV cell (cell metadata, host-side masks)
+# What localrun's own process adds beyond that (a real `localrun run` against a bare load, both in
+# scripts/fit_accuracy.py): the vocabulary parsed and checked as Python objects on a file's first
+# load (~60 B a token), the chat template, the renderer, the threads that load and decode.
+LOCALRUN_OVERHEAD = 16 * MIB
+LOCALRUN_PER_TOKEN = 64
 
 # ggml types the CPU backend repacks for faster matmuls (ggml-cpu/repack.cpp), by CPU feature
 _REPACK = {
@@ -227,7 +232,8 @@ def estimate(
         host = 4 * ubatch * header.n_embd * 2  # inputs and the hand-over between devices
         compute_ram = max(host, 0 if output_on_gpu else output_phase)
 
-    overhead = BASE_OVERHEAD + VOCAB_OVERHEAD * header.n_vocab + CTX_OVERHEAD * _pad(n_ctx)
+    overhead = (BASE_OVERHEAD + LOCALRUN_OVERHEAD + (VOCAB_OVERHEAD + LOCALRUN_PER_TOKEN) * header.n_vocab
+                + CTX_OVERHEAD * _pad(n_ctx))
     output_ram = 4 * header.n_vocab * max(1, n_outputs)
     return MemoryEstimate(weights_ram, weights_vram, kv_ram, kv_vram, compute_ram, compute_vram, overhead, output_ram)
 

@@ -93,6 +93,31 @@ class Output:
         """A human-readable result (a table, a report) on stdout."""
         self.out.print(renderable)
 
+    def table(self, table: Any, *, console: Console | None = None) -> None:
+        """A rich Table on stdout (or `console`): sized to a terminal; piped, at its natural width with
+        no padding at the ends of lines, never cut."""
+        console = console or self.out
+        if console.is_terminal:
+            console.print(table)
+            return
+        with console.capture() as captured:
+            console.print(table)
+        console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+        console.file.flush()
+
+    def fields(self, rows: list[tuple[str, str]]) -> None:
+        """Label / value lines on stdout. On a terminal the values wrap at word boundaries under
+        themselves; piped they are plain lines, nothing padded or cut. Values are plain text."""
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        for key, value in rows:
+            table.add_row(key, Text(value))
+        self.table(table)
+
     # -- messages (stderr) ----------------------------------------------------------------------
     def info(self, message: str) -> None:
         self.err.print(safe(message, None, multiline=True), markup=False)

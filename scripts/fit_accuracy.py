@@ -9,6 +9,7 @@ Target: the estimate is never under, and at most 5% or 64 MiB over (whichever is
 
     python scripts/fit_accuracy.py                 # all cases
     python scripts/fit_accuracy.py --quick         # two tiny quants and Gemma, two contexts each
+    python scripts/fit_accuracy.py --run [--quick] # against real `localrun run` processes (peak RSS)
 """
 
 from __future__ import annotations
@@ -75,10 +76,37 @@ def measure(model: Path, n_ctx: int, n_batch: int, logits_all: bool) -> dict:
     return result
 
 
+# What `localrun run` imports and initialises before it touches a model: the floor of its RSS.
+BASELINE = (
+    "import localrun.commands.generate, localrun.commands.loading; from localrun.inference.build import llama; llama()"
+)
+PEAK = "import resource, subprocess, sys; subprocess.run(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+
+
+def peak_rss(argv: list[str], env: dict) -> int:
+    """The peak RSS (VmHWM) of one command, in bytes, as its parent sees it when it ends."""
+    out = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+def run_process(model: Path, n_ctx: int, home: Path) -> tuple[int, int]:
+    """Peak RSS growth of a real `localrun run` (a prompt of a few hundred tokens, 4 tokens of
+    reply) over the baseline: on the file's first load (its header parsed and checked) and after."""
+    import os
+
+    env = {**os.environ, "LOCALRUN_HOME": str(home)}
+    base = peak_rss([sys.executable, "-c", BASELINE], env)
+    prompt = "the quick brown fox jumps over the lazy dog and " * 60
+    argv = [sys.executable, "-m", "localrun", "run", str(model), "--raw", "--ctx", str(n_ctx), "-n", "4", prompt]
+    first = peak_rss(argv, env)
+    again = peak_rss(argv, env)
+    return first - base, again - base
+
+
 def cases(quick: bool) -> list[tuple[str, Path, list[int]]]:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import CACHE
-    from support.models import build_suite, gemma_model
+    from support.models import build_suite, deep_model, gemma_model
     # the same cache the tests build
 
     suite = build_suite(CACHE / "models")
@@ -90,6 +118,7 @@ def cases(quick: bool) -> list[tuple[str, Path, list[int]]]:
         [(f"tiny {q}", suite.quants[q], tiny_ctx) for q in quants]
         + [("tiny split F32", suite.split[0], tiny_ctx[:1])]
         + [("gemma3 270M Q4_K_M", gemma, gemma_ctx)]
+        + [("llama 30 layers GQA Q8_0", deep_model(CACHE / "models"), [2048] if quick else [2048, 8192])]
     )
 
 
@@ -107,11 +136,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument(
+        "--run",
+        action="store_true",
+        help="compare with real `localrun run` processes (peak RSS growth) instead of bare loads",
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), int(args.worker[2]), args.worker[3] == "1")
         return 0
+    if args.run:
+        return compare_runs(args.quick)
 
     from localrun import fit
     from localrun.hardware import cpu_info
@@ -182,6 +218,35 @@ def main() -> int:
         f"\n{failures} case(s) outside the target. Target: buffers (est without overhead vs logged) "
         "never under and at most 5% or 64 MiB over; the same for RSS growth."
     )
+    return 1 if failures else 0
+
+
+def compare_runs(quick: bool) -> int:
+    """The estimate `show` prints (a generation context on this machine) against what a real
+    `localrun run` process grows by, first load and cached."""
+    import tempfile
+
+    from localrun import fit
+    from localrun.inference.selftest import this_machine
+    from localrun.model.header import read_header
+
+    machine = this_machine()
+    print("case | n_ctx | estimate | run, first load | run, cached | est vs first | est vs cached | ok")
+    print("---|---|---|---|---|---|---|---")
+    failures = 0
+    for label, path, contexts in cases(quick):
+        for n_ctx in contexts:
+            estimate = fit.plan(read_header(path), machine, n_ctx).estimate.ram
+            with tempfile.TemporaryDirectory() as home:
+                first, again = run_process(path, n_ctx, Path(home))
+            ok = _ok(estimate, first) and _ok(estimate, again)
+            failures += not ok
+            print(
+                f"{label} | {n_ctx} | {estimate / MIB:.1f} | {first / MIB:.1f} | {again / MIB:.1f} | "
+                f"{_err(estimate, first)} | {_err(estimate, again)} | {'yes' if ok else 'NO'}",
+                flush=True,
+            )
+    print(f"\n{failures} case(s) outside the target (never under, at most 5% or 64 MiB over).")
     return 1 if failures else 0
 
 

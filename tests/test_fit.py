@@ -5,8 +5,8 @@ n_embd 4096, n_ff 14336, 128256 tokens. Expected figures are worked out by hand 
 - KV at 4096 ctx (f16): 8 heads * (128 + 128) * 4096 cells * 2 B = 16 MiB a layer, 512 in all.
 - compute, output phase: 512 rows * 128256 * 4 B + 2 * 512 * 4096 * 4 B = 250.5 + 16 = 266.5.
 - compute, layer phase: 512 tokens * (3 * 14336 + 5 * 4096) * 4 B = 124, + f16 mask 4096*512*2 = 4.
-- fixed: 12 MiB + 200 B * 128256 tokens + 128 B * 4096 cells = 12 + 24.46 + 0.5 = 36.96;
-  the logits of one row: 0.49.
+- fixed: llama.cpp's 12 MiB + 200 B * 128256 tokens + 128 B * 4096 cells = 12 + 24.46 + 0.5 = 36.96,
+  and localrun's own 16 MiB + 64 B * 128256 tokens = 23.83; the logits of one row: 0.49.
 Plans are for generation, whose contexts reserve one logits row (runtime sets n_outputs_max = 1):
 their output phase is 0.49 + 16 = 16.5 MiB, so the layer phase (128 MiB) is the compute buffer.
 """
@@ -25,7 +25,7 @@ GiB = 2**30
 KV_LAYER = 16 * MiB
 OUTPUT_PHASE = int(266.5 * MiB)
 LAYER_PHASE = 128 * MiB
-FIXED = 12 * MiB + 200 * 128256 + 128 * 4096 + 4 * 128256
+FIXED = 12 * MiB + 200 * 128256 + 128 * 4096 + 16 * MiB + 64 * 128256 + 4 * 128256
 
 
 def llama8b(layer_mib: float, embd_mib: float, output_mib: float, quant: str, **extra) -> HeaderInfo:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from rich.markup import escape
-from rich.table import Table
-
 from localrun import hardware
 from localrun.hardware import Machine
 from localrun.inference import selftest
@@ -78,22 +75,20 @@ def show_hardware(out: Output, report: HardwareReport) -> None:
         out.data(report.to_dict())
         return
     m, b = report.machine, report.build
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
-    table.add_row("OS", m.os)
-    table.add_row("CPU", f"{m.cpu.model} ({m.cpu.arch})")
-    table.add_row("Cores", f"{m.cpu.physical_cores} physical, {m.cpu.logical_cores} logical")
-    table.add_row("CPU features", " ".join(m.cpu.features) or "-")
-    table.add_row("RAM", f"{human_bytes(m.ram_total)} total, {human_bytes(m.ram_available)} available")
-    for label, value in _gpu_rows(m):
-        table.add_row(label, escape(value))
-    table.add_row("llama-cpp-python", b.version)
-    table.add_row("GPU offload", "yes" if b.gpu_offload else "no (CPU-only build)")
-    table.add_row("Backends", ", ".join(b.backends) or "-")
-    table.add_row("System info", escape(b.system_info))
+    rows = [
+        ("OS", m.os),
+        ("CPU", f"{m.cpu.model} ({m.cpu.arch})"),
+        ("Cores", f"{m.cpu.physical_cores} physical, {m.cpu.logical_cores} logical"),
+        ("CPU features", " ".join(m.cpu.features) or "-"),
+        ("RAM", f"{human_bytes(m.ram_total)} total, {human_bytes(m.ram_available)} available"),
+        *_gpu_rows(m),
+        ("llama-cpp-python", b.version),
+        ("GPU offload", "yes" if b.gpu_offload else "no (CPU-only build)"),
+        ("Backends", ", ".join(b.backends) or "-"),
+        ("System info", b.system_info),
+    ]
     if m.cpu.has_amx:
-        table.add_row("AMX", "this CPU has AMX; " + ("the build uses it" if b.has_amx else "the build does not use it"))
+        rows.append(("AMX", "this CPU has AMX; " + ("the build uses it" if b.has_amx else "the build does not use it")))
     v = report.selftest
     if v is not None:
         if v.ok and v.use_extra_bufts:
@@ -101,8 +96,8 @@ def show_hardware(out: Output, report: HardwareReport) -> None:
         elif v.ok:
             status = "passed on the safe path (use_extra_bufts=False)"
         else:
-            status = escape(f"FAILED: {v.fast.signal or 'exit ' + str(v.fast.returncode)}: {v.fast.detail[-300:]}")
-        table.add_row("Self-test", status)
-    out.show(table)
+            status = f"FAILED: {v.fast.signal or 'exit ' + str(v.fast.returncode)}: {v.fast.detail[-300:]}"
+        rows.append(("Self-test", status))
+    out.fields(rows)
     if v is not None and v.advice():
         out.warn(v.advice())

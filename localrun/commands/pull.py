@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -266,7 +267,8 @@ def pull(
 
     as_step: the pull serves another command (chat, run...), whose stdout is its own: report on stderr.
     """
-    show = (out.err if as_step else out.out).print
+    console = out.err if as_step else out.out
+    show = console.print
     if offline() and not ref.is_local:
         return _pull_offline(ref, out, quant, show, machine, n_ctx)
     machine = machine or this_machine(out.info)
@@ -275,7 +277,7 @@ def pull(
     )
     result.dry_run = dry_run
     if not out.json:
-        show_table(show, result)
+        show_table(out, console, result)
     for skipped in listing.skipped:
         out.warn(f"skipped an incomplete split: {skipped}")
     if result.chosen is None:
@@ -332,14 +334,15 @@ def _pull_offline(
     return PullResult(ref.repo_id or "", None, rows, 0, why, files=list(model.files), already_there=True)
 
 
-def show_table(show: Callable[..., None], result: PullResult) -> None:
-    """The candidates, the choice marked, and why; `show` is a console's print (stdout, or stderr)."""
+def show_table(out: Output, console: Console, result: PullResult) -> None:
+    """The candidates, the choice marked, and why, on `console` (stdout, or stderr in a pull that
+    serves another command)."""
     machine = result.machine
     where = ""
     if machine is not None:
         gpus = ", ".join(f"{g.name} {human_bytes(g.free)} free" for g in machine.gpus) or "no GPU"
         where = f" · {human_bytes(machine.ram_available)} RAM available, {gpus}"
-    show(f"[bold]{escape(result.repo_id)}[/] [dim]@ {(result.commit or '')[:7]}{escape(where)}[/]")
+    console.print(f"[bold]{escape(result.repo_id)}[/] [dim]@ {(result.commit or '')[:7]}{escape(where)}[/]")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in (
         ("", "left"),
@@ -367,5 +370,5 @@ def show_table(show: Callable[..., None], result: PullResult) -> None:
             escape(safe(row.verdict())),
             style=style,
         )
-    show(table)
-    show(result.why, markup=False)
+    out.table(table, console=console)
+    console.print(result.why, markup=False)

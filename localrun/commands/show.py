@@ -234,10 +234,4 @@ def show(out: Output, d: Description) -> None:
         rows.append(
             (title, ", ".join(f"{safe(label.split(':', 1)[1])} {human_bytes(size)}" for label, size in d.others))
         )
-    # Plain lines that the terminal wraps, not a rich Table: that pads every line to the console
-    # width and cuts paths and plans into columns, also when piped.
-    width = max(len(key) for key, _ in rows) + 2
-    for key, value in rows:
-        line = Text(key.ljust(width), style="bold")
-        line.append(value)
-        out.show(line)
+    out.fields(rows)

