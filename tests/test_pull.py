@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from localrun.hub.settings import cache_dir
 from localrun.model.files import ModelFiles
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
+from localrun.text import human_bytes
 from support.hub import refusing_endpoint, unanswering_endpoint
 
 runner = CliRunner()
@@ -49,6 +52,17 @@ def blobs() -> list[Path]:
 
 def incomplete() -> list[Path]:
     return list(cache_dir().rglob("*.incomplete"))
+
+
+def localrun(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real CLI in a child process: huggingface_hub imported afresh there, its log on the real stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "localrun", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def quiet() -> Output:
@@ -411,7 +425,7 @@ def test_http_500_is_retried_then_reported(repo, monkeypatch, capsys):
     listing = list_quants(parse_ref(REPO))
     repo.inject("500", "tiny-llama-Q2_K.gguf", times=1)
     (saved,) = download(listing, listing.quants[listing.select(tag="Q2_K")])
-    assert "HTTP 500; resuming (attempt 2 of 3)" in capsys.readouterr().err and saved.is_file()
+    assert "HTTP 500; trying again (attempt 2 of 3)" in capsys.readouterr().err and saved.is_file()
     repo.inject("500", "tiny-llama-Q4_K_M.gguf", times=-1)
     failed = runner.invoke(app, ["pull", f"{REPO}:Q4_K_M"])
     assert failed.exit_code == 5, failed.output
@@ -484,3 +498,147 @@ def test_an_unreachable_hub_is_a_network_error_naming_the_endpoint(monkeypatch, 
     assert error.startswith(f"error: cannot reach the Hub at {url}: {reason}"), error
     assert "HF_ENDPOINT" in hint and result.stdout == ""
     assert elapsed < 30  # does not hang
+
+
+# -- retries of our own: bounded in time, one line each, Retry-After honoured ----------------------
+def test_http_500_on_head_only_is_a_network_error_not_a_missing_file(repo):
+    repo.inject("500", "tiny-llama-Q2_K.gguf", times=-1, method="HEAD")
+    failed = localrun("pull", f"{REPO}:Q2_K")
+    assert failed.returncode == 5, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert lines[0].startswith("downloading Q2_K: 1 file")
+    assert lines[1:3] == [
+        f"warning: tiny-llama-Q2_K.gguf: the Hub answered HTTP 500; trying again (attempt {n} of 3)" for n in (2, 3)
+    ]
+    assert lines[3:] == [
+        "error: download of tiny-llama-Q2_K.gguf failed: the Hub answered HTTP 500, 3 attempts",
+        "hint: run the same command again: it resumes where it stopped",
+    ]
+    assert not blobs() and len([r for r in repo.log if r.method == "HEAD"]) == 3
+    repo.inject("500", "tiny-llama-Q4_K_M.gguf", times=1, method="HEAD")
+    fine = localrun("pull", f"{REPO}:Q4_K_M")
+    assert fine.returncode == 0, fine.stderr
+    assert "HTTP 500; trying again (attempt 2 of 3)" in fine.stderr and "Retry" not in fine.stderr
+
+
+def test_a_stall_on_every_attempt_ends_in_bounded_time_with_one_line_per_retry(repo):
+    repo.inject("stall", "tiny-llama-Q2_K.gguf", times=-1, method="*", delay=600, downloads_only=True)
+    started = time.monotonic()
+    failed = localrun("pull", f"{REPO}:Q2_K", env={"HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "1"})
+    assert time.monotonic() - started < 60  # 3 attempts of 1 s, not huggingface_hub's 6 of 60 s
+    assert failed.returncode == 5, failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert lines[0].startswith("downloading Q2_K: 1 file") and len(lines) == 5, failed.stderr
+    assert lines[1:3] == [
+        f"warning: tiny-llama-Q2_K.gguf: no answer (timed out); trying again (attempt {n} of 3)" for n in (2, 3)
+    ]
+    assert lines[3].startswith("error: download of tiny-llama-Q2_K.gguf failed: no answer (timed out), 3 attempts")
+    assert not blobs()
+
+
+def test_a_stall_before_the_body_is_retried_and_resumed(repo):
+    repo.inject("stall", "tiny-llama-Q2_K.gguf", times=1, delay=600, downloads_only=True)  # the first GET
+    result = localrun("pull", f"{REPO}:Q2_K", env={"HF_HUB_DOWNLOAD_TIMEOUT": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[1:] == [
+        "warning: tiny-llama-Q2_K.gguf: no answer (timed out); trying again (attempt 2 of 3)"
+    ]
+    assert len(blobs()) == 1
+
+
+def test_429_waits_as_retry_after_says_within_a_bound(repo, capsys):
+    listing = list_quants(parse_ref(REPO))
+    repo.inject("429", "tiny-llama-Q2_K.gguf", times=1, method="*", retry_after=2)
+    started = time.monotonic()
+    (saved,) = download(listing, listing.quants[listing.select(tag="Q2_K")])
+    assert time.monotonic() - started >= 2 and saved.is_file()
+    assert (
+        "tiny-llama-Q2_K.gguf: the Hub is rate-limiting (HTTP 429); waiting 2 s (attempt 2 of 3)"
+        in capsys.readouterr().err
+    )
+    repo.inject("429", "tiny-llama-Q4_K_M.gguf", times=-1, method="*", retry_after=3600, downloads_only=True)
+    started = time.monotonic()
+    refused = runner.invoke(app, ["pull", f"{REPO}:Q4_K_M"])
+    assert time.monotonic() - started < 30  # an hour is beyond the bound: say so, do not wait
+    assert refused.exit_code == 5, refused.output
+    error, hint = error_lines(refused.stderr)
+    assert "rate-limiting" in error and "1 h" in error and "try again in 1 h" in hint
+
+
+# -- a full disk: the folder named, the partial file kept; bookkeeping never stops a model ---------
+@contextmanager
+def small_disk(where: Path, size: str):
+    """A real filesystem that fills up: a tmpfs of `size` mounted at `where` (needs root; skips otherwise)."""
+    where.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill `disk` to its last byte with one file, and return the file."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(64 << 10))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_disk_filled_during_a_download_names_the_folder_and_keeps_the_partial_file(
+    hub, big_model, tmp_path, monkeypatch
+):
+    hub.add_repo("acme/big-GGUF", {"tiny-big-F32.gguf": big_model})
+    with small_disk(tmp_path / "disk", "64m") as disk:
+        monkeypatch.setenv("HF_HUB_CACHE", str(disk / "hub"))
+        slow = hub.inject("slow", "tiny-big-F32.gguf", times=-1, delay=0.01, downloads_only=True)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "localrun", "pull", "acme/big-GGUF"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(p.stat().st_size >= CHUNK for p in incomplete()):
+            time.sleep(0.02)
+        filler = fill(disk)  # the disk fills while the download runs
+        _, stderr = child.communicate(timeout=120)
+        assert child.returncode == 6, stderr
+        (partial,) = incomplete()
+        kept = partial.stat().st_size
+        assert kept >= CHUNK and not blobs()
+        assert error_lines(stderr) == [
+            f"error: no space left on device in {disk / 'hub'}: the download of tiny-big-F32.gguf stopped, "
+            f"{human_bytes(kept)} kept",
+            "hint: free some space (or set HF_HUB_CACHE to a bigger disk), then run the same command again: "
+            "it resumes where it stopped",
+        ]
+        filler.unlink()
+        slow.times = 0
+        result = pull(parse_ref("acme/big-GGUF"), quiet(), machine=Machine(64 * GiB, 60 * GiB, []))
+        last = [g for g in hub.downloads("tiny-big-F32.gguf") if g.range is None or g.range.endswith("-")][-1]
+        assert last.range == f"bytes={kept}-" and sha256(result.files[0]) == sha256(big_model)
+
+
+def test_a_full_disk_under_localrun_home_never_stops_a_model_from_running(repo, tmp_path, monkeypatch):
+    assert runner.invoke(app, ["pull", f"{REPO}:Q2_K"]).exit_code == 0
+    with small_disk(tmp_path / "full", "1m") as disk:
+        home = disk / "home"
+        home.mkdir()
+        shutil.copy(Path(os.environ["LOCALRUN_HOME"]) / "probe.json", home)  # the self-test's verdict
+        monkeypatch.setenv("LOCALRUN_HOME", str(home))
+        fill(disk)
+        ran = runner.invoke(app, ["run", f"{REPO}:Q2_K", "hi", "-n", "2"])
+        assert ran.exit_code == 0, ran.output
+        assert ran.stdout.strip() and "Traceback" not in ran.stderr
+        pulled_too = runner.invoke(app, ["pull", f"{REPO}:Q4_K_M"])
+        assert pulled_too.exit_code == 0, pulled_too.output
+        assert runner.invoke(app, ["list"]).exit_code == 0
+        assert not [p for p in home.rglob("*") if p.name.endswith(".tmp")]  # no half-written files left
+        assert not (home / "usage.json").exists()  # could not be written: the run went on without it

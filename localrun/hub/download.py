@@ -7,6 +7,7 @@ caller through a DownloadProgress (the command draws it), never through printing
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from collections.abc import Callable
@@ -16,7 +17,17 @@ from typing import Any, Protocol
 
 from localrun.errors import BadModel, Interrupted, NetworkError, NoSpace
 from localrun.hub.listing import RepoListing, RepoQuant
-from localrun.hub.settings import cache_dir, endpoint, free_disk, offline, repo_folder, token
+from localrun.hub.retry import RETRY_AFTER_LIMIT, check_reachable, duration, retry_for, too_long
+from localrun.hub.settings import (
+    cache_dir,
+    endpoint,
+    free_disk,
+    metadata_timeout,
+    offline,
+    quiet_hub_logs,
+    repo_folder,
+    token,
+)
 from localrun.text import human_bytes, plural, safe
 
 DOWNLOAD_ATTEMPTS = 3  # within one pull; a later pull resumes from the .incomplete file anyway
@@ -51,8 +62,14 @@ class _FileState:
     name: str
     size: int
     sha256: str | None
+    blob: Path | None  # where huggingface_hub keeps it: LFS blobs are named by their sha256
     complete: bool  # in the cache already: never downloaded again
     partial: int  # bytes kept in <blob>.incomplete by an interrupted download
+
+    def kept(self) -> int:
+        """Bytes in <blob>.incomplete now: what the next attempt resumes from."""
+        incomplete = self.blob.with_name(self.blob.name + ".incomplete") if self.blob else None
+        return incomplete.stat().st_size if incomplete and incomplete.exists() else 0
 
 
 def _file_states(listing: RepoListing, quant: RepoQuant) -> list[_FileState]:
@@ -62,14 +79,12 @@ def _file_states(listing: RepoListing, quant: RepoQuant) -> list[_FileState]:
     states = []
     for name in quant.files:
         sha, size = quant.sha256.get(name), quant.sizes.get(name, 0)
-        blob = blobs / sha if sha else None  # LFS blobs are named by their sha256
+        blob = blobs / sha if sha else None
         cached = try_to_load_from_cache(listing.repo_id, name, cache_dir=cache_dir(), revision=listing.commit)
         complete = isinstance(cached, str) or bool(blob and blob.exists())
-        partial = 0
-        if blob is not None and not complete:
-            incomplete = blob.with_name(blob.name + ".incomplete")
-            partial = min(incomplete.stat().st_size, size) if incomplete.exists() else 0
-        states.append(_FileState(name, size, sha, complete, partial))
+        state = _FileState(name, size, sha, blob, complete, 0)
+        state.partial = 0 if complete else min(state.kept(), size)
+        states.append(state)
     return states
 
 
@@ -79,20 +94,6 @@ def sha256_of(path: Path) -> str:
         while block := f.read(8 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _transient(exc: BaseException) -> str | None:
-    """Why a download attempt failed, when trying again may help; None when it will not."""
-    import httpx
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if isinstance(exc, httpx.TransportError):
-        return f"connection lost ({type(exc).__name__})"
-    if isinstance(exc, HfHubHTTPError):
-        status = getattr(exc.response, "status_code", None)
-        if status is not None and (status >= 500 or status == 429):
-            return f"the Hub answered HTTP {status}"
-    return None
 
 
 def download(
@@ -105,6 +106,7 @@ def download(
     """Every file of `quant` into the HF cache (resuming partial files), sha256-verified; the paths
     to load, in shard order. `free_space(path) -> bytes` is the disk check, a parameter for tests."""
     progress = progress or SilentProgress()
+    quiet_hub_logs()
     states = _file_states(listing, quant)
     todo = [s for s in states if not s.complete]
     remaining = sum(s.size - s.partial for s in todo)
@@ -159,6 +161,7 @@ def _record_revision(listing: RepoListing, state: _FileState) -> None:
     if listing.revision == listing.commit or offline():
         return
     try:
+        check_reachable(listing.repo_id, state.name, listing.revision)  # else hf_hub_download retries for minutes
         hf_hub_download(
             listing.repo_id,
             state.name,
@@ -166,6 +169,7 @@ def _record_revision(listing: RepoListing, state: _FileState) -> None:
             cache_dir=cache_dir(),
             endpoint=endpoint(),
             token=token(),
+            etag_timeout=metadata_timeout(),
         )
     except Exception:  # the files are in place; a missing ref only hides the branch name in `list`
         pass
@@ -176,6 +180,8 @@ def _fetch(listing: RepoListing, state: _FileState, progress: DownloadProgress, 
 
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
+            if not state.complete and not offline():
+                check_reachable(listing.repo_id, state.name, listing.commit)
             return Path(
                 hf_hub_download(
                     listing.repo_id,
@@ -185,23 +191,42 @@ def _fetch(listing: RepoListing, state: _FileState, progress: DownloadProgress, 
                     endpoint=endpoint(),
                     token=token(),
                     local_files_only=offline(),
+                    etag_timeout=metadata_timeout(),
                     tqdm_class=counter.tqdm_class,
                 )
             )
         except Exception as exc:
-            reason = _transient(exc)
-            if reason is None:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # huggingface_hub names no path
+                raise _disk_full(state) from exc
+            retry = retry_for(exc)
+            if retry is None:
                 raise
+            if retry.wait is not None and retry.wait > RETRY_AFTER_LIMIT:
+                raise too_long(retry) from exc
             if attempt == DOWNLOAD_ATTEMPTS:
                 raise NetworkError(
-                    f"download of {safe(state.name)} failed: {reason}, {DOWNLOAD_ATTEMPTS} attempts",
+                    f"download of {safe(state.name)} failed: {retry.reason}, {DOWNLOAD_ATTEMPTS} attempts",
                     hint="run the same command again: it resumes where it stopped",
                 ) from exc
+            if retry.wait is not None:
+                delay, then = retry.wait, f"waiting {duration(retry.wait)}"
+            else:
+                delay, then = RETRY_DELAY * attempt, "resuming" if state.kept() else "trying again"
             progress.message(
-                f"{safe(state.name)}: {reason}; resuming (attempt {attempt + 1} of {DOWNLOAD_ATTEMPTS})", warning=True
+                f"{safe(state.name)}: {retry.reason}; {then} (attempt {attempt + 1} of {DOWNLOAD_ATTEMPTS})",
+                warning=True,
             )
-            time.sleep(RETRY_DELAY * attempt)
+            time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _disk_full(state: _FileState) -> NoSpace:
+    return NoSpace(
+        f"no space left on device in {cache_dir()}: the download of {safe(state.name)} stopped, "
+        f"{human_bytes(state.kept())} kept",
+        hint="free some space (or set HF_HUB_CACHE to a bigger disk), then run the same command "
+        "again: it resumes where it stopped",
+    )
 
 
 def _verify(path: Path, state: _FileState) -> None:
@@ -212,7 +237,7 @@ def _verify(path: Path, state: _FileState) -> None:
         for victim in {blob, path}:
             victim.unlink(missing_ok=True)
         raise BadModel(
-            f"{safe(state.name)} is corrupt: its sha256 {got[:12]}… is not the Hub's {state.sha256[:12]}…; "
+            f"{safe(state.name)} is corrupt: its sha256 {got[:12]}… is not the Hub's {(state.sha256 or '')[:12]}…; "
             "the file was deleted",
             hint="pull again; if it repeats, the repo or a proxy serves a bad file",
         )

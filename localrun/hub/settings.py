@@ -47,6 +47,16 @@ def download_timeout() -> float:
     return _seconds("HF_HUB_DOWNLOAD_TIMEOUT")
 
 
+def quiet_hub_logs() -> None:
+    """Keep huggingface_hub's log to errors: it warns for each retry of its own, in raw lines,
+    where localrun says one line per retry of its own. HF_HUB_VERBOSITY or LOCALRUN_DEBUG=1 keep it."""
+    if os.environ.get("HF_HUB_VERBOSITY") or os.environ.get("LOCALRUN_DEBUG") == "1":
+        return
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
 def offline() -> bool:
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().upper() in ("1", "ON", "YES", "TRUE")
