@@ -634,3 +634,27 @@ def test_no_quality_measures_speed_only(tiny):
     assert "PPL" not in table.stdout and "KL divergence" not in table.stdout
     assert "speed only (--no-quality)" in table.stdout
     assert "generation speed (tg, tok/s)" in table.stdout
+
+
+def test_sigterm_removes_the_reference_files(tiny, tmp_path):
+    """The reference's distributions can take a gigabyte of the temp folder: a bench ended by
+    SIGTERM (or SIGHUP, a closed terminal) removes them as Ctrl-C does."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(folder)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localrun", "bench", str(tiny.quants["F16"]), str(tiny.quants["Q8_0"]), *QUICK],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the reference is measured: its files are in the temp folder
+        if line.startswith("[1/2]"):
+            assert list(folder.glob("localrun-bench-*/reference*"))
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert list(folder.glob("localrun-bench-*")) == []

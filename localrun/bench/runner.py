@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -239,7 +242,7 @@ def run_bench(
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="localrun-bench-") as tmp:
+    with _hangup_as_interrupt(), tempfile.TemporaryDirectory(prefix="localrun-bench-") as tmp:
         try:
             for index, (cand, result) in enumerate(zip(candidates, bench.results)):
                 have_ref = bench.reference is not None
@@ -278,6 +281,26 @@ def run_bench(
     bench.recommendation = recommend(bench)
     bench.warnings = noise_warnings(bench)
     return bench
+
+
+@contextmanager
+def _hangup_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) end the bench as Ctrl-C does, so the temporary folder
+    is removed: the reference's distributions in it can take a gigabyte."""
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def _forward(progress: BenchProgress | None, results: list[CandidateResult], index: int) -> Callable[[dict], None]:
