@@ -642,3 +642,97 @@ def test_a_full_disk_under_localrun_home_never_stops_a_model_from_running(repo, 
         assert runner.invoke(app, ["list"]).exit_code == 0
         assert not [p for p in home.rglob("*") if p.name.endswith(".tmp")]  # no half-written files left
         assert not (home / "usage.json").exists()  # could not be written: the run went on without it
+
+
+# -- a pull killed while checking a file: the file is checked again before it is kept or loaded ----
+KILLED_WHILE_CHECKING = """
+import os, signal
+from localrun.cli import main
+
+symlink = os.symlink
+
+
+def symlink_then_die(src, dst, *args, **kwargs):
+    symlink(src, dst, *args, **kwargs)
+    if "snapshots" in str(dst):  # huggingface_hub has placed the file: die during localrun's check
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+os.symlink = symlink_then_die
+main()
+"""
+
+
+def pull_killed_while_checking(ref: str) -> Path:
+    """`localrun pull ref`, killed (SIGKILL) once huggingface_hub has placed the downloaded file
+    (renamed to its final name, linked into the snapshot), before localrun's sha256 check ends;
+    the blob it leaves."""
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_CHECKING, "pull", ref], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (blob,) = blobs()
+    return blob
+
+
+@pytest.fixture
+def corrupt_repo(hub, tiny, tmp_path):
+    """acme/corrupt-GGUF, whose one file the emulator serves with a byte changed (sha256 not the
+    listing's) until the test writes the right bytes back to `served`."""
+    served = tmp_path / "tiny-Q2_K.gguf"
+    good = tiny.quants["Q2_K"].read_bytes()
+    served.write_bytes(good)
+    hub.add_repo("acme/corrupt-GGUF", {"tiny-Q2_K.gguf": served})
+    served.write_bytes(good[:-100] + bytes([good[-100] ^ 0xFF]) + good[-99:])
+    return served, good
+
+
+def test_a_corrupt_file_left_by_a_killed_check_is_never_listed_loaded_or_kept(corrupt_repo):
+    served, good = corrupt_repo
+    blob = pull_killed_while_checking("acme/corrupt-GGUF")
+    assert sha256(blob) != blob.name  # corrupt, under its final name
+    listed = runner.invoke(app, ["list"])
+    assert listed.exit_code == 0 and "not verified" in listed.stdout
+    assert "acme/corrupt-GGUF:Q2_K: not verified" in listed.stderr
+    assert json.loads(runner.invoke(app, ["list", "--json"]).stdout)["models"][0]["unverified"] is True
+
+    ran = runner.invoke(app, ["run", "acme/corrupt-GGUF", "hi", "-n", "2"])
+    assert ran.exit_code == 7, ran.output
+    assert error_lines(ran.stderr) == [
+        "error: acme/corrupt-GGUF:Q2_K: tiny-Q2_K.gguf was corrupt (a pull stopped while checking it); it was deleted",
+        "hint: pull it again: localrun pull acme/corrupt-GGUF:Q2_K",
+    ]
+    assert not blobs() and pulled(parse_ref("acme/corrupt-GGUF")) is None
+
+    pull_killed_while_checking("acme/corrupt-GGUF")
+    served.write_bytes(good)  # the Hub serves the right bytes again
+    again = runner.invoke(app, ["pull", "acme/corrupt-GGUF"])
+    assert again.exit_code == 0, again.output
+    assert again.stderr.splitlines()[:2] == [
+        "checking tiny-Q2_K.gguf: a pull stopped before its sha256 was checked",
+        "warning: tiny-Q2_K.gguf was corrupt: deleted, downloading it again",
+    ]
+    (blob,) = blobs()
+    assert sha256(blob) == blob.name
+    assert json.loads(runner.invoke(app, ["list", "--json"]).stdout)["models"][0]["unverified"] is False
+
+
+def test_a_whole_file_left_by_a_killed_check_is_checked_once_then_runs(repo, tiny):
+    blob = pull_killed_while_checking(f"{REPO}:Q2_K")
+    assert sha256(blob) == sha256(tiny.quants["Q2_K"])
+    assert "not verified" in runner.invoke(app, ["list"]).stdout
+    ran = runner.invoke(app, ["run", f"{REPO}:Q2_K", "hi", "-n", "2"])
+    assert ran.exit_code == 0, ran.output
+    assert "not verified" not in runner.invoke(app, ["list"]).stdout and blobs() == [blob]
+
+
+def test_marks_that_cannot_be_written_cost_one_line_not_the_pull(repo, tiny):
+    (Path(os.environ["LOCALRUN_HOME"]) / "unverified").write_text("in the way of the marks' folder")
+    result = runner.invoke(app, ["pull", f"{REPO}:F32"])  # three shards, one line
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: cannot record sha256 checks in $LOCALRUN_HOME (")
+    assert warnings[0].endswith("a pull stopped while checking a file would go unnoticed")
+    assert sorted(sha256(p) for p in blobs()) == sorted(sha256(p) for p in tiny.split)
+    listed = runner.invoke(app, ["list"])
+    assert listed.exit_code == 0 and "not verified" not in listed.stdout

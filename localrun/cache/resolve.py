@@ -3,7 +3,8 @@
 Every command goes through here: chat, run, bench, show, rm, list (and serve). A local path is
 validated and planned; a repo reference is looked up among the pulled models, offline: a tag or
 file names one; without, the planner chooses among those present (the best quality that fits
-this machine), as `pull` would. A damaged entry (a blob deleted by hand) is never chosen.
+this machine), as `pull` would. A damaged entry (a blob deleted by hand) is never chosen, and a
+file whose sha256 check a pull did not finish is checked here before anything loads it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from localrun import fit
 from localrun.cache.scan import CacheEntry, Listing, scan
 from localrun.errors import BadModel, LocalrunError, UsageError
 from localrun.hardware import Machine
+from localrun.hub import integrity
 from localrun.model.files import ModelFiles, local_files
 from localrun.model.header import HeaderInfo, read_header
 from localrun.model.quants import quant_from_filename, tag_names
 from localrun.model.refs import ModelRef
 from localrun.model.validate import validate
+from localrun.text import safe
 
 
 @dataclass
@@ -88,12 +91,29 @@ def resolve(
         return None
     if len(entries) == 1:
         entry = entries[0]
+        _check_unverified(entry)
         header = check(entry.path)
         return Resolved(entry.model, header, fit.plan(header, machine, n_ctx), entry)
     found = _choose(entries, machine, n_ctx)
+    assert found.entry is not None
+    _check_unverified(found.entry)
     if validated:
         validate(found.model.path)
     return found
+
+
+def _check_unverified(entry: CacheEntry) -> None:
+    """Hash the files of `entry` whose sha256 check a pull did not finish; a corrupt one is
+    deleted (never loaded, never kept) and the error says to pull again."""
+    if not entry.unverified:
+        return
+    for f in entry.files:
+        if f.blob in integrity.unverified([f.blob]) and not integrity.recheck(f.blob, [f.link]):
+            raise BadModel(
+                f"{safe(entry.label)}: {safe(f.name)} was corrupt (a pull stopped while checking it); it was deleted",
+                hint=f"pull it again: localrun pull {safe(entry.label)}",
+            )
+    entry.unverified = False
 
 
 def _choose(entries: list[CacheEntry], machine: Machine, n_ctx: int | None) -> Resolved:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from localrun.cache.usage import read_usage
+from localrun.hub import integrity
 from localrun.hub.listing import group_files
 from localrun.hub.settings import cache_dir
 from localrun.model.files import ModelFiles
@@ -48,6 +49,7 @@ class CacheEntry:
     files: list[CachedFile]
     last_used: float | None = None
     label: str = ""  # repo:QUANT, or repo:file.gguf when the quant is ambiguous (set by scan)
+    unverified: bool = False  # a pull stopped before a file's sha256 was checked: checked before it loads
 
     @property
     def path(self) -> Path:
@@ -95,6 +97,7 @@ class CacheEntry:
             "size": self.size,
             "n_shards": self.n_shards,
             "damaged": self.damaged,
+            "unverified": self.unverified,
             "files": [{"name": f.name, "path": str(f.link), "size": f.size} for f in self.files],
             "pulled": iso(self.pulled),
             "last_used": iso(self.last_used),
@@ -182,8 +185,10 @@ def scan() -> Listing:
         repo_id = repo_path.name.split("--", 1)[1].replace("--", "/")
         for commit, refs, ggufs in _walk_skipped(repo_path):
             entries += _group(repo_id, repo_path, commit, refs, ggufs)
+    unverified = integrity.unverified({f.blob for e in entries for f in e.files if not f.missing})
     for entry in entries:
         entry.last_used = usage.get(str(entry.files[0].blob))
+        entry.unverified = any(f.blob in unverified for f in entry.files)
     pulled_at = {}
     for e in entries:
         key = (e.repo_path, e.commit)

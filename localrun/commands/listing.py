@@ -20,6 +20,11 @@ def show_listing(out: Output, listing: Listing) -> None:
                 f"{e.label}: a file is missing from the cache (its blob was deleted); "
                 f"pull it again to repair it, or `localrun rm {e.label}`"
             )
+        elif e.unverified:
+            out.warn(
+                f"{e.label}: not verified (a pull stopped while checking its sha256); "
+                f"it is checked before it loads, or now by `localrun pull {e.label}`"
+            )
     if out.json:
         out.data(listing.to_dict())
         return
@@ -54,6 +59,8 @@ def show_listing(out: Output, listing: Listing) -> None:
 def _files_cell(e: CacheEntry) -> str:
     if e.damaged:
         return "damaged: file missing"
+    if e.unverified:
+        return "not verified"
     if e.kind == "incomplete":
         return "split, shards missing"
     return f"{e.n_shards} shards" if e.n_shards > 1 else "1 file"

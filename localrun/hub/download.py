@@ -1,14 +1,16 @@
 """Downloads through huggingface_hub into the standard cache: resumable, retried, sha256-verified.
 
 huggingface_hub writes `<blob>.incomplete` and renames it under its lock; an interrupted download
-keeps the partial file and the next one resumes it with a Range request. Progress reaches the
-caller through a DownloadProgress (the command draws it), never through printing here.
+keeps the partial file and the next one resumes it with a Range request. Every blob is marked
+unverified before its download starts and cleared once its sha256 matched (hub/integrity.py), so
+a pull killed between the rename and the end of the check leaves a file that is checked again
+before it is kept or loaded. Progress reaches the caller through a DownloadProgress (the command
+draws it), never through printing here.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from localrun.errors import BadModel, Interrupted, NetworkError, NoSpace
+from localrun.hub import integrity
 from localrun.hub.listing import RepoListing, RepoQuant
 from localrun.hub.retry import RETRY_AFTER_LIMIT, check_reachable, duration, retry_for, too_long
 from localrun.hub.settings import (
@@ -63,6 +66,7 @@ class _FileState:
     size: int
     sha256: str | None
     blob: Path | None  # where huggingface_hub keeps it: LFS blobs are named by their sha256
+    cached: Path | None  # its snapshot file, when it is in the cache already
     complete: bool  # in the cache already: never downloaded again
     partial: int  # bytes kept in <blob>.incomplete by an interrupted download
 
@@ -82,18 +86,22 @@ def _file_states(listing: RepoListing, quant: RepoQuant) -> list[_FileState]:
         blob = blobs / sha if sha else None
         cached = try_to_load_from_cache(listing.repo_id, name, cache_dir=cache_dir(), revision=listing.commit)
         complete = isinstance(cached, str) or bool(blob and blob.exists())
-        state = _FileState(name, size, sha, blob, complete, 0)
+        state = _FileState(name, size, sha, blob, Path(cached) if isinstance(cached, str) else None, complete, 0)
         state.partial = 0 if complete else min(state.kept(), size)
         states.append(state)
     return states
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+def _recheck_interrupted(states: list[_FileState], progress: DownloadProgress) -> None:
+    """A file in the cache whose sha256 check a pull did not finish is checked now; a corrupt one
+    is deleted, to be downloaded again."""
+    present = {s.blob: s for s in states if s.complete and s.blob is not None and s.sha256}
+    for blob in integrity.unverified(present):
+        state = present[blob]
+        progress.message(f"checking {safe(state.name)}: a pull stopped before its sha256 was checked")
+        if not integrity.recheck(blob, [state.cached] if state.cached else []):
+            progress.message(f"{safe(state.name)} was corrupt: deleted, downloading it again", warning=True)
+            state.complete, state.cached, state.partial = False, None, 0
 
 
 def download(
@@ -108,6 +116,7 @@ def download(
     progress = progress or SilentProgress()
     quiet_hub_logs()
     states = _file_states(listing, quant)
+    _recheck_interrupted(states, progress)
     todo = [s for s in states if not s.complete]
     remaining = sum(s.size - s.partial for s in todo)
     if todo and not offline():
@@ -126,10 +135,13 @@ def download(
         )
     counter = _ByteCounter(progress, safe(quant.label))
     paths: list[Path] = []
+    marking = True  # until a mark cannot be written (said once)
     progress.begin(counter.label, quant.size, sum(s.size if s.complete else s.partial for s in states))
     try:
         for i, state in enumerate(states, 1):
             counter.next_file(state, f"{i}/{len(states)}" if len(states) > 1 else "")
+            if marking and not state.complete and state.blob is not None:
+                marking = _mark(state.blob, progress)
             try:
                 path = _fetch(listing, state, progress, counter)
             except KeyboardInterrupt:
@@ -147,6 +159,20 @@ def download(
     if todo:
         _record_revision(listing, states[0])
     return paths
+
+
+def _mark(blob: Path, progress: DownloadProgress) -> bool:
+    """Mark `blob` unverified until its check passes; False, said once, when that cannot be written."""
+    try:
+        integrity.mark(blob)
+    except OSError as exc:
+        progress.message(
+            f"cannot record sha256 checks in $LOCALRUN_HOME ({exc.strerror or exc}): "
+            "a pull stopped while checking a file would go unnoticed",
+            warning=True,
+        )
+        return False
+    return True
 
 
 def _record_revision(listing: RepoListing, state: _FileState) -> None:
@@ -230,17 +256,19 @@ def _disk_full(state: _FileState) -> NoSpace:
 
 
 def _verify(path: Path, state: _FileState) -> None:
-    """sha256 against the Hub's LFS metadata; a mismatching file is deleted, never left to load."""
-    got = sha256_of(path)
-    if got != state.sha256:
-        blob = path.resolve()
-        for victim in {blob, path}:
-            victim.unlink(missing_ok=True)
-        raise BadModel(
-            f"{safe(state.name)} is corrupt: its sha256 {got[:12]}… is not the Hub's {(state.sha256 or '')[:12]}…; "
-            "the file was deleted",
-            hint="pull again; if it repeats, the repo or a proxy serves a bad file",
-        )
+    """sha256 against the Hub's LFS metadata: a match clears the blob's mark; a mismatching file is
+    deleted with its mark, never left to load."""
+    blob = path.resolve()
+    got = integrity.sha256_of(blob)
+    if got == state.sha256:
+        integrity.clear(blob)
+        return
+    integrity.discard(blob, [path])
+    raise BadModel(
+        f"{safe(state.name)} is corrupt: its sha256 {got[:12]}… is not the Hub's {(state.sha256 or '')[:12]}…; "
+        "the file was deleted",
+        hint="pull again; if it repeats, the repo or a proxy serves a bad file",
+    )
 
 
 class _ByteCounter:
