@@ -15,14 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localrun.errors import BadModel, LocalrunError, NoSpace
+from localrun.errors import BadModel, LocalrunError, NoSpace, UsageError
 from localrun.fit import CELL_PAD, UBATCH
 from localrun.hardware import default_threads
 from localrun.inference import selftest
 from localrun.inference.build import llama
 from localrun.inference.llama_log import install as install_log
 from localrun.inference.llama_log import last_error, recent
+from localrun.inference.sampler import Batch, Sampler
 from localrun.inference.sampling import SamplingOptions
+
+
+def ggml_type(name: str) -> int:
+    """The ggml type id of a KV cache type name (f16, q8_0, ...)."""
+    from gguf import GGMLQuantizationType
+
+    try:
+        return int(GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise UsageError(f"unknown KV cache type {name!r}", hint="use f16, q8_0 or q4_0") from None
 
 
 def padded_ctx(n_ctx: int) -> int:
@@ -47,6 +58,11 @@ class LoadOptions:
     logits_all: bool = False  # keep logits for every position (perplexity, KL divergence)
     flash_attn: bool | None = None  # None: llama.cpp decides
     verbose: bool = False
+    n_outputs: int = 1  # logits rows one decode may return (a verify batch, one per parallel slot)
+    n_seq_max: int = 1  # sequences sharing the context (parallel slots)
+    kv_unified: bool = False  # one KV buffer for every sequence (slots take what they need)
+    type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0 (see fit.KV_TYPES)
+    type_v: str = "f16"
 
 
 def _with_reason(message: str) -> str:
@@ -152,10 +168,14 @@ class LlamaContext:
         params.no_perf = True
         if opts.flash_attn is not None:
             params.flash_attn_type = 1 if opts.flash_attn else 0
+        params.type_k, params.type_v = ggml_type(opts.type_k), ggml_type(opts.type_v)
+        params.n_seq_max = opts.n_seq_max
+        params.kv_unified = opts.kv_unified
         if not opts.logits_all:
-            # One logits row per decode is all generation reads. By default llama.cpp reserves a
-            # row per token of a micro-batch: 512 MiB of compute buffer for a 262k vocabulary.
-            params.n_outputs_max = 1
+            # The rows generation reads: one per decode (more to verify a draft, or one per slot).
+            # By default llama.cpp reserves a row per token of a micro-batch: 512 MiB of compute
+            # buffer for a 262k vocabulary.
+            params.n_outputs_max = max(1, opts.n_outputs)
         self.logits_all = opts.logits_all
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -241,42 +261,36 @@ class LlamaContext:
         self._lc.llama_memory_clear(self._lc.llama_get_memory(self.ptr), True)
         self.n_past = 0
 
-    # -- sampling --------------------------------------------------------------------------------
-    def set_sampling(self, s: SamplingOptions) -> None:
-        lc = self._lc
+    # -- sampling (one chain per context for single-sequence use; see sampler.py) ---------------
+    def set_sampling(self, s: SamplingOptions, grammar: str | None = None) -> None:
         if self._sampler is not None:
-            lc.llama_sampler_free(self._sampler)
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if s.ban_eog:
-            eog = self.model.eog_tokens()
-            biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.model.n_vocab, len(eog), biases))
-        if s.repeat_penalty != 1.0:
-            lc.llama_sampler_chain_add(
-                chain, lc.llama_sampler_init_penalties(self.model.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
-            )
-        if s.greedy:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:
-            if s.top_k > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(s.top_k))
-            if s.top_p < 1.0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
-            if s.min_p > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(s.temperature))
-            seed = s.seed if s.seed is not None else 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        self._sampler = chain
+            self._sampler.close()
+        self._sampler = Sampler(self.model, s, grammar)
 
-    def sample(self) -> int:
+    def sample(self, index: int = -1) -> int:
         if self._sampler is None:
             self.set_sampling(SamplingOptions())
-        return int(self._lc.llama_sampler_sample(self._sampler, self.ptr, -1))
+        return self._sampler.sample(self, index)
+
+    @property
+    def sampler(self) -> Sampler:
+        if self._sampler is None:
+            self.set_sampling(SamplingOptions())
+        return self._sampler
+
+    # -- several positions or sequences in one decode (speculative verification, parallel slots) --
+    def decode_batch(self, batch: Batch) -> None:
+        """Decode what `batch` holds at the positions and sequences it says; logits where flagged."""
+        if batch.n_tokens:
+            self._check(self._lc.llama_decode(self.ptr, batch.raw))
+
+    def drop(self, seq: int, start: int, end: int = -1) -> bool:
+        """Forget positions [start, end) of one sequence; False when the memory cannot."""
+        return bool(self._lc.llama_memory_seq_rm(self._lc.llama_get_memory(self.ptr), seq, start, end))
 
     def close(self) -> None:
         if self._sampler is not None:
-            self._lc.llama_sampler_free(self._sampler)
+            self._sampler.close()
             self._sampler = None
         if getattr(self, "ptr", None):
             self._lc.llama_free(self.ptr)

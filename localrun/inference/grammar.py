@@ -1,0 +1,137 @@
+"""Structured output: a GBNF grammar for llama.cpp's grammar sampler, from a file, or from a JSON
+schema through the converter llama-cpp-python ships (llama_cpp.llama_grammar).
+
+That converter enforces structure, types, enums, lengths, item counts and patterns, but silently
+ignores numeric bounds; a schema is checked for what it would ignore before anything loads, so a
+reply can never pass the grammar and still fail the schema. Integer bounds over a small range are
+rewritten as an enum, which it does enforce; anything else it cannot enforce is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localrun.errors import UsageError
+from localrun.text import safe
+
+ENUM_RANGE = 1024  # an integer range this small becomes an enum the converter enforces
+# keywords that constrain values in ways the converter cannot express
+_UNENFORCED = (
+    "multipleOf",
+    "uniqueItems",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "patternProperties",
+    "dependentRequired",
+    "dependentSchemas",
+    "propertyNames",
+    "minProperties",
+    "maxProperties",
+)
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_FORMATS = {"date", "time", "date-time", "uuid"}
+
+
+@dataclass(frozen=True)
+class Grammar:
+    gbnf: str
+    source: str  # what it came from, to say in errors and /model
+    schema: dict | None = None  # the JSON schema, when it came from one (to check replies against)
+
+
+def json_object() -> Grammar:
+    """Any JSON object (OpenAI's response_format json_object)."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return Grammar(JSON_GBNF, "JSON object")
+
+
+def from_file(path: Path) -> Grammar:
+    try:
+        return Grammar(Path(path).read_text(encoding="utf-8"), f"grammar {path}")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the grammar file {path}: {safe(exc)}") from None
+
+
+def schema_text(value: str) -> tuple[str, str]:
+    """A schema given as JSON text or as the path of a file holding it: (text, where from)."""
+    stripped = value.strip()
+    if stripped.startswith(("{", "[")):
+        return stripped, "the JSON schema"
+    try:
+        return Path(value).expanduser().read_text(encoding="utf-8"), f"JSON schema {value}"
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--json-schema is neither JSON nor a readable file: {safe(value)}: {safe(exc)}") from None
+
+
+def from_json_schema(value: str | dict) -> Grammar:
+    """The grammar for a JSON schema (a dict, JSON text, or a file); UsageError for a schema that
+    cannot be parsed or enforced."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    if isinstance(value, dict):
+        schema, source = value, "the JSON schema"
+    else:
+        text, source = schema_text(value)
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"{source} is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"{source} must be a JSON object (a schema)")
+    enforceable = _enforceable(schema, "$", source)
+    try:
+        gbnf = json_schema_to_gbnf(json.dumps(enforceable))
+    except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
+        raise UsageError(
+            f"{source} cannot be turned into a grammar: {safe(exc)}",
+            hint="the converter handles objects, arrays, strings, enums, const, $ref, anyOf/oneOf",
+        ) from None
+    return Grammar(gbnf, source, schema)
+
+
+def _enforceable(node: Any, where: str, source: str) -> Any:
+    """The schema with integer bounds as enums; UsageError at the first thing nothing would enforce."""
+    if isinstance(node, list):
+        return [_enforceable(item, f"{where}[{i}]", source) for i, item in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    for key in _UNENFORCED:
+        if key in node:
+            raise UsageError(
+                f"{source}: {key!r} at {where} cannot be enforced by the grammar",
+                hint="drop it from the schema, or check replies yourself",
+            )
+    if node.get("format") and node.get("type") == "string" and node["format"] not in _FORMATS:
+        raise UsageError(
+            f"{source}: format {safe(node['format'])!r} at {where} cannot be enforced by the grammar",
+            hint=f"formats it enforces: {', '.join(sorted(_FORMATS))}; or use a pattern",
+        )
+    out = {key: _enforceable(value, f"{where}.{key}", source) for key, value in node.items()}
+    if any(key in node for key in _BOUNDS):
+        out = _bounds_as_enum(out, where, source)
+    return out
+
+
+def _bounds_as_enum(node: dict, where: str, source: str) -> dict:
+    low, high = node.get("minimum"), node.get("maximum")
+    if "exclusiveMinimum" in node:
+        low = node["exclusiveMinimum"] + 1
+    if "exclusiveMaximum" in node:
+        high = node["exclusiveMaximum"] - 1
+    integral = node.get("type") == "integer" and all(isinstance(v, int) for v in (low, high) if v is not None)
+    if not integral or low is None or high is None or high - low >= ENUM_RANGE:
+        raise UsageError(
+            f"{source}: bounds at {where} cannot be enforced by the grammar",
+            hint=f"integer bounds spanning fewer than {ENUM_RANGE} values are; widen the type or drop the bound",
+        )
+    if high < low:
+        raise UsageError(f"{source}: the bounds at {where} admit no value")
+    rest = {k: v for k, v in node.items() if k not in _BOUNDS}
+    return {**rest, "enum": list(range(low, high + 1))}

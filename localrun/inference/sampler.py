@@ -1,0 +1,106 @@
+"""llama.cpp's sampler chains and batches, typed: one Sampler per sequence (its own penalties,
+grammar and random state), and a reusable Batch for decodes of several positions or sequences."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from localrun.errors import UsageError
+from localrun.inference.build import llama
+from localrun.inference.sampling import SamplingOptions
+
+if TYPE_CHECKING:
+    from localrun.inference.runtime import LlamaContext, LlamaModel
+
+
+class Sampler:
+    """A chain: ban end-of-text (fixed-length runs), repeat penalties, a grammar, then greedy, or
+    top-k, top-p, min-p, temperature and a seeded draw. sample() applies it to one logits row and
+    accepts the token into its state (penalties, grammar)."""
+
+    def __init__(self, model: LlamaModel, s: SamplingOptions, grammar: str | None = None):
+        lc = self._lc = llama()
+        self.options, self.grammar = s, grammar
+        chain = self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if s.ban_eog:
+            eog = model.eog_tokens()
+            biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(model.n_vocab, len(eog), biases))
+        if s.repeat_penalty != 1.0:
+            lc.llama_sampler_chain_add(
+                chain, lc.llama_sampler_init_penalties(model.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
+            )
+        if grammar:
+            rule = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+            if not rule:
+                self.close()
+                raise UsageError("llama.cpp could not parse the grammar", hint="check it with --verbose")
+            lc.llama_sampler_chain_add(chain, rule)
+        if s.greedy:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(s.top_k))
+            if s.top_p < 1.0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
+            if s.min_p > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(s.temperature))
+            seed = s.seed if s.seed is not None else 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx: LlamaContext, index: int = -1) -> int:
+        """The token for logits row `index` of ctx's last decode (accepted into the chain)."""
+        return int(self._lc.llama_sampler_sample(self.ptr, ctx.ptr, index))
+
+    def reset(self) -> None:
+        self._lc.llama_sampler_reset(self.ptr)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._lc.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Batch:
+    """A llama_batch allocated once for up to `capacity` tokens: clear(), add() each token with its
+    position and sequence (and whether its logits are wanted), then LlamaContext.decode_batch()."""
+
+    def __init__(self, capacity: int, n_seq_max: int = 1):
+        self._lc = llama()
+        self.capacity = capacity
+        self.raw: Any = self._lc.llama_batch_init(capacity, 0, n_seq_max)
+        self.n_tokens = 0
+        self.outputs: list[int] = []  # batch indexes whose logits are wanted, in order
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self.raw.n_tokens = 0
+        self.outputs = []
+
+    def add(self, token: int, pos: int, seq: int = 0, logits: bool = False) -> int:
+        """Append one token; its index in the batch (to read its logits with)."""
+        i = self.n_tokens
+        if i >= self.capacity:
+            raise ValueError(f"a batch of {self.capacity} is full")
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq
+        raw.logits[i] = logits
+        if logits:
+            self.outputs.append(i)
+        self.n_tokens = raw.n_tokens = i + 1
+        return i
+
+    def close(self) -> None:
+        if getattr(self, "raw", None) is not None:
+            self._lc.llama_batch_free(self.raw)
+            self.raw = None
+
+    def __del__(self) -> None:
+        self.close()
