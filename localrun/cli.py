@@ -198,7 +198,10 @@ def bench(
         ),
     ] = None,
     max_kld: Annotated[
-        float, typer.Option("--max-kld", min=0.0, help="Recommend the fastest candidate within this KLD.")
+        float,
+        typer.Option(
+            "--max-kld", min=0.0, help="The KLD a candidate may have against the reference to be recommended."
+        ),
     ] = 0.05,
     eval_text: Annotated[
         Optional[Path],

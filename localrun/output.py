@@ -53,10 +53,11 @@ class Output:
     @property
     def err(self) -> Console:
         if self._err is None:
-            self._err = self._console(sys.stderr, self.stderr_tty)
+            # Messages on a terminal wrap at word boundaries; piped they stay whole lines.
+            self._err = self._console(sys.stderr, self.stderr_tty, soft_wrap=not self.stderr_tty)
         return self._err
 
-    def _console(self, file: Any, tty: bool) -> Console:
+    def _console(self, file: Any, tty: bool, soft_wrap: bool = True) -> Console:
         from rich.console import Console
 
         # Piped, a line is as long as it is: rich would otherwise pad and wrap it to 80 columns.
@@ -65,7 +66,7 @@ class Output:
             force_terminal=tty,
             no_color=not self.color,
             highlight=False,
-            soft_wrap=True,
+            soft_wrap=soft_wrap,
             width=None if tty else 10_000,
         )
 
@@ -127,15 +128,18 @@ class Output:
         self.err.print(markup)
 
     def warn(self, message: str) -> None:
-        self.err.print("[yellow]warning:[/] ", end="")
-        self.err.print(safe(message, MESSAGE_LIMIT), markup=False)
+        self._labelled("warning: ", "yellow", message)
 
     def error(self, message: str, hint: str | None = None) -> None:
-        self.err.print("[bold red]error:[/] ", end="")
-        self.err.print(safe(message, MESSAGE_LIMIT), markup=False)
+        self._labelled("error: ", "bold red", message)
         if hint:
-            self.err.print("[dim]hint:[/] ", end="")
-            self.err.print(safe(hint, MESSAGE_LIMIT), markup=False)
+            self._labelled("hint: ", "dim", hint)
+
+    def _labelled(self, label: str, style: str, message: str) -> None:
+        """One message with its label, as one line (wrapped at words on a terminal, under itself)."""
+        from rich.text import Text
+
+        self.err.print(Text.assemble((label, style), safe(message, MESSAGE_LIMIT)))
 
     def confirm(self, question: str, *, refuse_hint: str = "add --yes to go ahead without asking") -> bool:
         """Ask yes/no on stderr. Nobody can answer when stdin or stderr is not a terminal, or with
