@@ -232,8 +232,12 @@ def estimate(
         host = 4 * ubatch * header.n_embd * 2  # inputs and the hand-over between devices
         compute_ram = max(host, 0 if output_on_gpu else output_phase)
 
-    overhead = (BASE_OVERHEAD + LOCALRUN_OVERHEAD + (VOCAB_OVERHEAD + LOCALRUN_PER_TOKEN) * header.n_vocab
-                + CTX_OVERHEAD * _pad(n_ctx))
+    overhead = (
+        BASE_OVERHEAD
+        + LOCALRUN_OVERHEAD
+        + (VOCAB_OVERHEAD + LOCALRUN_PER_TOKEN) * header.n_vocab
+        + CTX_OVERHEAD * _pad(n_ctx)
+    )
     output_ram = 4 * header.n_vocab * max(1, n_outputs)
     return MemoryEstimate(weights_ram, weights_vram, kv_ram, kv_vram, compute_ram, compute_vram, overhead, output_ram)
 
