@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,6 +34,15 @@ def translate(exc: BaseException) -> LocalrunError | None:
     return None
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout to redirect (tests)
+        pass
+
+
 def boundary(func: F) -> F:
     """Decorate every command: print known errors in one line, map Ctrl-C to 130."""
 
@@ -43,6 +53,9 @@ def boundary(func: F) -> F:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:  # `| head`: the reader has all it wants; end quietly, as cat does
+            _silence_stdout()
+            raise typer.Exit(ExitCode.PIPE) from None
         except KeyboardInterrupt:
             Output.from_env().error("interrupted")
             raise typer.Exit(ExitCode.INTERRUPTED) from None

@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     BAD_MODEL = 7  # not a GGUF, corrupt or unsupported file
     CRASH = 8  # llama.cpp died in a child process (self-test, probe, bench)
     INTERRUPTED = 130  # Ctrl-C
+    PIPE = 141  # the reader of stdout went away (`| head`): as a command killed by SIGPIPE
 
 
 class LocalrunError(Exception):

@@ -14,14 +14,18 @@ from typing import Any
 
 
 def home() -> Path:
-    """$LOCALRUN_HOME, else $XDG_CONFIG_HOME/localrun, else ~/.config/localrun; created on first use."""
+    """$LOCALRUN_HOME, else $XDG_CONFIG_HOME/localrun, else ~/.config/localrun; created on first use
+    (when it can be: what is kept there is bookkeeping, and a model must run without it)."""
     explicit = os.environ.get("LOCALRUN_HOME")
     if explicit:
         path = Path(explicit)
     else:
         base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
         path = Path(base) / "localrun"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a full, read-only or odd home: bookkeeping fails quietly, models still run
+        pass
     return path
 
 

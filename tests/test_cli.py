@@ -229,3 +229,29 @@ def test_a_tag_and_another_quant_option_are_refused_and_a_context_past_training_
     assert same.exit_code == 0, same.stderr
     beyond = runner.invoke(app, ["pull", "acme/tiny-GGUF", "--ctx", "8192", "--dry-run"])  # trained with 2048
     assert beyond.exit_code == 0 and "beyond the 2048 tokens this model was trained with" in beyond.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tiny):
+    """`| head -1`: the pipe closes under the writer; it stops as cat does, with nothing on stderr."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "localrun",
+            "run",
+            str(tiny.quants["Q8_0"]),
+            "tell me",
+            "-n",
+            "200",
+            *GREEDY,
+            "--json",
+            "--stream",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.readline()
+    child.stdout.close()  # the reader leaves after one line
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141, stderr
+    assert "unexpected" not in stderr and "Exception ignored" not in stderr and "Traceback" not in stderr

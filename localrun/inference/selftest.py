@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -139,12 +140,21 @@ def build_key() -> str:
 
 def probe_model() -> Path:
     """The tiny Q4_K_M model the self-test decodes (its matrices qualify for the AMX kernels)."""
-    folder = paths.home() / "probe"
-    target = folder / "tiny-Q4_K_M.gguf"
-    if not target.exists():
-        base = write_tiny_model(folder / "tiny-f32.gguf")
+    target = paths.home() / "probe" / "tiny-Q4_K_M.gguf"
+    if target.exists():
+        return target
+    try:
+        return _make_probe_model(target)
+    except (OSError, RuntimeError):  # no room in $LOCALRUN_HOME (the quantizer fails too): a temporary one serves
+        return _make_probe_model(Path(tempfile.mkdtemp(prefix="localrun-probe-")) / target.name)
+
+
+def _make_probe_model(target: Path) -> Path:
+    base = write_tiny_model(target.with_name("tiny-f32.gguf"))
+    try:
         quantize(base, target, "Q4_K_M")
-        base.unlink()
+    finally:
+        base.unlink(missing_ok=True)
     return target
 
 
