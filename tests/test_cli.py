@@ -255,3 +255,23 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tiny):
     stderr = child.stderr.read().decode()
     assert child.wait(timeout=60) == 141, stderr
     assert "unexpected" not in stderr and "Exception ignored" not in stderr and "Traceback" not in stderr
+
+
+def test_list_on_a_narrow_terminal_keeps_names_whole(hub, tiny, monkeypatch):
+    from huggingface_hub import hf_hub_download
+
+    from localrun.cache.scan import scan
+    from localrun.commands.listing import show_listing
+    from localrun.hub import settings
+
+    repo = "acme-with-a-long-organisation/an-even-longer-model-repo-GGUF"  # the name fits, the row does not
+    hub.add_repo(repo, {"tiny-llama-Q4_K_M.gguf": tiny.quants["Q4_K_M"]})
+    hf_hub_download(repo, "tiny-llama-Q4_K_M.gguf", endpoint=settings.endpoint(), cache_dir=settings.cache_dir())
+    for columns in (80, 200):
+        screen = Screen()
+        monkeypatch.setattr(sys, "stdout", screen)
+        monkeypatch.setenv("COLUMNS", str(columns))
+        show_listing(Output(stdout_tty=True), scan())
+        lines = screen.getvalue().splitlines()
+        assert all(len(line) <= columns for line in lines)
+        assert any(line.strip() == f"{repo}:Q4_K_M" or line.startswith(f"{repo}:Q4_K_M  ") for line in lines)
