@@ -305,6 +305,68 @@ StreamOpt = Annotated[bool, typer.Option("--stream", help="With --json: JSON Lin
 IgnoreEosOpt = Annotated[
     bool, typer.Option("--ignore-eos", help="Never end at an end-of-text token (fixed-length runs).")
 ]
+SpeculateOpt = Annotated[
+    str,
+    typer.Option(
+        "--speculate",
+        metavar="MODE",
+        help="Draft tokens and verify them in one batch: auto (when it pays), lookup, draft, off.",
+    ),
+]
+DraftOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--draft",
+        metavar="MODEL",
+        show_default=False,
+        help="A small model of the same vocabulary that drafts tokens (speculative decoding).",
+    ),
+]
+PromptCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prompt-cache/--no-prompt-cache",
+        help="Keep the KV state of what comes before the question on disk, and reuse it.",
+    ),
+]
+PromptCacheSizeOpt = Annotated[
+    str, typer.Option("--prompt-cache-size", metavar="SIZE", help="Bound of the prompt cache (least recently used go).")
+]
+JsonSchemaOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--json-schema",
+        metavar="FILE|JSON",
+        show_default=False,
+        help="The reply is JSON that follows this schema (through a grammar).",
+    ),
+]
+GrammarOpt = Annotated[
+    Optional[Path],
+    typer.Option("--grammar", metavar="FILE", show_default=False, help="The reply follows this GBNF grammar."),
+]
+CacheTypeKOpt = Annotated[
+    str, typer.Option("--cache-type-k", metavar="TYPE", help="KV cache type of K: f16, q8_0, q4_0.")
+]
+CacheTypeVOpt = Annotated[
+    str,
+    typer.Option("--cache-type-v", metavar="TYPE", help="KV cache type of V: f16, q8_0, q4_0 (needs flash attention)."),
+]
+FlashAttnOpt = Annotated[str, typer.Option("--flash-attn", metavar="auto|on|off", help="Flash attention.")]
+
+
+def _shape_options(type_k: str, type_v: str, flash_attn: str) -> tuple[str, str, bool | None]:
+    """Check the KV cache and flash attention options (words, for a short --help) and convert them."""
+    from localrun.errors import UsageError
+    from localrun.fit import KV_TYPES
+
+    for name, value in (("--cache-type-k", type_k), ("--cache-type-v", type_v)):
+        if value.lower() not in KV_TYPES:
+            raise UsageError(f"{name} {value}: not a KV cache type", hint="use " + ", ".join(KV_TYPES))
+    flash = {"auto": None, "on": True, "off": False}.get(flash_attn.lower(), "bad")
+    if flash == "bad":
+        raise UsageError(f"--flash-attn {flash_attn}: use auto, on or off")
+    return type_k.lower(), type_v.lower(), flash  # type: ignore[return-value]
 
 
 PromptArg = Annotated[
@@ -339,6 +401,15 @@ def _generation_command(mode: str, doc: str):
         gpu_layers: GpuLayersOpt = None,
         threads: ThreadsOpt = None,
         ignore_eos: IgnoreEosOpt = False,
+        json_schema: JsonSchemaOpt = None,
+        grammar: GrammarOpt = None,
+        speculate: SpeculateOpt = "auto",
+        draft: DraftOpt = None,
+        prompt_cache: PromptCacheOpt = True,
+        prompt_cache_size: PromptCacheSizeOpt = "4G",
+        cache_type_k: CacheTypeKOpt = "f16",
+        cache_type_v: CacheTypeVOpt = "f16",
+        flash_attn: FlashAttnOpt = "auto",
         json: JsonOpt = False,
         stream: StreamOpt = False,
         verbose: VerboseOpt = False,
@@ -357,10 +428,33 @@ def _generation_command(mode: str, doc: str):
             seed=seed,
             ban_eog=ignore_eos,
         )
+        from localrun.errors import UsageError
+        from localrun.text import parse_size
+
         settings = Settings(sampling, max_tokens, list(stop or []))
-        cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
-        prompt_options = PromptOptions(system, raw, chat_format, template)
-        stats = generate(mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream)
+        if speculate not in ("auto", "lookup", "draft", "off"):
+            raise UsageError(f"--speculate {speculate}: use auto, lookup, draft or off")
+        if speculate == "draft" and draft is None:
+            raise UsageError("--speculate draft needs a draft model", hint="add --draft MODEL")
+        type_k, type_v, flash = _shape_options(cache_type_k, cache_type_v, flash_attn)
+        try:
+            cache_size = parse_size(prompt_cache_size)
+        except ValueError as exc:
+            raise UsageError(f"--prompt-cache-size: {exc}") from None
+        cfg = EngineConfig(
+            n_ctx=ctx,
+            n_gpu_layers=gpu_layers,
+            n_threads=threads,
+            verbose=verbose,
+            speculate=speculate,
+            prompt_cache=prompt_cache,
+            prompt_cache_size=cache_size,  # type: ignore[arg-type]
+            type_k=type_k,
+            type_v=type_v,
+            flash_attn=flash,
+        )
+        prompt_options = PromptOptions(system, raw, chat_format, template, json_schema, grammar)
+        stats = generate(mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream, draft=draft)
         if stats is not None and stats.finish_reason == "cancelled":
             raise typer.Exit(ExitCode.INTERRUPTED)
 

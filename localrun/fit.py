@@ -61,6 +61,7 @@ _KV_BYTES = {
     "q4_0": 18 / 32,
     "iq4_nl": 18 / 32,
 }
+KV_TYPES = tuple(_KV_BYTES)
 
 
 @dataclass
@@ -108,12 +109,30 @@ class Option:
     plan: Plan
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a generation context is made of beyond its size: the KV cache types, whether flash
+    attention is on (None: llama.cpp's choice, on where it can), logits rows per decode (a
+    speculative verify batch needs one per drafted token)."""
+
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool | None = None
+    logits_rows: int = 1
+
+
 def option(
-    key: str, quant: str | None, size: int, header: HeaderInfo, machine: Machine, n_ctx: int | None = None
+    key: str,
+    quant: str | None,
+    size: int,
+    header: HeaderInfo,
+    machine: Machine,
+    n_ctx: int | None = None,
+    shape: Shape | None = None,
 ) -> Option:
     """Plan one candidate (a remote quant in `pull`, a pulled one in the resolver, one in `bench`)."""
     known = quants.info(quant or "")
-    return Option(key, known.quality if known else 0.0, size, plan(header, machine, n_ctx))
+    return Option(key, known.quality if known else 0.0, size, plan(header, machine, n_ctx, shape or Shape()))
 
 
 def default_ctx(header: HeaderInfo, requested: int | None = None) -> int:
@@ -144,21 +163,37 @@ def kv_cells(header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, swa_full: b
     return [swa_cells if flags[i] else cells for i in range(header.n_layer)]
 
 
-def kv_bytes_per_layer(
-    header: HeaderInfo, n_ctx: int, kv_type: str = "f16", n_ubatch: int = UBATCH, swa_full: bool = True
-) -> list[int]:
+def kv_element_bytes(kv_type: str) -> float:
     per_elem = _KV_BYTES.get(kv_type.lower())
     if per_elem is None:
         raise ValueError(f"unknown KV cache type {kv_type!r}; one of {', '.join(_KV_BYTES)}")
+    return per_elem
+
+
+def kv_bytes_per_layer(
+    header: HeaderInfo,
+    n_ctx: int,
+    kv_type: str = "f16",
+    n_ubatch: int = UBATCH,
+    swa_full: bool = True,
+    type_v: str | None = None,
+) -> list[int]:
+    """KV cache bytes per layer; `kv_type` is K's type and V's too unless type_v says otherwise."""
+    k_elem, v_elem = kv_element_bytes(kv_type), kv_element_bytes(type_v or kv_type)
     cells = kv_cells(header, n_ctx, n_ubatch, swa_full)
     return [
-        int(header.n_head_kv[i] * (header.key_length + header.value_length) * cells[i] * per_elem)
+        int(header.n_head_kv[i] * (header.key_length * k_elem + header.value_length * v_elem) * cells[i])
         for i in range(header.n_layer)
     ]
 
 
 def compute_bytes(
-    header: HeaderInfo, n_ctx: int, n_ubatch: int = UBATCH, logits_rows: int | None = None, swa_full: bool = True
+    header: HeaderInfo,
+    n_ctx: int,
+    n_ubatch: int = UBATCH,
+    logits_rows: int | None = None,
+    swa_full: bool = True,
+    flash_attn: bool = True,
 ) -> tuple[int, int]:
     """(output phase, layer phase) bytes of llama.cpp's compute buffer for one micro-batch.
 
@@ -178,6 +213,8 @@ def compute_bytes(
     cells = kv_cells(header, n_ctx, ub, swa_full)
     masks = [_pad(n_ctx)] + ([min(cells)] if any(header.swa_layers) else [])  # iSWA: two masks
     layer_phase = ub * per_token + sum(2 * c * ub for c in masks)
+    if not flash_attn:  # without flash attention the f32 attention scores are materialised
+        layer_phase += 4 * ub * _pad(n_ctx) * header.n_head
     return output_phase, layer_phase
 
 
@@ -193,6 +230,8 @@ def estimate(
     extra_bufts: bool = True,
     cpu_features: list[str] | None = None,
     swa_full: bool = True,
+    type_v: str | None = None,
+    flash_attn: bool = True,
 ) -> MemoryEstimate:
     """Memory for `n_ctx` tokens with `n_gpu_layers` offloaded (llama.cpp's count: n_layer + 1 = all).
 
@@ -220,11 +259,11 @@ def estimate(
         repackable = sum(b for t, b in header.matmul_bytes.items() if t in kinds)
         weights_ram += repackable * cpu_layer_bytes // max(1, sum(header.layer_bytes))
 
-    kv = kv_bytes_per_layer(header, n_ctx, kv_type, ubatch, swa_full)
+    kv = kv_bytes_per_layer(header, n_ctx, kv_type, ubatch, swa_full, type_v)
     kv_vram = sum(b for b, g in zip(kv, on_gpu) if g)
     kv_ram = sum(kv) - kv_vram
 
-    output_phase, layer_phase = compute_bytes(header, n_ctx, ubatch, logits_rows, swa_full)
+    output_phase, layer_phase = compute_bytes(header, n_ctx, ubatch, logits_rows, swa_full, flash_attn)
     if n_gpu == 0:
         compute_ram, compute_vram = max(output_phase, layer_phase), 0
     else:
@@ -260,25 +299,34 @@ def _fits(est: MemoryEstimate, machine: Machine) -> bool:
     return est.ram <= ram_room and est.vram + extra_compute <= _vram_budget(machine)
 
 
-def _generation_estimate(header: HeaderInfo, machine: Machine, n_ctx: int, n_gpu: int, kv_type: str) -> MemoryEstimate:
-    """The estimate for a generation context on this machine (one logits row, its repack verdict)."""
+def _generation_estimate(header: HeaderInfo, machine: Machine, n_ctx: int, n_gpu: int, shape: Shape) -> MemoryEstimate:
+    """The estimate for a generation context on this machine (its shape, its repack verdict)."""
     return estimate(
-        header, n_ctx, n_gpu, kv_type, extra_bufts=machine.extra_bufts, cpu_features=machine.cpu.features, logits_rows=1
+        header,
+        n_ctx,
+        n_gpu,
+        shape.type_k,
+        extra_bufts=machine.extra_bufts,
+        cpu_features=machine.cpu.features,
+        logits_rows=shape.logits_rows,
+        n_outputs=shape.logits_rows,
+        type_v=shape.type_v,
+        flash_attn=shape.flash_attn is not False,
     )
 
 
-def _best_layers(header: HeaderInfo, machine: Machine, n_ctx: int, kv_type: str) -> tuple[int, MemoryEstimate] | None:
+def _best_layers(header: HeaderInfo, machine: Machine, n_ctx: int, shape: Shape) -> tuple[int, MemoryEstimate] | None:
     """The most GPU layers that fit (n_layer + 1 = all), or None when not even the CPU has room."""
 
     top = header.n_layer + 1 if machine.gpus else 0
     for n_gpu in range(top, -1, -1):
-        guess = _generation_estimate(header, machine, n_ctx, n_gpu, kv_type)
+        guess = _generation_estimate(header, machine, n_ctx, n_gpu, shape)
         if _fits(guess, machine):
             return n_gpu, guess
     return None
 
 
-def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, kv_type: str = "f16") -> Plan:
+def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: Shape = Shape()) -> Plan:
     """Where to run the model: all on the GPU, partly, on the CPU, or not at all; with a margin.
 
     Plans are for generation: runtime contexts without logits_all reserve one logits row.
@@ -288,13 +336,13 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, kv_type
     wanted = default_ctx(header, n_ctx)
     ctx = wanted
     while True:
-        found = _best_layers(header, machine, ctx, kv_type)
+        found = _best_layers(header, machine, ctx, shape)
         if found is not None or ctx <= MIN_CTX:
             break
         ctx = max(MIN_CTX, ctx // 2)
     total = header.n_layer + 1
     if found is None:
-        est = _generation_estimate(header, machine, wanted, 0, kv_type)
+        est = _generation_estimate(header, machine, wanted, 0, shape)
         return Plan("none", 0, wanted, est, False, "needs more memory than this machine has", machine.extra_bufts)
     n_gpu, est = found
     notes = []

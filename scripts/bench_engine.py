@@ -35,7 +35,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' model builder and 
 from localrun.commands.stream import LiveRenderer  # noqa: E402
 from localrun.inference import selftest  # noqa: E402
 from localrun.inference.build import llama  # noqa: E402
-from localrun.inference.engine import Engine, drive  # noqa: E402
+from localrun.inference.engine import Engine  # noqa: E402
+from localrun.inference.events import drive  # noqa: E402
 from localrun.inference.sampling import SamplingOptions  # noqa: E402
 from localrun.output import Output  # noqa: E402
 from support.engines import open_engine  # noqa: E402

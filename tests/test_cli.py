@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from localrun.cli import app
 from localrun.commands.stream import LiveRenderer, WordWrap, stats_line
 from localrun.errors import UsageError
-from localrun.inference.engine import Stats
+from localrun.inference.events import Stats
 from localrun.inference.sampling import Settings
 from localrun.output import Output
 

@@ -11,7 +11,8 @@ import pytest
 
 from localrun.errors import UsageError
 from localrun.inference import templates
-from localrun.inference.engine import Engine, Piece, PrefillProgress, Stats
+from localrun.inference.engine import Engine
+from localrun.inference.events import Piece, PrefillProgress, Stats
 from localrun.inference.sampling import SamplingOptions
 from localrun.inference.stops import StopMatcher
 from support.engines import open_engine
@@ -22,7 +23,7 @@ GREEDY = SamplingOptions(temperature=0)
 def run(
     engine: Engine, tokens: list[int], n: int = 24, stop: list[str] | None = None, sampling: SamplingOptions = GREEDY
 ) -> tuple[str, Stats]:
-    events = [e for e in engine.generate(tokens, sampling, n, stop or []) if not isinstance(e, PrefillProgress)]
+    events = [e for e in engine.generate(tokens, sampling, n, stop or []) if isinstance(e, (Piece, Stats))]
     assert isinstance(events[-1], Stats) and all(isinstance(e, Piece) for e in events[:-1])
     return "".join(e.text for e in events[:-1]), events[-1]
 
@@ -84,7 +85,7 @@ def test_consumer_interrupt_cancels_and_the_next_turn_works(tiny_engine: Engine)
     tokens = tiny_engine.tokenize("the man and the dog")
     sampling = SamplingOptions(temperature=0, ban_eog=True)
     gen = tiny_engine.generate(tokens, sampling, 50, [])
-    assert isinstance(next(e for e in gen if not isinstance(e, PrefillProgress)), Piece)
+    assert isinstance(next(e for e in gen if isinstance(e, (Piece, Stats))), Piece)
     final = gen.throw(KeyboardInterrupt)
     assert isinstance(final, Stats) and final.finish_reason == "cancelled"
     after, stats = run(tiny_engine, tokens, n=10, sampling=sampling)
@@ -201,7 +202,7 @@ def test_characters_split_over_byte_tokens_come_out_whole(gemma: Path):
     try:
         assert len(engine.model.tokenize("𓀀", add_special=False)) == 4  # four byte tokens in Gemma's vocabulary
         events = [
-            e for e in engine.generate(engine.tokenize("𓀀𐍈 " * 8), GREEDY, 9, []) if not isinstance(e, PrefillProgress)
+            e for e in engine.generate(engine.tokenize("𓀀𐍈 " * 8), GREEDY, 9, []) if isinstance(e, (Piece, Stats))
         ]
     finally:
         engine.close()

@@ -12,7 +12,6 @@ tokens at the same positions, over the whole vocabulary.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -86,14 +85,6 @@ def _vram_used() -> int | None:
         return used or None
     except Exception:  # no NVIDIA driver or library: nothing to report
         return None
-
-
-def vocab_fingerprint(model) -> str:
-    """Identifies a vocabulary: token ids mean the same text in two models with the same hash."""
-    digest = hashlib.sha256(str(model.n_vocab).encode())
-    for token in range(model.n_vocab):
-        digest.update(model.piece(token, special=True) + b"\0")
-    return digest.hexdigest()[:16]
 
 
 def _bos(model) -> int | None:
@@ -201,7 +192,7 @@ def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: ReferenceRe
     top1: list[np.ndarray] = []
     writer = (
         ReferenceWriter(
-            Path(spec.ref_out), tokens, result_vocab(model), n_chunks * scored_per_window(spec), model.n_vocab
+            Path(spec.ref_out), tokens, model.vocab_fingerprint(), n_chunks * scored_per_window(spec), model.n_vocab
         )
         if spec.ref_out
         else None
@@ -250,16 +241,6 @@ def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: ReferenceRe
     return result
 
 
-_fingerprints: dict[int, str] = {}
-
-
-def result_vocab(model) -> str:
-    key = id(model)
-    if key not in _fingerprints:
-        _fingerprints[key] = vocab_fingerprint(model)
-    return _fingerprints[key]
-
-
 def _file_type(model: LlamaModel) -> str | None:
     raw = model.meta("general.file_type")
     try:
@@ -291,7 +272,7 @@ def run(spec: WorkerSpec) -> dict:
     note = None
     if spec.ref_in:
         reference = ReferenceReader(Path(spec.ref_in))
-        if reference.vocab == result_vocab(model):
+        if reference.vocab == model.vocab_fingerprint():
             tokens, ref = reference.tokens, reference
         else:
             note = "vocabulary differs from the reference: no KLD; perplexity on its own tokenization"
@@ -313,7 +294,7 @@ def run(spec: WorkerSpec) -> dict:
         "threads": threads,
         "gpu_layers": min(spec.gpu_layers, model.n_layer + 1),
         "eval_tokens": len(tokens),
-        "vocab": result_vocab(model),
+        "vocab": model.vocab_fingerprint(),
         "kld_note": note,
         **speed,
         **quality,

@@ -75,7 +75,13 @@ def pulled_models(ref: ModelRef, listing: Listing | None = None) -> list[CacheEn
 
 
 def resolve(
-    ref: ModelRef, machine: Machine, n_ctx: int | None = None, listing: Listing | None = None, *, validated: bool = True
+    ref: ModelRef,
+    machine: Machine,
+    n_ctx: int | None = None,
+    listing: Listing | None = None,
+    *,
+    validated: bool = True,
+    shape: fit.Shape = fit.Shape(),
 ) -> Resolved | None:
     """What to load for `ref` on this machine; None when a repo reference names nothing pulled.
     validated=False reads the header without the checks a load needs (`show` reports them)."""
@@ -85,7 +91,7 @@ def resolve(
         model = local_files(ref.path)
         header = check(model.path)
         model = ModelFiles(model.files, model.label, header.file_type or quant_from_filename(model.path.name))
-        return Resolved(model, header, fit.plan(header, machine, n_ctx))
+        return Resolved(model, header, fit.plan(header, machine, n_ctx, shape))
     entries = pulled_models(ref, listing)
     if not entries:
         return None
@@ -93,8 +99,8 @@ def resolve(
         entry = entries[0]
         _check_unverified(entry)
         header = check(entry.path)
-        return Resolved(entry.model, header, fit.plan(header, machine, n_ctx), entry)
-    found = _choose(entries, machine, n_ctx)
+        return Resolved(entry.model, header, fit.plan(header, machine, n_ctx, shape), entry)
+    found = _choose(entries, machine, n_ctx, shape)
     assert found.entry is not None
     _check_unverified(found.entry)
     if validated:
@@ -116,7 +122,7 @@ def _check_unverified(entry: CacheEntry) -> None:
     entry.unverified = False
 
 
-def _choose(entries: list[CacheEntry], machine: Machine, n_ctx: int | None) -> Resolved:
+def _choose(entries: list[CacheEntry], machine: Machine, n_ctx: int | None, shape: fit.Shape) -> Resolved:
     """Several quants pulled and none named: plan each, and load the one `pull` would choose."""
     headers: list[HeaderInfo] = []
     usable: list[CacheEntry] = []
@@ -130,7 +136,7 @@ def _choose(entries: list[CacheEntry], machine: Machine, n_ctx: int | None) -> R
     if not usable:
         assert failure is not None
         raise failure
-    options = [fit.option(e.label, e.quant, e.size, h, machine, n_ctx) for e, h in zip(usable, headers)]
+    options = [fit.option(e.label, e.quant, e.size, h, machine, n_ctx, shape) for e, h in zip(usable, headers)]
     chosen = fit.choose(options)
     if chosen is None:  # nothing fits: the one needing the least memory has the best chance
         chosen = min(range(len(options)), key=lambda i: options[i].plan.estimate.ram + options[i].plan.estimate.vram)

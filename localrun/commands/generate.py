@@ -11,6 +11,7 @@ from localrun.commands.loading import open_engine
 from localrun.commands.repl import Repl
 from localrun.commands.stream import make_renderer
 from localrun.errors import UsageError
+from localrun.inference import grammar as grammars
 from localrun.inference import templates
 from localrun.inference.conversation import Conversation, compose_prompt
 from localrun.inference.engine import Engine, EngineConfig, Stats
@@ -26,6 +27,8 @@ class PromptOptions:
     raw: bool = False
     chat_format: str | None = None
     template_file: Path | None = None
+    json_schema: str | None = None  # the reply is JSON following it (a file, or JSON)
+    grammar_file: Path | None = None  # the reply follows this GBNF grammar
 
 
 def open_conversation(
@@ -72,11 +75,27 @@ def prompt_words(words: list[str], warn: Callable[[str], None]) -> list[str]:
     return fixed
 
 
-def one_shot(conv: Conversation, prompt: str, out: Output, *, stream: bool = False) -> Stats:
+def one_shot(conv: Conversation, prompt: str, out: Output, *, stream: bool = False, material: str = "") -> Stats:
     """Answer one prompt: live text on a terminal, plain when piped, or JSON."""
     info = conv.engine.info
     extra = {"model": info.label, "name": info.name, "quant": info.quant, **info.timings()}
-    return conv.reply(prompt, make_renderer(out, stream=stream, extra=extra, model=info.label))
+    return conv.reply(prompt, make_renderer(out, stream=stream, extra=extra, model=info.label), material)
+
+
+def apply_structure(settings: Settings, options: PromptOptions) -> None:
+    """--json-schema or --grammar into the settings, checked before any model loads."""
+    if options.json_schema and options.grammar_file:
+        raise UsageError("--json-schema and --grammar both shape the reply: give one of them")
+    found = None
+    if options.json_schema:
+        found = grammars.from_json_schema(options.json_schema)
+    elif options.grammar_file:
+        found = grammars.from_file(options.grammar_file)
+    if found is None:
+        return
+    if settings.sampling.ban_eog:
+        raise UsageError("--ignore-eos cannot go with a grammar: the reply must be able to end where it is complete")
+    settings.grammar, settings.grammar_source = found.gbnf, found.source
 
 
 def generate(
@@ -89,6 +108,7 @@ def generate(
     prompt_options: PromptOptions,
     *,
     stream: bool,
+    draft: str | None = None,
 ) -> Stats | None:
     """`run` and `chat`: one answer when there is a prompt or piped stdin (or mode is run), else the REPL."""
     if stream and not out.json:
@@ -98,18 +118,19 @@ def generate(
     interactive = mode == "chat" and stdin_text is None
     if interactive and out.json:
         raise UsageError("--json needs a prompt: use `localrun run MODEL PROMPT --json`")
-    prompt = compose_prompt(words, stdin_text)
+    prompt, material = compose_prompt(words, stdin_text)
     if not interactive and not prompt.strip():
         hint = "pass a prompt after the model, or pipe text into the command"
         if mode == "run" and not stdin_text:
             hint += f"; to chat with it: localrun chat {model}"
         raise UsageError("nothing to answer: the prompt is empty", hint=hint)
-    engine = open_engine(model, cfg, out)
+    apply_structure(settings, prompt_options)
+    engine = open_engine(model, cfg, out, draft=draft)
     try:
         conv = open_conversation(engine, out, settings, prompt_options, chatting=interactive)
         if interactive:  # a prompt given as an argument is the chat's first message, as in Ollama
             Repl(conv, out).run(first=prompt or None)
             return None
-        return one_shot(conv, prompt, out, stream=stream)
+        return one_shot(conv, prompt, out, stream=stream, material=material)
     finally:
         engine.close()

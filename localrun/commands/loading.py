@@ -8,26 +8,36 @@ from dataclasses import replace
 
 from rich.markup import escape
 
-from localrun import hardware
+from localrun import fit, hardware
 from localrun.cache.resolve import Resolved, resolve
 from localrun.cache.usage import touch
 from localrun.commands.pull import pull
+from localrun.errors import UsageError
 from localrun.hardware import Machine
 from localrun.inference.build import build_info
 from localrun.inference.engine import Engine, EngineConfig
 from localrun.inference.filecheck import check_file
 from localrun.inference.selftest import this_machine
+from localrun.inference.speculative import K_MAX
+from localrun.model.files import ModelFiles
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
 from localrun.text import human_bytes, safe
 
 
-def obtain(ref: ModelRef, out: Output, *, n_ctx: int | None = None, machine: Machine | None = None) -> Resolved:
+def obtain(
+    ref: ModelRef,
+    out: Output,
+    *,
+    n_ctx: int | None = None,
+    machine: Machine | None = None,
+    shape: fit.Shape = fit.Shape(),
+) -> Resolved:
     """The model `ref` names with its plan: a local file, a pulled model (offline), or a pull first."""
     machine = machine or this_machine(out.info)
-    found = resolve(ref, machine, n_ctx)
+    found = resolve(ref, machine, n_ctx, shape=shape)
     if found is None:
-        found = pull(ref, out, machine=machine, n_ctx=n_ctx, as_step=True).resolved
+        found = pull(ref, out, machine=machine, n_ctx=n_ctx, as_step=True, shape=shape).resolved
         assert found is not None, "a pull that returns ends with the files on disk"
     return found
 
@@ -43,20 +53,35 @@ def checked_config(cfg: EngineConfig, out: Output) -> EngineConfig:
             f"each other; using {cores}"
         )
         threads = cores
+    flash = cfg.flash_attn
+    if cfg.type_v != "f16":  # llama.cpp keeps a quantized V cache only with flash attention
+        if flash is False:
+            raise UsageError(f"a {cfg.type_v} V cache needs flash attention", hint="drop --flash-attn off")
+        flash = True
     if gpu_layers and not build_info().gpu_offload:
         out.warn(
             "--gpu-layers is ignored: this llama.cpp build runs on the CPU only "
             "(reinstall llama-cpp-python with CMAKE_ARGS set for your GPU, see the README)"
         )
         gpu_layers = 0
-    return replace(cfg, n_threads=threads, n_gpu_layers=gpu_layers)
+    return replace(cfg, n_threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash)
 
 
-def open_engine(reference: str, cfg: EngineConfig, out: Output) -> Engine:
-    """Resolve, plan and load; the plan's notes and what is loaded are said on stderr."""
+def shape_of(cfg: EngineConfig) -> fit.Shape:
+    """The context an EngineConfig asks for, as the planner counts it."""
+    rows = 1 if cfg.speculate == "off" else K_MAX + 1
+    return fit.Shape(cfg.type_k, cfg.type_v, cfg.flash_attn, rows)
+
+
+def open_engine(reference: str, cfg: EngineConfig, out: Output, *, draft: str | None = None) -> Engine:
+    """Resolve, plan and load (with a draft model for speculative decoding when given one that
+    fits beside it); the plan's notes and what is loaded are said on stderr."""
     cfg = checked_config(cfg, out)
     started = time.perf_counter()
-    resolved = obtain(parse_ref(reference), out, n_ctx=cfg.n_ctx)
+    machine = this_machine(out.info)
+    resolved = obtain(parse_ref(reference), out, n_ctx=cfg.n_ctx, machine=machine, shape=shape_of(cfg))
+    if draft is not None:
+        cfg = replace(cfg, draft=_draft_beside(draft, resolved, cfg, machine, out))
     resolved_at = time.perf_counter()
     plan = resolved.plan
     if plan.note:
@@ -81,3 +106,20 @@ def open_engine(reference: str, cfg: EngineConfig, out: Output) -> Engine:
     engine.info.resolve_s = resolved_at - started
     touch(model.path)  # "last used" in `localrun list`
     return engine
+
+
+def _draft_beside(
+    reference: str, target: Resolved, cfg: EngineConfig, machine: Machine, out: Output
+) -> ModelFiles | None:
+    """The draft model, when both models and both KV caches fit here (None, said, when not)."""
+    draft = obtain(parse_ref(reference), out, n_ctx=target.plan.n_ctx, machine=machine)
+    both = target.plan.estimate.ram + draft.plan.estimate.ram
+    room = machine.ram_available - fit.ram_headroom(machine)
+    if both > room and not machine.gpus:
+        out.warn(
+            f"the draft model {safe(draft.model.label)} does not fit beside the model ({human_bytes(both)} for "
+            f"both, {human_bytes(room)} free): speculative decoding uses prompt lookup only"
+        )
+        return None
+    check_file(draft.model.path, draft.plan.extra_bufts, notify=out.info)
+    return draft.model

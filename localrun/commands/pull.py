@@ -137,6 +137,7 @@ def plan_pull(
     n_ctx: int | None = None,
     quant: str | None = None,
     reading: Callable[[str], Any] | None = None,
+    shape: fit.Shape = fit.Shape(),
 ) -> tuple[PullResult, RepoListing]:
     """List the repo's quantizations, read each header over HTTP Range, plan each for `machine`
     and choose one (or take the one named). Nothing is downloaded."""
@@ -159,7 +160,7 @@ def plan_pull(
     options, indexes = [], []
     for i, row in enumerate(rows):
         if row.header is not None:
-            option = fit.option(row.quant.label, row.quant.quant, row.quant.size, row.header, machine, n_ctx)
+            option = fit.option(row.quant.label, row.quant.quant, row.quant.size, row.header, machine, n_ctx, shape)
             row.plan, row.wanted_ctx = option.plan, fit.default_ctx(row.header, n_ctx)
             options.append(option)
             indexes.append(i)
@@ -262,6 +263,7 @@ def pull(
     dry_run: bool = False,
     quant: str | None = None,
     as_step: bool = False,
+    shape: fit.Shape = fit.Shape(),
 ) -> PullResult:
     """Plan, show the table and why, download the choice (resumable, verified).
 
@@ -270,10 +272,10 @@ def pull(
     console = out.err if as_step else out.out
     show = console.print
     if offline() and not ref.is_local:
-        return _pull_offline(ref, out, quant, show, machine, n_ctx)
+        return _pull_offline(ref, out, quant, show, machine, n_ctx, shape)
     machine = machine or this_machine(out.info)
     result, listing = plan_pull(
-        ref, machine, n_ctx=n_ctx, quant=quant, reading=out.err.status if out.interactive else None
+        ref, machine, n_ctx=n_ctx, quant=quant, reading=out.err.status if out.interactive else None, shape=shape
     )
     result.dry_run = dry_run
     if not out.json:
@@ -314,12 +316,18 @@ def pull(
 
 
 def _pull_offline(
-    ref: ModelRef, out: Output, quant: str | None, show: Callable[..., None], machine: Machine | None, n_ctx: int | None
+    ref: ModelRef,
+    out: Output,
+    quant: str | None,
+    show: Callable[..., None],
+    machine: Machine | None,
+    n_ctx: int | None,
+    shape: fit.Shape,
 ) -> PullResult:
     """HF_HUB_OFFLINE: nothing can be listed; a model already in the cache is all there is."""
     if quant:
         ref = ref.with_tag(quant)
-    found = resolve(ref, machine or this_machine(out.info), n_ctx)
+    found = resolve(ref, machine or this_machine(out.info), n_ctx, shape=shape)
     if found is None:
         raise NetworkError(
             f"offline (HF_HUB_OFFLINE=1) and {ref} is not in the cache", hint="unset HF_HUB_OFFLINE to download it"

@@ -17,7 +17,7 @@ from localrun.cache.resolve import resolve
 from localrun.cache.scan import iso, scan
 from localrun.cache.usage import last_used
 from localrun.commands.pull import plan_pull
-from localrun.fit import Plan
+from localrun.fit import Plan, Shape
 from localrun.hardware import Machine
 from localrun.inference.filecheck import remembered_problem
 from localrun.inference.selftest import this_machine
@@ -95,11 +95,13 @@ class Description:
         }
 
 
-def describe(ref: ModelRef, *, n_ctx: int | None = None, machine: Machine | None = None) -> Description:
+def describe(
+    ref: ModelRef, *, n_ctx: int | None = None, machine: Machine | None = None, shape: Shape = Shape()
+) -> Description:
     """Read the header of what `ref` names - local, pulled, or on the Hub (headers only) - and plan it."""
     machine = machine or this_machine()
     if ref.is_local:
-        found = resolve(ref, machine, n_ctx, validated=False)
+        found = resolve(ref, machine, n_ctx, validated=False, shape=shape)
         assert found is not None
         files = [FileItem(p.name, p.stat().st_size, p) for p in found.model.files]
         return Description(
@@ -116,7 +118,7 @@ def describe(ref: ModelRef, *, n_ctx: int | None = None, machine: Machine | None
             problem=_problem(found.model.path),
         )
     listing = scan()
-    found = resolve(ref, machine, n_ctx, listing, validated=False)
+    found = resolve(ref, machine, n_ctx, listing, validated=False, shape=shape)
     if found is not None and found.entry is not None:
         entry = found.entry
         files = [FileItem(f.name, f.size, f.link) for f in entry.files]
@@ -139,7 +141,7 @@ def describe(ref: ModelRef, *, n_ctx: int | None = None, machine: Machine | None
             entry.last_used,
             _problem(entry.path),
         )
-    return _remote(ref, machine, n_ctx)
+    return _remote(ref, machine, n_ctx, shape)
 
 
 def _problem(path: Path) -> str | None:
@@ -147,9 +149,9 @@ def _problem(path: Path) -> str | None:
     return problem(path) or remembered_problem(path)
 
 
-def _remote(ref: ModelRef, machine: Machine, n_ctx: int | None) -> Description:
+def _remote(ref: ModelRef, machine: Machine, n_ctx: int | None, shape: Shape) -> Description:
     """What `pull` would download: the quant named, else the one it would choose (else the smallest)."""
-    result, listing = plan_pull(ref, machine, n_ctx=n_ctx)
+    result, listing = plan_pull(ref, machine, n_ctx=n_ctx, shape=shape)
     readable = [i for i, row in enumerate(result.rows) if row.header is not None]
     index = result.chosen if result.chosen is not None else min(readable, key=lambda i: result.rows[i].quant.size)
     row = result.rows[index]

@@ -16,7 +16,7 @@ from typing import Any
 from rich.markup import escape
 from wcwidth import wcwidth
 
-from localrun.inference.engine import EventSink, PrefillProgress, Stats
+from localrun.inference.events import EventSink, Notice, PrefillProgress, Speculation, Stats
 from localrun.output import Output
 from localrun.text import safe
 
@@ -46,11 +46,17 @@ def ending(s: Stats) -> str | None:
 def stats_line(s: Stats, model: str | None = None) -> str:
     """One line after a reply: what was loaded (one-shot runs), prompt and reply speed, TTFT, and
     why it ended. Figures for work that never finished (a prompt cancelled while read) are left out."""
-    cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
+    cached = ""
+    if s.from_disk:
+        cached = f" ({s.from_disk:,} from the prompt cache)"
+    elif s.cached_tokens:
+        cached = f" ({s.cached_tokens:,} cached)"
     speed = f", {s.prompt_tps:.1f} tok/s" if s.prompt_tps is not None else ", not read to the end"
-    parts = [f"prompt {s.prompt_tokens} tok{cached}{speed}"]
+    parts = [f"prompt {s.prompt_tokens:,} tok{cached}{speed}"]
     if s.generated_tokens or s.finish_reason != "cancelled":
-        parts.append(f"reply {s.generated_tokens} tok, {s.gen_tps:.1f} tok/s")
+        parts.append(f"reply {s.generated_tokens:,} tok, {s.gen_tps:.1f} tok/s")
+    if s.drafted:
+        parts.append(f"spec {100 * s.accepted / s.drafted:.0f}% accepted")
     if s.ttft_s is not None:
         parts.append(f"TTFT {s.ttft_s:.2f} s")
     parts.append(f"total {s.total_s:.2f} s")
@@ -130,6 +136,7 @@ class LiveRenderer:
         self.width = self.columns - 1
         self.wrap = WordWrap(self.columns) if out.stdout_tty else None
         self.drawn = False
+        self.spec = ""  # speculative decoding's acceptance so far, for the status line
         self.col = 0  # where the cursor is on its line, to know when the terminal is about to wrap
         if self.live:
             self._draw(self._status_text(self.started))
@@ -140,9 +147,9 @@ class LiveRenderer:
             return f"… reading the prompt · {elapsed:.1f} s"[: self.width]
         gen = now - self.first
         tps = (self.tokens - 1) / gen if gen > 0 and self.tokens > 1 else 0.0
-        return (f"… {self.tokens} tok · {tps:.1f} tok/s · TTFT {self.first - self.started:.2f} s · {elapsed:.1f} s")[
-            : self.width
-        ]
+        return (
+            f"… {self.tokens} tok · {tps:.1f} tok/s{self.spec} · TTFT {self.first - self.started:.2f} s · {elapsed:.1f} s"
+        )[: self.width]
 
     def _draw(self, status: str) -> None:
         self.status = status
@@ -191,6 +198,13 @@ class LiveRenderer:
                 self._draw(self._status_text(now))
             elif self.below:
                 self._draw(self.status)
+
+    def notice(self, event: Notice) -> None:
+        self._erase()
+        self.out.warn(event.text)
+
+    def speculation(self, event: Speculation) -> None:
+        self.spec = f" · spec {100 * event.accepted / event.drafted:.0f}%" if event.drafted else ""
 
     def progress(self, event: PrefillProgress) -> None:
         if self.live:

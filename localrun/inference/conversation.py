@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from localrun.errors import NoSpace, UsageError
-from localrun.inference.engine import Engine, EventSink, PrefillProgress, Stats, drive
+from localrun.inference.engine import Engine
+from localrun.inference.events import EventSink, PrefillProgress, Stats, drive
 from localrun.inference.sampling import Settings
 from localrun.inference.templates import ChatTemplate, Message
 
@@ -69,10 +70,28 @@ class Conversation:
     def clear(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
 
-    def tokens(self, messages: list[Message]) -> list[int]:
+    def text(self, messages: list[Message]) -> str:
+        """The prompt as the model reads it: the messages through the template (or joined, raw)."""
         if self.template is None:
-            return self.engine.tokenize("".join(m["content"] for m in messages))
-        return self.engine.tokenize(self.template.render(messages, add_generation_prompt=True))
+            return "".join(m["content"] for m in messages)
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def tokens(self, messages: list[Message]) -> list[int]:
+        return self.engine.tokenize(self.text(messages))
+
+    def reusable(self, tokens: list[int], material: str) -> int:
+        """How many prompt tokens come before the question: the template's preamble, the system
+        prompt, earlier turns and the `material` the last message starts with. They are what the
+        prompt cache keeps; 0 when the template changed the message beyond recognition."""
+        text = self.text(self.messages)
+        start = text.rfind(self.messages[-1]["content"])
+        if start < 0:
+            return 0
+        prefix = self.engine.tokenize(text[: start + len(material)])
+        n = 0
+        while n < min(len(prefix), len(tokens) - 1) and prefix[n] == tokens[n]:
+            n += 1
+        return n
 
     def _fit(self) -> list[int]:
         """The prompt tokens; drops the oldest turns (never the system prompt or the new
@@ -104,7 +123,7 @@ class Conversation:
             )
         return tokens
 
-    def reply(self, text: str, sink: EventSink) -> Stats:
+    def reply(self, text: str, sink: EventSink, material: str = "") -> Stats:
         """Ask; stream the answer to the sink; keep the turn unless it was cancelled. A cancelled
         or failed turn leaves the conversation as it was, trimmed turns included, wherever the
         Ctrl-C lands (rendering the prompt, reading it, or the reply)."""
@@ -115,7 +134,14 @@ class Conversation:
             self.last_prompt = tokens
             stop = list(self.settings.stop) + list(self.template.stop if self.template else ())
             recorder = _Recorder(sink)
-            events = self.engine.generate(tokens, self.settings.sampling, self.settings.max_tokens, stop)
+            events = self.engine.generate(
+                tokens,
+                self.settings.sampling,
+                self.settings.max_tokens,
+                stop,
+                grammar=self.settings.grammar,
+                reusable=self.reusable(tokens, material),
+            )
             stats = drive(events, recorder)
         except KeyboardInterrupt:
             self.messages = before
@@ -157,10 +183,12 @@ class Conversation:
         return len(self.messages)
 
 
-def compose_prompt(words: list[str], stdin_text: str | None) -> str:
-    """The argument is the instruction, piped stdin the material it applies to."""
+def compose_prompt(words: list[str], stdin_text: str | None) -> tuple[str, str]:
+    """The prompt and the material it starts with. The argument is the instruction, piped stdin
+    the material it applies to; the material comes first, so that asking the same document
+    another question reuses its KV state (the prompt cache), and the question is read last."""
     instruction = " ".join(words).strip()
     material = (stdin_text or "").strip("\n")
     if instruction and material:
-        return f"{instruction}\n\n{material}"
-    return instruction or material
+        return f"{material}\n\n{instruction}", material
+    return instruction or material, ""

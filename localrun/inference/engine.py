@@ -12,21 +12,22 @@ from __future__ import annotations
 import codecs
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
 
-from localrun.errors import NoSpace
+from localrun.errors import NoSpace, UsageError
 from localrun.fit import MIN_CTX, Plan
 from localrun.hardware import default_threads
 from localrun.inference import runtime
+from localrun.inference.events import PROGRESS_EVERY, Event, Notice, Piece, PrefillProgress, Speculation, Stats
+from localrun.inference.prompt_cache import DEFAULT_LIMIT, MIN_TOKENS, PromptCache, kv_identity
 from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions
 from localrun.inference.sampling import SamplingOptions
+from localrun.inference.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
 from localrun.inference.stops import StopMatcher
 from localrun.model.files import ModelFiles
-
-FinishReason = Literal["eog", "stop", "length", "cancelled"]
+from localrun.text import safe
 
 
 @dataclass
@@ -35,44 +36,13 @@ class EngineConfig:
     n_gpu_layers: int | None = None  # None: the fit planner's choice
     n_threads: int | None = None
     verbose: bool = False
-
-
-@dataclass
-class Piece:
-    text: str
-    kind: str = "piece"
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int  # tokens in the prompt
-    prompt_tps: float | None  # prefill speed over the tokens decoded (not cached); None: not read to the end
-    generated_tokens: int
-    gen_tps: float
-    ttft_s: float | None  # from generate() to the first piece of text; None: no text came
-    total_s: float
-    finish_reason: FinishReason  # end-of-generation token, a stop string, max tokens or context, Ctrl-C
-    cached_tokens: int = 0  # prompt tokens reused from the KV cache of the previous turn
-    context_full: bool = False  # "length" because the context had no room left, not max_tokens
-    kind: str = "stats"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class PrefillProgress:
-    """While a long prompt is processed (every PROGRESS_EVERY seconds), for live displays."""
-
-    prompt_tokens: int  # being decoded
-    cached_tokens: int
-    elapsed_s: float
-    kind: str = "progress"
-
-
-PROGRESS_EVERY = 0.2
-
-Event = Piece | PrefillProgress | Stats
+    speculate: Mode = "auto"  # drafts verified in batches: auto (when it pays), lookup, draft, off
+    draft: ModelFiles | None = None  # a draft model for speculative decoding (same vocabulary)
+    prompt_cache: bool = True  # keep and reuse the KV state of a prompt's reusable prefix on disk
+    prompt_cache_size: int = DEFAULT_LIMIT
+    type_k: str = "f16"  # KV cache types
+    type_v: str = "f16"
+    flash_attn: bool | None = None  # None: llama.cpp decides
 
 
 @dataclass
@@ -103,14 +73,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
-    """A loaded model and context; generate() streams events and reuses the KV cache."""
+    """A loaded model and context; generate() streams events, reuses the KV cache (from the last
+    turn, or from disk), and drafts and verifies when that pays (speculative decoding)."""
 
-    def __init__(self, loaded: Loaded, info: ModelInfo):
+    def __init__(
+        self,
+        loaded: Loaded,
+        info: ModelInfo,
+        speculator: Speculator | None = None,
+        prompt_cache: PromptCache | None = None,
+    ):
         self.loaded = loaded
         self.model = loaded.model
         self.ctx = loaded.ctx
         self.info = info
         self.cached: list[int] = []  # the tokens the KV cache holds, in order
+        self.speculator = speculator
+        self.prompt_cache = prompt_cache
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -136,6 +115,10 @@ class Engine:
                 n_threads=threads,
                 use_extra_bufts=plan.extra_bufts,
                 verbose=cfg.verbose,
+                n_outputs=1 if cfg.speculate == "off" else K_MAX + 1,  # a verify batch's logits rows
+                type_k=cfg.type_k,
+                type_v=cfg.type_v,
+                flash_attn=cfg.flash_attn,
             )
             try:
                 loaded = runtime.load(model.path, opts, progress)
@@ -170,9 +153,19 @@ class Engine:
             time.perf_counter() - started,
             notes=notes,
         )
-        return cls(loaded, info)
+        try:
+            speculator = _speculator(loaded, opts, cfg, notify)
+        except BaseException:
+            loaded.close()
+            raise
+        cache = None
+        if cfg.prompt_cache:
+            cache = PromptCache(kv_identity(model.files, opts), model.label, cfg.prompt_cache_size, notify=notify)
+        return cls(loaded, info, speculator, cache)
 
     def close(self) -> None:
+        if self.speculator is not None:
+            self.speculator.close()
         self.loaded.close()
 
     # -- vocabulary ------------------------------------------------------------------------------
@@ -208,24 +201,46 @@ class Engine:
         return self.ctx.n_ctx
 
     # -- generation ------------------------------------------------------------------------------
-    def _prefill(self, tokens: list[int]) -> Generator[PrefillProgress, None, int]:
+    def _prefill(
+        self, tokens: list[int], reusable: int = 0
+    ) -> Generator[PrefillProgress | Notice, None, tuple[int, int]]:
         """Bring the KV cache to `tokens`, decoding only what differs from what it holds (at least
-        the last token, for fresh logits); returns how many were reused, yielding Progress while
-        it works. The decode runs in a worker thread so that Ctrl-C in the main thread (or thrown
-        in by the consumer) can abort a long prompt."""
+        the last token, for fresh logits): (tokens not decoded, of those read from disk). The
+        first `reusable` tokens (what comes before the question) are loaded from the prompt
+        cache when it has them, and saved to it when it does not. The decode runs in a worker
+        thread so that Ctrl-C in the main thread (or thrown in by the consumer) aborts it."""
         self.ctx.clear_abort()
         # Always resync first: an interrupted turn may have left positions we did not record.
         reuse = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
         if not self.ctx.truncate(reuse):
             reuse = 0
         self.cached = self.cached[:reuse]
+        cache = self.prompt_cache if reusable >= MIN_TOKENS and reusable < len(tokens) else None
+        from_disk, save_at = 0, None
+        notices: list[str] = []
+        if cache is not None and reuse < reusable:
+            if cache.notify is not None:
+                cache.notify = notices.append
+            if cache.load(self.ctx, tokens[:reusable]):
+                reuse = from_disk = reusable
+                self.cached = tokens[:reusable]
+            else:
+                save_at = reusable
+                self.ctx.truncate(reuse)
+        for text in notices:
+            yield Notice(text)
         todo = tokens[reuse:]
         failure: list[BaseException] = []
         done = threading.Event()
 
         def work() -> None:
             try:
-                self.ctx.decode(todo)
+                if save_at is not None:  # the reusable prefix, saved, then the rest
+                    self.ctx.decode(tokens[reuse:save_at])
+                    cache.save(self.ctx, tokens[:save_at])  # type: ignore[union-attr]
+                    self.ctx.decode(tokens[save_at:])
+                else:
+                    self.ctx.decode(todo)
             except BaseException as exc:  # handed to the main thread
                 failure.append(exc)
             finally:
@@ -249,13 +264,22 @@ class Engine:
         if failure:
             raise failure[0]
         self.cached = list(tokens)
-        return reuse
+        return reuse, from_disk
 
     def generate(
-        self, prompt_tokens: list[int], sampling: SamplingOptions, max_tokens: int | None, stop: list[str]
+        self,
+        prompt_tokens: list[int],
+        sampling: SamplingOptions,
+        max_tokens: int | None,
+        stop: list[str],
+        *,
+        grammar: str | None = None,
+        reusable: int = 0,
     ) -> Iterator[Event]:
         """Stream Piece events, then one Stats. max_tokens None: until the context is full.
-        A KeyboardInterrupt raised in here, or thrown in by the consumer, ends it as 'cancelled'."""
+        `grammar` (GBNF) constrains the reply; the first `reusable` prompt tokens may come from
+        (and go to) the prompt cache. A KeyboardInterrupt raised in here, or thrown in by the
+        consumer, ends it as 'cancelled'."""
         t0 = time.perf_counter()
         n_prompt = len(prompt_tokens)
         if n_prompt >= self.n_ctx:
@@ -268,30 +292,48 @@ class Engine:
         matcher = StopMatcher(stop)
         room = self.n_ctx - n_prompt
         limit = room if max_tokens is None or max_tokens < 0 else min(room, max_tokens)
-        reused, t_prefill, t_first = 0, None, None
+        reused = from_disk = 0
+        t_prefill = t_first = None
         generated, finish = 0, "length"
+        spec = self.speculator
+        drafted_before = (spec.stats.drafted, spec.stats.accepted) if spec else (0, 0)
         try:
-            ctx.set_sampling(sampling)
-            reused = yield from self._prefill(prompt_tokens)
+            ctx.set_sampling(sampling, grammar)
+            sampler = ctx.sampler
+            reused, from_disk = yield from self._prefill(prompt_tokens, reusable)
             t_prefill = time.perf_counter()
-            while generated < limit:
-                token = ctx.sample()
-                generated += 1
-                if model.is_eog(token):
-                    finish = "eog"
+            history = list(prompt_tokens)  # what drafts are looked up in: the prompt and the reply
+            step = [sampler.sample(ctx, -1)]
+            while finish == "length":
+                for token in step:
+                    generated += 1
+                    history.append(token)
+                    if model.is_eog(token):
+                        finish = "eog"
+                        break
+                    text, stopped = matcher.feed(decoder.decode(model.piece(token, special=True)))
+                    if text:
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                        yield Piece(text)
+                    if stopped:
+                        finish = "stop"
+                        break
+                    if generated >= limit:
+                        break
+                if finish != "length" or generated >= limit:
                     break
-                text, stopped = matcher.feed(decoder.decode(model.piece(token, special=True)))
-                if text:
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    yield Piece(text)
-                if stopped:
-                    finish = "stop"
-                    break
-                if generated >= limit:
-                    break
-                ctx.decode([token])
-                self.cached.append(token)
+                if spec is not None:
+                    verified = spec.stats.verify_batches
+                    step = spec.step(ctx, sampler, self.cached, step[-1], history, limit - generated)
+                    if spec.stats.verify_batches != verified:
+                        yield Speculation(
+                            spec.stats.drafted - drafted_before[0], spec.stats.accepted - drafted_before[1]
+                        )
+                else:
+                    ctx.decode([step[-1]])
+                    self.cached.append(step[-1])
+                    step = [sampler.sample(ctx, -1)]
             tail = matcher.flush() + decoder.decode(b"", final=True) if finish != "stop" else ""
             if tail:
                 t_first = t_first or time.perf_counter()
@@ -300,6 +342,8 @@ class Engine:
             finish = "cancelled"
         t_end = time.perf_counter()
         gen_time = t_end - (t_prefill or t_end)
+        drafted = spec.stats.drafted - drafted_before[0] if spec else 0
+        accepted = spec.stats.accepted - drafted_before[1] if spec else 0
         yield Stats(
             prompt_tokens=n_prompt,
             prompt_tps=(n_prompt - reused) / (t_prefill - t0) if t_prefill and t_prefill > t0 else None,
@@ -310,42 +354,40 @@ class Engine:
             finish_reason=finish,
             cached_tokens=reused,
             context_full=finish == "length" and generated >= room,
+            from_disk=from_disk,
+            drafted=drafted,
+            accepted=accepted,
         )
 
 
-class EventSink(Protocol):
-    """Whatever shows or collects a generation: a live renderer, a JSON writer, a server stream."""
-
-    def piece(self, text: str) -> None: ...
-    def progress(self, event: PrefillProgress) -> None: ...
-    def finish(self, stats: Stats) -> None: ...
-
-
-def drive(events: Iterable[Event], sink: EventSink) -> Stats:
-    """Feed events to a sink. Ctrl-C while rendering is thrown into the generator, which
-    ends the reply as 'cancelled'; the Stats are returned either way."""
-    it = iter(events)
-    stats: Stats | None = None
-    try:
-        for event in it:
-            if isinstance(event, Piece):
-                sink.piece(event.text)
-            elif isinstance(event, PrefillProgress):
-                sink.progress(event)
-            else:
-                stats = event
-    except KeyboardInterrupt:
-        try:
-            event = it.throw(KeyboardInterrupt)  # type: ignore[attr-defined]
-            stats = event if isinstance(event, Stats) else None
-        except (KeyboardInterrupt, StopIteration):
-            stats = None
-        if stats is None:
-            stats = Stats(0, None, 0, 0.0, None, 0.0, "cancelled")
-    finally:
-        close = getattr(it, "close", None)
-        if close:
-            close()
-    assert stats is not None, "the engine always ends a stream with Stats"
-    sink.finish(stats)
-    return stats
+def _speculator(
+    loaded: Loaded, opts: LoadOptions, cfg: EngineConfig, notify: Callable[[str], None]
+) -> Speculator | None:
+    """What speculative decoding can use with this model: prompt lookup, and a draft model when
+    given one of the same vocabulary. None when it is off, or the cache cannot rewind."""
+    if cfg.speculate == "off":
+        return None
+    lc = loaded.model._lc
+    if lc.llama_model_is_recurrent(loaded.model.ptr) or lc.llama_model_is_hybrid(loaded.model.ptr):
+        notify("speculative decoding is off: this model's state cannot rewind a rejected draft")
+        return None
+    drafters: list = []
+    if cfg.speculate in ("auto", "lookup"):
+        drafters.append(LookupDrafter())
+    if cfg.draft is not None and cfg.speculate in ("auto", "draft"):
+        draft_opts = LoadOptions(
+            n_gpu_layers=opts.n_gpu_layers,
+            n_ctx=opts.n_ctx,
+            n_threads=opts.n_threads,
+            use_extra_bufts=opts.use_extra_bufts,
+            verbose=opts.verbose,
+        )
+        draft = runtime.load(cfg.draft.path, draft_opts)
+        if draft.model.vocab_fingerprint() != loaded.model.vocab_fingerprint():
+            draft.close()
+            raise UsageError(
+                f"the draft model {safe(cfg.draft.label)} has another vocabulary than the model",
+                hint="a draft model must share the vocabulary (the same family, a smaller size)",
+            )
+        drafters.append(ModelDrafter(draft.model, draft.ctx))
+    return Speculator(cfg.speculate, drafters) if drafters else None

@@ -8,6 +8,7 @@ control over batching and cancellation, and per-token timing without overhead.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -136,6 +137,16 @@ class LlamaModel:
         if getattr(self, "_eog", None) is None:
             self._eog = [t for t in range(self.n_vocab) if self._lc.llama_vocab_is_eog(self.vocab, t)]
         return self._eog
+
+    def vocab_fingerprint(self) -> str:
+        """Identifies a vocabulary: token ids mean the same text in two models with the same hash
+        (bench's KLD, a draft model). Computed once per model."""
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.sha256(str(self.n_vocab).encode())
+            for token in range(self.n_vocab):
+                digest.update(self.piece(token, special=True) + b"\0")
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

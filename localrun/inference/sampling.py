@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from localrun.errors import UsageError
+from localrun.inference import grammar as grammars
 from localrun.text import safe
 
 
@@ -50,7 +52,7 @@ BOUNDS: dict[str, Bound] = {
     "max_tokens": Bound(int, 1),
 }
 UNSET = {"seed": "random", "max_tokens": "none"}  # the word for "no value" where None is allowed
-SETTABLE = (*BOUNDS, "stop")
+SETTABLE = (*BOUNDS, "stop", "grammar", "json_schema")
 
 
 @dataclass
@@ -60,12 +62,26 @@ class Settings:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     max_tokens: int | None = None  # None: until end of generation or the context is full
     stop: list[str] = field(default_factory=list)
+    grammar: str | None = None  # GBNF the reply must follow (--grammar, --json-schema)
+    grammar_source: str = ""  # where it came from, to show
 
     def set(self, name: str, value: str) -> str:
         """Change one setting from its text; UsageError names the accepted values."""
         key = name.replace("-", "_").lower()
         if key == "stop":  # one stop string (\n for a newline); "none" clears
             self.stop = [] if value.lower() == "none" else [value.replace("\\n", "\n")]
+        elif key in ("grammar", "json_schema"):  # a file (or, for a schema, JSON); "none" clears
+            found = (
+                None
+                if value.lower() == "none"
+                else (
+                    grammars.from_file(Path(value).expanduser())
+                    if key == "grammar"
+                    else grammars.from_json_schema(value)
+                )
+            )
+            self.grammar, self.grammar_source = (found.gbnf, found.source) if found else (None, "")
+            key = "grammar"
         elif key in BOUNDS:
             parsed = self._parse(key, name, value)
             target = self if key == "max_tokens" else self.sampling
@@ -94,4 +110,5 @@ class Settings:
         values = {key: getattr(self if key == "max_tokens" else self.sampling, key) for key in BOUNDS}
         shown = {key: UNSET[key] if value is None else str(value) for key, value in values.items()}
         shown["stop"] = ", ".join(json.dumps(s, ensure_ascii=False) for s in self.stop) or "none"
+        shown["grammar"] = self.grammar_source or "none"
         return shown

@@ -1,0 +1,110 @@
+"""What a generation streams: text as it becomes final, progress while a prompt is read, notices,
+and one Stats at the end; and drive(), which feeds them to whatever shows or collects them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Literal, Protocol
+
+FinishReason = Literal["eog", "stop", "length", "cancelled"]
+
+
+@dataclass
+class Piece:
+    text: str
+    kind: str = "piece"
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int  # tokens in the prompt
+    prompt_tps: float | None  # prefill speed over the tokens decoded (not cached); None: not read to the end
+    generated_tokens: int
+    gen_tps: float
+    ttft_s: float | None  # from generate() to the first piece of text; None: no text came
+    total_s: float
+    finish_reason: FinishReason  # end-of-generation token, a stop string, max tokens or context, Ctrl-C
+    cached_tokens: int = 0  # prompt tokens not decoded: reused from the last turn, or from disk
+    context_full: bool = False  # "length" because the context had no room left, not max_tokens
+    from_disk: int = 0  # of cached_tokens, those loaded from the persistent prompt cache
+    drafted: int = 0  # speculative decoding: tokens drafted and verified
+    accepted: int = 0  # of those, the ones the model agreed with
+    kind: str = "stats"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Notice:
+    """Something the user should know that is not an error (a damaged cache entry was ignored)."""
+
+    text: str
+    kind: str = "notice"
+
+
+@dataclass
+class Speculation:
+    """After a verify batch: drafted and accepted tokens so far in this reply (for live displays)."""
+
+    drafted: int
+    accepted: int
+    kind: str = "speculation"
+
+
+@dataclass
+class PrefillProgress:
+    """While a long prompt is processed (every PROGRESS_EVERY seconds), for live displays."""
+
+    prompt_tokens: int  # being decoded
+    cached_tokens: int
+    elapsed_s: float
+    kind: str = "progress"
+
+
+PROGRESS_EVERY = 0.2
+
+Event = Piece | PrefillProgress | Notice | Speculation | Stats
+
+
+class EventSink(Protocol):
+    """Whatever shows or collects a generation: a live renderer, a JSON writer, a server stream."""
+
+    def piece(self, text: str) -> None: ...
+    def progress(self, event: PrefillProgress) -> None: ...
+    def finish(self, stats: Stats) -> None: ...
+
+
+def drive(events: Iterable[Event], sink: EventSink) -> Stats:
+    """Feed events to a sink. Ctrl-C while rendering is thrown into the generator, which
+    ends the reply as 'cancelled'; the Stats are returned either way."""
+    it = iter(events)
+    stats: Stats | None = None
+    try:
+        for event in it:
+            if isinstance(event, Piece):
+                sink.piece(event.text)
+            elif isinstance(event, PrefillProgress):
+                sink.progress(event)
+            elif isinstance(event, (Notice, Speculation)):  # optional for a sink: JSON has no place for them
+                handler = getattr(sink, event.kind, None)
+                if handler is not None:
+                    handler(event)
+            else:
+                stats = event
+    except KeyboardInterrupt:
+        try:
+            event = it.throw(KeyboardInterrupt)  # type: ignore[attr-defined]
+            stats = event if isinstance(event, Stats) else None
+        except (KeyboardInterrupt, StopIteration):
+            stats = None
+        if stats is None:
+            stats = Stats(0, None, 0, 0.0, None, 0.0, "cancelled")
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()
+    assert stats is not None, "the engine always ends a stream with Stats"
+    sink.finish(stats)
+    return stats

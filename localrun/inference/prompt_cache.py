@@ -1,0 +1,184 @@
+"""A persistent prompt cache: the KV state of a prompt's reusable prefix, kept on disk.
+
+What a run reads before the question (the template's preamble, the system prompt, the piped
+material) is the same from one run to the next when the same document is asked several questions.
+Its KV state is saved with llama.cpp's llama_state_seq_save_file, keyed by the model file, the
+context parameters that shape the KV cache, the llama.cpp build, and the prefix's tokens; a later
+run with the same prefix loads it and decodes only the rest.
+
+Each entry is `<key>.kv` (llama.cpp's file: the tokens and the state) and `<key>.json` (its size,
+a CRC-32, the token count, when it was last used). A truncated, corrupt or mismatched entry is
+ignored (and deleted) with a note: before any state is loaded, the size and checksum must match;
+after, the tokens llama.cpp read back must be exactly the prefix, else the sequence is cleared.
+The folder is bounded: the least recently used entries go first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from localrun import paths
+from localrun.inference.build import llama
+from localrun.inference.runtime import LlamaContext, LoadOptions
+from localrun.inference.selftest import build_key
+
+MIN_TOKENS = 64  # shorter prefixes are read faster than a file is checked
+DEFAULT_LIMIT = 4 << 30
+FORMAT = 1
+
+
+def folder() -> Path:
+    return paths.home() / "kv"
+
+
+@dataclass
+class Entry:
+    key: str
+    size: int
+    tokens: int
+    model: str
+    used: float
+
+
+def entries(where: Path | None = None) -> list[Entry]:
+    """What the cache holds, most recently used first."""
+    found = []
+    for meta_path in (where or folder()).glob("*.json"):
+        meta = paths.read_json(meta_path)
+        if isinstance(meta, dict) and meta.get("format") == FORMAT:
+            found.append(
+                Entry(
+                    meta_path.stem,
+                    int(meta.get("size", 0)),
+                    int(meta.get("tokens", 0)),
+                    str(meta.get("model", "?")),
+                    float(meta.get("used", 0)),
+                )
+            )
+    return sorted(found, key=lambda e: -e.used)
+
+
+def clear(where: Path | None = None) -> int:
+    """Delete every entry; the bytes freed."""
+    freed = 0
+    for entry in entries(where):
+        freed += entry.size
+        _delete(where or folder(), entry.key)
+    for stray in (where or folder()).glob("*.tmp*"):
+        stray.unlink(missing_ok=True)
+    return freed
+
+
+def _delete(where: Path, key: str) -> None:
+    (where / f"{key}.kv").unlink(missing_ok=True)
+    (where / f"{key}.json").unlink(missing_ok=True)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+class PromptCache:
+    """The cache for one loaded model and context (`identity` names both)."""
+
+    def __init__(
+        self,
+        identity: str,
+        label: str,
+        limit: int = DEFAULT_LIMIT,
+        where: Path | None = None,
+        notify: Callable[[str], None] | None = None,
+    ):
+        self.identity, self.label, self.limit = identity, label, limit
+        self.where = where or folder()
+        self.notify = notify or (lambda message: None)
+
+    def key(self, tokens: list[int]) -> str:
+        digest = hashlib.sha256(self.identity.encode())
+        digest.update(len(tokens).to_bytes(8, "little"))
+        digest.update((ctypes.c_int32 * len(tokens))(*tokens))
+        return digest.hexdigest()[:32]
+
+    def load(self, ctx: LlamaContext, tokens: list[int]) -> bool:
+        """Put the saved state of exactly `tokens` into sequence 0; False when there is none to trust."""
+        key = self.key(tokens)
+        kv, meta_path = self.where / f"{key}.kv", self.where / f"{key}.json"
+        meta = paths.read_json(meta_path)
+        if not isinstance(meta, dict) or not kv.is_file():
+            return False
+        if meta.get("format") != FORMAT or kv.stat().st_size != meta.get("size") or _crc32(kv) != meta.get("crc32"):
+            self.notify("a prompt cache entry was damaged (truncated or changed on disk); it was ignored and removed")
+            _delete(self.where, key)
+            return False
+        lc = llama()
+        out = (lc.llama_token * (len(tokens) + 1))()
+        count = ctypes.c_size_t(0)
+        ctx.reset()
+        read = lc.llama_state_seq_load_file(ctx.ptr, str(kv).encode(), 0, out, len(tokens) + 1, ctypes.byref(count))
+        if not read or count.value != len(tokens) or list(out[: count.value]) != tokens:
+            ctx.reset()  # nothing half-loaded stays in the context
+            self.notify("a prompt cache entry did not match its prompt; it was ignored and removed")
+            _delete(self.where, key)
+            return False
+        ctx.n_past = len(tokens)
+        meta["used"] = time.time()
+        paths.write_json_quietly(meta_path, meta)
+        return True
+
+    def save(self, ctx: LlamaContext, tokens: list[int]) -> None:
+        """Save sequence 0, which must hold exactly `tokens`. A full disk costs the entry, nothing else."""
+        key = self.key(tokens)
+        kv = self.where / f"{key}.kv"
+        if kv.exists():
+            return
+        lc = llama()
+        tmp = self.where / f".{key}.{os.getpid()}.tmp"
+        try:
+            self.where.mkdir(parents=True, exist_ok=True)
+            arr = (lc.llama_token * len(tokens))(*tokens)
+            if not lc.llama_state_seq_save_file(ctx.ptr, str(tmp).encode(), 0, arr, len(tokens)):
+                raise OSError("llama.cpp could not write the state")
+            size = tmp.stat().st_size
+            meta = {
+                "format": FORMAT,
+                "size": size,
+                "crc32": _crc32(tmp),
+                "tokens": len(tokens),
+                "model": self.label,
+                "used": time.time(),
+            }
+            paths.write_json(self.where / f"{key}.json", meta)
+            os.replace(tmp, kv)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            _delete(self.where, key)
+            return
+        self._evict()
+
+    def _evict(self) -> None:
+        held = entries(self.where)
+        total = sum(e.size for e in held)
+        for entry in reversed(held):  # least recently used first
+            if total <= self.limit:
+                break
+            _delete(self.where, entry.key)
+            total -= entry.size
+
+
+def kv_identity(files: tuple[Path, ...], opts: LoadOptions) -> str:
+    """What a saved KV state depends on: the model file, the context's KV layout, the build."""
+    model = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    layout = [opts.n_ctx, opts.type_k, opts.type_v, opts.flash_attn, opts.n_seq_max, opts.kv_unified]
+    return json.dumps([model, layout, build_key()])
