@@ -1,0 +1,168 @@
+"""`localrun serve`: resolve and load the models (pulling first if needed), then answer OpenAI's
+API on HTTP until Ctrl-C or SIGTERM, which end the streams in flight and exit 0."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from localrun.cache.resolve import Resolved, resolve
+from localrun.cache.scan import scan
+from localrun.commands.loading import checked_config, obtain
+from localrun.commands.stream import stats_line
+from localrun.errors import NotFound, UsageError
+from localrun.inference.engine import EngineConfig
+from localrun.inference.selftest import this_machine
+from localrun.model.refs import ModelRef, parse_ref
+from localrun.output import Output
+from localrun.serve import state
+from localrun.serve.app import Served, create_app
+from localrun.serve.host import ModelHost, ServeOptions
+from localrun.serve.registry import Registry
+from localrun.serve.server import bind, is_loopback, serve, url_of
+from localrun.text import safe
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+_SIZE = re.compile(r"^(\d+)\s*([kmg]i?b?)?$", re.IGNORECASE)
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_body: int = 16 << 20
+
+
+def keep_alive(text: str) -> float | None:
+    """`5m`, `30s`, `1h`, `300` (seconds), `0` (unload when idle); `forever` or -1: never unload."""
+    value = text.strip().lower()
+    if value in ("forever", "never", "-1", "inf"):
+        return None
+    m = _DURATION.match(value)
+    if not m:
+        raise UsageError(f"--keep-alive {safe(text)!r} is not a duration", hint="e.g. 30s, 5m, 1h, 0, or forever")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def byte_size(text: str) -> int:
+    """`16M`, `512k`, `1GiB`, or bytes."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"--max-body {safe(text)!r} is not a size", hint="e.g. 16M, 512k, or a number of bytes")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[unit]
+
+
+def _model_id(resolved: Resolved, ref: ModelRef) -> tuple[str, set[str]]:
+    """The name clients use (a local file: its name without .gguf; a pulled model: org/repo:QUANT)
+    and the other names that reach it."""
+    model = resolved.model
+    if ref.is_local:
+        return model.path.name.removesuffix(".gguf"), {ref.raw, model.path.name}
+    aliases = {ref.raw, model.label}
+    if model.repo_id:
+        aliases.add(model.repo_id)
+    return model.label, aliases
+
+
+def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelHost]:
+    """A host per model named (resolved now, pulled first if needed), or, with none named, every
+    pulled model, each loaded by the first request for it."""
+    machine = this_machine(out.info)
+    hosts: list[ModelHost] = []
+    if models:
+        for reference in models:
+            ref = parse_ref(reference)
+            resolved = obtain(ref, out, machine=machine)
+            model_id, aliases = _model_id(resolved, ref)
+            if any(h.id == model_id for h in hosts):
+                raise UsageError(f"{safe(reference)} is named twice")
+            hosts.append(
+                ModelHost(model_id, aliases, lambda r=resolved: r, lambda: this_machine(), opts, notify=out.info)
+            )
+        return hosts
+    seen: set[str] = set()
+    for entry in scan().entries:
+        if not entry.loadable or entry.label in seen:
+            continue
+        seen.add(entry.label)
+
+        def source(label: str = entry.label) -> Resolved:
+            found = resolve(parse_ref(label), this_machine())
+            if found is None:
+                raise NotFound(f"{label} is no longer in the cache", hint=f"localrun pull {label}")
+            return found
+
+        hosts.append(ModelHost(entry.label, {entry.repo_id}, source, lambda: this_machine(), opts, notify=out.info))
+    if not hosts:
+        raise UsageError("nothing to serve: no model is pulled", hint="name one: localrun serve org/repo")
+    return hosts
+
+
+def log_line(served: Served) -> str:
+    """One line per request on stderr: what, for which model, and how it went."""
+    head = f"{served.endpoint} {safe(served.model)} {served.status}"
+    if served.stats is not None:
+        return f"{head} · {stats_line(served.stats)}"
+    return f"{head} · {safe(served.error)}" if served.error else f"{head} · the client went away"
+
+
+def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, cfg: EngineConfig, out: Output) -> int:
+    """Serve until stopped; the exit code (0 when stopped by Ctrl-C or SIGTERM)."""
+    if opts.parallel < 1:
+        raise UsageError("--parallel must be at least 1")
+    checked = checked_config(cfg, out)
+    opts.threads, opts.gpu_layers = checked.n_threads, checked.n_gpu_layers
+    if not is_loopback(settings.host) and not settings.api_key:
+        out.warn(
+            f"serving on {settings.host} without --api-key: anyone who can reach this machine can use the models "
+            "(set LOCALRUN_API_KEY, or --api-key KEY)"
+        )
+    sock = bind(settings.host, settings.port)  # before loading: a port in use is said at once
+    try:
+        hosts = hosts_for(models, opts, out)
+        if models:
+            for host in hosts:  # loaded now, so the first request pays no cold load
+                host.checkout()
+                host.checkin()
+        registry = Registry(hosts)
+        app = create_app(
+            registry, api_key=settings.api_key, max_body=settings.max_body, log=lambda s: out.info(log_line(s))
+        )
+        url = url_of(sock, settings.host)
+        record = state.register(url, [state.ServedModel(h.id, _path(h), opts.parallel) for h in hosts])
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        _announce(out, url, hosts, opts, bool(models), bool(settings.api_key))
+        serve(app, sock, on_stop=registry.drain)
+        out.info("stopped")
+    finally:
+        registry.drain()
+        registry.close()
+        state.unregister(record)
+    return 0
+
+
+def _path(host: ModelHost) -> str:
+    engine = host.engine
+    return str(engine.info.path) if engine is not None else ""
+
+
+def _announce(out: Output, url: str, hosts: list[ModelHost], opts: ServeOptions, loaded: bool, key: bool) -> None:
+    out.text(f"{url}/v1\n")  # the one line of data: scripts read the URL from stdout
+    first = hosts[0]
+    if loaded:
+        names = ", ".join(f"{safe(h.id)} ({opts.parallel} slots × {h.n_ctx_slot} tokens)" for h in hosts)
+    else:
+        names = f"{len(hosts)} pulled model{'s' * (len(hosts) > 1)}, each loaded by its first request"
+    keep = "never unloaded" if opts.keep_alive is None else f"unloaded after {opts.keep_alive:g} s idle"
+    out.info(f"serving {names} at {url}/v1 (OpenAI-compatible; {keep}); Ctrl-C stops")
+    example = (
+        f'{{"model": "{first.id}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
+    ).replace("'", "'\\''")
+    auth = " -H 'Authorization: Bearer YOUR_KEY'" if key else ""
+    out.info(f"try: curl -N {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{example}'")

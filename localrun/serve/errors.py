@@ -1,0 +1,56 @@
+"""Errors as OpenAI's API reports them: a status and {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from localrun.errors import BadModel, LocalrunError, NoSpace, NotFound, UsageError
+from localrun.serve.protocol import ErrorBody, ErrorResponse
+
+
+class ApiError(Exception):
+    """An error a client gets as OpenAI's error JSON, with its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.retry_after = retry_after
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def unsupported(param: str, why: str) -> ApiError:
+    """A parameter localrun does not implement: refused, never silently ignored."""
+    return ApiError(400, f"{param} is not supported by localrun: {why}", param=param, code="unsupported_parameter")
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error", code="server_shutdown")
+
+
+def from_localrun(exc: LocalrunError) -> ApiError:
+    """A localrun error met while serving a request, with the status that says whose fault it is."""
+    message = exc.message + (f" ({exc.hint})" if exc.hint else "")
+    if isinstance(exc, UsageError):
+        return ApiError(400, message)
+    if isinstance(exc, NotFound):
+        return ApiError(404, message, code="model_not_found")
+    if isinstance(exc, NoSpace):
+        return ApiError(503, message, type="server_error", code="no_memory", retry_after=5)
+    code = "bad_model" if isinstance(exc, BadModel) else None
+    return ApiError(500, message, type="server_error", code=code)

@@ -1,0 +1,229 @@
+"""One served model: loaded with N slots sharing one context (planned for N x the per-slot
+context), its chat template, its scheduler; unloaded after --keep-alive idle, loaded again by the
+next request that names it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from localrun import fit
+from localrun.cache.resolve import Resolved
+from localrun.cache.usage import touch
+from localrun.errors import NoSpace
+from localrun.hardware import Machine, default_threads
+from localrun.inference import runtime, templates
+from localrun.inference.engine import Engine, ModelInfo
+from localrun.inference.filecheck import check_file
+from localrun.inference.runtime import LoadOptions
+from localrun.inference.templates import ChatTemplate
+from localrun.serve.errors import shutting_down
+from localrun.serve.protocol import SlotsHealth
+from localrun.serve.scheduler import Scheduler
+from localrun.text import human_bytes, safe
+
+Notify = Callable[[str], None]
+
+
+@dataclass
+class ServeOptions:
+    parallel: int = 4  # slots per model
+    ctx: int | None = None  # tokens per slot; None: 4096 capped by what the model was trained with
+    threads: int | None = None
+    gpu_layers: int | None = None  # None: the planner's choice
+    queue: int = 16  # requests per model waiting for a slot beyond the free ones
+    keep_alive: float | None = 300.0  # seconds an idle model stays loaded; None: until the server stops
+    batch: int = 2048  # tokens one decode may hold (prompt chunks plus one token per generating slot)
+    chat_format: str | None = None
+    template_file: Path | None = None
+    verbose: bool = False
+
+
+class ModelHost:
+    """A model the server answers for. Requests check it out (loading it if needed) and in again;
+    it is never unloaded while checked out."""
+
+    def __init__(
+        self,
+        model_id: str,
+        aliases: set[str],
+        source: Callable[[], Resolved],
+        machine: Callable[[], Machine],
+        opts: ServeOptions,
+        notify: Notify,
+    ):
+        self.id = model_id
+        self.aliases = aliases | {model_id}
+        self.created = int(time.time())
+        self.opts = opts
+        self._source, self._machine, self._notify = source, machine, notify
+        self._lock = threading.Lock()
+        self._users = 0
+        self._last = time.monotonic()
+        self._stopped = False
+        self.engine: Engine | None = None  # the loaded model: its vocabulary, template, context
+        self.template: ChatTemplate | None = None
+        self.scheduler: Scheduler | None = None
+        self.n_ctx_slot = opts.ctx or 0
+        self.memory = 0  # the planner's estimate of what the loaded model takes
+
+    @property
+    def loaded(self) -> bool:
+        return self.scheduler is not None
+
+    def checkout(self) -> Scheduler:
+        """The running scheduler, loading the model first if it is not (blocking: call off the
+        event loop). Pair with checkin()."""
+        with self._lock:
+            if self._stopped:
+                raise shutting_down()
+            if self.scheduler is None:
+                self._load()
+            assert self.scheduler is not None
+            self._users += 1
+            return self.scheduler
+
+    def checkin(self) -> None:
+        with self._lock:
+            self._users -= 1
+            self._last = time.monotonic()
+
+    def unload_if_idle(self, *, force: bool = False) -> bool:
+        """Unload when nothing used the model for keep_alive seconds (force: now, if nothing uses
+        it); True if it was unloaded."""
+        keep = 0.0 if force else self.opts.keep_alive
+        scheduler = self.scheduler
+        if keep is None or scheduler is None or self._users or not scheduler.idle:
+            return False
+        with self._lock:
+            idle_for = time.monotonic() - max(self._last, scheduler.idle_since)
+            if self.scheduler is None or self._users or not scheduler.idle or idle_for < keep:
+                return False
+            self._unload()
+        why = "to make room for another" if force else "--keep-alive"
+        self._notify(f"unloaded {self.id}: idle for {idle_for:.0f} s ({why})")
+        return True
+
+    def drain(self) -> None:
+        """End every request (shutting down) and refuse new ones; the model stays until close()."""
+        self._stopped = True
+        scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.stop(shutting_down())
+
+    def close(self) -> None:
+        with self._lock:
+            self._unload()
+
+    def status(self) -> SlotsHealth:
+        scheduler = self.scheduler
+        state = scheduler.status() if scheduler is not None else None
+        return SlotsHealth(
+            id=self.id,
+            loaded=scheduler is not None,
+            slots=self.opts.parallel,
+            busy=state.busy if state else 0,
+            queued=state.queued if state else 0,
+            ctx_per_slot=self.n_ctx_slot,
+        )
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _load(self) -> None:
+        resolved = self._source()
+        n = self.opts.parallel
+        per_slot = _per_slot(self.opts.ctx or fit.default_ctx(resolved.header))
+        plan = fit.plan(resolved.header, self._machine(), n * per_slot)
+        if plan.n_ctx < n * per_slot:
+            per_slot = max(fit.CELL_PAD, plan.n_ctx // n // fit.CELL_PAD * fit.CELL_PAD)
+            self._notify(f"{self.id}: context reduced to {n} slots × {per_slot} tokens to fit in memory")
+        # the plan's notes on the context are about all slots together: say them per slot instead
+        notes = [part for part in (plan.note or "").split("; ") if part and not part.startswith("context ")]
+        if 0 < resolved.header.n_ctx_train < per_slot:
+            notes.append(
+                f"{per_slot} tokens per slot is beyond the {resolved.header.n_ctx_train} the model was trained "
+                "with: expect worse output past that"
+            )
+        if notes:
+            self._notify(f"{self.id}: {'; '.join(notes)}")
+        if not plan.fits:
+            self._notify(
+                f"{self.id}: by the estimate this needs more memory than is free "
+                f"({human_bytes(plan.estimate.ram)}); loading anyway: a smaller --ctx or --parallel helps"
+            )
+        model = resolved.model
+        check_file(model.path, plan.extra_bufts, notify=self._notify)
+        gpu = self.opts.gpu_layers if self.opts.gpu_layers is not None else plan.n_gpu_layers
+        threads = self.opts.threads or default_threads()
+        started = time.perf_counter()
+        while True:
+            opts = LoadOptions(
+                n_gpu_layers=gpu,
+                n_ctx=n * per_slot,
+                n_batch=min(self.opts.batch, n * per_slot),
+                n_threads=threads,
+                use_extra_bufts=plan.extra_bufts,
+                verbose=self.opts.verbose,
+                n_outputs=n,  # one logits row per slot and step
+                n_seq_max=n,
+                kv_unified=False,  # each slot its own KV stream of per_slot cells: no slot crowds out another
+            )
+            try:
+                loaded = runtime.load(model.path, opts)
+                break
+            except NoSpace:
+                if gpu <= 0:
+                    raise
+                self._notify(f"{self.id}: could not allocate with {gpu} GPU layers; retrying with {gpu // 2}")
+                gpu //= 2
+        name = loaded.model.meta("general.name") or model.path.stem
+        info = ModelInfo(
+            model.path,
+            model.label,
+            model.quant,
+            name,
+            loaded.ctx.n_ctx,
+            loaded.model.n_ctx_train,
+            gpu,
+            threads,
+            time.perf_counter() - started,
+        )
+        engine = Engine(loaded, info)
+        try:
+            self.template = templates.choose(
+                engine.chat_template(),
+                chat_format=self.opts.chat_format,
+                template_file=self.opts.template_file,
+                has_token=engine.has_token,
+                bos_token=engine.special_text("bos"),
+                eos_token=engine.special_text("eos"),
+                notify=lambda message: self._notify(f"{self.id}: {message}"),
+            )
+            scheduler = Scheduler(loaded, n, self.opts.queue, chunk=fit.UBATCH)
+        except BaseException:
+            loaded.close()
+            raise
+        self.engine, self.n_ctx_slot = engine, scheduler.n_ctx_slot
+        self.memory = plan.estimate.ram + plan.estimate.vram
+        scheduler.start()
+        self.scheduler = scheduler
+        touch(model.path)  # "last used" in `localrun list`
+        self._notify(
+            f"loaded {safe(self.id)}: {n} slot{'s' * (n > 1)} × {self.n_ctx_slot} tokens, "
+            f"{threads} threads, {gpu} GPU layers, in {info.load_s:.1f} s"
+        )
+
+    def _unload(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+        if self.engine is not None:
+            self.engine.loaded.close()
+            self.engine = None
+
+
+def _per_slot(ctx: int) -> int:
+    """llama.cpp gives each sequence a whole number of 256-cell pages: ask for what it will make."""
+    return max(fit.CELL_PAD, -(-ctx // fit.CELL_PAD) * fit.CELL_PAD)

@@ -1,0 +1,172 @@
+"""From an OpenAI request to what a slot runs: the prompt's tokens (messages through the model's
+chat template), the sampling chain with its grammar, the reply's length and stop strings.
+
+What localrun cannot honour is refused with a 400 that names the parameter, never ignored: a
+client asking for tools or n=3 must not believe it got them. Runs in a worker thread (a
+template render or a grammar can take a while); only the model's vocabulary is read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from localrun.errors import LocalrunError
+from localrun.inference import grammar
+from localrun.inference.sampler import Sampler
+from localrun.inference.sampling import SamplingOptions
+from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
+from localrun.serve.host import ModelHost
+from localrun.serve.protocol import (
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+)
+
+MAX_STOPS = 16
+
+
+@dataclass
+class Prepared:
+    prompt: list[int]
+    sampler: Sampler
+    limit: int  # reply tokens: max_tokens capped by the room the slot's context leaves
+    room: int
+    stop: list[str]
+    top_logprobs: int | None
+
+
+def chat(host: ModelHost, req: ChatRequest) -> Prepared:
+    _refuse_common(req)
+    if req.tools or req.functions:
+        raise unsupported("tools", "localrun does not call tools; send the conversation without them")
+    if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
+        raise unsupported("tool_choice", "localrun does not call tools")
+    messages = [_message(m, i) for i, m in enumerate(req.messages)]
+    assert host.engine is not None and host.template is not None
+    try:
+        text = host.template.render(messages, add_generation_prompt=True)
+    except LocalrunError as exc:
+        raise from_localrun(exc) from None
+    prompt = host.engine.tokenize(text)
+    rules = None
+    fmt = req.response_format
+    try:
+        if isinstance(fmt, JsonSchemaFormat):
+            rules = grammar.from_json_schema(fmt.json_schema.schema_).gbnf
+        elif isinstance(fmt, JsonObjectFormat):
+            rules = grammar.json_object().gbnf
+    except LocalrunError as exc:
+        raise bad_request(f"response_format: {exc.message}", param="response_format") from None
+    wanted = req.max_completion_tokens or req.max_tokens
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    if req.top_logprobs and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+    stop = _stops(req) + list(host.template.stop)
+    return _prepared(host, req, prompt, rules, wanted, stop, top)
+
+
+def completion(host: ModelHost, req: CompletionRequest) -> Prepared:
+    _refuse_common(req)
+    if req.echo:
+        raise unsupported("echo", "the prompt is not repeated in the reply")
+    if req.suffix:
+        raise unsupported("suffix", "fill-in-the-middle needs a model trained for it")
+    if req.best_of not in (None, 1):
+        raise unsupported("best_of", "one completion per request")
+    if isinstance(req.prompt, list):
+        if len(req.prompt) != 1:
+            raise unsupported("prompt", "one prompt per request (send a string)")
+        text = req.prompt[0]
+    else:
+        text = req.prompt
+    assert host.engine is not None
+    prompt = host.engine.tokenize(text)
+    # OpenAI's default for this endpoint is 16 tokens; an explicit null asks for the whole reply
+    wanted = req.max_tokens if "max_tokens" in req.model_fields_set else 16
+    return _prepared(host, req, prompt, None, wanted, _stops(req), req.logprobs)
+
+
+def _prepared(
+    host: ModelHost,
+    req: GenerationRequest,
+    prompt: list[int],
+    rules: str | None,
+    wanted: int | None,
+    stop: list[str],
+    top_logprobs: int | None,
+) -> Prepared:
+    room = host.n_ctx_slot - len(prompt)
+    if not prompt:
+        raise bad_request("the prompt is empty", param="prompt")
+    if room <= 0:
+        raise ApiError(
+            400,
+            f"this model's context is {host.n_ctx_slot} tokens per slot, and the prompt takes {len(prompt)}: "
+            "shorten it, or start the server with a larger --ctx",
+            code="context_length_exceeded",
+            param="messages",
+        )
+    limit = room if wanted is None else min(wanted, room)
+    assert host.engine is not None
+    try:
+        sampler = Sampler(host.engine.model, sampling(req), rules)
+    except LocalrunError as exc:
+        raise bad_request(f"response_format: {exc.message}", param="response_format") from None
+    return Prepared(prompt, sampler, limit, room, stop, top_logprobs)
+
+
+def sampling(req: GenerationRequest) -> SamplingOptions:
+    """The request's sampling; what it leaves out takes localrun's defaults (as `localrun run`),
+    except the repeat penalty: OpenAI clients expect none unless they ask (it also bends JSON)."""
+    base = SamplingOptions()
+    return SamplingOptions(
+        temperature=base.temperature if req.temperature is None else req.temperature,
+        top_k=base.top_k if req.top_k is None else req.top_k,
+        top_p=base.top_p if req.top_p is None else req.top_p,
+        min_p=base.min_p if req.min_p is None else req.min_p,
+        repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
+        repeat_last_n=base.repeat_last_n if req.repeat_last_n is None else req.repeat_last_n,
+        seed=req.seed,
+        ban_eog=req.ignore_eos,
+    )
+
+
+def _refuse_common(req: GenerationRequest) -> None:
+    if req.n not in (None, 1):
+        raise unsupported("n", "one choice per request; send several requests (they run in parallel)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise unsupported(name, "use repeat_penalty (llama.cpp's; 1.0 is none) instead")
+    if req.logit_bias:
+        raise unsupported("logit_bias", "no per-token biases")
+
+
+def _stops(req: GenerationRequest) -> list[str]:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOPS:
+        raise bad_request(f"at most {MAX_STOPS} stop strings", param="stop")
+    return [s for s in stops if s]
+
+
+def _message(message: ChatMessage, index: int) -> dict[str, str]:
+    """A message as the chat templates take it: a role and text."""
+    where = f"messages[{index}]"
+    if message.role in ("tool", "function") or message.tool_calls:
+        raise unsupported(f"{where}.role", "tool calls and tool results are not supported")
+    content = message.content
+    if content is None:
+        if message.role != "assistant":
+            raise bad_request(f"{where}.content is missing", param=f"{where}.content")
+        content = ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise unsupported(f"{where}.content", f"only text parts are (got {part.type!r})")
+            parts.append(part.text)
+        content = "\n".join(parts)
+    role = "system" if message.role == "developer" else message.role
+    return {"role": role, "content": content}

@@ -1,0 +1,214 @@
+"""A job's events as OpenAI replies: one JSON body, or SSE chunks (`data: {...}` lines ending with
+`data: [DONE]`), for chat and for text completions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from localrun.inference.engine import Stats
+from localrun.serve.errors import ApiError
+from localrun.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    Delta,
+    FinishReason,
+    LegacyLogprobs,
+    PromptTokensDetails,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from localrun.serve.slot import Failed, JobEvent, Output
+from localrun.serve.slot import TokenLogprob as SampledToken
+
+Kind = Literal["chat", "completion"]
+DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
+
+
+class Feed:
+    """Events from the scheduler thread into the request's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+
+    def put(self, event: JobEvent) -> None:  # called from the scheduler thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+@dataclass
+class Reply:
+    """What a request got: its text, the tokens' logprobs, and how it ended."""
+
+    kind: Kind
+    model: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+    text: list[str] = field(default_factory=list)
+    tokens: list[SampledToken] = field(default_factory=list)
+    stats: Stats | None = None
+    error: ApiError | None = None
+
+    @property
+    def reply_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.id
+
+
+def finish_reason(stats: Stats) -> FinishReason | None:
+    return {"eog": "stop", "stop": "stop", "length": "length"}.get(stats.finish_reason)  # type: ignore[return-value]
+
+
+def usage(stats: Stats) -> Usage:
+    return Usage(
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.generated_tokens,
+        total_tokens=stats.prompt_tokens + stats.generated_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens),
+    )
+
+
+def timings(stats: Stats) -> Timings:
+    read = stats.prompt_tokens - stats.cached_tokens
+    return Timings(
+        prompt_n=stats.prompt_tokens,
+        cached_n=stats.cached_tokens,
+        prompt_ms=read / stats.prompt_tps * 1000 if stats.prompt_tps else None,
+        prompt_per_second=stats.prompt_tps,
+        predicted_n=stats.generated_tokens,
+        predicted_ms=stats.generated_tokens / stats.gen_tps * 1000 if stats.gen_tps else 0.0,
+        predicted_per_second=stats.gen_tps,
+        ttft_ms=stats.ttft_s * 1000 if stats.ttft_s is not None else None,
+        finish=stats.finish_reason,
+        context_full=stats.context_full,
+    )
+
+
+def _token(t: SampledToken) -> TokenLogprob:
+    top = [TopLogprob(token=p.decode("utf-8", "replace"), logprob=lp, bytes=list(p)) for p, lp in t.top]
+    return TokenLogprob(
+        token=t.piece.decode("utf-8", "replace"), logprob=t.logprob, bytes=list(t.piece), top_logprobs=top
+    )
+
+
+def _legacy(tokens: list[SampledToken], offset: int = 0) -> LegacyLogprobs:
+    out = LegacyLogprobs()
+    for t in tokens:
+        text = t.piece.decode("utf-8", "replace")
+        out.tokens.append(text)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append({p.decode("utf-8", "replace"): lp for p, lp in t.top})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+async def collect(feed: Feed, reply: Reply, is_gone: Callable[[], object], on_gone: Callable[[], None]) -> Reply:
+    """Wait for the whole reply; if the client goes away meanwhile, `on_gone` frees its slot."""
+    while True:
+        try:
+            event = await asyncio.wait_for(feed.queue.get(), DISCONNECT_POLL)
+        except asyncio.TimeoutError:
+            if await is_gone():  # type: ignore[misc]
+                on_gone()
+                raise asyncio.CancelledError from None
+            continue
+        if isinstance(event, Output):
+            reply.text.append(event.text)
+            reply.tokens.extend(event.tokens)
+        elif isinstance(event, Failed):
+            reply.error = event.error
+            raise event.error
+        else:
+            reply.stats = event
+            return reply
+
+
+def body(reply: Reply, logprobs: bool) -> ChatCompletion | Completion:
+    stats = reply.stats
+    assert stats is not None
+    text = "".join(reply.text)
+    if reply.kind == "chat":
+        choice = ChatChoice(
+            message=AssistantMessage(content=text),
+            finish_reason=finish_reason(stats),
+            logprobs=ChoiceLogprobs(content=[_token(t) for t in reply.tokens]) if logprobs else None,
+        )
+        return ChatCompletion(
+            id=reply.reply_id,
+            created=reply.created,
+            model=reply.model,
+            choices=[choice],
+            usage=usage(stats),
+            timings=timings(stats),
+        )
+    legacy = _legacy(reply.tokens) if logprobs else None
+    return Completion(
+        id=reply.reply_id,
+        created=reply.created,
+        model=reply.model,
+        choices=[CompletionChoice(text=text, finish_reason=finish_reason(stats), logprobs=legacy)],
+        usage=usage(stats),
+        timings=timings(stats),
+    )
+
+
+def _sse(model: ChatCompletionChunk | Completion | object) -> str:
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"  # type: ignore[attr-defined]
+
+
+async def stream(feed: Feed, reply: Reply, logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
+    """SSE chunks as the text comes; an error after the stream began is an `error` event (what
+    OpenAI sends, and what its client raises), then [DONE]."""
+    chat = reply.kind == "chat"
+
+    def chunk(text: str | None, tokens: list[SampledToken], finish: FinishReason | None = None, **extra):
+        if chat:
+            lp = ChoiceLogprobs(content=[_token(t) for t in tokens]) if logprobs and tokens else None
+            choice = ChunkChoice(delta=Delta(content=text), finish_reason=finish, logprobs=lp)
+            return ChatCompletionChunk(
+                id=reply.reply_id, created=reply.created, model=reply.model, choices=[choice], **extra
+            )
+        lp_legacy = _legacy(tokens, offset) if logprobs and tokens else None
+        choice = CompletionChoice(text=text or "", finish_reason=finish, logprobs=lp_legacy)
+        return Completion(id=reply.reply_id, created=reply.created, model=reply.model, choices=[choice], **extra)
+
+    offset = 0
+    if chat:  # OpenAI's first chunk names the role
+        first = ChunkChoice(delta=Delta(role="assistant", content=""))
+        yield _sse(ChatCompletionChunk(id=reply.reply_id, created=reply.created, model=reply.model, choices=[first]))
+    while True:
+        event = await feed.queue.get()
+        if isinstance(event, Output):
+            reply.text.append(event.text)
+            yield _sse(chunk(event.text, event.tokens))
+            offset += len(event.text)
+        elif isinstance(event, Failed):
+            reply.error = event.error
+            yield f"data: {event.error.body().model_dump_json()}\n\n"
+            break
+        else:
+            reply.stats = event
+            final = chunk(None if chat else "", [], finish_reason(event), timings=timings(event))
+            yield _sse(final)
+            if include_usage:
+                cls = ChatCompletionChunk if chat else Completion
+                yield _sse(
+                    cls(id=reply.reply_id, created=reply.created, model=reply.model, choices=[], usage=usage(event))
+                )
+            break
+    yield "data: [DONE]\n\n"

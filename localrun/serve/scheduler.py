@@ -1,0 +1,191 @@
+"""The slot scheduler: one thread owns the llama.cpp context and, each step, decodes ONE batch
+holding the next token of every generating slot plus a chunk of any prompt being read.
+
+A request that arrives takes a free slot at the next step, without waiting for the others to
+finish (continuous batching); the slot is the one already holding the longest prefix of its
+prompt (a chat's earlier turns), else the least recently used. While others generate, a prompt is
+read at most one micro-batch per step, so a long one delays their next token by one micro-batch,
+not by the whole prompt. Cancelled requests (the client went away) are reaped before each batch
+is built: a slot is free again within one step. Requests beyond free slots wait in a bounded queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from localrun.errors import LocalrunError
+from localrun.fit import UBATCH
+from localrun.inference.runtime import DecodeAborted, Loaded
+from localrun.inference.sampler import Batch
+from localrun.serve.errors import ApiError, shutting_down
+from localrun.serve.slot import Failed, Job, Slot, common_prefix
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the queue holds as many requests as it may."""
+
+
+@dataclass
+class SlotStatus:
+    slots: int
+    busy: int
+    queued: int
+
+
+class Scheduler:
+    """Owns `loaded.ctx` from start() to stop(): nothing else may decode on it meanwhile."""
+
+    def __init__(self, loaded: Loaded, n_slots: int, queue_limit: int, *, chunk: int = UBATCH):
+        self.ctx, self.model = loaded.ctx, loaded.model
+        self.n_slots = n_slots
+        self.n_ctx_slot = int(self.model._lc.llama_n_ctx_seq(self.ctx.ptr))
+        self.queue_limit = queue_limit
+        self.chunk = max(1, min(chunk, self.ctx.n_batch))
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self.batch = Batch(self.ctx.n_batch, n_slots)
+        self.idle_since = time.monotonic()
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping: ApiError | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="localrun-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- called from request handlers (any thread) ------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue `job`; QueueFull when every slot is busy and the queue is full."""
+        with self._cond:
+            if self._stopping is not None:
+                raise self._stopping
+            free = sum(1 for s in self.slots if s.job is None)
+            if len(self._waiting) >= free + self.queue_limit:
+                raise QueueFull
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The request is gone: free its slot (or its place in the queue) at the next step."""
+        job.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def status(self) -> SlotStatus:
+        return SlotStatus(self.n_slots, sum(1 for s in self.slots if s.job is not None), len(self._waiting))
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and all(s.job is None for s in self.slots)
+
+    def stop(self, error: ApiError | None = None) -> None:
+        """End every request (with `error`, by default "shutting down") and the thread; the context is
+        free for the caller to close once this returns."""
+        with self._cond:
+            self._stopping = error or shutting_down()
+            self._cond.notify()
+        self.ctx.abort()  # a long prompt being read stops now, not at the end of its batch
+        if self._thread.is_alive():
+            # An Event, not Thread.join: a join interrupted by Ctrl-C marks a running thread as
+            # stopped (Python < 3.13), and the context must never be freed under a running decode.
+            while not self._done.is_set():
+                try:
+                    self._done.wait()
+                except KeyboardInterrupt:
+                    pass
+        self.ctx.clear_abort()
+        self.batch.close()
+
+    # -- the scheduler thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._stopping is None and self.idle:
+                        self._cond.wait()
+                    if self._stopping is not None:
+                        self._end_all(self._stopping)
+                        return
+                    self._reap()
+                    self._assign()
+                self._step()
+                if self.idle:
+                    self.idle_since = time.monotonic()
+        except BaseException as exc:  # never leave a request waiting forever
+            with self._cond:
+                self._end_all(ApiError(500, f"the scheduler failed: {exc}", type="server_error"))
+            raise
+        finally:
+            self._done.set()
+
+    def _end_all(self, error: ApiError) -> None:
+        for slot in self.slots:
+            slot.fail(error)
+        while self._waiting:
+            self._waiting.popleft().sink(Failed(error))
+
+    def _reap(self) -> None:
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled:
+                slot.cancel()
+        if any(job.cancelled for job in self._waiting):
+            self._waiting = deque(job for job in self._waiting if not job.cancelled)
+
+    def _assign(self) -> None:
+        """Waiting requests, oldest first, to free slots: the one holding the longest prefix of the
+        prompt, else the least recently used (keeping recent conversations for their next turn)."""
+        while self._waiting:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self._waiting.popleft()
+            slot = max(free, key=lambda s: (common_prefix(s.cached, job.prompt), -s.last_used))
+            slot.start(job, self.ctx)
+
+    def _step(self) -> None:
+        batch = self.batch
+        batch.clear()
+        generating = [s for s in self.slots if s.pending is not None]
+        for slot in generating:
+            slot.row = batch.add(slot.pending, len(slot.cached), slot.seq, True)
+            slot.cached.append(slot.pending)
+            slot.pending = None
+        budget = self.ctx.n_batch - len(generating)
+        if generating:
+            budget = min(budget, self.chunk)
+        added = list(generating)
+        reading = sorted((s for s in self.slots if s.reading), key=lambda s: s.job.submitted)  # type: ignore[union-attr]
+        for slot in reading:
+            if budget <= 0:
+                break
+            prompt = slot.job.prompt  # type: ignore[union-attr]
+            start = len(slot.cached)
+            end = min(len(prompt), start + budget)
+            for pos in range(start, end):
+                index = batch.add(prompt[pos], pos, slot.seq, pos == len(prompt) - 1)
+            slot.cached.extend(prompt[start:end])
+            slot.row = index if end == len(prompt) else None
+            budget -= end - start
+            added.append(slot)
+        if not batch.n_tokens:
+            return
+        try:
+            self.ctx.decode_batch(batch)
+        except (DecodeAborted, LocalrunError) as exc:
+            error = shutting_down() if isinstance(exc, DecodeAborted) else _decode_error(exc)
+            for slot in added:
+                slot.forget(self.ctx)
+                slot.fail(error)
+            self.ctx.clear_abort()
+            return
+        for slot in self.slots:
+            if slot.row is not None and slot.job is not None:
+                slot.take(self.ctx, self.model)
+            slot.row = None
+
+
+def _decode_error(exc: LocalrunError) -> ApiError:
+    return ApiError(500, f"llama.cpp failed to decode: {exc.message}", type="server_error", code="decode_failed")
