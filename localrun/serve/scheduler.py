@@ -135,15 +135,20 @@ class Scheduler:
             self._waiting = deque(job for job in self._waiting if not job.cancelled)
 
     def _assign(self) -> None:
-        """Waiting requests, oldest first, to free slots: the one holding the longest prefix of the
-        prompt, else the least recently used (keeping recent conversations for their next turn)."""
+        """Waiting requests, oldest first, to free slots: the one whose cache the prompt mostly
+        extends (a conversation's earlier turns), longest prefix first; else the least recently used.
+        A slot sharing only a little (a template's first tokens) is not worth the conversation it holds."""
         while self._waiting:
             free = [s for s in self.slots if s.job is None]
             if not free:
                 return
             job = self._waiting.popleft()
-            slot = max(free, key=lambda s: (common_prefix(s.cached, job.prompt), -s.last_used))
-            slot.start(job, self.ctx)
+
+            def fit(slot: Slot) -> tuple[int, float]:
+                shared = common_prefix(slot.cached, job.prompt)
+                return (shared if 2 * shared >= len(slot.cached) else -1, -slot.last_used)
+
+            max(free, key=fit).start(job, self.ctx)
 
     def _step(self) -> None:
         batch = self.batch
