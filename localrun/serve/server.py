@@ -20,7 +20,7 @@ GRACE = 10.0  # seconds uvicorn waits for connections to finish after the stream
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port (0: any free port); UsageError when taken."""
+    """A listening socket on host:port (0: any free port); UsageError when taken."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
@@ -36,7 +36,7 @@ def bind(host: str, port: int) -> socket.socket:
                 f"port {port} is in use on {host}", hint="pick another with --port (0: any free port)"
             ) from None
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
+    sock.listen(2048)  # a client that connects once the URL is printed waits in the backlog, not refused
     return sock
 
 
