@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 from rich.markup import escape
@@ -239,6 +240,9 @@ class JsonRenderer:
     def progress(self, event: PrefillProgress) -> None:
         pass
 
+    def notice(self, event: Notice) -> None:  # stdout holds only the object: notes go to stderr
+        self.out.warn(event.text)
+
     def finish(self, stats: Stats) -> None:
         data = dict(self.extra)
         data["text"] = "".join(self.parts)
@@ -259,6 +263,9 @@ class JsonLinesRenderer:
 
     def progress(self, event: PrefillProgress) -> None:
         pass
+
+    def notice(self, event: Notice) -> None:
+        self.out.json_line(asdict(event))
 
     def finish(self, stats: Stats) -> None:
         self.out.json_line(stats.to_dict())

@@ -33,6 +33,9 @@ class _Recorder:
     def progress(self, event: PrefillProgress) -> None:
         self.inner.progress(event)
 
+    def __getattr__(self, kind: str):  # the optional handlers (notice, speculation): the inner sink's
+        return getattr(self.inner, kind)
+
     def finish(self, stats: Stats) -> None:
         self.inner.finish(stats)
 

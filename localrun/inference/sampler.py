@@ -3,6 +3,7 @@ grammar and random state), and a reusable Batch for decodes of several positions
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING, Any
 
 from localrun.errors import UsageError
@@ -14,13 +15,22 @@ if TYPE_CHECKING:
 
 
 class Sampler:
-    """A chain: ban end-of-text (fixed-length runs), repeat penalties, a grammar, then greedy, or
-    top-k, top-p, min-p, temperature and a seeded draw. sample() applies it to one logits row and
-    accepts the token into its state (penalties, grammar)."""
+    """A chain: ban end-of-text (fixed-length runs), repeat penalties, then greedy, or top-k, top-p,
+    min-p, temperature and a seeded draw; and a grammar beside it. sample() applies them to one
+    logits row and accepts the token into their state (penalties, grammar).
+
+    The grammar is checked against the chain's choice first, as llama.cpp's own samplers do:
+    masking a 262k-token vocabulary costs more than a decode step, checking one token nearly
+    nothing. Only when the choice breaks the grammar is the row masked and sampled again. The
+    token is the same as masking first at temperature 0; with sampling its probability is
+    p(t) + (1 - Z) p(t) / Z = p(t) / Z, the masked distribution (Z: the mass the grammar allows)."""
 
     def __init__(self, model: LlamaModel, s: SamplingOptions, grammar: str | None = None):
         lc = self._lc = llama()
         self.options, self.grammar = s, grammar
+        self.rule: Any = None
+        self._cells: Any = None  # llama_token_data for every token, allocated on first use
+        self._n_vocab = model.n_vocab
         chain = self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if s.ban_eog:
             eog = model.eog_tokens()
@@ -31,11 +41,10 @@ class Sampler:
                 chain, lc.llama_sampler_init_penalties(model.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
             )
         if grammar:
-            rule = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
-            if not rule:
+            self.rule = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+            if not self.rule:
                 self.close()
                 raise UsageError("llama.cpp could not parse the grammar", hint="check it with --verbose")
-            lc.llama_sampler_chain_add(chain, rule)
         if s.greedy:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         else:
@@ -51,15 +60,53 @@ class Sampler:
 
     def sample(self, ctx: LlamaContext, index: int = -1) -> int:
         """The token for logits row `index` of ctx's last decode (accepted into the chain)."""
-        return int(self._lc.llama_sampler_sample(self.ptr, ctx.ptr, index))
+        lc = self._lc
+        if not self.rule:
+            return int(lc.llama_sampler_sample(self.ptr, ctx.ptr, index))
+        token = self._pick(ctx, index, masked=False)
+        if not self._allowed(token):
+            token = self._pick(ctx, index, masked=True)
+        lc.llama_sampler_accept(self.rule, token)
+        lc.llama_sampler_accept(self.ptr, token)
+        return token
+
+    def _pick(self, ctx: LlamaContext, index: int, *, masked: bool) -> int:
+        """The chain's choice over the whole row (the grammar applied first when `masked`)."""
+        import numpy as np
+
+        lc = self._lc
+        if self._cells is None:
+            self._cells = np.zeros(self._n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        cells = self._cells
+        cells["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        cells["logit"] = ctx.logits(index)
+        cells["p"] = 0.0
+        data = cells.ctypes.data_as(ctypes.POINTER(lc.llama_token_data))
+        array = lc.llama_token_data_array(data, self._n_vocab, -1, False)
+        if masked:
+            lc.llama_sampler_apply(self.rule, ctypes.byref(array))
+        lc.llama_sampler_apply(self.ptr, ctypes.byref(array))
+        return int(array.data[array.selected].id)
+
+    def _allowed(self, token: int) -> bool:
+        lc = self._lc
+        one = lc.llama_token_data(token, 1.0, 0.0)
+        array = lc.llama_token_data_array(ctypes.pointer(one), 1, -1, False)
+        lc.llama_sampler_apply(self.rule, ctypes.byref(array))
+        return array.data[0].logit != float("-inf")
 
     def reset(self) -> None:
         self._lc.llama_sampler_reset(self.ptr)
+        if self.rule:
+            self._lc.llama_sampler_reset(self.rule)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
             self._lc.llama_sampler_free(self.ptr)
             self.ptr = None
+        if getattr(self, "rule", None):
+            self._lc.llama_sampler_free(self.rule)
+            self.rule = None
 
     def __del__(self) -> None:
         self.close()

@@ -1,0 +1,162 @@
+"""Structured output: --json-schema and --grammar through llama.cpp's grammar sampler. The real
+Gemma model's replies parse and validate against their schemas; a schema the grammar cannot
+enforce is refused before any model loads; /set switches the grammar in the REPL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from typer.testing import CliRunner
+
+from localrun.cli import app
+from localrun.inference import grammar
+
+runner = CliRunner()
+
+SCHEMAS = {
+    "object with required fields": (
+        "A person, as JSON:",
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 30},
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                "email": {"type": "string", "maxLength": 40},
+                "admin": {"type": "boolean"},
+            },
+            "required": ["name", "age", "admin"],
+        },
+    ),
+    "enum": (
+        "Review: 'The food was cold and the waiter rude.' Sentiment as JSON:",
+        {
+            "type": "object",
+            "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]}},
+            "required": ["sentiment"],
+        },
+    ),
+    "array of objects": (
+        "Three famous books as a JSON list:",
+        {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 3,
+            "items": {
+                "type": "object",
+                "properties": {"title": {"type": "string", "maxLength": 40}, "year": {"type": "integer"}},
+                "required": ["title", "year"],
+            },
+        },
+    ),
+    "numbers with bounds": (
+        "A product rating as JSON:",
+        {
+            "type": "object",
+            "properties": {
+                "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                "score": {"type": "number", "minimum": 0, "maximum": 10},
+                "confidence": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            },
+            "required": ["stars", "score", "confidence"],
+        },
+    ),
+}
+
+
+def run(*args: str, input: str | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_gemma_replies_validate_against_the_schema(gemma: Path, name: str):
+    prompt, schema = SCHEMAS[name]
+    for sampling in (["--temp", "0"], ["--temp", "0.9", "--seed", "7"]):
+        result = run(
+            "run", gemma, "--raw", prompt, "--json-schema", json.dumps(schema), "-n", "200", "--json", *sampling
+        )
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["finish_reason"] == "eog", data  # the grammar ended the reply where the value is complete
+        jsonschema.validate(json.loads(data["text"]), schema)
+
+
+@pytest.mark.slow
+def test_a_schema_file_and_speculation_together(gemma: Path, tmp_path: Path):
+    """Drafted tokens are checked by the same grammar: lookup drafting copies the material."""
+    prompt, schema = SCHEMAS["array of objects"]
+    path = tmp_path / "books.json"
+    path.write_text(json.dumps(schema))
+    material = '[{"title": "Moby Dick", "year": 1851}, {"title": "Emma", "year": 1815}]\n'
+    args = ["run", gemma, "--raw", "Repeat the list:", "--json-schema", path, "-n", "120", "--temp", "0", "--json"]
+    spec = json.loads(run(*args, "--speculate", "lookup", input=material).stdout)
+    plain = json.loads(run(*args, "--speculate", "off", input=material).stdout)
+    jsonschema.validate(json.loads(spec["text"]), schema)
+    assert spec["drafted"] > 0 and spec["text"] == plain["text"]
+
+
+def test_a_gbnf_grammar_file_shapes_the_reply(tiny, tmp_path: Path):
+    rules = tmp_path / "answer.gbnf"
+    rules.write_text('root ::= ("yes" | "no") "." \n')
+    for seed in range(4):
+        result = run("run", tiny.quants["Q8_0"], "--raw", "Is it?", "--grammar", rules, "--seed", seed, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["text"] in ("yes.", "no.")
+
+
+@pytest.mark.parametrize(
+    "schema, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"type": "integer", "minimum": 0}', "a bound on one side only"),
+        ('{"type": "integer", "minimum": 0, "maximum": 1000000}', "bounds at $ cannot be enforced"),
+        ('{"type": "integer", "minimum": 3, "maximum": 1}', "admit no value"),
+        ('{"type": "array", "uniqueItems": true}', "'uniqueItems' at $ cannot be enforced"),
+        ('{"type": "string", "format": "email"}', "format 'email' at $ cannot be enforced"),
+        ("[1, 2]", "must be a JSON object"),
+        ("no-such-schema.json", "neither JSON nor a readable file"),
+    ],
+)
+def test_a_schema_the_grammar_cannot_enforce_is_refused_before_loading(tiny, schema: str, message: str):
+    # the model is a corrupt file: had it been loaded first, that would be the error
+    result = run("run", tiny.corrupt_vocab, "hi", "--json-schema", schema)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.output and "first load" not in result.stderr
+
+
+def test_grammar_conflicts_are_usage_errors(tiny, tmp_path: Path):
+    rules = tmp_path / "g.gbnf"
+    rules.write_text('root ::= "a"\n')
+    both = run("run", tiny.quants["Q8_0"], "hi", "--grammar", rules, "--json-schema", "{}")
+    assert both.exit_code == 2 and "give one of them" in both.stderr
+    eos = run("run", tiny.quants["Q8_0"], "hi", "--grammar", rules, "--ignore-eos")
+    assert eos.exit_code == 2 and "--ignore-eos cannot go with a grammar" in eos.stderr
+    bad = tmp_path / "bad.gbnf"
+    bad.write_text("root ::= (unclosed\n")
+    broken = run("run", tiny.quants["Q8_0"], "hi", "--grammar", bad)
+    assert broken.exit_code == 2 and "could not parse the grammar" in broken.stderr
+
+
+def test_number_bounds_become_a_grid_the_schema_accepts():
+    schema = {"type": "number", "exclusiveMinimum": 0, "maximum": 2.5}
+    grammar.from_json_schema(schema)  # accepted
+    values = grammar._bounds_as_enum(dict(schema), "$", "s")["enum"]
+    assert 0 not in values and 2.5 in values and len(values) <= grammar.ENUM_RANGE
+    for value in values:
+        jsonschema.validate(value, schema)
+
+
+def test_set_json_schema_and_grammar_in_the_repl(tiny, tmp_path: Path, capsys):
+    from test_chat import repl
+
+    rules = tmp_path / "yn.gbnf"
+    rules.write_text('root ::= ("yes" | "no")\n')
+    keys = "\r".join([f"/set grammar {rules}", "/set", "first", '/set json_schema {"enum": ["a", "b"]}', "second"])
+    conv = repl(tiny.quants["Q8_0"], keys + "\r", max_tokens=10)
+    err = capsys.readouterr().err
+    assert f"grammar = grammar {rules}" in err
+    replies = [m["content"] for m in conv.messages if m["role"] == "assistant"]
+    assert replies[0] in ("yes", "no") and replies[1] in ('"a"', '"b"')
