@@ -3,21 +3,23 @@ schema through the converter llama-cpp-python ships (llama_cpp.llama_grammar).
 
 That converter enforces structure, types, enums, lengths, item counts and patterns, but silently
 ignores numeric bounds; a schema is checked for what it would ignore before anything loads, so a
-reply can never pass the grammar and still fail the schema. Integer bounds over a small range are
-rewritten as an enum, which it does enforce; anything else it cannot enforce is a clear error.
+reply can never pass the grammar and still fail the schema. Bounds on both sides are rewritten as
+an enum, which it does enforce: the integers between them, or for a number a decimal grid of at
+most ENUM_RANGE values; anything else it cannot enforce is a clear error.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any
 
 from localrun.errors import UsageError
 from localrun.text import safe
 
-ENUM_RANGE = 1024  # an integer range this small becomes an enum the converter enforces
+ENUM_RANGE = 1024  # bounds admitting this many values at most become an enum the converter enforces
 # keywords that constrain values in ways the converter cannot express
 _UNENFORCED = (
     "multipleOf",
@@ -120,18 +122,35 @@ def _enforceable(node: Any, where: str, source: str) -> Any:
 
 
 def _bounds_as_enum(node: dict, where: str, source: str) -> dict:
-    low, high = node.get("minimum"), node.get("maximum")
-    if "exclusiveMinimum" in node:
-        low = node["exclusiveMinimum"] + 1
-    if "exclusiveMaximum" in node:
-        high = node["exclusiveMaximum"] - 1
-    integral = node.get("type") == "integer" and all(isinstance(v, int) for v in (low, high) if v is not None)
-    if not integral or low is None or high is None or high - low >= ENUM_RANGE:
+    """Bounds on both sides as the enum of the values between them: every integer, or for a
+    number a decimal grid of at most ENUM_RANGE points (0..10 in steps of 0.01, 0..1 of 0.001)."""
+    low = node.get("exclusiveMinimum", node.get("minimum"))
+    high = node.get("exclusiveMaximum", node.get("maximum"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise UsageError(
+            f"{source}: a bound on one side only at {where} cannot be enforced by the grammar",
+            hint="give both minimum and maximum (the values between are enforced), or drop the bound",
+        )
+    lo, hi = Decimal(str(low)), Decimal(str(high))
+    step = Decimal(1)
+    if node.get("type") != "integer":
+        while (hi - lo) / (step / 10) < ENUM_RANGE - 1 and step > Decimal("1e-6"):
+            step /= 10
+    first = (lo / step).to_integral_value(ROUND_CEILING) * step
+    last = (hi / step).to_integral_value(ROUND_FLOOR) * step
+    if "exclusiveMinimum" in node and first == lo:
+        first += step
+    if "exclusiveMaximum" in node and last == hi:
+        last -= step
+    if last < first:
+        raise UsageError(f"{source}: the bounds at {where} admit no value")
+    if (last - first) / step >= ENUM_RANGE:
         raise UsageError(
             f"{source}: bounds at {where} cannot be enforced by the grammar",
-            hint=f"integer bounds spanning fewer than {ENUM_RANGE} values are; widen the type or drop the bound",
+            hint=f"integer bounds spanning fewer than {ENUM_RANGE} values are; narrow them or drop them",
         )
-    if high < low:
-        raise UsageError(f"{source}: the bounds at {where} admit no value")
+    count = int((last - first) / step) + 1
+    grid = [first + i * step for i in range(count)]
+    values = [int(v) if v == v.to_integral_value() else float(v) for v in grid]
     rest = {k: v for k, v in node.items() if k not in _BOUNDS}
-    return {**rest, "enum": list(range(low, high + 1))}
+    return {**rest, "enum": values}
