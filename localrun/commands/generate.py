@@ -13,7 +13,7 @@ from localrun.commands.stream import make_renderer
 from localrun.errors import UsageError
 from localrun.inference import grammar as grammars
 from localrun.inference import templates
-from localrun.inference.conversation import Conversation, compose_prompt
+from localrun.inference.conversation import Conversation, Dialogue, compose_prompt
 from localrun.inference.engine import Engine, EngineConfig, Stats
 from localrun.inference.sampling import Settings
 from localrun.output import Output, isatty
@@ -75,11 +75,9 @@ def prompt_words(words: list[str], warn: Callable[[str], None]) -> list[str]:
     return fixed
 
 
-def one_shot(conv: Conversation, prompt: str, out: Output, *, stream: bool = False, material: str = "") -> Stats:
+def one_shot(conv: Dialogue, prompt: str, out: Output, *, stream: bool = False, material: str = "") -> Stats:
     """Answer one prompt: live text on a terminal, plain when piped, or JSON."""
-    info = conv.engine.info
-    extra = {"model": info.label, "name": info.name, "quant": info.quant, **info.timings()}
-    return conv.reply(prompt, make_renderer(out, stream=stream, extra=extra, model=info.label), material)
+    return conv.reply(prompt, make_renderer(out, stream=stream, extra=conv.facts(), model=conv.label), material)
 
 
 def apply_structure(settings: Settings, options: PromptOptions) -> None:

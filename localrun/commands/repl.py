@@ -23,7 +23,7 @@ from prompt_toolkit.output import create_output
 from localrun import paths
 from localrun.commands.stream import make_renderer, stats_line
 from localrun.errors import LocalrunError, UsageError
-from localrun.inference.conversation import Conversation
+from localrun.inference.conversation import Dialogue
 from localrun.inference.sampling import SETTABLE
 from localrun.output import Output, isatty
 
@@ -55,7 +55,7 @@ COMMANDS = ("/help", "/exit", "/bye", "/clear", "/system", "/set", "/stats", "/s
 class Repl:
     """Slash commands and the prompt loop; `handle` is separate from the I/O to keep it testable."""
 
-    def __init__(self, conv: Conversation, out: Output):
+    def __init__(self, conv: Dialogue, out: Output):
         self.conv = conv
         self.out = out
 
@@ -87,9 +87,7 @@ class Repl:
                     raise UsageError(f"/set {name} needs a value", hint="/set temperature 0.2")
                 out.info(conv.settings.set(name, value.strip()))
         elif cmd == "/stats":
-            used = len(conv.tokens(conv.messages)) if conv.messages else 0
-            n = len(conv.messages)
-            out.info(f"context: {used} of {conv.engine.n_ctx} tokens used by {n} message{'s' if n != 1 else ''}")
+            out.info(conv.usage())
             out.info(stats_line(conv.last_stats) if conv.last_stats else "no reply yet")
         elif cmd in ("/save", "/load"):
             if not arg:
@@ -107,15 +105,8 @@ class Repl:
             else:
                 out.info(f"loaded {conv.load(path)} messages from {path}")
         elif cmd == "/model":
-            info = conv.engine.info
-            out.info(f"{info.label}  ({info.name}, {info.path})")
-            out.info(
-                f"context {info.n_ctx} tokens (trained {info.n_ctx_train}), GPU layers {info.n_gpu_layers}, "
-                f"threads {info.n_threads}, loaded in {info.load_s:.2f} s"
-            )
-            out.info("chat template: " + (conv.template.origin if conv.template else "none (--raw)"))
-            for note in info.notes:
-                out.info(note)
+            for line in conv.about():
+                out.info(line)
         else:
             raise UsageError(f"unknown command {cmd}", hint="/help lists the commands")
         return True
@@ -130,10 +121,7 @@ class Repl:
         """The prompt loop, until /exit, Ctrl-D or a second Ctrl-C on an empty line. `first` is
         asked before the first prompt (`localrun chat MODEL "question"`). No error ends it."""
         session = _prompt_session(input, output)
-        info = self.conv.engine.info
-        self.out.info(
-            f"{info.label} ({info.name}) ready, context {info.n_ctx} tokens. /help for commands, Ctrl-D to exit."
-        )
+        self.out.info(f"{self.conv.ready()}. /help for commands, Ctrl-D to exit.")
         armed = False  # the last key was Ctrl-C on an empty line: one more exits
         pending = first
         while True:

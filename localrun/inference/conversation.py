@@ -1,4 +1,5 @@
-"""A conversation: messages through a chat template, trimmed to the context, answered by the engine.
+"""A conversation: messages through a chat template, trimmed to the context, answered by the engine
+(Conversation) or by anything else that streams the same events (a Dialogue, e.g. a server).
 
 A cancelled reply (Ctrl-C) drops both the question and the partial answer, so the conversation
 is exactly what it was before.
@@ -7,12 +8,12 @@ is exactly what it was before.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from localrun.errors import NoSpace, UsageError
 from localrun.inference.engine import Engine
-from localrun.inference.events import EventSink, PrefillProgress, Stats, drive
+from localrun.inference.events import Event, EventSink, PrefillProgress, Stats, drive
 from localrun.inference.sampling import Settings
 from localrun.inference.templates import ChatTemplate, Message
 
@@ -40,24 +41,17 @@ class _Recorder:
         self.inner.finish(stats)
 
 
-class Conversation:
-    """Messages, a template, settings; reply() renders the prompt, trims it, streams the answer."""
+class Dialogue:
+    """Messages and settings; reply() asks, streams the answer to a sink, and keeps the turn.
+    Subclasses say where answers come from: a loaded engine (Conversation) or a server."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        template: ChatTemplate | None,
-        settings: Settings,
-        system: str | None = None,
-        warn: Callable[[str], None] = lambda message: None,
-    ):
-        self.engine = engine
-        self.template = template  # None: raw completion, no roles
+    label = ""  # the model, as the user named it
+
+    def __init__(self, settings: Settings, system: str | None = None, warn: Callable[[str], None] = lambda m: None):
         self.settings = settings
         self.warn = warn
         self.messages: list[Message] = []
         self.last_stats: Stats | None = None
-        self.last_prompt: list[int] = []
         if system:
             self.set_system(system)
 
@@ -72,6 +66,107 @@ class Conversation:
 
     def clear(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
+
+    # -- what subclasses provide -------------------------------------------------------------------
+    def answer(self, material: str) -> Iterator[Event]:
+        """The events answering self.messages (the last one is the new question)."""
+        raise NotImplementedError
+
+    def about(self) -> list[str]:
+        """Lines saying what answers: the model, its context, where it runs (/model)."""
+        raise NotImplementedError
+
+    def ready(self) -> str:
+        """What the REPL says first: the model, and its context."""
+        raise NotImplementedError
+
+    def usage(self) -> str:
+        """How full the context is (/stats)."""
+        raise NotImplementedError
+
+    def facts(self) -> dict[str, object]:
+        """What --json output says about the model."""
+        return {"model": self.label}
+
+    @property
+    def n_ctx(self) -> int | None:
+        return None
+
+    # -- a turn -------------------------------------------------------------------------------------
+    def reply(self, text: str, sink: EventSink, material: str = "") -> Stats:
+        """Ask; stream the answer to the sink; keep the turn unless it was cancelled. A cancelled
+        or failed turn leaves the conversation as it was, trimmed turns included, wherever the
+        Ctrl-C lands (rendering the prompt, reading it, or the reply)."""
+        before = list(self.messages)
+        self.last_stats = None
+        try:
+            self.messages.append({"role": "user", "content": text})
+            recorder = _Recorder(sink)
+            stats = drive(self.answer(material), recorder)
+        except KeyboardInterrupt:
+            self.messages = before
+            stats = Stats(self.prompt_size(), None, 0, 0.0, None, 0.0, "cancelled")
+            sink.finish(stats)
+            self.last_stats = stats
+            return stats
+        except BaseException:
+            self.messages = before
+            raise
+        self.last_stats = stats
+        if stats.finish_reason == "cancelled":
+            self.messages = before
+        else:
+            self.messages.append({"role": "assistant", "content": "".join(recorder.parts)})
+        return stats
+
+    def prompt_size(self) -> int:
+        """Tokens of the last prompt, as far as known (for a cancelled turn's stats)."""
+        return 0
+
+    # -- /save and /load -------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        data = {"model": self.label, "messages": self.messages, "settings": self.settings.describe()}
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def load(self, path: Path) -> int:
+        try:
+            data = json.loads(path.read_text())
+            messages = data["messages"] if isinstance(data, dict) else data
+            if not all(
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise ValueError("messages need a role (system/user/assistant) and a content")
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{path} is not a saved conversation: {exc}") from None
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        return len(self.messages)
+
+
+class Conversation(Dialogue):
+    """Over a loaded engine: the messages through a chat template, trimmed to the context."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        template: ChatTemplate | None,
+        settings: Settings,
+        system: str | None = None,
+        warn: Callable[[str], None] = lambda message: None,
+    ):
+        self.engine = engine
+        self.template = template  # None: raw completion, no roles
+        self.label = engine.info.label
+        self.last_prompt: list[int] = []
+        super().__init__(settings, system, warn)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.n_ctx
 
     def text(self, messages: list[Message]) -> str:
         """The prompt as the model reads it: the messages through the template (or joined, raw)."""
@@ -126,64 +221,44 @@ class Conversation:
             )
         return tokens
 
-    def reply(self, text: str, sink: EventSink, material: str = "") -> Stats:
-        """Ask; stream the answer to the sink; keep the turn unless it was cancelled. A cancelled
-        or failed turn leaves the conversation as it was, trimmed turns included, wherever the
-        Ctrl-C lands (rendering the prompt, reading it, or the reply)."""
-        before = list(self.messages)
-        try:
-            self.messages.append({"role": "user", "content": text})
-            tokens = self._fit()
-            self.last_prompt = tokens
-            stop = list(self.settings.stop) + list(self.template.stop if self.template else ())
-            recorder = _Recorder(sink)
-            events = self.engine.generate(
-                tokens,
-                self.settings.sampling,
-                self.settings.max_tokens,
-                stop,
-                grammar=self.settings.grammar,
-                reusable=self.reusable(tokens, material),
-            )
-            stats = drive(events, recorder)
-        except KeyboardInterrupt:
-            self.messages = before
-            stats = Stats(len(self.last_prompt), None, 0, 0.0, None, 0.0, "cancelled")
-            sink.finish(stats)
-            self.last_stats = stats
-            return stats
-        except BaseException:
-            self.messages = before
-            raise
-        self.last_stats = stats
-        if stats.finish_reason == "cancelled":
-            self.messages = before
-        else:
-            self.messages.append({"role": "assistant", "content": "".join(recorder.parts)})
-        return stats
+    def answer(self, material: str) -> Iterator[Event]:
+        tokens = self._fit()
+        self.last_prompt = tokens
+        stop = list(self.settings.stop) + list(self.template.stop if self.template else ())
+        return self.engine.generate(
+            tokens,
+            self.settings.sampling,
+            self.settings.max_tokens,
+            stop,
+            grammar=self.settings.grammar,
+            reusable=self.reusable(tokens, material),
+        )
 
-    # -- /save and /load -------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        data = {"model": self.engine.info.label, "messages": self.messages, "settings": self.settings.describe()}
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    def prompt_size(self) -> int:
+        return len(self.last_prompt)
 
-    def load(self, path: Path) -> int:
-        try:
-            data = json.loads(path.read_text())
-            messages = data["messages"] if isinstance(data, dict) else data
-            if not all(
-                isinstance(m, dict)
-                and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str)
-                for m in messages
-            ):
-                raise ValueError("messages need a role (system/user/assistant) and a content")
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{path} is not a saved conversation: {exc}") from None
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return len(self.messages)
+    def usage(self) -> str:
+        used = len(self.tokens(self.messages)) if self.messages else 0
+        n = len(self.messages)
+        return f"context: {used} of {self.n_ctx} tokens used by {n} message{'s' if n != 1 else ''}"
+
+    def facts(self) -> dict[str, object]:
+        info = self.engine.info
+        return {"model": info.label, "name": info.name, "quant": info.quant, **info.timings()}
+
+    def ready(self) -> str:
+        info = self.engine.info
+        return f"{info.label} ({info.name}) ready, context {info.n_ctx} tokens"
+
+    def about(self) -> list[str]:
+        info = self.engine.info
+        return [
+            f"{info.label}  ({info.name}, {info.path})",
+            f"context {info.n_ctx} tokens (trained {info.n_ctx_train}), GPU layers {info.n_gpu_layers}, "
+            f"threads {info.n_threads}, loaded in {info.load_s:.2f} s",
+            "chat template: " + (self.template.origin if self.template else "none (--raw)"),
+            *info.notes,
+        ]
 
 
 def compose_prompt(words: list[str], stdin_text: str | None) -> tuple[str, str]:
