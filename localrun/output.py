@@ -119,6 +119,28 @@ class Output:
             table.add_row(key, Text(value))
         self.table(table)
 
+    def columns(self, header: list[str], rows: list[list[str]], *, right: tuple[str, ...] = ()) -> None:
+        """Aligned plain columns on stdout, never cut: the first cell of a row (a model name) is
+        what you type next, and a rich Table would shrink it to "…". On a terminal too narrow for
+        a row, the first cell gets a line of its own (whole, to copy) and the other columns follow
+        it, indented, instead of wrapping inside words. Columns named in `right` align right."""
+        from rich.text import Text
+
+        def aligned(names: list[str], row: list[str], widths: list[int]) -> str:
+            cells = [c.rjust(w) if name in right else c.ljust(w) for name, c, w in zip(names, row, widths)]
+            return "  ".join(cells).rstrip()
+
+        widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+        if not self.stdout_tty or sum(widths) + 2 * (len(widths) - 1) <= self.out.width:
+            for i, row in enumerate([header, *rows]):
+                self.show(Text(aligned(header, row, widths), style="bold" if i == 0 else ""))
+            return
+        self.show(Text(header[0], style="bold"))
+        self.show(Text("  " + aligned(header[1:], header[1:], widths[1:]), style="bold"))
+        for row in rows:
+            self.show(Text(row[0]))
+            self.show(Text("  " + aligned(header[1:], row[1:], widths[1:])))
+
     # -- messages (stderr) ----------------------------------------------------------------------
     def info(self, message: str) -> None:
         self.err.print(safe(message, None, multiline=True), markup=False)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-from rich.text import Text
-
 from localrun.cache.scan import CacheEntry, Listing
 from localrun.output import Output
 from localrun.text import ago, human_bytes, safe
@@ -46,25 +44,7 @@ def show_listing(out: Output, listing: Listing) -> None:
         ]
         for e in listing.entries
     ]
-    # Plain aligned columns, never cut: a model name is what you type next, and a rich Table
-    # shrinks it to "…". On a terminal too narrow for a row, the name gets a line of its own
-    # (whole, to copy) and the other columns follow it, indented, instead of wrapping inside words.
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    if not out.stdout_tty or sum(widths) + 2 * (len(widths) - 1) <= out.out.width:
-        for i, row in enumerate([header, *rows]):
-            out.show(Text(_aligned(header, row, widths), style="bold" if i == 0 else ""))
-        return
-    rest = [header[1:], *(row[1:] for row in rows)]
-    out.show(Text(header[0], style="bold"))
-    out.show(Text("  " + _aligned(header[1:], rest[0], widths[1:]), style="bold"))
-    for row in rows:
-        out.show(Text(row[0]))
-        out.show(Text("  " + _aligned(header[1:], row[1:], widths[1:])))
-
-
-def _aligned(header: list[str], row: list[str], widths: list[int]) -> str:
-    cells = [cell.rjust(w) if name == "SIZE" else cell.ljust(w) for name, cell, w in zip(header, row, widths)]
-    return "  ".join(cells).rstrip()
+    out.columns(header, rows, right=("SIZE",))
 
 
 def _files_cell(e: CacheEntry) -> str:
