@@ -220,10 +220,13 @@ def test_a_missing_or_wrong_key_is_401(server: ServerProcess, client: openai.Ope
     still_serving(client)
 
 
-def test_an_unknown_model_or_endpoint_is_404(server: ServerProcess, client: openai.OpenAI):
+def test_an_unknown_model_or_endpoint_is_404(server: ServerProcess, client: openai.OpenAI, tiny):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert err.value.code == "model_not_found" and MODEL in err.value.message
+    for path in (str(tiny.quants["Q4_K_M"]), "/etc/passwd"):  # a file a request names is never opened
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=path, prompt="hi", max_tokens=1)
     status, _, body = server.post("/v1/embeddings", b"{}")
     assert status == 404 and body["error"]["code"] == "not_found"
     still_serving(client)
