@@ -170,3 +170,21 @@ def test_a_port_in_use_is_a_usage_error(tiny):
         port = taken.getsockname()[1]
         result = runner.invoke(app, ["serve", str(tiny.quants["Q8_0"]), "--port", str(port)])
     assert result.exit_code == 2 and f"port {port} is in use" in result.stderr
+
+
+def test_a_grammar_constrains_the_reply(server: ServerProcess):
+    rules = 'root ::= ("yes" | "no") "."'
+    for prompt in ("is it raining?", "is the sea blue?", "shall we go?"):
+        events = list(
+            remote.generate(
+                server.url,
+                TINY,
+                messages=[{"role": "user", "content": prompt}],
+                sampling=SamplingOptions(temperature=1.0, seed=7),
+                max_tokens=8,
+                grammar=rules,
+            )
+        )
+        assert "".join(e.text for e in events[:-1]) in ("yes.", "no.") and events[-1].finish_reason == "eog"
+    with pytest.raises(UsageError, match="grammar"):
+        list(remote.generate(server.url, TINY, prompt="hi", sampling=FIXED, max_tokens=2, grammar="root ::= ("))

@@ -121,10 +121,12 @@ def generate(
     sampling: SamplingOptions,
     max_tokens: int | None = None,
     stop: list[str] | None = None,
+    grammar: str | None = None,
     timeout: float | None = None,
 ) -> Iterator[Piece | Stats]:
     """Stream a reply from a server: `messages` through its chat template, or `prompt` as raw text
-    (no template). Yields Piece events, then one Stats; LocalrunError for what the server refused."""
+    (no template); `grammar` (GBNF) constrains it. Yields Piece events, then one Stats;
+    LocalrunError for what the server refused."""
     if (messages is None) == (prompt is None):
         raise ValueError("give messages or a prompt")
     server = Server(server) if isinstance(server, str) else server
@@ -144,6 +146,8 @@ def generate(
     }
     if sampling.seed is not None:
         body["seed"] = sampling.seed
+    if grammar:
+        body["grammar"] = grammar
     if messages is not None:
         body["messages"] = messages
         path = "/v1/chat/completions"

@@ -51,8 +51,10 @@ def chat(host: ModelHost, req: ChatRequest) -> Prepared:
     except LocalrunError as exc:
         raise from_localrun(exc) from None
     prompt = host.engine.tokenize(text)
-    rules = None
+    rules = req.grammar
     fmt = req.response_format
+    if rules and isinstance(fmt, (JsonSchemaFormat, JsonObjectFormat)):
+        raise bad_request("give a grammar or a response_format, not both", param="grammar")
     try:
         if isinstance(fmt, JsonSchemaFormat):
             rules = grammar.from_json_schema(fmt.json_schema.schema_).gbnf
@@ -86,7 +88,7 @@ def completion(host: ModelHost, req: CompletionRequest) -> Prepared:
     prompt = host.engine.tokenize(text)
     # OpenAI's default for this endpoint is 16 tokens; an explicit null asks for the whole reply
     wanted = req.max_tokens if "max_tokens" in req.model_fields_set else 16
-    return _prepared(host, req, prompt, None, wanted, _stops(req), req.logprobs)
+    return _prepared(host, req, prompt, req.grammar, wanted, _stops(req), req.logprobs)
 
 
 def _prepared(
@@ -114,7 +116,8 @@ def _prepared(
     try:
         sampler = Sampler(host.engine.model, sampling(req), rules)
     except LocalrunError as exc:
-        raise bad_request(f"response_format: {exc.message}", param="response_format") from None
+        param = "grammar" if req.grammar else "response_format"
+        raise bad_request(f"{param}: {exc.message}", param=param) from None
     return Prepared(prompt, sampler, limit, room, stop, top_logprobs)
 
 

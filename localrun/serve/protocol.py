@@ -86,6 +86,7 @@ class GenerationRequest(_Body):
     repeat_penalty: float | None = Field(None, **_bound("repeat_penalty"))
     repeat_last_n: int | None = Field(None, **_bound("repeat_last_n"))
     ignore_eos: bool = False
+    grammar: str | None = None  # GBNF the reply must follow
 
 
 class ChatRequest(GenerationRequest):

@@ -143,12 +143,7 @@ class Scheduler:
             if not free:
                 return
             job = self._waiting.popleft()
-
-            def fit(slot: Slot) -> tuple[int, float]:
-                shared = common_prefix(slot.cached, job.prompt)
-                return (shared if 2 * shared >= len(slot.cached) else -1, -slot.last_used)
-
-            max(free, key=fit).start(job, self.ctx)
+            max(free, key=lambda slot: _affinity(slot, job.prompt)).start(job, self.ctx)
 
     def _step(self) -> None:
         batch = self.batch
@@ -190,6 +185,13 @@ class Scheduler:
             if slot.row is not None and slot.job is not None:
                 slot.take(self.ctx, self.model)
             slot.row = None
+
+
+def _affinity(slot: Slot, prompt: list[int]) -> tuple[int, float]:
+    """How well a free slot suits a prompt: the prefix it holds when the prompt mostly extends its
+    cache (else -1: taking it would lose a conversation for little), then least recently used."""
+    shared = common_prefix(slot.cached, prompt)
+    return (shared if 2 * shared >= len(slot.cached) else -1, -slot.last_used)
 
 
 def _decode_error(exc: LocalrunError) -> ApiError:
