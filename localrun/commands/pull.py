@@ -43,6 +43,7 @@ class Row:
     header: HeaderInfo | None = None
     plan: fit.Plan | None = None
     problem: str | None = None  # e.g. the file is not GGUF: never chosen
+    error: BadModel | None = None  # the whole error behind `problem`, with its hint
     wanted_ctx: int | None = None  # the context asked for (or the default), before any reduction
 
     @property
@@ -154,9 +155,9 @@ def plan_pull(
     forced = listing.select(tag=wanted, filename=ref.filename) if (wanted or ref.filename) else None
     rows = _read_headers(listing, reading)
     if forced is not None and rows[forced].problem:
-        raise BadModel(f"{safe(rows[forced].quant.files[0])}: {rows[forced].problem}")
+        raise _unusable(listing.repo_id, rows[forced])
     if all(r.problem for r in rows):
-        raise BadModel(f"{listing.repo_id}: {safe(rows[0].quant.files[0])}: {rows[0].problem}")
+        raise _unusable(listing.repo_id, rows[0])
     options, indexes = [], []
     for i, row in enumerate(rows):
         if row.header is not None:
@@ -196,7 +197,7 @@ def _read_headers(listing: RepoListing, reading: Callable[[str], Any] | None) ->
                 sizes=[quant.sizes.get(f, 0) for f in quant.files],
             )
         except BadModel as exc:
-            return Row(quant, problem=_short(exc.message, quant, listing.repo_id))
+            return Row(quant, problem=_short(exc.message, quant, listing.repo_id), error=exc)
         return Row(quant, header)
 
     count = len(listing.quants)
@@ -209,6 +210,13 @@ def _read_headers(listing: RepoListing, reading: Callable[[str], Any] | None) ->
         return list(pool.map(read, listing.quants))
     finally:  # on Ctrl-C, do not wait for the reads still queued
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _unusable(repo_id: str, row: Row) -> BadModel:
+    """The error of a candidate that cannot be used, whole: its own words (which name the file) and hint."""
+    error = row.error or BadModel(f"{safe(row.quant.files[0])}: {row.problem}")
+    message = error.message if repo_id in error.message else f"{repo_id}: {error.message}"
+    return BadModel(message, hint=error.hint)
 
 
 def _short(message: str, quant: RepoQuant, repo_id: str) -> str:
@@ -307,9 +315,9 @@ def pull(
     result.already_there = not progress.downloaded
     if not out.json:
         if result.already_there:
-            show(f"already pulled: {result.files[0]}", markup=False)
+            show(f"already pulled: {safe(result.files[0], None)}", markup=False)
         else:
-            show(f"saved {result.files[0]}", markup=False)
+            show(f"saved {safe(result.files[0], None)}", markup=False)
         if out.interactive and not as_step:
             out.info(f"chat with it: localrun chat {listing.repo_id}:{row.quant.label}")
     return result
@@ -336,7 +344,7 @@ def _pull_offline(
     why = f"{safe(model.quant or model.path.name)}: already in the cache (offline, nothing was checked on the Hub)"
     if not out.json:
         show(why, markup=False)
-        show(f"already pulled: {model.path}", markup=False)
+        show(f"already pulled: {safe(model.path, None)}", markup=False)
     repo_quant = RepoQuant(model.quant, [p.name for p in model.files], model.size, {})
     rows = [Row(repo_quant, found.header, found.plan)]
     return PullResult(ref.repo_id or "", None, rows, 0, why, files=list(model.files), already_there=True)

@@ -7,7 +7,7 @@ from rich.text import Text
 from localrun.cache.remove import RemovalPlan, plan_removal, remove
 from localrun.model.refs import ModelRef
 from localrun.output import Output
-from localrun.text import human_bytes, plural
+from localrun.text import human_bytes, plural, safe
 
 
 def rm(ref: ModelRef, out: Output, *, yes: bool = False) -> RemovalPlan | None:
@@ -28,6 +28,8 @@ def rm(ref: ModelRef, out: Output, *, yes: bool = False) -> RemovalPlan | None:
         out.data(plan.to_dict())
     else:
         for e in plan.entries:
-            out.show(Text(f"removed {e.label}" + ("" if e.revision == "main" else f" @ {e.revision}")))
+            out.show(
+                Text(f"removed {safe(e.label, None)}" + ("" if e.revision == "main" else f" @ {safe(e.revision)}"))
+            )
     out.info(f"freed {human_bytes(plan.freed)}{kept}")
     return plan
