@@ -250,11 +250,6 @@ def test_a_projector_named_as_the_model_is_said_to_be_one(hub, tiny):
 BASE_HINT = "has no chat template: it may be a base model, which continues text rather than answers"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the hint is given only to the interactive REPL: generate() opens the conversation with "
-    "chatting=interactive, so a piped `chat` never gets it (localrun/commands/generate.py)",
-)
 def test_piped_chat_with_a_base_model_suggests_run_raw(tiny):
     model = tiny.no_template
     result = cli("chat", model, "-n", "2", "--temp", "0", input="the old man and the sea\n")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localrun.commands.loading import open_engine
+from localrun.commands.remote import RemoteDialogue, refuse_local_options
 from localrun.commands.repl import Repl
 from localrun.commands.stream import make_renderer
 from localrun.errors import UsageError
@@ -17,6 +18,7 @@ from localrun.inference.conversation import Conversation, Dialogue, compose_prom
 from localrun.inference.engine import Engine, EngineConfig, Stats
 from localrun.inference.sampling import Settings
 from localrun.output import Output, isatty
+from localrun.serve.client import Server
 
 
 @dataclass
@@ -107,8 +109,10 @@ def generate(
     *,
     stream: bool,
     draft: str | None = None,
+    server: str | None = None,
 ) -> Stats | None:
-    """`run` and `chat`: one answer when there is a prompt or piped stdin (or mode is run), else the REPL."""
+    """`run` and `chat`: one answer when there is a prompt or piped stdin (or mode is run), else the
+    REPL; from a model loaded here, or from a `localrun serve` at `server`."""
     if stream and not out.json:
         raise UsageError("--stream goes with --json", hint="add --json, or drop --stream")
     stdin_text = read_stdin(out.warn)
@@ -123,12 +127,22 @@ def generate(
             hint += f"; to chat with it: localrun chat {model}"
         raise UsageError("nothing to answer: the prompt is empty", hint=hint)
     apply_structure(settings, prompt_options)
+    if server:
+        refuse_local_options(cfg, draft, prompt_options.chat_format, prompt_options.template_file)
+        remote = RemoteDialogue(
+            Server(server), model, settings, prompt_options.system, raw=prompt_options.raw, warn=out.warn
+        )
+        return converse(remote, out, interactive, prompt, material, stream)
     engine = open_engine(model, cfg, out, draft=draft)
     try:
-        conv = open_conversation(engine, out, settings, prompt_options, chatting=interactive)
-        if interactive:  # a prompt given as an argument is the chat's first message, as in Ollama
-            Repl(conv, out).run(first=prompt or None)
-            return None
-        return one_shot(conv, prompt, out, stream=stream, material=material)
+        conv = open_conversation(engine, out, settings, prompt_options, chatting=mode == "chat")
+        return converse(conv, out, interactive, prompt, material, stream)
     finally:
         engine.close()
+
+
+def converse(conv: Dialogue, out: Output, interactive: bool, prompt: str, material: str, stream: bool) -> Stats | None:
+    if interactive:  # a prompt given as an argument is the chat's first message, as in Ollama
+        Repl(conv, out).run(first=prompt or None)
+        return None
+    return one_shot(conv, prompt, out, stream=stream, material=material)
