@@ -107,7 +107,7 @@ async def _generate(
     endpoint = request.url.path
     host = registry.find(req.model)
     try:
-        scheduler = await run_in_threadpool(registry.checkout, host)
+        scheduler = host.checkout_now() or await run_in_threadpool(registry.checkout, host)
     except LocalrunError as exc:
         raise from_localrun(exc) from None
     job: Job | None = None

@@ -18,7 +18,7 @@ from localrun.hardware import Machine, default_threads
 from localrun.inference import runtime, templates
 from localrun.inference.engine import Engine, ModelInfo
 from localrun.inference.filecheck import check_file
-from localrun.inference.runtime import LoadOptions
+from localrun.inference.runtime import Loaded, LoadOptions
 from localrun.inference.templates import ChatTemplate
 from localrun.serve.errors import shutting_down
 from localrun.serve.protocol import SlotsHealth
@@ -85,6 +85,19 @@ class ModelHost:
             assert self.scheduler is not None
             self._users += 1
             return self.scheduler
+
+    def checkout_now(self) -> Scheduler | None:
+        """checkout() when it would not wait (the model is loaded and not being loaded or unloaded),
+        else None: a request on the event loop takes this path, and a thread only when it must."""
+        if self.scheduler is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._stopped or self.scheduler is None:
+                return None
+            self._users += 1
+            return self.scheduler
+        finally:
+            self._lock.release()
 
     def checkin(self) -> None:
         with self._lock:
@@ -171,7 +184,7 @@ class ModelHost:
                 kv_unified=False,  # each slot its own KV stream of per_slot cells: no slot crowds out another
             )
             try:
-                loaded = runtime.load(model.path, opts)
+                loaded = _in_passing_thread(lambda o=opts: runtime.load(model.path, o))
                 break
             except NoSpace:
                 if gpu <= 0:
@@ -222,6 +235,38 @@ class ModelHost:
         if self.engine is not None:
             self.engine.loaded.close()
             self.engine = None
+
+
+def _in_passing_thread(load: Callable[[], Loaded]) -> Loaded:
+    """`load()` in a thread that ends with it. llama.cpp's CPU backend computes on OpenMP, whose
+    thread team belongs to the thread that first computes (creating a context does): a team left
+    in this thread beside the scheduler's makes libgomp count more threads than cores, and then its
+    threads barely spin between graph nodes (measured: a decode 10-30% slower on 2 cores). A
+    thread that ends takes its team with it. Waited on with an Event, so Ctrl-C cannot leave a
+    load running behind our back."""
+    done = threading.Event()
+    result: list[Loaded] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(load())
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="localrun-load-context", daemon=True).start()
+    while not done.is_set():
+        try:
+            done.wait()
+        except KeyboardInterrupt:
+            failure.append(KeyboardInterrupt())
+    if result and failure:  # interrupted after all: free what was loaded
+        result[0].close()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def _per_slot(ctx: int) -> int:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -37,18 +39,46 @@ Kind = Literal["chat", "completion"]
 DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 
 
+class _Mailbox:
+    """Hands events from the scheduler thread to one event loop, waking it once for all the events
+    of a step rather than once per event (each wake is a write to the loop's self-pipe and a pass of
+    the loop, on the cores the decode needs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[JobEvent], JobEvent]] = []
+
+    def post(self, queue: asyncio.Queue[JobEvent], event: JobEvent) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a wake is already on its way
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
 class Feed:
     """Events from the scheduler thread into the request's event loop."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self._mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, _Mailbox(loop))
         self.queue: asyncio.Queue[JobEvent] = asyncio.Queue()
 
     def put(self, event: JobEvent) -> None:  # called from the scheduler thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
+        self._mailbox.post(self.queue, event)
 
 
 @dataclass
