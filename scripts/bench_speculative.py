@@ -60,10 +60,12 @@ def tasks(engine: Engine) -> dict[str, str]:
         text = text[: int(len(text) * 0.95)]
     document = EVAL[6000:10000]
     return {
-        "copy": f"{with_typos(text)}\n\nThe same text with its typos fixed:\n\n",
+        # the reply is started with the text's first words, as a chat model's would be: a base
+        # model then goes on copying (induction), which is what a "fix the typos" reply does
+        "copy": f"{with_typos(text)}\n\nThe same text with its typos fixed:\n\n{text[:60]}",
         "extract": (
             f"{document}\n\nQuestions about the text above, each answered with a quote from it.\n"
-            "Q: What does the text say in its first paragraph?\nA: \""
+            'Q: What does the text say in its first paragraph?\nA: "'
         ),
         "free": "Once upon a time, in a village by the sea, there lived",
     }
@@ -176,7 +178,7 @@ def main() -> int:
         print(f"{'task':8} {'mode':7} {'decode tok/s':>12} {'vs off':>7} {'accepted':>9} {'drafted':>8}  tokens")
         for task, mode, tps, ratio, rate, n, note in rows:
             print(f"{task:8} {mode:7} {tps:12.1f} {ratio:6.2f}x {rate:>9} {n:8d}  {note}")
-        curve = cost_curve(engines["off"], max(5, args.reps * 2))
+        curve = cost_curve(engines["lookup"], max(5, args.reps * 2))  # its context has rows for K+1 logits
         print("\nverify cost on this machine: a batch of K drafted tokens (K+1 positions) over one step")
         print("K      " + " ".join(f"{k:>6d}" for k in curve))
         print("cost   " + " ".join(f"{c:6.2f}" for c in curve.values()))
