@@ -97,6 +97,7 @@ class Plan:
     note: str | None = None
     extra_bufts: bool = True  # the self-test's verdict the estimate assumed: the load uses the same
     beyond_training: bool = False  # n_ctx is more than the model was trained with
+    max_ctx: int = 0  # the largest context (up to the trained one) that fits with the same placement
 
 
 @dataclass
@@ -362,9 +363,22 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
         placement = "cpu"
         if machine.gpus:
             notes.append("no layer fits in VRAM")
-    return Plan(
-        placement, n_gpu, ctx, est, True, "; ".join(notes) or None, machine.extra_bufts, 0 < header.n_ctx_train < ctx
-    )
+    note, reach = "; ".join(notes) or None, _max_ctx(header, machine, n_gpu, shape)
+    return Plan(placement, n_gpu, ctx, est, True, note, machine.extra_bufts, 0 < header.n_ctx_train < ctx, reach)
+
+
+def _max_ctx(header: HeaderInfo, machine: Machine, n_gpu: int, shape: Shape) -> int:
+    """The largest context, in whole KV cells pads up to the trained context, that fits with
+    n_gpu layers on the GPU (memory grows with the context: a bisection)."""
+    top = (header.n_ctx_train if header.n_ctx_train > 0 else 32 * DEFAULT_CTX) // CELL_PAD
+    lo, hi = 0, top  # in pads: lo fits (or is 0), hi + 1 does not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits(_generation_estimate(header, machine, mid * CELL_PAD, n_gpu, shape), machine):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * CELL_PAD
 
 
 def choose(options: list[Option]) -> int | None:

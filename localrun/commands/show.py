@@ -81,6 +81,7 @@ class Description:
                 "placement": self.plan.placement,
                 "n_gpu_layers": self.plan.n_gpu_layers,
                 "n_ctx": self.plan.n_ctx,
+                "max_ctx": self.plan.max_ctx if self.plan.fits else None,
                 "fits": self.plan.fits,
                 "note": self.plan.note,
                 "ram": est.ram,
@@ -193,7 +194,8 @@ def _plan_line(d: Description) -> str:
         f"compute {human_bytes(est.compute_ram + est.compute_vram + est.overhead)}"
     )
     verdict = "fits" if plan.fits else "does not fit"
-    line = f"{verdict}: {where}, {plan.n_ctx} ctx, {memory} ({parts})"
+    reach = f" (up to {plan.max_ctx} fit)" if plan.fits and plan.max_ctx > plan.n_ctx else ""
+    line = f"{verdict}: {where}, {plan.n_ctx} ctx{reach}, {memory} ({parts})"
     return f"{line}; {plan.note}" if plan.note else line
 
 
