@@ -12,7 +12,6 @@ from localrun import fit, hardware
 from localrun.cache.resolve import Resolved, resolve
 from localrun.cache.usage import touch
 from localrun.commands.pull import pull
-from localrun.errors import UsageError
 from localrun.hardware import Machine
 from localrun.inference.build import build_info
 from localrun.inference.engine import Engine, EngineConfig
@@ -53,18 +52,13 @@ def checked_config(cfg: EngineConfig, out: Output) -> EngineConfig:
             f"each other; using {cores}"
         )
         threads = cores
-    flash = cfg.flash_attn
-    if cfg.type_v != "f16":  # llama.cpp keeps a quantized V cache only with flash attention
-        if flash is False:
-            raise UsageError(f"a {cfg.type_v} V cache needs flash attention", hint="drop --flash-attn off")
-        flash = True
     if gpu_layers and not build_info().gpu_offload:
         out.warn(
             "--gpu-layers is ignored: this llama.cpp build runs on the CPU only "
             "(reinstall llama-cpp-python with CMAKE_ARGS set for your GPU, see the README)"
         )
         gpu_layers = 0
-    return replace(cfg, n_threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash)
+    return replace(cfg, n_threads=threads, n_gpu_layers=gpu_layers)
 
 
 def shape_of(cfg: EngineConfig) -> fit.Shape:

@@ -1,0 +1,91 @@
+"""`serve` and `ps`: the OpenAI-compatible server, and the servers running here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from localrun.boundary import boundary
+from localrun.cli.app import app
+from localrun.cli.options import ChatFormatOpt, CtxOpt, GpuLayersOpt, JsonOpt, TemplateOpt, ThreadsOpt, VerboseOpt
+from localrun.output import Output
+
+
+@app.command(short_help="Serve models over HTTP: OpenAI's API, parallel slots, continuous batching.")
+@boundary
+def serve(
+    models: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            metavar="[MODEL...]",
+            show_default=False,
+            help="Models to load now (pulled first if needed); none: every pulled model, loaded when asked for.",
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")] = 8080,
+    parallel: Annotated[
+        int, typer.Option("--parallel", "-np", min=1, max=64, metavar="N", help="Requests answered at once, per model.")
+    ] = 4,
+    ctx: CtxOpt = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            metavar="KEY",
+            envvar="LOCALRUN_API_KEY",
+            show_default=False,
+            help="Require this key (Authorization: Bearer KEY); also from $LOCALRUN_API_KEY, unseen by ps.",
+        ),
+    ] = None,
+    keep_alive: Annotated[
+        str,
+        typer.Option(
+            "--keep-alive", metavar="DURATION", help="Unload a model idle this long (30s, 5m, 1h; forever: never)."
+        ),
+    ] = "5m",
+    queue: Annotated[
+        int, typer.Option("--queue", min=0, metavar="N", help="Requests per model waiting for a slot; beyond: 503.")
+    ] = 16,
+    max_body: Annotated[
+        str, typer.Option("--max-body", metavar="SIZE", help="Largest request body (413 beyond).")
+    ] = "16M",
+    chat_format: ChatFormatOpt = None,
+    template: TemplateOpt = None,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve models with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until Ctrl-C:
+    each model has --parallel slots sharing one context, their tokens decoded in the same batch."""
+    from localrun.commands.serve import ServeSettings, byte_size, run_server
+    from localrun.commands.serve import keep_alive as parse_keep_alive
+    from localrun.inference.engine import EngineConfig
+    from localrun.serve.host import ServeOptions
+
+    out = Output.from_env(verbose=verbose)
+    opts = ServeOptions(
+        parallel=parallel,
+        ctx=ctx,
+        queue=queue,
+        keep_alive=parse_keep_alive(keep_alive),
+        chat_format=chat_format,
+        template_file=template,
+        verbose=verbose,
+    )
+    settings = ServeSettings(host, port, api_key or None, byte_size(max_body))
+    cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
+    raise typer.Exit(run_server(list(models or []), opts, settings, cfg, out))
+
+
+@app.command(short_help="The localrun servers running here: models, slots busy, memory.")
+@boundary
+def ps(json: JsonOpt = False) -> None:
+    """The `localrun serve` processes running on this machine: URL, models, slots busy, memory, uptime."""
+    from localrun.commands import ps as command
+
+    out = Output.from_env(json=json)
+    command.show(out, command.servers())

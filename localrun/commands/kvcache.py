@@ -1,0 +1,59 @@
+"""`localrun cache`: the prompt cache's entries (saved KV states of prompts' reusable prefixes)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from localrun.inference import prompt_cache
+from localrun.output import Output
+from localrun.text import ago, human_bytes, plural, safe
+
+
+@dataclass
+class CacheReport:
+    folder: Path
+    entries: list[prompt_cache.Entry]
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+    def to_dict(self) -> dict:
+        return {
+            "folder": str(self.folder),
+            "size": self.size,
+            "entries": [
+                {"key": e.key, "model": e.model, "tokens": e.tokens, "size": e.size, "used": e.used}
+                for e in self.entries
+            ],
+        }
+
+
+def report() -> CacheReport:
+    return CacheReport(prompt_cache.folder(), prompt_cache.entries())
+
+
+def show(out: Output, found: CacheReport) -> None:
+    if out.json:
+        out.data(found.to_dict())
+        return
+    if not found.entries:
+        out.info(f"the prompt cache is empty ({found.folder})")
+        return
+    now = time.time()
+    rows = [[safe(e.model, None), f"{e.tokens:,}", human_bytes(e.size), ago(e.used, now)] for e in found.entries]
+    out.columns(["MODEL", "TOKENS", "SIZE", "LAST USED"], rows, right=("TOKENS", "SIZE"))
+    out.info(f"{plural(len(found.entries), 'entry', 'entries')}, {human_bytes(found.size)} in {found.folder}")
+
+
+def clear(out: Output) -> int:
+    """Delete every entry; the bytes freed."""
+    held = prompt_cache.entries()
+    freed = prompt_cache.clear()
+    if out.json:
+        out.data({"removed": len(held), "freed": freed})
+    else:
+        out.info(f"removed {plural(len(held), 'entry', 'entries')}, {human_bytes(freed)} freed")
+    return freed
