@@ -37,9 +37,7 @@ def run(model: Path, question: str, material: str, home: Path, *extra: str) -> t
     env = {**os.environ, "LOCALRUN_HOME": str(home)}
     cmd = [sys.executable, "-m", "localrun", "run", str(model), question, "--raw", "--temp", "0", "-n", "8"]
     started = time.perf_counter()
-    done = subprocess.run(
-        [*cmd, "--json", *extra], input=material, capture_output=True, text=True, env=env, check=True
-    )
+    done = subprocess.run([*cmd, "--json", *extra], input=material, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout), time.perf_counter() - started
 
 

@@ -89,7 +89,11 @@ def peak_rss(argv: list[str], env: dict) -> int:
     return int(out.stdout.strip().splitlines()[-1]) * 1024
 
 
-def run_process(model: Path, n_ctx: int, home: Path) -> tuple[int, int]:
+# KV cache types and flash attention, as `run` takes them: (K, V, flash attention)
+SHAPES = [("f16", "f16", "auto"), ("q8_0", "q8_0", "auto"), ("q4_0", "q4_0", "auto"), ("f16", "f16", "off")]
+
+
+def run_process(model: Path, n_ctx: int, home: Path, shape: tuple[str, str, str]) -> tuple[int, int]:
     """Peak RSS growth of a real `localrun run` (a prompt of a few hundred tokens, 4 tokens of
     reply) over the baseline: on the file's first load (its header parsed and checked) and after."""
     import os
@@ -97,7 +101,8 @@ def run_process(model: Path, n_ctx: int, home: Path) -> tuple[int, int]:
     env = {**os.environ, "LOCALRUN_HOME": str(home)}
     base = peak_rss([sys.executable, "-c", BASELINE], env)
     prompt = "the quick brown fox jumps over the lazy dog and " * 60
-    argv = [sys.executable, "-m", "localrun", "run", str(model), "--raw", "--ctx", str(n_ctx), "-n", "4", prompt]
+    kv = ["--cache-type-k", shape[0], "--cache-type-v", shape[1], "--flash-attn", shape[2]]
+    argv = [sys.executable, "-m", "localrun", "run", str(model), "--raw", "--ctx", str(n_ctx), "-n", "4", *kv, prompt]
     first = peak_rss(argv, env)
     again = peak_rss(argv, env)
     return first - base, again - base
@@ -227,25 +232,28 @@ def compare_runs(quick: bool) -> int:
     import tempfile
 
     from localrun import fit
+    from localrun.cli.options import plan_shape
     from localrun.inference.selftest import this_machine
     from localrun.model.header import read_header
 
     machine = this_machine()
-    print("case | n_ctx | estimate | run, first load | run, cached | est vs first | est vs cached | ok")
-    print("---|---|---|---|---|---|---|---")
+    print("case | n_ctx | K/V, flash | estimate | run, first load | run, cached | est vs first | est vs cached | ok")
+    print("---|---|---|---|---|---|---|---|---")
     failures = 0
     for label, path, contexts in cases(quick):
         for n_ctx in contexts:
-            estimate = fit.plan(read_header(path), machine, n_ctx).estimate.ram
-            with tempfile.TemporaryDirectory() as home:
-                first, again = run_process(path, n_ctx, Path(home))
-            ok = _ok(estimate, first) and _ok(estimate, again)
-            failures += not ok
-            print(
-                f"{label} | {n_ctx} | {estimate / MIB:.1f} | {first / MIB:.1f} | {again / MIB:.1f} | "
-                f"{_err(estimate, first)} | {_err(estimate, again)} | {'yes' if ok else 'NO'}",
-                flush=True,
-            )
+            for k, v, flash in SHAPES:
+                planned = plan_shape(k, v, flash)  # as `run` and `show` plan it
+                estimate = fit.plan(read_header(path), machine, n_ctx, planned).estimate.ram
+                with tempfile.TemporaryDirectory() as home:
+                    first, again = run_process(path, n_ctx, Path(home), (k, v, flash))
+                ok = _ok(estimate, first) and _ok(estimate, again)
+                failures += not ok
+                print(
+                    f"{label} | {n_ctx} | {k}/{v}, {flash} | {estimate / MIB:.1f} | {first / MIB:.1f} | "
+                    f"{again / MIB:.1f} | {_err(estimate, first)} | {_err(estimate, again)} | {'yes' if ok else 'NO'}",
+                    flush=True,
+                )
     print(f"\n{failures} case(s) outside the target (never under, at most 5% or 64 MiB over).")
     return 1 if failures else 0
 
