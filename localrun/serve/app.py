@@ -112,10 +112,14 @@ async def _generate(
         raise from_localrun(exc) from None
     job: Job | None = None
     try:
-        if isinstance(req, ChatRequest):
-            prepared = await run_in_threadpool(prepare.chat, host, req)
-        else:
-            prepared = await run_in_threadpool(prepare.completion, host, req)
+        host.preparing += 1  # the scheduler, if idle, waits for it to batch its prompt with the others
+        try:
+            if isinstance(req, ChatRequest):
+                prepared = await run_in_threadpool(prepare.chat, host, req)
+            else:
+                prepared = await run_in_threadpool(prepare.completion, host, req)
+        finally:
+            host.preparing -= 1
         feed = Feed()
         job = Job(
             prepared.prompt,

@@ -69,6 +69,7 @@ class ModelHost:
         self.scheduler: Scheduler | None = None
         self.n_ctx_slot = opts.ctx or 0
         self.memory = 0  # the planner's estimate of what the loaded model takes
+        self.preparing = 0  # requests checked out and being prepared (changed on the event loop only)
 
     @property
     def loaded(self) -> bool:
@@ -214,7 +215,7 @@ class ModelHost:
                 eos_token=engine.special_text("eos"),
                 notify=lambda message: self._notify(f"{self.id}: {message}"),
             )
-            scheduler = Scheduler(loaded, n, self.opts.queue, chunk=fit.UBATCH)
+            scheduler = Scheduler(loaded, n, self.opts.queue, chunk=fit.UBATCH, preparing=lambda: self.preparing)
         except BaseException:
             loaded.close()
             raise

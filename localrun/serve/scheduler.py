@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from localrun.errors import LocalrunError
@@ -22,6 +23,13 @@ from localrun.inference.runtime import DecodeAborted, Loaded
 from localrun.inference.sampler import Batch
 from localrun.serve.errors import ApiError, shutting_down
 from localrun.serve.slot import Failed, Job, Slot, common_prefix
+
+# Requests sent together (a client's parallel calls) reach the scheduler a few ms apart: each is
+# parsed, rendered and tokenized first. Woken from idle while others are still being prepared, it
+# waits for them (at most GATHER seconds) so their prompts are read in one batch -- rather than the
+# first alone while the rest wait out that whole decode (4 prompts of 100 tokens on 2 cores: TTFT
+# 0.56 s for all four, against 0.14 s for one and 0.55 s for three).
+GATHER = 0.02
 
 
 class QueueFull(Exception):
@@ -38,11 +46,20 @@ class SlotStatus:
 class Scheduler:
     """Owns `loaded.ctx` from start() to stop(): nothing else may decode on it meanwhile."""
 
-    def __init__(self, loaded: Loaded, n_slots: int, queue_limit: int, *, chunk: int = UBATCH):
+    def __init__(
+        self,
+        loaded: Loaded,
+        n_slots: int,
+        queue_limit: int,
+        *,
+        chunk: int = UBATCH,
+        preparing: Callable[[], int] = lambda: 0,
+    ):
         self.ctx, self.model = loaded.ctx, loaded.model
         self.n_slots = n_slots
         self.n_ctx_slot = int(self.model._lc.llama_n_ctx_seq(self.ctx.ptr))
         self.queue_limit = queue_limit
+        self._preparing = preparing  # requests received for this model, not yet submitted
         self.chunk = max(1, min(chunk, self.ctx.n_batch))
         self.slots = [Slot(i) for i in range(n_slots)]
         self.batch = Batch(self.ctx.n_batch, n_slots)
@@ -104,8 +121,10 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while self._stopping is None and self.idle:
-                        self._cond.wait()
+                    if self.idle:
+                        while self._stopping is None and self.idle:
+                            self._cond.wait()
+                        self._gather()
                     if self._stopping is not None:
                         self._end_all(self._stopping)
                         return
@@ -120,6 +139,15 @@ class Scheduler:
             raise
         finally:
             self._done.set()
+
+    def _gather(self) -> None:
+        """Wait (holding the lock, as wait() needs) for requests being prepared: see GATHER."""
+        deadline = time.monotonic() + GATHER
+        while self._stopping is None and self._preparing() > 0 and len(self._waiting) < self.n_slots:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(min(left, 0.002))  # a request refused while prepared never notifies
 
     def _end_all(self, error: ApiError) -> None:
         for slot in self.slots:
