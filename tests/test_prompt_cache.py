@@ -120,3 +120,23 @@ def test_a_system_prompt_through_a_template_is_reused(tiny):
     assert first.exit_code == 0, first.output
     second = runner.invoke(app, [*args, "what is the sea?"])
     assert second.exit_code == 0 and json.loads(second.stdout)["from_disk"] > 100
+
+
+def test_cache_ls_and_clear(tiny):
+    empty = runner.invoke(app, ["cache", "ls"])
+    assert empty.exit_code == 0 and "the prompt cache is empty" in empty.stderr and empty.stdout == ""
+    run(tiny.quants["Q8_0"], "q")
+    run(tiny.quants["Q4_K_M"], "q")
+    listed = runner.invoke(app, ["cache", "ls"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["MODEL", "TOKENS", "SIZE", "LAST", "USED"] and len(lines) == 3
+    assert "2 entries" in listed.stderr
+    data = json.loads(runner.invoke(app, ["cache", "ls", "--json"]).stdout)
+    assert len(data["entries"]) == 2 and data["size"] == sum(p.stat().st_size for p in entries())
+    assert {e["tokens"] for e in data["entries"]} == {
+        json.loads(p.read_text())["tokens"] for p in kv_folder().glob("*.json")
+    }
+    cleared = runner.invoke(app, ["cache", "clear", "--json"])
+    assert cleared.exit_code == 0 and json.loads(cleared.stdout) == {"removed": 2, "freed": data["size"]}
+    assert entries() == [] and list(kv_folder().iterdir()) == []

@@ -145,3 +145,29 @@ def test_a_repo_reference_is_pulled_first_then_found_offline(tiny, hub, monkeypa
     again = cli("run", "acme/tiny-GGUF:Q8_0", "hi", "-n", "3", *GREEDY)
     assert again.exit_code == 0, again.stderr
     assert again.stdout == first.stdout  # greedy, same file, no network
+
+
+@pytest.mark.parametrize("k, v", [("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "f16"), ("f16", "f16")])
+def test_kv_cache_types_load_and_the_estimate_is_the_buffer_llama_cpp_makes(tiny, k, v):
+    import re
+
+    model = tiny.quants["Q8_0"]
+    kv = ["--ctx", "1024", "--cache-type-k", k, "--cache-type-v", v]
+    result = cli("run", model, "hello", "-n", "4", *GREEDY, *kv, "--verbose")
+    assert result.exit_code == 0, result.stderr
+    assert f"K ({k})" in result.stderr and f"V ({v})" in result.stderr
+    logged = float(re.search(r"CPU KV buffer size = +([\d.]+) MiB", result.stderr).group(1)) * 2**20
+    shown = json.loads(cli("show", model, *kv, "--json").stdout)["plan"]["estimate"]["kv_ram"]
+    assert abs(shown - logged) <= 0.005 * 2**20 + 0.01 * logged  # the log rounds to 0.01 MiB
+
+
+def test_kv_cache_options_that_cannot_work_are_refused(tiny):
+    model = tiny.quants["Q8_0"]
+    for args, message in (
+        (["--cache-type-v", "q8_0", "--flash-attn", "off"], "a q8_0 V cache needs flash attention"),
+        (["--cache-type-k", "q2_k"], "--cache-type-k q2_k: not a KV cache type"),
+        (["--flash-attn", "maybe"], "--flash-attn maybe: use auto, on or off"),
+    ):
+        for command in (["run", model, "hi"], ["show", model], ["pull", model]):
+            result = cli(*command, *args)
+            assert result.exit_code == 2 and message in result.stderr, (command, args, result.stderr)
