@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     model = args.model or gemma_model(ROOT / ".cache" / "tests")
-    material = (EVAL * 2)[: args.tokens * 4]
+    material = (EVAL * 2)[: args.tokens * 5]  # about 5 characters a token (Gemma, English)
     home = Path(tempfile.mkdtemp(prefix="localrun-bench-"))
     try:
         run(model, "warm up", "x", home)  # the one-time checks of the build and the file
