@@ -229,6 +229,7 @@ def test_an_unknown_model_or_endpoint_is_404(server: ServerProcess, client: open
             client.completions.create(model=path, prompt="hi", max_tokens=1)
     status, _, body = server.post("/v1/embeddings", b"{}")
     assert status == 404 and body["error"]["code"] == "not_found"
+    assert "/v1/embeddings - 404 · no such endpoint" in server.stderr  # every refusal is on the log
     still_serving(client)
 
 

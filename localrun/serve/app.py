@@ -62,7 +62,7 @@ def create_app(
 
     app = FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=max_body)
-    _error_handlers(app)
+    _error_handlers(app, log)
     key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     def authorize(request: Request) -> None:
@@ -158,6 +158,8 @@ async def _generate(
                 scheduler.cancel(job)
             host.checkin()
             status = reply.error.status if reply.error else 200 if reply.stats else 499  # 499: client went away
+            if reply.error is not None:
+                reply.error.logged = True
             log(Served(endpoint, host.id, status, req.stream, reply.stats, reply.error and reply.error.message))
 
     if req.stream:
@@ -192,30 +194,35 @@ def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body().model_dump(), status_code=exc.status, headers=exc.headers())
 
 
-def _error_handlers(app: FastAPI) -> None:
+def _error_handlers(app: FastAPI, log: Callable[[Served], None]) -> None:
+    def said(request: Request, error: ApiError) -> JSONResponse:
+        if not error.logged:  # a failed generation was logged with its figures
+            log(Served(request.url.path, "-", error.status, False, error=error.message))
+        return _error(error)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc)
+        return said(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         first = problems[0] if problems else {}
         if first.get("type") == "json_invalid":
-            return _error(ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"))
+            return said(request, ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"))
         where = [".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in problems]
-        said = "; ".join(f"{w or 'body'}: {e.get('msg')}" for w, e in list(zip(where, problems))[:5])
-        return _error(ApiError(400, f"invalid request: {said}", param=where[0] if where else None))
+        text = "; ".join(f"{w or 'body'}: {e.get('msg')}" for w, e in list(zip(where, problems))[:5])
+        return said(request, ApiError(400, f"invalid request: {text}", param=where[0] if where else None))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"no such endpoint: {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
-        return _error(ApiError(exc.status_code, str(message), code=code))
+        return said(request, ApiError(exc.status_code, str(message), code=code))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return _error(ApiError(500, f"unexpected {type(exc).__name__}: {exc}", type="server_error"))
+        return said(request, ApiError(500, f"unexpected {type(exc).__name__}: {exc}", type="server_error"))
 
 
 class BodyLimit:

@@ -22,6 +22,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.retry_after = retry_after
+        self.logged = False  # said on the server's log already (with the request's figures)
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))

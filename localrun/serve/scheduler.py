@@ -78,7 +78,7 @@ class Scheduler:
         """Queue `job`; QueueFull when every slot is busy and the queue is full."""
         with self._cond:
             if self._stopping is not None:
-                raise self._stopping
+                raise shutting_down()
             free = sum(1 for s in self.slots if s.job is None)
             if len(self._waiting) >= free + self.queue_limit:
                 raise QueueFull
