@@ -213,8 +213,9 @@ def compute_bytes(
     per_token = 4 * max(3 * n_ff + 5 * header.n_embd, attn + 3 * header.n_embd)
     cells = kv_cells(header, n_ctx, ub, swa_full)
     masks = [_pad(n_ctx)] + ([min(cells)] if any(header.swa_layers) else [])  # iSWA: two masks
-    layer_phase = ub * per_token + sum(2 * c * ub for c in masks)
-    if not flash_attn:  # without flash attention the f32 attention scores are materialised
+    mask_bytes = 2 if flash_attn else 4  # without flash attention the masks are f32, and the
+    layer_phase = ub * per_token + sum(mask_bytes * c * ub for c in masks)
+    if not flash_attn:  # f32 attention scores are materialised
         layer_phase += 4 * ub * _pad(n_ctx) * header.n_head
     return output_phase, layer_phase
 
