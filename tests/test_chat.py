@@ -27,6 +27,7 @@ def repl(
     max_tokens: int = 8,
     system: str | None = None,
     chat_format: str | None = None,
+    ignore_eos: bool = False,
 ) -> Conversation:
     """Type `keys` into the real REPL (prompt-toolkit over a pipe) until they run out."""
     from prompt_toolkit.input import create_pipe_input
@@ -34,7 +35,7 @@ def repl(
 
     out = Output()
     engine = open_engine(model, n_ctx=n_ctx)
-    settings = Settings(SamplingOptions(temperature=0), max_tokens)
+    settings = Settings(SamplingOptions(temperature=0, ban_eog=ignore_eos), max_tokens)
     conv = open_conversation(engine, out, settings, PromptOptions(system=system, chat_format=chat_format))
     try:
         with create_pipe_input() as pipe:

@@ -83,3 +83,20 @@ def test_a_model_the_server_does_not_have_and_a_server_that_is_not_there(tiny, s
     assert gone.exit_code == 5 and "no server answers" in gone.stderr and "Traceback" not in gone.output
     bad = cli("run", tiny.quants["Q8_0"], "hi", "--server", "ftp://x")
     assert bad.exit_code == 2 and "not a server URL" in bad.stderr
+
+
+def test_a_grammar_with_ignore_eos_is_a_400_and_the_server_lives_on(server: ServerProcess):
+    """One request must not take the server down for every client (llama.cpp's grammar aborts
+    when nothing may end a complete reply)."""
+    body = {
+        "model": "tiny-llama-Q8_0",
+        "messages": [{"role": "user", "content": "hi"}],
+        "ignore_eos": True,
+        "response_format": {"type": "json_object"},
+        "max_tokens": 64,
+    }
+    status, _, answer = server.post("/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400 and "cannot go with a grammar" in answer["error"]["message"]
+    del body["ignore_eos"]
+    status, _, answer = server.post("/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200 and answer["choices"][0]["message"]["content"].startswith("{")

@@ -133,7 +133,7 @@ def test_grammar_conflicts_are_usage_errors(tiny, tmp_path: Path):
     both = run("run", tiny.quants["Q8_0"], "hi", "--grammar", rules, "--json-schema", "{}")
     assert both.exit_code == 2 and "give one of them" in both.stderr
     eos = run("run", tiny.quants["Q8_0"], "hi", "--grammar", rules, "--ignore-eos")
-    assert eos.exit_code == 2 and "--ignore-eos cannot go with a grammar" in eos.stderr
+    assert eos.exit_code == 2 and "(--ignore-eos, ignore_eos) cannot go with a grammar" in eos.stderr
     bad = tmp_path / "bad.gbnf"
     bad.write_text("root ::= (unclosed\n")
     broken = run("run", tiny.quants["Q8_0"], "hi", "--grammar", bad)
@@ -147,6 +147,15 @@ def test_number_bounds_become_a_grid_the_schema_accepts():
     assert 0 not in values and 2.5 in values and len(values) <= grammar.ENUM_RANGE
     for value in values:
         jsonschema.validate(value, schema)
+
+
+def test_a_grammar_set_in_a_chat_that_ignores_the_end_of_text_is_refused_and_the_chat_goes_on(tiny, capsys):
+    """Nothing could end such a reply: llama.cpp's grammar would abort the process."""
+    from test_chat import repl
+
+    conv = repl(tiny.quants["Q8_0"], '/set json_schema {"enum": ["a"]}\rhello\r', ignore_eos=True)
+    assert "cannot go with a grammar" in capsys.readouterr().err
+    assert conv.settings.grammar is None and [m["role"] for m in conv.messages] == ["user", "assistant"]
 
 
 def test_set_json_schema_and_grammar_in_the_repl(tiny, tmp_path: Path, capsys):

@@ -16,7 +16,7 @@ from localrun.inference import grammar as grammars
 from localrun.inference import templates
 from localrun.inference.conversation import Conversation, Dialogue, compose_prompt
 from localrun.inference.engine import Engine, EngineConfig, Stats
-from localrun.inference.sampling import Settings
+from localrun.inference.sampling import Settings, check_structure
 from localrun.output import Output, isatty
 from localrun.serve.client import Server
 
@@ -93,8 +93,7 @@ def apply_structure(settings: Settings, options: PromptOptions) -> None:
         found = grammars.from_file(options.grammar_file)
     if found is None:
         return
-    if settings.sampling.ban_eog:
-        raise UsageError("--ignore-eos cannot go with a grammar: the reply must be able to end where it is complete")
+    check_structure(settings.sampling, found.gbnf)
     settings.grammar, settings.grammar_source = found.gbnf, found.source
 
 

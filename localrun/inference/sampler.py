@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from localrun.errors import UsageError
 from localrun.inference.build import llama
-from localrun.inference.sampling import SamplingOptions
+from localrun.inference.sampling import SamplingOptions, check_structure
 
 if TYPE_CHECKING:
     from localrun.inference.runtime import LlamaContext, LlamaModel
@@ -26,6 +26,7 @@ class Sampler:
     p(t) + (1 - Z) p(t) / Z = p(t) / Z, the masked distribution (Z: the mass the grammar allows)."""
 
     def __init__(self, model: LlamaModel, s: SamplingOptions, grammar: str | None = None):
+        check_structure(s, grammar)
         lc = self._lc = llama()
         self.options, self.grammar = s, grammar
         self.rule: Any = None

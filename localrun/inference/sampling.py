@@ -55,6 +55,16 @@ UNSET = {"seed": "random", "max_tokens": "none"}  # the word for "no value" wher
 SETTABLE = (*BOUNDS, "stop", "grammar", "json_schema")
 
 
+def check_structure(sampling: SamplingOptions, grammar: str | None) -> None:
+    """A grammar ends a reply where it is complete (only an end-of-text token is left): with end
+    of text banned nothing could be sampled, and llama.cpp's grammar would abort the process."""
+    if grammar and sampling.ban_eog:
+        raise UsageError(
+            "ignoring the end of text (--ignore-eos, ignore_eos) cannot go with a grammar: "
+            "the reply must be able to end where the grammar is complete"
+        )
+
+
 @dataclass
 class Settings:
     """What /set changes: sampling, reply length, stop strings."""
@@ -80,6 +90,7 @@ class Settings:
                     else grammars.from_json_schema(value)
                 )
             )
+            check_structure(self.sampling, found.gbnf if found else None)
             self.grammar, self.grammar_source = (found.gbnf, found.source) if found else (None, "")
             key = "grammar"
         elif key in BOUNDS:
