@@ -140,3 +140,66 @@ def test_cache_ls_and_clear(tiny):
     cleared = runner.invoke(app, ["cache", "clear", "--json"])
     assert cleared.exit_code == 0 and json.loads(cleared.stdout) == {"removed": 2, "freed": data["size"]}
     assert entries() == [] and list(kv_folder().iterdir()) == []
+
+
+class Collect:
+    def __init__(self):
+        self.parts, self.notices = [], []
+
+    def piece(self, text):
+        self.parts.append(text)
+
+    def progress(self, event):
+        pass
+
+    def notice(self, event):
+        self.notices.append(event.text)
+
+    def finish(self, stats):
+        self.stats = stats
+
+
+def test_a_chat_whose_saved_prefix_fails_to_load_answers_as_a_fresh_chat(tiny):
+    """After turns in memory, a failed load (llama.cpp read the file and found other tokens) may
+    have cleared the context: the engine must read everything again, not trust what it held."""
+    from localrun.commands.generate import PromptOptions, open_conversation
+    from localrun.inference.sampling import SamplingOptions, Settings
+    from localrun.output import Output
+    from support.engines import open_engine
+
+    model = tiny.quants["Q8_0"]
+    systems = ["You are a careful assistant. " * 12, "You answer in rhymes only. " * 12]
+
+    def conversation(engine, system):
+        settings = Settings(SamplingOptions(temperature=0, ban_eog=True), 8)
+        return open_conversation(engine, Output(), settings, PromptOptions(system=system, chat_format="chatml"))
+
+    engine = open_engine(model, n_ctx=2048, speculate="off")
+    try:
+        other = conversation(engine, systems[1])
+        other.reply("hello", Collect())  # saves the other system prompt's state
+        conv = conversation(engine, systems[0])
+        conv.reply("hello", Collect())  # saves this one's
+        conv.reply("and then?", Collect())  # a second turn, from the KV cache in memory
+        assert len(entries()) == 2  # later turns are not saved
+        # the other system prompt's entry now holds this one's state, its checksum made to match
+        by_use = sorted(kv_folder().glob("*.json"), key=lambda p: json.loads(p.read_text())["used"])
+        theirs, ours = (p.with_suffix(".kv") for p in by_use)
+        theirs.write_bytes(ours.read_bytes())
+        meta = json.loads(by_use[0].read_text())
+        meta.update(size=theirs.stat().st_size, crc32=zlib.crc32(theirs.read_bytes()))
+        by_use[0].write_text(json.dumps(meta))
+        conv.set_system(systems[1])  # a new first question whose prefix is not in memory
+        conv.clear()
+        got = Collect()
+        conv.reply("what is the sea?", got)
+    finally:
+        engine.close()
+    assert any("did not match its prompt" in n for n in got.notices)
+    fresh_engine = open_engine(model, n_ctx=2048, speculate="off", prompt_cache=False)
+    try:
+        want = Collect()
+        conversation(fresh_engine, systems[1]).reply("what is the sea?", want)
+    finally:
+        fresh_engine.close()
+    assert "".join(got.parts) == "".join(want.parts) and got.stats.from_disk == 0

@@ -225,13 +225,17 @@ class Conversation(Dialogue):
         tokens = self._fit()
         self.last_prompt = tokens
         stop = list(self.settings.stop) + list(self.template.stop if self.template else ())
+        # What the prompt cache keeps: a first question's prefix (the preamble, the system prompt,
+        # piped material). Later turns reuse the KV cache in memory; saving every conversation
+        # so far would fill the bound with entries no other run starts with.
+        first = sum(m["role"] == "user" for m in self.messages) == 1
         return self.engine.generate(
             tokens,
             self.settings.sampling,
             self.settings.max_tokens,
             stop,
             grammar=self.settings.grammar,
-            reusable=self.reusable(tokens, material),
+            reusable=self.reusable(tokens, material) if first else 0,
         )
 
     def prompt_size(self) -> int:

@@ -160,7 +160,7 @@ class Engine:
             raise
         cache = None
         if cfg.prompt_cache:
-            cache = PromptCache(kv_identity(model.files, opts), model.label, cfg.prompt_cache_size, notify=notify)
+            cache = PromptCache(kv_identity(model.files, opts), model.label, cfg.prompt_cache_size)
         return cls(loaded, info, speculator, cache)
 
     def close(self) -> None:
@@ -219,14 +219,12 @@ class Engine:
         from_disk, save_at = 0, None
         notices: list[str] = []
         if cache is not None and reuse < reusable:
-            if cache.notify is not None:
-                cache.notify = notices.append
-            if cache.load(self.ctx, tokens[:reusable]):
+            if cache.load(self.ctx, tokens[:reusable], notices.append):
                 reuse = from_disk = reusable
                 self.cached = tokens[:reusable]
-            else:
-                save_at = reusable
-                self.ctx.truncate(reuse)
+            else:  # a failed read may have cleared the context: nothing of it is trusted
+                save_at, reuse, self.cached = reusable, 0, []
+                self.ctx.truncate(0)
         for text in notices:
             yield Notice(text)
         todo = tokens[reuse:]

@@ -53,16 +53,13 @@ def entries(where: Path | None = None) -> list[Entry]:
     found = []
     for meta_path in (where or folder()).glob("*.json"):
         meta = paths.read_json(meta_path)
-        if isinstance(meta, dict) and meta.get("format") == FORMAT:
-            found.append(
-                Entry(
-                    meta_path.stem,
-                    int(meta.get("size", 0)),
-                    int(meta.get("tokens", 0)),
-                    str(meta.get("model", "?")),
-                    float(meta.get("used", 0)),
-                )
-            )
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            continue
+        try:
+            size, tokens, used = int(meta["size"]), int(meta["tokens"]), float(meta["used"])
+        except (KeyError, TypeError, ValueError):  # damaged: load() finds it so and removes it
+            continue
+        found.append(Entry(meta_path.stem, size, tokens, str(meta.get("model", "?")), used))
     return sorted(found, key=lambda e: -e.used)
 
 
@@ -99,11 +96,9 @@ class PromptCache:
         label: str,
         limit: int = DEFAULT_LIMIT,
         where: Path | None = None,
-        notify: Callable[[str], None] | None = None,
     ):
         self.identity, self.label, self.limit = identity, label, limit
         self.where = where or folder()
-        self.notify = notify or (lambda message: None)
 
     def key(self, tokens: list[int]) -> str:
         digest = hashlib.sha256(self.identity.encode())
@@ -111,15 +106,21 @@ class PromptCache:
         digest.update((ctypes.c_int32 * len(tokens))(*tokens))
         return digest.hexdigest()[:32]
 
-    def load(self, ctx: LlamaContext, tokens: list[int]) -> bool:
-        """Put the saved state of exactly `tokens` into sequence 0; False when there is none to trust."""
+    def load(self, ctx: LlamaContext, tokens: list[int], notify: Callable[[str], None] = lambda m: None) -> bool:
+        """Put the saved state of exactly `tokens` into sequence 0; False when there is none to
+        trust (then the context may have been cleared). What was wrong with an entry is notified."""
         key = self.key(tokens)
         kv, meta_path = self.where / f"{key}.kv", self.where / f"{key}.json"
         meta = paths.read_json(meta_path)
         if not isinstance(meta, dict) or not kv.is_file():
             return False
-        if meta.get("format") != FORMAT or kv.stat().st_size != meta.get("size") or _crc32(kv) != meta.get("crc32"):
-            self.notify("a prompt cache entry was damaged (truncated or changed on disk); it was ignored and removed")
+        try:  # another run may evict it meanwhile: then it is a miss
+            intact = meta.get("format") == FORMAT and kv.stat().st_size == meta.get("size")
+            intact = intact and _crc32(kv) == meta.get("crc32")
+        except OSError:
+            return False
+        if not intact:
+            notify("a prompt cache entry was damaged (truncated or changed on disk); it was ignored and removed")
             _delete(self.where, key)
             return False
         lc = llama()
@@ -129,7 +130,7 @@ class PromptCache:
         read = lc.llama_state_seq_load_file(ctx.ptr, str(kv).encode(), 0, out, len(tokens) + 1, ctypes.byref(count))
         if not read or count.value != len(tokens) or list(out[: count.value]) != tokens:
             ctx.reset()  # nothing half-loaded stays in the context
-            self.notify("a prompt cache entry did not match its prompt; it was ignored and removed")
+            notify("a prompt cache entry did not match its prompt; it was ignored and removed")
             _delete(self.where, key)
             return False
         ctx.n_past = len(tokens)
