@@ -140,13 +140,46 @@ def test_grammar_conflicts_are_usage_errors(tiny, tmp_path: Path):
     assert broken.exit_code == 2 and "could not parse the grammar" in broken.stderr
 
 
-def test_number_bounds_become_a_grid_the_schema_accepts():
-    schema = {"type": "number", "exclusiveMinimum": 0, "maximum": 2.5}
-    grammar.from_json_schema(schema)  # accepted
-    values = grammar._bounds_as_enum(dict(schema), "$", "s")["enum"]
-    assert 0 not in values and 2.5 in values and len(values) <= grammar.ENUM_RANGE
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 2.5},
+        {"type": "integer", "minimum": 5, "exclusiveMinimum": 0, "maximum": 8},  # the tighter bound holds
+        {"type": "integer", "minimum": 1, "exclusiveMinimum": True, "maximum": 4},  # draft 4's flag
+        {"type": ["integer", "null"], "minimum": 1, "maximum": 3},  # null stays allowed
+        {"type": "number", "minimum": -1, "exclusiveMaximum": 1},
+    ],
+)
+def test_bounds_become_exactly_the_values_the_schema_accepts(schema):
+    """Every value the rewritten schema admits passes the original, and the edges are right."""
+    enforced = grammar._enforceable(schema, "$", "s")
+    values = enforced.get("enum") or enforced["anyOf"][0]["enum"]
+    assert 0 < len(values) <= grammar.ENUM_RANGE
+    validator = (
+        jsonschema.Draft4Validator if schema.get("exclusiveMinimum") is True else jsonschema.Draft202012Validator
+    )
     for value in values:
-        jsonschema.validate(value, schema)
+        validator(schema).validate(value)
+    step = values[1] - values[0] if len(values) > 1 else 1
+    for outside in (values[0] - step, values[-1] + step):
+        assert not validator(schema).is_valid(outside)
+    if "null" in schema["type"]:
+        assert {"type": "null"} in enforced["anyOf"]
+    grammar.from_json_schema(schema)  # and the converter takes it
+
+
+def test_keywords_are_read_only_where_a_schema_is():
+    """A property called "minimum" or "if", or an enum/default value, is data, not a keyword."""
+    schema = {
+        "type": "object",
+        "properties": {"minimum": {"type": "integer", "minimum": 0, "maximum": 9}, "if": {"type": "string"}},
+        "required": ["minimum", "if"],
+        "default": {"not": 1, "maximum": 3},
+    }
+    found = grammar.from_json_schema(schema)
+    assert '"minimum"' in found.gbnf.replace("\\", "")
+    with pytest.raises(Exception, match="'not' at \\$.properties.x cannot be enforced"):
+        grammar.from_json_schema({"type": "object", "properties": {"x": {"not": {"type": "string"}}}})
 
 
 def test_a_grammar_set_in_a_chat_that_ignores_the_end_of_text_is_refused_and_the_chat_goes_on(tiny, capsys):

@@ -98,10 +98,16 @@ def from_json_schema(value: str | dict) -> Grammar:
     return Grammar(gbnf, source, schema)
 
 
+# where a schema holds other schemas: one, a name -> schema map, or a list of them
+_SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "unevaluatedItems", "unevaluatedProperties")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
 def _enforceable(node: Any, where: str, source: str) -> Any:
-    """The schema with integer bounds as enums; UsageError at the first thing nothing would enforce."""
-    if isinstance(node, list):
-        return [_enforceable(item, f"{where}[{i}]", source) for i, item in enumerate(node)]
+    """The schema with numeric bounds as enums; UsageError at the first thing nothing would
+    enforce. Only schema positions are looked into: a property named "minimum", or an `enum`,
+    `const` or `default` value, is data, not a keyword."""
     if not isinstance(node, dict):
         return node
     for key in _UNENFORCED:
@@ -115,32 +121,68 @@ def _enforceable(node: Any, where: str, source: str) -> Any:
             f"{source}: format {safe(node['format'])!r} at {where} cannot be enforced by the grammar",
             hint=f"formats it enforces: {', '.join(sorted(_FORMATS))}; or use a pattern",
         )
-    out = {key: _enforceable(value, f"{where}.{key}", source) for key, value in node.items()}
+    out = dict(node)
+    for key in _SUBSCHEMA:
+        if key in node:
+            value = node[key]
+            out[key] = (
+                [_enforceable(v, f"{where}.{key}[{i}]", source) for i, v in enumerate(value)]
+                if isinstance(value, list)
+                else _enforceable(value, f"{where}.{key}", source)
+            )
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            out[key] = {name: _enforceable(v, f"{where}.{key}.{name}", source) for name, v in node[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            out[key] = [_enforceable(v, f"{where}.{key}[{i}]", source) for i, v in enumerate(node[key])]
     if any(key in node for key in _BOUNDS):
         out = _bounds_as_enum(out, where, source)
     return out
 
 
+def _bounds(node: dict) -> tuple[Decimal | None, bool, Decimal | None, bool]:
+    """(low, low exclusive, high, high exclusive): the tighter of each side's keywords, with
+    draft 4's boolean exclusiveMinimum/exclusiveMaximum read as flags on minimum/maximum."""
+
+    def side(plain: str, exclusive: str, tighter: Any) -> tuple[Decimal | None, bool]:
+        found: list[tuple[Decimal, bool]] = []
+        value, flag = node.get(plain), node.get(exclusive)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.append((Decimal(str(value)), flag is True))
+        if isinstance(flag, (int, float)) and not isinstance(flag, bool):
+            found.append((Decimal(str(flag)), True))
+        if not found:
+            return None, False
+        return tighter(found, key=lambda bound: (bound[0], bound[1] if tighter is max else not bound[1]))
+
+    low, low_open = side("minimum", "exclusiveMinimum", max)
+    high, high_open = side("maximum", "exclusiveMaximum", min)
+    return low, low_open, high, high_open
+
+
 def _bounds_as_enum(node: dict, where: str, source: str) -> dict:
     """Bounds on both sides as the enum of the values between them: every integer, or for a
-    number a decimal grid of at most ENUM_RANGE points (0..10 in steps of 0.01, 0..1 of 0.001)."""
-    low = node.get("exclusiveMinimum", node.get("minimum"))
-    high = node.get("exclusiveMaximum", node.get("maximum"))
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+    number a decimal grid of at most ENUM_RANGE points (0..10 in steps of 0.01, 0..1 of 0.001).
+    Other types the node allows (["number", "null"]) stay allowed beside the enum."""
+    lo, low_open, hi, high_open = _bounds(node)
+    if lo is None or hi is None:
         raise UsageError(
             f"{source}: a bound on one side only at {where} cannot be enforced by the grammar",
             hint="give both minimum and maximum (the values between are enforced), or drop the bound",
         )
-    lo, hi = Decimal(str(low)), Decimal(str(high))
+    types = node.get("type", "number")
+    types = [types] if isinstance(types, str) else list(types)
+    integral = "integer" in types and "number" not in types
     step = Decimal(1)
-    if node.get("type") != "integer":
+    if not integral:
         while (hi - lo) / (step / 10) < ENUM_RANGE - 1 and step > Decimal("1e-6"):
             step /= 10
     first = (lo / step).to_integral_value(ROUND_CEILING) * step
     last = (hi / step).to_integral_value(ROUND_FLOOR) * step
-    if "exclusiveMinimum" in node and first == lo:
+    if low_open and first == lo:
         first += step
-    if "exclusiveMaximum" in node and last == hi:
+    if high_open and last == hi:
         last -= step
     if last < first:
         raise UsageError(f"{source}: the bounds at {where} admit no value")
@@ -152,5 +194,8 @@ def _bounds_as_enum(node: dict, where: str, source: str) -> dict:
     count = int((last - first) / step) + 1
     grid = [first + i * step for i in range(count)]
     values = [int(v) if v == v.to_integral_value() else float(v) for v in grid]
-    rest = {k: v for k, v in node.items() if k not in _BOUNDS}
-    return {**rest, "enum": values}
+    rest = {k: v for k, v in node.items() if k not in (*_BOUNDS, "type")}
+    others = [t for t in types if t not in ("integer", "number")]
+    if not others:
+        return {**rest, "enum": values}
+    return {**rest, "anyOf": [{"enum": values}, *({"type": t} for t in others)]}
