@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 from localrun.errors import LocalrunError
 from localrun.fit import UBATCH
-from localrun.inference.runtime import DecodeAborted, Loaded
+from localrun.inference.build import llama
+from localrun.inference.runtime import DecodeAborted, Loaded, common_prefix
 from localrun.inference.sampler import Batch
 from localrun.serve.errors import ApiError, shutting_down
-from localrun.serve.slot import Failed, Job, Slot, common_prefix
+from localrun.serve.slot import Failed, Job, Slot
 
 # Requests sent together (a client's parallel calls) reach the scheduler a few ms apart: each is
 # parsed, rendered and tokenized first. Woken from idle while others are still being prepared, it
@@ -57,7 +58,7 @@ class Scheduler:
     ):
         self.ctx, self.model = loaded.ctx, loaded.model
         self.n_slots = n_slots
-        self.n_ctx_slot = int(self.model._lc.llama_n_ctx_seq(self.ctx.ptr))
+        self.n_ctx_slot = int(llama().llama_n_ctx_seq(self.ctx.ptr))  # each sequence's own KV cells
         self.queue_limit = queue_limit
         self._preparing = preparing  # requests received for this model, not yet submitted
         self.chunk = max(1, min(chunk, self.ctx.n_batch))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from localrun.inference.engine import Stats
+from localrun.inference.runtime import common_prefix
 from localrun.inference.stops import StopMatcher
 
 if TYPE_CHECKING:
@@ -59,14 +60,6 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class Slot:
     """Sequence `seq` of the context. `cached` is what its KV cache holds, kept after a reply so the
     next request that extends it (a chat's next turn) decodes only its new suffix."""
@@ -78,6 +71,14 @@ class Slot:
         self.pending: int | None = None  # sampled, to be decoded in the next batch
         self.row: int | None = None  # this step's logits row in the batch
         self.last_used = 0.0
+        # the reply being generated (set by start)
+        self.reused = self.generated = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.matcher = StopMatcher([])
+        self.logprobs: list[TokenLogprob] = []
+        self.t_start = 0.0
+        self.t_read: float | None = None
+        self.t_first: float | None = None
 
     @property
     def reading(self) -> bool:
@@ -92,14 +93,11 @@ class Slot:
             reuse = 0
         self.cached = job.prompt[:reuse]
         self.job, self.pending, self.row = job, None, None
-        self.reused = reuse
-        self.generated = 0
+        self.reused, self.generated = reuse, 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.matcher = StopMatcher(job.stop)
-        self.logprobs: list[TokenLogprob] = []
-        self.t_start = time.perf_counter()
-        self.t_read: float | None = None
-        self.t_first: float | None = None
+        self.logprobs = []
+        self.t_start, self.t_read, self.t_first = time.perf_counter(), None, None
 
     def forget(self, ctx: LlamaContext) -> None:
         """The sequence's KV state is unknown (a failed decode): clear it."""
