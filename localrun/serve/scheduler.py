@@ -23,7 +23,7 @@ from localrun.inference.build import llama
 from localrun.inference.runtime import DecodeAborted, Loaded, common_prefix
 from localrun.inference.sampler import Batch
 from localrun.serve.errors import ApiError, shutting_down
-from localrun.serve.slot import Failed, Job, Slot
+from localrun.serve.slot import Failed, Job, JobEvent, Slot
 
 # Requests sent together (a client's parallel calls) reach the scheduler a few ms apart: each is
 # parsed, rendered and tokenized first. Woken from idle while others are still being prepared, it
@@ -62,7 +62,11 @@ class Scheduler:
         self.queue_limit = queue_limit
         self._preparing = preparing  # requests received for this model, not yet submitted
         self.chunk = max(1, min(chunk, self.ctx.n_batch))
-        self.slots = [Slot(i) for i in range(n_slots)]
+        # Events of a step are handed to the requests just before the next decode: the event loop
+        # then wakes while llama_decode has released the GIL, instead of taking it between the
+        # sampling calls of this thread (which then waits for it: measured 0.35 ms more per step).
+        self._outbox: list[tuple[Job, JobEvent]] = []
+        self.slots = [Slot(i, self._outbox) for i in range(n_slots)]
         self.batch = Batch(self.ctx.n_batch, n_slots)
         self.idle_since = time.monotonic()
         self._waiting: deque[Job] = deque()
@@ -128,15 +132,18 @@ class Scheduler:
                         self._gather()
                     if self._stopping is not None:
                         self._end_all(self._stopping)
+                        self._flush()
                         return
                     self._reap()
                     self._assign()
                 self._step()
                 if self.idle:
+                    self._flush()
                     self.idle_since = time.monotonic()
         except BaseException as exc:  # never leave a request waiting forever
             with self._cond:
                 self._end_all(ApiError(500, f"the scheduler failed: {exc}", type="server_error"))
+            self._flush()
             raise
         finally:
             self._done.set()
@@ -150,11 +157,17 @@ class Scheduler:
                 return
             self._cond.wait(min(left, 0.002))  # a request refused while prepared never notifies
 
+    def _flush(self) -> None:
+        outbox = self._outbox
+        for job, event in outbox:
+            job.sink(event)
+        outbox.clear()
+
     def _end_all(self, error: ApiError) -> None:
         for slot in self.slots:
             slot.fail(error)
         while self._waiting:
-            self._waiting.popleft().sink(Failed(error))
+            self._outbox.append((self._waiting.popleft(), Failed(error)))
 
     def _reap(self) -> None:
         for slot in self.slots:
@@ -199,6 +212,7 @@ class Scheduler:
             slot.row = index if end == len(prompt) else None
             budget -= end - start
             added.append(slot)
+        self._flush()
         if not batch.n_tokens:
             return
         try:

@@ -64,8 +64,9 @@ class Slot:
     """Sequence `seq` of the context. `cached` is what its KV cache holds, kept after a reply so the
     next request that extends it (a chat's next turn) decodes only its new suffix."""
 
-    def __init__(self, seq: int):
+    def __init__(self, seq: int, outbox: list[tuple[Job, JobEvent]]):
         self.seq = seq
+        self.outbox = outbox  # events for the scheduler to hand over when it next releases the GIL
         self.cached: list[int] = []
         self.job: Job | None = None
         self.pending: int | None = None  # sampled, to be decoded in the next batch
@@ -137,13 +138,13 @@ class Slot:
         if job is not None:
             self.job, self.pending, self.row = None, None, None
             self.last_used = time.perf_counter()
-            job.sink(Failed(error))
+            self.outbox.append((job, Failed(error)))
 
     def _emit(self, text: str) -> None:
         assert self.job is not None
         if self.t_first is None:
             self.t_first = time.perf_counter()
-        self.job.sink(Output(text, self.logprobs))
+        self.outbox.append((self.job, Output(text, self.logprobs)))
         self.logprobs = []
 
     def _finish(self, reason: str) -> bool:
@@ -156,17 +157,20 @@ class Slot:
         end = time.perf_counter()
         read = self.t_read
         gen_time = end - read if read is not None else 0.0
-        job.sink(
-            Stats(
-                prompt_tokens=len(job.prompt),
-                prompt_tps=(len(job.prompt) - self.reused) / (read - self.t_start) if read else None,
-                generated_tokens=self.generated,
-                gen_tps=self.generated / gen_time if gen_time > 0 and self.generated else 0.0,
-                ttft_s=self.t_first - job.submitted if self.t_first is not None else None,
-                total_s=end - job.submitted,
-                finish_reason=reason,  # type: ignore[arg-type]
-                cached_tokens=self.reused,
-                context_full=reason == "length" and self.generated >= job.room,
+        self.outbox.append(
+            (
+                job,
+                Stats(
+                    prompt_tokens=len(job.prompt),
+                    prompt_tps=(len(job.prompt) - self.reused) / (read - self.t_start) if read else None,
+                    generated_tokens=self.generated,
+                    gen_tps=self.generated / gen_time if gen_time > 0 and self.generated else 0.0,
+                    ttft_s=self.t_first - job.submitted if self.t_first is not None else None,
+                    total_s=end - job.submitted,
+                    finish_reason=reason,  # type: ignore[arg-type]
+                    cached_tokens=self.reused,
+                    context_full=reason == "length" and self.generated >= job.room,
+                ),
             )
         )
         self.job, self.pending, self.row = None, None, None
