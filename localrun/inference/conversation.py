@@ -14,6 +14,7 @@ from pathlib import Path
 from localrun.errors import NoSpace, UsageError
 from localrun.inference.engine import Engine
 from localrun.inference.events import Event, EventSink, PrefillProgress, Stats, drive
+from localrun.inference.runtime import common_prefix
 from localrun.inference.sampling import Settings
 from localrun.inference.templates import ChatTemplate, Message
 
@@ -186,10 +187,7 @@ class Conversation(Dialogue):
         if start < 0:
             return 0
         prefix = self.engine.tokenize(text[: start + len(material)])
-        n = 0
-        while n < min(len(prefix), len(tokens) - 1) and prefix[n] == tokens[n]:
-            n += 1
-        return n
+        return common_prefix(prefix, tokens[:-1])
 
     def _fit(self) -> list[int]:
         """The prompt tokens; drops the oldest turns (never the system prompt or the new

@@ -22,7 +22,7 @@ from localrun.hardware import default_threads
 from localrun.inference import runtime
 from localrun.inference.events import PROGRESS_EVERY, Event, Notice, Piece, PrefillProgress, Speculation, Stats
 from localrun.inference.prompt_cache import DEFAULT_LIMIT, MIN_TOKENS, PromptCache, kv_identity
-from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions
+from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions, common_prefix
 from localrun.inference.sampling import SamplingOptions
 from localrun.inference.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
 from localrun.inference.stops import StopMatcher
@@ -62,14 +62,6 @@ class ModelInfo:
 
     def timings(self) -> dict[str, float]:
         return {"resolve_s": round(self.resolve_s, 4), "plan_s": round(self.plan_s, 4), "load_s": round(self.load_s, 4)}
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Engine:
@@ -211,7 +203,7 @@ class Engine:
         thread so that Ctrl-C in the main thread (or thrown in by the consumer) aborts it."""
         self.ctx.clear_abort()
         # Always resync first: an interrupted turn may have left positions we did not record.
-        reuse = min(_common_prefix(self.cached, tokens), len(tokens) - 1)
+        reuse = min(common_prefix(self.cached, tokens), len(tokens) - 1)
         if not self.ctx.truncate(reuse):
             reuse = 0
         self.cached = self.cached[:reuse]
@@ -374,7 +366,7 @@ def _speculator(
         drafters.append(LookupDrafter())
     if cfg.draft is not None and cfg.speculate in ("auto", "draft"):
         draft_opts = LoadOptions(
-            n_gpu_layers=opts.n_gpu_layers,
+            n_gpu_layers=0,  # on the CPU: the planner counted it there (commands.loading)
             n_ctx=opts.n_ctx,
             n_threads=opts.n_threads,
             use_extra_bufts=opts.use_extra_bufts,

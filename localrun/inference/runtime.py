@@ -42,6 +42,15 @@ def padded_ctx(n_ctx: int) -> int:
     return max(CELL_PAD, -(-n_ctx // CELL_PAD) * CELL_PAD)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share (what a KV cache holding `a` keeps for `b`)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class DecodeAborted(Exception):
     """llama_decode stopped early because abort() was called (from another thread or a signal)."""
 

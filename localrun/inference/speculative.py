@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from localrun.inference.runtime import LlamaContext, LlamaModel
+from localrun.inference.runtime import LlamaContext, LlamaModel, common_prefix
 from localrun.inference.sampler import Batch, Sampler
 from localrun.inference.sampling import SamplingOptions
 
@@ -31,6 +31,11 @@ NGRAM_MAX, NGRAM_MIN = 4, 2
 
 
 class Drafter(Protocol):
+    free: bool  # drafting costs nothing worth counting (a lookup)
+
+    def follow(self, history: list[int]) -> None:
+        """Catch up with the history (read what it has not): not part of a draft's cost."""
+
     def draft(self, history: list[int], k: int) -> list[int]: ...
     def close(self) -> None: ...
 
@@ -39,6 +44,8 @@ class LookupDrafter:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the last n tokens
     (n from NGRAM_MAX down to NGRAM_MIN) in the prompt and the reply so far. The n-gram index grows
     with the history, so a lookup costs a dictionary access, not a scan."""
+
+    free = True
 
     def __init__(self) -> None:
         self.seen = 0  # history length indexed
@@ -55,6 +62,9 @@ class LookupDrafter:
                     latest = self.index.get(gram)
                     self.index[gram] = (end, latest[0] if latest else -1)
         self.seen = len(history)
+
+    def follow(self, history: list[int]) -> None:
+        self._index(history)
 
     def draft(self, history: list[int], k: int) -> list[int]:
         self._index(history)
@@ -76,24 +86,29 @@ class ModelDrafter:
     """A small model of the same vocabulary proposes K tokens greedily; its own KV cache follows
     the conversation (only what changed is decoded) and drops what the target rejected."""
 
+    free = False
+
     def __init__(self, model: LlamaModel, ctx: LlamaContext):
         self.model, self.ctx = model, ctx
         self.cached: list[int] = []
         self.sampler = Sampler(model, SamplingOptions(temperature=0, repeat_penalty=1.0))
 
-    def draft(self, history: list[int], k: int) -> list[int]:
-        k = min(k, self.ctx.n_ctx - len(history) - 1)
-        if k <= 0:
-            return []
-        keep = 0
-        limit = min(len(self.cached), len(history) - 1)
-        while keep < limit and self.cached[keep] == history[keep]:
-            keep += 1
+    def follow(self, history: list[int]) -> None:
+        """Its KV cache brought to the history: what the target rejected dropped, the rest read."""
+        if len(history) >= self.ctx.n_ctx or self.cached == history:
+            return
+        keep = common_prefix(self.cached, history[:-1])
         if not self.ctx.drop(0, keep):
             keep = 0
             self.ctx.reset()
         self.ctx.decode(history[keep:])
         self.cached = list(history)
+
+    def draft(self, history: list[int], k: int) -> list[int]:
+        k = min(k, self.ctx.n_ctx - len(history) - 1)
+        if k <= 0:
+            return []
+        self.follow(history)
         out: list[int] = []
         for _ in range(k):
             token = self.sampler.sample(self.ctx)
@@ -205,25 +220,28 @@ class Speculator:
     asks the drafters (prompt lookup first: it is free; then the draft model), verifies."""
 
     def __init__(self, mode: Mode, drafters: list[Drafter]):
-        self.mode = mode
         self.drafters = drafters
         self.controller = Controller(adaptive=mode == "auto")
         self.batch = Batch(K_MAX + 1)
         self.stats = SpecStats()
-        self.draft_time = 0.0  # seconds a drafted token costs the draft model (running)
 
     def close(self) -> None:
         for drafter in self.drafters:
             drafter.close()
         self.batch.close()
 
-    def _draft(self, history: list[int], k: int) -> tuple[list[int], float]:
+    def _draft(self, history: list[int], k: int) -> list[int]:
+        """The first drafter's proposal; what a costly one spends per token is measured (not the
+        reading it does to catch up: a long prompt would look like slow drafting)."""
         for drafter in self.drafters:
+            drafter.follow(history)
             started = time.perf_counter()
             proposed = drafter.draft(history, k)
             if proposed:
-                return proposed, time.perf_counter() - started
-        return [], 0.0
+                if not drafter.free:
+                    self.controller.observe_draft((time.perf_counter() - started) / len(proposed))
+                return proposed
+        return []
 
     def step(
         self, ctx: LlamaContext, sampler: Sampler, cached: list[int], pending: int, history: list[int], room: int
@@ -234,10 +252,7 @@ class Speculator:
         draft: list[int] = []
         want = self.controller.choose(k) if k > 0 else 0  # how many drafted tokens would pay
         if want:
-            proposed, seconds = self._draft(history, want)
-            draft = proposed[:want]
-            if draft and seconds:
-                self.controller.observe_draft(seconds / len(draft))
+            draft = self._draft(history, want)[:want]
         if not draft:
             started = time.perf_counter()
             ctx.decode([pending])
