@@ -194,6 +194,8 @@ def _generation_command(mode: str, doc: str):
             raise UsageError(f"--speculate {speculate}: use auto, lookup, draft or off")
         if speculate == "draft" and draft is None:
             raise UsageError("--speculate draft needs a draft model", hint="add --draft MODEL")
+        if draft is not None and speculate not in ("auto", "draft"):
+            raise UsageError(f"--draft does nothing with --speculate {speculate}", hint="use auto or draft")
         type_k, type_v, flash = shape_options(cache_type_k, cache_type_v, flash_attn)
         try:
             cache_size = parse_size(prompt_cache_size)

@@ -105,14 +105,18 @@ def open_engine(reference: str, cfg: EngineConfig, out: Output, *, draft: str | 
 def _draft_beside(
     reference: str, target: Resolved, cfg: EngineConfig, machine: Machine, out: Output
 ) -> ModelFiles | None:
-    """The draft model, when both models and both KV caches fit here (None, said, when not)."""
+    """The draft model, when it fits in RAM beside the model (None, said, when not). It runs on
+    the CPU (the engine loads it with no GPU layers): a small model drafts fast there, and the
+    GPU's memory stays the model's; so its CPU plan is what is counted."""
     draft = obtain(parse_ref(reference), out, n_ctx=target.plan.n_ctx, machine=machine)
-    both = target.plan.estimate.ram + draft.plan.estimate.ram
+    on_cpu = fit.plan(draft.header, replace(machine, gpus=[]), target.plan.n_ctx, shape_of(cfg))
+    both = target.plan.estimate.ram + on_cpu.estimate.ram
     room = machine.ram_available - fit.ram_headroom(machine)
-    if both > room and not machine.gpus:
+    if both > room:
+        instead = "prompt lookup only" if cfg.speculate == "auto" else "nothing: plain decoding"
         out.warn(
             f"the draft model {safe(draft.model.label)} does not fit beside the model ({human_bytes(both)} for "
-            f"both, {human_bytes(room)} free): speculative decoding uses prompt lookup only"
+            f"both, {human_bytes(room)} free): speculative decoding uses {instead}"
         )
         return None
     check_file(draft.model.path, draft.plan.extra_bufts, notify=out.info)
