@@ -132,7 +132,13 @@ class Repl:
                     text = session.prompt(">>> ")
             except EOFError:
                 break
-            except (_EmptyInterrupt, KeyboardInterrupt):  # Ctrl-C on an empty line, or between prompts
+            except (_EmptyInterrupt, KeyboardInterrupt) as exc:  # Ctrl-C on an empty line, or a SIGINT
+                # A SIGINT with the line still in the buffer: Enter, then Ctrl-C as the prompt closed
+                # (the terminal no longer raw). That cancels the question, as a typed-ahead one does.
+                if isinstance(exc, KeyboardInterrupt) and session.default_buffer.text.strip():
+                    self.out.warn("reply cancelled; it and its question are left out of the conversation")
+                    armed = False
+                    continue
                 if armed:
                     break
                 armed = True
