@@ -3,16 +3,13 @@ sampling the distribution is the same; stop strings, max tokens, EOG in a draft 
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from localrun.inference.events import Piece, Stats
+from localrun.inference.events import Piece, Speculation, Stats
 from localrun.inference.sampling import SamplingOptions
 from support.engines import open_engine
 
@@ -28,7 +25,7 @@ PROMPTS = [
 ]
 # Batched and one-at-a-time decoding differ in the last bits (other kernels, other summation
 # order): where the two best logits are closer than this, either may win, speculation or not.
-NEAR_TIE = 2.0
+NEAR_TIE = 1.0
 
 
 def generate(engine, prompt: str, n: int, *, stop=(), sampling=GREEDY) -> tuple[list[int], str, Stats]:
@@ -130,24 +127,30 @@ def test_stop_strings_max_tokens_and_an_end_inside_a_draft(tiny):
         spec.close()
 
 
-def test_sampling_distribution_is_unchanged(tiny):
+@pytest.mark.slow
+def test_sampling_distribution_is_unchanged(gemma):
     """With a seed and temperature 1, plain and speculative decoding draw the same tokens from the
-    same chain in the same order: over many seeds the distributions match (chi-square)."""
+    same chain in the same order, so over many seeds the distributions match (chi-square); the
+    same seed need not give the same tokens, for batched logits differ in the last bits. Gemma
+    follows a repeating prompt, so prompt lookup has drafts to verify at almost every step."""
     from scipy.stats import chi2_contingency
 
-    model = tiny.quants["F16"]
+    model, seeds = gemma, 150
     plain, spec = open_engine(model, n_ctx=1024, speculate="off"), open_engine(model, n_ctx=1024, speculate="lookup")
-    prompt = PROMPTS[3]
+    prompt = "red, green, blue, red, green, blue, red, green, blue, red, green,"
     counts: dict[str, Counter] = {"plain": Counter(), "spec": Counter()}
     try:
-        for seed in range(300):
+        drafted = 0
+        for seed in range(seeds):
             sampling = SamplingOptions(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=seed)
             for name, engine in (("plain", plain), ("spec", spec)):
-                tokens, _, _ = generate(engine, prompt, 6, sampling=sampling)
-                counts[name][tuple(tokens[2:4])] += 1
+                tokens, _, stats = generate(engine, prompt, 4, sampling=sampling)
+                counts[name][tuple(tokens[1:3])] += 1
+                drafted += stats.drafted
     finally:
         plain.close()
         spec.close()
+    assert drafted > seeds  # speculation was at work in most of the replies
     keys = sorted(set(counts["plain"]) | set(counts["spec"]))
     common = [k for k in keys if counts["plain"][k] + counts["spec"][k] >= 10]
     table = [
@@ -157,15 +160,22 @@ def test_sampling_distribution_is_unchanged(tiny):
     assert chi2_contingency(table).pvalue > 0.01
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_middle_of_verifying_leaves_a_working_engine(gemma):
+    """Ctrl-C thrown in right after a verify batch (as drive() does on a terminal): the reply ends
+    as cancelled, and the next one is what plain decoding gives."""
     spec = open_engine(gemma, n_ctx=4096, speculate="lookup")
     try:
         prompt = f"Copy this text exactly.\n\n{EVAL[:3000]}\n\nCopy:\n{EVAL[:100]}"
-        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
-        _, _, stats = generate(spec, prompt, 400)
-        timer.join()
-        assert stats.finish_reason == "cancelled"
+        events = spec.generate(spec.tokenize(prompt), GREEDY, 400, [])
+        verified = 0
+        for event in events:
+            if isinstance(event, Speculation):
+                verified += 1
+                if verified == 3:
+                    stats = events.throw(KeyboardInterrupt)
+                    break
+        assert isinstance(stats, Stats) and stats.finish_reason == "cancelled" and stats.drafted > 0
         again = generate(spec, PROMPTS[2], 16)
         plain = open_engine(gemma, n_ctx=4096, speculate="off")
         try:
@@ -174,3 +184,37 @@ def test_ctrl_c_in_the_middle_of_verifying_leaves_a_working_engine(gemma):
             plain.close()
     finally:
         spec.close()
+
+
+def test_a_draft_model_keeps_the_tokens(tiny):
+    """A smaller quant of the same model drafts (the same vocabulary); the tokens are those of
+    plain decoding, and most drafts are accepted."""
+    from localrun.cache.resolve import resolve
+    from localrun.inference.selftest import this_machine
+    from localrun.model.refs import parse_ref
+
+    model = tiny.quants["F16"]
+    draft = resolve(parse_ref(str(tiny.quants["Q8_0"])), this_machine(), 2048).model
+    plain = open_engine(model, n_ctx=2048, speculate="off")
+    spec = open_engine(model, n_ctx=2048, speculate="draft", draft=draft)
+    try:
+        assert [type(d).__name__ for d in spec.speculator.drafters] == ["ModelDrafter"]
+        for prompt in PROMPTS:
+            assert_same_or_near_tie(model, prompt, generate(plain, prompt, 40), generate(spec, prompt, 40))
+        stats = spec.speculator.stats
+        assert stats.drafted > 40 and stats.accepted / stats.drafted > 0.5
+    finally:
+        plain.close()
+        spec.close()
+
+
+def test_a_draft_of_another_vocabulary_or_one_that_does_nothing_is_refused(tiny, gemma):
+    from typer.testing import CliRunner
+
+    from localrun.cli import app
+
+    runner = CliRunner()
+    other = runner.invoke(app, ["run", str(tiny.quants["Q8_0"]), "hi", "--draft", str(gemma), "-n", "4"])
+    assert other.exit_code == 2 and "has another vocabulary than the model" in other.stderr
+    idle = runner.invoke(app, ["run", str(tiny.quants["Q8_0"]), "hi", "--draft", str(gemma), "--speculate", "lookup"])
+    assert idle.exit_code == 2 and "--draft does nothing with --speculate lookup" in idle.stderr
