@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from localrun.cli import app
 from localrun.commands.remote import RemoteDialogue
 from localrun.commands.repl import Repl
+from localrun.errors import NetworkError
 from localrun.inference.sampling import SamplingOptions, Settings
 from localrun.output import Output
 from localrun.serve.client import Server
@@ -100,3 +101,43 @@ def test_a_grammar_with_ignore_eos_is_a_400_and_the_server_lives_on(server: Serv
     del body["ignore_eos"]
     status, _, answer = server.post("/v1/chat/completions", json.dumps(body).encode())
     assert status == 200 and answer["choices"][0]["message"]["content"].startswith("{")
+
+
+def test_a_chat_too_long_for_the_servers_context_loses_its_oldest_turns(tiny, capsys):
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1", "--ctx", "256") as small:
+        settings = Settings(SamplingOptions(temperature=0, ban_eog=True), 16)
+        conv = RemoteDialogue(Server(small.url), str(tiny.quants["Q8_0"]), settings, "Be brief.", warn=Output().warn)
+        sink = Collect()
+        for turn in range(4):
+            stats = conv.reply(f"question {turn}: " + "tell me about the sea " * 4, sink)
+            assert stats.finish_reason == "length"
+    err = capsys.readouterr().err
+    assert "the context (256 tokens) was nearly full: dropped the 2 oldest messages (the system prompt stays)" in err
+    assert conv.messages[0] == {"role": "system", "content": "Be brief."}
+    assert conv.messages[-2]["content"].startswith("question 3") and len(conv.messages) < 9
+
+
+def test_a_server_that_dies_mid_reply_is_a_network_error_not_a_cancel(tiny):
+    import signal
+
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1") as doomed:
+        conv = RemoteDialogue(Server(doomed.url), str(tiny.quants["Q8_0"]), Settings(SamplingOptions(ban_eog=True)))
+        sink = Collect(on_piece=lambda n: n == 5 and doomed.stop(signal.SIGKILL))
+        with pytest.raises(NetworkError, match="closed the connection in the middle of the reply|broke off the reply"):
+            conv.reply("tell me a story", sink)
+    assert conv.messages == []  # the question is not kept without its answer
+
+
+class Collect:
+    def __init__(self, on_piece=lambda n: None):
+        self.pieces, self.on_piece = 0, on_piece
+
+    def piece(self, text):
+        self.pieces += 1
+        self.on_piece(self.pieces)
+
+    def progress(self, event):
+        pass
+
+    def finish(self, stats):
+        self.stats = stats

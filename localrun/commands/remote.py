@@ -1,14 +1,16 @@
 """`run` and `chat` with --server: the conversation answered by a `localrun serve` process, so
-nothing is loaded here. The server renders its chat template, trims nothing and keeps its own KV
-cache per slot; what only a local engine does (speculation, the prompt cache, KV types) is its
-business, so options about them are refused rather than silently ignored."""
+nothing is loaded here. The server renders its chat template and keeps its own KV
+cache per slot (a conversation too long for it loses its oldest turns, as a local chat does);
+what only a local engine does (speculation, the prompt cache, KV types) is its business, so
+options about them are refused rather than silently ignored."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
-from localrun.errors import UsageError
+from localrun.errors import NoSpace, UsageError
 from localrun.inference.conversation import Dialogue
 from localrun.inference.engine import EngineConfig
 from localrun.inference.events import Event
@@ -41,6 +43,24 @@ class RemoteDialogue(Dialogue):
         return self.ctx_per_slot
 
     def answer(self, material: str) -> Iterator[Event]:
+        """The server's stream. A conversation its context cannot hold loses its oldest turns
+        (as a local chat's does): the server says so before it reads anything, so ask again."""
+        dropped = 0
+        while True:
+            events = self._ask()
+            try:
+                first = next(events)
+            except NoSpace:
+                gone = self.drop_oldest_turn()
+                if not gone:
+                    raise
+                dropped += gone
+                continue
+            if dropped:
+                self.said_dropped(dropped, self.ctx_per_slot)
+            return itertools.chain([first], events)
+
+    def _ask(self) -> Iterator[Event]:
         settings = self.settings
         common = {
             "sampling": settings.sampling,

@@ -68,6 +68,26 @@ class Dialogue:
     def clear(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
 
+    def drop_oldest_turn(self) -> int:
+        """Forget the oldest question and its answer (never the system prompt or the question
+        being asked): how many messages went, 0 when there is nothing left to drop."""
+        oldest = next((i for i, m in enumerate(self.messages[:-1]) if m["role"] != "system"), None)
+        if oldest is None:
+            return 0
+        del self.messages[oldest]
+        # an answer without its question confuses most templates: it goes too
+        if oldest < len(self.messages) - 1 and self.messages[oldest]["role"] == "assistant":
+            del self.messages[oldest]
+            return 2
+        return 1
+
+    def said_dropped(self, dropped: int, n_ctx: int | None) -> None:
+        where = f"the context ({n_ctx} tokens)" if n_ctx else "the server's context"
+        self.warn(
+            f"{where} was nearly full: dropped the {dropped} oldest message{'s' if dropped > 1 else ''}"
+            + (" (the system prompt stays)" if self.system else "")
+        )
+
     # -- what subclasses provide -------------------------------------------------------------------
     def answer(self, material: str) -> Iterator[Event]:
         """The events answering self.messages (the last one is the new question)."""
@@ -197,21 +217,13 @@ class Conversation(Dialogue):
         tokens = self.tokens(self.messages)
         dropped = 0
         while len(tokens) + reserve > n_ctx:
-            oldest = next((i for i, m in enumerate(self.messages[:-1]) if m["role"] != "system"), None)
-            if oldest is None:
+            gone = self.drop_oldest_turn()
+            if not gone:
                 break
-            del self.messages[oldest]
-            dropped += 1
-            # an answer without its question confuses most templates: it goes too
-            if oldest < len(self.messages) - 1 and self.messages[oldest]["role"] == "assistant":
-                del self.messages[oldest]
-                dropped += 1
+            dropped += gone
             tokens = self.tokens(self.messages)
         if dropped:
-            self.warn(
-                f"the context ({n_ctx} tokens) was nearly full: dropped the {dropped} oldest "
-                f"message{'s' if dropped > 1 else ''}" + (" (the system prompt stays)" if self.system else "")
-            )
+            self.said_dropped(dropped, n_ctx)
         if len(tokens) >= n_ctx:
             raise NoSpace(
                 f"the message is too long for the context ({len(tokens)} of {n_ctx} tokens)",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from localrun.errors import AccessDenied, LocalrunError, NetworkError, NotFound, UsageError
+from localrun.errors import AccessDenied, LocalrunError, NetworkError, NoSpace, NotFound, UsageError
 from localrun.inference.engine import Piece, Stats
 from localrun.inference.sampling import SamplingOptions
 from localrun.inference.templates import Message
@@ -96,11 +96,15 @@ class Server:
 
 
 def _error(server: Server, status: int, raw: bytes) -> LocalrunError:
+    code = None
     try:
-        message = str(json.loads(raw)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
+        error = json.loads(raw)["error"]
+        message, code = str(error["message"]), error.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
         message = raw.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
     said = f"{server.url}: {safe(message, 400)}"
+    if status == 400 and code == "context_length_exceeded":
+        return NoSpace(said, hint="start the server with a larger --ctx, or send less")
     if status == 401:
         return AccessDenied(said, hint=f"set {API_KEY_ENV} to the key the server was started with")
     if status == 404:
@@ -182,18 +186,22 @@ def generate(
         gen_tps=float(t.get("predicted_per_second") or 0.0),
         ttft_s=first - started if first is not None else None,
         total_s=end - started,
-        finish_reason="cancelled" if cancelled or not t else t.get("finish", "eog"),
+        finish_reason="cancelled" if cancelled else t.get("finish", "eog"),
         cached_tokens=int(t.get("cached_n", 0)),
         context_full=bool(t.get("context_full", False)),
     )
 
 
 def _chunks(server: Server, response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
-    """The JSON objects of an SSE stream, up to `data: [DONE]`; an `error` event raises."""
+    """The JSON objects of an SSE stream, up to `data: [DONE]`; an `error` event raises, and so
+    does a stream that ends without [DONE] (the server went away: not a cancel of ours)."""
     while True:
-        line = response.readline()
+        try:
+            line = response.readline()
+        except (OSError, http.client.HTTPException) as exc:
+            raise NetworkError(f"the server at {server.url} broke off the reply: {safe(exc)}") from None
         if not line:
-            return
+            raise NetworkError(f"the server at {server.url} closed the connection in the middle of the reply")
         if not line.startswith(b"data:"):
             continue  # blank separators, comments
         data = line[5:].strip()
