@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from localrun.cli import app
-from localrun.errors import AccessDenied, NetworkError, NotFound, UsageError
+from localrun.errors import AccessDenied, NetworkError, NoSpace, NotFound, UsageError
 from localrun.inference.engine import Piece, Stats
 from localrun.inference.events import drive
 from localrun.inference.sampling import SamplingOptions
@@ -84,7 +84,7 @@ def test_the_client_says_what_the_server_refused(server: ServerProcess, tiny):
     hi = [{"role": "user", "content": "hi"}]
     with pytest.raises(NotFound, match="not served here"):
         list(remote.generate(server.url, "nope", messages=hi, sampling=FIXED, max_tokens=2))
-    with pytest.raises(UsageError, match="context_length|per slot"):
+    with pytest.raises(NoSpace, match="per slot"):
         list(remote.generate(server.url, TINY, messages=[{"role": "user", "content": "a " * 9000}], sampling=FIXED))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
