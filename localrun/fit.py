@@ -364,14 +364,14 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
         placement = "cpu"
         if machine.gpus:
             notes.append("no layer fits in VRAM")
-    note, reach = "; ".join(notes) or None, _max_ctx(header, machine, n_gpu, shape)
+    note, reach = "; ".join(notes) or None, max(ctx, _max_ctx(header, machine, n_gpu, shape))
     return Plan(placement, n_gpu, ctx, est, True, note, machine.extra_bufts, 0 < header.n_ctx_train < ctx, reach)
 
 
 def _max_ctx(header: HeaderInfo, machine: Machine, n_gpu: int, shape: Shape) -> int:
     """The largest context, in whole KV cells pads up to the trained context, that fits with
     n_gpu layers on the GPU (memory grows with the context: a bisection)."""
-    top = (header.n_ctx_train if header.n_ctx_train > 0 else 32 * DEFAULT_CTX) // CELL_PAD
+    top = max(header.n_ctx_train if header.n_ctx_train > 0 else 32 * DEFAULT_CTX, MIN_CTX) // CELL_PAD
     lo, hi = 0, top  # in pads: lo fits (or is 0), hi + 1 does not
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -281,3 +281,25 @@ def test_a_context_beyond_the_trained_one_is_planned_with_a_warning():
     got = plan(Q4_K_M, cpu_box(64, available_gib=60), n_ctx=16384)  # trained with 8192
     assert got.fits and got.n_ctx == 16384
     assert got.note == "context 16384 is beyond the 8192 the model was trained with: expect worse output past that"
+
+
+def test_the_largest_context_that_fits_is_the_edge_of_the_plan():
+    """max_ctx: the plan fits there with the same placement, and one KV pad more does not (or
+    it is the trained context); q8_0 KV cache reaches further than f16."""
+    from localrun.fit import CELL_PAD, Shape
+
+    for machine in (cpu_box(16, 7.0), cpu_box(16, 6.8), gpu_box(5.0, ram_gib=32)):
+        f16 = plan(Q4_K_M, machine)
+        q8 = plan(Q4_K_M, machine, shape=Shape("q8_0", "q8_0", True))
+        assert f16.fits and f16.max_ctx >= f16.n_ctx
+        if not machine.gpus:  # the same placement: a smaller KV cache reaches further
+            assert q8.max_ctx > f16.max_ctx
+        for shape, reach in ((Shape(), f16), (Shape("q8_0", "q8_0", True), q8)):
+            at = plan(Q4_K_M, machine, reach.max_ctx, shape)
+            assert at.fits and at.n_ctx == reach.max_ctx and at.placement == reach.placement
+            if reach.max_ctx < Q4_K_M.n_ctx_train:
+                beyond = plan(Q4_K_M, machine, reach.max_ctx + CELL_PAD, shape)
+                assert beyond.n_ctx < reach.max_ctx + CELL_PAD or beyond.placement != reach.placement
+    # a context asked beyond the trained one that fits is never above its own reach
+    past = plan(Q4_K_M, cpu_box(64, 60), Q4_K_M.n_ctx_train * 2)
+    assert past.fits and past.max_ctx >= past.n_ctx

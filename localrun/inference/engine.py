@@ -359,7 +359,8 @@ def _speculator(
         return None
     lc = loaded.model._lc
     if lc.llama_model_is_recurrent(loaded.model.ptr) or lc.llama_model_is_hybrid(loaded.model.ptr):
-        notify("speculative decoding is off: this model's state cannot rewind a rejected draft")
+        if cfg.speculate != "auto" or cfg.verbose:  # asked for by name: say why it is not there
+            notify("speculative decoding is off: this model's state cannot rewind a rejected draft")
         return None
     drafters: list = []
     if cfg.speculate in ("auto", "lookup"):

@@ -21,9 +21,11 @@ class Sampler:
 
     The grammar is checked against the chain's choice first, as llama.cpp's own samplers do:
     masking a 262k-token vocabulary costs more than a decode step, checking one token nearly
-    nothing. Only when the choice breaks the grammar is the row masked and sampled again. The
-    token is the same as masking first at temperature 0; with sampling its probability is
-    p(t) + (1 - Z) p(t) / Z = p(t) / Z, the masked distribution (Z: the mass the grammar allows)."""
+    nothing. Only when the choice breaks the grammar is the row masked and sampled again. At
+    temperature 0 the token is the one masking first gives. With sampling and no truncation its
+    probability is p(t) + (1 - Z) p(t) / Z = p(t) / Z, the masked distribution (Z: the mass the
+    grammar allows); top-k, top-p and min-p cut the row before the check, which shifts it a
+    little, as in llama.cpp's own sampler."""
 
     def __init__(self, model: LlamaModel, s: SamplingOptions, grammar: str | None = None):
         check_structure(s, grammar)
