@@ -296,10 +296,10 @@ def test_the_largest_context_that_fits_is_the_edge_of_the_plan():
             assert q8.max_ctx > f16.max_ctx
         for shape, reach in ((Shape(), f16), (Shape("q8_0", "q8_0", True), q8)):
             at = plan(Q4_K_M, machine, reach.max_ctx, shape)
-            assert at.fits and at.n_ctx == reach.max_ctx and at.placement == reach.placement
+            assert at.fits and at.n_ctx == reach.max_ctx and at.n_gpu_layers == reach.n_gpu_layers
             if reach.max_ctx < Q4_K_M.n_ctx_train:
                 beyond = plan(Q4_K_M, machine, reach.max_ctx + CELL_PAD, shape)
-                assert beyond.n_ctx < reach.max_ctx + CELL_PAD or beyond.placement != reach.placement
+                assert beyond.n_ctx < reach.max_ctx + CELL_PAD or beyond.n_gpu_layers < reach.n_gpu_layers
     # a context asked beyond the trained one that fits is never above its own reach
     past = plan(Q4_K_M, cpu_box(64, 60), Q4_K_M.n_ctx_train * 2)
     assert past.fits and past.max_ctx >= past.n_ctx
