@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -44,16 +45,30 @@ def ending(s: Stats) -> str | None:
     return _ENDED.get(s.finish_reason)
 
 
-def stats_line(s: Stats, model: str | None = None) -> str:
+PROMPT_SPEED_MIN = 16  # fewer tokens read than this: a speed would mostly measure overhead
+
+
+def stats_line(s: Stats, model: str | None = None, width: int | None = None) -> str:
     """One line after a reply: what was loaded (one-shot runs), prompt and reply speed, TTFT, and
-    why it ended. Figures for work that never finished (a prompt cancelled while read) are left out."""
-    cached = ""
-    if s.from_disk:
-        cached = f" ({s.from_disk:,} from the prompt cache)"
-    elif s.cached_tokens:
-        cached = f" ({s.cached_tokens:,} cached)"
-    speed = f", {s.prompt_tps:.1f} tok/s" if s.prompt_tps is not None else ", not read to the end"
-    parts = [f"prompt {s.prompt_tokens:,} tok{cached}{speed}"]
+    why it ended. Figures for work that never finished (a prompt cancelled while read), or not
+    known (a server that went away), are left out. With a width (a terminal), the line breaks
+    only between its parts, never inside a figure."""
+    parts = []
+    if model:  # a file by its name: the folder it is in says nothing about the run
+        parts.append(safe(Path(model).name if model.endswith(".gguf") else model))
+    if s.prompt_tokens:
+        cached = ""
+        if s.from_disk:
+            cached = f" ({s.from_disk:,} from the prompt cache)"
+        elif s.cached_tokens:
+            cached = f" ({s.cached_tokens:,} cached)"
+        read = s.prompt_tokens - s.cached_tokens
+        speed = ""
+        if s.prompt_tps is None:
+            speed = ", not read to the end"
+        elif read >= PROMPT_SPEED_MIN:
+            speed = f", {s.prompt_tps:.1f} tok/s"
+        parts.append(f"prompt {s.prompt_tokens:,} tok{cached}{speed}")
     if s.generated_tokens or s.finish_reason != "cancelled":
         parts.append(f"reply {s.generated_tokens:,} tok, {s.gen_tps:.1f} tok/s")
     if s.drafted:
@@ -63,7 +78,16 @@ def stats_line(s: Stats, model: str | None = None) -> str:
     parts.append(f"total {s.total_s:.2f} s")
     if why := ending(s):
         parts.append(why)
-    return (f"{safe(model)} · " if model else "") + " · ".join(parts)
+    if not width:
+        return " · ".join(parts)
+    lines, line = [], parts[0]
+    for part in parts[1:]:
+        if len(line) + 3 + len(part) > width:
+            lines.append(line + " ·")
+            line = "  " + part
+        else:
+            line += " · " + part
+    return "\n".join([*lines, line])
 
 
 class WordWrap:
@@ -219,7 +243,7 @@ class LiveRenderer:
         if not self.ends_with_newline:
             self.out.text("\n")
         if self.show_stats:
-            line = stats_line(stats, self.model)
+            line = stats_line(stats, self.model, self.out.err.width if self.out.stderr_tty else None)
             if self.out.stderr_tty and self.out.color:
                 self.out.status(f"[dim]{escape(line)}[/]")
             else:

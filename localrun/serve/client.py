@@ -183,13 +183,18 @@ def generate(
         prompt_tokens=int(t.get("prompt_n", 0)),
         prompt_tps=t.get("prompt_per_second"),
         generated_tokens=int(t.get("predicted_n", pieces)),
-        gen_tps=float(t.get("predicted_per_second") or 0.0),
+        gen_tps=float(t.get("predicted_per_second") or _seen_speed(pieces, first, end)),
         ttft_s=first - started if first is not None else None,
         total_s=end - started,
         finish_reason="cancelled" if cancelled else t.get("finish", "eog"),
         cached_tokens=int(t.get("cached_n", 0)),
         context_full=bool(t.get("context_full", False)),
     )
+
+
+def _seen_speed(pieces: int, first: float | None, end: float) -> float:
+    """Cancelled, the server sends no timings: the speed the pieces came at, as seen here."""
+    return (pieces - 1) / (end - first) if pieces > 1 and first is not None and end > first else 0.0
 
 
 def _chunks(server: Server, response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
