@@ -247,7 +247,7 @@ def test_a_projector_named_as_the_model_is_said_to_be_one(hub, tiny):
 
 
 # -- 5. a base model (no chat template) in chat ------------------------------------------------------
-BASE_HINT = "has no chat template: it may be a base model, which continues text rather than answers"
+BASE_HINT = "It may be a base model, which continues text rather than answers"
 
 
 def test_piped_chat_with_a_base_model_suggests_run_raw(tiny):

@@ -36,14 +36,11 @@ class PromptOptions:
 def open_conversation(
     engine: Engine, out: Output, settings: Settings, prompt: PromptOptions, *, chatting: bool = False
 ) -> Conversation:
-    """The conversation over a loaded engine, with the template chosen (and announced if guessed)."""
+    """The conversation over a loaded engine, with the template chosen (and announced if guessed:
+    in a chat, with what a model without a template is likely to be, in one message)."""
     template = None
     if not prompt.raw:
-        if chatting and engine.chat_template() is None and not (prompt.chat_format or prompt.template_file):
-            out.info(
-                f"{engine.info.label} has no chat template: it may be a base model, which continues text "
-                f'rather than answers. For that: localrun run {engine.info.label} --raw "TEXT"'
-            )
+        said: list[str] = []
         template = templates.choose(
             engine.chat_template(),
             chat_format=prompt.chat_format,
@@ -51,8 +48,17 @@ def open_conversation(
             has_token=engine.has_token,
             bos_token=engine.special_text("bos"),
             eos_token=engine.special_text("eos"),
-            notify=out.warn,
+            notify=said.append,
         )
+        if chatting and engine.chat_template() is None and not (prompt.chat_format or prompt.template_file):
+            label = engine.info.label
+            said = said or [f"{label} has no chat template."]
+            said[-1] += (
+                " It may be a base model, which continues text rather than answers; "
+                f'for that: localrun run {label} --raw "TEXT"'
+            )
+        for message in said:
+            out.warn(message)
     return Conversation(engine, template, settings, prompt.system, warn=out.warn)
 
 
