@@ -117,7 +117,11 @@ def test_a_gbnf_grammar_file_shapes_the_reply(tiny, tmp_path: Path):
         ('{"type": "array", "uniqueItems": true}', "'uniqueItems' at $ cannot be enforced"),
         ('{"type": "string", "format": "email"}', "format 'email' at $ cannot be enforced"),
         ("[1, 2]", "must be a JSON object"),
-        ("no-such-schema.json", "neither JSON nor a readable file"),
+        ("no-such-schema.json", "neither JSON text nor a readable file (no such file or directory)"),
+        ('{"type": "text"}', '"text" at $ is not a JSON Schema type'),
+        ('{"type": ["string", 3]}', "3 at $ is not a JSON Schema type"),
+        ('{"properties": {"a": {"description": "x"}}}', "at $.properties.a says nothing the grammar can enforce"),
+        ('{"format": "email"}', "format 'email' at $ cannot be enforced"),
     ],
 )
 def test_a_schema_the_grammar_cannot_enforce_is_refused_before_loading(tiny, schema: str, message: str):
@@ -125,6 +129,7 @@ def test_a_schema_the_grammar_cannot_enforce_is_refused_before_loading(tiny, sch
     result = run("run", tiny.corrupt_vocab, "hi", "--json-schema", schema)
     assert result.exit_code == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.output and "first load" not in result.stderr
+    assert "Errno" not in result.stderr and "{'" not in result.stderr  # no Python reprs
 
 
 def test_grammar_conflicts_are_usage_errors(tiny, tmp_path: Path):

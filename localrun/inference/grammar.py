@@ -38,6 +38,13 @@ _UNENFORCED = (
 )
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _FORMATS = {"date", "time", "date-time", "uuid"}
+_TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
+# keywords from which the converter can tell a schema's shape without a type
+_SHAPES = (
+    *_BOUNDS,
+    *("$ref", "anyOf", "oneOf", "allOf", "const", "enum", "properties", "additionalProperties"),
+    *("items", "prefixItems", "pattern", "format"),
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def from_file(path: Path) -> Grammar:
     try:
         return Grammar(Path(path).read_text(encoding="utf-8"), f"grammar {path}")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read the grammar file {path}: {safe(exc)}") from None
+        raise UsageError(f"cannot read the grammar file {safe(str(path))}: {_reason(exc)}") from None
 
 
 def schema_text(value: str) -> tuple[str, str]:
@@ -69,7 +76,17 @@ def schema_text(value: str) -> tuple[str, str]:
     try:
         return Path(value).expanduser().read_text(encoding="utf-8"), f"JSON schema {value}"
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--json-schema is neither JSON nor a readable file: {safe(value)}: {safe(exc)}") from None
+        raise UsageError(
+            f"--json-schema {safe(value)} is neither JSON text nor a readable file ({_reason(exc)})",
+            hint='give the schema as JSON text (\'{"type": "object", ...}\') or the path of a file holding it',
+        ) from None
+
+
+def _reason(exc: OSError | UnicodeDecodeError) -> str:
+    """Why a file could not be read, without Python's "[Errno 2] ... 'path'" dressing."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return (exc.strerror or safe(exc)).lower()
 
 
 def from_json_schema(value: str | dict) -> Grammar:
@@ -116,7 +133,19 @@ def _enforceable(node: Any, where: str, source: str) -> Any:
                 f"{source}: {key!r} at {where} cannot be enforced by the grammar",
                 hint="drop it from the schema, or check replies yourself",
             )
-    if node.get("format") and node.get("type") == "string" and node["format"] not in _FORMATS:
+    types = node.get("type")
+    for name in [types] if isinstance(types, str) else types if isinstance(types, list) else [types]:
+        if name is not None and name not in _TYPES:
+            raise UsageError(
+                f"{source}: {safe(json.dumps(name))[:60]} at {where} is not a JSON Schema type",
+                hint=f"the types: {', '.join(_TYPES)}",
+            )
+    if node and types is None and not any(key in node for key in _SHAPES):
+        raise UsageError(
+            f"{source}: the schema at {where} says nothing the grammar can enforce (it has no type)",
+            hint='give it a type, e.g. {"type": "string"}',
+        )
+    if node.get("format") and types in ("string", None) and node["format"] not in _FORMATS:
         raise UsageError(
             f"{source}: format {safe(node['format'])!r} at {where} cannot be enforced by the grammar",
             hint=f"formats it enforces: {', '.join(sorted(_FORMATS))}; or use a pattern",
