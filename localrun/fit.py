@@ -98,6 +98,7 @@ class Plan:
     extra_bufts: bool = True  # the self-test's verdict the estimate assumed: the load uses the same
     beyond_training: bool = False  # n_ctx is more than the model was trained with
     max_ctx: int = 0  # the largest context (up to the trained one) that fits with the same placement
+    kv_cache: str = "f16"  # the KV cache types assumed ("f16", or "q8_0/q4_0" for K/V that differ)
 
 
 @dataclass
@@ -120,6 +121,10 @@ class Shape:
     type_v: str = "f16"
     flash_attn: bool | None = None
     logits_rows: int = 1
+
+    @property
+    def kv_cache(self) -> str:
+        return self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
 
 
 def option(
@@ -345,7 +350,8 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
     total = header.n_layer + 1
     if found is None:
         est = _generation_estimate(header, machine, wanted, 0, shape)
-        return Plan("none", 0, wanted, est, False, "needs more memory than this machine has", machine.extra_bufts)
+        why = "needs more memory than this machine has"
+        return Plan("none", 0, wanted, est, False, why, machine.extra_bufts, kv_cache=shape.kv_cache)
     n_gpu, est = found
     notes = []
     if 0 < header.n_ctx_train < ctx:
@@ -365,7 +371,8 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
         if machine.gpus:
             notes.append("no layer fits in VRAM")
     note, reach = "; ".join(notes) or None, max(ctx, _max_ctx(header, machine, n_gpu, shape))
-    return Plan(placement, n_gpu, ctx, est, True, note, machine.extra_bufts, 0 < header.n_ctx_train < ctx, reach)
+    beyond = 0 < header.n_ctx_train < ctx
+    return Plan(placement, n_gpu, ctx, est, True, note, machine.extra_bufts, beyond, reach, shape.kv_cache)
 
 
 def _max_ctx(header: HeaderInfo, machine: Machine, n_gpu: int, shape: Shape) -> int:

@@ -172,7 +172,7 @@ def test_dry_run_shows_the_table_and_downloads_nothing(repo):
     result = runner.invoke(app, ["pull", REPO, "--dry-run"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(REPO)
+    assert lines[0].startswith(REPO) and lines[0].endswith("· KV cache f16")  # what the figures assume
     for word in ("quant", "size", "est. RAM", "est. VRAM", "placement", "verdict"):
         assert word in lines[1]
     chosen = [line for line in lines if line.startswith("▶")]

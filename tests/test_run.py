@@ -157,8 +157,11 @@ def test_kv_cache_types_load_and_the_estimate_is_the_buffer_llama_cpp_makes(tiny
     assert result.exit_code == 0, result.stderr
     assert f"K ({k})" in result.stderr and f"V ({v})" in result.stderr
     logged = float(re.search(r"CPU KV buffer size = +([\d.]+) MiB", result.stderr).group(1)) * 2**20
-    shown = json.loads(cli("show", model, *kv, "--json").stdout)["plan"]["estimate"]["kv_ram"]
+    plan = json.loads(cli("show", model, *kv, "--json").stdout)["plan"]
+    shown = plan["estimate"]["kv_ram"]
     assert abs(shown - logged) <= 0.005 * 2**20 + 0.01 * logged  # the log rounds to 0.01 MiB
+    said = k if k == v else f"{k}/{v}"  # the figures say which cache they assume
+    assert plan["kv_cache"] == said and f" {said}, compute" in cli("show", model, *kv).stdout
 
 
 def test_kv_cache_options_that_cannot_work_are_refused(tiny):

@@ -82,6 +82,7 @@ class Row:
                 "n_gpu_layers": self.plan.n_gpu_layers if self.plan else None,
                 "n_ctx": self.plan.n_ctx if self.plan else None,
                 "max_ctx": self.plan.max_ctx if self.fits else None,
+                "kv_cache": self.plan.kv_cache if self.plan else None,
                 "fits": self.fits,
                 "note": self.plan.note if self.plan else None,
                 "problem": self.problem,
@@ -359,6 +360,9 @@ def show_table(out: Output, console: Console, result: PullResult) -> None:
     if machine is not None:
         gpus = ", ".join(f"{g.name} {human_bytes(g.free)} free" for g in machine.gpus) or "no GPU"
         where = f" · {human_bytes(machine.ram_available)} RAM available, {gpus}"
+    kv = {row.plan.kv_cache for row in result.rows if row.plan}
+    if kv:
+        where += f" · KV cache {', '.join(sorted(kv))}"
     console.print(f"[bold]{escape(result.repo_id)}[/] [dim]@ {(result.commit or '')[:7]}{escape(where)}[/]")
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, justify in (

@@ -82,6 +82,7 @@ class Description:
                 "n_gpu_layers": self.plan.n_gpu_layers,
                 "n_ctx": self.plan.n_ctx,
                 "max_ctx": self.plan.max_ctx if self.plan.fits else None,
+                "kv_cache": self.plan.kv_cache,
                 "fits": self.plan.fits,
                 "note": self.plan.note,
                 "ram": est.ram,
@@ -190,7 +191,7 @@ def _plan_line(d: Description) -> str:
     memory = f"~{human_bytes(est.ram)} RAM" + (f" + {human_bytes(est.vram)} VRAM" if est.vram else "")
     parts = (
         f"weights {human_bytes(est.weights_ram + est.weights_vram)}, "
-        f"KV cache {human_bytes(est.kv_ram + est.kv_vram)}, "
+        f"KV cache {human_bytes(est.kv_ram + est.kv_vram)} {plan.kv_cache}, "
         f"compute {human_bytes(est.compute_ram + est.compute_vram + est.overhead)}"
     )
     verdict = "fits" if plan.fits else "does not fit"
