@@ -119,7 +119,8 @@ def test_ps_shows_running_servers_and_forgets_dead_ones(tiny):
         assert row["url"] == server.url and row["answering"] and row["memory"] > 0
         assert row["models"] == [{"id": TINY, "loaded": True, "slots": 3, "busy": 1, "queued": 0, "ctx_per_slot": 2048}]
         table = runner.invoke(app, ["ps"]).stdout
-        assert str(server.pid) in table and "1/3" in table and TINY in table
+        assert str(server.pid) in table and "1/3" in table
+        assert table.splitlines()[1].startswith(TINY + " ")  # the model first, whole, as in list
         stream.close()
         server.stop(signal.SIGKILL)  # dies without a word: its state file stays behind
     assert json.loads(runner.invoke(app, ["ps", "--json"]).stdout)["servers"] == []

@@ -70,11 +70,7 @@ def show(out: Output, rows: list[ServerRow]) -> None:
     if not rows:
         out.info("no localrun server is running (start one with `localrun serve MODEL`)")
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for name in ("PID", "URL", "MODEL", "SLOTS BUSY", "QUEUED", "MEMORY", "UP"):
-        table.add_column(name, no_wrap=name != "MODEL")
+    lines = []
     for row in rows:
         memory = human_bytes(row.memory) if row.memory is not None else "?"
         for i, m in enumerate(row.models or [ModelRow("-", None, 0, None, None, None)]):
@@ -85,13 +81,16 @@ def show(out: Output, rows: list[ServerRow]) -> None:
             else:
                 busy, queued = f"{m.busy}/{m.slots}", str(m.queued)
             first = i == 0
-            table.add_row(
-                str(row.pid) if first else "",
-                safe(row.url) if first else "",
-                safe(m.id),
-                busy,
-                queued,
-                memory if first else "",
-                _uptime(row.uptime_s) if first else "",
+            lines.append(
+                [
+                    safe(m.id),
+                    safe(row.url) if first else "",
+                    str(row.pid) if first else "",
+                    busy,
+                    queued,
+                    memory if first else "",
+                    _uptime(row.uptime_s) if first else "",
+                ]
             )
-    out.table(table)
+    # the model first, whole: the name is what you type next (as in list)
+    out.columns(["MODEL", "URL", "PID", "SLOTS BUSY", "QUEUED", "MEMORY", "UP"], lines, right=("MEMORY",))
