@@ -33,20 +33,21 @@ except ImportError:  # not a POSIX system: keys typed during a reply are echoed
     termios = None  # type: ignore[assignment]
 
 HELP = """\
-Type a message and press Enter. Multiline: start with \"\"\" and end with \"\"\", or press
-Esc then Enter (Alt-Enter) for a new line. Ctrl-C stops a reply; Ctrl-D, /exit or Ctrl-C twice
-on an empty line exits.
+Type a message and press Enter. Multiline: start with \"\"\" and end with \"\"\", or press Esc then Enter (Alt-Enter) for a new line.
+Ctrl-C stops a reply; Ctrl-D, /exit or Ctrl-C twice on an empty line exits.
 
   /help               this help
   /exit               leave (also /bye, Ctrl-D)
   /clear              forget the conversation (keeps the system prompt)
   /system [TEXT]      set the system prompt (show it without TEXT; /system - removes it)
-  /set [PARAM VALUE]  change a setting (show them without arguments): {settable}
+  /set [PARAM VALUE]  change a setting (show them without arguments); PARAM is one of
+                      {settable}
   /stats              figures of the last reply, and how full the context is
   /save FILE          save the conversation as JSON
   /load FILE          load a saved conversation
   /model              the model, its context, placement and chat template
-"""
+"""  # paragraphs unwrapped: the terminal wraps them at its width
+
 
 _COMMAND_RE = re.compile(r"^/[a-z]+(\s|$)")
 COMMANDS = ("/help", "/exit", "/bye", "/clear", "/system", "/set", "/stats", "/save", "/load", "/model")

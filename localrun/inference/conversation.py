@@ -266,8 +266,12 @@ class Conversation(Dialogue):
 
     def about(self) -> list[str]:
         info = self.engine.info
+        # A local file's label is its path as given: the resolved path only if it says more.
+        where = (
+            info.name if Path(info.label).expanduser().resolve() == info.path.resolve() else f"{info.name}, {info.path}"
+        )
         return [
-            f"{info.label}  ({info.name}, {info.path})",
+            f"{info.label}  ({where})",
             f"context {info.n_ctx} tokens (trained {info.n_ctx_train}), GPU layers {info.n_gpu_layers}, "
             f"threads {info.n_threads}, loaded in {info.load_s:.2f} s",
             "chat template: " + (self.template.origin if self.template else "none (--raw)"),
