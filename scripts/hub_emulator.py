@@ -1,9 +1,9 @@
-"""Serve the tiny models through the Hub emulator, for trying `localrun pull` by hand.
+"""Serve the tiny models through the tests' Hub emulator on loopback, for trying `localrun pull`
+by hand: in another shell, export the HF_ENDPOINT it prints. Its repos: tiny/tiny-llama-GGUF
+(every quant, a split model, an mmproj) and tiny/gated-GGUF (gated: token hf_testtoken).
+Ctrl-C stops it."""
 
-Usage: python scripts/hub_emulator.py   then, in another shell, export the HF_ENDPOINT it prints.
-Repos: tiny/tiny-llama-GGUF (every quant, a split model, an mmproj), tiny/gated-GGUF (token hf_testtoken).
-"""
-
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -14,7 +14,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' Hub emulator and model bui
 from support.hub import HubEmulator  # noqa: E402
 from support.models import build_suite  # noqa: E402
 
-suite = build_suite(Path(__file__).resolve().parents[1] / ".cache" / "tests" / "models")
+argparse.ArgumentParser(description=__doc__).parse_args()
+suite = build_suite(ROOT / ".cache" / "tests" / "models")
 files = {f"tiny-llama-{q}.gguf": p for q, p in suite.quants.items()}
 files.update({f"split/{p.name}": p for p in suite.split})
 files["mmproj-tiny-F16.gguf"] = suite.mmproj

@@ -1,8 +1,7 @@
-"""Generate the tiny test models (quant variants, split, no template, mmproj-like, corrupt vocab).
+"""Generate the tiny test models (quant variants, split, no template, mmproj-like, corrupt vocab)
+into FOLDER (default .cache/tests/models, where the tests look for them), and list them."""
 
-Usage: python scripts/make_tiny_models.py [FOLDER]   (default: .cache/tests/models)
-"""
-
+import argparse
 import sys
 from pathlib import Path
 
@@ -11,8 +10,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' model builder
 
 from support.models import build_suite  # noqa: E402
 
-root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / ".cache" / "tests" / "models"
-suite = build_suite(root)
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("folder", nargs="?", type=Path, default=ROOT / ".cache" / "tests" / "models")
+suite = build_suite(parser.parse_args().folder)
 for quant, path in suite.quants.items():
     print(f"{quant:8} {path.stat().st_size:>10,}  {path}")
 for label, path in [
