@@ -340,8 +340,7 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
 
     When nothing fits at the requested (or default) context, halve it down to 512 and say so.
     """
-    wanted = default_ctx(header, n_ctx)
-    ctx = wanted
+    ctx = wanted = default_ctx(header, n_ctx)
     while True:
         found = _best_layers(header, machine, ctx, shape)
         if found is not None or ctx <= MIN_CTX:
