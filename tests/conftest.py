@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ from support.models import TinySuite, build_suite, gemma_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "tests"  # git-ignored; generated and assembled models live here
+
+# A suite started as a background job (`nohup ... &`, a script's `&`) inherits SIGINT ignored, and
+# so would every localrun it starts: the Ctrl-C tests need it delivered, to this process and theirs.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

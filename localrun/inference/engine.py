@@ -60,6 +60,14 @@ class ModelInfo:
     resolve_s: float = 0.0  # finding (or pulling) and validating the file
     notes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, model: ModelFiles, loaded: Loaded, n_gpu: int, threads: int, started: float) -> ModelInfo:
+        """What was loaded (since `started`), as commands name it."""
+        name = loaded.model.meta("general.name") or model.path.stem
+        elapsed = time.perf_counter() - started
+        n_ctx, trained = loaded.ctx.n_ctx, loaded.model.n_ctx_train
+        return cls(model.path, model.label, model.quant, name, n_ctx, trained, n_gpu, threads, elapsed)
+
     def timings(self) -> dict[str, float]:
         return {"resolve_s": round(self.resolve_s, 4), "plan_s": round(self.plan_s, 4), "load_s": round(self.load_s, 4)}
 
@@ -132,19 +140,8 @@ class Engine:
             note = f"context {n_ctx} became {loaded.ctx.n_ctx}: llama.cpp sizes it in steps of 256 tokens"
             notify(note)
             notes.append(note)
-        name = loaded.model.meta("general.name") or model.path.stem
-        info = ModelInfo(
-            model.path,
-            model.label,
-            model.quant,
-            name,
-            loaded.ctx.n_ctx,
-            loaded.model.n_ctx_train,
-            n_gpu,
-            threads,
-            time.perf_counter() - started,
-            notes=notes,
-        )
+        info = ModelInfo.of(model, loaded, n_gpu, threads, started)
+        info.notes = notes
         try:
             speculator = _speculator(loaded, opts, cfg, notify)
         except BaseException:

@@ -192,19 +192,7 @@ class ModelHost:
                     raise
                 self._notify(f"{self.id}: could not allocate with {gpu} GPU layers; retrying with {gpu // 2}")
                 gpu //= 2
-        name = loaded.model.meta("general.name") or model.path.stem
-        info = ModelInfo(
-            model.path,
-            model.label,
-            model.quant,
-            name,
-            loaded.ctx.n_ctx,
-            loaded.model.n_ctx_train,
-            gpu,
-            threads,
-            time.perf_counter() - started,
-        )
-        engine = Engine(loaded, info)
+        engine = Engine(loaded, ModelInfo.of(model, loaded, gpu, threads, started))
         try:
             self.template = templates.choose(
                 engine.chat_template(),
@@ -226,7 +214,7 @@ class ModelHost:
         touch(model.path)  # "last used" in `localrun list`
         self._notify(
             f"loaded {safe(self.id)}: {n} slot{'s' * (n > 1)} × {self.n_ctx_slot} tokens, "
-            f"{threads} threads, {gpu} GPU layers, in {info.load_s:.1f} s"
+            f"{threads} threads, {gpu} GPU layers, in {engine.info.load_s:.1f} s"
         )
 
     def _unload(self) -> None:
