@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,9 @@ Ctrl-C stops a reply; Ctrl-D, /exit or Ctrl-C twice on an empty line exits.
   /help               this help
   /exit               leave (also /bye, Ctrl-D)
   /clear              forget the conversation (keeps the system prompt)
-  /system [TEXT]      set the system prompt (show it without TEXT; /system - removes it)
-  /set [PARAM VALUE]  change a setting (show them without arguments); PARAM is one of
-                      {settable}
+  /system [TEXT]      set the system prompt (no TEXT: show it; - removes it)
+  /set [PARAM VALUE]  change a setting (alone: list them); PARAM is one of
+{settable}
   /stats              figures of the last reply, and how full the context is
   /save FILE          save the conversation as JSON
   /load FILE          load a saved conversation
@@ -68,7 +69,8 @@ class Repl:
         if cmd in ("/exit", "/bye", "/quit"):
             return False
         if cmd == "/help":
-            out.info(HELP.format(settable=", ".join(SETTABLE)))
+            names = textwrap.fill(", ".join(SETTABLE), width=79, initial_indent=" " * 22, subsequent_indent=" " * 22)
+            out.info(HELP.format(settable=names))
         elif cmd == "/clear":
             conv.clear()
             out.info("conversation cleared" + (" (system prompt kept)" if conv.system else ""))
