@@ -161,6 +161,23 @@ def test_logprobs_are_the_models_distribution(client: openai.OpenAI):
         assert token.logprob == pytest.approx(tops[0])
 
 
+def test_logit_bias_and_the_penalties_shape_the_reply(client: openai.OpenAI):
+    def tokens(**extra) -> list[str]:
+        reply = ask(client, "the weather", max_tokens=12, logprobs=True, **GREEDY, **FIXED, **extra)
+        return [t.token for t in reply.choices[0].logprobs.content]
+
+    plain = tokens()
+    assert len(plain) == 12
+    forced = tokens(logit_bias={"300": 100})  # a token id of this model's vocabulary, made certain
+    assert len(set(forced)) == 1 and forced != plain
+    assert forced[0] not in tokens(logit_bias={"300": -100})  # -100: never
+    # OpenAI's penalties: a token seen is less likely again; repeats of the greedy reply go down
+    repeats = max(plain.count(t) for t in plain)
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalized = tokens(**penalty)
+        assert max(penalized.count(t) for t in penalized) < repeats, (plain, penalized)
+
+
 # -- errors: each in OpenAI's shape, and the server serves on ---------------------------------------
 def test_malformed_json_is_400(server: ServerProcess, client: openai.OpenAI):
     status, _, body = server.post("/v1/chat/completions", b'{"model": "x", "messages": [')
@@ -191,9 +208,10 @@ def test_wrong_types_are_400_naming_the_field(server: ServerProcess, client: ope
     "extra,param",
     [
         ({"n": 2}, "n"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"logit_bias": {"42": 5}}, "logit_bias"),
+        ({"logit_bias": {"999999": 5}}, "logit_bias"),  # not a token of this model
+        ({"logit_bias": {"the": 5}}, "logit_bias"),
+        ({"logit_bias": {"42": 101}}, "logit_bias"),
         ({"top_logprobs": 2}, "top_logprobs"),
     ],
 )

@@ -35,14 +35,13 @@ class Sampler:
         self._cells: Any = None  # llama_token_data for every token, allocated on first use
         self._n_vocab = model.n_vocab
         chain = self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if s.ban_eog:
-            eog = model.eog_tokens()
-            biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(model.n_vocab, len(eog), biases))
-        if s.repeat_penalty != 1.0:
-            lc.llama_sampler_chain_add(
-                chain, lc.llama_sampler_init_penalties(model.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
-            )
+        bias = list(s.logit_bias) + [(t, float("-inf")) for t in (model.eog_tokens() if s.ban_eog else ())]
+        if bias:
+            cells = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias])
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(model.n_vocab, len(bias), cells))
+        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+            penalties = (s.repeat_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(model.n_vocab, *penalties))
         if grammar:
             self.rule = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
             if not self.rule:

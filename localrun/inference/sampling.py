@@ -22,6 +22,11 @@ class SamplingOptions:
     repeat_last_n: int = 64
     seed: int | None = None
     ban_eog: bool = False  # never sample end-of-generation tokens (fixed-length runs, benchmarks)
+    # OpenAI's penalties, over the last repeat_last_n tokens (as llama-server): minus count * frequency
+    # and minus presence for a token seen at all; and additive biases per token id (the server's)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:

@@ -113,15 +113,16 @@ def _prepared(
         )
     limit = room if wanted is None else min(wanted, room)
     assert host.engine is not None
+    options = sampling(req, host.engine.model.n_vocab)
     try:
-        sampler = Sampler(host.engine.model, sampling(req), rules)
+        sampler = Sampler(host.engine.model, options, rules)
     except LocalrunError as exc:
         param = "grammar" if req.grammar else "response_format"
         raise bad_request(f"{param}: {exc.message}", param=param) from None
     return Prepared(prompt, sampler, limit, room, stop, top_logprobs)
 
 
-def sampling(req: GenerationRequest) -> SamplingOptions:
+def sampling(req: GenerationRequest, n_vocab: int) -> SamplingOptions:
     """The request's sampling; what it leaves out takes localrun's defaults (as `localrun run`),
     except the repeat penalty: OpenAI clients expect none unless they ask (it also bends JSON)."""
     base = SamplingOptions()
@@ -134,17 +135,31 @@ def sampling(req: GenerationRequest) -> SamplingOptions:
         repeat_last_n=base.repeat_last_n if req.repeat_last_n is None else req.repeat_last_n,
         seed=req.seed,
         ban_eog=req.ignore_eos,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        logit_bias=_logit_bias(req.logit_bias or {}, n_vocab),
     )
+
+
+def _logit_bias(biases: dict[str, float], n_vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token ids of this model's vocabulary (as llama-server takes them) to
+    a bias added to their logit, from -100 (never) to 100."""
+    out = []
+    for key, bias in biases.items():
+        token = int(key) if key.isdigit() else -1
+        if not 0 <= token < n_vocab:
+            raise bad_request(
+                f"logit_bias: {key[:20]!r} is not a token id of this model (0 to {n_vocab - 1})", "logit_bias"
+            )
+        if not -100 <= bias <= 100:
+            raise bad_request(f"logit_bias: the bias of token {token} must be between -100 and 100", "logit_bias")
+        out.append((token, float("-inf") if bias == -100 else float(bias)))
+    return tuple(out)
 
 
 def _refuse_common(req: GenerationRequest) -> None:
     if req.n not in (None, 1):
         raise unsupported("n", "one choice per request; send several requests (they run in parallel)")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise unsupported(name, "use repeat_penalty (llama.cpp's; 1.0 is none) instead")
-    if req.logit_bias:
-        raise unsupported("logit_bias", "no per-token biases")
 
 
 def _stops(req: GenerationRequest) -> list[str]:
