@@ -13,6 +13,7 @@ import jsonschema
 import openai
 import pytest
 
+from localrun.model.tiny import vocabulary
 from support.serving import ServerProcess, isolated_env
 
 KEY = "sk-local-test"
@@ -162,20 +163,32 @@ def test_logprobs_are_the_models_distribution(client: openai.OpenAI):
 
 
 def test_logit_bias_and_the_penalties_shape_the_reply(client: openai.OpenAI):
-    def tokens(**extra) -> list[str]:
-        reply = ask(client, "the weather", max_tokens=12, logprobs=True, **GREEDY, **FIXED, **extra)
-        return [t.token for t in reply.choices[0].logprobs.content]
+    pieces = vocabulary()[0]  # the tiny model's vocabulary: token ids by their text
 
-    plain = tokens()
-    assert len(plain) == 12
-    forced = tokens(logit_bias={"300": 100})  # a token id of this model's vocabulary, made certain
+    def reply(llama_cpp: dict | None = None, **extra) -> list[bytes]:
+        body = {"ignore_eos": True, **(llama_cpp or {})}
+        answer = ask(client, "the weather", max_tokens=12, logprobs=True, **GREEDY, extra_body=body, **extra)
+        return [bytes(t.bytes) for t in answer.choices[0].logprobs.content]
+
+    plain = reply()
+    word = next(t for t in plain if len(t) > 1)  # a word the greedy reply holds (not a byte token)
+    banned = reply(logit_bias={str(pieces.index(word.decode().replace(" ", "\u2581"))): -100})
+    assert word not in banned and banned != plain  # -100: never
+    forced = reply(logit_bias={"300": 100})  # a token id of this vocabulary, made certain
     assert len(set(forced)) == 1 and forced != plain
-    assert forced[0] not in tokens(logit_bias={"300": -100})  # -100: never
-    # OpenAI's penalties: a token seen is less likely again; repeats of the greedy reply go down
-    repeats = max(plain.count(t) for t in plain)
-    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
-        penalized = tokens(**penalty)
-        assert max(penalized.count(t) for t in penalized) < repeats, (plain, penalized)
+    # OpenAI's penalties make a token seen less likely again: the greedy reply changes first where
+    # it repeated itself (with raw logits gapped by less than the penalty)
+    assert any(t in plain[:i] for i, t in enumerate(plain)), plain
+    for penalty, llama_cpp in (
+        ({"frequency_penalty": 2.0}, None),
+        ({"presence_penalty": 2.0}, None),
+        ({"frequency_penalty": 2.0}, {"repeat_last_n": -1}),  # -1: the whole reply, as llama-server
+    ):
+        penalized = reply(llama_cpp, **penalty)
+        assert penalized != plain, (penalty, llama_cpp)
+        first = next(i for i, (a, b) in enumerate(zip(plain, penalized)) if a != b)
+        assert plain[first] in plain[:first], (plain, penalized, penalty, llama_cpp)
+    assert reply({"repeat_last_n": 0}, frequency_penalty=2.0) == plain  # over no tokens: none
 
 
 # -- errors: each in OpenAI's shape, and the server serves on ---------------------------------------
@@ -211,6 +224,9 @@ def test_wrong_types_are_400_naming_the_field(server: ServerProcess, client: ope
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),  # not a token of this model
         ({"logit_bias": {"the": 5}}, "logit_bias"),
+        ({"logit_bias": {"\u00b2": 5}}, "logit_bias"),  # a digit to str.isdigit, not to int()
+        ({"logit_bias": {"9" * 5000: 5}}, "logit_bias"),
+        ({"logit_bias": {"7": 50, "007": 60}}, "logit_bias"),  # one token twice
         ({"logit_bias": {"42": 101}}, "logit_bias"),
         ({"top_logprobs": 2}, "top_logprobs"),
     ],

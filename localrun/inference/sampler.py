@@ -40,7 +40,9 @@ class Sampler:
             cells = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias])
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(model.n_vocab, len(bias), cells))
         if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-            penalties = (s.repeat_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+            # -1: every token so far (llama.cpp's own sampler would read it as none)
+            last_n = s.repeat_last_n if s.repeat_last_n >= 0 else max(model.n_ctx_train, 1)
+            penalties = (last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(model.n_vocab, *penalties))
         if grammar:
             self.rule = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")

@@ -144,17 +144,19 @@ def sampling(req: GenerationRequest, n_vocab: int) -> SamplingOptions:
 def _logit_bias(biases: dict[str, float], n_vocab: int) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias: token ids of this model's vocabulary (as llama-server takes them) to
     a bias added to their logit, from -100 (never) to 100."""
-    out = []
+    out: dict[int, float] = {}
     for key, bias in biases.items():
-        token = int(key) if key.isdigit() else -1
+        token = int(key) if key.isascii() and key.isdigit() and len(key) <= 10 else -1
         if not 0 <= token < n_vocab:
             raise bad_request(
                 f"logit_bias: {key[:20]!r} is not a token id of this model (0 to {n_vocab - 1})", "logit_bias"
             )
+        if token in out:
+            raise bad_request(f"logit_bias: token {token} is given twice", "logit_bias")
         if not -100 <= bias <= 100:
             raise bad_request(f"logit_bias: the bias of token {token} must be between -100 and 100", "logit_bias")
-        out.append((token, float("-inf") if bias == -100 else float(bias)))
-    return tuple(out)
+        out[token] = float("-inf") if bias == -100 else float(bias)
+    return tuple(out.items())
 
 
 def _refuse_common(req: GenerationRequest) -> None:
