@@ -63,6 +63,18 @@ SCHEMAS = {
             "required": ["stars", "score", "confidence"],
         },
     ),
+    "type lists keep their keywords": (
+        "A city and its country as JSON:",
+        {
+            "type": ["object", "null"],
+            "properties": {
+                "city": {"type": ["string", "null"], "maxLength": 20},
+                "country": {"type": "string", "maxLength": 20},
+            },
+            "required": ["city", "country"],
+            "additionalProperties": False,
+        },
+    ),
 }
 
 
@@ -122,6 +134,9 @@ def test_a_gbnf_grammar_file_shapes_the_reply(tiny, tmp_path: Path):
         ('{"type": ["string", 3]}', "3 at $ is not a JSON Schema type"),
         ('{"properties": {"a": {"description": "x"}}}', "at $.properties.a says nothing the grammar can enforce"),
         ('{"format": "email"}', "format 'email' at $ cannot be enforced"),
+        ('{"type": "object", "properties": {"a": true}}', "a boolean schema (true) at $.properties.a"),
+        ('{"type": "array", "items": false}', "a boolean schema (false) at $.items"),
+        ('{"additionalProperties": true}', "at $ says nothing the grammar can enforce"),
     ],
 )
 def test_a_schema_the_grammar_cannot_enforce_is_refused_before_loading(tiny, schema: str, message: str):
@@ -185,6 +200,18 @@ def test_keywords_are_read_only_where_a_schema_is():
     assert '"minimum"' in found.gbnf.replace("\\", "")
     with pytest.raises(Exception, match="'not' at \\$.properties.x cannot be enforced"):
         grammar.from_json_schema({"type": "object", "properties": {"x": {"not": {"type": "string"}}}})
+
+
+def test_what_the_converter_reads_first_is_not_refused_and_type_lists_keep_their_keywords():
+    for schema in (
+        {"enum": ["a@b.c"], "format": "email"},  # the enum is read first: the format is moot
+        {"format": "date"},  # a format it knows, without a type
+        {"additionalProperties": False},  # an empty object
+    ):
+        grammar.from_json_schema(schema)
+    # the converter alone reads a type list as bare types and drops maxLength: a string of any length
+    bounded = grammar.from_json_schema({"type": ["string", "null"], "maxLength": 3}).gbnf
+    assert "char*" not in bounded and "null" in bounded
 
 
 def test_a_grammar_set_in_a_chat_that_ignores_the_end_of_text_is_refused_and_the_chat_goes_on(tiny, capsys):

@@ -42,9 +42,21 @@ _TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
 # keywords from which the converter can tell a schema's shape without a type
 _SHAPES = (
     *_BOUNDS,
-    *("$ref", "anyOf", "oneOf", "allOf", "const", "enum", "properties", "additionalProperties"),
-    *("items", "prefixItems", "pattern", "format"),
+    "$ref",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "const",
+    "enum",
+    "properties",
+    "items",
+    "prefixItems",
+    "pattern",
 )
+# keywords the converter reads before the type (and the format): with one of them, a format is moot
+_BEFORE_FORMAT = ("$ref", "anyOf", "oneOf", "const", "enum", "pattern")
+_ROOT_ONLY = ("$defs", "definitions", "$schema", "$id")  # where a $ref looks, and what a schema is
+_MAY_BE_BOOLEAN = ("additionalProperties", "additionalItems", "unevaluatedItems", "unevaluatedProperties")
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,7 @@ def from_json_schema(value: str | dict) -> Grammar:
     enforceable = _enforceable(schema, "$", source)
     try:
         gbnf = json_schema_to_gbnf(json.dumps(enforceable))
-    except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
+    except (ValueError, AssertionError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise UsageError(
             f"{source} cannot be turned into a grammar: {safe(exc)}",
             hint="the converter handles objects, arrays, strings, enums, const, $ref, anyOf/oneOf",
@@ -140,12 +152,14 @@ def _enforceable(node: Any, where: str, source: str) -> Any:
                 f"{source}: {safe(json.dumps(name))[:60]} at {where} is not a JSON Schema type",
                 hint=f"the types: {', '.join(_TYPES)}",
             )
-    if node and types is None and not any(key in node for key in _SHAPES):
+    shaped = any(key in node for key in _SHAPES) or node.get("additionalProperties", True) is not True
+    if node and types is None and not shaped and "format" not in node:
         raise UsageError(
             f"{source}: the schema at {where} says nothing the grammar can enforce (it has no type)",
             hint='give it a type, e.g. {"type": "string"}',
         )
-    if node.get("format") and types in ("string", None) and node["format"] not in _FORMATS:
+    moot = any(key in node for key in _BEFORE_FORMAT)
+    if node.get("format") and types in ("string", None) and node["format"] not in _FORMATS and not moot:
         raise UsageError(
             f"{source}: format {safe(node['format'])!r} at {where} cannot be enforced by the grammar",
             hint=f"formats it enforces: {', '.join(sorted(_FORMATS))}; or use a pattern",
@@ -155,19 +169,36 @@ def _enforceable(node: Any, where: str, source: str) -> Any:
         if key in node:
             value = node[key]
             out[key] = (
-                [_enforceable(v, f"{where}.{key}[{i}]", source) for i, v in enumerate(value)]
+                [_subschema(v, f"{where}.{key}[{i}]", source) for i, v in enumerate(value)]
                 if isinstance(value, list)
-                else _enforceable(value, f"{where}.{key}", source)
+                else value
+                if key in _MAY_BE_BOOLEAN and isinstance(value, bool)
+                else _subschema(value, f"{where}.{key}", source)
             )
     for key in _SUBSCHEMA_MAPS:
         if isinstance(node.get(key), dict):
-            out[key] = {name: _enforceable(v, f"{where}.{key}.{name}", source) for name, v in node[key].items()}
+            out[key] = {name: _subschema(v, f"{where}.{key}.{name}", source) for name, v in node[key].items()}
     for key in _SUBSCHEMA_LISTS:
         if isinstance(node.get(key), list):
-            out[key] = [_enforceable(v, f"{where}.{key}[{i}]", source) for i, v in enumerate(node[key])]
+            out[key] = [_subschema(v, f"{where}.{key}[{i}]", source) for i, v in enumerate(node[key])]
     if any(key in node for key in _BOUNDS):
-        out = _bounds_as_enum(out, where, source)
+        return _bounds_as_enum(out, where, source)
+    if isinstance(types, list) and len(types) > 1:
+        # The converter reads a type list as the bare types, dropping every other keyword
+        # (properties, required, maxLength, enum...): one branch per type keeps them.
+        rest = {k: v for k, v in out.items() if k not in ("type", *_ROOT_ONLY)}
+        kept = {k: v for k, v in out.items() if k in _ROOT_ONLY}
+        return {**kept, "anyOf": [{**rest, "type": t} for t in types]}
     return out
+
+
+def _subschema(node: Any, where: str, source: str) -> Any:
+    if isinstance(node, bool):
+        raise UsageError(
+            f"{source}: a boolean schema ({json.dumps(node)}) at {where} cannot be turned into a grammar",
+            hint='give a schema instead, e.g. {"type": "string"}',
+        )
+    return _enforceable(node, where, source)
 
 
 def _bounds(node: dict) -> tuple[Decimal | None, bool, Decimal | None, bool]:
