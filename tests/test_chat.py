@@ -100,6 +100,9 @@ def test_every_slash_command(tiny, tmp_path: Path, capsys):
     assert "repeat_penalty = 1.1" in err  # /set without arguments lists the settings
     assert "system prompt: Be brief." in err
     assert "tiny-llama" in err and "context 512 tokens" in err and "chat template: model" in err
+    assert f"\n{tiny.quants['Q8_0']}  (tiny-llama)\n" in err  # /model: a path given is said once
+    table = [line for line in err[err.index("Type a message") : err.index("/model ")].splitlines() if line[:2] == "  "]
+    assert len(table) > 8 and max(map(len, table)) < 80  # /help's table fits 80 columns (a terminal wraps prose)
     assert "reply 5 tok" in err  # the max_tokens set above was used
     assert re.search(r"context: \d+ of 512 tokens used by 1 message\n", err)  # /stats after /clear: the system prompt
     assert "loaded 3 messages" in err

@@ -41,15 +41,20 @@ def open_conversation(
     template = None
     if not prompt.raw:
         said: list[str] = []
-        template = templates.choose(
-            engine.chat_template(),
-            chat_format=prompt.chat_format,
-            template_file=prompt.template_file,
-            has_token=engine.has_token,
-            bos_token=engine.special_text("bos"),
-            eos_token=engine.special_text("eos"),
-            notify=said.append,
-        )
+        try:
+            template = templates.choose(
+                engine.chat_template(),
+                chat_format=prompt.chat_format,
+                template_file=prompt.template_file,
+                has_token=engine.has_token,
+                bos_token=engine.special_text("bos"),
+                eos_token=engine.special_text("eos"),
+                notify=said.append,
+            )
+        except BaseException:
+            for message in said:  # what was noticed before it failed is said too
+                out.warn(message)
+            raise
         if chatting and engine.chat_template() is None and not (prompt.chat_format or prompt.template_file):
             label = engine.info.label
             said = said or [f"{label} has no chat template."]

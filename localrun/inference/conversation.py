@@ -266,10 +266,8 @@ class Conversation(Dialogue):
 
     def about(self) -> list[str]:
         info = self.engine.info
-        # A local file's label is its path as given: the resolved path only if it says more.
-        where = (
-            info.name if Path(info.label).expanduser().resolve() == info.path.resolve() else f"{info.name}, {info.path}"
-        )
+        # A local file's label is its path as given: the path again only if it says more.
+        where = info.name if info.label == str(info.path) else f"{info.name}, {info.path}"
         return [
             f"{info.label}  ({where})",
             f"context {info.n_ctx} tokens (trained {info.n_ctx_train}), GPU layers {info.n_gpu_layers}, "
