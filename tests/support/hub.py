@@ -205,6 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> None:
+        self._record(status)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -213,9 +214,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self._record(status)
 
     def _record(self, status: int) -> None:
+        """Logged before the answer goes out: a client that has its answer finds it in the log."""
         self.hub.log.append(
             LoggedRequest(self.command, unquote(urlparse(self.path).path), self.headers.get("Range"), status)
         )
@@ -394,8 +395,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{hosted.size}")
                 self.send_header("Content-Length", "0")
-                self.end_headers()
-                return self._record(416)
+                self._record(416)
+                return self.end_headers()
             status = 206
         length = end - start + 1
 
@@ -413,8 +414,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{hosted.size}")
-        self.end_headers()
         self._record(status)
+        self.end_headers()
         if self.command == "HEAD":
             return
 
