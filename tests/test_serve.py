@@ -196,6 +196,10 @@ def test_malformed_json_is_400(server: ServerProcess, client: openai.OpenAI):
     status, _, body = server.post("/v1/chat/completions", b'{"model": "x", "messages": [')
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
     assert "not valid JSON" in body["error"]["message"]
+    good = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    form = {"Content-Type": "application/x-www-form-urlencoded"}  # what `curl -d` sends without -H
+    status, _, body = server.post("/v1/chat/completions", good, form)
+    assert status == 400 and "Content-Type: application/json (not application/x-www-form-urlencoded)" in str(body)
     still_serving(client)
 
 

@@ -210,6 +210,11 @@ def _error_handlers(app: FastAPI, log: Callable[[Served], None]) -> None:
         first = problems[0] if problems else {}
         if first.get("type") == "json_invalid":
             return said(request, ApiError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"))
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if first.get("loc") == ("body",) and not (kind == "application/json" or kind.endswith("+json")):
+            # the body was not read as JSON at all (curl -d sends a form): say what to send
+            message = f"the body must be JSON, sent with Content-Type: application/json (not {kind or 'none'})"
+            return said(request, ApiError(400, message))
         where = [".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in problems]
         text = "; ".join(f"{w or 'body'}: {e.get('msg')}" for w, e in list(zip(where, problems))[:5])
         return said(request, ApiError(400, f"invalid request: {text}", param=where[0] if where else None))
