@@ -150,6 +150,16 @@ def test_stats_after_a_cancel_show_only_what_finished():
     assert stats_line(Stats(10, 50.0, 20, 10.0, 0.1, 2.0, "length")).endswith("stopped at the token limit")
 
 
+def test_a_stats_line_broken_for_a_terminal_fits_it_and_breaks_only_between_parts():
+    seen = Stats(25, 1308.2, 2023, 2512.3, 0.02, 0.82, "length", context_full=True, drafted=100, accepted=16)
+    parts = stats_line(seen).split(" · ")
+    widest = max(map(len, parts)) + 4  # a part never splits: "  " before it, " ·" after
+    for width in range(widest, 121):  # 80 columns once left a lone "·" on a line of its own
+        lines = stats_line(seen, width=width).split("\n")
+        assert all(len(line) <= width for line in lines), (width, lines)
+        assert [p.strip() for line in lines for p in line.split(" ·") if p.strip()] == parts
+
+
 # -- a real terminal -----------------------------------------------------------------------------
 def spawn(*args: str, cpr: bool = False, columns: int = 100) -> pexpect.spawn:
     env = dict(os.environ, TERM="xterm", COLUMNS=str(columns), LINES="30")

@@ -81,8 +81,9 @@ def stats_line(s: Stats, model: str | None = None, width: int | None = None) -> 
     if not width:
         return " · ".join(parts)
     lines, line = [], parts[0]
-    for part in parts[1:]:
-        if len(line) + 3 + len(part) > width:
+    for i, part in enumerate(parts[1:], 2):
+        room = width - (2 if i < len(parts) else 0)  # a line broken after this part ends with " ·"
+        if len(line) + 3 + len(part) > room:
             lines.append(line + " ·")
             line = "  " + part
         else:
