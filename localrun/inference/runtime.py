@@ -23,6 +23,7 @@ from localrun.inference import selftest
 from localrun.inference.build import llama
 from localrun.inference.llama_log import install as install_log
 from localrun.inference.llama_log import last_error, recent
+from localrun.inference.passing import in_passing_thread
 from localrun.inference.sampler import Batch, Sampler
 from localrun.inference.sampling import SamplingOptions
 
@@ -270,8 +271,7 @@ class LlamaContext:
     def truncate(self, n_keep: int) -> bool:
         """Forget every position from n_keep on (rewind the sequence). False: the memory could
         not drop a partial sequence (some sliding-window caches), so it was cleared entirely."""
-        mem = self._lc.llama_get_memory(self.ptr)
-        if not self._lc.llama_memory_seq_rm(mem, 0, n_keep, -1):
+        if not self.drop(0, n_keep):
             self.reset()
             return False
         self.n_past = min(self.n_past, n_keep)
@@ -347,12 +347,9 @@ def _strlen_callback(lc):
 
 
 def _load_abortably(lc: Any, path: bytes, params: Any, progress: Callable[[float], None] | None) -> Any:
-    """llama_model_load_from_file in a worker thread, so that Ctrl-C reaches this one: it stops the
-    load through llama.cpp's progress callback (returning false aborts it) and is raised here once
-    the worker is done. Nor can Ctrl-C land inside a ctypes callback (the log) and be lost."""
+    """llama_model_load_from_file, where Ctrl-C stops it through llama.cpp's progress callback
+    (returning false aborts the load)."""
     cancelled = threading.Event()
-    done = threading.Event()
-    result: list[Any] = []
 
     @lc.llama_progress_callback
     def on_progress(fraction: float, user_data: Any) -> bool:
@@ -365,32 +362,24 @@ def _load_abortably(lc: Any, path: bytes, params: Any, progress: Callable[[float
 
     params.progress_callback = on_progress
 
-    def work() -> None:
-        try:
-            result.append(lc.llama_model_load_from_file(path, params))
-        finally:
-            done.set()
+    def release(ptr: Any) -> None:
+        if ptr:
+            lc.llama_model_free(ptr)
 
-    threading.Thread(target=work, name="localrun-load", daemon=True).start()
-    interrupted = False
-    while not done.is_set():
-        try:
-            done.wait()
-        except KeyboardInterrupt:
-            interrupted = True
-            cancelled.set()
-    if interrupted:
-        if result and result[0]:
-            lc.llama_model_free(result[0])
-        raise KeyboardInterrupt
-    return result[0] if result else None
+    return in_passing_thread(lambda: lc.llama_model_load_from_file(path, params), cancelled.set, release)
 
 
 def load(path: str | os.PathLike[str], opts: LoadOptions, progress: Callable[[float], None] | None = None) -> Loaded:
-    """A model and a context on it; `progress(fraction)` is told how far the load is."""
+    """A model and a context on it; `progress(fraction)` is told how far the load is.
+
+    The context is made in a thread that ends. llama.cpp's CPU backend computes on OpenMP, whose
+    thread team belongs to the thread that first computes (making a context does): a team left in
+    the caller's thread beside the one of the thread that decodes (a server's scheduler) makes
+    libgomp count more threads than cores, and then its threads barely spin between graph nodes
+    (measured: a decode 10-30% slower on 2 cores)."""
     model = LlamaModel(path, opts, progress)
     try:
-        ctx = LlamaContext(model, opts)
+        ctx = in_passing_thread(lambda: LlamaContext(model, opts), lambda: None, LlamaContext.close)
     except BaseException:
         model.close()
         raise

@@ -33,6 +33,7 @@ class Sampler:
         self.options, self.grammar = s, grammar
         self.rule: Any = None
         self._cells: Any = None  # llama_token_data for every token, allocated on first use
+        self._ids: Any = None  # 0..n_vocab-1, to put back in the cells
         self._n_vocab = model.n_vocab
         chain = self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         bias = list(s.logit_bias) + [(t, float("-inf")) for t in (model.eog_tokens() if s.ban_eog else ())]
@@ -81,8 +82,9 @@ class Sampler:
         lc = self._lc
         if self._cells is None:
             self._cells = np.zeros(self._n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._ids = np.arange(self._n_vocab, dtype=np.int32)
         cells = self._cells
-        cells["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        cells["id"] = self._ids  # again each time: the chain reorders the cells in place
         cells["logit"] = ctx.logits(index)
         cells["p"] = 0.0
         data = cells.ctypes.data_as(ctypes.POINTER(lc.llama_token_data))
@@ -98,11 +100,6 @@ class Sampler:
         array = lc.llama_token_data_array(ctypes.pointer(one), 1, -1, False)
         lc.llama_sampler_apply(self.rule, ctypes.byref(array))
         return array.data[0].logit != float("-inf")
-
-    def reset(self) -> None:
-        self._lc.llama_sampler_reset(self.ptr)
-        if self.rule:
-            self._lc.llama_sampler_reset(self.rule)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -125,12 +122,10 @@ class Batch:
         self.capacity = capacity
         self.raw: Any = self._lc.llama_batch_init(capacity, 0, n_seq_max)
         self.n_tokens = 0
-        self.outputs: list[int] = []  # batch indexes whose logits are wanted, in order
 
     def clear(self) -> None:
         self.n_tokens = 0
         self.raw.n_tokens = 0
-        self.outputs = []
 
     def add(self, token: int, pos: int, seq: int = 0, logits: bool = False) -> int:
         """Append one token; its index in the batch (to read its logits with)."""
@@ -143,8 +138,6 @@ class Batch:
         raw.n_seq_id[i] = 1
         raw.seq_id[i][0] = seq
         raw.logits[i] = logits
-        if logits:
-            self.outputs.append(i)
         self.n_tokens = raw.n_tokens = i + 1
         return i
 

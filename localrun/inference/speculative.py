@@ -98,17 +98,16 @@ class ModelDrafter:
         if len(history) >= self.ctx.n_ctx or self.cached == history:
             return
         keep = common_prefix(self.cached, history[:-1])
-        if not self.ctx.drop(0, keep):
+        if not self.ctx.truncate(keep):
             keep = 0
-            self.ctx.reset()
         self.ctx.decode(history[keep:])
         self.cached = list(history)
 
     def draft(self, history: list[int], k: int) -> list[int]:
+        """Up to k tokens after the history (which follow() has brought its cache to)."""
         k = min(k, self.ctx.n_ctx - len(history) - 1)
         if k <= 0:
             return []
-        self.follow(history)
         out: list[int] = []
         for _ in range(k):
             token = self.sampler.sample(self.ctx)
@@ -131,10 +130,6 @@ class SpecStats:
     accepted: int = 0  # of those, the ones the target agreed with
     verify_batches: int = 0
 
-    @property
-    def rate(self) -> float | None:
-        return self.accepted / self.drafted if self.drafted else None
-
 
 @dataclass
 class Controller:
@@ -144,7 +139,6 @@ class Controller:
     probes again now and then, for the text may change)."""
 
     adaptive: bool = True
-    k_max: int = K_MAX
     accept: float = 0.6  # running estimate of the acceptance per drafted token
     times: dict[int, float] = field(default_factory=dict)  # batch size -> running seconds per decode
     idle: int = 0  # plain steps since drafting was last judged not to pay
@@ -183,9 +177,9 @@ class Controller:
         if available <= 0:
             return 0
         if not self.adaptive:
-            return min(available, self.k_max)
+            return min(available, K_MAX)
         best_k, best = 0, 1.0
-        for k in range(1, min(available, self.k_max) + 1):
+        for k in range(1, min(available, K_MAX) + 1):
             gain = self.gain(k)
             if gain > best:
                 best_k, best = k, gain

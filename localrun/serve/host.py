@@ -18,7 +18,7 @@ from localrun.hardware import Machine, default_threads
 from localrun.inference import runtime, templates
 from localrun.inference.engine import Engine, ModelInfo
 from localrun.inference.filecheck import check_file
-from localrun.inference.runtime import Loaded, LoadOptions
+from localrun.inference.runtime import LoadOptions
 from localrun.inference.templates import ChatTemplate
 from localrun.serve.errors import shutting_down
 from localrun.serve.protocol import SlotsHealth
@@ -148,7 +148,7 @@ class ModelHost:
     def _load(self) -> None:
         resolved = self._source()
         n = self.opts.parallel
-        per_slot = _per_slot(self.opts.ctx or fit.default_ctx(resolved.header))
+        per_slot = runtime.padded_ctx(fit.default_ctx(resolved.header, self.opts.ctx))
         plan = fit.plan(resolved.header, self._machine(), n * per_slot)
         if plan.n_ctx < n * per_slot:
             per_slot = max(fit.CELL_PAD, plan.n_ctx // n // fit.CELL_PAD * fit.CELL_PAD)
@@ -185,7 +185,7 @@ class ModelHost:
                 kv_unified=False,  # each slot its own KV stream of per_slot cells: no slot crowds out another
             )
             try:
-                loaded = _in_passing_thread(lambda o=opts: runtime.load(model.path, o))
+                loaded = runtime.load(model.path, opts)
                 break
             except NoSpace:
                 if gpu <= 0:
@@ -224,40 +224,3 @@ class ModelHost:
         if self.engine is not None:
             self.engine.loaded.close()
             self.engine = None
-
-
-def _in_passing_thread(load: Callable[[], Loaded]) -> Loaded:
-    """`load()` in a thread that ends with it. llama.cpp's CPU backend computes on OpenMP, whose
-    thread team belongs to the thread that first computes (creating a context does): a team left
-    in this thread beside the scheduler's makes libgomp count more threads than cores, and then its
-    threads barely spin between graph nodes (measured: a decode 10-30% slower on 2 cores). A
-    thread that ends takes its team with it. Waited on with an Event, so Ctrl-C cannot leave a
-    load running behind our back."""
-    done = threading.Event()
-    result: list[Loaded] = []
-    failure: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            result.append(load())
-        except BaseException as exc:  # handed to the caller
-            failure.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=work, name="localrun-load-context", daemon=True).start()
-    while not done.is_set():
-        try:
-            done.wait()
-        except KeyboardInterrupt:
-            failure.append(KeyboardInterrupt())
-    if result and failure:  # interrupted after all: free what was loaded
-        result[0].close()
-    if failure:
-        raise failure[0]
-    return result[0]
-
-
-def _per_slot(ctx: int) -> int:
-    """llama.cpp gives each sequence a whole number of 256-cell pages: ask for what it will make."""
-    return max(fit.CELL_PAD, -(-ctx // fit.CELL_PAD) * fit.CELL_PAD)
