@@ -22,6 +22,7 @@ from localrun.cli.options import (
     ThreadsOpt,
     VerboseOpt,
     shape_options,
+    size_option,
 )
 from localrun.errors import ExitCode
 from localrun.output import Output
@@ -187,7 +188,6 @@ def _generation_command(mode: str, doc: str):
             ban_eog=ignore_eos,
         )
         from localrun.errors import UsageError
-        from localrun.text import parse_size
 
         settings = Settings(sampling, max_tokens, list(stop or []))
         if speculate not in ("auto", "lookup", "draft", "off"):
@@ -197,10 +197,7 @@ def _generation_command(mode: str, doc: str):
         if draft is not None and speculate not in ("auto", "draft"):
             raise UsageError(f"--draft does nothing with --speculate {speculate}", hint="use auto or draft")
         type_k, type_v, flash = shape_options(cache_type_k, cache_type_v, flash_attn)
-        try:
-            cache_size = parse_size(prompt_cache_size)
-        except ValueError as exc:
-            raise UsageError(f"--prompt-cache-size: {exc}") from None
+        cache_size = size_option("--prompt-cache-size", prompt_cache_size)
         cfg = EngineConfig(
             n_ctx=ctx,
             n_gpu_layers=gpu_layers,

@@ -74,6 +74,17 @@ CacheTypeVOpt = Annotated[
 FlashAttnOpt = Annotated[str, typer.Option("--flash-attn", metavar="auto|on|off", help="Flash attention.")]
 
 
+def size_option(flag: str, text: str) -> int:
+    """A size option ('4G', '512M', bytes) in bytes; a usage error naming the flag otherwise."""
+    from localrun.errors import UsageError
+    from localrun.text import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
 def shape_options(type_k: str, type_v: str, flash_attn: str) -> tuple[str, str, bool | None]:
     """Check the KV cache and flash attention options (words, for a short --help) and convert them."""
     from localrun.errors import UsageError

@@ -8,7 +8,16 @@ import typer
 
 from localrun.boundary import boundary
 from localrun.cli.app import app
-from localrun.cli.options import ChatFormatOpt, CtxOpt, GpuLayersOpt, JsonOpt, TemplateOpt, ThreadsOpt, VerboseOpt
+from localrun.cli.options import (
+    ChatFormatOpt,
+    CtxOpt,
+    GpuLayersOpt,
+    JsonOpt,
+    TemplateOpt,
+    ThreadsOpt,
+    VerboseOpt,
+    size_option,
+)
 from localrun.output import Output
 
 
@@ -61,7 +70,7 @@ def serve(
 ) -> None:
     """Serve models with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until Ctrl-C:
     each model has --parallel slots sharing one context, their tokens decoded in the same batch."""
-    from localrun.commands.serve import ServeSettings, byte_size, run_server
+    from localrun.commands.serve import ServeSettings, run_server
     from localrun.commands.serve import keep_alive as parse_keep_alive
     from localrun.inference.engine import EngineConfig
     from localrun.serve.host import ServeOptions
@@ -76,7 +85,7 @@ def serve(
         template_file=template,
         verbose=verbose,
     )
-    settings = ServeSettings(host, port, api_key or None, byte_size(max_body))
+    settings = ServeSettings(host, port, api_key or None, size_option("--max-body", max_body))
     cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
     raise typer.Exit(run_server(list(models or []), opts, settings, cfg, out))
 

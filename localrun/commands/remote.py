@@ -95,18 +95,25 @@ class RemoteDialogue(Dialogue):
         return {"model": self.label, "server": self.server.url}
 
 
+# the options of EngineConfig that only shape a model loaded here, by the flag that sets them
+_LOCAL_FLAGS = (
+    ("--ctx", "n_ctx"),
+    ("--gpu-layers", "n_gpu_layers"),
+    ("--threads", "n_threads"),
+    ("--speculate", "speculate"),
+    ("--no-prompt-cache", "prompt_cache"),
+    ("--cache-type-k", "type_k"),
+    ("--cache-type-v", "type_v"),
+    ("--flash-attn", "flash_attn"),
+)
+
+
 def refuse_local_options(cfg: EngineConfig, draft: str | None, chat_format: str | None, template: object) -> None:
     """Options that only shape a model loaded here: with --server they would do nothing."""
+    default = EngineConfig()
     given = [
-        ("--ctx", cfg.n_ctx is not None),
-        ("--gpu-layers", cfg.n_gpu_layers is not None),
-        ("--threads", cfg.n_threads is not None),
+        *((flag, getattr(cfg, field) != getattr(default, field)) for flag, field in _LOCAL_FLAGS),
         ("--draft", draft is not None),
-        ("--speculate", cfg.speculate != "auto"),
-        ("--no-prompt-cache", not cfg.prompt_cache),
-        ("--cache-type-k", cfg.type_k != "f16"),
-        ("--cache-type-v", cfg.type_v != "f16"),
-        ("--flash-attn", cfg.flash_attn is not None),
         ("--chat-format", chat_format is not None),
         ("--template", template is not None),
     ]

@@ -23,7 +23,6 @@ from localrun.serve.server import bind, is_loopback, serve, url_of
 from localrun.text import safe
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
-_SIZE = re.compile(r"^(\d+)\s*([kmg]i?b?)?$", re.IGNORECASE)
 
 
 @dataclass
@@ -44,15 +43,6 @@ def keep_alive(text: str) -> float | None:
         raise UsageError(f"--keep-alive {safe(text)!r} is not a duration", hint="e.g. 30s, 5m, 1h, 0, or forever")
     scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
     return float(m.group(1)) * scale
-
-
-def byte_size(text: str) -> int:
-    """`16M`, `512k`, `1GiB`, or bytes."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise UsageError(f"--max-body {safe(text)!r} is not a size", hint="e.g. 16M, 512k, or a number of bytes")
-    unit = (m.group(2) or "").lower()[:1]
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[unit]
 
 
 def _model_id(resolved: Resolved, ref: ModelRef) -> tuple[str, set[str]]:
@@ -132,7 +122,7 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
             registry, api_key=settings.api_key, max_body=settings.max_body, log=lambda s: out.info(log_line(s))
         )
         url = url_of(sock, settings.host)
-        record = state.register(url, [state.ServedModel(h.id, _path(h), opts.parallel) for h in hosts])
+        record = state.register(url, [state.ServedModel(h.id, opts.parallel) for h in hosts])
     except BaseException:
         sock.close()
         raise
@@ -145,11 +135,6 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
         registry.close()
         state.unregister(record)
     return 0
-
-
-def _path(host: ModelHost) -> str:
-    engine = host.engine
-    return str(engine.info.path) if engine is not None else ""
 
 
 def _announce(out: Output, url: str, hosts: list[ModelHost], opts: ServeOptions, loaded: bool, key: bool) -> None:

@@ -44,7 +44,6 @@ class Served:
     endpoint: str
     model: str
     status: int
-    stream: bool
     stats: Stats | None = None
     error: str | None = None
 
@@ -160,7 +159,7 @@ async def _generate(
             status = reply.error.status if reply.error else 200 if reply.stats else 499  # 499: client went away
             if reply.error is not None:
                 reply.error.logged = True
-            log(Served(endpoint, host.id, status, req.stream, reply.stats, reply.error and reply.error.message))
+            log(Served(endpoint, host.id, status, reply.stats, reply.error and reply.error.message))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -197,7 +196,7 @@ def _error(exc: ApiError) -> JSONResponse:
 def _error_handlers(app: FastAPI, log: Callable[[Served], None]) -> None:
     def said(request: Request, error: ApiError) -> JSONResponse:
         if not error.logged:  # a failed generation was logged with its figures
-            log(Served(request.url.path, "-", error.status, False, error=error.message))
+            log(Served(request.url.path, "-", error.status, error=error.message))
         return _error(error)
 
     @app.exception_handler(ApiError)

@@ -68,12 +68,7 @@ class ModelHost:
         self.template: ChatTemplate | None = None
         self.scheduler: Scheduler | None = None
         self.n_ctx_slot = opts.ctx or 0
-        self.memory = 0  # the planner's estimate of what the loaded model takes
         self.preparing = 0  # requests checked out and being prepared (changed on the event loop only)
-
-    @property
-    def loaded(self) -> bool:
-        return self.scheduler is not None
 
     def checkout(self) -> Scheduler:
         """The running scheduler, loading the model first if it is not (blocking: call off the
@@ -208,7 +203,6 @@ class ModelHost:
             loaded.close()
             raise
         self.engine, self.n_ctx_slot = engine, scheduler.n_ctx_slot
-        self.memory = plan.estimate.ram + plan.estimate.vram
         scheduler.start()
         self.scheduler = scheduler
         touch(model.path)  # "last used" in `localrun list`

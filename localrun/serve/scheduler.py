@@ -39,7 +39,6 @@ class QueueFull(Exception):
 
 @dataclass
 class SlotStatus:
-    slots: int
     busy: int
     queued: int
 
@@ -97,7 +96,7 @@ class Scheduler:
             self._cond.notify()
 
     def status(self) -> SlotStatus:
-        return SlotStatus(self.n_slots, sum(1 for s in self.slots if s.job is not None), len(self._waiting))
+        return SlotStatus(sum(1 for s in self.slots if s.job is not None), len(self._waiting))
 
     @property
     def idle(self) -> bool:

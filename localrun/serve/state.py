@@ -17,7 +17,6 @@ FOLDER = "servers"
 @dataclass
 class ServedModel:
     id: str
-    path: str
     slots: int
 
 
@@ -30,7 +29,7 @@ class ServerRecord:
 
     @classmethod
     def from_dict(cls, data: dict) -> ServerRecord:
-        models = [ServedModel(**m) for m in data.get("models", [])]
+        models = [ServedModel(str(m["id"]), int(m["slots"])) for m in data.get("models", [])]
         return cls(int(data["pid"]), float(data["started"]), str(data["url"]), models)
 
 
