@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -150,7 +150,7 @@ def show(out: Output, bench: BenchResult) -> None:
     """The table, the recommendation and the bar chart on stdout. On a terminal the table fits its
     width by leaving out the least important columns (and says which); piped, it has them all."""
     rows = [row_cells(r) for r in sorted_rows(bench.results)]
-    width = out.out.width if out.stdout_tty else 10_000
+    width = out.out.width  # piped: 10,000 columns
     names, dropped = fit_columns(rows, width)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in names:
@@ -163,13 +163,7 @@ def show(out: Output, bench: BenchResult) -> None:
         )
     for cells in rows:
         table.add_row(*(Text(cells[name]) for name in names))
-    if out.stdout_tty:
-        out.show(table)
-    else:  # piped into a file or a pager the rows stay whole, whatever COLUMNS says
-        wide = Console(file=io.StringIO(), width=max(out.out.width, 240), no_color=True, highlight=False)
-        with wide.capture() as captured:
-            wide.print(table)
-        out.text("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    out.table(table)  # piped into a file or a pager the rows stay whole, whatever COLUMNS says
     if dropped:
         shown = ", ".join(_title(n) for n in dropped)
         out.show(_para(f"not shown at {width} columns: {shown} (--json or --csv has every column)", "dim"))
