@@ -96,7 +96,6 @@ class Plan:
     fits: bool
     note: str | None = None
     extra_bufts: bool = True  # the self-test's verdict the estimate assumed: the load uses the same
-    beyond_training: bool = False  # n_ctx is more than the model was trained with
     max_ctx: int = 0  # the largest context (up to the trained one) that fits with the same placement
     kv_cache: str = "f16"  # the KV cache types assumed ("f16", or "q8_0/q4_0" for K/V that differ)
 
@@ -370,8 +369,7 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
         if machine.gpus:
             notes.append("no layer fits in VRAM")
     note, reach = "; ".join(notes) or None, max(ctx, _max_ctx(header, machine, n_gpu, shape))
-    beyond = 0 < header.n_ctx_train < ctx
-    return Plan(placement, n_gpu, ctx, est, True, note, machine.extra_bufts, beyond, reach, shape.kv_cache)
+    return Plan(placement, n_gpu, ctx, est, True, note, machine.extra_bufts, reach, shape.kv_cache)
 
 
 def _max_ctx(header: HeaderInfo, machine: Machine, n_gpu: int, shape: Shape) -> int:

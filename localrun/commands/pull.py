@@ -300,9 +300,10 @@ def pull(
             hint="try a smaller --ctx, or name one with --quant to download it anyway",
         )
     row = result.rows[result.chosen]
-    if row.plan is not None and row.plan.beyond_training and row.header is not None:
+    trained = row.header.n_ctx_train if row.header is not None else 0
+    if not as_step and row.plan is not None and 0 < trained < row.plan.n_ctx:  # a run says its plan's note
         out.warn(
-            f"a context of {row.plan.n_ctx} is beyond the {row.header.n_ctx_train} tokens this model was "
+            f"a context of {row.plan.n_ctx} is beyond the {trained} tokens this model was "
             "trained with: expect worse output past that"
         )
     if result.forced and not row.fits:
