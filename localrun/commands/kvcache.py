@@ -50,10 +50,10 @@ def show(out: Output, found: CacheReport) -> None:
 
 def clear(out: Output) -> int:
     """Delete every entry; the bytes freed."""
-    held = prompt_cache.entries()
-    freed = prompt_cache.clear()
+    removed = prompt_cache.clear()
+    freed = sum(entry.size for entry in removed)
     if out.json:
-        out.data({"removed": len(held), "freed": freed})
+        out.data({"removed": len(removed), "freed": freed})
     else:
-        out.info(f"removed {plural(len(held), 'entry', 'entries')}, {human_bytes(freed)} freed")
+        out.info(f"removed {plural(len(removed), 'entry', 'entries')}, {human_bytes(freed)} freed")
     return freed

@@ -63,15 +63,14 @@ def entries(where: Path | None = None) -> list[Entry]:
     return sorted(found, key=lambda e: -e.used)
 
 
-def clear(where: Path | None = None) -> int:
-    """Delete every entry; the bytes freed."""
-    freed = 0
-    for entry in entries(where):
-        freed += entry.size
+def clear(where: Path | None = None) -> list[Entry]:
+    """Delete every entry; the entries deleted."""
+    removed = entries(where)
+    for entry in removed:
         _delete(where or folder(), entry.key)
     for stray in (where or folder()).glob("*.tmp*"):
         stray.unlink(missing_ok=True)
-    return freed
+    return removed
 
 
 def _delete(where: Path, key: str) -> None:
