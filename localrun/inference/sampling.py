@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from localrun.errors import UsageError
-from localrun.inference import grammar as grammars
 from localrun.text import safe
 
 
@@ -86,6 +85,8 @@ class Settings:
         if key == "stop":  # one stop string (\n for a newline); "none" clears
             self.stop = [] if value.lower() == "none" else [value.replace("\\n", "\n")]
         elif key in ("grammar", "json_schema"):  # a file (or, for a schema, JSON); "none" clears
+            from localrun.inference import grammar as grammars  # not at import: --help reads BOUNDS
+
             found = (
                 None
                 if value.lower() == "none"
