@@ -19,6 +19,7 @@ from localrun.inference.engine import Engine, EngineConfig, Stats
 from localrun.inference.sampling import Settings, check_structure
 from localrun.output import Output, isatty
 from localrun.serve.client import Server
+from localrun.text import plural
 
 
 @dataclass
@@ -76,7 +77,7 @@ def read_stdin(warn: Callable[[str], None]) -> str | None:
     text = data.decode("utf-8", errors="replace")
     if "\ufffd" in text and "\ufffd".encode() not in data:
         bad = text.count("\ufffd")
-        warn(f"stdin is not valid UTF-8: {bad} undecodable byte sequence{'s' * (bad > 1)} replaced by �")
+        warn(f"stdin is not valid UTF-8: {plural(bad, 'undecodable byte sequence')} replaced by �")
     return text
 
 

@@ -50,6 +50,7 @@ Ctrl-C stops a reply; Ctrl-D, /exit or Ctrl-C twice on an empty line exits.
 """  # paragraphs unwrapped: the terminal wraps them at its width
 
 
+CANCELLED = "reply cancelled; it and its question are left out of the conversation"
 _COMMAND_RE = re.compile(r"^/[a-z]+(\s|$)")
 COMMANDS = ("/help", "/exit", "/bye", "/clear", "/system", "/set", "/stats", "/save", "/load", "/model")
 
@@ -118,7 +119,7 @@ class Repl:
         with _no_echo():
             stats = self.conv.reply(text, make_renderer(self.out))
         if stats.finish_reason == "cancelled":
-            self.out.warn("reply cancelled; it and its question are left out of the conversation")
+            self.out.warn(CANCELLED)
 
     def run(self, *, input: Input | None = None, output: PTOutput | None = None, first: str | None = None) -> None:
         """The prompt loop, until /exit, Ctrl-D or a second Ctrl-C on an empty line. `first` is
@@ -139,7 +140,7 @@ class Repl:
                 # A SIGINT with the line still in the buffer: Enter, then Ctrl-C as the prompt closed
                 # (the terminal no longer raw). That cancels the question, as a typed-ahead one does.
                 if isinstance(exc, KeyboardInterrupt) and session.default_buffer.text.strip():
-                    self.out.warn("reply cancelled; it and its question are left out of the conversation")
+                    self.out.warn(CANCELLED)
                     armed = False
                     continue
                 if armed:
@@ -149,7 +150,7 @@ class Repl:
                 continue
             armed = False
             if _ctrl_c_typed_ahead(session):  # Enter, then Ctrl-C before the reply could start
-                self.out.warn("reply cancelled; it and its question are left out of the conversation")
+                self.out.warn(CANCELLED)
                 continue
             if text.strip().startswith('"""'):
                 text = _read_block(session, text)
