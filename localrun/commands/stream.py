@@ -98,7 +98,7 @@ class WordWrap:
 
     def __init__(self, columns: int):
         self.columns = columns
-        self.col = 0
+        self.col = 0  # the column after what it has written (columns: the terminal's pending wrap)
         self.word = ""
         self.word_width = 0
 
@@ -163,7 +163,6 @@ class LiveRenderer:
         self.wrap = WordWrap(self.columns) if out.stdout_tty else None
         self.drawn = False
         self.spec = ""  # speculative decoding's acceptance so far, for the status line
-        self.col = 0  # where the cursor is on its line, to know when the terminal is about to wrap
         if self.live:
             self._draw(self._status_text(self.started))
 
@@ -198,8 +197,6 @@ class LiveRenderer:
         self.out.text(text)
         if text:
             self.ends_with_newline = text.endswith("\n")
-        if self.below:
-            self.col = _advance(self.col, text, self.columns)
 
     def piece(self, text: str) -> None:
         now = time.perf_counter()
@@ -214,7 +211,7 @@ class LiveRenderer:
         if self.out.stdout_tty:
             text = text.translate(_CONTROLS)
         self._write(self.wrap.feed(text) if self.wrap else text)
-        if self.below and self.col == self.columns:
+        if self.below and self.wrap.col == self.columns:  # type: ignore[union-attr] (below: stdout a terminal)
             # The cursor sits past the last column, waiting to wrap; moving it to draw the
             # status would lose that state and the next character would overwrite this one.
             return
@@ -307,16 +304,3 @@ def make_renderer(
     if out.json:
         return JsonLinesRenderer(out, extra) if stream else JsonRenderer(out, extra)
     return LiveRenderer(out, show_stats=show_stats, model=model)
-
-
-def _advance(col: int, text: str, columns: int) -> int:
-    """The cursor column after writing text from `col` (== columns: pending wrap)."""
-    for ch in text:
-        if ch in "\r\n":
-            col = 0
-        elif ch == "\t":
-            col = min(columns, (col // 8 + 1) * 8)
-        else:
-            w = max(0, wcwidth(ch))
-            col = w if col + w > columns else col + w
-    return col
