@@ -32,7 +32,6 @@ from localrun.serve.protocol import ChatRequest, CompletionRequest, Health, Mode
 from localrun.serve.registry import Registry
 from localrun.serve.replies import Feed, Reply
 from localrun.serve.scheduler import QueueFull
-from localrun.serve.slot import Job
 
 SWEEP_EVERY = 1.0  # seconds between checks for models idle beyond --keep-alive
 
@@ -109,26 +108,16 @@ async def _generate(
         scheduler = host.checkout_now() or await run_in_threadpool(registry.checkout, host)
     except LocalrunError as exc:
         raise from_localrun(exc) from None
-    job: Job | None = None
     try:
         host.preparing += 1  # the scheduler, if idle, waits for it to batch its prompt with the others
         try:
+            feed = Feed()
             if isinstance(req, ChatRequest):
-                prepared = await run_in_threadpool(prepare.chat, host, req)
+                job = await run_in_threadpool(prepare.chat, host, req, feed.put)
             else:
-                prepared = await run_in_threadpool(prepare.completion, host, req)
+                job = await run_in_threadpool(prepare.completion, host, req, feed.put)
         finally:
             host.preparing -= 1
-        feed = Feed()
-        job = Job(
-            prepared.prompt,
-            prepared.sampler,
-            prepared.limit,
-            prepared.room,
-            prepared.stop,
-            feed.put,
-            prepared.top_logprobs,
-        )
         scheduler.submit(job)
     except LocalrunError as exc:
         host.checkin()
@@ -146,7 +135,7 @@ async def _generate(
         host.checkin()
         raise
     reply = Reply(kind, host.id)
-    logprobs = prepared.top_logprobs is not None
+    logprobs = job.top_logprobs is not None
     released = False
 
     def release() -> None:  # once, whichever way the request ends

@@ -8,7 +8,7 @@ template render or a grammar can take a while); only the model's vocabulary is r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from localrun.errors import LocalrunError
 from localrun.inference import grammar
@@ -24,21 +24,13 @@ from localrun.serve.protocol import (
     JsonObjectFormat,
     JsonSchemaFormat,
 )
+from localrun.serve.slot import Job, JobEvent
 
 MAX_STOPS = 16
+Sink = Callable[[JobEvent], None]
 
 
-@dataclass
-class Prepared:
-    prompt: list[int]
-    sampler: Sampler
-    limit: int  # reply tokens: max_tokens capped by the room the slot's context leaves
-    room: int
-    stop: list[str]
-    top_logprobs: int | None
-
-
-def chat(host: ModelHost, req: ChatRequest) -> Prepared:
+def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Job:
     _refuse_common(req)
     if req.tools or req.functions:
         raise unsupported("tools", "localrun does not call tools; send the conversation without them")
@@ -67,10 +59,10 @@ def chat(host: ModelHost, req: ChatRequest) -> Prepared:
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     stop = _stops(req) + list(host.template.stop)
-    return _prepared(host, req, prompt, rules, wanted, stop, top)
+    return _job(host, req, prompt, rules, wanted, stop, top, sink)
 
 
-def completion(host: ModelHost, req: CompletionRequest) -> Prepared:
+def completion(host: ModelHost, req: CompletionRequest, sink: Sink) -> Job:
     _refuse_common(req)
     if req.echo:
         raise unsupported("echo", "the prompt is not repeated in the reply")
@@ -88,10 +80,10 @@ def completion(host: ModelHost, req: CompletionRequest) -> Prepared:
     prompt = host.engine.tokenize(text)
     # OpenAI's default for this endpoint is 16 tokens; an explicit null asks for the whole reply
     wanted = req.max_tokens if "max_tokens" in req.model_fields_set else 16
-    return _prepared(host, req, prompt, req.grammar, wanted, _stops(req), req.logprobs)
+    return _job(host, req, prompt, req.grammar, wanted, _stops(req), req.logprobs, sink)
 
 
-def _prepared(
+def _job(
     host: ModelHost,
     req: GenerationRequest,
     prompt: list[int],
@@ -99,7 +91,8 @@ def _prepared(
     wanted: int | None,
     stop: list[str],
     top_logprobs: int | None,
-) -> Prepared:
+    sink: Sink,
+) -> Job:
     room = host.n_ctx_slot - len(prompt)
     if not prompt:
         raise bad_request("the prompt is empty", param="prompt")
@@ -119,7 +112,7 @@ def _prepared(
     except LocalrunError as exc:
         param = "grammar" if req.grammar else "response_format"
         raise bad_request(f"{param}: {exc.message}", param=param) from None
-    return Prepared(prompt, sampler, limit, room, stop, top_logprobs)
+    return Job(prompt, sampler, limit, room, stop, sink, top_logprobs)
 
 
 def sampling(req: GenerationRequest, n_vocab: int) -> SamplingOptions:
