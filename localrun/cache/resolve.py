@@ -113,8 +113,9 @@ def _check_unverified(entry: CacheEntry) -> None:
     deleted (never loaded, never kept) and the error says to pull again."""
     if not entry.unverified:
         return
+    marked = integrity.unverified([f.blob for f in entry.files])
     for f in entry.files:
-        if f.blob in integrity.unverified([f.blob]) and not integrity.recheck(f.blob, [f.link]):
+        if f.blob in marked and not integrity.recheck(f.blob, [f.link]):
             raise BadModel(
                 f"{safe(entry.label)}: {safe(f.name)} was corrupt (a pull stopped while checking it); it was deleted",
                 hint=f"pull it again: localrun pull {safe(entry.label)}",
