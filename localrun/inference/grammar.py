@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from localrun.errors import UsageError
+from localrun.inference import gbnf
+from localrun.inference.json_pattern import json_safe
 from localrun.text import safe
 
 ENUM_RANGE = 1024  # bounds admitting this many values at most become an enum the converter enforces
@@ -56,6 +58,12 @@ _SHAPES = (
 # keywords the converter reads before the type (and the format): with one of them, a format is moot
 _BEFORE_FORMAT = ("$ref", "anyOf", "oneOf", "const", "enum", "pattern")
 _ROOT_ONLY = ("$defs", "definitions", "$schema", "$id")  # where a $ref looks, and what a schema is
+MAX_DEPTH = 64  # levels of schemas within schemas (the check and the converter recurse per level)
+_SELF = "localrun-root"  # the $defs name under which a schema that refers to itself ("#") is kept
+# The converter's rule for a character of a string admits raw control characters, which strict
+# JSON refuses; this one is llama.cpp's own (json-schema-to-grammar.cpp), which excludes them.
+_CHAR_RULE = 'char ::= [^"\\\\] |'
+_JSON_CHAR_RULE = 'char ::= [^"\\\\\\x00-\\x1F] |'
 _MAY_BE_BOOLEAN = ("additionalProperties", "additionalItems", "unevaluatedItems", "unevaluatedProperties")
 
 
@@ -73,11 +81,18 @@ def json_object() -> Grammar:
     return Grammar(JSON_GBNF, "JSON object")
 
 
+def from_text(text: str, source: str = "the grammar") -> Grammar:
+    """A GBNF grammar given as text, within the bounds llama.cpp's parser survives."""
+    gbnf.check(text, source)
+    return Grammar(text, source)
+
+
 def from_file(path: Path) -> Grammar:
     try:
-        return Grammar(Path(path).read_text(encoding="utf-8"), f"grammar {path}")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read the grammar file {safe(str(path))}: {_reason(exc)}") from None
+    return from_text(text, f"grammar {path}")
 
 
 def schema_text(value: str) -> tuple[str, str]:
@@ -114,17 +129,121 @@ def from_json_schema(value: str | dict) -> Grammar:
             schema = json.loads(text)
         except ValueError as exc:
             raise UsageError(f"{source} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise UsageError(f"{source} nests too deeply to be a schema (over {MAX_DEPTH} levels)") from None
     if not isinstance(schema, dict):
         raise UsageError(f"{source} must be a JSON object (a schema)")
-    enforceable = _enforceable(schema, "$", source)
+    enforceable = _with_refs_resolvable(_enforceable(schema, "$", source, 0), source)
     try:
-        gbnf = json_schema_to_gbnf(json.dumps(enforceable))
+        rules = json_schema_to_gbnf(json.dumps(enforceable))
     except (ValueError, AssertionError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise UsageError(
             f"{source} cannot be turned into a grammar: {safe(exc)}",
             hint="the converter handles objects, arrays, strings, enums, const, $ref, anyOf/oneOf",
         ) from None
-    return Grammar(gbnf, source, schema)
+    rules = _strict_json_strings(rules)
+    gbnf.check(rules, f"the grammar of {source}")
+    return Grammar(rules, source, schema)
+
+
+def _strict_json_strings(rules: str) -> str:
+    """The converter's grammar with llama.cpp's rule for a string's characters (see _CHAR_RULE)."""
+    lines = rules.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("char ::= "):
+            if not line.startswith(_CHAR_RULE):  # a converter of another shape: never pass it unchecked
+                raise RuntimeError(f"unexpected rule from the JSON schema converter: {line}")
+            lines[i] = _JSON_CHAR_RULE + line[len(_CHAR_RULE) :]
+    return "\n".join(lines)
+
+
+def _with_refs_resolvable(schema: dict, source: str) -> dict:
+    """The schema in a form whose references the converter resolves: a schema that refers to
+    itself ("#") kept under $defs, a reference at the root moved into an anyOf (the converter
+    resolves the root's $ref without looking into its $defs, so references inside them stayed
+    unresolved), and a loop of references that never reaches a value refused by name."""
+    if _refers_to_root(schema):
+        defs = dict(schema.get("$defs", {}))
+        body = {k: v for k, v in schema.items() if k not in ("$defs", "$schema", "$id")}
+        defs[_SELF] = _retarget(body)
+        schema = {**{k: v for k, v in schema.items() if k in ("$schema", "$id")}, "$defs": _retarget(defs)}
+        schema["$ref"] = f"#/$defs/{_SELF}"
+    if "$ref" in schema and len(schema) > 1:
+        rest = {k: v for k, v in schema.items() if k != "$ref"}
+        schema = {**rest, "anyOf": [{"$ref": schema["$ref"]}]}
+    for start in _refs(schema):
+        seen = [start]
+        target = _pointer(schema, start)
+        if target is None:
+            raise UsageError(
+                f"{source}: the reference {safe(start)[:80]} points to nothing in the schema",
+                hint="references are followed within the schema only: #/$defs/NAME",
+            )
+        while isinstance(target, dict) and set(target) <= {"$ref", "description", "title"} and "$ref" in target:
+            if target["$ref"] in seen:
+                loop = " -> ".join([*seen, target["$ref"]])
+                raise UsageError(f"{source}: the references {safe(loop)} loop without reaching a value")
+            seen.append(target["$ref"])
+            target = _pointer(schema, target["$ref"])
+    return schema
+
+
+def _needs_escape(value: Any) -> bool:
+    """Whether a string within value (keys too) needs a JSON escape: the converter writes these
+    literals with JSON's backslashes unescaped, which the grammar reads as its own escapes."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if any(c in '"\\' or c < " " for c in item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _walk(node: Any):
+    """Every dict within node, iteratively (a schema's depth is bounded, its breadth is not)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _refs(schema: dict) -> list[str]:
+    return sorted({n["$ref"] for n in _walk(schema) if isinstance(n.get("$ref"), str)})
+
+
+def _refers_to_root(schema: dict) -> bool:
+    return any(n.get("$ref") == "#" for n in _walk(schema))
+
+
+def _retarget(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: (f"#/$defs/{_SELF}" if k == "$ref" and v == "#" else _retarget(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_retarget(v) for v in node]
+    return node
+
+
+def _pointer(schema: dict, ref: str) -> Any:
+    """What a local reference (#/a/b) points to in schema; None when it points nowhere."""
+    if not ref.startswith("#/"):
+        return None
+    target: Any = schema
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(target, dict) or part not in target:
+            return None
+        target = target[part]
+    return target
 
 
 # where a schema holds other schemas: one, a name -> schema map, or a list of them
@@ -133,12 +252,14 @@ _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
-def _enforceable(node: Any, where: str, source: str) -> Any:
+def _enforceable(node: Any, where: str, source: str, depth: int = 0) -> Any:
     """The schema with numeric bounds as enums; UsageError at the first thing nothing would
     enforce. Only schema positions are looked into: a property named "minimum", or an `enum`,
     `const` or `default` value, is data, not a keyword."""
     if not isinstance(node, dict):
         return node
+    if depth > MAX_DEPTH:
+        raise UsageError(f"{source} nests schemas deeper than {MAX_DEPTH} levels (at {where[:80]}...)")
     for key in _UNENFORCED:
         if key in node:
             raise UsageError(
@@ -164,23 +285,39 @@ def _enforceable(node: Any, where: str, source: str) -> Any:
             f"{source}: format {safe(node['format'])!r} at {where} cannot be enforced by the grammar",
             hint=f"formats it enforces: {', '.join(sorted(_FORMATS))}; or use a pattern",
         )
+    for key in ("enum", "const", "properties"):
+        if key in node and _needs_escape(list(node[key]) if key == "properties" else node[key]):
+            what = "a property name" if key == "properties" else f"a value of {key}"
+            raise UsageError(
+                f"{source}: {what} at {where} holds a quote, backslash or control character, "
+                "which the grammar's converter cannot write",
+                hint="leave such characters out of enum and const values and property names",
+            )
     out = dict(node)
+    if isinstance(node.get("pattern"), str):
+        try:
+            out["pattern"] = json_safe(node["pattern"])
+        except ValueError as exc:
+            raise UsageError(
+                f"{source}: the pattern at {where} cannot be enforced: {exc}",
+                hint="JSON strings escape quotes, backslashes and control characters; leave them out of the pattern",
+            ) from None
     for key in _SUBSCHEMA:
         if key in node:
             value = node[key]
             out[key] = (
-                [_subschema(v, f"{where}.{key}[{i}]", source) for i, v in enumerate(value)]
+                [_subschema(v, f"{where}.{key}[{i}]", source, depth) for i, v in enumerate(value)]
                 if isinstance(value, list)
                 else value
                 if key in _MAY_BE_BOOLEAN and isinstance(value, bool)
-                else _subschema(value, f"{where}.{key}", source)
+                else _subschema(value, f"{where}.{key}", source, depth)
             )
     for key in _SUBSCHEMA_MAPS:
         if isinstance(node.get(key), dict):
-            out[key] = {name: _subschema(v, f"{where}.{key}.{name}", source) for name, v in node[key].items()}
+            out[key] = {name: _subschema(v, f"{where}.{key}.{name}", source, depth) for name, v in node[key].items()}
     for key in _SUBSCHEMA_LISTS:
         if isinstance(node.get(key), list):
-            out[key] = [_subschema(v, f"{where}.{key}[{i}]", source) for i, v in enumerate(node[key])]
+            out[key] = [_subschema(v, f"{where}.{key}[{i}]", source, depth) for i, v in enumerate(node[key])]
     if any(key in node for key in _BOUNDS):
         return _bounds_as_enum(out, where, source)
     if isinstance(types, list) and len(types) > 1:
@@ -192,13 +329,13 @@ def _enforceable(node: Any, where: str, source: str) -> Any:
     return out
 
 
-def _subschema(node: Any, where: str, source: str) -> Any:
+def _subschema(node: Any, where: str, source: str, depth: int) -> Any:
     if isinstance(node, bool):
         raise UsageError(
             f"{source}: a boolean schema ({json.dumps(node)}) at {where} cannot be turned into a grammar",
             hint='give a schema instead, e.g. {"type": "string"}',
         )
-    return _enforceable(node, where, source)
+    return _enforceable(node, where, source, depth + 1)
 
 
 def _bounds(node: dict) -> tuple[Decimal | None, bool, Decimal | None, bool]:
