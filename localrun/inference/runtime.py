@@ -111,6 +111,7 @@ class LlamaModel:
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
         self.n_layer = lc.llama_model_n_layer(self.ptr)
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._partial_utf8: list[int] | None = None
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -138,6 +139,22 @@ class LlamaModel:
             n = self._lc.llama_token_to_piece(self.vocab, token, big, len(big), 0, special)
             return big.raw[:n]
         return self._piece_buf.raw[:n]
+
+    def partial_utf8_tokens(self) -> list[int]:
+        """Tokens whose bytes are not whole UTF-8 characters (byte-fallback pieces, bytes that
+        no UTF-8 text holds). llama.cpp's grammar decodes a character from its lead byte without
+        checking what follows, so a reply built with them can pass a grammar's character
+        counts and still not be the text it counted: a grammar bans them."""
+        if self._partial_utf8 is None:
+            self._partial_utf8 = [t for t in range(self.n_vocab) if not _whole_utf8(self.piece(t))]
+        return self._partial_utf8
+
+    def is_control(self, token: int) -> bool:
+        """A control (or unknown) token: one that only special-token parsing makes from text."""
+        lc = self._lc
+        return bool(
+            lc.llama_vocab_get_attr(self.vocab, token) & (lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN)
+        )
 
     def is_eog(self, token: int) -> bool:
         return bool(self._lc.llama_vocab_is_eog(self.vocab, token))
@@ -168,6 +185,14 @@ class LlamaModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _whole_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class LlamaContext:
@@ -285,7 +310,7 @@ class LlamaContext:
     def set_sampling(self, s: SamplingOptions, grammar: str | None = None) -> None:
         if self._sampler is not None:
             self._sampler.close()
-        self._sampler = Sampler(self.model, s, grammar)
+        self._sampler = Sampler(self.model, s, grammar, n_ctx=self.n_ctx)
 
     def sample(self, index: int = -1) -> int:
         if self._sampler is None:

@@ -7,8 +7,9 @@ import ctypes
 from typing import TYPE_CHECKING, Any
 
 from localrun.errors import UsageError
+from localrun.inference import gbnf
 from localrun.inference.build import llama
-from localrun.inference.sampling import SamplingOptions, check_structure
+from localrun.inference.sampling import SamplingOptions, check_bounds, check_structure, llama_seed
 
 if TYPE_CHECKING:
     from localrun.inference.runtime import LlamaContext, LlamaModel
@@ -27,8 +28,12 @@ class Sampler:
     grammar allows); top-k, top-p and min-p cut the row before the check, which shifts it a
     little, as in llama.cpp's own sampler."""
 
-    def __init__(self, model: LlamaModel, s: SamplingOptions, grammar: str | None = None):
+    def __init__(self, model: LlamaModel, s: SamplingOptions, grammar: str | None = None, *, n_ctx: int):
+        """`n_ctx`: the context the sequence lives in, which bounds what the settings may ask."""
         check_structure(s, grammar)
+        check_bounds(s, n_ctx, model.n_vocab)
+        if grammar is not None:
+            gbnf.check(grammar, "the grammar")
         lc = self._lc = llama()
         self.options, self.grammar = s, grammar
         self.rule: Any = None
@@ -36,13 +41,14 @@ class Sampler:
         self._ids: Any = None  # 0..n_vocab-1, to put back in the cells
         self._n_vocab = model.n_vocab
         chain = self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        bias = list(s.logit_bias) + [(t, float("-inf")) for t in (model.eog_tokens() if s.ban_eog else ())]
+        banned = [*(model.eog_tokens() if s.ban_eog else ()), *(model.partial_utf8_tokens() if grammar else ())]
+        bias = list(s.logit_bias) + [(t, float("-inf")) for t in banned]
         if bias:
             cells = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias])
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(model.n_vocab, len(bias), cells))
         if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
             # -1: every token so far (llama.cpp's own sampler would read it as none)
-            last_n = s.repeat_last_n if s.repeat_last_n >= 0 else max(model.n_ctx_train, 1)
+            last_n = s.repeat_last_n if s.repeat_last_n >= 0 else max(n_ctx, 1)
             penalties = (last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(model.n_vocab, *penalties))
         if grammar:
@@ -60,22 +66,28 @@ class Sampler:
             if s.min_p > 0:
                 lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(s.temperature))
-            seed = s.seed if s.seed is not None else 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: random
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(llama_seed(s.seed)))
 
     def sample(self, ctx: LlamaContext, index: int = -1) -> int:
         """The token for logits row `index` of ctx's last decode (accepted into the chain)."""
+        if not self.rule:
+            return int(self._lc.llama_sampler_sample(self.ptr, ctx.ptr, index))
+        return self.sample_row(ctx.logits(index))
+
+    def sample_row(self, logits: Any) -> int:
+        """The token for a row of logits (a numpy array; a copy may outlive the decode it came
+        from, so that a costly grammar can be sampled beside the next decodes)."""
         lc = self._lc
         if not self.rule:
-            return int(lc.llama_sampler_sample(self.ptr, ctx.ptr, index))
-        token = self._pick(ctx, index, masked=False)
+            raise ValueError("only a sampler with a grammar samples a copied row")
+        token = self._pick(logits, masked=False)
         if not self._allowed(token):
-            token = self._pick(ctx, index, masked=True)
+            token = self._pick(logits, masked=True)
         lc.llama_sampler_accept(self.rule, token)
         lc.llama_sampler_accept(self.ptr, token)
         return token
 
-    def _pick(self, ctx: LlamaContext, index: int, *, masked: bool) -> int:
+    def _pick(self, logits: Any, *, masked: bool) -> int:
         """The chain's choice over the whole row (the grammar applied first when `masked`)."""
         import numpy as np
 
@@ -85,7 +97,7 @@ class Sampler:
             self._ids = np.arange(self._n_vocab, dtype=np.int32)
         cells = self._cells
         cells["id"] = self._ids  # again each time: the chain reorders the cells in place
-        cells["logit"] = ctx.logits(index)
+        cells["logit"] = logits
         cells["p"] = 0.0
         data = cells.ctypes.data_as(ctypes.POINTER(lc.llama_token_data))
         array = lc.llama_token_data_array(data, self._n_vocab, -1, False)

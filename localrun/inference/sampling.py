@@ -34,27 +34,83 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class Bound:
+    """A setting's type and range. `limit` names a bound that follows from the loaded model,
+    checked once it is known (check_bounds): "n_ctx", its context, or "n_vocab", its vocabulary."""
+
     kind: type
     low: float | None = None
     high: float | None = None
+    limit: str | None = None
 
     def describe(self) -> str:
-        if self.high is not None:
-            return f"between {self.low:g} and {self.high:g}"
-        return f"at least {self.low:g}"
+        high = {"n_ctx": "the context size", "n_vocab": "the vocabulary size"}.get(self.limit or "", self.high)
+        if high is None:
+            return f"at least {self.low:g}"
+        return f"between {self.low:g} and {high if isinstance(high, str) else format(high, 'g')}"
 
 
-# name -> its type and range; "seed" also takes "random", "max_tokens" also "none"
+SEED_MAX = 2**64 - 1  # OpenAI's seed is a 64-bit integer; llama.cpp's is 32 bits (see llama_seed)
+# name -> its type and range, for the command line, /set and every API of the server alike;
+# "seed" also takes "random", "max_tokens" also "none"
 BOUNDS: dict[str, Bound] = {
-    "temperature": Bound(float, 0.0),
+    "temperature": Bound(float, 0.0, 100.0),
     "top_p": Bound(float, 0.0, 1.0),
-    "top_k": Bound(int, 0),
+    "top_k": Bound(int, 0, limit="n_vocab"),
     "min_p": Bound(float, 0.0, 1.0),
-    "repeat_penalty": Bound(float, 0.0),
-    "repeat_last_n": Bound(int, -1),
-    "seed": Bound(int, 0),
-    "max_tokens": Bound(int, 1),
+    "repeat_penalty": Bound(float, 0.0, 100.0),
+    "repeat_last_n": Bound(int, -1, limit="n_ctx"),  # -1: every token so far
+    "seed": Bound(int, 0, SEED_MAX),
+    "max_tokens": Bound(int, 1, 2**31 - 1),
+    "presence_penalty": Bound(float, -2.0, 2.0),
+    "frequency_penalty": Bound(float, -2.0, 2.0),
 }
+MAX_STOPS = 16  # stop strings in one request or setting
+MAX_STOP_CHARS = 1024  # characters of one stop string (the reply holds back as many while it may be one)
+
+
+class OutOfBounds(UsageError):
+    """A setting outside its range; `name` is the setting."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+    @classmethod
+    def of(cls, name: str, value: object) -> OutOfBounds:
+        return cls(name, f"{name} must be {BOUNDS[name].describe()} (got {safe(str(value))[:40]})")
+
+
+def check_bounds(s: SamplingOptions, n_ctx: int, n_vocab: int) -> None:
+    """OutOfBounds for a setting outside its range, the model's own limits included: a value
+    sizes what llama.cpp allocates (repeat_last_n cells per request), so none may pass unchecked."""
+    figures = {"n_ctx": n_ctx, "n_vocab": n_vocab}
+    for name, bound in BOUNDS.items():
+        value = getattr(s, name, None)
+        if value is None:
+            continue
+        high = figures[bound.limit] if bound.limit else bound.high
+        if (bound.low is not None and value < bound.low) or (high is not None and value > high):
+            raise OutOfBounds.of(name, value)
+
+
+def check_stops(stops: list[str]) -> None:
+    """UsageError for more stop strings, or a longer one, than a reply can watch for cheaply."""
+    if len(stops) > MAX_STOPS:
+        raise OutOfBounds("stop", f"at most {MAX_STOPS} stop strings (got {len(stops)})")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise OutOfBounds("stop", f"a stop string may have at most {MAX_STOP_CHARS} characters (got {longest:,})")
+
+
+def llama_seed(seed: int | None) -> int:
+    """A 64-bit seed folded into llama.cpp's 32 bits; None (and the one value llama.cpp reads as
+    "random") becomes its random seed."""
+    if seed is None:
+        return 0xFFFFFFFF  # LLAMA_DEFAULT_SEED
+    folded = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+    return min(folded, 0xFFFFFFFE)
+
+
 UNSET = {"seed": "random", "max_tokens": "none"}  # the word for "no value" where None is allowed
 SETTABLE = (*BOUNDS, "stop", "grammar", "json_schema")
 
@@ -79,11 +135,16 @@ class Settings:
     grammar: str | None = None  # GBNF the reply must follow (--grammar, --json-schema)
     grammar_source: str = ""  # where it came from, to show
 
+    def __post_init__(self) -> None:
+        check_stops(self.stop)
+
     def set(self, name: str, value: str) -> str:
         """Change one setting from its text; UsageError names the accepted values."""
         key = name.replace("-", "_").lower()
         if key == "stop":  # one stop string (\n for a newline); "none" clears
-            self.stop = [] if value.lower() == "none" else [value.replace("\\n", "\n")]
+            stop = [] if value.lower() == "none" else [value.replace("\\n", "\n")]
+            check_stops(stop)
+            self.stop = stop
         elif key in ("grammar", "json_schema"):  # a file (or, for a schema, JSON); "none" clears
             from localrun.inference import grammar as grammars  # not at import: --help reads BOUNDS
 

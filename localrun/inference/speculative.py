@@ -91,7 +91,7 @@ class ModelDrafter:
     def __init__(self, model: LlamaModel, ctx: LlamaContext):
         self.model, self.ctx = model, ctx
         self.cached: list[int] = []
-        self.sampler = Sampler(model, SamplingOptions(temperature=0, repeat_penalty=1.0))
+        self.sampler = Sampler(model, SamplingOptions(temperature=0, repeat_penalty=1.0), n_ctx=ctx.n_ctx)
 
     def follow(self, history: list[int]) -> None:
         """Its KV cache brought to the history: what the target rejected dropped, the rest read."""

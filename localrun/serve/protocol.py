@@ -68,13 +68,13 @@ class GenerationRequest(_Body):
     """What chat and text completions share: the model, sampling, length, stops, streaming."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, **_bound("max_tokens"))
+    temperature: float | None = Field(None, **_bound("temperature"))
     top_p: float | None = Field(None, **_bound("top_p"))
     seed: int | None = Field(None, **_bound("seed"))
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, **_bound("presence_penalty"))
+    frequency_penalty: float | None = Field(None, **_bound("frequency_penalty"))
     logit_bias: dict[str, float] | None = None
     n: int | None = Field(None, ge=1)
     stream: bool = False
@@ -91,7 +91,7 @@ class GenerationRequest(_Body):
 
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, **_bound("max_tokens"))
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
