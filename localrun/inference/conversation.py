@@ -183,6 +183,7 @@ class Conversation(Dialogue):
         self.template = template  # None: raw completion, no roles
         self.label = engine.info.label
         self.last_prompt: list[int] = []
+        self.material = ""  # what the question being answered starts with: piped text
         super().__init__(settings, system, warn)
 
     @property
@@ -196,7 +197,15 @@ class Conversation(Dialogue):
         return self.template.render(messages, add_generation_prompt=True)
 
     def tokens(self, messages: list[Message]) -> list[int]:
-        return self.engine.tokenize(self.text(messages))
+        """The prompt's tokens. Through a template, special tokens come from its markup only;
+        raw, from what the user wrote as the prompt, never from piped material."""
+        if self.template is not None:
+            return self.engine.chat_tokens(self.template, messages)
+        parts = [(m["content"], False) for m in messages]
+        last = messages[-1]["content"] if messages else ""
+        if self.material and last.startswith(self.material):
+            parts[-1:] = [(self.material, True), (last[len(self.material) :], False)]
+        return self.engine.tokenize_parts(parts)
 
     def reusable(self, tokens: list[int], material: str) -> int:
         """How many prompt tokens come before the question: the template's preamble, the system
@@ -232,6 +241,7 @@ class Conversation(Dialogue):
         return tokens
 
     def answer(self, material: str) -> Iterator[Event]:
+        self.material = material
         tokens = self._fit()
         self.last_prompt = tokens
         stop = list(self.settings.stop) + list(self.template.stop if self.template else ())
@@ -285,4 +295,4 @@ def compose_prompt(words: list[str], stdin_text: str | None) -> tuple[str, str]:
     material = (stdin_text or "").strip("\n")
     if instruction and material:
         return f"{material}\n\n{instruction}", material
-    return instruction or material, ""
+    return instruction or material, material

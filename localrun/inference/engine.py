@@ -22,10 +22,12 @@ from localrun.hardware import default_threads
 from localrun.inference import runtime
 from localrun.inference.events import PROGRESS_EVERY, Event, Notice, Piece, PrefillProgress, Speculation, Stats
 from localrun.inference.prompt_cache import DEFAULT_LIMIT, MIN_TOKENS, PromptCache, kv_identity
+from localrun.inference.prompt_tokens import Part, holds_special, tokenize_parts
 from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions, common_prefix
 from localrun.inference.sampling import SamplingOptions
 from localrun.inference.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
 from localrun.inference.stops import StopMatcher
+from localrun.inference.templates import ChatTemplate, Message
 from localrun.model.files import ModelFiles
 from localrun.text import safe
 
@@ -161,8 +163,24 @@ class Engine:
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Tokens of rendered text. Special tokens written in it are parsed; a BOS the text
         already starts with is not doubled."""
+        return self._with_bos(self.model.tokenize(text, add_special=False, parse_special=True), add_bos)
+
+    def tokenize_parts(self, parts: list[Part]) -> list[int]:
+        """Tokens of a prompt cut into markup and contents: special tokens come from the markup
+        only, a content is read as text whatever it writes (see prompt_tokens)."""
+        if not any(content and holds_special(self.model, text) for text, content in parts):
+            return self.tokenize("".join(text for text, _ in parts))
+        return self._with_bos(tokenize_parts(self.model, parts), True)
+
+    def chat_tokens(self, template: ChatTemplate, messages: list[Message]) -> list[int]:
+        """The prompt of a conversation: the messages through the template, each content read as
+        text (rendered twice, to find the contents, only when one writes a special token)."""
+        if not any(holds_special(self.model, m["content"]) for m in messages):
+            return self.tokenize(template.render(messages))
+        return self._with_bos(tokenize_parts(self.model, template.render_parts(messages)), True)
+
+    def _with_bos(self, tokens: list[int], add_bos: bool) -> list[int]:
         lc, vocab = self.model._lc, self.model.vocab
-        tokens = self.model.tokenize(text, add_special=False, parse_special=True)
         bos = lc.llama_vocab_bos(vocab)
         if add_bos and bos >= 0 and lc.llama_vocab_get_add_bos(vocab) and (not tokens or tokens[0] != bos):
             tokens.insert(0, bos)

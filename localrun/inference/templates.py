@@ -3,6 +3,7 @@ named built-in format, chosen explicitly and announced when the model has none."
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,6 +87,24 @@ class ChatTemplate:
             return BadModel(f"the model's chat template {what}", hint=hint)
         return UsageError(f"the chat template ({self.origin}) {what}", hint=hint)
 
+    def render_parts(self, messages: list[Message], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+        """The render cut into markup (False) and the messages' contents (True): rendered with a
+        marker for each content, then checked to give the real render once the contents are put
+        back (as written, or stripped, as templates that trim them do). UsageError when the
+        template reshapes contents beyond that, so they cannot be told apart from its markup."""
+        real = self.render(messages, add_generation_prompt)
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        shape = self.render(marked, add_generation_prompt)
+        for strip in (False, True):
+            parts = _parts_of(shape, messages, strip)
+            if "".join(text for text, _ in parts) == real:
+                return parts
+        raise UsageError(
+            "a message writes one of the model's special tokens, and this chat template changes messages "
+            "so that localrun cannot keep that text apart from the template's own markup",
+            hint="leave the special token out of the message, or choose --chat-format or --template",
+        )
+
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         if self._compiled is None:
             env = sandbox.environment({"raise_exception": _raise, "strftime_now": _strftime_now})
@@ -107,6 +126,21 @@ class ChatTemplate:
             raise self._broken(f"was stopped: {exc}") from None
         except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError) as exc:
             raise self._broken(f"failed: {safe(exc)}") from None
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")  # where a message's content stands in a render (private-use code points)
+
+
+def _parts_of(shape: str, messages: list[Message], strip: bool) -> list[tuple[str, bool]]:
+    pieces = _MARK.split(shape)  # markup, index, markup, index, ..., markup
+    parts = []
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            parts.append((piece, False))
+        else:
+            content = messages[int(piece)]["content"]
+            parts.append((content.strip() if strip else content, True))
+    return [part for part in parts if part[0]]
 
 
 def guess_format(has_token: Callable[[str], bool]) -> Format:
