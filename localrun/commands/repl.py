@@ -249,7 +249,7 @@ def _prompt_session(input: Input | None, output: PTOutput | None) -> Any:
         if hasattr(output, "enable_cpr"):
             output.enable_cpr = False
     return PromptSession(
-        history=_History(str(paths.home() / "chat_history")),
+        history=_History(str(_private_history())),
         completer=SlashCompleter(),
         key_bindings=keys,
         input=input,
@@ -269,6 +269,16 @@ def _ctrl_c_typed_ahead(session: Any) -> bool:
 
 class _EmptyInterrupt(Exception):
     """Ctrl-C on an empty line."""
+
+
+def _private_history() -> Path:
+    """The history file, for its owner alone (it holds every question asked)."""
+    path = paths.home() / "chat_history"
+    try:
+        paths.private_file(path)
+    except OSError:  # an unwritable home: the history fails quietly (see _History)
+        pass
+    return path
 
 
 class _History(FileHistory):

@@ -39,8 +39,7 @@ def mark(blob: Path) -> None:
     name = _mark_name(blob)
     if name is not None:  # a file not named by its sha256 has nothing to be checked against
         target = paths.home() / _FOLDER / name
-        target.parent.mkdir(exist_ok=True)
-        target.touch()
+        paths.private_file(paths.private_dir(target.parent) / target.name)
 
 
 def clear(blob: Path) -> None:

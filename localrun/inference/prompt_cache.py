@@ -146,7 +146,7 @@ class PromptCache:
         lc = llama()
         tmp = self.where / f".{key}.{os.getpid()}.tmp"
         try:
-            self.where.mkdir(parents=True, exist_ok=True)
+            paths.private_file(paths.private_dir(self.where) / tmp.name)  # llama.cpp then writes into it
             arr = (lc.llama_token * len(tokens))(*tokens)
             if not lc.llama_state_seq_save_file(ctx.ptr, str(tmp).encode(), 0, arr, len(tokens)):
                 raise OSError("llama.cpp could not write the state")
