@@ -13,7 +13,7 @@ from collections.abc import Callable
 from localrun.errors import LocalrunError
 from localrun.inference import grammar
 from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import SamplingOptions
+from localrun.inference.sampling import OutOfBounds, SamplingOptions, check_bounds, check_stops
 from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
 from localrun.serve.host import ModelHost
 from localrun.serve.protocol import (
@@ -26,7 +26,6 @@ from localrun.serve.protocol import (
 )
 from localrun.serve.slot import Job, JobEvent
 
-MAX_STOPS = 16
 Sink = Callable[[JobEvent], None]
 
 
@@ -39,11 +38,10 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Job:
     messages = [_message(m, i) for i, m in enumerate(req.messages)]
     assert host.engine is not None and host.template is not None
     try:
-        text = host.template.render(messages, add_generation_prompt=True)
+        prompt = host.engine.chat_tokens(host.template, messages)
     except LocalrunError as exc:
         raise from_localrun(exc) from None
-    prompt = host.engine.tokenize(text)
-    rules = req.grammar
+    rules = _grammar(req)
     fmt = req.response_format
     if rules and isinstance(fmt, (JsonSchemaFormat, JsonObjectFormat)):
         raise bad_request("give a grammar or a response_format, not both", param="grammar")
@@ -80,7 +78,17 @@ def completion(host: ModelHost, req: CompletionRequest, sink: Sink) -> Job:
     prompt = host.engine.tokenize(text)
     # OpenAI's default for this endpoint is 16 tokens; an explicit null asks for the whole reply
     wanted = req.max_tokens if "max_tokens" in req.model_fields_set else 16
-    return _job(host, req, prompt, req.grammar, wanted, _stops(req), req.logprobs, sink)
+    return _job(host, req, prompt, _grammar(req), wanted, _stops(req), req.logprobs, sink)
+
+
+def _grammar(req: GenerationRequest) -> str | None:
+    """The request's GBNF, within the bounds llama.cpp's parser survives."""
+    if req.grammar is None:
+        return None
+    try:
+        return grammar.from_text(req.grammar, "grammar").gbnf
+    except LocalrunError as exc:
+        raise bad_request(exc.message, param="grammar") from None
 
 
 def _job(
@@ -108,7 +116,11 @@ def _job(
     assert host.engine is not None
     options = sampling(req, host.engine.model.n_vocab)
     try:
-        sampler = Sampler(host.engine.model, options, rules)
+        check_bounds(options, host.n_ctx_slot, host.engine.model.n_vocab)
+    except OutOfBounds as exc:
+        raise bad_request(exc.message, param=exc.name) from None
+    try:
+        sampler = Sampler(host.engine.model, options, rules, n_ctx=host.n_ctx_slot)
     except LocalrunError as exc:
         param = "grammar" if req.grammar else "response_format"
         raise bad_request(f"{param}: {exc.message}", param=param) from None
@@ -159,8 +171,10 @@ def _refuse_common(req: GenerationRequest) -> None:
 
 def _stops(req: GenerationRequest) -> list[str]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > MAX_STOPS:
-        raise bad_request(f"at most {MAX_STOPS} stop strings", param="stop")
+    try:
+        check_stops(stops)
+    except OutOfBounds as exc:
+        raise bad_request(exc.message, param="stop") from None
     return [s for s in stops if s]
 
 

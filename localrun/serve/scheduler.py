@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from localrun.errors import LocalrunError
@@ -31,6 +32,7 @@ from localrun.serve.slot import Failed, Job, JobEvent, Slot
 # first alone while the rest wait out that whole decode (4 prompts of 100 tokens on 2 cores: TTFT
 # 0.56 s for all four, against 0.14 s for one and 0.55 s for three).
 GATHER = 0.02
+SAMPLERS = 2  # threads sampling grammars beside the decodes (see Slot.take)
 
 
 class QueueFull(Exception):
@@ -67,6 +69,7 @@ class Scheduler:
         self._outbox: list[tuple[Job, JobEvent]] = []
         self.slots = [Slot(i, self._outbox) for i in range(n_slots)]
         self.batch = Batch(self.ctx.n_batch, n_slots)
+        self._pool = ThreadPoolExecutor(SAMPLERS, thread_name_prefix="localrun-grammar")
         self.idle_since = time.monotonic()
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -119,6 +122,7 @@ class Scheduler:
                     pass
         self.ctx.clear_abort()
         self.batch.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the scheduler thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -187,6 +191,9 @@ class Scheduler:
             max(free, key=lambda slot: _affinity(slot, job.prompt)).start(job, self.ctx)
 
     def _step(self) -> None:
+        for slot in self.slots:
+            if slot.sampling is not None:
+                slot.collect(self.model)
         batch = self.batch
         batch.clear()
         generating = [s for s in self.slots if s.pending is not None]
@@ -213,6 +220,9 @@ class Scheduler:
             added.append(slot)
         self._flush()
         if not batch.n_tokens:
+            waiting = [s.sampling[0] for s in self.slots if s.sampling is not None]
+            if waiting:  # only grammars are being sampled: wait for one (or a new request, soon)
+                wait(waiting, timeout=0.05, return_when=FIRST_COMPLETED)
             return
         try:
             self.ctx.decode_batch(batch)
@@ -225,7 +235,7 @@ class Scheduler:
             return
         for slot in self.slots:
             if slot.row is not None and slot.job is not None:
-                slot.take(self.ctx, self.model)
+                slot.take(self.ctx, self.model, self._pool)
             slot.row = None
 
 

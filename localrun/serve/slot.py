@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,8 @@ class Slot:
         self.job: Job | None = None
         self.pending: int | None = None  # sampled, to be decoded in the next batch
         self.row: int | None = None  # this step's logits row in the batch
+        # a grammar's token being sampled beside the next decodes, and the row it is sampled from
+        self.sampling: tuple[Future[int], object] | None = None
         self.last_used = 0.0
         # the reply being generated (set by start)
         self.reused = self.generated = 0
@@ -93,7 +96,7 @@ class Slot:
             ctx.drop(self.seq, 0, -1)  # a cache that cannot drop a tail (some recurrent ones): start over
             reuse = 0
         self.cached = job.prompt[:reuse]
-        self.job, self.pending, self.row = job, None, None
+        self.job, self.pending, self.row, self.sampling = job, None, None, None
         self.reused, self.generated = reuse, 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.matcher = StopMatcher(job.stop)
@@ -105,20 +108,48 @@ class Slot:
         ctx.drop(self.seq, 0, -1)
         self.cached = []
 
-    def take(self, ctx: LlamaContext, model: LlamaModel) -> bool:
-        """Sample from this step's logits row; True when the reply has ended."""
+    def take(self, ctx: LlamaContext, model: LlamaModel, pool: Executor) -> bool:
+        """Sample from this step's logits row; True when the reply has ended. A grammar's token
+        is sampled in `pool` from a copy of the row instead (masking a large vocabulary against
+        a large grammar can take seconds): the others decode meanwhile, and collect() takes it."""
         job = self.job
         assert job is not None and self.row is not None
         now = time.perf_counter()
         if self.t_read is None:
             self.t_read = now
+        if job.sampler.rule:
+            row = ctx.logits(self.row).copy()
+            self.sampling = (pool.submit(job.sampler.sample_row, row), row)
+            return False
         token = job.sampler.sample(ctx, self.row)
+        return self._took(token, ctx.logits(self.row) if job.top_logprobs is not None else None, model)
+
+    def collect(self, model: LlamaModel) -> bool | None:
+        """The grammar's token, once sampled (see take): True when the reply has ended, None
+        while it is still being sampled."""
+        assert self.sampling is not None
+        future, row = self.sampling
+        if not future.done():
+            return None
+        self.sampling = None
+        try:
+            token = future.result()
+        except Exception as exc:  # never leave the request waiting
+            from localrun.serve.errors import ApiError
+
+            self.fail(ApiError(500, f"sampling the grammar failed: {exc}", type="server_error"))
+            return True
+        return self._took(token, row, model)
+
+    def _took(self, token: int, logits, model: LlamaModel) -> bool:
+        job = self.job
+        assert job is not None
         self.generated += 1
         if model.is_eog(token):
             return self._finish("eog")
         piece = model.piece(token, special=True)
         if job.top_logprobs is not None:
-            self.logprobs.append(_logprob(ctx.logits(self.row), token, job.top_logprobs, model, piece))
+            self.logprobs.append(_logprob(logits, token, job.top_logprobs, model, piece))
         text, stopped = self.matcher.feed(self.decoder.decode(piece))
         if text:
             self._emit(text)
@@ -136,7 +167,7 @@ class Slot:
     def fail(self, error: ApiError) -> None:
         job = self.job
         if job is not None:
-            self.job, self.pending, self.row = None, None, None
+            self.job, self.pending, self.row, self.sampling = None, None, None, None
             self.last_used = time.perf_counter()
             self.outbox.append((job, Failed(error)))
 
@@ -173,7 +204,7 @@ class Slot:
                 ),
             )
         )
-        self.job, self.pending, self.row = None, None, None
+        self.job, self.pending, self.row, self.sampling = None, None, None, None
         self.last_used = end
         return True
 
