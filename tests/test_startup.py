@@ -1,15 +1,19 @@
-"""What a command costs before it does its work: the modules a one-shot answer imports. Structural
-checks, never timings."""
+"""What a command costs before it does its work: the modules a one-shot answer imports, and the
+help every command prints. Structural checks, never timings (scripts/bench_startup.py times it)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pexpect
+from typer.testing import CliRunner
+
+from localrun.cli import app
 
 # `python -m localrun ARGS`, exactly, that writes the modules it imported to $MODULES_OUT as it exits.
 PROBE = (
@@ -19,8 +23,10 @@ PROBE = (
     "runpy.run_module('localrun', run_name='__main__', alter_sys=True)\n"
 )
 # What no answer from a local model needs: the Hub client and pull, the test-model builder and the
-# gguf package (a model already seen has its header facts on disk), the server and its stack.
+# gguf package (a model already seen has its header facts on disk), the server and its stack, and
+# pydantic (Typer 0.29 builds a pydantic TypeAdapter for every parameter of every command run).
 NEVER_FOR_AN_ANSWER = (
+    "pydantic",
     "huggingface_hub",
     "localrun.commands.pull",
     "localrun.hub.download",
@@ -81,6 +87,69 @@ def test_chat_imports_only_what_it_needs_to_its_first_prompt(tiny, tmp_path):
     assert child.exitstatus == 0
     assert imported(out, ("prompt_toolkit",)) == ["prompt_toolkit"]
     assert imported(out, NEVER_FOR_AN_ANSWER) == []
+
+
+# -- --help ----------------------------------------------------------------------------------------
+
+runner = CliRunner()
+# Typer's names for types and its bracketing of metavars that are not words a user reads.
+PLACEHOLDERS = ("<str>", "<int", "<float", "<path", "<bool", "list[", "[[", "]]")
+
+
+def help_of(args: list[str]) -> str:
+    result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def section(text: str, title: str) -> list[str]:
+    """The lines of a help section ("Options:", "Arguments:", "Commands:") up to the next blank line."""
+    lines = text.splitlines()
+    if f"{title}:" not in lines:
+        return []
+    body = lines[lines.index(f"{title}:") + 1 :]
+    return body[: body.index("")] if "" in body else body
+
+
+def entries(lines: list[str]) -> dict[str, str]:
+    """Each entry of a section (a line indented by two) with its description, continuation lines
+    joined, and the bracketed facts Typer adds ([default: ...], [required], ranges) removed."""
+    found: dict[str, str] = {}
+    name = ""
+    for line in lines:
+        if re.match(r"^  \S", line):
+            name, _, rest = line.strip().partition("  ")
+            found[name] = rest
+        elif name:
+            found[name] += " " + line.strip()
+    return {key: re.sub(r"\[[^\]]*\]", "", text).strip() for key, text in found.items()}
+
+
+def every_command() -> list[list[str]]:
+    """Every command and subcommand, as the help lists them (a group's own help included)."""
+    commands, groups = [], [[]]
+    while groups:
+        group = groups.pop()
+        for name in entries(section(help_of(group), "Commands")):
+            path = [*group, name]
+            commands.append(path)
+            if section(help_of(path), "Commands"):
+                groups.append(path)
+    return commands
+
+
+def test_every_help_names_values_in_words_and_describes_every_option():
+    commands = every_command()
+    assert ["run"] in commands and ["cache", "ls"] in commands and ["serve"] in commands
+    assert "--pp N" in help_of(["bench"]) and "--port N" in help_of(["serve"])  # were <int range>
+    for args in [[], *commands]:
+        text = help_of(args)
+        shown = " ".join(args) or "localrun"
+        for placeholder in PLACEHOLDERS:
+            assert placeholder not in text, f"{shown} --help shows {placeholder!r}:\n{text}"
+        for kind in ("Arguments", "Options"):
+            for name, description in entries(section(text, kind)).items():
+                assert re.search(r"\w", description), f"{shown} --help: {name} has no description"
 
 
 def test_the_kv_cache_type_ids_are_ggmls():
