@@ -2,7 +2,7 @@
 """How long a one-shot answer takes from the shell: `localrun run` against llama.cpp's own tools.
 
     python scripts/bench_startup.py [MODEL] [--runs 10] [--prompt TEXT] [-n 8] [--ctx 4096]
-        [--threads N] [--llama-cli PATH] [--llama-completion PATH] [--no-floor] [--chat]
+        [--threads N] [--llama-cli PATH] [--llama-completion PATH] [--no-floor] [--chat] [--ref REF]
 
 The commands, on the same model, prompt, token count, context and threads, greedy:
 - `localrun run MODEL PROMPT`          against `llama-cli -st` (target: ratio <= 1.0)
@@ -10,11 +10,17 @@ The commands, on the same model, prompt, token count, context and threads, greed
 - the floor: a Python process that imports llama_cpp, then loads, prefills and generates the same
   tokens through its C API (no template): what any Python tool doing this pays.
 - with --chat: `localrun chat MODEL` until its first `>>>` prompt, in a pty (needs pexpect).
+- with --ref org/repo[:QUANT]: localrun is given that reference to the same file, pulled into the
+  HF cache, as a user would type it (resolving it scans the cache); the other tools the path.
 Each round runs every command once, wall time from spawn to exit, in an order that rotates from
 round to round; one warm-up round first (the file cache, localrun's once-per-build and once-per-file
 checks) is not counted. Printed: each command's median, min and max over --runs rounds, and the
 medians' ratios. llama-cli and llama-completion are built from llama-cpp-python's vendored
-llama.cpp, the version localrun loads; a path that is not there is skipped, and said.
+llama.cpp, the version localrun loads; a path that is not there is skipped, and said:
+
+    pip download llama-cpp-python==0.3.36 --no-binary :all: --no-deps -d /tmp && tar xzf ...
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/llama-build -DCMAKE_BUILD_TYPE=Release
+    cmake --build /tmp/llama-build -j --target llama-cli llama-completion
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     """Each measured command by name; a llama.cpp tool that is not there is left out, and said."""
     model, n, ctx = str(args.model), str(args.n), str(args.ctx)
     threads = ["-t", str(args.threads)] if args.threads else []
-    run = [*localrun_argv(), "run", model, args.prompt, "-n", n, "--temp", "0", "--ctx", ctx, *threads]
+    run = [*localrun_argv(), "run", args.ref or model, args.prompt, "-n", n, "--temp", "0", "--ctx", ctx, *threads]
     found: dict[str, list[str]] = {"localrun run": run, "localrun run --raw": [*run, "--raw"]}
     llama = ["-m", model, "-p", args.prompt, "-n", n, "--temp", "0", "-c", ctx, *threads]
     for name, path, extra in (
@@ -83,7 +89,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
         if path and Path(path).is_file() and os.access(path, os.X_OK):
             found[name] = [str(path), *llama, *extra]
         else:
-            print(f"skipped {name}: no executable at {path} (build it from llama-cpp-python's sdist; see --help)")
+            print(f"skipped {name}: no executable at {path} (how to build it: --help)")
     if args.floor:
         found["floor (llama_cpp C API)"] = [
             sys.executable,
@@ -113,7 +119,7 @@ def time_chat_prompt(args: argparse.Namespace) -> float:
     """Seconds from spawning `localrun chat MODEL` in a pty to its first `>>>` prompt."""
     import pexpect
 
-    argv = [*localrun_argv(), "chat", str(args.model), "--ctx", str(args.ctx)]
+    argv = [*localrun_argv(), "chat", args.ref or str(args.model), "--ctx", str(args.ctx)]
     if args.threads:
         argv += ["-t", str(args.threads)]
     env = dict(os.environ, TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
@@ -128,7 +134,7 @@ def time_chat_prompt(args: argparse.Namespace) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", type=Path, default=default_model())
     parser.add_argument("--runs", type=int, default=10, help="counted rounds (after one warm-up)")
     parser.add_argument("--prompt", default="What is 2+2?")
@@ -139,6 +145,7 @@ def main() -> None:
     parser.add_argument("--llama-completion", type=Path, default=BUILD / "llama-completion")
     parser.add_argument("--no-floor", dest="floor", action="store_false", help="skip the bare llama_cpp process")
     parser.add_argument("--chat", action="store_true", help="also time `localrun chat` to its first prompt")
+    parser.add_argument("--ref", help="the reference localrun is given for MODEL (org/repo[:QUANT]), pulled")
     args = parser.parse_args()
     if not args.model.is_file():
         sys.exit(f"no model at {args.model} (the tests' fixtures assemble Gemma there; or give a .gguf path)")
