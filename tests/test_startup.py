@@ -92,8 +92,8 @@ def test_chat_imports_only_what_it_needs_to_its_first_prompt(tiny, tmp_path):
 # -- --help ----------------------------------------------------------------------------------------
 
 runner = CliRunner()
-# Typer's names for types and its bracketing of metavars that are not words a user reads.
-PLACEHOLDERS = ("<str>", "<int", "<float", "<path", "<bool", "list[", "[[", "]]")
+# Typer's names for types, and its bracketing or repeating of a metavar that has its own.
+PLACEHOLDERS = ("<str>", "<int", "<float", "<path", "<bool", "list[", "[[", "]]", "...]...", "...}...")
 
 
 def help_of(args: list[str]) -> str:
@@ -142,6 +142,8 @@ def test_every_help_names_values_in_words_and_describes_every_option():
     commands = every_command()
     assert ["run"] in commands and ["cache", "ls"] in commands and ["serve"] in commands
     assert "--pp N" in help_of(["bench"]) and "--port N" in help_of(["serve"])  # were <int range>
+    assert "{MODEL...}" in help_of(["bench"]) and "[MODEL...]" in help_of(["serve"])  # several, or none
+    assert "[PROMPT...]" in help_of(["run"])
     for args in [[], *commands]:
         text = help_of(args)
         shown = " ".join(args) or "localrun"

@@ -185,7 +185,7 @@ def bench(
     models: Annotated[
         list[str],
         typer.Argument(
-            help="A repo (benches its pulled quants) or several .gguf paths.", metavar="MODEL", show_default=False
+            help="A repo (benches its pulled quants) or several .gguf paths.", metavar="MODEL...", show_default=False
         ),
     ],
     quants: Annotated[

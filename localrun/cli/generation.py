@@ -155,7 +155,7 @@ ServerOpt = Annotated[
 PromptArg = Annotated[
     Optional[list[str]],
     typer.Argument(
-        metavar="PROMPT",
+        metavar="PROMPT...",
         show_default=False,
         help="The prompt. With piped stdin it is the instruction and stdin the material it applies to.",
     ),

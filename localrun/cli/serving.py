@@ -27,7 +27,7 @@ def serve(
     models: Annotated[
         Optional[list[str]],
         typer.Argument(
-            metavar="MODEL",
+            metavar="MODEL...",
             show_default=False,
             help="Models to load now (pulled first if needed); none: every pulled model, loaded when asked for.",
         ),
