@@ -14,9 +14,10 @@ The commands, on the same model, prompt, token count, context and threads, greed
   HF cache, as a user would type it (resolving it scans the cache); the other tools the path.
 Each round runs every command once, wall time from spawn to exit, in an order that rotates from
 round to round; one warm-up round first (the file cache, localrun's once-per-build and once-per-file
-checks) is not counted. Printed: each command's median, min and max over --runs rounds, and the
-medians' ratios. llama-cli and llama-completion are built from llama-cpp-python's vendored
-llama.cpp, the version localrun loads; a path that is not there is skipped, and said:
+checks) is not counted, and localrun's bytecode is written before, as an install has it. Printed:
+each command's median, min and max over --runs rounds, and the medians' ratios. llama-cli and
+llama-completion are built from llama-cpp-python's vendored llama.cpp, the version localrun loads;
+a path that is not there is skipped, and said:
 
     pip download llama-cpp-python==0.3.36 --no-binary :all: --no-deps -d /tmp && tar xzf ...
     cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/llama-build -DCMAKE_BUILD_TYPE=Release
@@ -104,6 +105,17 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     return found
 
 
+def compile_localrun() -> None:
+    """Write localrun's bytecode, as an install does: with PYTHONDONTWRITEBYTECODE set and no
+    __pycache__ in the checkout, every start would compile every module it imports."""
+    import compileall
+
+    spec = importlib.util.find_spec("localrun")
+    assert spec is not None and spec.submodule_search_locations, "run from the checkout"
+    for folder in spec.submodule_search_locations:
+        compileall.compile_dir(folder, quiet=1)
+
+
 def time_command(argv: list[str]) -> float:
     """Seconds from spawn to exit; a failure stops the script with the command's own words."""
     start = time.perf_counter()
@@ -152,6 +164,7 @@ def main() -> None:
     if args.chat and importlib.util.find_spec("pexpect") is None:
         sys.exit("--chat needs pexpect (pip install pexpect)")
 
+    compile_localrun()
     measured = commands(args)
     timers = {name: (lambda argv=argv: time_command(argv)) for name, argv in measured.items()}
     if args.chat:
