@@ -1,4 +1,4 @@
-"""Time `localrun --help` (target: 0.15 s or less). Usage: python scripts/time_help.py [RUNS]"""
+"""Time `localrun --help` (target: 0.1 s or less). Usage: python scripts/time_help.py [RUNS]"""
 
 import shutil
 import statistics

@@ -185,36 +185,53 @@ def bench(
     models: Annotated[
         list[str],
         typer.Argument(
-            help="A repo (benches its pulled quants) or several .gguf paths.", metavar="MODEL", show_default=False
+            help="A repo (benches its pulled quants) or several .gguf paths.", metavar="MODEL...", show_default=False
         ),
     ],
     quants: Annotated[
         Optional[str],
         typer.Option(
             "--quants",
+            metavar="QUANTS",
             show_default=False,
             help="With a repo: pull and bench these quants (Q4_K_M,Q8_0), or 'fit' for all that fit.",
         ),
     ] = None,
-    pp: Annotated[int, typer.Option("--pp", min=0, help="Prompt tokens for the prompt-processing test.")] = 512,
-    tg: Annotated[int, typer.Option("--tg", min=0, help="Tokens for the generation test.")] = 128,
-    reps: Annotated[int, typer.Option("--reps", "-r", min=1, help="Repetitions after the warm-up.")] = 5,
-    ppl_ctx: Annotated[int, typer.Option("--ppl-ctx", min=16, help="Window of the perplexity / KLD pass.")] = 512,
+    pp: Annotated[
+        int, typer.Option("--pp", min=0, metavar="N", help="Prompt tokens for the prompt-processing test.")
+    ] = 512,
+    tg: Annotated[int, typer.Option("--tg", min=0, metavar="N", help="Tokens for the generation test.")] = 128,
+    reps: Annotated[int, typer.Option("--reps", "-r", min=1, metavar="N", help="Repetitions after the warm-up.")] = 5,
+    ppl_ctx: Annotated[
+        int, typer.Option("--ppl-ctx", min=16, metavar="N", help="Window of the perplexity / KLD pass.")
+    ] = 512,
     ppl_chunks: Annotated[
         Optional[int],
         typer.Option(
-            "--ppl-chunks", min=1, show_default=False, help="Score only the first N windows of the text (default: all)."
+            "--ppl-chunks",
+            min=1,
+            metavar="N",
+            show_default=False,
+            help="Score only the first N windows of the text (default: all).",
         ),
     ] = None,
     max_kld: Annotated[
         float,
         typer.Option(
-            "--max-kld", min=0.0, help="The KLD a candidate may have against the reference to be recommended."
+            "--max-kld",
+            min=0.0,
+            metavar="KLD",
+            help="The KLD a candidate may have against the reference to be recommended.",
         ),
     ] = 0.05,
     eval_text: Annotated[
         Optional[Path],
-        typer.Option("--text", show_default=False, help="Evaluation text (default: the one shipped with localrun)."),
+        typer.Option(
+            "--text",
+            metavar="FILE",
+            show_default=False,
+            help="Evaluation text (default: the one shipped with localrun).",
+        ),
     ] = None,
     no_quality: Annotated[bool, typer.Option("--no-quality", help="Speed only: no perplexity or KLD pass.")] = False,
     threads: ThreadsOpt = None,

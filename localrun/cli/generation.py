@@ -56,11 +56,36 @@ TemperatureOpt = Annotated[
         "--temperature", "--temp", metavar="T", help="0 is greedy (deterministic).", **_bounded("temperature")
     ),
 ]
-TopPOpt = Annotated[float, typer.Option("--top-p", metavar="P", **_bounded("top_p"))]
-TopKOpt = Annotated[int, typer.Option("--top-k", metavar="K", help="0 disables.", **_bounded("top_k"))]
-MinPOpt = Annotated[float, typer.Option("--min-p", metavar="P", **_bounded("min_p"))]
+TopPOpt = Annotated[
+    float,
+    typer.Option(
+        "--top-p",
+        metavar="P",
+        help="Sample from the likeliest tokens up to this total probability; 1.0 disables.",
+        **_bounded("top_p"),
+    ),
+]
+TopKOpt = Annotated[
+    int,
+    typer.Option("--top-k", metavar="K", help="Sample from the K likeliest tokens; 0 disables.", **_bounded("top_k")),
+]
+MinPOpt = Annotated[
+    float,
+    typer.Option(
+        "--min-p",
+        metavar="P",
+        help="Drop tokens less likely than this fraction of the likeliest; 0 disables.",
+        **_bounded("min_p"),
+    ),
+]
 RepeatPenaltyOpt = Annotated[
-    float, typer.Option("--repeat-penalty", metavar="X", help="1.0 disables.", **_bounded("repeat_penalty"))
+    float,
+    typer.Option(
+        "--repeat-penalty",
+        metavar="X",
+        help="Make recently seen tokens less likely; 1.0 disables.",
+        **_bounded("repeat_penalty"),
+    ),
 ]
 SeedOpt = Annotated[
     Optional[int],
@@ -130,7 +155,7 @@ ServerOpt = Annotated[
 PromptArg = Annotated[
     Optional[list[str]],
     typer.Argument(
-        metavar="PROMPT",
+        metavar="PROMPT...",
         show_default=False,
         help="The prompt. With piped stdin it is the instruction and stdin the material it applies to.",
     ),

@@ -27,7 +27,7 @@ def serve(
     models: Annotated[
         Optional[list[str]],
         typer.Argument(
-            metavar="[MODEL...]",
+            metavar="MODEL...",
             show_default=False,
             help="Models to load now (pulled first if needed); none: every pulled model, loaded when asked for.",
         ),
@@ -35,7 +35,9 @@ def serve(
     host: Annotated[
         str, typer.Option("--host", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")] = 8080,
+    port: Annotated[
+        int, typer.Option("--port", "-p", min=0, max=65535, metavar="N", help="Port (0: any free one).")
+    ] = 8080,
     parallel: Annotated[
         int, typer.Option("--parallel", "-np", min=1, max=64, metavar="N", help="Requests answered at once, per model.")
     ] = 4,

@@ -7,9 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from localrun.commands.loading import open_engine
-from localrun.commands.remote import RemoteDialogue, refuse_local_options
-from localrun.commands.repl import Repl
 from localrun.commands.stream import make_renderer
 from localrun.errors import UsageError
 from localrun.inference import grammar as grammars
@@ -18,7 +15,6 @@ from localrun.inference.conversation import Conversation, Dialogue, compose_prom
 from localrun.inference.engine import Engine, EngineConfig, Stats
 from localrun.inference.sampling import Settings, check_structure
 from localrun.output import Output, isatty
-from localrun.serve.client import Server
 from localrun.text import plural
 
 
@@ -138,12 +134,17 @@ def generate(
             hint += f"; to chat with it: localrun chat {model}"
         raise UsageError("nothing to answer: the prompt is empty", hint=hint)
     apply_structure(settings, prompt_options)
-    if server:
+    if server:  # what only --server needs, imported only then (as the REPL and loading are)
+        from localrun.commands.remote import RemoteDialogue, refuse_local_options
+        from localrun.serve.client import Server
+
         refuse_local_options(cfg, draft, prompt_options.chat_format, prompt_options.template_file)
         remote = RemoteDialogue(
             Server(server), model, settings, prompt_options.system, raw=prompt_options.raw, warn=out.warn
         )
         return converse(remote, out, interactive, prompt, material, stream)
+    from localrun.commands.loading import open_engine
+
     engine = open_engine(model, cfg, out, draft=draft)
     try:
         conv = open_conversation(engine, out, settings, prompt_options, chatting=mode == "chat")
@@ -154,6 +155,8 @@ def generate(
 
 def converse(conv: Dialogue, out: Output, interactive: bool, prompt: str, material: str, stream: bool) -> Stats | None:
     if interactive:  # a prompt given as an argument is the chat's first message, as in Ollama
+        from localrun.commands.repl import Repl  # prompt-toolkit: not for one answer
+
         Repl(conv, out).run(first=prompt or None)
         return None
     return one_shot(conv, prompt, out, stream=stream, material=material)

@@ -11,7 +11,6 @@ from rich.markup import escape
 from localrun import fit, hardware
 from localrun.cache.resolve import Resolved, resolve
 from localrun.cache.usage import touch
-from localrun.commands.pull import pull
 from localrun.hardware import Machine
 from localrun.inference.build import build_info
 from localrun.inference.engine import Engine, EngineConfig
@@ -36,6 +35,8 @@ def obtain(
     machine = machine or this_machine(out.info)
     found = resolve(ref, machine, n_ctx, shape=shape)
     if found is None:
+        from localrun.commands.pull import pull  # the Hub client: only when something is missing
+
         found = pull(ref, out, machine=machine, n_ctx=n_ctx, as_step=True, shape=shape).resolved
         assert found is not None, "a pull that returns ends with the files on disk"
     return found

@@ -27,13 +27,15 @@ from localrun.inference.passing import in_passing_thread
 from localrun.inference.sampler import Batch, Sampler
 from localrun.inference.sampling import SamplingOptions
 
+# ggml.h's `enum ggml_type` ids of the KV cache types (fixed: GGUF files store them). The gguf
+# package has the whole table, but importing it costs a one-shot run more than its answer.
+GGML_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+
 
 def ggml_type(name: str) -> int:
     """The ggml type id of a KV cache type name (f16, q8_0, ...)."""
-    from gguf import GGMLQuantizationType
-
     try:
-        return int(GGMLQuantizationType[name.upper()])
+        return GGML_KV_TYPES[name.lower()]
     except KeyError:
         raise UsageError(f"unknown KV cache type {name!r}", hint="use f16, q8_0 or q4_0") from None
 

@@ -27,7 +27,6 @@ from localrun.errors import EngineCrash
 from localrun.hardware import Machine, cpu_info
 from localrun.inference.build import build_info, quantize
 from localrun.inference.llama_log import last_error
-from localrun.model.tiny import write_tiny_model
 
 PROBE_TIMEOUT = 120.0
 
@@ -150,6 +149,8 @@ def probe_model() -> Path:
 
 
 def _make_probe_model(target: Path) -> Path:
+    from localrun.model.tiny import write_tiny_model  # numpy and gguf: only when the probe is made
+
     base = write_tiny_model(target.with_name("tiny-f32.gguf"))
     try:
         quantize(base, target, "Q4_K_M")
