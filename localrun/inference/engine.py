@@ -22,12 +22,12 @@ from localrun.hardware import default_threads
 from localrun.inference import runtime
 from localrun.inference.events import PROGRESS_EVERY, Event, Notice, Piece, PrefillProgress, Speculation, Stats
 from localrun.inference.prompt_cache import DEFAULT_LIMIT, MIN_TOKENS, PromptCache, kv_identity
-from localrun.inference.prompt_tokens import Part, holds_special, tokenize_parts
 from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions, common_prefix
 from localrun.inference.sampling import SamplingOptions
 from localrun.inference.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
 from localrun.inference.stops import StopMatcher
 from localrun.inference.templates import ChatTemplate, Message
+from localrun.inference.vocabulary import Part, holds_special, tokenize_parts
 from localrun.model.files import ModelFiles
 from localrun.text import safe
 
@@ -167,7 +167,7 @@ class Engine:
 
     def tokenize_parts(self, parts: list[Part]) -> list[int]:
         """Tokens of a prompt cut into markup and contents: special tokens come from the markup
-        only, a content is read as text whatever it writes (see prompt_tokens)."""
+        only, a content is read as text whatever it writes (see vocabulary)."""
         if not any(content and holds_special(self.model, text) for text, content in parts):
             return self.tokenize("".join(text for text, _ in parts))
         return self._with_bos(tokenize_parts(self.model, parts), True)

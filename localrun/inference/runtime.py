@@ -113,7 +113,6 @@ class LlamaModel:
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
         self.n_layer = lc.llama_model_n_layer(self.ptr)
         self._piece_buf = ctypes.create_string_buffer(256)
-        self._partial_utf8: list[int] | None = None
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -141,15 +140,6 @@ class LlamaModel:
             n = self._lc.llama_token_to_piece(self.vocab, token, big, len(big), 0, special)
             return big.raw[:n]
         return self._piece_buf.raw[:n]
-
-    def partial_utf8_tokens(self) -> list[int]:
-        """Tokens whose bytes are not whole UTF-8 characters (byte-fallback pieces, bytes that
-        no UTF-8 text holds). llama.cpp's grammar decodes a character from its lead byte without
-        checking what follows, so a reply built with them can pass a grammar's character
-        counts and still not be the text it counted: a grammar bans them."""
-        if self._partial_utf8 is None:
-            self._partial_utf8 = [t for t in range(self.n_vocab) if not _whole_utf8(self.piece(t))]
-        return self._partial_utf8
 
     def is_control(self, token: int) -> bool:
         """A control (or unknown) token: one that only special-token parsing makes from text."""
@@ -187,14 +177,6 @@ class LlamaModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _whole_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 class LlamaContext:

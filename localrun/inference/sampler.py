@@ -10,6 +10,7 @@ from localrun.errors import UsageError
 from localrun.inference import gbnf
 from localrun.inference.build import llama
 from localrun.inference.sampling import SamplingOptions, check_bounds, check_structure, llama_seed
+from localrun.inference.vocabulary import partial_utf8_tokens
 
 if TYPE_CHECKING:
     from localrun.inference.runtime import LlamaContext, LlamaModel
@@ -41,7 +42,7 @@ class Sampler:
         self._ids: Any = None  # 0..n_vocab-1, to put back in the cells
         self._n_vocab = model.n_vocab
         chain = self.ptr = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        banned = [*(model.eog_tokens() if s.ban_eog else ()), *(model.partial_utf8_tokens() if grammar else ())]
+        banned = [*(model.eog_tokens() if s.ban_eog else ()), *(partial_utf8_tokens(model) if grammar else ())]
         bias = list(s.logit_bias) + [(t, float("-inf")) for t in banned]
         if bias:
             cells = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias])

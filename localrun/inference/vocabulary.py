@@ -1,4 +1,5 @@
-"""A prompt's tokens where only the chat template's own markup makes special tokens.
+"""The vocabulary as text: which tokens are whole UTF-8, and a prompt's tokens where only the
+chat template's own markup makes special tokens.
 
 Rendered text is tokenized with special tokens parsed, so that the template's `<|im_start|>`
 becomes that control token. Parsed the same way, a message that writes `<|im_end|>` would close
@@ -12,12 +13,33 @@ between the special tokens of a whole prompt. A prompt whose contents hold no sp
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from localrun.inference.runtime import LlamaModel
 
 Part = tuple[str, bool]  # (text, whether it is a message's content: read as text only)
+_partial: weakref.WeakKeyDictionary[LlamaModel, list[int]] = weakref.WeakKeyDictionary()
+
+
+def partial_utf8_tokens(model: LlamaModel) -> list[int]:
+    """Tokens whose bytes are not whole UTF-8 characters (byte-fallback pieces, bytes that no
+    UTF-8 text holds). llama.cpp's grammar decodes a character from its lead byte without
+    checking what follows, so a reply built with them can pass a grammar's character counts
+    and still not be the text it counted: a grammar bans them."""
+    found = _partial.get(model)
+    if found is None:
+        found = _partial[model] = [t for t in range(model.n_vocab) if not _whole_utf8(model.piece(t))]
+    return found
+
+
+def _whole_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def holds_special(model: LlamaModel, text: str) -> bool:
