@@ -157,6 +157,8 @@ def test_bad_text_and_loose_types_are_400_on_a_kept_connection(server: ServerPro
         response = conn.getresponse()
         answer = json.loads(response.read())
         assert response.status == expected, answer
+        if expected == 400:
+            assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
     conn.close()
     still_serving(server)
 
