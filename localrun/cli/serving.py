@@ -64,6 +64,28 @@ def serve(
     max_body: Annotated[
         str, typer.Option("--max-body", metavar="SIZE", help="Largest request body (413 beyond).")
     ] = "16M",
+    allowed_hosts: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--allowed-host",
+            metavar="HOST",
+            show_default=False,
+            help="Also answer requests sent to this host name (repeatable; *: any). Others get 421.",
+        ),
+    ] = None,
+    cors: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--cors",
+            metavar="ORIGIN",
+            show_default=False,
+            help="Allow web pages from this origin, e.g. http://localhost:3000 (repeatable; *: any). Others get 403.",
+        ),
+    ] = None,
+    # bounds on connections, for tests (hidden: ServeSettings' defaults suit every use)
+    idle_timeout: Annotated[Optional[float], typer.Option("--idle-timeout", min=0.1, hidden=True)] = None,
+    body_timeout: Annotated[Optional[float], typer.Option("--body-timeout", min=0.1, hidden=True)] = None,
+    max_connections: Annotated[Optional[int], typer.Option("--max-connections", min=1, hidden=True)] = None,
     chat_format: ChatFormatOpt = None,
     template: TemplateOpt = None,
     threads: ThreadsOpt = None,
@@ -87,7 +109,23 @@ def serve(
         template_file=template,
         verbose=verbose,
     )
-    settings = ServeSettings(host, port, api_key or None, size_option("--max-body", max_body))
+    settings = ServeSettings(
+        host=host,
+        port=port,
+        api_key=api_key or None,
+        max_body=size_option("--max-body", max_body),
+        allowed_hosts=tuple(allowed_hosts or ()),
+        cors=tuple(cors or ()),
+        **{
+            name: value
+            for name, value in (
+                ("idle_timeout", idle_timeout),
+                ("body_timeout", body_timeout),
+                ("max_connections", max_connections),
+            )
+            if value is not None
+        },
+    )
     cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
     raise typer.Exit(run_server(list(models or []), opts, settings, cfg, out))
 

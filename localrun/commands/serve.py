@@ -16,10 +16,10 @@ from localrun.inference.selftest import this_machine
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
 from localrun.serve import state
-from localrun.serve.app import Served, create_app
+from localrun.serve.app import Access, Served, create_app
 from localrun.serve.host import ModelHost, ServeOptions
 from localrun.serve.registry import Registry
-from localrun.serve.server import bind, is_loopback, serve, url_of
+from localrun.serve.server import Limits, bind, is_loopback, serve, url_of
 from localrun.text import safe
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
@@ -31,6 +31,11 @@ class ServeSettings:
     port: int = 8080
     api_key: str | None = None
     max_body: int = 16 << 20
+    allowed_hosts: tuple[str, ...] = ()
+    cors: tuple[str, ...] = ()
+    idle_timeout: float = Limits.idle
+    body_timeout: float = Access.body_timeout
+    max_connections: int = Limits.connections
 
 
 def keep_alive(text: str) -> float | None:
@@ -105,7 +110,8 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
         raise UsageError("--parallel must be at least 1")
     checked = checked_config(cfg, out)
     opts.threads, opts.gpu_layers = checked.n_threads, checked.n_gpu_layers
-    if not is_loopback(settings.host) and not settings.api_key:
+    loopback = is_loopback(settings.host)
+    if not loopback and not settings.api_key:
         out.warn(
             f"serving on {settings.host} without --api-key: anyone who can reach this machine can use the models "
             "(set LOCALRUN_API_KEY, or --api-key KEY)"
@@ -118,9 +124,15 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
                 host.checkout()
                 host.checkin()
         registry = Registry(hosts)
-        app = create_app(
-            registry, api_key=settings.api_key, max_body=settings.max_body, log=lambda s: out.info(log_line(s))
+        access = Access(
+            api_key=settings.api_key,
+            max_body=settings.max_body,
+            body_timeout=settings.body_timeout,
+            loopback=loopback,
+            allowed_hosts=settings.allowed_hosts,
+            cors=settings.cors,
         )
+        app = create_app(registry, access, log=lambda s: out.info(log_line(s)))
         url = url_of(sock, settings.host)
         record = state.register(url, [state.ServedModel(h.id, opts.parallel) for h in hosts])
     except BaseException:
@@ -128,7 +140,8 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
         raise
     try:
         _announce(out, url, hosts, opts, bool(models), bool(settings.api_key))
-        serve(app, sock, on_stop=registry.drain)
+        limits = Limits(settings.idle_timeout, settings.max_connections)
+        serve(app, sock, on_stop=registry.drain, limits=limits, notify=out.info)
         out.info("stopped")
     finally:
         registry.drain()

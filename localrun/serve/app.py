@@ -1,10 +1,12 @@
-"""The HTTP app (FastAPI on uvicorn): OpenAI's endpoints over the served models' schedulers.
+"""The HTTP app (FastAPI on uvicorn): OpenAI's endpoints over the served models' schedulers,
+behind the checks of middleware.py.
 
 Every error is OpenAI's error JSON with its status: 400 for a body that is not JSON or has the
-wrong types, 401 for a missing or wrong key (compared in constant time), 404 for an unknown model
-or endpoint, 413 for a body over the limit, 503 with Retry-After when every slot is busy and the
-queue is full. No endpoint reads or writes a file a request names: a model is one of those the
-server was started with, found by name.
+wrong types, 401 for a missing or wrong key (compared in constant time), 403 for a web page's
+origin not allowed, 404 for an unknown model or endpoint, 408 for a body sent too slowly, 413 for
+a body over the limit, 421 for a Host that does not name this server, 503 with Retry-After when
+every slot is busy and the queue is full. No endpoint reads or writes a file a request names: a
+model is one of those the server was started with, found by name.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.middleware.cors import CORSMiddleware
 
 from localrun.errors import LocalrunError
 from localrun.inference.engine import Stats
 from localrun.serve import prepare, replies
 from localrun.serve.errors import ApiError, from_localrun
+from localrun.serve.middleware import BodyLimit, Gate, LastResort
 from localrun.serve.protocol import ChatRequest, CompletionRequest, Health, ModelCard, ModelList
 from localrun.serve.registry import Registry
 from localrun.serve.replies import Feed, Reply
@@ -47,9 +50,19 @@ class Served:
     error: str | None = None
 
 
-def create_app(
-    registry: Registry, *, api_key: str | None, max_body: int, log: Callable[[Served], None] = lambda s: None
-) -> FastAPI:
+@dataclass
+class Access:
+    """Who may ask, and how much: the key, the names the server answers for, the web pages allowed."""
+
+    api_key: str | None = None
+    max_body: int = 16 << 20
+    body_timeout: float = 60.0  # seconds for a request's body to arrive once its headers have
+    loopback: bool = True  # listening on loopback only: Host must name loopback
+    allowed_hosts: tuple[str, ...] = ()  # --allowed-host: more names to answer for ("*": any)
+    cors: tuple[str, ...] = ()  # --cors: web page origins allowed ("*": any)
+
+
+def create_app(registry: Registry, access: Access, log: Callable[[Served], None] = lambda s: None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(_sweep(registry))
@@ -58,9 +71,21 @@ def create_app(
         finally:
             sweeper.cancel()
 
+    def report(path: str, error: ApiError) -> None:
+        if not error.logged:  # a failed generation was logged with its figures
+            log(Served(path, "-", error.status, error=error.message))
+
     app = FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(BodyLimit, limit=max_body)
-    _error_handlers(app, log)
+    # added innermost first: Gate, then CORS (preflights), then the body's limits, then the app
+    app.add_middleware(LastResort, report=report)
+    app.add_middleware(BodyLimit, limit=access.max_body, timeout=access.body_timeout, report=report)
+    if access.cors:
+        app.add_middleware(CORSMiddleware, allow_origins=list(access.cors), allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(
+        Gate, loopback=access.loopback, allowed_hosts=access.allowed_hosts, cors=access.cors, report=report
+    )
+    _error_handlers(app, report)
+    api_key = access.api_key
     key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     def authorize(request: Request) -> None:
@@ -166,10 +191,19 @@ async def _generate(
             events(), media_type="text/event-stream", headers=headers, background=BackgroundTask(release)
         )
     try:
-        await replies.collect(feed, reply, request.is_disconnected, lambda: scheduler.cancel(job))
+        await replies.collect(feed, reply, lambda: _disconnected(request), lambda: scheduler.cancel(job))
     finally:
         release()
+    if reply.stats is None:  # the client went away: nobody reads what is sent
+        return Response(status_code=499)
     return replies.body(reply, logprobs)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has closed its connection (the body was read: what comes next on the
+    request's channel is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _sweep(registry: Registry) -> None:
@@ -178,15 +212,10 @@ async def _sweep(registry: Registry) -> None:
         await run_in_threadpool(registry.sweep)
 
 
-def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body().model_dump(), status_code=exc.status, headers=exc.headers())
-
-
-def _error_handlers(app: FastAPI, log: Callable[[Served], None]) -> None:
+def _error_handlers(app: FastAPI, report: Callable[[str, ApiError], None]) -> None:
     def said(request: Request, error: ApiError) -> JSONResponse:
-        if not error.logged:  # a failed generation was logged with its figures
-            log(Served(request.url.path, "-", error.status, error=error.message))
-        return _error(error)
+        report(request.url.path, error)
+        return error.response()
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -203,58 +232,16 @@ def _error_handlers(app: FastAPI, log: Callable[[Served], None]) -> None:
             # the body was not read as JSON at all (curl -d sends a form): say what to send
             message = f"the body must be JSON, sent with Content-Type: application/json (not {kind or 'none'})"
             return said(request, ApiError(400, message))
-        where = [".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in problems]
+        # where each problem is: its location, or for a check of the whole body the field it names
+        where = [
+            ".".join(str(p) for p in e.get("loc", ()) if p != "body") or (e.get("ctx") or {}).get("param") or ""
+            for e in problems
+        ]
         text = "; ".join(f"{w or 'body'}: {e.get('msg')}" for w, e in list(zip(where, problems))[:5])
-        return said(request, ApiError(400, f"invalid request: {text}", param=where[0] if where else None))
+        return said(request, ApiError(400, f"invalid request: {text}", param=(where[0] if where else "") or None))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"no such endpoint: {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
         return said(request, ApiError(exc.status_code, str(message), code=code))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return said(request, ApiError(500, f"unexpected {type(exc).__name__}: {exc}", type="server_error"))
-
-
-class BodyLimit:
-    """413 for a request body over `limit` bytes, declared or streamed (chunked): the whole body is
-    read here, up to the limit, before the app sees it."""
-
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._too_large(scope, receive, send)
-            return
-        parts: list[bytes] = []
-        size, more = 0, True
-        held: list[Message] = []
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                held.append(message)  # a disconnect: handed on after the body
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._too_large(scope, receive, send)
-                return
-            parts.append(chunk)
-            more = message.get("more_body", False)
-        held.insert(0, {"type": "http.request", "body": b"".join(parts), "more_body": False})
-
-        async def replay() -> Message:
-            return held.pop(0) if held else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = ApiError(413, f"the request body is over {self.limit} bytes", code="request_too_large")
-        await _error(error)(scope, receive, send)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
+
 from localrun.errors import BadModel, LocalrunError, NoSpace, NotFound, UsageError
 from localrun.serve.protocol import ErrorBody, ErrorResponse
 
@@ -29,6 +31,12 @@ class ApiError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    def response(self, *, close: bool = False) -> JSONResponse:
+        """The error as an HTTP response; close: the connection is closed after it (a request that
+        was not read to its end)."""
+        headers = self.headers() | ({"Connection": "close"} if close else {})
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

@@ -1,9 +1,17 @@
 """One served model: loaded with N slots sharing one context (planned for N x the per-slot
 context), its chat template, its scheduler; unloaded after --keep-alive idle, loaded again by the
-next request that names it."""
+next request that names it.
+
+The weights are mapped from the model's file (mmap): if the file is truncated in place while
+loaded, the next read of a page past its new end kills the process (SIGBUS). The host notes the
+file's identity, size and time at load and checks them every sweep and before each request; a
+file changed in place ends the model's requests with an error and unloads it (the next request
+loads whatever is there, and says what is wrong with it). A truncation during a decode step
+cannot be caught this way: do not rewrite a model file that is being served."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +28,17 @@ from localrun.inference.engine import Engine, ModelInfo
 from localrun.inference.filecheck import check_file
 from localrun.inference.runtime import LoadOptions
 from localrun.inference.templates import ChatTemplate
-from localrun.serve.errors import shutting_down
+from localrun.serve.errors import ApiError, shutting_down
 from localrun.serve.protocol import SlotsHealth
 from localrun.serve.scheduler import Scheduler
 from localrun.text import human_bytes, safe
 
 Notify = Callable[[str], None]
+Stamp = tuple[tuple[int, int, int, int], ...]  # per file: device, inode, size, mtime (ns)
+
+
+def _stat_files(paths: tuple[Path, ...]) -> Stamp:
+    return tuple((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
 
 
 @dataclass
@@ -69,13 +82,21 @@ class ModelHost:
         self.scheduler: Scheduler | None = None
         self.n_ctx_slot = opts.ctx or 0
         self.preparing = 0  # requests checked out and being prepared (changed on the event loop only)
+        self._files: tuple[Path, ...] = ()  # the files the loaded weights are mapped from
+        self._stamp: Stamp = ()  # and what they were when loaded
+        self._changed = False  # a file changed in place: the model's requests are being ended
 
     def checkout(self) -> Scheduler:
         """The running scheduler, loading the model first if it is not (blocking: call off the
         event loop). Pair with checkin()."""
+        self.unload_if_changed()
         with self._lock:
             if self._stopped:
                 raise shutting_down()
+            if self._changed:  # its requests are still ending
+                raise ApiError(
+                    503, f"{self.id} is being unloaded: {self._changed_why()}", type="server_error", retry_after=1
+                )
             if self.scheduler is None:
                 self._load()
             assert self.scheduler is not None
@@ -85,7 +106,7 @@ class ModelHost:
     def checkout_now(self) -> Scheduler | None:
         """checkout() when it would not wait (the model is loaded and not being loaded or unloaded),
         else None: a request on the event loop takes this path, and a thread only when it must."""
-        if self.scheduler is None or not self._lock.acquire(blocking=False):
+        if self.scheduler is None or self._changed or self.file_changed() or not self._lock.acquire(blocking=False):
             return None
         try:
             if self._stopped or self.scheduler is None:
@@ -115,6 +136,41 @@ class ModelHost:
         why = "to make room for another" if force else "--keep-alive"
         self._notify(f"unloaded {self.id}: idle for {idle_for:.0f} s ({why})")
         return True
+
+    def file_changed(self) -> bool:
+        """Whether a loaded model's file was changed in place (truncated, rewritten) since it was
+        loaded. A file deleted or replaced by another (a new inode) leaves the mapped data intact."""
+        if not self._stamp:
+            return False
+        try:
+            now = _stat_files(self._files)
+        except OSError:
+            return False
+        return any(a[:2] == b[:2] and a != b for a, b in zip(now, self._stamp))
+
+    def unload_if_changed(self) -> bool:
+        """End the model's requests and unload it if its file changed in place (see the module's
+        docstring); True if it was unloaded. Its requests still finishing: at the next call."""
+        scheduler = self.scheduler
+        if scheduler is None or not (self._changed or self.file_changed()):
+            return False
+        with self._lock:
+            if self.scheduler is not scheduler:
+                return False
+            first, self._changed = not self._changed, True
+        if first:
+            self._notify(f"unloading {self.id}: {self._changed_why()}; its requests were ended")
+            error = ApiError(503, self._changed_why(), type="server_error", code="model_file_changed")
+            scheduler.stop(error)
+        with self._lock:
+            if self._users or self.scheduler is not scheduler:
+                return False
+            self._unload()
+        return True
+
+    def _changed_why(self) -> str:
+        name = safe(self._files[0].name) if self._files else self.id
+        return f"its file {name} changed on disk while it was loaded (its weights are mapped from that file)"
 
     def drain(self) -> None:
         """End every request (shutting down) and refuse new ones; the model stays until close()."""
@@ -163,6 +219,15 @@ class ModelHost:
                 f"({human_bytes(plan.estimate.ram)}); loading anyway: a smaller --ctx or --parallel helps"
             )
         model = resolved.model
+        try:
+            stamp = _stat_files(model.files)
+        except OSError as exc:
+            raise ApiError(
+                503,
+                f"the file of {self.id} is gone: {safe(exc.filename)} was moved or deleted since the server started",
+                type="server_error",
+                code="model_file_missing",
+            ) from None
         check_file(model.path, plan.extra_bufts, notify=self._notify)
         gpu = self.opts.gpu_layers if self.opts.gpu_layers is not None else plan.n_gpu_layers
         threads = self.opts.threads or default_threads()
@@ -203,6 +268,7 @@ class ModelHost:
             loaded.close()
             raise
         self.engine, self.n_ctx_slot = engine, scheduler.n_ctx_slot
+        self._files, self._stamp = model.files, stamp
         scheduler.start()
         self.scheduler = scheduler
         touch(model.path)  # "last used" in `localrun list`
@@ -212,6 +278,7 @@ class ModelHost:
         )
 
     def _unload(self) -> None:
+        self._files, self._stamp, self._changed = (), (), False
         if self.scheduler is not None:
             self.scheduler.stop()
             self.scheduler = None

@@ -2,17 +2,24 @@
 
 Requests ignore fields they do not know (clients send newer ones: `store`, `metadata`...), but a
 known field that would change the answer and that localrun cannot honour is refused by the
-request mapping (prepare.py), never dropped silently. Ranges of localrun's own sampling fields
-come from the one table of bounds (inference.sampling.BOUNDS).
+request mapping (prepare.py), never dropped silently. Known fields take their JSON types strictly
+(`"5"` is not a number, `"yes"` not a boolean; an integer is a number), and no string anywhere in
+a request may hold a lone UTF-16 surrogate (`"\\ud800"` is valid JSON, but not text any encoder
+can write). Ranges of localrun's own sampling fields come from the one table of bounds
+(inference.sampling.BOUNDS).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from localrun.inference.sampling import BOUNDS
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _bound(name: str) -> dict[str, float]:
@@ -21,7 +28,41 @@ def _bound(name: str) -> dict[str, float]:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
+
+
+def _lone_surrogate(data: object) -> str | None:
+    """Where in a JSON value (its keys too) a string holds a surrogate: `messages.0.content`.
+    Iterative: a body nested as deep as the JSON parser allows does not exhaust the stack here."""
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                return where or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                    return where or "body"
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}" if where else str(i), item) for i, item in enumerate(value))
+    return None
+
+
+class _Request(_Body):
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "a lone UTF-16 surrogate (such as \\ud800) is not text",
+                {"param": where},
+            )
+        return data
 
 
 # -- requests ----------------------------------------------------------------------------------------
@@ -64,7 +105,7 @@ class JsonSchemaFormat(_Body):
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
-class GenerationRequest(_Body):
+class GenerationRequest(_Request):
     """What chat and text completions share: the model, sampling, length, stops, streaming."""
 
     model: str
@@ -87,6 +128,13 @@ class GenerationRequest(_Body):
     repeat_last_n: int | None = Field(None, **_bound("repeat_last_n"))
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF the reply must follow
+
+    @field_validator("grammar")
+    @classmethod
+    def _grammar_says_something(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise PydanticCustomError("empty_grammar", "an empty grammar allows nothing: leave grammar out instead")
+        return value
 
 
 class ChatRequest(GenerationRequest):

@@ -51,9 +51,9 @@ class Registry:
         return Health(status="stopping" if self.stopping else "ok", models=[h.status() for h in self.hosts])
 
     def sweep(self) -> None:
-        """Unload the models idle for longer than --keep-alive."""
+        """Unload the models whose file changed on disk, and those idle for longer than --keep-alive."""
         for host in self.hosts:
-            host.unload_if_idle()
+            host.unload_if_changed() or host.unload_if_idle()
 
     def drain(self) -> None:
         """End every request in flight (streams get an error event, then [DONE]); refuse new ones."""

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,7 +36,6 @@ from localrun.serve.slot import Failed, JobEvent, Output
 from localrun.serve.slot import TokenLogprob as SampledToken
 
 Kind = Literal["chat", "completion"]
-DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 
 
 class _Mailbox:
@@ -75,7 +74,7 @@ class Feed:
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self._mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, _Mailbox(loop))
-        self.queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self.queue: asyncio.Queue[JobEvent | None] = asyncio.Queue()  # None: the client went away
 
     def put(self, event: JobEvent) -> None:  # called from the scheduler thread
         self._mailbox.post(self.queue, event)
@@ -147,25 +146,32 @@ def _legacy(tokens: list[SampledToken], offset: int = 0) -> LegacyLogprobs:
     return out
 
 
-async def collect(feed: Feed, reply: Reply, is_gone: Callable[[], object], on_gone: Callable[[], None]) -> Reply:
-    """Wait for the whole reply; if the client goes away meanwhile, `on_gone` frees its slot."""
-    while True:
-        try:
-            event = await asyncio.wait_for(feed.queue.get(), DISCONNECT_POLL)
-        except asyncio.TimeoutError:
-            if await is_gone():  # type: ignore[misc]
-                on_gone()
-                raise asyncio.CancelledError from None
-            continue
-        if isinstance(event, Output):
-            reply.text.append(event.text)
-            reply.tokens.extend(event.tokens)
-        elif isinstance(event, Failed):
-            reply.error = event.error
-            raise event.error
-        else:
-            reply.stats = event
-            return reply
+async def collect(feed: Feed, reply: Reply, gone: Callable[[], Awaitable[None]], on_gone: Callable[[], None]) -> Reply:
+    """Wait for the whole reply. `gone()` returns when the client goes away: then `on_gone` frees
+    its slot at once, while tokens flow as well as between them, and the reply has no stats."""
+
+    async def watch() -> None:
+        await gone()
+        on_gone()
+        feed.queue.put_nowait(None)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while True:
+            event = await feed.queue.get()
+            if event is None:
+                return reply
+            if isinstance(event, Output):
+                reply.text.append(event.text)
+                reply.tokens.extend(event.tokens)
+            elif isinstance(event, Failed):
+                reply.error = event.error
+                raise event.error
+            else:
+                reply.stats = event
+                return reply
+    finally:
+        watcher.cancel()
 
 
 def body(reply: Reply, logprobs: bool) -> ChatCompletion | Completion:
