@@ -3,13 +3,16 @@ wrapped for a window that has since been resized, multiline input and the histor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import pexpect
+from wcwidth import wcwidth
 
 from localrun.commands.stream import LiveRenderer, stats_line
 from localrun.inference.events import Speculation, Stats
@@ -130,6 +133,26 @@ def test_a_reply_follows_the_terminal_when_it_is_resized_mid_reply(monkeypatch, 
     assert text.split() == words  # no word broken
 
 
+def test_a_window_narrowed_mid_reply_wraps_the_rest_of_the_reply_at_its_new_width(tiny):
+    child = chat_at(100, str(tiny.quants["Q8_0"]), "--ignore-eos", "--ctx", "2048", "--temp", "0")
+    child.sendline("tell me a long story")
+    child.expect(r"… \d+ tok")  # the reply is streaming
+    child.setwinsize(30, 40)  # the window narrows: SIGWINCH
+    after, end = "", time.monotonic() + 1.5
+    while time.monotonic() < end:
+        with contextlib.suppress(pexpect.TIMEOUT):
+            after += child.read_nonblocking(100_000, timeout=0.2)
+    child.sendintr()
+    child.expect_exact("reply cancelled")
+    child.expect_exact(PROMPT)
+    leave(child)
+    status = re.compile(r"\x1bD\x1bM\x1b7\x1bE.*?\x1b8", re.S)  # the live line, drawn below the text
+    lines = status.sub("", after).replace("\x1b[J", "").split("\r\n")
+    # the first lines may have been written before the resize was seen; the last one is cut short
+    written = [sum(max(0, wcwidth(ch)) for ch in line) for line in lines[3:-1]]
+    assert len(written) >= 3 and max(written) <= 40
+
+
 def test_stats_in_a_chat_at_80_columns_break_only_between_figures(tiny):
     child = chat_at(80, str(tiny.quants["Q8_0"]), "-n", "3")
     ask(child, "hello", "reply 3 tok")
@@ -145,6 +168,7 @@ def test_model_in_a_chat_at_80_columns_shows_a_long_path_whole(tiny, tmp_path: P
     model = folder / "tiny.gguf"
     model.symlink_to(tiny.quants["Q8_0"])
     child = chat_at(80, str(model), "-n", "3")
+    assert f"{model} (tiny-llama) ready" in child.before
     child.sendline("/model")
     child.expect_exact(f"{model}  (tiny-llama")  # one piece, for the terminal to wrap and a mouse to copy
     child.expect_exact(PROMPT)

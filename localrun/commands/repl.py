@@ -91,12 +91,12 @@ class Repl:
         elif cmd == "/set":
             if not arg:
                 for key, value in conv.settings.describe().items():
-                    out.info(f"{key} = {value}")
+                    _whole_line(out, f"{key} = {value}")
             else:
                 name, _, value = arg.partition(" ")
                 if not value.strip():
                     raise UsageError(f"/set {name} needs a value", hint=_set_usage(name))
-                out.info(conv.settings.set(name, value.strip()))
+                _whole_line(out, conv.settings.set(name, value.strip()))
         elif cmd == "/stats":
             out.info(conv.usage())
             if conv.last_stats:
@@ -109,7 +109,7 @@ class Repl:
             if cmd == "/load":
                 loaded = conv.load(Path(arg).expanduser())
                 said = "; settings restored: " + ", ".join(loaded.changed) if loaded.changed else ""
-                out.info(f"loaded {loaded.messages} messages from {arg}{said}")
+                _whole_line(out, f"loaded {loaded.messages} messages from {arg}{said}")
             else:
                 self.save(arg, replace=cmd == "/save!")
         elif cmd == "/model":  # paths and figures: whole lines, the terminal wraps them
@@ -126,10 +126,15 @@ class Repl:
         said = [m for m in self.conv.messages if m["role"] != "system"]
         if not said:
             raise UsageError("nothing to save: no message has been sent yet")
+        if not path.parent.is_dir():  # a mistyped folder is said, not made
+            raise UsageError(
+                f"cannot save to {name}: there is no folder {path.parent}",
+                hint="the conversation is still here: /save to another file",
+            )
         if path.exists() and not path.is_dir() and not replace:
             question = f"{safe(name, None)} exists{_holding(path)}: replace it with these {len(said)} messages?"
             if not self._confirm(question):
-                self.out.info(f"not saved; /save! {name} replaces it, or /save to another file")
+                _whole_line(self.out, f"not saved; /save! {name} replaces it, or /save to another file")
                 return
         try:
             self.conv.save(path)
@@ -138,7 +143,7 @@ class Repl:
                 f"cannot save to {name}: {exc.strerror or exc}",
                 hint="the conversation is still here: /save to another file",
             ) from None
-        self.out.info(f"saved {len(self.conv.messages)} messages to {name}")
+        _whole_line(self.out, f"saved {len(self.conv.messages)} messages to {name}")
 
     def _confirm(self, question: str) -> bool:
         """Yes or no at the chat's prompt (Enter, Ctrl-C or Ctrl-D: no)."""
@@ -160,7 +165,7 @@ class Repl:
         """The prompt loop, until /exit, Ctrl-D or a second Ctrl-C on an empty line. `first` is
         asked before the first prompt (`localrun chat MODEL "question"`). No error ends it."""
         session = self.session = _prompt_session(input, output)
-        self.out.info(f"{self.conv.ready()}. /help for commands, Ctrl-D to exit.")
+        _whole_line(self.out, f"{self.conv.ready()}. /help for commands, Ctrl-D to exit.")
         armed = False  # the last key was Ctrl-C on an empty line: one more exits
         pending = first
         while True:
@@ -267,8 +272,8 @@ def _holding(path: Path) -> str:
 
 
 def _whole_line(out: Output, line: str) -> None:
-    """A line that is data (a path, figures) on stderr, never broken by localrun: the terminal
-    wraps it, so that a copied path stays one piece."""
+    """A line that holds data (a path, a command, figures) on stderr, never broken by localrun:
+    the terminal wraps it, so that what is copied from it stays one piece."""
     out.err.print(safe(line, None), markup=False, soft_wrap=True)
 
 
