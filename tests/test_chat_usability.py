@@ -22,7 +22,7 @@ from test_chat import PROMPT, repl, spawn
 ANSI = re.compile(r"\x1b(\[[0-9;?]*[a-zA-Z]|[78DEM])")
 
 
-def chat_at(columns: int, *args: str, cwd: Path | None = None) -> pexpect.spawn:
+def chat_at(columns: int, *args: str) -> pexpect.spawn:
     """`localrun chat` in a terminal `columns` wide that follows its real size ($COLUMNS unset)."""
     env = dict(os.environ, TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
     env.pop("COLUMNS", None)
@@ -34,7 +34,6 @@ def chat_at(columns: int, *args: str, cwd: Path | None = None) -> pexpect.spawn:
         encoding="utf-8",
         timeout=60,
         dimensions=(30, columns),
-        cwd=str(cwd) if cwd else None,
     )
     child.expect_exact(PROMPT)
     return child
@@ -63,30 +62,30 @@ def test_save_never_replaces_a_conversation_unasked_nor_with_an_empty_one(tiny, 
     model, folder = str(tiny.quants["Q8_0"]), tmp_path / "chats"
     folder.mkdir()
     saved = folder / "conv.json"
-    child = chat_at(100, model, "-n", "2", cwd=folder)
+    child = chat_at(250, model, "-n", "2")  # wide: the question about the file fits one line
     ask(child, "hello", "reply 2 tok")
-    ask(child, "/save conv.json", "saved 2 messages")
+    ask(child, f"/save {saved}", "saved 2 messages")
     leave(child)
     first = saved.read_bytes()
 
-    child = chat_at(100, model, "-n", "2", cwd=folder)  # a new chat, nothing said yet
-    ask(child, "/save conv.json", "nothing to save: no message has been sent yet")
+    child = chat_at(250, model, "-n", "2")  # a new chat, nothing said yet
+    ask(child, f"/save {saved}", "nothing to save: no message has been sent yet")
     assert saved.read_bytes() == first
     ask(child, "another question", "reply 2 tok")
-    child.sendline("/save conv.json")
-    child.expect_exact("conv.json exists (2 messages): replace it with these 2 messages? [y/N]")
+    child.sendline(f"/save {saved}")
+    child.expect_exact(f"{saved} exists (2 messages): replace it with these 2 messages? [y/N]")
     child.send("n")
     child.expect_exact("not saved; /save! ")
     child.expect_exact(PROMPT)
     assert saved.read_bytes() == first
-    child.sendline("/save conv.json")
+    child.sendline(f"/save {saved}")
     child.expect_exact("[y/N]")
     child.send("y")
     child.expect_exact("saved 2 messages")
     child.expect_exact(PROMPT)
     assert "another question" in saved.read_text()
     ask(child, "and a third", "reply 2 tok")
-    ask(child, "/save! conv.json", "saved 4 messages")  # replaces without asking
+    ask(child, f"/save! {saved}", "saved 4 messages")  # replaces without asking
     leave(child)
     assert len(json.loads(saved.read_text())["messages"]) == 4
     assert [p.name for p in folder.iterdir()] == ["conv.json"]  # the atomic write left nothing behind
