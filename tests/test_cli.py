@@ -209,16 +209,20 @@ def test_ctrl_c_right_after_enter_cancels_the_reply_and_the_chat_goes_on(tiny):
 def test_save_to_a_missing_folder_keeps_the_chat(tiny, tmp_path):
     child = spawn("chat", str(tiny.quants["Q8_0"]), "-n", "2", *GREEDY)
     child.expect_exact(">>>")
+    child.sendline("hi")
+    child.expect(r"reply \d+ tok")
+    child.expect_exact(">>>")
     child.sendline(f"/save {tmp_path}/no/such/folder/chat.json")
     child.expect_exact("cannot save to")
     child.expect_exact(">>>")
     child.sendline(f"/save {tmp_path}/chat.json")
-    child.expect_exact("saved 0 messages")
+    child.expect_exact("saved 2 messages")
     child.expect_exact(">>>")
     child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
-    assert child.exitstatus == 0 and json.loads(Path(tmp_path / "chat.json").read_text())["messages"] == []
+    assert child.exitstatus == 0 and len(json.loads(Path(tmp_path / "chat.json").read_text())["messages"]) == 2
+    assert not (tmp_path / "no").exists()
 
 
 def test_ctrl_c_while_the_model_loads_exits_130(tiny, gemma):

@@ -103,6 +103,7 @@ def apply_structure(settings: Settings, options: PromptOptions) -> None:
         return
     check_structure(settings.sampling, found.gbnf)
     settings.grammar, settings.grammar_source = found.gbnf, found.source
+    settings.from_schema = bool(options.json_schema)
 
 
 def generate(

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import create_app_session, get_app
 from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.filters import Condition
 from prompt_toolkit.history import FileHistory
 from prompt_toolkit.input import Input
 from prompt_toolkit.input.typeahead import get_typeahead, store_typeahead
@@ -20,13 +22,15 @@ from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.keys import Keys
 from prompt_toolkit.output import Output as PTOutput
 from prompt_toolkit.output import create_output
+from prompt_toolkit.shortcuts import create_confirm_session
 
 from localrun import paths
-from localrun.commands.stream import make_renderer, stats_line
+from localrun.commands.stream import make_renderer, show_stats_line
 from localrun.errors import LocalrunError, UsageError
 from localrun.inference.conversation import Dialogue
-from localrun.inference.sampling import SETTABLE
+from localrun.inference.sampling import BOUNDS, SETTABLE, UNSET
 from localrun.output import Output, isatty
+from localrun.text import safe
 
 try:
     import termios
@@ -44,15 +48,17 @@ Ctrl-C stops a reply; Ctrl-D, /exit or Ctrl-C twice on an empty line exits.
   /set [PARAM VALUE]  change a setting (alone: list them); PARAM is one of
 {settable}
   /stats              figures of the last reply, and how full the context is
-  /save FILE          save the conversation as JSON
-  /load FILE          load a saved conversation
+  /save FILE          save the conversation and settings; asks before replacing
+  /save! FILE         the same, replacing the file without asking
+  /load FILE          load a saved conversation and its settings
   /model              the model, its context, placement and chat template
 """  # paragraphs unwrapped: the terminal wraps them at its width
 
 
 CANCELLED = "reply cancelled; it and its question are left out of the conversation"
-_COMMAND_RE = re.compile(r"^/[a-z]+(\s|$)")
-COMMANDS = ("/help", "/exit", "/bye", "/clear", "/system", "/set", "/stats", "/save", "/load", "/model")
+_COMMAND_RE = re.compile(r"^/[a-z]+!?(\s|$)")
+COMMANDS = ("/help", "/exit", "/bye", "/clear", "/system", "/set", "/stats", "/save", "/save!", "/load", "/model")
+BLOCK = '"""'  # opens and closes a block of lines sent as one message
 
 
 class Repl:
@@ -61,6 +67,7 @@ class Repl:
     def __init__(self, conv: Dialogue, out: Output):
         self.conv = conv
         self.out = out
+        self.session: Any = None  # the prompt, while run() reads it: /save asks there
 
     def handle(self, line: str) -> bool:
         """Run one slash command; False means exit."""
@@ -84,36 +91,69 @@ class Repl:
         elif cmd == "/set":
             if not arg:
                 for key, value in conv.settings.describe().items():
-                    out.info(f"{key} = {value}")
+                    _whole_line(out, f"{key} = {value}")
             else:
                 name, _, value = arg.partition(" ")
                 if not value.strip():
-                    raise UsageError(f"/set {name} needs a value", hint="/set temperature 0.2")
-                out.info(conv.settings.set(name, value.strip()))
+                    raise UsageError(f"/set {name} needs a value", hint=_set_usage(name))
+                _whole_line(out, conv.settings.set(name, value.strip()))
         elif cmd == "/stats":
             out.info(conv.usage())
-            out.info(stats_line(conv.last_stats) if conv.last_stats else "no reply yet")
-        elif cmd in ("/save", "/load"):
+            if conv.last_stats:
+                show_stats_line(out, conv.last_stats)
+            else:
+                out.info("no reply yet")
+        elif cmd in ("/save", "/save!", "/load"):
             if not arg:
                 raise UsageError(f"{cmd} needs a file name", hint=f"{cmd} chat.json")
-            path = Path(arg).expanduser()
-            if cmd == "/save":
-                try:
-                    conv.save(path)
-                except OSError as exc:
-                    raise UsageError(
-                        f"cannot save to {path}: {exc.strerror or exc}",
-                        hint="the conversation is still here: /save to another file",
-                    ) from None
-                out.info(f"saved {len(conv.messages)} messages to {path}")
+            if cmd == "/load":
+                loaded = conv.load(Path(arg).expanduser())
+                said = "; settings restored: " + ", ".join(loaded.changed) if loaded.changed else ""
+                _whole_line(out, f"loaded {loaded.messages} messages from {arg}{said}")
             else:
-                out.info(f"loaded {conv.load(path)} messages from {path}")
-        elif cmd == "/model":
+                self.save(arg, replace=cmd == "/save!")
+        elif cmd == "/model":  # paths and figures: whole lines, the terminal wraps them
             for line in conv.about():
-                out.info(line)
+                _whole_line(out, line)
         else:
             raise UsageError(f"unknown command {cmd}", hint="/help lists the commands")
         return True
+
+    def save(self, name: str, *, replace: bool) -> None:
+        """/save: never an empty conversation, and an existing file only when told (/save!) or
+        answered yes at the prompt. The file is replaced atomically, never half written."""
+        path = Path(name).expanduser()
+        said = [m for m in self.conv.messages if m["role"] != "system"]
+        if not said:
+            raise UsageError("nothing to save: no message has been sent yet")
+        if not path.parent.is_dir():  # a mistyped folder is said, not made
+            raise UsageError(
+                f"cannot save to {name}: there is no folder {path.parent}",
+                hint="the conversation is still here: /save to another file",
+            )
+        if path.exists() and not path.is_dir() and not replace:
+            question = f"{safe(name, None)} exists{_holding(path)}: replace it with these {len(said)} messages?"
+            if not self._confirm(question):
+                _whole_line(self.out, f"not saved; /save! {name} replaces it, or /save to another file")
+                return
+        try:
+            self.conv.save(path)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot save to {name}: {exc.strerror or exc}",
+                hint="the conversation is still here: /save to another file",
+            ) from None
+        _whole_line(self.out, f"saved {len(self.conv.messages)} messages to {name}")
+
+    def _confirm(self, question: str) -> bool:
+        """Yes or no at the chat's prompt (Enter, Ctrl-C or Ctrl-D: no)."""
+        if self.session is None:
+            return False
+        with create_app_session(input=self.session.input, output=self.session.output):
+            try:
+                return bool(create_confirm_session(question, suffix=" [y/N] ").prompt())
+            except (EOFError, KeyboardInterrupt):
+                return False
 
     def ask(self, text: str) -> None:
         with _no_echo():
@@ -124,16 +164,15 @@ class Repl:
     def run(self, *, input: Input | None = None, output: PTOutput | None = None, first: str | None = None) -> None:
         """The prompt loop, until /exit, Ctrl-D or a second Ctrl-C on an empty line. `first` is
         asked before the first prompt (`localrun chat MODEL "question"`). No error ends it."""
-        session = _prompt_session(input, output)
-        self.out.info(f"{self.conv.ready()}. /help for commands, Ctrl-D to exit.")
+        session = self.session = _prompt_session(input, output)
+        _whole_line(self.out, f"{self.conv.ready()}. /help for commands, Ctrl-D to exit.")
         armed = False  # the last key was Ctrl-C on an empty line: one more exits
         pending = first
         while True:
             try:
-                if pending is not None:
-                    text, pending = pending, None
-                else:
-                    text = session.prompt(">>> ")
+                # The first question, when given, is shown and kept in the history as if typed.
+                given, pending = pending, None
+                text = session.prompt(">>> ", default=given or "", accept_default=given is not None)
             except EOFError:
                 break
             except (_EmptyInterrupt, KeyboardInterrupt) as exc:  # Ctrl-C on an empty line, or a SIGINT
@@ -152,8 +191,8 @@ class Repl:
             if _ctrl_c_typed_ahead(session):  # Enter, then Ctrl-C before the reply could start
                 self.out.warn(CANCELLED)
                 continue
-            if text.strip().startswith('"""'):
-                text = _read_block(session, text)
+            if text.lstrip().startswith(BLOCK):
+                text = _block_text(text)
             if text.strip() and not self._one(text):
                 break
 
@@ -197,18 +236,45 @@ def _no_echo() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def _read_block(session: Any, first: str) -> str:
-    """A \"\"\"-delimited block: keep reading lines until one holds the closing quotes."""
-    body = first.strip()[3:]
-    lines = []
-    while '"""' not in body:
-        lines.append(body)
-        try:
-            body = session.prompt("... ")
-        except (EOFError, KeyboardInterrupt):
-            return ""
-    lines.append(body[: body.index('"""')])
-    return "\n".join(lines).strip("\n")
+def _open_block(text: str) -> bool:
+    """Whether the input opens a \"\"\" block and has not closed it: Enter adds a line."""
+    text = text.lstrip()
+    return text.startswith(BLOCK) and BLOCK not in text[len(BLOCK) :]
+
+
+def _block_text(text: str) -> str:
+    """The message in a \"\"\" block: the lines between the quotes."""
+    body = text.lstrip()[len(BLOCK) :]
+    return body.partition(BLOCK)[0].strip("\n")
+
+
+def _set_usage(name: str) -> str:
+    """How to give a value to one setting (for /set NAME without one)."""
+    key = name.replace("-", "_").lower()
+    if key in BOUNDS:
+        unset = f", or {UNSET[key]}" if key in UNSET else ""
+        return f"/set {key} VALUE: a number {BOUNDS[key].describe()}{unset}"
+    usage = {
+        "stop": "/set stop TEXT: one stop string (\\n for a newline), or none",
+        "grammar": "/set grammar FILE: a GBNF grammar file, or none",
+        "json_schema": "/set json_schema SCHEMA: JSON text or a file holding it, or none",
+    }
+    return usage.get(key, "settings: " + ", ".join(SETTABLE))
+
+
+def _holding(path: Path) -> str:
+    """What a file about to be replaced holds, as far as a look can tell."""
+    data = paths.read_json(path)
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if isinstance(messages, list):
+        return f" ({len(messages)} messages)"
+    return " (not a saved conversation)"
+
+
+def _whole_line(out: Output, line: str) -> None:
+    """A line that holds data (a path, a command, figures) on stderr, never broken by localrun:
+    the terminal wraps it, so that what is copied from it stays one piece."""
+    out.err.print(safe(line, None), markup=False, soft_wrap=True)
 
 
 def _prompt_session(input: Input | None, output: PTOutput | None) -> Any:
@@ -230,6 +296,7 @@ def _prompt_session(input: Input | None, output: PTOutput | None) -> Any:
     keys = KeyBindings()
 
     @keys.add("escape", "enter")
+    @keys.add("enter", filter=Condition(lambda: _open_block(get_app().current_buffer.text)))
     def _newline(event: Any) -> None:
         event.current_buffer.insert_text("\n")
 
@@ -252,6 +319,8 @@ def _prompt_session(input: Input | None, output: PTOutput | None) -> Any:
         history=_History(str(_private_history())),
         completer=SlashCompleter(),
         key_bindings=keys,
+        # the lines after the first of one message (not a long line the terminal wraps)
+        prompt_continuation=lambda width, line, wrapped: "... " if not wrapped else "",
         input=input,
         output=output,
         complete_while_typing=False,

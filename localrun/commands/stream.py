@@ -3,7 +3,8 @@
 The live status line (tokens so far, tok/s, TTFT, elapsed) lives on stderr, on the line *below*
 the streamed text: before each piece of text it is erased, after it redrawn, so text on stdout
 and the status on stderr never interleave, whatever wraps or scrolls. Its text is recomputed
-at most STATUS_HZ times a second.
+at most STATUS_HZ times a second. Text wraps at word boundaries at the terminal's width as it is
+for each piece, so a window resized mid-reply (SIGWINCH) is followed at once.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def ending(s: Stats) -> str | None:
 
 
 PROMPT_SPEED_MIN = 16  # fewer tokens read than this: a speed would mostly measure overhead
+RATE_MIN_TOKENS = 4  # the live line shows a reply speed from this many tokens (3 intervals) on
+SPEC_MIN_DRAFTED = 10  # fewer drafted tokens than this: acceptance as counts, not a percentage
+
+
+def acceptance(accepted: int, drafted: int) -> str:
+    """Speculation's acceptance: a percentage once enough tokens were drafted for it to mean
+    something, else the counts (1/1 rather than 100%)."""
+    if drafted < SPEC_MIN_DRAFTED:
+        return f"{accepted}/{drafted}"
+    return f"{100 * accepted / drafted:.0f}%"
 
 
 def stats_line(s: Stats, model: str | None = None, width: int | None = None) -> str:
@@ -72,7 +83,7 @@ def stats_line(s: Stats, model: str | None = None, width: int | None = None) -> 
     if s.generated_tokens or s.finish_reason != "cancelled":
         parts.append(f"reply {s.generated_tokens:,} tok, {s.gen_tps:.1f} tok/s")
     if s.drafted:
-        parts.append(f"spec {100 * s.accepted / s.drafted:.0f}% accepted")
+        parts.append(f"spec {acceptance(s.accepted, s.drafted)} accepted")
     if s.ttft_s is not None:
         parts.append(f"TTFT {s.ttft_s:.2f} s")
     parts.append(f"total {s.total_s:.2f} s")
@@ -89,6 +100,21 @@ def stats_line(s: Stats, model: str | None = None, width: int | None = None) -> 
         else:
             line += " · " + part
     return "\n".join([*lines, line])
+
+
+def show_stats_line(out: Output, stats: Stats, model: str | None = None) -> None:
+    """The stats line on stderr: dim on a colour terminal, broken between its parts at the
+    terminal's width (never inside a figure), one line when piped."""
+    line = stats_line(stats, model, out.err.width if out.stderr_tty else None)
+    if out.stderr_tty and out.color:
+        out.status(f"[dim]{escape(line)}[/]")
+    else:
+        out.info(line)
+
+
+def terminal_columns() -> int:
+    """The terminal's width now ($COLUMNS when set), at least 20."""
+    return max(20, shutil.get_terminal_size((80, 24)).columns)
 
 
 class WordWrap:
@@ -127,6 +153,15 @@ class WordWrap:
                     out.append(self.flush())
         return "".join(out)
 
+    def resize(self, columns: int) -> str:
+        """The terminal is now `columns` wide: what to write first. A cursor past the new edge
+        goes to a new line, where it is known to be whatever the terminal did with the old one."""
+        self.columns = columns
+        if self.col >= columns:
+            self.col = 0
+            return "\n"
+        return ""
+
     def flush(self) -> str:
         """The word held back, placed on this line or the next."""
         word, width = self.word, self.word_width
@@ -158,7 +193,7 @@ class LiveRenderer:
         self.status = ""
         self.next_status = 0.0
         self.ends_with_newline = True
-        self.columns = max(20, shutil.get_terminal_size((80, 24)).columns)
+        self.columns = terminal_columns()
         self.width = self.columns - 1
         self.wrap = WordWrap(self.columns) if out.stdout_tty else None
         self.drawn = False
@@ -171,10 +206,9 @@ class LiveRenderer:
         if self.first is None:
             return f"… reading the prompt · {elapsed:.1f} s"[: self.width]
         gen = now - self.first
-        tps = (self.tokens - 1) / gen if gen > 0 and self.tokens > 1 else 0.0
-        return (
-            f"… {self.tokens} tok · {tps:.1f} tok/s{self.spec} · TTFT {self.first - self.started:.2f} s · {elapsed:.1f} s"
-        )[: self.width]
+        rate = f" · {(self.tokens - 1) / gen:.1f} tok/s" if gen > 0 and self.tokens >= RATE_MIN_TOKENS else ""
+        line = f"… {self.tokens} tok{rate}{self.spec} · TTFT {self.first - self.started:.2f} s · {elapsed:.1f} s"
+        return line[: self.width]
 
     def _draw(self, status: str) -> None:
         self.status = status
@@ -208,9 +242,9 @@ class LiveRenderer:
         self.tokens += 1
         if self.below:
             self._erase()
-        if self.out.stdout_tty:
-            text = text.translate(_CONTROLS)
-        self._write(self.wrap.feed(text) if self.wrap else text)
+        if self.wrap:  # a terminal: wrap at its width now, which a resize (SIGWINCH) changes mid-reply
+            text = self._follow_width() + self.wrap.feed(text.translate(_CONTROLS))
+        self._write(text)
         if self.below and self.wrap.col == self.columns:  # type: ignore[union-attr] (below: stdout a terminal)
             # The cursor sits past the last column, waiting to wrap; moving it to draw the
             # status would lose that state and the next character would overwrite this one.
@@ -222,12 +256,19 @@ class LiveRenderer:
             elif self.below:
                 self._draw(self.status)
 
+    def _follow_width(self) -> str:
+        columns = terminal_columns()
+        if columns == self.columns:
+            return ""
+        self.columns, self.width = columns, columns - 1
+        return self.wrap.resize(columns)  # type: ignore[union-attr] (called with a wrapper)
+
     def notice(self, event: Notice) -> None:
         self._erase()
         self.out.warn(event.text)
 
     def speculation(self, event: Speculation) -> None:
-        self.spec = f" · spec {100 * event.accepted / event.drafted:.0f}%" if event.drafted else ""
+        self.spec = f" · spec {acceptance(event.accepted, event.drafted)}" if event.drafted else ""
 
     def progress(self, event: PrefillProgress) -> None:
         if self.live:
@@ -241,11 +282,7 @@ class LiveRenderer:
         if not self.ends_with_newline:
             self.out.text("\n")
         if self.show_stats:
-            line = stats_line(stats, self.model, self.out.err.width if self.out.stderr_tty else None)
-            if self.out.stderr_tty and self.out.color:
-                self.out.status(f"[dim]{escape(line)}[/]")
-            else:
-                self.out.info(line)
+            show_stats_line(self.out, stats, self.model)
 
 
 class JsonRenderer:

@@ -7,15 +7,19 @@ is exactly what it was before.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from localrun import paths
 from localrun.errors import NoSpace, UsageError
 from localrun.inference.engine import Engine
 from localrun.inference.events import Event, EventSink, PrefillProgress, Stats, drive
 from localrun.inference.runtime import common_prefix
-from localrun.inference.sampling import Settings
+from localrun.inference.sampling import BOUNDS, UNSET, Settings, check_structure
 from localrun.inference.templates import ChatTemplate, Message
 
 REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
@@ -146,12 +150,16 @@ class Dialogue:
 
     # -- /save and /load -------------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        data = {"model": self.label, "messages": self.messages, "settings": self.settings.describe()}
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        """The messages and the settings (typed) as JSON, written atomically: an interrupted save
+        leaves the file as it was. Raises OSError."""
+        data = {"model": self.label, "messages": self.messages, "settings": saved_settings(self.settings)}
+        paths.write_json(path, data, indent=2)
 
-    def load(self, path: Path) -> int:
+    def load(self, path: Path) -> Loaded:
+        """The messages and settings saved in `path`, all checked before any is taken (the
+        settings as /set checks them): an unusable file leaves the conversation as it was."""
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             messages = data["messages"] if isinstance(data, dict) else data
             if not all(
                 isinstance(m, dict)
@@ -160,12 +168,69 @@ class Dialogue:
                 for m in messages
             ):
                 raise ValueError("messages need a role (system/user/assistant) and a content")
+            settings = self.settings
+            if isinstance(data, dict) and "settings" in data:
+                settings = restored_settings(self.settings, data["settings"])
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
             raise UsageError(f"{path} is not a saved conversation: {exc}") from None
+        except UsageError as exc:
+            raise UsageError(f"{path}: a saved setting is refused: {exc.message}") from None
+        before, after = self.settings.describe(), settings.describe()
+        changed = [f"{key} {after[key]} (was {before[key]})" for key in after if after[key] != before[key]]
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return len(self.messages)
+        self.settings = settings
+        return Loaded(len(self.messages), changed)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What /load took from a file: how many messages, and the settings it changed (as said)."""
+
+    messages: int
+    changed: list[str]
+
+
+def saved_settings(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON values of their own types: numbers, null where unset, the stop strings
+    as a list, the grammar's text with where it came from."""
+    grammar = None
+    if settings.grammar:
+        grammar = {"gbnf": settings.grammar, "source": settings.grammar_source, "from_schema": settings.from_schema}
+    return {**settings.values(), "stop": list(settings.stop), "grammar": grammar}
+
+
+def restored_settings(current: Settings, saved: Any) -> Settings:
+    """A copy of `current` with the saved settings: numbers through /set's checks (files from
+    earlier versions hold them as text, which reads the same), stops and the grammar as saved
+    (none where the file has none)."""
+    if not isinstance(saved, dict):
+        raise ValueError("its settings are not a JSON object")
+    settings = copy.deepcopy(current)
+    for key in BOUNDS:
+        if key in saved:
+            value = saved[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float, str, type(None))):
+                raise ValueError(f"setting {key} is {json.dumps(value)}, not a number")
+            settings.set(key, UNSET.get(key, "null") if value is None else str(value))
+    stop = saved.get("stop", [])
+    if stop == "none":  # earlier versions wrote the settings as /set shows them
+        stop = []
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise ValueError("setting stop is not a list of strings")
+    settings.stop = list(stop)
+    grammar = saved.get("grammar")
+    if grammar in (None, "none"):
+        settings.grammar, settings.grammar_source, settings.from_schema = None, "", False
+    elif isinstance(grammar, dict) and isinstance(grammar.get("gbnf"), str):
+        settings.grammar = grammar["gbnf"]
+        settings.grammar_source = str(grammar.get("source") or "the saved grammar")
+        settings.from_schema = grammar.get("from_schema") is True
+    else:
+        raise ValueError("setting grammar is neither null nor a saved grammar")
+    check_structure(settings.sampling, settings.grammar)
+    return settings
 
 
 class Conversation(Dialogue):

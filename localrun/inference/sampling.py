@@ -134,6 +134,7 @@ class Settings:
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None  # GBNF the reply must follow (--grammar, --json-schema)
     grammar_source: str = ""  # where it came from, to show
+    from_schema: bool = False  # the grammar was made from a JSON schema (shown as json_schema)
 
     def __post_init__(self) -> None:
         check_stops(self.stop)
@@ -159,7 +160,7 @@ class Settings:
             )
             check_structure(self.sampling, found.gbnf if found else None)
             self.grammar, self.grammar_source = (found.gbnf, found.source) if found else (None, "")
-            key = "grammar"
+            self.from_schema = found is not None and key == "json_schema"
         elif key in BOUNDS:
             parsed = self._parse(key, name, value)
             target = self if key == "max_tokens" else self.sampling
@@ -183,10 +184,15 @@ class Settings:
             raise UsageError(f"{key} must be {bound.describe()}{also} (got {safe(value)})")
         return number
 
+    def values(self) -> dict[str, int | float | None]:
+        """The numeric settings as they are typed (None where unset)."""
+        return {key: getattr(self if key == "max_tokens" else self.sampling, key) for key in BOUNDS}
+
     def describe(self) -> dict[str, str]:
         """Every setting as it reads: numbers as numbers, words for unset, stop strings quoted."""
-        values = {key: getattr(self if key == "max_tokens" else self.sampling, key) for key in BOUNDS}
-        shown = {key: UNSET[key] if value is None else str(value) for key, value in values.items()}
+        shown = {key: UNSET[key] if value is None else str(value) for key, value in self.values().items()}
         shown["stop"] = ", ".join(json.dumps(s, ensure_ascii=False) for s in self.stop) or "none"
-        shown["grammar"] = self.grammar_source or "none"
+        structure = self.grammar_source or "none"
+        shown["grammar"] = "made from the json_schema" if self.from_schema else structure
+        shown["json_schema"] = structure if self.from_schema else "none"
         return shown
