@@ -4,6 +4,7 @@ the REPL's /set check values against it, so neither accepts what the other refus
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +90,11 @@ def check_bounds(s: SamplingOptions, n_ctx: int, n_vocab: int) -> None:
         if value is None:
             continue
         high = figures[bound.limit] if bound.limit else bound.high
-        if (bound.low is not None and value < bound.low) or (high is not None and value > high):
+        if (
+            not math.isfinite(value)
+            or (bound.low is not None and value < bound.low)
+            or (high is not None and value > high)
+        ):
             raise OutOfBounds.of(name, value)
 
 
@@ -179,7 +184,11 @@ class Settings:
             number = bound.kind(value)
         except ValueError:
             raise UsageError(f"bad value for {safe(name)}: {safe(value)!r}") from None
-        if (bound.low is not None and number < bound.low) or (bound.high is not None and number > bound.high):
+        if (
+            not math.isfinite(number)
+            or (bound.low is not None and number < bound.low)
+            or (bound.high is not None and number > bound.high)
+        ):
             also = f", or {unset}" if unset else ""
             raise UsageError(f"{key} must be {bound.describe()}{also} (got {safe(value)})")
         return number
