@@ -83,8 +83,9 @@ PROPERTY_SCHEMAS = {
             "not comma": {"type": "string", "pattern": "^[^,]{1,8}$"},
             "printable": {"type": "string", "pattern": "^[ -~]{2,6}$"},
             "code": {"type": "string", "pattern": "^\\d{2}-\\w{1,3}\\.x$"},
+            "either": {"type": "string", "pattern": "^ab|cd$"},  # a bare | once let the string end early
         },
-        "required": ["any", "not comma", "printable", "code"],
+        "required": ["any", "not comma", "printable", "code", "either"],
     },
     "formats": {
         "type": "object",
@@ -137,8 +138,17 @@ def test_the_string_rule_excludes_control_characters():
 
 @pytest.mark.parametrize(
     "pattern",
-    ['^a"b$', "^a\\\\b$", "^\\n$", '^["]+$', "^\\b$"],
-    ids=["quote", "backslash", "newline", "class of quotes", "unsupported escape"],
+    ['^a"b$', "^a\\\\b$", "^\\n$", '^["]+$', "^\\b$", "^a$|^b$", "abc", "^a{1,5000}$"],
+    ids=[
+        "quote",
+        "backslash",
+        "newline",
+        "class of quotes",
+        "unsupported escape",
+        "inner anchor",
+        "no anchors",
+        "count",
+    ],
 )
 def test_a_pattern_that_needs_json_escapes_is_refused_clearly(pattern):
     with pytest.raises(UsageError, match="pattern at \\$ cannot be enforced"):
@@ -169,9 +179,48 @@ def test_grammars_at_the_bounds_load_in_llama_cpp(engine):
     deep = "root ::= " + "(" * limits.nesting + '"a"' + ")" * limits.nesting
     chain = "root ::= r0\n" + "\n".join(f'r{i} ::= r{i + 1} "x"' for i in range(limits.rules - 2)) + '\nr2046 ::= "y"'
     wide = "root ::= " + " | ".join(f'"v{i}"' for i in range(limits.alternatives + 1))
-    for text in (deep, chain, wide):
+    repeated = 'root ::= x{0,100}\nx ::= y{0,100}\ny ::= "a"?'  # 100 x 100: the repetition bound
+    for text in (deep, chain, wide, repeated):
         gbnf.check(text, "test")
         Sampler(engine.model, SamplingOptions(temperature=0), text, n_ctx=1024).close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['root ::= x{0,300}\nx ::= y{0,300}\ny ::= "a"?', 'root ::= a{0,40}\na ::= b{0,40}\nb ::= c{0,40}\nc ::= "x"'],
+)
+def test_repetitions_within_repetitions_are_bounded(text):
+    """43 characters that took llama.cpp 16 s to set up: counts multiply along references."""
+    with pytest.raises(UsageError, match="repetitions within repetitions"):
+        grammar.from_text(text)
+
+
+def test_lengths_are_enforced_up_to_the_bound_and_refused_beyond():
+    assert grammar.from_json_schema({"type": "string", "maxLength": 1500}).gbnf
+    with pytest.raises(UsageError, match="maxLength 3e\\+06 at \\$ is over the 2,000"):
+        grammar.from_json_schema({"type": "string", "maxLength": 3e6})
+
+
+def test_a_character_beyond_the_basic_plane_is_one_code_point_in_the_grammar():
+    assert '"\\"\\U0001F999\\""' in grammar.from_json_schema({"enum": ["🦙"]}).gbnf
+
+
+def test_a_grammar_no_token_can_follow_is_an_error_not_an_abort(tiny, tmp_path: Path, server: ServerProcess):
+    """A character only byte pieces spell (and those are banned under a grammar): llama.cpp's
+    grammar would throw on the token sampled anyway, which aborts the process."""
+    rules = 'root ::= "\U00013000"'
+    done = localrun("run", str(tiny.quants["Q8_0"]), "hi", "--grammar", str(_write(tmp_path / "g.gbnf", rules)))
+    assert done.returncode == 2 and "the grammar allows no token of this model here" in done.stderr, done.stderr
+    with pytest.raises(openai.BadRequestError, match="allows no token"):
+        server.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body={"grammar": rules}
+        )
+    assert server.proc is not None and server.proc.poll() is None
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def test_a_schema_nested_beyond_the_bound_is_a_clear_error_not_a_recursion_error():
@@ -182,6 +231,11 @@ def test_a_schema_nested_beyond_the_bound_is_a_clear_error_not_a_recursion_error
         grammar.from_json_schema(schema)
     with pytest.raises(UsageError, match="nests too deeply"):
         grammar.from_json_schema("[" * 100000)
+    deep_data: list = []
+    for _ in range(950):
+        deep_data = [deep_data]
+    with pytest.raises(UsageError, match="nests too deeply"):
+        grammar.from_json_schema({"type": "object", "properties": {"a": {"$ref": "#"}, "b": {"const": deep_data}}})
 
 
 def test_recursive_schemas_work_and_reference_loops_are_named():

@@ -55,7 +55,7 @@ def test_each_step_is_one_batch_with_every_generating_token_and_a_prompt_chunk(t
             if not isinstance(event, Output):
                 done[name].set()
 
-        sampler = Sampler(loaded.model, SamplingOptions(temperature=0, ban_eog=True))
+        sampler = Sampler(loaded.model, SamplingOptions(temperature=0, ban_eog=True), n_ctx=2048)
         return Job(prompt, sampler, limit, 2048 - len(prompt), [], sink)
 
     scheduler.start()

@@ -11,6 +11,7 @@ most ENUM_RANGE values; anything else it cannot enforce is a clear error.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
@@ -133,10 +134,13 @@ def from_json_schema(value: str | dict) -> Grammar:
             raise UsageError(f"{source} nests too deeply to be a schema (over {MAX_DEPTH} levels)") from None
     if not isinstance(schema, dict):
         raise UsageError(f"{source} must be a JSON object (a schema)")
-    enforceable = _with_refs_resolvable(_enforceable(schema, "$", source, 0), source)
+    try:
+        enforceable = _with_refs_resolvable(_enforceable(schema, "$", source, 0), source)
+    except RecursionError:  # data nested within the schema (a const, an enum's values)
+        raise UsageError(f"{source} nests too deeply to be a schema (over {MAX_DEPTH} levels)") from None
     try:
         rules = json_schema_to_gbnf(json.dumps(enforceable))
-    except (ValueError, AssertionError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except (ValueError, AssertionError, KeyError, TypeError, AttributeError, RecursionError, MemoryError) as exc:
         raise UsageError(
             f"{source} cannot be turned into a grammar: {safe(exc)}",
             hint="the converter handles objects, arrays, strings, enums, const, $ref, anyOf/oneOf",
@@ -147,7 +151,10 @@ def from_json_schema(value: str | dict) -> Grammar:
 
 
 def _strict_json_strings(rules: str) -> str:
-    """The converter's grammar with llama.cpp's rule for a string's characters (see _CHAR_RULE)."""
+    """The converter's grammar with llama.cpp's rule for a string's characters (see _CHAR_RULE),
+    and a character beyond U+FFFF as one code point: the converter writes JSON's surrogate pair
+    (\\ud83e\\udd99), which the grammar reads as two surrogates no token can ever write."""
+    rules = _SURROGATE_PAIR.sub(lambda m: f"\\U{_code_point(m.group(1), m.group(2)):08X}", rules)
     lines = rules.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("char ::= "):
@@ -155,6 +162,13 @@ def _strict_json_strings(rules: str) -> str:
                 raise RuntimeError(f"unexpected rule from the JSON schema converter: {line}")
             lines[i] = _JSON_CHAR_RULE + line[len(_CHAR_RULE) :]
     return "\n".join(lines)
+
+
+_SURROGATE_PAIR = re.compile(r"\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})", re.IGNORECASE)
+
+
+def _code_point(high: str, low: str) -> int:
+    return 0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00)
 
 
 def _with_refs_resolvable(schema: dict, source: str) -> dict:
@@ -285,6 +299,13 @@ def _enforceable(node: Any, where: str, source: str, depth: int = 0) -> Any:
             f"{source}: format {safe(node['format'])!r} at {where} cannot be enforced by the grammar",
             hint=f"formats it enforces: {', '.join(sorted(_FORMATS))}; or use a pattern",
         )
+    for key in ("minLength", "maxLength", "minItems", "maxItems"):
+        value = node.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > gbnf.LIMITS.count:
+            raise UsageError(
+                f"{source}: {key} {value:g} at {where} is over the {gbnf.LIMITS.count:,} the grammar can enforce",
+                hint="the converter writes every character or item out; give a smaller bound",
+            )
     for key in ("enum", "const", "properties"):
         if key in node and _needs_escape(list(node[key]) if key == "properties" else node[key]):
             what = "a property name" if key == "properties" else f"a value of {key}"

@@ -22,14 +22,33 @@ _SETS = {
     "s": [(0x09, 0x0D), (0x20, 0x20)],
 }
 _CONTROL_ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B, "0": 0x00}
-_STRUCTURE = set("()|*+?^$")
+_STRUCTURE = set("()|*+?")
 _META = set("|.()[]{}*+?^$\\-")
 
 Ranges = list[tuple[int, int]]
 
 
+MAX_COUNT = 2000  # the largest {m,n} count (the converter writes each repetition out)
+
+
 def json_safe(pattern: str) -> str:
-    """The pattern with its character sets made JSON-safe; ValueError says what cannot be."""
+    """The pattern with its character sets made JSON-safe, anchored once at each end around one
+    group (the converter leaves a top-level `|` bare, so `^ab|cd$` would let a string end early);
+    ValueError says what cannot be."""
+    body = pattern[1:] if pattern.startswith("^") else None
+    if body is None or not body.endswith("$") or _escaped_at(body, len(body) - 1):
+        raise ValueError("it must be anchored at both ends: ^...$")
+    return "^(" + _rewrite(body[:-1]) + ")$"
+
+
+def _escaped_at(text: str, i: int) -> bool:
+    slashes = 0
+    while i - 1 - slashes >= 0 and text[i - 1 - slashes] == "\\":
+        slashes += 1
+    return slashes % 2 == 1
+
+
+def _rewrite(pattern: str) -> str:
     out: list[str] = []
     i, n = 0, len(pattern)
     while i < n:
@@ -47,11 +66,21 @@ def json_safe(pattern: str) -> str:
             end = pattern.find("}", i)
             if end < 0:
                 raise ValueError("an unclosed {")
+            counts = pattern[i + 1 : end].split(",")
+            if (
+                not all(c.strip().isdigit() or (k == 1 and not c.strip()) for k, c in enumerate(counts))
+                or len(counts) > 2
+            ):
+                raise ValueError(f"a bad repetition {pattern[i : end + 1]}")
+            if any(c.strip() and int(c) > MAX_COUNT for c in counts):
+                raise ValueError(f"a repetition over {MAX_COUNT} ({pattern[i : end + 1]})")
             out.append(pattern[i : end + 1])
             i = end + 1
         elif c in _STRUCTURE:
             out.append(c)
             i += 1
+        elif c in "^$":
+            raise ValueError(f"{c} inside the pattern is not supported (only ^ at its start and $ at its end)")
         else:
             out.append(_class([(ord(c), ord(c))], pattern) if c in _META or _unsafe(ord(c)) else c)
             i += 1

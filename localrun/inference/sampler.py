@@ -4,6 +4,7 @@ grammar and random state), and a reusable Batch for decodes of several positions
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import TYPE_CHECKING, Any
 
 from localrun.errors import UsageError
@@ -105,7 +106,15 @@ class Sampler:
         if masked:
             lc.llama_sampler_apply(self.rule, ctypes.byref(array))
         lc.llama_sampler_apply(self.ptr, ctypes.byref(array))
-        return int(array.data[array.selected].id)
+        chosen = array.data[array.selected] if 0 <= array.selected < self._n_vocab else None
+        if masked and (chosen is None or not math.isfinite(chosen.logit)):
+            # Every token is ruled out (a character only byte pieces spell, a surrogate): accepting
+            # one anyway would make llama.cpp's grammar throw, which aborts the process.
+            raise UsageError(
+                "the grammar allows no token of this model here",
+                hint="it asks for text this model's vocabulary cannot write; simplify it",
+            )
+        return int(chosen.id) if chosen is not None else 0
 
     def _allowed(self, token: int) -> bool:
         lc = self._lc

@@ -122,7 +122,8 @@ class Scheduler:
                     pass
         self.ctx.clear_abort()
         self.batch.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # a grammar being sampled reads the model's vocabulary: wait for it before the model goes
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- the scheduler thread ---------------------------------------------------------------------
     def _run(self) -> None:

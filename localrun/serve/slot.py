@@ -135,9 +135,11 @@ class Slot:
         try:
             token = future.result()
         except Exception as exc:  # never leave the request waiting
-            from localrun.serve.errors import ApiError
+            from localrun.errors import LocalrunError
+            from localrun.serve.errors import ApiError, from_localrun
 
-            self.fail(ApiError(500, f"sampling the grammar failed: {exc}", type="server_error"))
+            error = from_localrun(exc) if isinstance(exc, LocalrunError) else None
+            self.fail(error or ApiError(500, f"sampling the grammar failed: {exc}", type="server_error"))
             return True
         return self._took(token, row, model)
 
@@ -167,7 +169,8 @@ class Slot:
     def fail(self, error: ApiError) -> None:
         job = self.job
         if job is not None:
-            self.job, self.pending, self.row, self.sampling = None, None, None, None
+            self._drop_sampling()
+            self.job, self.pending, self.row = None, None, None
             self.last_used = time.perf_counter()
             self.outbox.append((job, Failed(error)))
 
@@ -204,9 +207,16 @@ class Slot:
                 ),
             )
         )
-        self.job, self.pending, self.row, self.sampling = None, None, None, None
+        self._drop_sampling()
+        self.job, self.pending, self.row = None, None, None
         self.last_used = end
         return True
+
+    def _drop_sampling(self) -> None:
+        """A grammar's token no longer wanted: not sampled if it has not started."""
+        if self.sampling is not None:
+            self.sampling[0].cancel()
+            self.sampling = None
 
 
 def _logprob(logits, token: int, k: int, model: LlamaModel, piece: bytes) -> TokenLogprob:
