@@ -24,6 +24,11 @@ def isatty(stream: Any) -> bool:
         return False
 
 
+class Whole(str):
+    """A value that is data (a path, a command, a URL): Output.fields writes it whole, never
+    wrapped or cut with an ellipsis, so that a copy of it from the terminal works."""
+
+
 @dataclass
 class Output:
     """Knows where things go and how they may look. Tests construct it with the flags they need."""
@@ -107,17 +112,21 @@ class Output:
         console.file.flush()
 
     def fields(self, rows: list[tuple[str, str]]) -> None:
-        """Label / value lines on stdout. On a terminal the values wrap at word boundaries under
-        themselves; piped they are plain lines, nothing padded or cut. Values are plain text."""
-        from rich.table import Table
+        """Label / value lines on stdout. On a terminal prose values wrap at word boundaries under
+        themselves; a Whole value (a path) is written whole, to copy; piped, every value is one
+        plain line, nothing padded or cut. Values are plain text."""
         from rich.text import Text
 
-        table = Table(show_header=False, box=None, pad_edge=False)
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column()
+        indent = max((len(key) for key, _ in rows), default=0) + 2
+        width = self.out.width - indent if self.stdout_tty else 0
         for key, value in rows:
-            table.add_row(key, Text(value))
-        self.table(table)
+            if isinstance(value, Whole) or width < 20:
+                lines = [value]
+            else:
+                lines = [line.plain.rstrip() for line in Text(value).wrap(self.out, width)] or [""]
+            for i, line in enumerate(lines):
+                label = key if i == 0 else ""
+                self.show(Text.assemble((label.ljust(indent), "bold"), line) if line else Text(label, style="bold"))
 
     def columns(self, header: list[str], rows: list[list[str]], *, right: tuple[str, ...] = ()) -> None:
         """Aligned plain columns on stdout, never cut: the first cell of a row (a model name) is
@@ -143,7 +152,14 @@ class Output:
 
     # -- messages (stderr) ----------------------------------------------------------------------
     def info(self, message: str) -> None:
+        """Prose on stderr: on a terminal, wrapped at word boundaries."""
         self.err.print(safe(message, None, multiline=True), markup=False)
+
+    def line(self, text: str) -> None:
+        """A line that is data, on stderr: a command to copy, a path, a URL, a log line. localrun
+        never wraps it (a newline inside a quoted header breaks the command pasted); the terminal
+        soft-wraps it, and a copy of it is what was printed."""
+        self.err.print(safe(text, None), markup=False, soft_wrap=True)
 
     def status(self, markup: str) -> None:
         """A styled message on stderr; the caller escapes any outside text it includes."""

@@ -4,6 +4,7 @@ API on HTTP until Ctrl-C or SIGTERM, which end the streams in flight and exit 0.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from localrun.cache.resolve import Resolved, resolve
@@ -14,7 +15,7 @@ from localrun.errors import NotFound, UsageError
 from localrun.inference.engine import EngineConfig
 from localrun.inference.selftest import this_machine
 from localrun.model.refs import ModelRef, parse_ref
-from localrun.output import Output
+from localrun.output import MESSAGE_LIMIT, Output
 from localrun.serve import state
 from localrun.serve.app import Served, create_app
 from localrun.serve.host import ModelHost, ServeOptions
@@ -91,12 +92,21 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelH
     return hosts
 
 
-def log_line(served: Served) -> str:
-    """One line per request on stderr: what, for which model, and how it went."""
-    head = f"{served.endpoint} {safe(served.model)} {served.status}"
+def log_line(served: Served, when: float | None = None) -> str:
+    """One line per request on stderr: when (local time), what, for which model, the status sent,
+    and how it went. Nothing in it is cut: it is a record, and the terminal wraps it."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+    head = f"{stamp} {safe(served.endpoint, MESSAGE_LIMIT)} {safe(served.model, MESSAGE_LIMIT)} {served.status}"
+    parts = [head]
     if served.stats is not None:
-        return f"{head} · {stats_line(served.stats)}"
-    return f"{head} · {safe(served.error)}" if served.error else f"{head} · the client went away"
+        parts.append(stats_line(served.stats))
+    if served.error and served.status < 400:  # a stream began with 200, then the error came in-band
+        parts.append(f"cut short: {safe(served.error, MESSAGE_LIMIT)}")
+    elif served.error:
+        parts.append(safe(served.error, MESSAGE_LIMIT))
+    elif served.stats is None:
+        parts.append("the client went away")
+    return " · ".join(parts)
 
 
 def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, cfg: EngineConfig, out: Output) -> int:
@@ -119,7 +129,7 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
                 host.checkin()
         registry = Registry(hosts)
         app = create_app(
-            registry, api_key=settings.api_key, max_body=settings.max_body, log=lambda s: out.info(log_line(s))
+            registry, api_key=settings.api_key, max_body=settings.max_body, log=lambda s: out.line(log_line(s))
         )
         url = url_of(sock, settings.host)
         record = state.register(url, [state.ServedModel(h.id, opts.parallel) for h in hosts])
@@ -150,4 +160,4 @@ def _announce(out: Output, url: str, hosts: list[ModelHost], opts: ServeOptions,
         f'{{"model": "{first.id}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
     ).replace("'", "'\\''")
     auth = " -H 'Authorization: Bearer YOUR_KEY'" if key else ""
-    out.info(f"try: curl -N {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{example}'")
+    out.line(f"try: curl -N {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{example}'")

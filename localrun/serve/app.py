@@ -40,7 +40,7 @@ SWEEP_EVERY = 1.0  # seconds between checks for models idle beyond --keep-alive
 class Served:
     """One request, for the server's log line."""
 
-    endpoint: str
+    endpoint: str  # the method and the path: "POST /v1/chat/completions"
     model: str
     status: int
     stats: Stats | None = None
@@ -102,7 +102,7 @@ async def _generate(
     kind: replies.Kind,
     log: Callable[[Served], None],
 ):
-    endpoint = request.url.path
+    endpoint = f"{request.method} {request.url.path}"
     host = registry.find(req.model)
     try:
         scheduler = host.checkout_now() or await run_in_threadpool(registry.checkout, host)
@@ -145,7 +145,10 @@ async def _generate(
             if reply.stats is None and reply.error is None:
                 scheduler.cancel(job)
             host.checkin()
-            status = reply.error.status if reply.error else 200 if reply.stats else 499  # 499: client went away
+            # What was sent: a stream's 200 went out before its first chunk, so an error that ends
+            # it comes in-band and the status stays 200. 499: the client went away.
+            sent = 200 if req.stream else reply.error.status if reply.error else 200
+            status = sent if reply.error or reply.stats else 499
             if reply.error is not None:
                 reply.error.logged = True
             log(Served(endpoint, host.id, status, reply.stats, reply.error and reply.error.message))
@@ -185,7 +188,7 @@ def _error(exc: ApiError) -> JSONResponse:
 def _error_handlers(app: FastAPI, log: Callable[[Served], None]) -> None:
     def said(request: Request, error: ApiError) -> JSONResponse:
         if not error.logged:  # a failed generation was logged with its figures
-            log(Served(request.url.path, "-", error.status, error=error.message))
+            log(Served(f"{request.method} {request.url.path}", "-", error.status, error=error.message))
         return _error(error)
 
     @app.exception_handler(ApiError)

@@ -23,7 +23,7 @@ from localrun.inference.templates import ChatTemplate
 from localrun.serve.errors import shutting_down
 from localrun.serve.protocol import SlotsHealth
 from localrun.serve.scheduler import Scheduler
-from localrun.text import human_bytes, safe
+from localrun.text import human_bytes, plural, safe
 
 Notify = Callable[[str], None]
 
@@ -208,7 +208,7 @@ class ModelHost:
         touch(model.path)  # "last used" in `localrun list`
         self._notify(
             f"loaded {safe(self.id)}: {n} slot{'s' * (n > 1)} × {self.n_ctx_slot} tokens, "
-            f"{threads} threads, {gpu} GPU layers, in {engine.info.load_s:.1f} s"
+            f"{plural(threads, 'thread')}, {gpu} GPU layers, in {engine.info.load_s:.1f} s"
         )
 
     def _unload(self) -> None:
