@@ -241,3 +241,14 @@ def test_rm_answered_no_exits_1(pulled):
     child.close()
     assert child.exitstatus == 1 and "nothing removed" in child.before
     assert runner.invoke(app, ["list", "--json"]).stdout.count(f'"{REPO}:Q8_0"') == 1  # still there
+
+
+def test_bench_of_two_repos_labels_rows_repo_quant(hub, tiny):
+    for repo in ("acme/one-GGUF", "acme/two-GGUF"):
+        hub.add_repo(repo, {f"tiny-llama-{q}.gguf": tiny.quants[q] for q in ("Q8_0", "Q2_K")})
+    result = bench("acme/one-GGUF", "acme/two-GGUF", "--quants", "Q8_0,Q2_K", *SPEED)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    labels = [line.lstrip("* ").split()[0] for line in lines[1:6] if line]
+    assert labels == ["acme/one-GGUF:Q8_0", "acme/one-GGUF:Q2_K", "acme/two-GGUF:Q8_0", "acme/two-GGUF:Q2_K"]
+    assert lines[3] == ""  # the two models' rows apart
