@@ -62,12 +62,14 @@ def pulled(hub, tiny):
 
 # -- data is never wrapped --------------------------------------------------------------------------
 def test_serve_prints_its_curl_example_on_one_line_and_logs_each_request_on_one_line(tiny):
-    child = on_terminal("serve", tiny.quants["Q8_0"], "--port", "0", until=r"try: curl [^\r\n]*\r\n")
+    model = tiny.quants["Q8_0"]
+    child = on_terminal("serve", model, "--port", "0", "--threads", "1", until=r"try: curl [^\r\n]*\r\n")
     try:
         command = child.after.strip().removeprefix("try: ")
         assert len(command) > 80  # longer than the terminal, and still one line
         assert command.endswith('"stream": true}\'') and "-H 'Content-Type: application/json'" in command
-        url = re.search(r"(http://\S+)/v1\r\n", child.before).group(1)
+        started = child.before
+        url = re.search(r"(http://\S+)/v1\r\n", started).group(1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
         client.chat.completions.create(model="tiny-llama-Q8_0", messages=[{"role": "user", "content": "hi"}])
         child.expect(r"([^\r\n]*/v1/chat/completions[^\r\n]*)\r\n")
@@ -75,7 +77,8 @@ def test_serve_prints_its_curl_example_on_one_line_and_logs_each_request_on_one_
         # when, the method and the path, the model, the status, the figures: one line, nothing cut
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d POST /v1/chat/completions tiny-llama-Q8_0 200 · ", line)
         assert re.search(r"reply [\d,]+ tok, [\d.]+ tok/s", line) and len(line) > 80
-        assert "1 threads" not in child.before and "…" not in line
+        assert "…" not in line
+        assert re.search(r"\d\d:\d\d:\d\d loaded tiny-llama-Q8_0: 4 slots × \d+ tokens, 1 thread, ", started)
     finally:
         child.sendintr()
         child.expect(pexpect.EOF)

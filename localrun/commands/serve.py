@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from localrun.cache.resolve import Resolved, resolve
@@ -71,7 +72,7 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelH
             if any(h.id == model_id for h in hosts):
                 raise UsageError(f"{safe(reference)} is named twice")
             hosts.append(
-                ModelHost(model_id, aliases, lambda r=resolved: r, lambda: this_machine(), opts, notify=out.info)
+                ModelHost(model_id, aliases, lambda r=resolved: r, lambda: this_machine(), opts, notify=server_log(out))
             )
         return hosts
     seen: set[str] = set()
@@ -86,17 +87,29 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelH
                 raise NotFound(f"{label} is no longer in the cache", hint=f"localrun pull {label}")
             return found
 
-        hosts.append(ModelHost(entry.label, {entry.repo_id}, source, lambda: this_machine(), opts, notify=out.info))
+        hosts.append(
+            ModelHost(entry.label, {entry.repo_id}, source, lambda: this_machine(), opts, notify=server_log(out))
+        )
     if not hosts:
         raise UsageError("nothing to serve: no model is pulled", hint="name one: localrun serve org/repo")
     return hosts
 
 
-def log_line(served: Served, when: float | None = None) -> str:
-    """One line per request on stderr: when (local time), what, for which model, the status sent,
-    and how it went. Nothing in it is cut: it is a record, and the terminal wraps it."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-    head = f"{stamp} {safe(served.endpoint, MESSAGE_LIMIT)} {safe(served.model, MESSAGE_LIMIT)} {served.status}"
+def stamped(message: str, when: float | None = None) -> str:
+    """A line of the server's log: the local time first."""
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))} {message}"
+
+
+def server_log(out: Output) -> Callable[[str], None]:
+    """Where the server's events go (a model loaded or unloaded, a request served): one
+    timestamped line each on stderr, never wrapped by localrun."""
+    return lambda message: out.line(stamped(message))
+
+
+def log_line(served: Served) -> str:
+    """One line per request: what, for which model, the status sent, and how it went. Nothing in
+    it is cut: it is a record, and the terminal wraps it."""
+    head = f"{safe(served.endpoint, MESSAGE_LIMIT)} {safe(served.model, MESSAGE_LIMIT)} {served.status}"
     parts = [head]
     if served.stats is not None:
         parts.append(stats_line(served.stats))
@@ -129,7 +142,7 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
                 host.checkin()
         registry = Registry(hosts)
         app = create_app(
-            registry, api_key=settings.api_key, max_body=settings.max_body, log=lambda s: out.line(log_line(s))
+            registry, api_key=settings.api_key, max_body=settings.max_body, log=lambda s: server_log(out)(log_line(s))
         )
         url = url_of(sock, settings.host)
         record = state.register(url, [state.ServedModel(h.id, opts.parallel) for h in hosts])
@@ -139,7 +152,7 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
     try:
         _announce(out, url, hosts, opts, bool(models), bool(settings.api_key))
         serve(app, sock, on_stop=registry.drain)
-        out.info("stopped")
+        server_log(out)("stopped")
     finally:
         registry.drain()
         registry.close()
