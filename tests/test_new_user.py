@@ -120,6 +120,15 @@ def test_auto_pull_prints_the_saved_path_whole(hub, tiny):
     assert path.is_file() and path.name == "tiny-Q8_0.gguf"  # not "saved" and the path in pieces
 
 
+def test_a_command_quoted_in_a_hint_is_never_split_across_lines():
+    repo = "acme/a-rather-long-repository-name-for-a-model-GGUF"
+    code, screen = screen_of("bench", repo)
+    assert code == 3, screen
+    command = f"`localrun pull {repo}:Q4_K_M`"
+    assert any(command in line for line in screen.splitlines()), screen  # whole, on one line, to copy
+    assert all(len(line) <= 80 for line in screen.splitlines())  # and the prose around it still wraps
+
+
 @pytest.mark.parametrize("columns", [80, 120])
 def test_show_prints_the_path_whole_on_a_terminal(pulled, columns):
     code, screen = screen_of("show", f"{REPO}:Q8_0", columns=columns)

@@ -84,14 +84,14 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelH
         def source(label: str = entry.label) -> Resolved:
             found = resolve(parse_ref(label), this_machine())
             if found is None:
-                raise NotFound(f"{label} is no longer in the cache", hint=f"localrun pull {label}")
+                raise NotFound(f"{label} is no longer in the cache", hint=f"`localrun pull {label}`")
             return found
 
         hosts.append(
             ModelHost(entry.label, {entry.repo_id}, source, lambda: this_machine(), opts, notify=server_log(out))
         )
     if not hosts:
-        raise UsageError("nothing to serve: no model is pulled", hint="name one: localrun serve org/repo")
+        raise UsageError("nothing to serve: no model is pulled", hint="name one: `localrun serve org/repo`")
     return hosts
 
 
