@@ -213,6 +213,23 @@ def test_bench_json_and_markdown_together_is_a_usage_error(tiny):
     assert result.exit_code == 2 and result.stdout == "" and len(result.stderr.splitlines()) == 1
 
 
+def test_bench_progress_line_stays_one_line_with_long_labels():
+    import io
+
+    from rich.console import Console
+
+    from localrun.bench.results import CandidateResult
+    from localrun.commands.bench import ProgressDisplay
+    from localrun.output import Output
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=60, no_color=True)
+    progress = ProgressDisplay(Output(stderr_tty=True, _err=console))
+    label = "acme/a-long-repository-name-GGUF:Q4_K_M"
+    progress([CandidateResult(label, "q.gguf", "Q4_K_M", 1000)], 0, {"event": "phase", "phase": "load"})
+    lines = console.render_lines(progress, console.options)  # as Live renders it, on every refresh
+    assert len(lines) == 1  # a live line redrawn in place never wraps onto a second line
+
+
 def test_bench_records_last_use(tiny):
     from localrun.cache.usage import last_used
 

@@ -59,7 +59,9 @@ class ProgressDisplay:
         eta_text = f"ETA {_duration(eta)}" if eta is not None else "ETA after the first candidate"
         return Text(
             f"[{self.current + 1}/{len(self.results)}] {self.results[self.current].label}: {self.phase}  ·  "
-            f"{_duration(now - self.started)} elapsed  ·  {eta_text}"
+            f"{_duration(now - self.started)} elapsed  ·  {eta_text}",
+            no_wrap=True,  # one line that is redrawn: cut to the terminal rather than wrapped onto two
+            overflow="ellipsis",
         )
 
     def __call__(self, results: list[CandidateResult], index: int, event: dict) -> None:
