@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -13,8 +14,28 @@ from localrun.text import safe
 
 if TYPE_CHECKING:  # rich is imported on first use: `--help` must stay fast
     from rich.console import Console
+    from rich.text import Text
 
 MESSAGE_LIMIT = 1000  # characters of one error or warning line
+
+
+# A word for wrapping: what lies between spaces, where a `quoted` span (a command) counts as part
+# of the word it is in, spaces and all.
+_WORD = re.compile(r"(?:`[^`\n]*`|\S)+")
+
+
+def word_breaks(plain: str, width: int) -> list[int]:
+    """Where to break `plain` so that no line is wider than `width` cells: before a word, never
+    inside one (nor inside a `quoted` span); a word wider than a line keeps a line to itself."""
+    from rich.cells import cell_len
+
+    breaks: list[int] = []
+    start = 0
+    for word in _WORD.finditer(plain):
+        if word.start() > start and cell_len(plain[start : word.end()]) > width:
+            breaks.append(word.start())
+            start = word.start()
+    return breaks
 
 
 def isatty(stream: Any) -> bool:
@@ -22,6 +43,11 @@ def isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+class Whole(str):
+    """A value that is data (a path, a command, a URL): Output.fields writes it whole, never
+    wrapped or cut with an ellipsis, so that a copy of it from the terminal works."""
 
 
 @dataclass
@@ -107,17 +133,21 @@ class Output:
         console.file.flush()
 
     def fields(self, rows: list[tuple[str, str]]) -> None:
-        """Label / value lines on stdout. On a terminal the values wrap at word boundaries under
-        themselves; piped they are plain lines, nothing padded or cut. Values are plain text."""
-        from rich.table import Table
+        """Label / value lines on stdout. On a terminal prose values wrap at word boundaries under
+        themselves; a Whole value (a path) is written whole, to copy; piped, every value is one
+        plain line, nothing padded or cut. Values are plain text."""
         from rich.text import Text
 
-        table = Table(show_header=False, box=None, pad_edge=False)
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column()
+        indent = max((len(key) for key, _ in rows), default=0) + 2
+        width = self.out.width - indent if self.stdout_tty else 0
         for key, value in rows:
-            table.add_row(key, Text(value))
-        self.table(table)
+            if isinstance(value, Whole) or width < 20:
+                lines = [value]
+            else:
+                lines = [line.plain.rstrip() for line in Text(value).wrap(self.out, width)] or [""]
+            for i, line in enumerate(lines):
+                label = key if i == 0 else ""
+                self.show(Text.assemble((label.ljust(indent), "bold"), line) if line else Text(label, style="bold"))
 
     def columns(self, header: list[str], rows: list[list[str]], *, right: tuple[str, ...] = ()) -> None:
         """Aligned plain columns on stdout, never cut: the first cell of a row (a model name) is
@@ -143,7 +173,16 @@ class Output:
 
     # -- messages (stderr) ----------------------------------------------------------------------
     def info(self, message: str) -> None:
-        self.err.print(safe(message, None, multiline=True), markup=False)
+        """Prose on stderr: on a terminal, wrapped at word boundaries."""
+        from rich.text import Text
+
+        self._prose(Text(safe(message, None, multiline=True)))
+
+    def line(self, text: str) -> None:
+        """A line that is data, on stderr: a command to copy, a path, a URL, a log line. localrun
+        never wraps it (a newline inside a quoted header breaks the command pasted); the terminal
+        soft-wraps it, and a copy of it is what was printed."""
+        self.err.print(safe(text, None), markup=False, soft_wrap=True)
 
     def status(self, markup: str) -> None:
         """A styled message on stderr; the caller escapes any outside text it includes."""
@@ -158,10 +197,22 @@ class Output:
             self._labelled("hint: ", "dim", hint)
 
     def _labelled(self, label: str, style: str, message: str) -> None:
-        """One message with its label, as one line (wrapped at words on a terminal, under itself)."""
+        """One message with its label, as one line (wrapped at words on a terminal)."""
         from rich.text import Text
 
-        self.err.print(Text.assemble((label, style), safe(message, MESSAGE_LIMIT)))
+        self._prose(Text.assemble((label, style), safe(message, MESSAGE_LIMIT)))
+
+    def _prose(self, text: Text) -> None:
+        """Prose on stderr. On a terminal it wraps between words, never inside a `quoted` span: a
+        command in a hint stays on one line, to copy; a word longer than a line keeps a line to
+        itself, whole, for the terminal to wrap. Piped, each paragraph is one line."""
+        if not self.stderr_tty:
+            self.err.print(text)
+            return
+        for paragraph in text.split("\n", allow_blank=True):
+            for line in paragraph.divide(word_breaks(paragraph.plain, self.err.width)):
+                line.rstrip()
+                self.err.print(line, soft_wrap=True)
 
     def confirm(self, question: str, *, refuse_hint: str = "add --yes to go ahead without asking") -> bool:
         """Ask yes/no on stderr. Nobody can answer when stdin or stderr is not a terminal, or with

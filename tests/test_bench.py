@@ -25,6 +25,7 @@ TOP_KEYS = {
     "machine",
     "reference",
     "recommendation",
+    "models",
     "warnings",
     "interrupted",
     "elapsed_s",
@@ -49,6 +50,7 @@ CANDIDATE_KEYS = {
     "path",
     "quant",
     "repo",
+    "model",
     "file_size",
     "status",
     "error",
@@ -90,7 +92,7 @@ def test_two_tiny_quants_give_complete_sane_figures(tiny):
     result = bench(tiny.quants["Q4_K_M"], tiny.quants["Q8_0"], *QUICK, "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["schema"] == "localrun.bench/2"
+    assert data["schema"] == "localrun.bench/3"
     assert data["reference"] == "Q8_0"  # the higher precision, whatever the argument order
     assert [c["label"] for c in data["candidates"]] == ["Q8_0", "Q4_K_M"]  # in the order measured: best first
     tokens = set()
@@ -132,15 +134,19 @@ def test_json_schema_is_stable(tiny):
 
 
 def test_crashing_candidate_is_reported_and_the_rest_measured(tiny):
-    # The corrupt-vocabulary file is F32, so it would be the reference: the next one takes over.
+    # The corrupt-vocabulary file is a model of its own (its header names it tiny-dupvocab).
     result = bench(tiny.corrupt_vocab, tiny.quants["Q5_K_M"], tiny.quants["Q3_K_M"], *QUICK, "--json")
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    corrupt = data["candidates"][0]  # tried first: F32 is the highest precision
+    corrupt = data["candidates"][0]  # tried first: named first
     assert corrupt["status"] == "crashed" and corrupt["signal"] == "SIGABRT"
     assert "GGML_ASSERT" in corrupt["error"] and corrupt["tg"] is None and not corrupt["pareto"]
-    assert data["reference"] == "Q5_K_M"
-    assert by_label(data)["Q3_K_M"]["status"] == "ok" and by_label(data)["Q3_K_M"]["kld"] > 0
+    assert [(m["model"], m["reference"]) for m in data["models"]] == [
+        ("tiny-dupvocab", None),
+        ("tiny-llama", "tiny-llama-Q5_K_M.gguf"),
+    ]
+    q3 = by_label(data)["tiny-llama-Q3_K_M.gguf"]
+    assert q3["status"] == "ok" and q3["kld"] > 0
     assert "crashed (SIGABRT)" in result.stderr
 
 
@@ -320,7 +326,8 @@ def test_quants_fit_pulls_every_quant_that_fits(hub, tiny):
 
 
 @pytest.mark.slow
-def test_different_vocabularies_get_no_kld(gemma, tiny):
+def test_different_models_get_no_kld_against_each_other(gemma, tiny):
+    """Gemma and the tiny llama: two models, each its own reference; nothing recommended across them."""
     result = bench(
         gemma,
         tiny.quants["Q8_0"],
@@ -338,11 +345,11 @@ def test_different_vocabularies_get_no_kld(gemma, tiny):
     )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    c = by_label(data)
-    assert data["reference"] == "Q8_0"  # higher precision by its quant, even on another vocabulary
-    assert c["Q4_K_M"]["status"] == "ok" and c["Q4_K_M"]["kld"] is None and c["Q4_K_M"]["top1"] is None
-    assert "vocabulary differs" in c["Q4_K_M"]["note"] and c["Q4_K_M"]["ppl"] > 1
-    assert data["recommendation"]["text"] == "Q8_0: the other candidates could not be compared with it"
+    gemma_row, tiny_row = data["candidates"]  # in the order named
+    assert gemma_row["label"] == gemma.name and tiny_row["label"] == tiny.quants["Q8_0"].name
+    assert gemma_row["reference"] and tiny_row["reference"] and gemma_row["ppl"] > 1 and tiny_row["ppl"] > 1
+    assert data["reference"] is None and data["recommendation"] is None
+    assert [m["recommendation"] for m in data["models"]] == [None, None]
 
 
 def exact_kld(reference: Path, candidate: Path, text: str, n_ctx: int, windows: int) -> float:
@@ -581,10 +588,9 @@ def test_narrow_terminal_drops_columns_and_never_crops_a_cell(tiny):
 
     from rich.console import Console
 
-    from localrun.bench.ranking import sorted_rows
     from localrun.bench.results import BenchOptions
     from localrun.commands.bench import bench as run_command
-    from localrun.commands.bench import row_cells
+    from localrun.commands.bench import table_rows
     from localrun.output import Output
 
     opts = BenchOptions(pp=32, tg=8, reps=2, ppl_ctx=128, ppl_chunks=2)
@@ -595,19 +601,18 @@ def test_narrow_terminal_drops_columns_and_never_crops_a_cell(tiny):
     dropped = {}
     for width in (80, 110):
         text = rendered(width, result)
-        table = text.split("\n\n")[0]
+        table = text.split("\nnot shown at")[0]  # a blank line parts two models' rows
         assert max(len(line) for line in text.splitlines()) <= width, text  # paragraphs wrap at words too
         header = table.splitlines()[0].split()
         assert header[0] == "MODEL" and "tg t/s" in " ".join(header) and header[-1] == "NOTE"
-        assert "KLD" in header and "PPL" in header
+        assert "KLD" in header and ("PPL" in header or width == 80)  # PPL goes last, only beside KLD
         said = re.search(
             rf"not shown at {width} columns: (.+?) \(--json or --csv has every column\)", " ".join(text.split())
         )
         assert said, text
         dropped[width] = said.group(1).split(", ")
         flat = "".join(text.split())
-        for r in sorted_rows(result.results):
-            cells = row_cells(r)
+        for cells in filter(None, table_rows(result)):
             for name, value in cells.items():
                 if name in ("note", "") or name in dropped[width] or name.upper() in dropped[width]:
                     continue
@@ -652,7 +657,7 @@ def test_sigterm_removes_the_reference_files(tiny, tmp_path):
     assert proc.stderr is not None
     for line in proc.stderr:  # the reference is measured: its files are in the temp folder
         if line.startswith("[1/2]"):
-            assert list(folder.glob("localrun-bench-*/reference*"))
+            assert list(folder.glob("localrun-bench-*/*/reference*"))  # one folder per model
             proc.send_signal(signal.SIGTERM)
             break
     proc.communicate(timeout=60)

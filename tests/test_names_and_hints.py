@@ -236,7 +236,7 @@ def test_a_projector_named_as_the_model_is_said_to_be_one(hub, tiny):
         ["run", f"{REPO}:mmproj-tiny-F16.gguf", "hello"],
     ):
         result = cli(*args)
-        assert result.exit_code == 3, (args, result.output)
+        assert result.exit_code == 2, (args, result.output)  # a usage error: the file is there
         assert result.stdout == ""
         assert result.stderr.splitlines() == [
             "error: mmproj-tiny-F16.gguf is a vision projector (mmproj), not a model to run",

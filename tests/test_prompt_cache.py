@@ -130,7 +130,7 @@ def test_cache_ls_and_clear(tiny):
     listed = runner.invoke(app, ["cache", "ls"])
     assert listed.exit_code == 0, listed.output
     lines = listed.stdout.splitlines()
-    assert lines[0].split() == ["MODEL", "TOKENS", "SIZE", "LAST", "USED"] and len(lines) == 3
+    assert lines[0].split() == ["MODEL", "BEGINS", "TOKENS", "SIZE", "LAST", "USED"] and len(lines) == 3
     assert "2 entries" in listed.stderr
     data = json.loads(runner.invoke(app, ["cache", "ls", "--json"]).stdout)
     assert len(data["entries"]) == 2 and data["size"] == sum(p.stat().st_size for p in entries())

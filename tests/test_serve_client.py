@@ -134,7 +134,7 @@ def test_an_idle_model_is_unloaded_after_keep_alive_and_reloaded_when_asked(tiny
             model=TINY, messages=[{"role": "user", "content": "back?"}], max_tokens=2
         )
         assert reply.usage.completion_tokens >= 1
-        lines = server.stderr.splitlines()
+        lines = [line.split(" ", 2)[-1] for line in server.stderr.splitlines()]  # after the date and time
         assert any(line.startswith("unloaded tiny-llama-Q8_0: idle") for line in lines)
         assert sum(line.startswith("loaded tiny-llama-Q8_0:") for line in lines) == 2
 

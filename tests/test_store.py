@@ -321,7 +321,7 @@ def test_rm_on_a_terminal_asks_and_respects_the_answer(pulled, tiny):
     before = blobs()
     code, screen = _rm_on_a_terminal(f"{REPO}:Q8_0", b"n\n")
     size = human_bytes(tiny.quants["Q8_0"].stat().st_size)
-    assert code == 0 and f"Remove it and free {size}? [y/N]" in screen and "nothing removed" in screen
+    assert code == 1 and f"Remove it and free {size}? [y/N]" in screen and "nothing removed" in screen
     assert blobs() == before
     code, screen = _rm_on_a_terminal(f"{REPO}:Q8_0", b"y\n")
     assert code == 0 and f"removed {REPO}:Q8_0" in screen

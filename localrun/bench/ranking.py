@@ -1,8 +1,17 @@
-"""Ranking a bench: Pareto marks and the recommendation."""
+"""Ranking a bench: Pareto marks and the recommendation, each within one model's quants (quality
+is only comparable between quants of the same model; speed is shown side by side)."""
 
 from __future__ import annotations
 
-from localrun.bench.results import BenchResult, CandidateResult, Recommendation
+from localrun.bench.results import BenchResult, CandidateResult, ModelSummary, Recommendation
+
+
+def by_model(results: list[CandidateResult]) -> dict[str, list[CandidateResult]]:
+    """The candidates of each model, models in the order they were measured."""
+    groups: dict[str, list[CandidateResult]] = {}
+    for r in results:
+        groups.setdefault(r.model, []).append(r)
+    return groups
 
 
 def measured_ok(results: list[CandidateResult]) -> list[CandidateResult]:
@@ -28,7 +37,12 @@ def _losses(results: list[CandidateResult]) -> dict[int, float]:
 
 
 def mark_pareto(results: list[CandidateResult]) -> None:
-    """Mark the rows no other candidate beats on both generation speed (tg) and quality."""
+    """Mark the rows no other candidate of the same model beats on both generation speed (tg) and quality."""
+    for group in by_model(results).values():
+        _mark_pareto_within(group)
+
+
+def _mark_pareto_within(results: list[CandidateResult]) -> None:
     loss = _losses(results)
     measured = measured_ok(results)
     ids = {id(m) for m in measured}
@@ -93,16 +107,33 @@ def noise_warnings(bench: BenchResult) -> list[str]:
     return warnings
 
 
+def summarize(bench: BenchResult) -> None:
+    """Rank `bench` as run_bench leaves it: Pareto marks and a recommendation per model; with one
+    model, its reference and recommendation are the run's."""
+    mark_pareto(bench.results)
+    bench.models = []
+    for model, group in by_model(bench.results).items():
+        ref = next((r.label for r in group if r.reference), None)
+        bench.models.append(ModelSummary(model, ref, recommend_within(group, bench.settings)))
+    one = bench.models[0] if len(bench.models) == 1 else ModelSummary("")
+    bench.reference, bench.recommendation = one.reference, one.recommendation
+
+
 def recommend(bench: BenchResult) -> Recommendation | None:
+    """The recommendation of a bench of one model."""
+    return recommend_within(bench.results, bench.settings)
+
+
+def recommend_within(results: list[CandidateResult], settings: dict) -> Recommendation | None:
     """The candidate closest to the reference among the fastest within settings['max_kld'] of it,
     where "the fastest" are those whose tg is within noise of the top one: a recommendation never
-    rests on a speed difference within the noise."""
-    measured = measured_ok(bench.results)
+    rests on a speed difference within the noise. `results` are quants of one model."""
+    measured = measured_ok(results)
     ref = next((r for r in measured if r.reference), None)
     if ref is None or len(measured) < 2:
         return None
-    bar = bench.settings.get("max_kld", 0.05)
-    reps = bench.settings.get("reps", 0)
+    bar = settings.get("max_kld", 0.05)
+    reps = settings.get("reps", 0)
     within = [r for r in measured if r.kld is not None and r.kld <= bar]
     fastest = max(within, key=lambda r: r.tg.mean)  # type: ignore[union-attr]
     ties = [r for r in within if same_speed(r, fastest, reps)]
@@ -147,7 +178,12 @@ def _joined(results: list[CandidateResult]) -> str:
 
 
 def sorted_rows(results: list[CandidateResult]) -> list[CandidateResult]:
-    """Best quality first; candidates that were not measured last, in the order they were tried."""
+    """Model by model, in the order they were measured: best quality first; candidates that were
+    not measured last, in the order they were tried."""
+    return [r for group in by_model(results).values() for r in _sorted_within(group)]
+
+
+def _sorted_within(results: list[CandidateResult]) -> list[CandidateResult]:
     loss = _losses(results)
     measured = sorted(measured_ok(results), key=lambda r: (loss[id(r)], r.ppl or 0.0))
     ids = {id(m) for m in measured}

@@ -10,7 +10,10 @@ from typing import Literal
 from localrun.model.files import ModelFiles
 from localrun.model.quants import info as quant_info
 
-SCHEMA = "localrun.bench/2"  # 2: settings.kld_top_k became kld_reference (distributions kept whole)
+# 2: settings.kld_top_k became kld_reference (distributions kept whole)
+# 3: several models in one run: candidates[].model, and models[] with each one's reference and
+#    recommendation (the top-level reference and recommendation are those of a run of one model)
+SCHEMA = "localrun.bench/3"
 
 
 @dataclass
@@ -27,6 +30,15 @@ class BenchOptions:
     quality: bool = True  # False: speed only, no perplexity / KLD pass
     eval_text: Path | None = None
     verbose: bool = False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file to measure, and the model it is a quantization of: its repo, or for a local file the
+    name in its header. Pareto marks, KLD and the recommendation compare quants of one model only."""
+
+    files: ModelFiles
+    model: str
 
 
 def precision(model: ModelFiles) -> tuple[float, int]:
@@ -60,6 +72,7 @@ class CandidateResult:
     quant: str | None
     file_size: int
     repo: str | None = None  # org/repo of a pulled model; None for a local file
+    model: str = ""  # which model it is a quantization of (Candidate.model)
     status: Status = "pending"
     error: str | None = None
     signal: str | None = None
@@ -95,13 +108,23 @@ class Recommendation:
 
 
 @dataclass
+class ModelSummary:
+    """One model's part of a bench: the candidate the others' KLD is against, and the pick."""
+
+    model: str
+    reference: str | None = None
+    recommendation: Recommendation | None = None
+
+
+@dataclass
 class BenchResult:
     settings: dict
     machine: dict
     results: list[CandidateResult]
     date: str = ""  # when the run started, UTC: YYYY-MM-DD HH:MM UTC
-    reference: str | None = None
+    reference: str | None = None  # a run of one model; with several, each one's is in `models`
     recommendation: Recommendation | None = None
+    models: list[ModelSummary] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # why the speed figures may be noise
     interrupted: bool = False
     elapsed_s: float = 0.0
@@ -114,6 +137,7 @@ class BenchResult:
             "machine": self.machine,
             "reference": self.reference,
             "recommendation": asdict(self.recommendation) if self.recommendation else None,
+            "models": [asdict(m) for m in self.models],
             "warnings": self.warnings,
             "interrupted": self.interrupted,
             "elapsed_s": round(self.elapsed_s, 2),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +26,11 @@ from importlib import resources
 from pathlib import Path
 
 from localrun import fit, hardware
-from localrun.bench.ranking import mark_pareto, noise_warnings, recommend
-from localrun.bench.results import BenchOptions, BenchResult, CandidateResult, Stat, precision
+from localrun.bench.ranking import noise_warnings, summarize
+from localrun.bench.results import BenchOptions, BenchResult, Candidate, CandidateResult, Stat, precision
 from localrun.bench.worker import WorkerSpec
 from localrun.cache.resolve import pulled_models
+from localrun.cache.usage import touch
 from localrun.errors import LocalrunError, NoSpace, NotFound, UsageError
 from localrun.hub.listing import list_quants
 from localrun.hub.ranges import read_remote_header
@@ -36,23 +38,32 @@ from localrun.inference import selftest
 from localrun.inference.build import build_info
 from localrun.inference.llama_log import last_error
 from localrun.model.files import ModelFiles, local_files
-from localrun.model.header import read_header
+from localrun.model.header import HeaderInfo, read_header
 from localrun.model.quants import quant_from_filename
 from localrun.model.refs import ModelRef, parse_ref
+from localrun.text import count
 
 # -- candidates ----------------------------------------------------------------------------------
 Fetch = Callable[[ModelRef], ModelFiles]  # a repo reference -> the model, pulled first when needed
 
 
-def _local(path: Path) -> ModelFiles:
-    """A local file as a candidate, its quant from its header (else its name). An unreadable file
-    still becomes a candidate: its worker reports the failure."""
+def _local(path: Path) -> Candidate:
+    """A local file as a candidate, its quant from its header (else its name), its model by the
+    name in its header. An unreadable file still becomes a candidate: its worker reports the failure."""
     model = local_files(path)
     try:
-        quant = read_header(path).file_type
+        header: HeaderInfo | None = read_header(path)
     except LocalrunError:
-        quant = None
-    return ModelFiles(model.files, path.name, quant or quant_from_filename(path.name))
+        header = None
+    quant = header.file_type if header else None
+    files = ModelFiles(model.files, path.name, quant or quant_from_filename(path.name))
+    return Candidate(files, model_name(header) if header else path.name)
+
+
+def model_name(header: HeaderInfo) -> str:
+    """Which model a file is a quantization of: the name llama-quantize keeps from the original,
+    else its architecture and size."""
+    return header.name or f"{header.architecture} {count(header.n_params)}"
 
 
 def _repo_candidates(
@@ -93,36 +104,47 @@ def _wanted_quants(ref: ModelRef, opts: BenchOptions, notify: Callable[[str], No
 
 def resolve_candidates(
     models: list[str], opts: BenchOptions, fetch: Fetch, notify: Callable[[str], None]
-) -> list[ModelFiles]:
-    """MODEL arguments -> candidates, most precise first: local files as they are; a repo -> its
-    pulled (or --quants) models. Labelled by quant when that names one, else by file name."""
+) -> list[Candidate]:
+    """MODEL arguments -> candidates, model by model (in the order named), each model's most
+    precise first: local files as they are; a repo -> its pulled (or --quants) models. With one
+    model they are labelled by quant when that names one, else by file name; with several, so that
+    every row says which model it is: org/repo:QUANT, or a local file's name."""
     refs = [parse_ref(m) for m in models]
     if opts.quants and all(ref.is_local for ref in refs):
         raise UsageError("--quants needs a repo (org/repo), not local files")
-    found: list[ModelFiles] = []
+    found: list[Candidate] = []
     for ref in refs:
         if ref.is_local:
             assert ref.path is not None
             found.append(_local(ref.path))
         else:
-            found.extend(_repo_candidates(ref, opts, fetch, notify))
+            found.extend(
+                Candidate(m, m.repo_id or ref.repo_id or "") for m in _repo_candidates(ref, opts, fetch, notify)
+            )
     seen: set[str] = set()
     unique = []
-    for model in found:
-        key = os.path.realpath(model.path)
+    for cand in found:
+        key = os.path.realpath(cand.files.path)
         if key not in seen:
             seen.add(key)
-            unique.append(model)
+            unique.append(cand)
     if not unique:
         raise UsageError("nothing to bench")
+    names = list(dict.fromkeys(c.model for c in unique))
     counts: dict[str | None, int] = {}
-    for model in unique:
-        counts[model.quant] = counts.get(model.quant, 0) + 1
+    for cand in unique:
+        counts[cand.files.quant] = counts.get(cand.files.quant, 0) + 1
+
+    def label(m: ModelFiles) -> str:
+        if len(names) > 1:
+            return m.label if m.repo_id else m.path.name
+        return m.quant if m.quant and counts[m.quant] == 1 else m.label
+
     labelled = [
-        ModelFiles(m.files, m.quant if m.quant and counts[m.quant] == 1 else m.label, m.quant, m.repo_id)
-        for m in unique
+        Candidate(ModelFiles(c.files.files, label(c.files), c.files.quant, c.files.repo_id), c.model) for c in unique
     ]
-    return sorted(labelled, key=precision, reverse=True)
+    by_precision = sorted(labelled, key=lambda c: precision(c.files), reverse=True)
+    return sorted(by_precision, key=lambda c: names.index(c.model))
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -204,12 +226,13 @@ def _fill(r: CandidateResult, d: dict) -> None:
 
 
 def run_bench(
-    candidates: list[ModelFiles],
+    candidates: list[Candidate],
     opts: BenchOptions,
     notify: Callable[[str], None],
     progress: BenchProgress | None = None,
 ) -> BenchResult:
-    """Measure each candidate (most precise first: the reference). Ctrl-C returns what was measured."""
+    """Measure each candidate; the first of each model to be measured (its most precise) is that
+    model's reference. Ctrl-C returns what was measured."""
     if opts.reps < 1 or opts.pp < 0 or opts.tg < 0 or opts.ppl_ctx < 16:
         raise UsageError("--reps must be at least 1, --pp/--tg not negative, --ppl-ctx at least 16")
     text = eval_text_path(opts)
@@ -238,17 +261,25 @@ def run_bench(
     bench = BenchResult(
         settings,
         machine,
-        [CandidateResult(c.label, str(c.path), c.quant, c.size, c.repo_id) for c in candidates],
+        [
+            CandidateResult(c.files.label, str(c.files.path), c.files.quant, c.files.size, c.files.repo_id, c.model)
+            for c in candidates
+        ],
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
+    index_of = {model: i for i, model in enumerate(dict.fromkeys(c.model for c in candidates))}
     started = time.perf_counter()
     with _hangup_as_interrupt(), tempfile.TemporaryDirectory(prefix="localrun-bench-") as tmp:
         try:
+            references: set[str] = set()  # the models whose reference was measured
             for index, (cand, result) in enumerate(zip(candidates, bench.results)):
-                have_ref = bench.reference is not None
-                ref_dir = tmp if opts.quality else None  # speed only: no reference to write or read
+                have_ref = cand.model in references
+                # speed only: no reference to write or read; else one folder per model
+                ref_dir = os.path.join(tmp, str(index_of[cand.model])) if opts.quality else None
+                if index and cand.model != candidates[index - 1].model:  # the last model's reference is done with
+                    shutil.rmtree(os.path.join(tmp, str(index_of[candidates[index - 1].model])), ignore_errors=True)
                 spec = WorkerSpec(
-                    path=str(cand.path),
+                    path=str(cand.files.path),
                     eval_text=str(text),
                     pp=opts.pp,
                     tg=opts.tg,
@@ -263,12 +294,16 @@ def run_bench(
                     ref_in=ref_dir if have_ref else None,
                     verbose=opts.verbose,
                 )
+                if ref_dir:
+                    os.makedirs(ref_dir, exist_ok=True)
                 result.status = "running"
                 data = run_worker(spec, result, _forward(progress, bench.results, index))
+                if data is not None:
+                    touch(cand.files.path)  # "last used" in `localrun list`: it was loaded and run
                 if data is not None and not have_ref and opts.quality:
-                    bench.reference, result.reference, result.kld, result.top1 = result.label, True, 0.0, 1.0
-                    result.kld_p99 = 0.0
-                    settings["kld_reference"] = data["kld_reference"]
+                    references.add(cand.model)
+                    result.reference, result.kld, result.top1, result.kld_p99 = True, 0.0, 1.0, 0.0
+                    settings["kld_reference"] = settings["kld_reference"] or data["kld_reference"]
                 if progress:
                     progress(bench.results, index, {"event": "done"})
         except KeyboardInterrupt:
@@ -277,8 +312,7 @@ def run_bench(
                 if result.status == "running":
                     result.status = "interrupted"
     bench.elapsed_s = time.perf_counter() - started
-    mark_pareto(bench.results)
-    bench.recommendation = recommend(bench)
+    summarize(bench)
     bench.warnings = noise_warnings(bench)
     return bench
 

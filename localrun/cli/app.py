@@ -244,8 +244,10 @@ def bench(
     """Compare quantizations on this machine: speed (pp, tg, TTFT, memory) and quality (perplexity, KLD)."""
     from localrun.bench.results import BenchOptions
     from localrun.commands.bench import bench as command
+    from localrun.commands.bench import output_format
 
-    out = Output.from_env(json=json or csv or markdown, verbose=verbose)
+    fmt = output_format(json=json, csv=csv, markdown=markdown)
+    out = Output.from_env(json=fmt != "table", verbose=verbose)
     opts = BenchOptions(
         pp=pp,
         tg=tg,
@@ -260,7 +262,7 @@ def bench(
         eval_text=eval_text,
         verbose=verbose,
     )
-    result = command(models, opts, out, "json" if json else "csv" if csv else "markdown" if markdown else "table")
+    result = command(models, opts, out, fmt)
     if result.interrupted:
         out.error("interrupted: the table shows what was measured so far")
         raise typer.Exit(ExitCode.INTERRUPTED)

@@ -5,26 +5,33 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 from pathlib import Path
 from typing import Literal
 
 from rich.console import Group
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from localrun import __version__
-from localrun.bench.ranking import measured_ok, quality_metric, sorted_rows
-from localrun.bench.results import BenchOptions, BenchResult, CandidateResult
-from localrun.bench.runner import eta_seconds, resolve_candidates, run_bench
+from localrun.bench.ranking import by_model, measured_ok, quality_metric, sorted_rows
+from localrun.bench.results import BenchOptions, BenchResult, CandidateResult, Stat
+from localrun.bench.runner import resolve_candidates, run_bench
+from localrun.commands.bench_progress import ProgressDisplay, status_text
 from localrun.commands.loading import obtain
-from localrun.errors import EngineCrash
+from localrun.errors import EngineCrash, UsageError
 from localrun.output import Output
 from localrun.text import human_bytes, plural
 
 PARETO_MARK = "*"
 Format = Literal["table", "json", "csv", "markdown"]
+
+
+def output_format(*, json: bool = False, csv: bool = False, markdown: bool = False) -> Format:
+    """The one format asked for. Two at once are refused rather than one of them silently dropped."""
+    asked = [name for name, on in (("--json", json), ("--csv", csv), ("--markdown", markdown)) if on]
+    if len(asked) > 1:
+        raise UsageError(f"{' and '.join(asked)} are different formats of the same result: choose one")
+    return "json" if json else "csv" if csv else "markdown" if markdown else "table"
 
 
 def bench(models: list[str], opts: BenchOptions, out: Output, fmt: Format = "table") -> BenchResult:
@@ -49,12 +56,25 @@ def bench(models: list[str], opts: BenchOptions, out: Output, fmt: Format = "tab
     return result
 
 
-def _stat(stat) -> str:
-    """mean ± sd with as many decimals as a rate of that size needs."""
+def _stat(stat: Stat | None, digits: int) -> str:
+    """mean ± sd; a figure measured once has no spread to show."""
     if stat is None:
         return "-"
-    digits = 0 if stat.mean >= 100 else 1 if stat.mean >= 10 else 2
-    return f"{stat.mean:.{digits}f} ± {stat.sd:.{digits}f}"
+    return f"{stat.mean:.{digits}f}" + (f" ± {stat.sd:.{digits}f}" if stat.n > 1 else "")
+
+
+def _digits(stats: list[Stat | None]) -> int:
+    """Decimals for a whole column, as many as its smallest figure needs: one rule per column,
+    so that 79.8 ± 10.2 does not stand beside 183 ± 29."""
+    means = [s.mean for s in stats if s is not None]
+    if not means:
+        return 0
+    low = min(means)
+    return 0 if low >= 100 else 1 if low >= 10 else 2
+
+
+def column_digits(results: list[CandidateResult]) -> dict[str, int]:
+    return {name: _digits([getattr(r, name) for r in results]) for name in ("pp", "tg", "ttft_ms")}
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -68,34 +88,28 @@ def _kld(value: float | None) -> str:
     return "0" if value == 0 else f"{value:.4f}" if value >= 0.001 else f"{value:.1e}"
 
 
-def _status(r: CandidateResult) -> str:
-    if r.status == "ok":
-        return "reference" if r.reference else (r.note or "")
-    if r.status == "pending":
-        return "not measured (interrupted)"
-    return f"{r.status}: {r.error}" if r.error else r.status
-
-
-def row_cells(r: CandidateResult) -> dict[str, str]:
+def row_cells(r: CandidateResult, digits: dict[str, int] | None = None) -> dict[str, str]:
+    """A row's cells; `digits`: the decimals of each speed column (column_digits of every row)."""
+    digits = digits or column_digits([r])
     return {
         "": PARETO_MARK if r.pareto else "",
         "model": r.label,
         "size": human_bytes(r.file_size),
-        "pp t/s": _stat(r.pp),
-        "tg t/s": _stat(r.tg),
-        "TTFT ms": _stat(r.ttft_ms),
+        "pp t/s": _stat(r.pp, digits["pp"]),
+        "tg t/s": _stat(r.tg, digits["tg"]),
+        "TTFT ms": _stat(r.ttft_ms, digits["ttft_ms"]),
         "load s": _num(r.load_s, ".2f"),
         "RSS": "-" if r.peak_rss is None else human_bytes(r.peak_rss),
         "PPL": "-" if r.ppl is None else f"{r.ppl:.3f} ± {r.ppl_error or 0.0:.3f}",
         "KLD": _kld(r.kld),
         "top-1": "-" if r.top1 is None else f"{100 * r.top1:.1f}%",
-        "note": _status(r),
+        "note": status_text(r),
     }
 
 
-# On a narrow terminal these columns go first, in this order; the Pareto mark, the model, tg, the
-# quality figures and the note always stay (--json and --csv have every column).
-DROP_ORDER = ("load s", "TTFT ms", "top-1", "size", "pp t/s", "RSS")
+# On a narrow terminal these columns go first, in this order (PPL only where KLD is shown); the
+# Pareto mark, the model, tg, KLD and the note always stay (--json and --csv have every column).
+DROP_ORDER = ("load s", "TTFT ms", "top-1", "size", "pp t/s", "RSS", "PPL")
 NOTE_MIN = 24  # columns are dropped until the note has this much; then it wraps onto more lines
 GAP = 2  # between columns: rich's padding of one space on each side
 
@@ -122,15 +136,27 @@ def fit_columns(rows: list[dict[str, str]], width: int) -> tuple[list[str], list
     for name in DROP_ORDER:
         if needed(names) <= width:
             break
-        if name in names:
+        if name in names and (name != "PPL" or "KLD" in names):
             names.remove(name)
             dropped.append(name)
     return names, dropped
 
 
+def table_rows(bench: BenchResult) -> list[dict[str, str] | None]:
+    """The cells of each row, model by model; None between two models' rows."""
+    digits = column_digits(bench.results)
+    rows: list[dict[str, str] | None] = []
+    for group in by_model(sorted_rows(bench.results)).values():
+        if rows:
+            rows.append(None)
+        rows += [row_cells(r, digits) for r in group]
+    return rows
+
+
 def caption(bench: BenchResult) -> str:
     s = bench.settings
     scored = next((r for r in bench.results if r.ppl_windows), None)
+    several = len(bench.models) > 1
     parts = [
         f"pp{s['pp']} / tg{s['tg']}, {plural(s['reps'], 'rep')}, {plural(s['threads'], 'thread')}, "
         f"{s['gpu_layers']} GPU layers"
@@ -139,40 +165,54 @@ def caption(bench: BenchResult) -> str:
         parts.append("speed only (--no-quality): no perplexity or KLD, so no recommendation")
     if scored:
         parts.append(f"PPL ± its standard error over {scored.ppl_windows} windows of {s['ppl_ctx']} tokens")
-    if bench.reference:
+    if several and any(m.reference for m in bench.models):
+        parts.append("KLD of each model's quants against its most precise one (the reference)")
+    elif bench.reference:
         parts.append(f"KLD against {bench.reference}")
-    closer = "closer" if bench.reference or scored else "more precise (quant type)"
-    parts.append(f"{PARETO_MARK} Pareto-optimal: no other candidate both faster (tg) and {closer}")
+    closer = (
+        "closer" if any(m.reference for m in bench.models) or bench.reference or scored else "more precise (quant type)"
+    )
+    other = "no other quant of the same model" if several else "no other candidate"
+    parts.append(f"{PARETO_MARK} Pareto-optimal: {other} both faster (tg) and {closer}")
     return "; ".join(parts)
+
+
+def recommendations(bench: BenchResult) -> list[str]:
+    """One per model that has one."""
+    if bench.models:
+        return [m.recommendation.text for m in bench.models if m.recommendation]
+    return [bench.recommendation.text] if bench.recommendation else []
 
 
 def show(out: Output, bench: BenchResult) -> None:
     """The table, the recommendation and the bar chart on stdout. On a terminal the table fits its
-    width by leaving out the least important columns (and says which); piped, it has them all."""
-    rows = [row_cells(r) for r in sorted_rows(bench.results)]
+    width by leaving out the least important columns (and says which); piped, it has them all.
+    Several models: their rows apart, each labelled with its model."""
+    rows = table_rows(bench)
+    cells = [r for r in rows if r is not None]
     width = out.out.width  # piped: 10,000 columns
-    names, dropped = fit_columns(rows, width)
+    names, dropped = fit_columns(cells, width)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in names:
-        wraps = name in ("model", "note")  # only when nothing else is left to drop
-        table.add_column(
+        table.add_column(  # only the note wraps, when nothing else is left to drop: a label is copied
             _title(name),
             justify="left" if name in ("", "model", "note") else "right",
-            no_wrap=not wraps,
+            no_wrap=name != "note",
             overflow="fold",
         )
-    for cells in rows:
-        table.add_row(*(Text(cells[name]) for name in names))
+    for row in rows:
+        table.add_row(*(Text(row[name]) if row else Text("") for name in names))
     out.table(table)  # piped into a file or a pager the rows stay whole, whatever COLUMNS says
     if dropped:
         shown = ", ".join(_title(n) for n in dropped)
         out.show(_para(f"not shown at {width} columns: {shown} (--json or --csv has every column)", "dim"))
     out.show(_para(caption(bench), "dim"))
-    if bench.recommendation:
-        out.show(_para("\nrecommended: " + bench.recommendation.text, "bold"))
+    for i, text in enumerate(recommendations(bench)):
+        out.show(_para(("\n" if i == 0 else "") + "recommended: " + text, "bold"))
     chart = bar_chart(bench, max(10, min(40, width - 16 - max((len(r.label) for r in bench.results), default=0))))
-    if chart:
-        out.show(Text("\n" + chart))
+    for i, line in enumerate(chart.splitlines()):  # the titles are prose; the bars never wrap
+        gap = "\n" if i == 0 else ""
+        out.show(Text(line) if line.startswith("  ") else _para(gap + line, ""))
 
 
 def _para(text: str, style: str) -> Group:
@@ -187,21 +227,26 @@ def _bar(value: float, top: float, width: int) -> str:
 
 
 def bar_chart(bench: BenchResult, width: int = 40) -> str:
-    """Generation speed and KL divergence per candidate, as bars of block characters. KLD bars are
-    to scale from 0 to the larger of the --max-kld bar and the largest KLD, so a negligible
-    divergence gets no bar rather than the longest one."""
+    """Generation speed and KL divergence per candidate, as bars of block characters. Speed is
+    drawn for every candidate, all models side by side; KLD within each model, against its own
+    reference. KLD bars are to scale from 0 to the larger of the --max-kld bar and the largest
+    KLD, so a negligible divergence gets no bar rather than the longest one."""
     rows = sorted_rows(measured_ok(bench.results))
     if not rows:
         return ""
     name_width = max(len(r.label) for r in rows)
     lines = ["generation speed (tg, tok/s)"]
     top = max(r.tg.mean for r in rows)  # type: ignore[union-attr]
+    digits = column_digits(rows)["tg"]
     for r in rows:
-        lines.append(f"  {r.label:<{name_width}}  {_bar(r.tg.mean, top, width):<{width}}  {r.tg.mean:.1f}")  # type: ignore[union-attr]
-    if quality_metric(rows) == "kld" and len(rows) > 1:
-        top = max(bench.settings.get("max_kld", 0.05), *(r.kld or 0.0 for r in rows))
-        lines.append(f"KL divergence against {bench.reference} (lower is closer; full width = KLD {top:.3g})")
-        for r in rows:
+        lines.append(f"  {r.label:<{name_width}}  {_bar(r.tg.mean, top, width):<{width}}  {r.tg.mean:.{digits}f}")  # type: ignore[union-attr]
+    compared = [g for g in by_model(rows).values() if quality_metric(g) == "kld" and len(g) > 1]
+    if compared:
+        top = max(bench.settings.get("max_kld", 0.05), *(r.kld or 0.0 for g in compared for r in g))
+        refs = [r.label for g in compared for r in g if r.reference]
+        against = f"against {refs[0]}" if len(refs) == 1 else "of each model against its reference"
+        lines.append(f"KL divergence {against} (lower is closer; full width = KLD {top:.3g})")
+        for r in (r for g in compared for r in g):
             lines.append(f"  {r.label:<{name_width}}  {_bar(r.kld or 0.0, top, width):<{width}}  {_kld(r.kld)}")
     return "\n".join(lines)
 
@@ -236,6 +281,7 @@ CSV_FIELDS = (
     "note",
     "repo",
     "others_cpu",
+    "model",
 )
 
 
@@ -261,7 +307,7 @@ def _model_names(bench: BenchResult) -> str:
 def to_markdown(bench: BenchResult) -> str:
     """A report to paste: what ran, where and when, then the table, the caption, the verdict."""
     s, m = bench.settings, bench.machine
-    rows = [row_cells(r) for r in sorted_rows(bench.results)]
+    rows = [row for row in table_rows(bench) if row is not None]
     names, _ = fit_columns(rows, 10_000)
     lines = [
         f"**localrun bench** of {_model_names(bench)}",
@@ -277,70 +323,7 @@ def to_markdown(bench: BenchResult) -> str:
     for cells in rows:
         lines.append("| " + " | ".join(cells[n].replace("|", "\\|") for n in names) + " |")
     lines += ["", caption(bench).replace(PARETO_MARK + " Pareto", "Pareto", 1) + "."]
-    if bench.recommendation:
-        lines += ["", f"**Recommended:** {bench.recommendation.text}"]
+    for text in recommendations(bench):
+        lines += ["", f"**Recommended:** {text}"]
     lines += [f"\n> warning: {w}" for w in bench.warnings]
     return "\n".join(lines) + "\n"
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class ProgressDisplay:
-    """Which candidate, which phase, elapsed time and ETA: a live line on a TTY (redrawn from the
-    clock four times a second, so it moves during phases that send no event for many seconds),
-    one line per candidate otherwise."""
-
-    def __init__(self, out: Output):
-        self.out = out
-        self.live: Live | None = None
-        self.results: list[CandidateResult] = []
-        self.started = time.perf_counter()
-        self.current_started = self.started
-        self.current = -1
-        self.phase = ""
-
-    def __enter__(self) -> ProgressDisplay:
-        if self.out.interactive:
-            self.live = Live(self, console=self.out.err, transient=True, refresh_per_second=4)
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.live is not None:
-            self.live.__exit__(None, None, None)
-
-    def __rich__(self) -> Text:
-        """The line as of now: Live calls this on every refresh."""
-        if self.current < 0:
-            return Text("")
-        now = time.perf_counter()
-        eta = eta_seconds(self.results, self.current, now - self.current_started)
-        eta_text = f"ETA {_duration(eta)}" if eta is not None else "ETA after the first candidate"
-        return Text(
-            f"[{self.current + 1}/{len(self.results)}] {self.results[self.current].label}: {self.phase}  ·  "
-            f"{_duration(now - self.started)} elapsed  ·  {eta_text}"
-        )
-
-    def __call__(self, results: list[CandidateResult], index: int, event: dict) -> None:
-        self.results, result = results, results[index]
-        if index != self.current:
-            self.current, self.current_started = index, time.perf_counter()
-        if event.get("event") == "done":
-            if self.live is None or result.status != "ok":
-                if result.status == "ok" and result.tg:
-                    summary = f"tg {result.tg.mean:.1f} tok/s" + (
-                        f", PPL {result.ppl:.3f}" if result.ppl is not None else ""
-                    )
-                else:
-                    summary = _status(result)
-                self.out.info(f"[{index + 1}/{len(results)}] {result.label}: {summary}")
-            return
-        phase = event.get("phase", "")
-        if event.get("reps") and phase != "load":
-            phase += f" {event.get('rep')}/{event.get('reps')}"
-        self.phase = phase
-        if self.live is not None:
-            self.live.refresh()

@@ -57,7 +57,7 @@ def open_conversation(
             said = said or [f"{label} has no chat template."]
             said[-1] += (
                 " It may be a base model, which continues text rather than answers; "
-                f'for that: localrun run {label} --raw "TEXT"'
+                f'for that: `localrun run {label} --raw "TEXT"`'
             )
         for message in said:
             out.warn(message)

@@ -6,9 +6,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from localrun.cache.scan import iso
 from localrun.inference import prompt_cache
 from localrun.output import Output
 from localrun.text import ago, human_bytes, plural, safe
+
+BEGINS_WIDTH = 32  # characters of an entry's opening shown in a row
 
 
 @dataclass
@@ -25,7 +28,14 @@ class CacheReport:
             "folder": str(self.folder),
             "size": self.size,
             "entries": [
-                {"key": e.key, "model": e.model, "tokens": e.tokens, "size": e.size, "used": e.used}
+                {
+                    "key": e.key,
+                    "model": e.model,
+                    "begins": e.begins or None,
+                    "tokens": e.tokens,
+                    "size": e.size,
+                    "used": iso(e.used),
+                }
                 for e in self.entries
             ],
         }
@@ -40,12 +50,20 @@ def show(out: Output, found: CacheReport) -> None:
         out.data(found.to_dict())
         return
     if not found.entries:
-        out.info(f"the prompt cache is empty ({found.folder})")
+        out.line(f"the prompt cache is empty ({found.folder})")
         return
     now = time.time()
-    rows = [[safe(e.model, None), f"{e.tokens:,}", human_bytes(e.size), ago(e.used, now)] for e in found.entries]
-    out.columns(["MODEL", "TOKENS", "SIZE", "LAST USED"], rows, right=("TOKENS", "SIZE"))
-    out.info(f"{plural(len(found.entries), 'entry', 'entries')}, {human_bytes(found.size)} in {found.folder}")
+    rows = [
+        [safe(e.model, None), _begins(e.begins), f"{e.tokens:,}", human_bytes(e.size), ago(e.used, now)]
+        for e in found.entries
+    ]
+    out.columns(["MODEL", "BEGINS", "TOKENS", "SIZE", "LAST USED"], rows, right=("TOKENS", "SIZE"))
+    out.line(f"{plural(len(found.entries), 'entry', 'entries')}, {human_bytes(found.size)} in {found.folder}")
+
+
+def _begins(text: str) -> str:
+    """What an entry's prompt begins with, short enough to sit in a row: one line, escaped."""
+    return safe(text, BEGINS_WIDTH) if text else "-"
 
 
 def clear(out: Output) -> int:

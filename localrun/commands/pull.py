@@ -317,12 +317,11 @@ def pull(
         result.files = download(listing, row.quant, progress)
     result.already_there = not progress.downloaded
     if not out.json:
-        if result.already_there:
-            show(f"already pulled: {safe(result.files[0], None)}", markup=False)
-        else:
-            show(f"saved {safe(result.files[0], None)}", markup=False)
+        # A path and a command, to copy: printed whole (soft_wrap), never broken by a newline.
+        done = "already pulled:" if result.already_there else "saved"
+        show(f"{done} {safe(result.files[0], None)}", markup=False, soft_wrap=True)
         if out.interactive and not as_step:
-            out.info(f"chat with it: localrun chat {listing.repo_id}:{row.quant.label}")
+            out.line(f"chat with it: localrun chat {listing.repo_id}:{row.quant.label}")
     return result
 
 
@@ -347,7 +346,7 @@ def _pull_offline(
     why = f"{safe(model.quant or model.path.name)}: already in the cache (offline, nothing was checked on the Hub)"
     if not out.json:
         show(why, markup=False)
-        show(f"already pulled: {safe(model.path, None)}", markup=False)
+        show(f"already pulled: {safe(model.path, None)}", markup=False, soft_wrap=True)
     repo_quant = RepoQuant(model.quant, [p.name for p in model.files], model.size, {})
     rows = [Row(repo_quant, found.header, found.plan)]
     return PullResult(ref.repo_id or "", None, rows, 0, why, files=list(model.files), already_there=True)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from rich.text import Text
 
 from localrun.cache.remove import RemovalPlan, plan_removal, remove
+from localrun.errors import LocalrunError
 from localrun.model.refs import ModelRef
 from localrun.output import Output
 from localrun.text import human_bytes, plural, safe
 
 
-def rm(ref: ModelRef, out: Output, *, yes: bool = False) -> RemovalPlan | None:
-    """Remove what `ref` names from the cache; None when the user declined."""
+def rm(ref: ModelRef, out: Output, *, yes: bool = False) -> RemovalPlan:
+    """Remove what `ref` names from the cache. Declined, it raises (exit 1), so that a script
+    (`yes n | localrun rm ...`) can tell that nothing was removed."""
     plan = plan_removal(ref)
     out.info("will remove:")
     for e in plan.entries:
@@ -21,8 +23,7 @@ def rm(ref: ModelRef, out: Output, *, yes: bool = False) -> RemovalPlan | None:
     what = "it" if len(plan.entries) == 1 else f"these {len(plan.entries)}"
     question = f"Remove {what} and free {human_bytes(plan.freed)}{kept}?"
     if not yes and not out.confirm(question, refuse_hint="add --yes to remove without asking"):
-        out.info("nothing removed")
-        return None
+        raise LocalrunError("nothing removed: the answer was no")
     remove(plan)
     if out.json:
         out.data(plan.to_dict())

@@ -4,6 +4,8 @@ API on HTTP until Ctrl-C or SIGTERM, which end the streams in flight and exit 0.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from localrun.cache.resolve import Resolved, resolve
@@ -14,7 +16,7 @@ from localrun.errors import NotFound, UsageError
 from localrun.inference.engine import EngineConfig
 from localrun.inference.selftest import this_machine
 from localrun.model.refs import ModelRef, parse_ref
-from localrun.output import Output
+from localrun.output import MESSAGE_LIMIT, Output
 from localrun.serve import state
 from localrun.serve.app import Access, Served, create_app
 from localrun.serve.host import ModelHost, ServeOptions
@@ -75,7 +77,7 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelH
             if any(h.id == model_id for h in hosts):
                 raise UsageError(f"{safe(reference)} is named twice")
             hosts.append(
-                ModelHost(model_id, aliases, lambda r=resolved: r, lambda: this_machine(), opts, notify=out.info)
+                ModelHost(model_id, aliases, lambda r=resolved: r, lambda: this_machine(), opts, notify=server_log(out))
             )
         return hosts
     seen: set[str] = set()
@@ -87,21 +89,42 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelH
         def source(label: str = entry.label) -> Resolved:
             found = resolve(parse_ref(label), this_machine())
             if found is None:
-                raise NotFound(f"{label} is no longer in the cache", hint=f"localrun pull {label}")
+                raise NotFound(f"{label} is no longer in the cache", hint=f"`localrun pull {label}`")
             return found
 
-        hosts.append(ModelHost(entry.label, {entry.repo_id}, source, lambda: this_machine(), opts, notify=out.info))
+        hosts.append(
+            ModelHost(entry.label, {entry.repo_id}, source, lambda: this_machine(), opts, notify=server_log(out))
+        )
     if not hosts:
-        raise UsageError("nothing to serve: no model is pulled", hint="name one: localrun serve org/repo")
+        raise UsageError("nothing to serve: no model is pulled", hint="name one: `localrun serve org/repo`")
     return hosts
 
 
+def stamped(message: str, when: float | None = None) -> str:
+    """A line of the server's log: the local time first."""
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))} {message}"
+
+
+def server_log(out: Output) -> Callable[[str], None]:
+    """Where the server's events go (a model loaded or unloaded, a request served): one
+    timestamped line each on stderr, never wrapped by localrun."""
+    return lambda message: out.line(stamped(message))
+
+
 def log_line(served: Served) -> str:
-    """One line per request on stderr: what, for which model, and how it went."""
-    head = f"{served.endpoint} {safe(served.model)} {served.status}"
+    """One line per request: what, for which model, the status sent, and how it went. Nothing in
+    it is cut: it is a record, and the terminal wraps it."""
+    head = f"{safe(served.endpoint, MESSAGE_LIMIT)} {safe(served.model, MESSAGE_LIMIT)} {served.status}"
+    parts = [head]
     if served.stats is not None:
-        return f"{head} · {stats_line(served.stats)}"
-    return f"{head} · {safe(served.error)}" if served.error else f"{head} · the client went away"
+        parts.append(stats_line(served.stats))
+    if served.error and served.status < 400:  # a stream began with 200, then the error came in-band
+        parts.append(f"cut short: {safe(served.error, MESSAGE_LIMIT)}")
+    elif served.error:
+        parts.append(safe(served.error, MESSAGE_LIMIT))
+    elif served.stats is None:
+        parts.append("the client went away")
+    return " · ".join(parts)
 
 
 def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, cfg: EngineConfig, out: Output) -> int:
@@ -132,7 +155,7 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
             allowed_hosts=settings.allowed_hosts,
             cors=settings.cors,
         )
-        app = create_app(registry, access, log=lambda s: out.info(log_line(s)))
+        app = create_app(registry, access, log=lambda s: server_log(out)(log_line(s)))
         url = url_of(sock, settings.host)
         record = state.register(url, [state.ServedModel(h.id, opts.parallel) for h in hosts])
     except BaseException:
@@ -141,8 +164,8 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
     try:
         _announce(out, url, hosts, opts, bool(models), bool(settings.api_key))
         limits = Limits(settings.idle_timeout, settings.max_connections)
-        serve(app, sock, on_stop=registry.drain, limits=limits, notify=out.info)
-        out.info("stopped")
+        serve(app, sock, on_stop=registry.drain, limits=limits, notify=server_log(out))
+        server_log(out)("stopped")
     finally:
         registry.drain()
         registry.close()
@@ -163,4 +186,4 @@ def _announce(out: Output, url: str, hosts: list[ModelHost], opts: ServeOptions,
         f'{{"model": "{first.id}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
     ).replace("'", "'\\''")
     auth = " -H 'Authorization: Bearer YOUR_KEY'" if key else ""
-    out.info(f"try: curl -N {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{example}'")
+    out.line(f"try: curl -N {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{example}'")

@@ -24,7 +24,7 @@ from localrun.inference.selftest import this_machine
 from localrun.model.header import HeaderInfo
 from localrun.model.refs import ModelRef
 from localrun.model.validate import problem
-from localrun.output import Output
+from localrun.output import Output, Whole
 from localrun.text import ago, count, human_bytes, safe
 
 Source = Literal["local", "pulled", "remote"]
@@ -223,11 +223,11 @@ def show(out: Output, d: Description) -> None:
     if h.license:
         rows.append(("Licence", safe(h.license)))
     for i, f in enumerate(d.files):
-        rows.append(("Files" if i == 0 else "", f"{safe(f.name, None)}  {human_bytes(f.size)}"))
+        rows.append(("Files" if i == 0 else "", Whole(f"{safe(f.name, None)}  {human_bytes(f.size)}")))
     if len(d.files) > 1:
         rows.append(("", f"{len(d.files)} shards, {human_bytes(d.size)} in all"))
     if d.source == "pulled" and d.files[0].path is not None:
-        rows.append(("Path", safe(d.files[0].path, None)))  # what to hand to another llama.cpp tool
+        rows.append(("Path", Whole(safe(d.files[0].path, None))))  # what to hand to another llama.cpp tool
     m = d.machine
     gpus = ", ".join(f"{g.name} {human_bytes(g.free)} free" for g in m.gpus) or "no GPU"
     rows.append(("This machine", f"{human_bytes(m.ram_available)} RAM available, {gpus}"))

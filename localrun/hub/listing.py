@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from localrun.errors import AccessDenied, BadModel, NetworkError, NotFound
+from localrun.errors import AccessDenied, BadModel, NetworkError, NotFound, UsageError
 from localrun.hub.settings import any_token, api, metadata_timeout, offline
 from localrun.model import quants
 from localrun.model.files import SHARD_RE
@@ -72,7 +72,7 @@ def select(
             if wanted in quant.files:
                 return i
         if wanted in (mmproj or []):
-            raise NotFound(
+            raise UsageError(  # it is there: asking for it is the mistake
                 f"{safe(filename)} is a vision projector (mmproj), not a model to run",
                 hint="name one of the repo's models: " + ", ".join(safe(q.files[0]) for q in found),
             )

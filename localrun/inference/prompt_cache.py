@@ -46,6 +46,7 @@ class Entry:
     tokens: int
     model: str
     used: float
+    begins: str = ""  # the prefix's first words, to tell entries apart (older entries: unknown)
 
 
 def entries(where: Path | None = None) -> list[Entry]:
@@ -59,7 +60,17 @@ def entries(where: Path | None = None) -> list[Entry]:
             size, tokens, used = int(meta["size"]), int(meta["tokens"]), float(meta["used"])
         except (KeyError, TypeError, ValueError):  # damaged: load() finds it so and removes it
             continue
-        found.append(Entry(meta_path.stem, size, tokens, str(meta.get("model", "?")), used))
+        begins = meta.get("begins")
+        found.append(
+            Entry(
+                meta_path.stem,
+                size,
+                tokens,
+                str(meta.get("model", "?")),
+                used,
+                begins if isinstance(begins, str) else "",
+            )
+        )
     return sorted(found, key=lambda e: -e.used)
 
 
@@ -158,6 +169,7 @@ class PromptCache:
                 "tokens": len(tokens),
                 "model": self.label,
                 "used": time.time(),
+                "begins": opening(ctx, tokens),
             }
             paths.write_json(self.where / f"{key}.json", meta)
             os.replace(tmp, kv)
@@ -175,6 +187,16 @@ class PromptCache:
                 break
             _delete(self.where, entry.key)
             total -= entry.size
+
+
+BEGINS_TOKENS = 48  # of the prefix, kept as text in an entry's metadata for `localrun cache ls`
+
+
+def opening(ctx: LlamaContext, tokens: list[int]) -> str:
+    """The first words of the prefix as one line of plain text: the template's markers (special
+    tokens) left out, whitespace runs as one space."""
+    text = b"".join(ctx.model.piece(t) for t in tokens[:BEGINS_TOKENS]).decode("utf-8", "replace")
+    return " ".join(text.split())
 
 
 def kv_identity(files: tuple[Path, ...], opts: LoadOptions) -> str:

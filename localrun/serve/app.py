@@ -43,7 +43,7 @@ SWEEP_EVERY = 1.0  # seconds between checks for models idle beyond --keep-alive
 class Served:
     """One request, for the server's log line."""
 
-    endpoint: str
+    endpoint: str  # the method and the path: "POST /v1/chat/completions"
     model: str
     status: int
     stats: Stats | None = None
@@ -71,9 +71,9 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
         finally:
             sweeper.cancel()
 
-    def report(path: str, error: ApiError) -> None:
+    def report(endpoint: str, error: ApiError) -> None:
         if not error.logged:  # a failed generation was logged with its figures
-            log(Served(path, "-", error.status, error=error.message))
+            log(Served(endpoint, "-", error.status, error=error.message))
 
     app = FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     # added innermost first: Gate, then CORS (preflights), then the body's limits, then the app
@@ -127,7 +127,7 @@ async def _generate(
     kind: replies.Kind,
     log: Callable[[Served], None],
 ):
-    endpoint = request.url.path
+    endpoint = f"{request.method} {request.url.path}"
     host = registry.find(req.model)
     try:
         scheduler = host.checkout_now() or await run_in_threadpool(registry.checkout, host)
@@ -170,7 +170,10 @@ async def _generate(
             if reply.stats is None and reply.error is None:
                 scheduler.cancel(job)
             host.checkin()
-            status = reply.error.status if reply.error else 200 if reply.stats else 499  # 499: client went away
+            # What was sent: a stream's 200 went out before its first chunk, so an error that ends
+            # it comes in-band and the status stays 200. 499: the client went away.
+            sent = 200 if req.stream else reply.error.status if reply.error else 200
+            status = sent if reply.error or reply.stats else 499
             if reply.error is not None:
                 reply.error.logged = True
             log(Served(endpoint, host.id, status, reply.stats, reply.error and reply.error.message))
@@ -214,7 +217,7 @@ async def _sweep(registry: Registry) -> None:
 
 def _error_handlers(app: FastAPI, report: Callable[[str, ApiError], None]) -> None:
     def said(request: Request, error: ApiError) -> JSONResponse:
-        report(request.url.path, error)
+        report(f"{request.method} {request.url.path}", error)
         return error.response()
 
     @app.exception_handler(ApiError)

@@ -31,7 +31,7 @@ from localrun.inference.templates import ChatTemplate
 from localrun.serve.errors import ApiError, shutting_down
 from localrun.serve.protocol import SlotsHealth
 from localrun.serve.scheduler import Scheduler
-from localrun.text import human_bytes, safe
+from localrun.text import human_bytes, plural, safe
 
 Notify = Callable[[str], None]
 Stamp = tuple[tuple[int, int, int, int], ...]  # per file: device, inode, size, mtime (ns)
@@ -274,7 +274,7 @@ class ModelHost:
         touch(model.path)  # "last used" in `localrun list`
         self._notify(
             f"loaded {safe(self.id)}: {n} slot{'s' * (n > 1)} × {self.n_ctx_slot} tokens, "
-            f"{threads} threads, {gpu} GPU layers, in {engine.info.load_s:.1f} s"
+            f"{plural(threads, 'thread')}, {gpu} GPU layers, in {engine.info.load_s:.1f} s"
         )
 
     def _unload(self) -> None:

@@ -110,7 +110,7 @@ class Gate:
         if error is None:
             await self.app(scope, receive, send)
             return
-        self.report(scope["path"], error)
+        self.report(f"{scope.get('method', '')} {scope['path']}", error)
         await error.response()(scope, receive, send)
 
 
@@ -165,7 +165,7 @@ class BodyLimit:
         return ApiError(413, f"the request body is over {self.limit} bytes", code="request_too_large")
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ApiError, close: bool = False) -> None:
-        self.report(scope["path"], error)
+        self.report(f"{scope.get('method', '')} {scope['path']}", error)
         await error.response(close=close)(scope, receive, send)
 
 
@@ -192,7 +192,7 @@ class LastResort:
             await self.app(scope, receive, watched)
         except Exception as exc:
             error = ApiError(500, f"unexpected {type(exc).__name__}: {exc}", type="server_error")
-            self.report(scope["path"], error)
+            self.report(f"{scope.get('method', '')} {scope['path']}", error)
             if not started:
                 await error.response()(scope, receive, send)
                 return
