@@ -20,6 +20,7 @@ from typing import Any
 from localrun.errors import UsageError
 from localrun.inference import gbnf
 from localrun.inference.json_pattern import json_safe
+from localrun.inference.schema_refs import with_refs_resolvable
 from localrun.text import safe
 
 ENUM_RANGE = 1024  # bounds admitting this many values at most become an enum the converter enforces
@@ -60,7 +61,6 @@ _SHAPES = (
 _BEFORE_FORMAT = ("$ref", "anyOf", "oneOf", "const", "enum", "pattern")
 _ROOT_ONLY = ("$defs", "definitions", "$schema", "$id")  # where a $ref looks, and what a schema is
 MAX_DEPTH = 64  # levels of schemas within schemas (the check and the converter recurse per level)
-_SELF = "localrun-root"  # the $defs name under which a schema that refers to itself ("#") is kept
 # The converter's rule for a character of a string admits raw control characters, which strict
 # JSON refuses; this one is llama.cpp's own (json-schema-to-grammar.cpp), which excludes them.
 _CHAR_RULE = 'char ::= [^"\\\\] |'
@@ -135,7 +135,7 @@ def from_json_schema(value: str | dict) -> Grammar:
     if not isinstance(schema, dict):
         raise UsageError(f"{source} must be a JSON object (a schema)")
     try:
-        enforceable = _with_refs_resolvable(_enforceable(schema, "$", source, 0), source)
+        enforceable = with_refs_resolvable(_enforceable(schema, "$", source, 0), source)
     except RecursionError:  # data nested within the schema (a const, an enum's values)
         raise UsageError(f"{source} nests too deeply to be a schema (over {MAX_DEPTH} levels)") from None
     try:
@@ -171,37 +171,6 @@ def _code_point(high: str, low: str) -> int:
     return 0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00)
 
 
-def _with_refs_resolvable(schema: dict, source: str) -> dict:
-    """The schema in a form whose references the converter resolves: a schema that refers to
-    itself ("#") kept under $defs, a reference at the root moved into an anyOf (the converter
-    resolves the root's $ref without looking into its $defs, so references inside them stayed
-    unresolved), and a loop of references that never reaches a value refused by name."""
-    if _refers_to_root(schema):
-        defs = dict(schema.get("$defs", {}))
-        body = {k: v for k, v in schema.items() if k not in ("$defs", "$schema", "$id")}
-        defs[_SELF] = _retarget(body)
-        schema = {**{k: v for k, v in schema.items() if k in ("$schema", "$id")}, "$defs": _retarget(defs)}
-        schema["$ref"] = f"#/$defs/{_SELF}"
-    if "$ref" in schema and len(schema) > 1:
-        rest = {k: v for k, v in schema.items() if k != "$ref"}
-        schema = {**rest, "anyOf": [{"$ref": schema["$ref"]}]}
-    for start in _refs(schema):
-        seen = [start]
-        target = _pointer(schema, start)
-        if target is None:
-            raise UsageError(
-                f"{source}: the reference {safe(start)[:80]} points to nothing in the schema",
-                hint="references are followed within the schema only: #/$defs/NAME",
-            )
-        while isinstance(target, dict) and set(target) <= {"$ref", "description", "title"} and "$ref" in target:
-            if target["$ref"] in seen:
-                loop = " -> ".join([*seen, target["$ref"]])
-                raise UsageError(f"{source}: the references {safe(loop)} loop without reaching a value")
-            seen.append(target["$ref"])
-            target = _pointer(schema, target["$ref"])
-    return schema
-
-
 def _needs_escape(value: Any) -> bool:
     """Whether a string within value (keys too) needs a JSON escape: the converter writes these
     literals with JSON's backslashes unescaped, which the grammar reads as its own escapes."""
@@ -217,47 +186,6 @@ def _needs_escape(value: Any) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
-
-
-def _walk(node: Any):
-    """Every dict within node, iteratively (a schema's depth is bounded, its breadth is not)."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            yield item
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def _refs(schema: dict) -> list[str]:
-    return sorted({n["$ref"] for n in _walk(schema) if isinstance(n.get("$ref"), str)})
-
-
-def _refers_to_root(schema: dict) -> bool:
-    return any(n.get("$ref") == "#" for n in _walk(schema))
-
-
-def _retarget(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: (f"#/$defs/{_SELF}" if k == "$ref" and v == "#" else _retarget(v)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_retarget(v) for v in node]
-    return node
-
-
-def _pointer(schema: dict, ref: str) -> Any:
-    """What a local reference (#/a/b) points to in schema; None when it points nowhere."""
-    if not ref.startswith("#/"):
-        return None
-    target: Any = schema
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
-        if not isinstance(target, dict) or part not in target:
-            return None
-        target = target[part]
-    return target
 
 
 # where a schema holds other schemas: one, a name -> schema map, or a list of them
