@@ -43,11 +43,16 @@ class Bound:
     high: float | None = None
     limit: str | None = None
 
-    def describe(self) -> str:
+    def describe(self, value: float | None = None) -> str:
+        """The range, or the side of it that `value` is beyond."""
         high = {"n_ctx": "the context size", "n_vocab": "the vocabulary size"}.get(self.limit or "", self.high)
-        if high is None:
+        high_text = high if isinstance(high, str) else None if high is None else format(high, "g")
+        finite = value is None or math.isfinite(value)
+        if high_text is None or (finite and value is not None and self.low is not None and value < self.low):
             return f"at least {self.low:g}"
-        return f"between {self.low:g} and {high if isinstance(high, str) else format(high, 'g')}"
+        if finite and value is not None and self.low is not None and value >= self.low:
+            return f"at most {high_text}"
+        return f"between {self.low:g} and {high_text}"
 
 
 SEED_MAX = 2**64 - 1  # OpenAI's seed is a 64-bit integer; llama.cpp's is 32 bits (see llama_seed)
@@ -78,7 +83,8 @@ class OutOfBounds(UsageError):
 
     @classmethod
     def of(cls, name: str, value: object) -> OutOfBounds:
-        return cls(name, f"{name} must be {BOUNDS[name].describe()} (got {safe(str(value))[:40]})")
+        number = value if isinstance(value, (int, float)) else None
+        return cls(name, f"{name} must be {BOUNDS[name].describe(number)} (got {safe(str(value))[:40]})")
 
 
 def check_bounds(s: SamplingOptions, n_ctx: int, n_vocab: int) -> None:
@@ -190,7 +196,7 @@ class Settings:
             or (bound.high is not None and number > bound.high)
         ):
             also = f", or {unset}" if unset else ""
-            raise UsageError(f"{key} must be {bound.describe()}{also} (got {safe(value)})")
+            raise UsageError(f"{key} must be {bound.describe(number)}{also} (got {safe(value)})")
         return number
 
     def values(self) -> dict[str, int | float | None]:
