@@ -50,7 +50,7 @@ class Bound:
         finite = value is None or math.isfinite(value)
         if high_text is None or (finite and value is not None and self.low is not None and value < self.low):
             return f"at least {self.low:g}"
-        if finite and value is not None and self.low is not None and value >= self.low:
+        if finite and value is not None and self.limit and self.low is not None and value >= self.low:
             return f"at most {high_text}"
         return f"between {self.low:g} and {high_text}"
 
