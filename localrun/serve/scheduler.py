@@ -11,6 +11,7 @@ is built: a slot is free again within one step. Requests beyond free slots wait 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -69,7 +70,7 @@ class Scheduler:
         self._outbox: list[tuple[Job, JobEvent]] = []
         self.slots = [Slot(i, self._outbox) for i in range(n_slots)]
         self.batch = Batch(self.ctx.n_batch, n_slots)
-        self._pool = ThreadPoolExecutor(SAMPLERS, thread_name_prefix="localrun-grammar")
+        self._pool = ThreadPoolExecutor(SAMPLERS, thread_name_prefix="localrun-grammar", initializer=_yield_to_decodes)
         self.idle_since = time.monotonic()
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -238,6 +239,15 @@ class Scheduler:
             if slot.row is not None and slot.job is not None:
                 slot.take(self.ctx, self.model, self._pool)
             slot.row = None
+
+
+def _yield_to_decodes() -> None:
+    """A grammar's sampling thread runs at a lower priority than the decodes (Linux keeps a
+    niceness per thread), so on a machine with few cores the other slots keep their pace."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the same priority as the rest
+        pass
 
 
 def _affinity(slot: Slot, prompt: list[int]) -> tuple[int, float]:
