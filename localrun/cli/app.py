@@ -110,6 +110,32 @@ def pull(
         out.data(result.to_dict())
 
 
+@app.command(short_help="Find GGUF models on the Hub, each with the quant that fits here.")
+@boundary
+def search(
+    query: Annotated[
+        Optional[str], typer.Argument(help="Words the repo's name contains.", metavar="[QUERY]", show_default=False)
+    ] = None,
+    sort: Annotated[
+        str, typer.Option("--sort", metavar="ORDER", help="downloads, likes, trending or recent.")
+    ] = "downloads",
+    limit: Annotated[int, typer.Option("--limit", "-n", metavar="N", help="How many repos to list (1-100).")] = 20,
+    author: Annotated[
+        Optional[str], typer.Option("--author", metavar="ORG", show_default=False, help="Only this user's or org's.")
+    ] = None,
+    fits: Annotated[bool, typer.Option("--fits", help="Only the repos with a quantization that fits here.")] = False,
+    ctx: CtxOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """GGUF repos on the Hub, each with the quantization `pull` would choose on this machine (its
+    size, estimated memory and largest context), or "too big" with the smallest one's need."""
+    from localrun.commands import search as command
+
+    out = Output.from_env(json=json)
+    result = command.search(query, out, sort=sort, limit=limit, author=author, fits_only=fits, n_ctx=ctx)
+    command.show_search(out, result)
+
+
 @app.command("list", short_help="The models pulled, whichever tool pulled them.")
 @boundary
 def list_models(json: JsonOpt = False) -> None:

@@ -1,0 +1,89 @@
+"""The Hub's model search, for GGUF repos: what `HfApi.list_models` reports of each, typed."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from localrun.errors import NetworkError
+from localrun.hub.errors import NETWORK_HINT, translate_hub_error
+from localrun.hub.settings import api, endpoint, metadata_timeout, offline
+
+# `--sort` as people say it -> as list_models takes it (the Hub sorts from the highest)
+SORTS = {"downloads": "downloads", "likes": "likes", "trending": "trending_score", "recent": "last_modified"}
+EXPAND = ["sha", "downloads", "likes", "trendingScore", "lastModified", "gated", "private", "gguf", "tags"]
+
+
+@dataclass
+class HubModel:
+    """One repo as the search reports it; the `gguf` figures are the Hub's summary of its first
+    GGUF file, absent where the Hub has none."""
+
+    repo_id: str
+    commit: str | None
+    downloads: int = 0
+    likes: int = 0
+    trending: float = 0.0
+    last_modified: str | None = None  # ISO 8601
+    gated: bool = False
+    private: bool = False
+    architecture: str | None = None
+    n_params: int | None = None
+    context_length: int | None = None
+    chat_template: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _model(info: Any) -> HubModel:
+    gguf = info.gguf if isinstance(info.gguf, dict) else {}
+    total = gguf.get("total")
+    context = gguf.get("context_length")
+    return HubModel(
+        info.id,
+        info.sha,
+        int(info.downloads or 0),
+        int(info.likes or 0),
+        float(info.trending_score or 0),
+        info.last_modified.isoformat() if info.last_modified else None,
+        bool(info.gated),
+        bool(info.private),
+        gguf.get("architecture") if isinstance(gguf.get("architecture"), str) else None,
+        int(total) if isinstance(total, (int, float)) else None,
+        int(context) if isinstance(context, (int, float)) else None,
+        bool(gguf.get("chat_template")),
+    )
+
+
+def search_models(
+    query: str | None, *, sort: str = "downloads", limit: int = 20, author: str | None = None
+) -> list[HubModel]:
+    """GGUF repos whose name contains `query`, in the Hub's order for `sort`. list_models takes no
+    timeout, so the request runs in a daemon thread, waited for as long as a metadata request."""
+    if offline():
+        raise NetworkError("offline (HF_HUB_OFFLINE=1): cannot search the Hub", hint="unset HF_HUB_OFFLINE to search")
+    found: list[HubModel] = []
+    failure: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            listed = api().list_models(
+                search=query or None, author=author, filter="gguf", sort=SORTS[sort], limit=limit, expand=EXPAND
+            )
+            found.extend(_model(info) for info in listed)
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=ask, name="hub-search", daemon=True)
+    worker.start()
+    worker.join(metadata_timeout() * 2)  # connecting, then the answer
+    if worker.is_alive():
+        raise NetworkError(f"cannot reach the Hub at {endpoint()}: no answer (timed out)", hint=NETWORK_HINT)
+    if failure:
+        known = translate_hub_error(failure[0])
+        if known is not None:
+            raise known from failure[0]
+        raise failure[0]
+    return found
