@@ -178,6 +178,37 @@ def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json:
     command(parse_ref(model, revision), Output.from_env(json=json), yes=yes)
 
 
+@app.command(short_help="Names of your own for models: set, list, remove.")
+@boundary
+def alias(
+    name: Annotated[Optional[str], typer.Argument(help="The name (coder, qwen3:8b).", show_default=False)] = None,
+    model: Annotated[
+        Optional[str], typer.Argument(help="The model it stands for (org/repo:QUANT, a path).", show_default=False)
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", "-l", help="List the aliases (also with no arguments).")] = False,
+    remove: Annotated[
+        Optional[str], typer.Option("--rm", metavar="NAME", show_default=False, help="Forget this alias.")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Name a model (`localrun alias coder org/repo:Q4_K_M`): every command, and serve's clients, take the name."""
+    from localrun.commands import alias as command
+    from localrun.errors import UsageError
+
+    out = Output.from_env(json=json)
+    if sum((list_, remove is not None, name is not None)) > 1 or (model is not None and name is None):
+        raise UsageError("give NAME MODEL, --list or --rm NAME", hint="e.g. `localrun alias coder org/repo:Q4_K_M`")
+    if name is not None and model is None:
+        raise UsageError("which model should the alias name?", hint="`localrun alias NAME ORG/REPO[:QUANT]`")
+    if remove is not None:
+        result = command.remove_alias(remove)
+    elif name is not None and model is not None:
+        result = command.set_alias(name, model)
+    else:
+        result = command.list_aliases()
+    command.show_alias(out, result)
+
+
 cache_app = typer.Typer(
     help="The prompt cache: KV states of prompts' reusable prefixes (piped material, system prompts), "
     "kept on disk so that asking the same document again reads only the question.",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
+from localrun.cache.resolve import aliases_of
 from localrun.cache.scan import CacheEntry, Listing
+from localrun.model import aliases
 from localrun.output import Output
 from localrun.text import ago, human_bytes, safe
 
@@ -31,7 +33,11 @@ def show_listing(out: Output, listing: Listing) -> None:
         out.info("pull one with `localrun pull ORG/REPO`")
         return
     with_revision = any(e.revision != "main" for e in listing.entries)
+    named = aliases.load()
+    names = {id(e): ", ".join(aliases_of(e, named)) for e in listing.entries} if named else {}
+    with_aliases = any(names.values())
     header = ["MODEL", "SIZE", "FILES", *(("REVISION",) if with_revision else ()), "PULLED", "LAST USED"]
+    header += ["ALIASES"] if with_aliases else []
     now = time.time()
     rows = [
         [
@@ -41,6 +47,7 @@ def show_listing(out: Output, listing: Listing) -> None:
             *((e.revision,) if with_revision else ()),
             ago(e.pulled, now),
             ago(e.last_used, now),
+            *((safe(names[id(e)], None) or "-",) if with_aliases else ()),
         ]
         for e in listing.entries
     ]
