@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from localrun.hardware import Machine
 from localrun.model.refs import parse_ref
 from localrun.output import Output
 from support.hub import refusing_endpoint, unanswering_endpoint
+from support.serving import ServerProcess
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,3 +251,73 @@ def test_bad_options_are_usage_errors(hub_repos, args, words):
     result = runner.invoke(app, ["search", *args])
     assert result.exit_code == 2 and words in one_error(result)
     assert not hub_repos.log
+
+
+# -- names of your own ---------------------------------------------------------------------------
+def localrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localrun", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_an_alias_is_set_listed_replaced_and_removed():
+    assert runner.invoke(app, ["alias"]).stderr.startswith("no aliases yet")
+    assert runner.invoke(app, ["alias", "coder", "acme/tiny-GGUF:Q2_K"]).stderr == "coder -> acme/tiny-GGUF:Q2_K\n"
+    # an alias given as the model stands for its reference; a name may carry a tag, as Ollama's do
+    assert runner.invoke(app, ["alias", "qwen3:8b", "coder"]).exit_code == 0
+    replaced = runner.invoke(app, ["alias", "coder", "acme/other-GGUF"])
+    assert replaced.stderr == "coder -> acme/other-GGUF (it was acme/tiny-GGUF:Q2_K)\n"
+    listed = runner.invoke(app, ["alias", "--list"])
+    assert listed.stdout.splitlines() == [
+        "ALIAS     MODEL",
+        "coder     acme/other-GGUF",
+        "qwen3:8b  acme/tiny-GGUF:Q2_K",
+    ]
+    data = json.loads(runner.invoke(app, ["alias", "--json"]).stdout)
+    assert data["aliases"] == {"coder": "acme/other-GGUF", "qwen3:8b": "acme/tiny-GGUF:Q2_K"}
+    assert runner.invoke(app, ["alias", "--rm", "coder"]).stderr == "removed coder (it was acme/other-GGUF)\n"
+    missing = runner.invoke(app, ["alias", "--rm", "coder"])
+    assert missing.exit_code == 3 and one_error(missing) == "error: no alias named 'coder'"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["a/b", "acme/x"], ["x.gguf", "acme/x"], ["a:b:c", "acme/x"], ["ok", "not a ref"], ["ok"], ["--rm", "x", "y"]],
+)
+def test_a_bad_alias_is_a_usage_error(args):
+    result = runner.invoke(app, ["alias", *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.stderr.strip().splitlines()[0].startswith(("error: ", "Usage:"))
+    assert not (Path(os.environ["LOCALRUN_HOME"]) / "aliases.json").exists()
+
+
+def test_an_alias_works_in_pull_show_run_list_and_rm(hub, tiny):
+    hub.add_repo("acme/tiny-GGUF", {f"tiny-llama-{q}.gguf": tiny.quants[q] for q in ("Q8_0", "Q2_K")})
+    assert runner.invoke(app, ["alias", "coder", "acme/tiny-GGUF:Q2_K"]).exit_code == 0
+    pulled = runner.invoke(app, ["pull", "coder"])
+    assert pulled.exit_code == 0, pulled.output
+    assert "tiny-llama-Q2_K.gguf" in pulled.stdout
+    shown = runner.invoke(app, ["show", "coder", "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["quant"] == "Q2_K"
+    ran = localrun("run", "coder", "hi", "-n", "2")
+    assert ran.returncode == 0, ran.stderr
+    listed = runner.invoke(app, ["list"]).stdout.splitlines()
+    assert listed[0].split()[-1] == "ALIASES" and listed[1].startswith("acme/tiny-GGUF:Q2_K")
+    assert listed[1].split()[-1] == "coder"
+    removed = runner.invoke(app, ["rm", "coder", "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert runner.invoke(app, ["list", "--json"]).stdout.count("tiny-llama-Q2_K") == 0
+
+
+def test_serve_answers_to_an_alias(hub, tiny):
+    runner.invoke(app, ["alias", "qwen3:8b", str(tiny.quants["Q2_K"])])
+    with ServerProcess(["qwen3:8b"]) as server:
+        client = server.client()
+        reply = client.chat.completions.create(
+            model="qwen3:8b", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert reply.choices[0].message is not None
+    hub.add_repo("acme/tiny-GGUF", {"tiny-llama-Q2_K.gguf": tiny.quants["Q2_K"]})
+    assert runner.invoke(app, ["pull", "acme/tiny-GGUF"]).exit_code == 0
+    runner.invoke(app, ["alias", "coder", "acme/tiny-GGUF"])
+    with ServerProcess([]) as server:  # every pulled model: the alias reaches it too
+        reply = server.client().completions.create(model="coder", prompt="hi", max_tokens=2)
+        assert reply.choices[0].text is not None
