@@ -321,3 +321,23 @@ def test_serve_answers_to_an_alias(hub, tiny):
     with ServerProcess([]) as server:  # every pulled model: the alias reaches it too
         reply = server.client().completions.create(model="coder", prompt="hi", max_tokens=2)
         assert reply.choices[0].text is not None
+
+
+# -- did you mean --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "command", [["pull", "acme/tiny-GUFF"], ["pull", "acmee/tiny-GGUF", "--dry-run"], ["run", "acme/tiny-gguff", "hi"]]
+)
+def test_a_misspelt_repo_suggests_the_closest_names(hub_repos, command):
+    result = runner.invoke(app, command)
+    assert result.exit_code == 3, result.output
+    error, hint = result.stderr.strip().splitlines()[-2:]
+    assert error == f"error: repository {command[1]} not found (or private)"
+    assert hint.startswith("hint: did you mean acme/tiny-GGUF")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_repo_with_nothing_close_keeps_the_plain_hint(hub_repos):
+    result = runner.invoke(app, ["pull", "zed/qqqqqq-xyz"])
+    assert result.exit_code == 3
+    assert one_error(result) == "error: repository zed/qqqqqq-xyz not found (or private)"
+    assert result.stderr.strip().endswith("hint: check the name; for a private repo set HF_TOKEN")

@@ -87,3 +87,22 @@ def search_models(
             raise known from failure[0]
         raise failure[0]
     return found
+
+
+def similar(repo_id: str, n: int = 3) -> list[str]:
+    """The GGUF repos whose names are closest to a repo that does not exist: searched by its
+    author and by each word of its name, then ranked by likeness. [] when the Hub cannot say."""
+    import difflib
+    import re
+
+    author, _, name = repo_id.partition("/")
+    searches: list[dict[str, Any]] = [{"query": None, "author": author}]
+    searches += [{"query": word} for word in re.split(r"[-_.\s]+", name) if len(word) >= 3][:3]
+    seen: set[str] = set()
+    for search in searches:
+        try:
+            seen.update(m.repo_id for m in search_models(search["query"], author=search.get("author"), limit=100))
+        except Exception:  # a courtesy: its failure must not hide the error, nor wait on a failing Hub
+            break
+    by_case = {s.lower(): s for s in seen - {repo_id}}
+    return [by_case[m] for m in difflib.get_close_matches(repo_id.lower(), list(by_case), n=n, cutoff=0.6)]
