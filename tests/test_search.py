@@ -143,6 +143,23 @@ def test_query_author_sort_and_limit_reach_the_hub(hub_repos):
     assert len(searches) == 5
 
 
+def test_params_and_arch_narrow_the_search(hub_repos):
+    def listed(*args: str) -> list[str]:
+        result = runner.invoke(app, ["search", *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return [r["repo_id"] for r in json.loads(result.stdout)["results"]]
+
+    nothing = runner.invoke(app, ["search", "--arch", "qwen3"])
+    assert nothing.stdout == "" and nothing.stderr == "no GGUF repos of architecture qwen3 found on the Hub\n"
+    assert not hub_repos.header_reads()  # the Hub's summary said llama: nothing was read
+    small = ["acme/tiny-GGUF", "meta/gated-GGUF", "bob/notemplate-GGUF"]
+    assert listed("--params", "-5M") == small  # the tiny models have 1.6M parameters
+    assert listed("--params", "10m-1b") == ["acme/mixed-GGUF", "acme/huge-GGUF"]  # the big one 13.5M
+    assert listed("--params", "1M-2M", "--arch", "LLAMA") == small
+    bad = runner.invoke(app, ["search", "--params", "8B"])
+    assert bad.exit_code == 2 and one_error(bad) == "error: not a parameter range: '8B'"
+
+
 def test_json_gives_every_figure(hub_repos, tiny):
     result = runner.invoke(app, ["search", "tiny", "--json"])
     assert result.exit_code == 0, result.output

@@ -123,6 +123,14 @@ def search(
     author: Annotated[
         Optional[str], typer.Option("--author", metavar="ORG", show_default=False, help="Only this user's or org's.")
     ] = None,
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", metavar="ARCH", show_default=False, help="Only this architecture (llama)."),
+    ] = None,
+    params: Annotated[
+        Optional[str],
+        typer.Option("--params", metavar="MIN-MAX", show_default=False, help="Parameter count: 1B-8B, 3B-, -8B."),
+    ] = None,
     fits: Annotated[bool, typer.Option("--fits", help="Only the repos with a quantization that fits here.")] = False,
     ctx: CtxOpt = None,
     json: JsonOpt = False,
@@ -132,7 +140,9 @@ def search(
     from localrun.commands import search as command
 
     out = Output.from_env(json=json)
-    result = command.search(query, out, sort=sort, limit=limit, author=author, fits_only=fits, n_ctx=ctx)
+    result = command.search(
+        query, out, sort=sort, limit=limit, author=author, fits_only=fits, arch=arch, params=params, n_ctx=ctx
+    )
     command.show_search(out, result)
 
 

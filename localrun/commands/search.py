@@ -21,7 +21,7 @@ from localrun.hardware import Machine
 from localrun.hub import repo_cache
 from localrun.hub.errors import translate_hub_error
 from localrun.hub.listing import list_quants
-from localrun.hub.search import SORTS, HubModel, search_models
+from localrun.hub.search import SORTS, HubModel, params_range, search_models
 from localrun.hub.settings import any_token
 from localrun.inference.selftest import this_machine
 from localrun.model.refs import ModelRef
@@ -53,6 +53,12 @@ class Found:
         return self.best is not None and self.best.fits
 
     @property
+    def architecture(self) -> str | None:
+        """The Hub's word for it, else its header's."""
+        header = next((r.header for r in self.plan.rows if r.header), None) if self.plan else None
+        return self.model.architecture or (header.architecture if header else None)
+
+    @property
     def smallest(self) -> Row | None:
         """The candidate that needs the least memory: what a repo too big for this machine quotes."""
         planned = [r for r in self.plan.rows if r.plan] if self.plan else []
@@ -78,19 +84,25 @@ class SearchResult:
     found: list[Found]  # in the Hub's order
     machine: Machine
     fits_only: bool = False
+    arch: str | None = None  # only this architecture
 
     @property
     def shown(self) -> list[Found]:
-        return [f for f in self.found if f.fits or not self.fits_only]
+        return [f for f in self.found if (f.fits or not self.fits_only) and _same_arch(f.architecture, self.arch)]
 
     def to_dict(self) -> dict:
         return {
             "query": self.query,
             "sort": self.sort,
             "fits_only": self.fits_only,
+            "arch": self.arch,
             "machine": self.machine.to_dict(),
             "results": [f.to_dict() for f in self.shown],
         }
+
+
+def _same_arch(architecture: str | None, wanted: str | None) -> bool:
+    return wanted is None or (architecture or "").lower() == wanted.lower()
 
 
 def need(row: Row) -> int:
@@ -142,16 +154,22 @@ def search(
     limit: int = 20,
     author: str | None = None,
     fits_only: bool = False,
+    arch: str | None = None,
+    params: str | None = None,
     machine: Machine | None = None,
     n_ctx: int | None = None,
     shape: fit.Shape = fit.Shape(),
 ) -> SearchResult:
-    """Search the Hub for GGUF repos and plan each for this machine, a few at a time."""
+    """Search the Hub for GGUF repos and plan each for this machine, a few at a time. `params` is a
+    range of parameter counts as `--params` takes it (1B-8B); `arch` keeps one architecture."""
     if sort not in SORTS:
         raise UsageError(f"unknown sort {safe(sort)!r}", hint="sort by " + ", ".join(SORTS))
     if not 1 <= limit <= MAX_LIMIT:
         raise UsageError(f"--limit must be between 1 and {MAX_LIMIT}")
-    models = search_models(query, sort=sort, limit=limit, author=author)
+    hub_range = params_range(params) if params else None
+    models = search_models(query, sort=sort, limit=limit, author=author, params=hub_range)
+    # the Hub cannot filter by architecture: leave out those it names otherwise (the rest, once read)
+    models = [m for m in models if m.architecture is None or _same_arch(m.architecture, arch)]
     machine = machine or this_machine(out.info)
     found: list[Found | None] = [None] * len(models)
     pool = ThreadPoolExecutor(max_workers=REPO_PLANNERS)
@@ -165,7 +183,7 @@ def search(
                     status.update(_progress(done, len(models)))
     finally:  # on Ctrl-C, do not wait for the repos still queued
         pool.shutdown(wait=False, cancel_futures=True)
-    return SearchResult(query, sort, [f for f in found if f is not None], machine, fits_only)
+    return SearchResult(query, sort, [f for f in found if f is not None], machine, fits_only, arch)
 
 
 def _progress(done: int, total: int) -> str:
@@ -198,7 +216,7 @@ def _cells(found: Found) -> list[str]:
     model, best = found.model, found.best
     header = next((r.header for r in found.plan.rows if r.header), None) if found.plan else None
     params = model.n_params or (header.n_params if header else None)
-    arch = model.architecture or (header.architecture if header else None)
+    arch = found.architecture
     cells = [
         safe(model.repo_id, None),
         count(params) if params else "-",
@@ -223,6 +241,7 @@ def show_search(out: Output, result: SearchResult) -> None:
     shown = result.shown
     if not shown:
         what = f"matching {safe(result.query)!r} " if result.query else ""
+        what += f"of architecture {safe(result.arch)} " if result.arch else ""
         fitting = " that fit this machine" if result.fits_only and result.found else ""
         out.info(f"no GGUF repos {what}found on the Hub{fitting}")
         return

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from localrun.errors import NetworkError
+from localrun.errors import NetworkError, UsageError
 from localrun.hub.errors import NETWORK_HINT, translate_hub_error
 from localrun.hub.settings import api, endpoint, metadata_timeout, offline
+from localrun.text import safe
 
 # `--sort` as people say it -> as list_models takes it (the Hub sorts from the highest)
 SORTS = {"downloads": "downloads", "likes": "likes", "trending": "trending_score", "recent": "last_modified"}
@@ -57,11 +59,28 @@ def _model(info: Any) -> HubModel:
     )
 
 
+def params_range(text: str) -> str:
+    """`--params` as people write it (1B-8B, 3B-, -8B, 500M-1.5B) -> the Hub's "min:1B,max:8B"."""
+    low, dash, high = text.strip().upper().partition("-")
+    bounds = [(side, value.strip()) for side, value in (("min", low), ("max", high)) if value.strip()]
+    if not dash or not bounds or not all(re.fullmatch(r"\d+(\.\d+)?[KMBT]?", value) for _, value in bounds):
+        raise UsageError(
+            f"not a parameter range: {safe(text)!r}", hint="write MIN-MAX with K, M, B or T: 1B-8B, 3B-, -8B"
+        )
+    return ",".join(f"{side}:{value}" for side, value in bounds)
+
+
 def search_models(
-    query: str | None, *, sort: str = "downloads", limit: int = 20, author: str | None = None
+    query: str | None,
+    *,
+    sort: str = "downloads",
+    limit: int = 20,
+    author: str | None = None,
+    params: str | None = None,
 ) -> list[HubModel]:
-    """GGUF repos whose name contains `query`, in the Hub's order for `sort`. list_models takes no
-    timeout, so the request runs in a daemon thread, waited for as long as a metadata request."""
+    """GGUF repos whose name contains `query`, in the Hub's order for `sort`, with a parameter count
+    in `params` (the Hub's "min:1B,max:8B"). list_models takes no timeout, so the request runs in a
+    daemon thread, waited for as long as a metadata request."""
     if offline():
         raise NetworkError("offline (HF_HUB_OFFLINE=1): cannot search the Hub", hint="unset HF_HUB_OFFLINE to search")
     found: list[HubModel] = []
@@ -70,7 +89,13 @@ def search_models(
     def ask() -> None:
         try:
             listed = api().list_models(
-                search=query or None, author=author, filter="gguf", sort=SORTS[sort], limit=limit, expand=EXPAND
+                search=query or None,
+                author=author,
+                filter="gguf",
+                num_parameters=params,
+                sort=SORTS[sort],
+                limit=limit,
+                expand=EXPAND,
             )
             found.extend(_model(info) for info in listed)
         except BaseException as exc:  # handed to the caller's thread
@@ -93,7 +118,6 @@ def similar(repo_id: str, n: int = 3) -> list[str]:
     """The GGUF repos whose names are closest to a repo that does not exist: searched by its
     author and by each word of its name, then ranked by likeness. [] when the Hub cannot say."""
     import difflib
-    import re
 
     author, _, name = repo_id.partition("/")
     searches: list[dict[str, Any]] = [{"query": None, "author": author}]

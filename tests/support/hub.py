@@ -342,8 +342,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _search(self, query: dict[str, list[str]]) -> None:
         """GET /api/models, as HfApi.list_models asks it: substring `search`, `author`, `filter`
-        tags (all must match), `sort` (descending unless direction=1), `limit`, and either `expand`
-        (`expand[]`) to name the fields, or `full`; otherwise the Hub's default fields."""
+        tags (all must match), `num_parameters` ("min:1B,max:8B"), `sort` (descending unless
+        direction=1), `limit`, and either `expand` (`expand[]`) to name the fields, or `full`;
+        otherwise the Hub's default fields."""
         found = []
         for repo in list(self.hub.repos.values()):
             info = self._info(repo, repo.revisions.get("main") or next(iter(repo.revisions.values())))
@@ -352,6 +353,10 @@ class _Handler(BaseHTTPRequestHandler):
             if "author" in query and info["author"] != query["author"][0]:
                 continue
             if any(tag not in info["tags"] for tag in query.get("filter", [])):
+                continue
+            if "num_parameters" in query and not _in_range(
+                info.get("gguf", {}).get("total"), query["num_parameters"][0]
+            ):
                 continue
             found.append(info)
         sort = query.get("sort", [None])[0]
@@ -521,6 +526,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
         except OSError:
             pass
+
+
+def _in_range(total: int | None, bounds: str) -> bool:
+    """Whether a parameter count is within the Hub's "min:6B,max:128B" (either bound optional)."""
+    if total is None:
+        return False
+    units = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+    for bound in bounds.split(","):
+        side, _, value = bound.partition(":")
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMBT]?)", value.strip().upper())
+        if m is None:
+            continue
+        limit = float(m[1]) * units[m[2]]
+        if (side == "min" and total < limit) or (side == "max" and total > limit):
+            return False
+    return True
 
 
 def _gguf_summary(repo: HostedRepo) -> dict:
