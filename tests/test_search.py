@@ -186,8 +186,10 @@ def test_a_second_search_reads_nothing_of_the_repos_again(hub_repos):
     second = runner.invoke(app, ["search"])
     assert second.exit_code == 0, second.output
     assert second.stdout == first.stdout
+    again = json.loads(runner.invoke(app, ["search", "--json"]).stdout)["results"]
+    assert [r["from_cache"] for r in again] == [True, True, True, False, True]  # the gated repo was never read
     assert len(hub_repos.header_reads()) == reads  # no header read again
-    assert [r.path for r in hub_repos.log[requests:]] == ["/api/models"]  # the list, and nothing else
+    assert [r.path for r in hub_repos.log[requests:]] == ["/api/models"] * 2  # the list, and nothing else
 
 
 def test_a_new_commit_is_read_afresh(hub_repos, tiny):

@@ -191,9 +191,12 @@ def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json:
 @app.command(short_help="Names of your own for models: set, list, remove.")
 @boundary
 def alias(
-    name: Annotated[Optional[str], typer.Argument(help="The name (coder, qwen3:8b).", show_default=False)] = None,
+    name: Annotated[
+        Optional[str], typer.Argument(help="The name (coder, qwen3:8b).", metavar="[NAME]", show_default=False)
+    ] = None,
     model: Annotated[
-        Optional[str], typer.Argument(help="The model it stands for (org/repo:QUANT, a path).", show_default=False)
+        Optional[str],
+        typer.Argument(help="The model it stands for (org/repo:QUANT, a path).", metavar="[MODEL]", show_default=False),
     ] = None,
     list_: Annotated[bool, typer.Option("--list", "-l", help="List the aliases (also with no arguments).")] = False,
     remove: Annotated[

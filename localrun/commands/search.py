@@ -73,6 +73,7 @@ class Found:
             "smallest": smallest.to_dict() if smallest and not best else None,
             "why": self.plan.why if self.plan else None,
             "note": self.note,
+            "from_cache": self.cached,
             "candidates": [r.to_dict() for r in self.plan.rows] if self.plan else [],
         }
 

@@ -152,7 +152,7 @@ def _missing(repo_id: str) -> NotFound:
     close = similar(repo_id)
     hint = "check the name; for a private repo set HF_TOKEN"
     if close:
-        hint = f"did you mean {' or '.join(close)}? (`localrun search WORDS` finds more)"
+        hint = f"did you mean {' or '.join(close)}? (a private repo needs HF_TOKEN; `localrun search WORDS` finds more)"
     return NotFound(f"repository {repo_id} not found (or private)", hint=hint)
 
 
