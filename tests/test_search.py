@@ -321,6 +321,8 @@ def test_an_alias_works_in_pull_show_run_list_and_rm(hub, tiny):
     listed = runner.invoke(app, ["list"]).stdout.splitlines()
     assert listed[0].split()[-1] == "ALIASES" and listed[1].startswith("acme/tiny-GGUF:Q2_K")
     assert listed[1].split()[-1] == "coder"
+    models = json.loads(runner.invoke(app, ["list", "--json"]).stdout)["models"]
+    assert [m["aliases"] for m in models] == [["coder"]]
     removed = runner.invoke(app, ["rm", "coder", "--yes"])
     assert removed.exit_code == 0, removed.output
     assert runner.invoke(app, ["list", "--json"]).stdout.count("tiny-llama-Q2_K") == 0
