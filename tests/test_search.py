@@ -212,6 +212,26 @@ def test_a_gated_repo_says_so_and_is_not_read_without_a_token(hub_repos, monkeyp
     assert best_label(found) == "Q4_K_M" and found.note is None
 
 
+def test_a_hostile_search_answer_is_no_crash(hub, tiny):
+    hub.add_repo("acme/tiny-GGUF", {"tiny-llama-Q2_K.gguf": tiny.quants["Q2_K"]})
+    hub.add_repo("acme/../x\x1b[31m", {"x-Q2_K.gguf": tiny.quants["Q2_K"]})
+    repo = hub.repos["acme/tiny-GGUF"]
+    repo.downloads, repo.likes, repo.gguf = float("nan"), "many", {"total": "huge", "architecture": 5}
+    result = runner.invoke(app, ["search", "--json"])
+    assert result.exit_code == 0, result.output
+    tiny_repo, bad = json.loads(result.stdout)["results"]
+    assert (tiny_repo["downloads"], tiny_repo["likes"], tiny_repo["n_params"], tiny_repo["architecture"]) == (
+        0,
+        0,
+        None,
+        None,
+    )
+    assert tiny_repo["best"]["quant"] == "Q2_K"  # the header still says what it is
+    assert bad["note"] == "not a repo name localrun can use" and bad["candidates"] == []
+    table = runner.invoke(app, ["search"])
+    assert table.exit_code == 0 and "\x1b" not in table.stdout + table.stderr
+
+
 # -- the table -----------------------------------------------------------------------------------
 def test_the_table_fits_80_columns(hub_repos):
     buffer = io.StringIO()

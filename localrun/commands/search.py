@@ -24,7 +24,7 @@ from localrun.hub.listing import list_quants
 from localrun.hub.search import SORTS, HubModel, params_range, search_models
 from localrun.hub.settings import any_token
 from localrun.inference.selftest import this_machine
-from localrun.model.refs import ModelRef
+from localrun.model.refs import parse_ref
 from localrun.output import Output
 from localrun.text import count, human_bytes, plural, safe
 
@@ -118,12 +118,18 @@ def plan_repo(model: HubModel, machine: Machine, n_ctx: int | None = None, shape
     kept when it can. A gated repo is not read without a token; an error becomes its note."""
     if model.gated and not any_token():
         return Found(model, note="gated: accept its licence on the Hub, then set HF_TOKEN")
+    try:
+        ref = parse_ref(model.repo_id, model.commit, expand=False)
+    except UsageError:
+        ref = None
+    if ref is None or ref.repo_id != model.repo_id or ref.tag or ref.filename:  # the answer came from the network
+        return Found(model, note="not a repo name localrun can use")
     kept = repo_cache.recall(model.repo_id, model.commit) if model.commit else None
     if isinstance(kept, LocalrunError):
         return Found(model, note=_note(model, kept), cached=True)
     try:
         if kept is None:
-            listing = list_quants(ModelRef(model.repo_id, repo_id=model.repo_id, revision=model.commit))
+            listing = list_quants(ref)
             headers = read_headers(listing)
             repo_cache.remember(listing, headers)
         else:

@@ -39,22 +39,29 @@ class HubModel:
         return asdict(self)
 
 
+def _number(value: object) -> int | None:
+    """A count the Hub reports; None for anything that is not a finite number (a hostile answer)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        return None
+    return int(value)
+
+
 def _model(info: Any) -> HubModel:
+    """What the search says of one repo, each figure checked: the answer comes from the network."""
     gguf = info.gguf if isinstance(info.gguf, dict) else {}
-    total = gguf.get("total")
-    context = gguf.get("context_length")
+    arch = gguf.get("architecture")
     return HubModel(
-        info.id,
-        info.sha,
-        int(info.downloads or 0),
-        int(info.likes or 0),
-        float(info.trending_score or 0),
+        str(info.id),
+        info.sha if isinstance(info.sha, str) else None,
+        _number(info.downloads) or 0,
+        _number(info.likes) or 0,
+        float(_number(info.trending_score) or 0),
         info.last_modified.isoformat() if info.last_modified else None,
         bool(info.gated),
         bool(info.private),
-        gguf.get("architecture") if isinstance(gguf.get("architecture"), str) else None,
-        int(total) if isinstance(total, (int, float)) else None,
-        int(context) if isinstance(context, (int, float)) else None,
+        arch if isinstance(arch, str) else None,
+        _number(gguf.get("total")),
+        _number(gguf.get("context_length")),
         bool(gguf.get("chat_template")),
     )
 
