@@ -244,6 +244,14 @@ def test_the_table_fits_80_columns(hub_repos):
     assert "acme/mixed-GGUF" in lines and "too big" in buffer.getvalue()
 
 
+def test_on_a_terminal_a_progress_line_shows_on_stderr(hub_repos):
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=True, no_color=True)
+    out = Output(stderr_tty=True, _err=console)
+    assert len(search(None, out, machine=ROOMY).found) == 5
+    assert "fitting 5 repos to this machine: " in screen.getvalue()
+
+
 def test_piped_the_table_is_one_line_per_repo(hub_repos):
     result = runner.invoke(app, ["search", "--author", "acme"])
     assert result.exit_code == 0, result.output
