@@ -146,10 +146,11 @@ def plan_pull(
             hint="name one of them",
         )
     listing = list_quants(ref)
+    tag = quant or ref.tag
+    if tag or ref.filename:  # a quant or file that is not there is said before any header is read
+        listing.select(tag=tag, filename=ref.filename)
     rows = rows_of(listing, read_headers(listing, reading))
-    return plan_rows(
-        listing, rows, machine, n_ctx=n_ctx, tag=quant or ref.tag, filename=ref.filename, shape=shape
-    ), listing
+    return plan_rows(listing, rows, machine, n_ctx=n_ctx, tag=tag, filename=ref.filename, shape=shape), listing
 
 
 def plan_rows(
