@@ -29,6 +29,7 @@ NEVER_FOR_AN_ANSWER = (
     "pydantic",
     "huggingface_hub",
     "localrun.commands.pull",
+    "localrun.commands.planning",
     "localrun.hub.download",
     "localrun.model.tiny",
     "gguf",

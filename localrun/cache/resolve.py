@@ -16,10 +16,11 @@ from localrun.cache.scan import CacheEntry, Listing, scan
 from localrun.errors import BadModel, LocalrunError, UsageError
 from localrun.hardware import Machine
 from localrun.hub import integrity
+from localrun.model import aliases
 from localrun.model.files import ModelFiles, local_files
 from localrun.model.header import HeaderInfo, read_header
 from localrun.model.quants import quant_from_filename, tag_names
-from localrun.model.refs import ModelRef
+from localrun.model.refs import ModelRef, parse_ref
 from localrun.model.validate import validate
 from localrun.text import safe
 
@@ -46,6 +47,19 @@ def matches(entry: CacheEntry, ref: ModelRef) -> bool:
     if ref.tag:  # a projector is never a quant of the model, even when its name says F16
         return entry.kind == "model" and tag_names(ref.tag, entry.quant, entry.files[0].name)
     return True
+
+
+def aliases_of(entry: CacheEntry, named: dict[str, str] | None = None) -> list[str]:
+    """The aliases of your own that name this pulled model (an alias of the repo names each quant)."""
+    found = []
+    for name, target in (aliases.load() if named is None else named).items():
+        try:
+            ref = parse_ref(target, expand=False)
+        except UsageError:
+            continue
+        if not ref.is_local and matches(entry, ref):
+            found.append(name)
+    return sorted(found)
 
 
 def find(ref: ModelRef, listing: Listing | None = None) -> list[CacheEntry]:

@@ -110,6 +110,42 @@ def pull(
         out.data(result.to_dict())
 
 
+@app.command(short_help="Find GGUF models on the Hub, each with the quant that fits here.")
+@boundary
+def search(
+    query: Annotated[
+        Optional[str], typer.Argument(help="Words the repo's name contains.", metavar="[QUERY]", show_default=False)
+    ] = None,
+    sort: Annotated[
+        str, typer.Option("--sort", metavar="ORDER", help="downloads, likes, trending or recent.")
+    ] = "downloads",
+    limit: Annotated[int, typer.Option("--limit", "-n", metavar="N", help="How many repos to list (1-100).")] = 20,
+    author: Annotated[
+        Optional[str], typer.Option("--author", metavar="ORG", show_default=False, help="Only this user's or org's.")
+    ] = None,
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", metavar="ARCH", show_default=False, help="Only this architecture (llama)."),
+    ] = None,
+    params: Annotated[
+        Optional[str],
+        typer.Option("--params", metavar="MIN-MAX", show_default=False, help="Parameter count: 1B-8B, 3B-, -8B."),
+    ] = None,
+    fits: Annotated[bool, typer.Option("--fits", help="Only the repos with a quantization that fits here.")] = False,
+    ctx: CtxOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """GGUF repos on the Hub, each with the quantization `pull` would choose on this machine (its
+    size, estimated memory and largest context), or "too big" with the smallest one's need."""
+    from localrun.commands import search as command
+
+    out = Output.from_env(json=json)
+    result = command.search(
+        query, out, sort=sort, limit=limit, author=author, fits_only=fits, arch=arch, params=params, n_ctx=ctx
+    )
+    command.show_search(out, result)
+
+
 @app.command("list", short_help="The models pulled, whichever tool pulled them.")
 @boundary
 def list_models(json: JsonOpt = False) -> None:
@@ -150,6 +186,40 @@ def rm(model: ModelArg, revision: RevisionOpt = None, yes: YesOpt = False, json:
     from localrun.model.refs import parse_ref
 
     command(parse_ref(model, revision), Output.from_env(json=json), yes=yes)
+
+
+@app.command(short_help="Names of your own for models: set, list, remove.")
+@boundary
+def alias(
+    name: Annotated[
+        Optional[str], typer.Argument(help="The name (coder, qwen3:8b).", metavar="[NAME]", show_default=False)
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Argument(help="The model it stands for (org/repo:QUANT, a path).", metavar="[MODEL]", show_default=False),
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", "-l", help="List the aliases (also with no arguments).")] = False,
+    remove: Annotated[
+        Optional[str], typer.Option("--rm", metavar="NAME", show_default=False, help="Forget this alias.")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Name a model (`localrun alias coder org/repo:Q4_K_M`): every command, and serve's clients, take the name."""
+    from localrun.commands import alias as command
+    from localrun.errors import UsageError
+
+    out = Output.from_env(json=json)
+    if sum((list_, remove is not None, name is not None)) > 1 or (model is not None and name is None):
+        raise UsageError("give NAME MODEL, --list or --rm NAME", hint="e.g. `localrun alias coder org/repo:Q4_K_M`")
+    if name is not None and model is None:
+        raise UsageError("which model should the alias name?", hint="`localrun alias NAME ORG/REPO[:QUANT]`")
+    if remove is not None:
+        result = command.remove_alias(remove)
+    elif name is not None and model is not None:
+        result = command.set_alias(name, model)
+    else:
+        result = command.list_aliases()
+    command.show_alias(out, result)
 
 
 cache_app = typer.Typer(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
+from localrun.cache.resolve import aliases_of
 from localrun.cache.scan import CacheEntry, Listing
+from localrun.model import aliases
 from localrun.output import Output
 from localrun.text import ago, human_bytes, safe
 
@@ -23,15 +25,22 @@ def show_listing(out: Output, listing: Listing) -> None:
                 f"{e.label}: not verified (a pull stopped while checking its sha256); "
                 f"it is checked before it loads, or now by `localrun pull {e.label}`"
             )
+    named = aliases.load()
     if out.json:
-        out.data(listing.to_dict())
+        data = listing.to_dict()
+        for entry, model in zip(listing.entries, data["models"]):
+            model["aliases"] = aliases_of(entry, named)
+        out.data(data)
         return
     if not listing.entries:
         out.info(f"no models pulled yet (cache: {listing.cache_dir})")
         out.info("pull one with `localrun pull ORG/REPO`")
         return
     with_revision = any(e.revision != "main" for e in listing.entries)
+    names = {id(e): ", ".join(aliases_of(e, named)) for e in listing.entries} if named else {}
+    with_aliases = any(names.values())
     header = ["MODEL", "SIZE", "FILES", *(("REVISION",) if with_revision else ()), "PULLED", "LAST USED"]
+    header += ["ALIASES"] if with_aliases else []
     now = time.time()
     rows = [
         [
@@ -41,6 +50,7 @@ def show_listing(out: Output, listing: Listing) -> None:
             *((e.revision,) if with_revision else ()),
             ago(e.pulled, now),
             ago(e.last_used, now),
+            *((safe(names[id(e)], None) or "-",) if with_aliases else ()),
         ]
         for e in listing.entries
     ]

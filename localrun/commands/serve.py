@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from localrun.cache.resolve import Resolved, resolve
+from localrun.cache.resolve import Resolved, aliases_of, resolve
 from localrun.cache.scan import scan
 from localrun.commands.loading import checked_config, obtain
 from localrun.commands.stream import stats_line
@@ -92,9 +92,8 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelH
                 raise NotFound(f"{label} is no longer in the cache", hint=f"`localrun pull {label}`")
             return found
 
-        hosts.append(
-            ModelHost(entry.label, {entry.repo_id}, source, lambda: this_machine(), opts, notify=server_log(out))
-        )
+        names = {entry.repo_id, *aliases_of(entry)}  # an alias of the repo reaches its first quant, as the repo does
+        hosts.append(ModelHost(entry.label, names, source, lambda: this_machine(), opts, notify=server_log(out)))
     if not hosts:
         raise UsageError("nothing to serve: no model is pulled", hint="name one: `localrun serve org/repo`")
     return hosts

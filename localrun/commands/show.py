@@ -16,7 +16,7 @@ from rich.text import Text
 from localrun.cache.resolve import resolve
 from localrun.cache.scan import iso, scan
 from localrun.cache.usage import last_used
-from localrun.commands.pull import plan_pull
+from localrun.commands.planning import plan_pull
 from localrun.fit import Plan, Shape
 from localrun.hardware import Machine
 from localrun.inference.filecheck import remembered_problem

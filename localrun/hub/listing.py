@@ -145,6 +145,17 @@ def _quant(names: list[str], files: dict[str, tuple[int, str | None]]) -> RepoQu
     )
 
 
+def _missing(repo_id: str) -> NotFound:
+    """A repo that does not exist, with the closest names the Hub's search finds."""
+    from localrun.hub.search import similar
+
+    close = similar(repo_id)
+    hint = "check the name; for a private repo set HF_TOKEN"
+    if close:
+        hint = f"did you mean {' or '.join(close)}? (a private repo needs HF_TOKEN; `localrun search WORDS` finds more)"
+    return NotFound(f"repository {repo_id} not found (or private)", hint=hint)
+
+
 def list_quants(ref: ModelRef) -> RepoListing:
     """The repo's GGUF files at one commit, grouped per quant. Rejects a listing with unsafe names."""
     assert ref.repo_id is not None
@@ -153,7 +164,14 @@ def list_quants(ref: ModelRef) -> RepoListing:
             f"offline (HF_HUB_OFFLINE=1): cannot list the files of {ref.repo_id}",
             hint="unset HF_HUB_OFFLINE, or use a model that is already pulled",
         )
-    info = api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True, timeout=metadata_timeout())
+    try:
+        info = api().model_info(ref.repo_id, revision=ref.revision, files_metadata=True, timeout=metadata_timeout())
+    except Exception as exc:
+        from huggingface_hub import errors as hf
+
+        if isinstance(exc, hf.RepositoryNotFoundError) and not isinstance(exc, hf.GatedRepoError):
+            raise _missing(ref.repo_id) from exc
+        raise
     if info.gated and not any_token():
         raise AccessDenied(
             f"{ref.repo_id} is gated: accept its licence on the model page and authenticate",

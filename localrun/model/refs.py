@@ -1,17 +1,19 @@
 """Model references: the one parser every command uses.
 
 Accepted: a local `.gguf` path; `org/repo`; `org/repo:Q4_K_M` (a quant tag); `org/repo:path/in/repo.gguf`
-(one file); `hf.co/org/repo[:tag]`; `https://huggingface.co/org/repo[/blob/REV/file.gguf]`.
+(one file); `hf.co/org/repo[:tag]`; `https://huggingface.co/org/repo[/blob/REV/file.gguf]`; and an
+alias of your own (`coder`, `qwen3:8b`: model/aliases.py) for any of these.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localrun.errors import UsageError
+from localrun.model import aliases
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PREFIXES = (
@@ -54,11 +56,15 @@ def _looks_local(text: str) -> bool:
     )
 
 
-def parse_ref(text: str, revision: str | None = None) -> ModelRef:
-    """Parse a model reference; raise UsageError with the accepted forms when it is none of them."""
+def parse_ref(text: str, revision: str | None = None, *, expand: bool = True) -> ModelRef:
+    """Parse a model reference (an alias stands for its reference, and keeps its name as `raw`: the
+    name `serve` answers to); raise UsageError with the accepted forms when it is none of them."""
     raw = text.strip()
     if not raw:
         raise UsageError("empty model reference")
+    target = aliases.lookup(raw) if expand else None
+    if target is not None:
+        return replace(parse_ref(target, revision, expand=False), raw=raw)
     if _looks_local(raw):
         return ModelRef(raw, path=Path(raw).expanduser())
     rest = raw
@@ -82,6 +88,7 @@ def parse_ref(text: str, revision: str | None = None) -> ModelRef:
     if not _REPO_RE.match(rest):
         raise UsageError(
             f"not a model reference: {raw!r}",
-            hint="use org/repo, org/repo:Q4_K_M, org/repo:file.gguf, hf.co/org/repo or a path to a .gguf file",
+            hint="use org/repo, org/repo:Q4_K_M, org/repo:file.gguf, hf.co/org/repo, a path to a .gguf file "
+            "or an alias (`localrun alias --list`)",
         )
     return ModelRef(raw, repo_id=rest, tag=tag, filename=filename, revision=revision)

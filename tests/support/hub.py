@@ -1,7 +1,7 @@
 """A small Hugging Face Hub emulator on 127.0.0.1, for tests and offline demos.
 
-It serves the endpoints huggingface_hub really calls (model info, tree listing, paths-info,
-resolve with Range and the cache headers) from files on disk, and can inject faults.
+It serves the endpoints huggingface_hub really calls (model search, model info, tree listing,
+paths-info, resolve with Range and the cache headers) from files on disk, and can inject faults.
 Point huggingface_hub at it with HF_ENDPOINT=emulator.url.
 """
 
@@ -41,6 +41,19 @@ class HostedRepo:
     gated: bool = False
     revisions: dict[str, str] = field(default_factory=dict)  # branch or tag -> commit
     commits: dict[str, dict[str, HostedFile]] = field(default_factory=dict)  # commit -> files
+    # What the model search reports and sorts by
+    downloads: int = 0
+    likes: int = 0
+    trending: float = 0.0
+    created: str = "2026-01-01T00:00:00.000Z"
+    last_modified: str = "2026-01-01T00:00:00.000Z"
+    gguf: dict | None = None  # the Hub's summary of the first GGUF model file; computed when None
+
+    @property
+    def files(self) -> dict[str, HostedFile]:
+        """The files at the head of main (or of the only revision)."""
+        head = self.revisions.get("main") or next(iter(self.revisions.values()))
+        return self.commits[head]
 
 
 @dataclass
@@ -96,11 +109,24 @@ class HubEmulator:
 
     # -- content ---------------------------------------------------------------------------------
     def add_repo(
-        self, repo_id: str, files: dict[str, Path | str], *, gated: bool = False, revision: str = "main"
+        self,
+        repo_id: str,
+        files: dict[str, Path | str],
+        *,
+        gated: bool = False,
+        revision: str = "main",
+        downloads: int = 0,
+        likes: int = 0,
+        trending: float = 0.0,
+        last_modified: str | None = None,
     ) -> str:
-        """Publish `files` (repo path -> local file) as a new commit on `revision`; return the commit."""
+        """Publish `files` (repo path -> local file) as a new commit on `revision`; return the commit.
+        The search figures (downloads, likes, trending score, last modified) are what it reports."""
         repo = self.repos.setdefault(repo_id, HostedRepo(repo_id, gated=gated))
         repo.gated = gated
+        repo.downloads, repo.likes, repo.trending = downloads, likes, trending
+        repo.last_modified = last_modified or datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        repo.gguf = None
         hosted = {}
         for repo_path, source in files.items():
             source = Path(source)
@@ -132,6 +158,10 @@ class HubEmulator:
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def header_reads(self) -> list[LoggedRequest]:
+        """Range reads of a file: how localrun reads a GGUF header without downloading the file."""
+        return [r for r in self.log if r.method == "GET" and "/resolve/" in r.path and r.range]
 
     def downloads(self, pattern: str = "*") -> list[LoggedRequest]:
         """GET requests on resolve URLs whose path matches `pattern` (fnmatch)."""
@@ -269,9 +299,81 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(url.path)
         if m := _RESOLVE_RE.match(path):
             return self._resolve(m["repo"], m["rev"], m["path"])
+        if path.rstrip("/") == "/api/models":
+            return self._search(parse_qs(url.query))
         if m := _API_RE.match(path):
             return self._api(m["repo"], m["rest"] or "", parse_qs(url.query))
         self._error(404, "NotFound", "Not found")
+
+    @staticmethod
+    def _info(repo: HostedRepo, commit: str) -> dict:
+        """Everything the Hub can say about a repo at a commit (a search expands a part of it)."""
+        files = repo.commits[commit]
+        has_gguf = any(p.lower().endswith(".gguf") for p in files)
+        info = {
+            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": commit,
+            "private": False,
+            "gated": "manual" if repo.gated else False,
+            "disabled": False,
+            "downloads": repo.downloads,
+            "likes": repo.likes,
+            "trendingScore": repo.trending,
+            "tags": ["gguf"] if has_gguf else [],
+            "library_name": "gguf" if has_gguf else None,
+            "lastModified": repo.last_modified,
+            "createdAt": repo.created,
+            "siblings": [
+                {
+                    "rfilename": f.path,
+                    "size": f.size,
+                    "blobId": f.git_oid,
+                    "lfs": {"sha256": f.sha256, "size": f.size, "pointerSize": 134},
+                }
+                for f in files.values()
+            ],
+        }
+        if has_gguf:
+            info["gguf"] = _gguf_summary(repo)
+        return info
+
+    def _search(self, query: dict[str, list[str]]) -> None:
+        """GET /api/models, as HfApi.list_models asks it: substring `search`, `author`, `filter`
+        tags (all must match), `num_parameters` ("min:1B,max:8B"), `sort` (descending unless
+        direction=1), `limit`, and either `expand` (`expand[]`) to name the fields, or `full`;
+        otherwise the Hub's default fields."""
+        found = []
+        for repo in list(self.hub.repos.values()):
+            info = self._info(repo, repo.revisions.get("main") or next(iter(repo.revisions.values())))
+            if any(word.lower() not in repo.repo_id.lower() for word in query.get("search", [])):
+                continue
+            if "author" in query and info["author"] != query["author"][0]:
+                continue
+            if any(tag not in info["tags"] for tag in query.get("filter", [])):
+                continue
+            if "num_parameters" in query and not _in_range(
+                info.get("gguf", {}).get("total"), query["num_parameters"][0]
+            ):
+                continue
+            found.append(info)
+        sort = query.get("sort", [None])[0]
+        if sort:
+            descending = query.get("direction", ["-1"])[0] != "1"
+            found.sort(key=lambda info: (info.get(sort) or 0, info["id"]), reverse=descending)
+        found = found[: int(query.get("limit", ["1000"])[0])]
+        expand = query.get("expand", []) + query.get("expand[]", [])
+        if expand:
+            keep = {"_id", "id", *expand}
+        elif query.get("full", ["false"])[0].lower() in ("1", "true"):
+            keep = set().union(*(info.keys() for info in found))
+        else:
+            keep = {"_id", "id", "modelId", "likes", "trendingScore", "private", "downloads", "tags"}
+            keep |= {"library_name", "createdAt"}
+        body = [{key: value for key, value in info.items() if key in keep} for info in found]
+        return self._send(200, json.dumps(body).encode())
 
     def _api(self, repo_id: str, rest: str, query: dict[str, list[str]]) -> None:
         repo = self._repo(repo_id)
@@ -281,32 +383,8 @@ class _Handler(BaseHTTPRequestHandler):
             commit = self._commit(repo, rest[len("/revision/") :] if rest else "main")
             if commit is None:
                 return
-            files = repo.commits[commit]
-            info = {
-                "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
-                "id": repo_id,
-                "modelId": repo_id,
-                "author": repo_id.split("/")[0],
-                "sha": commit,
-                "private": False,
-                "gated": "manual" if repo.gated else False,
-                "disabled": False,
-                "downloads": 0,
-                "likes": 0,
-                "tags": ["gguf"],
-                "library_name": "gguf",
-                "lastModified": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-                "createdAt": "2026-01-01T00:00:00.000Z",
-                "siblings": [
-                    {
-                        "rfilename": f.path,
-                        "size": f.size,
-                        "blobId": f.git_oid,
-                        "lfs": {"sha256": f.sha256, "size": f.size, "pointerSize": 134},
-                    }
-                    for f in files.values()
-                ],
-            }
+            info = self._info(repo, commit)
+            info.pop("gguf", None)  # only a search expands it here
             return self._send(200, json.dumps(info).encode())
         if m := re.match(r"^/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?$", rest):
             commit = self._commit(repo, m["rev"])
@@ -448,6 +526,44 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
         except OSError:
             pass
+
+
+def _in_range(total: int | None, bounds: str) -> bool:
+    """Whether a parameter count is within the Hub's "min:6B,max:128B" (either bound optional)."""
+    if total is None:
+        return False
+    units = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+    for bound in bounds.split(","):
+        side, _, value = bound.partition(":")
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMBT]?)", value.strip().upper())
+        if m is None:
+            continue
+        limit = float(m[1]) * units[m[2]]
+        if (side == "min" and total < limit) or (side == "max" and total > limit):
+            return False
+    return True
+
+
+def _gguf_summary(repo: HostedRepo) -> dict:
+    """The Hub's `gguf` field: the architecture, parameter count, trained context and chat template
+    of the repo's first GGUF model file (read once per commit)."""
+    if repo.gguf is None:
+        from localrun.model.header import interpret, parse_local
+
+        models = sorted(p for p in repo.files if p.endswith(".gguf") and "mmproj" not in p.lower())
+        if not models:
+            return {}
+        try:
+            parsed, size = parse_local(repo.files[models[0]].source)
+            header = interpret([parsed], [size], models[0])
+        except Exception:  # not a GGUF after all: the Hub says nothing about it
+            repo.gguf = {}
+            return repo.gguf
+        repo.gguf = {"total": header.n_params, "architecture": header.architecture}
+        repo.gguf["context_length"] = header.n_ctx_train
+        if header.chat_template:
+            repo.gguf["chat_template"] = header.chat_template
+    return repo.gguf
 
 
 @contextmanager
