@@ -34,6 +34,21 @@ def gemma() -> Path:
 
 
 @pytest.fixture(scope="session")
+def big_model() -> Path:
+    """An F32 tiny model of ~50 MB: several of huggingface_hub's 10 MiB chunks (a resume shows),
+    and far bigger than the tiny quants (a plan tells them apart)."""
+    from localrun.model.tiny import TinySpec, write_tiny_model
+
+    target = CACHE / "big" / "tiny-big-F32.gguf"
+    if not target.exists():
+        partial = write_tiny_model(
+            target.with_name("partial.gguf"), TinySpec(n_embd=512, n_ff=1536, n_layer=4, name="tiny-big")
+        )
+        partial.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
 def session_home(tmp_path_factory: pytest.TempPathFactory, tiny: TinySuite) -> Path:
     """What localrun learns once per build and file, learnt once per session: the build self-test
     verdict, and the first-load check of every tiny model (a child process each). Every test's

@@ -35,7 +35,6 @@ from localrun.text import human_bytes
 from support.hub import refusing_endpoint, unanswering_endpoint
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[1]
 REPO = "acme/tiny-GGUF"
 GiB = 2**30
 MiB = 2**20
@@ -82,20 +81,6 @@ def pulled(ref: ModelRef) -> ModelFiles | None:
 def loaded(ref: ModelRef) -> ModelFiles:
     """What a command that loads `ref` gets: found in the cache, or pulled first."""
     return obtain(ref, quiet()).model
-
-
-@pytest.fixture(scope="session")
-def big_model() -> Path:
-    """An F32 tiny model of ~50 MB: several of huggingface_hub's 10 MiB chunks, to show a resume."""
-    from localrun.model.tiny import TinySpec, write_tiny_model
-
-    target = ROOT / ".cache" / "tests" / "big" / "tiny-big-F32.gguf"
-    if not target.exists():
-        partial = write_tiny_model(
-            target.with_name("partial.gguf"), TinySpec(n_embd=512, n_ff=1536, n_layer=4, name="tiny-big")
-        )
-        partial.replace(target)
-    return target
 
 
 @pytest.fixture

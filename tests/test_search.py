@@ -26,24 +26,9 @@ from support.hub import refusing_endpoint, unanswering_endpoint
 from support.serving import ServerProcess
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 MiB = 2**20
 ROOMY = Machine(64 * GiB, 60 * GiB, [])
-
-
-@pytest.fixture(scope="session")
-def big_model() -> Path:
-    """An F32 tiny model of ~50 MB (the one test_pull builds): far bigger than the tiny quants."""
-    from localrun.model.tiny import TinySpec, write_tiny_model
-
-    target = ROOT / ".cache" / "tests" / "big" / "tiny-big-F32.gguf"
-    if not target.exists():
-        partial = write_tiny_model(
-            target.with_name("partial.gguf"), TinySpec(n_embd=512, n_ff=1536, n_layer=4, name="tiny-big")
-        )
-        partial.replace(target)
-    return target
 
 
 @pytest.fixture
