@@ -685,7 +685,7 @@ def test_a_corrupt_file_left_by_a_killed_check_is_never_listed_loaded_or_kept(co
     assert ran.exit_code == 7, ran.output
     assert error_lines(ran.stderr) == [
         "error: acme/corrupt-GGUF:Q2_K: tiny-Q2_K.gguf was corrupt (a pull stopped while checking it); it was deleted",
-        "hint: pull it again: localrun pull acme/corrupt-GGUF:Q2_K",
+        "hint: pull it again: `localrun pull acme/corrupt-GGUF:Q2_K`",
     ]
     assert not blobs() and pulled(parse_ref("acme/corrupt-GGUF")) is None
 

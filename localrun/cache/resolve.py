@@ -132,7 +132,7 @@ def _check_unverified(entry: CacheEntry) -> None:
         if f.blob in marked and not integrity.recheck(f.blob, [f.link]):
             raise BadModel(
                 f"{safe(entry.label)}: {safe(f.name)} was corrupt (a pull stopped while checking it); it was deleted",
-                hint=f"pull it again: localrun pull {safe(entry.label)}",
+                hint=f"pull it again: `localrun pull {safe(entry.label)}`",
             )
     entry.unverified = False
 

@@ -132,7 +132,7 @@ def generate(
     if not interactive and not prompt.strip():
         hint = "pass a prompt after the model, or pipe text into the command"
         if mode == "run" and not stdin_text:
-            hint += f"; to chat with it: localrun chat {model}"
+            hint += f"; to chat with it: `localrun chat {model}`"
         raise UsageError("nothing to answer: the prompt is empty", hint=hint)
     apply_structure(settings, prompt_options)
     if server:  # what only --server needs, imported only then (as the REPL and loading are)
