@@ -251,3 +251,15 @@ def test_set_without_a_value_hints_that_setting_and_the_list_shows_the_schema(ti
 def test_save_bang_is_a_command_not_a_question(tiny, capsys):
     conv = repl(tiny.quants["Q8_0"], "/save!\r")
     assert "/save! needs a file name" in capsys.readouterr().err and conv.messages == []
+
+
+def test_load_takes_a_conversation_saved_by_the_previous_version():
+    """Earlier versions saved the settings as /set shows them: the stops as quoted text, the
+    grammar only by where it came from. The messages load; what can be read is restored."""
+    from localrun.inference.conversation import restored_settings
+    from localrun.inference.sampling import Settings
+
+    old = {"temperature": "0.2", "seed": "random", "stop": '"END", "x"', "grammar": "schema.json"}
+    settings = restored_settings(Settings(), old)
+    assert settings.stop == ["END", "x"] and settings.sampling.temperature == 0.2
+    assert settings.grammar is None and settings.sampling.seed is None

@@ -355,6 +355,20 @@ def test_serve_answers_to_an_alias(hub, tiny):
     with ServerProcess([]) as server:  # every pulled model: the alias reaches it too
         reply = server.client().completions.create(model="coder", prompt="hi", max_tokens=2)
         assert reply.choices[0].text is not None
+    with ServerProcess(["acme/tiny-GGUF:Q2_K"]) as server:  # and a model served by its name
+        reply = server.client().completions.create(model="coder", prompt="hi", max_tokens=2)
+        assert reply.choices[0].text is not None
+
+
+def test_an_aliases_file_that_does_not_read_is_never_overwritten():
+    assert runner.invoke(app, ["alias", "coder", "acme/tiny-GGUF:Q2_K"]).exit_code == 0
+    path = Path(os.environ["LOCALRUN_HOME"]) / "aliases.json"
+    broken = path.read_text().replace("}", ",}")  # a hand edit with a trailing comma
+    path.write_text(broken)
+    for args in (["alias", "new", "acme/other-GGUF"], ["alias", "--rm", "coder"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "cannot be read as aliases" in result.stderr, result.output
+    assert path.read_text() == broken
 
 
 # -- did you mean --------------------------------------------------------------------------------

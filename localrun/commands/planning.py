@@ -238,6 +238,13 @@ def _short(message: str, quant: RepoQuant, repo_id: str) -> str:
     return message
 
 
+def memory_figures(row: Row) -> str:
+    """The estimated memory of a row's plan, for a table cell: RAM, and VRAM when any."""
+    assert row.plan is not None
+    est = row.plan.estimate
+    return human_bytes(est.ram) + (f" + {human_bytes(est.vram)} GPU" if est.vram else "")
+
+
 def memory_need(row: Row) -> str:
     assert row.plan is not None
     est = row.plan.estimate

@@ -91,12 +91,12 @@ class Repl:
         elif cmd == "/set":
             if not arg:
                 for key, value in conv.settings.describe().items():
-                    _whole_line(out, f"{key} = {value}")
+                    out.line(f"{key} = {value}")
             else:
                 name, _, value = arg.partition(" ")
                 if not value.strip():
                     raise UsageError(f"/set {name} needs a value", hint=_set_usage(name))
-                _whole_line(out, conv.settings.set(name, value.strip()))
+                out.line(conv.settings.set(name, value.strip()))
         elif cmd == "/stats":
             out.info(conv.usage())
             if conv.last_stats:
@@ -109,12 +109,12 @@ class Repl:
             if cmd == "/load":
                 loaded = conv.load(Path(arg).expanduser())
                 said = "; settings restored: " + ", ".join(loaded.changed) if loaded.changed else ""
-                _whole_line(out, f"loaded {loaded.messages} messages from {arg}{said}")
+                out.line(f"loaded {loaded.messages} messages from {arg}{said}")
             else:
                 self.save(arg, replace=cmd == "/save!")
         elif cmd == "/model":  # paths and figures: whole lines, the terminal wraps them
             for line in conv.about():
-                _whole_line(out, line)
+                out.line(line)
         else:
             raise UsageError(f"unknown command {cmd}", hint="/help lists the commands")
         return True
@@ -134,7 +134,7 @@ class Repl:
         if path.exists() and not path.is_dir() and not replace:
             question = f"{safe(name, None)} exists{_holding(path)}: replace it with these {len(said)} messages?"
             if not self._confirm(question):
-                _whole_line(self.out, f"not saved; /save! {name} replaces it, or /save to another file")
+                self.out.line(f"not saved; /save! {name} replaces it, or /save to another file")
                 return
         try:
             self.conv.save(path)
@@ -143,7 +143,7 @@ class Repl:
                 f"cannot save to {name}: {exc.strerror or exc}",
                 hint="the conversation is still here: /save to another file",
             ) from None
-        _whole_line(self.out, f"saved {len(self.conv.messages)} messages to {name}")
+        self.out.line(f"saved {len(self.conv.messages)} messages to {name}")
 
     def _confirm(self, question: str) -> bool:
         """Yes or no at the chat's prompt (Enter, Ctrl-C or Ctrl-D: no)."""
@@ -165,7 +165,7 @@ class Repl:
         """The prompt loop, until /exit, Ctrl-D or a second Ctrl-C on an empty line. `first` is
         asked before the first prompt (`localrun chat MODEL "question"`). No error ends it."""
         session = self.session = _prompt_session(input, output)
-        _whole_line(self.out, f"{self.conv.ready()}. /help for commands, Ctrl-D to exit.")
+        self.out.line(f"{self.conv.ready()}. /help for commands, Ctrl-D to exit.")
         armed = False  # the last key was Ctrl-C on an empty line: one more exits
         pending = first
         while True:
@@ -269,12 +269,6 @@ def _holding(path: Path) -> str:
     if isinstance(messages, list):
         return f" ({len(messages)} messages)"
     return " (not a saved conversation)"
-
-
-def _whole_line(out: Output, line: str) -> None:
-    """A line that holds data (a path, a command, figures) on stderr, never broken by localrun:
-    the terminal wraps it, so that what is copied from it stays one piece."""
-    out.err.print(safe(line, None), markup=False, soft_wrap=True)
 
 
 def _prompt_session(input: Input | None, output: PTOutput | None) -> Any:

@@ -15,15 +15,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from localrun import fit
-from localrun.commands.planning import PullResult, Row, plan_rows, read_headers, rows_of
+from localrun.commands.planning import PullResult, Row, memory_figures, plan_rows, read_headers, rows_of
 from localrun.errors import BadModel, LocalrunError, NotFound, UsageError
 from localrun.hardware import Machine
 from localrun.hub import repo_cache
 from localrun.hub.errors import translate_hub_error
-from localrun.hub.listing import list_quants
+from localrun.hub.listing import RepoNotFound, list_quants
 from localrun.hub.search import SORTS, HubModel, params_range, search_models
 from localrun.hub.settings import any_token
 from localrun.inference.selftest import this_machine
+from localrun.model.header import HeaderInfo
 from localrun.model.refs import parse_ref
 from localrun.output import Output
 from localrun.text import count, human_bytes, plural, safe
@@ -129,9 +130,10 @@ def plan_repo(model: HubModel, machine: Machine, n_ctx: int | None = None, shape
         return Found(model, note=_note(model, kept), cached=True)
     try:
         if kept is None:
-            listing = list_quants(ref)
+            listing = list_quants(ref, suggest=False)
             headers = read_headers(listing)
-            repo_cache.remember(listing, headers)
+            if all(isinstance(h, HeaderInfo) for h in headers):  # a header cut short is read again next time
+                repo_cache.remember(listing, headers)
         else:
             listing, headers = kept
         result = plan_rows(listing, rows_of(listing, headers), machine, n_ctx=n_ctx, shape=shape)
@@ -139,7 +141,8 @@ def plan_repo(model: HubModel, machine: Machine, n_ctx: int | None = None, shape
         known = exc if isinstance(exc, LocalrunError) else translate_hub_error(exc)
         if known is None:
             raise
-        if isinstance(known, (NotFound, BadModel)) and model.commit:  # what this commit holds: for good
+        lasting = isinstance(known, (NotFound, BadModel)) and not isinstance(known, RepoNotFound)
+        if lasting and model.commit:  # what this commit holds: for good (a token may reach a private repo)
             repo_cache.remember_problem(model.repo_id, model.commit, known)
         return Found(model, note=_note(model, known))
     return Found(model, result, cached=kept is not None)
@@ -213,12 +216,6 @@ def _updated(iso: str | None, now: datetime | None = None) -> str:
     return "today"
 
 
-def _memory(row: Row) -> str:
-    assert row.plan is not None
-    est = row.plan.estimate
-    return human_bytes(est.ram) + (f" + {human_bytes(est.vram)} GPU" if est.vram else "")
-
-
 def _cells(found: Found) -> list[str]:
     model, best = found.model, found.best
     header = next((r.header for r in found.plan.rows if r.header), None) if found.plan else None
@@ -234,10 +231,16 @@ def _cells(found: Found) -> list[str]:
     ]
     if best is not None and best.fits:
         assert best.plan is not None
-        return [*cells, safe(best.quant.label, 16), human_bytes(best.quant.size), _memory(best), str(best.plan.max_ctx)]
+        return [
+            *cells,
+            safe(best.quant.label, 16),
+            human_bytes(best.quant.size),
+            memory_figures(best),
+            str(best.plan.max_ctx),
+        ]
     smallest = found.smallest
     if found.plan is not None and smallest is not None:
-        return [*cells, "too big", human_bytes(smallest.quant.size), _memory(smallest), "-"]
+        return [*cells, "too big", human_bytes(smallest.quant.size), memory_figures(smallest), "-"]
     return [*cells, "gated" if model.gated and found.note else "-", "-", "-", "-"]
 
 

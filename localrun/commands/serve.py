@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from localrun.cache.resolve import Resolved, aliases_of, resolve
 from localrun.cache.scan import scan
@@ -15,6 +16,7 @@ from localrun.commands.stream import stats_line
 from localrun.errors import NotFound, UsageError
 from localrun.inference.engine import EngineConfig
 from localrun.inference.selftest import this_machine
+from localrun.model import aliases
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import MESSAGE_LIMIT, Output
 from localrun.serve import state
@@ -57,11 +59,24 @@ def _model_id(resolved: Resolved, ref: ModelRef) -> tuple[str, set[str]]:
     and the other names that reach it."""
     model = resolved.model
     if ref.is_local:
-        return model.path.name.removesuffix(".gguf"), {ref.raw, model.path.name}
-    aliases = {ref.raw, model.label}
-    if model.repo_id:
-        aliases.add(model.repo_id)
-    return model.label, aliases
+        return model.path.name.removesuffix(".gguf"), {ref.raw, model.path.name, *_aliases_naming(model.path, ref)}
+    names = {ref.raw, model.label, *_aliases_naming(model.label, ref)}
+    if model.repo_id:  # the repo, and an alias of the repo, reach the quant served (as without names)
+        names |= {model.repo_id, *_aliases_naming(model.repo_id, ref)}
+    return model.label, names
+
+
+def _aliases_naming(target: Path | str, ref: ModelRef) -> set[str]:
+    """The aliases of your own that stand for this model, as the served-by-name models take
+    them too (a pulled model's aliases come from the cache scan, `aliases_of`)."""
+    found = set()
+    for name, value in aliases.load().items():
+        if isinstance(target, Path):
+            if Path(value).expanduser().resolve() == target.resolve():
+                found.add(name)
+        elif value in (target, ref.raw):
+            found.add(name)
+    return found
 
 
 def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelHost]:

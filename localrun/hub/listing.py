@@ -145,6 +145,10 @@ def _quant(names: list[str], files: dict[str, tuple[int, str | None]]) -> RepoQu
     )
 
 
+class RepoNotFound(NotFound):
+    """The repo does not exist, or is private to others: not for good (a token may reach it)."""
+
+
 def _missing(repo_id: str) -> NotFound:
     """A repo that does not exist, with the closest names the Hub's search finds."""
     from localrun.hub.search import similar
@@ -153,11 +157,13 @@ def _missing(repo_id: str) -> NotFound:
     hint = "check the name; for a private repo set HF_TOKEN"
     if close:
         hint = f"did you mean {' or '.join(close)}? (a private repo needs HF_TOKEN; `localrun search WORDS` finds more)"
-    return NotFound(f"repository {repo_id} not found (or private)", hint=hint)
+    return RepoNotFound(f"repository {repo_id} not found (or private)", hint=hint)
 
 
-def list_quants(ref: ModelRef) -> RepoListing:
-    """The repo's GGUF files at one commit, grouped per quant. Rejects a listing with unsafe names."""
+def list_quants(ref: ModelRef, *, suggest: bool = True) -> RepoListing:
+    """The repo's GGUF files at one commit, grouped per quant. Rejects a listing with unsafe names.
+    A repo that does not exist is a NotFound naming the closest repos (`suggest`: a search more;
+    a search that lists repos asks for none)."""
     assert ref.repo_id is not None
     if offline():
         raise NetworkError(
@@ -170,6 +176,8 @@ def list_quants(ref: ModelRef) -> RepoListing:
         from huggingface_hub import errors as hf
 
         if isinstance(exc, hf.RepositoryNotFoundError) and not isinstance(exc, hf.GatedRepoError):
+            if not suggest:
+                raise RepoNotFound(f"repository {ref.repo_id} not found (or private)") from exc
             raise _missing(ref.repo_id) from exc
         raise
     if info.gated and not any_token():

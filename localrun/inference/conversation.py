@@ -19,7 +19,7 @@ from localrun.errors import NoSpace, UsageError
 from localrun.inference.engine import Engine
 from localrun.inference.events import Event, EventSink, PrefillProgress, Stats, drive
 from localrun.inference.runtime import common_prefix
-from localrun.inference.sampling import BOUNDS, UNSET, Settings, check_structure
+from localrun.inference.sampling import BOUNDS, UNSET, Settings, check_stops, check_structure
 from localrun.inference.templates import ChatTemplate, Message
 
 REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
@@ -215,13 +215,19 @@ def restored_settings(current: Settings, saved: Any) -> Settings:
                 raise ValueError(f"setting {key} is {json.dumps(value)}, not a number")
             settings.set(key, UNSET.get(key, "null") if value is None else str(value))
     stop = saved.get("stop", [])
-    if stop == "none":  # earlier versions wrote the settings as /set shows them
-        stop = []
+    if isinstance(stop, str):  # earlier versions wrote the settings as /set shows them: "a", "b" or none
+        try:
+            stop = [] if stop == "none" else json.loads(f"[{stop}]")
+        except ValueError:
+            raise ValueError("setting stop is neither a list of strings nor as /set shows it") from None
     if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise ValueError("setting stop is not a list of strings")
+    check_stops(stop)
     settings.stop = list(stop)
     grammar = saved.get("grammar")
-    if grammar in (None, "none"):
+    if isinstance(grammar, str):  # earlier versions kept only where a grammar came from, not the grammar
+        grammar = None
+    if grammar is None:
         settings.grammar, settings.grammar_source, settings.from_schema = None, "", False
     elif isinstance(grammar, dict) and isinstance(grammar.get("gbnf"), str):
         settings.grammar = grammar["gbnf"]

@@ -5,6 +5,7 @@ or a file."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -21,10 +22,25 @@ def _file() -> Path:
     return paths.home() / FILE
 
 
-def load() -> dict[str, str]:
-    """Every alias -> the reference it stands for."""
-    data = paths.read_json(_file())
+def load(*, strict: bool = False) -> dict[str, str]:
+    """Every alias -> the reference it stands for. A file that cannot be read as aliases counts
+    as none for a look-up, but `strict` (before writing it) refuses it: rewriting it would
+    lose every alias in it."""
+    path = _file()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise UsageError(
+                f"{path} cannot be read as aliases: {safe(str(exc))[:120]}",
+                hint="fix it, or delete it to start again",
+            ) from None
+        return {}
     if not isinstance(data, dict):
+        if strict:
+            raise UsageError(f"{path} does not hold aliases (a JSON object)", hint="fix it, or delete it")
         return {}
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
 
@@ -47,7 +63,7 @@ def check_name(name: str) -> str:
 
 def add(name: str, target: str) -> str | None:
     """Name `target` (a reference already checked) `name`; return what the name stood for before."""
-    aliases = load()
+    aliases = load(strict=True)
     before = aliases.get(check_name(name))
     aliases[name] = target
     paths.write_json(_file(), dict(sorted(aliases.items())), indent=2)
@@ -56,7 +72,7 @@ def add(name: str, target: str) -> str | None:
 
 def remove(name: str) -> str:
     """Forget `name`; return what it stood for."""
-    aliases = load()
+    aliases = load(strict=True)
     if name not in aliases:
         known = ", ".join(sorted(aliases)) or "none yet"
         raise NotFound(f"no alias named {safe(name)!r}", hint=f"aliases: {known}")
