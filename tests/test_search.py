@@ -180,10 +180,19 @@ def test_a_second_search_reads_nothing_of_the_repos_again(hub_repos):
 def test_a_new_commit_is_read_afresh(hub_repos, tiny):
     search("tiny", quiet(), machine=ROOMY)
     reads = len(hub_repos.header_reads())
-    hub_repos.add_repo("acme/tiny-GGUF", {"tiny-llama-Q2_K.gguf": tiny.quants["Q2_K"]}, downloads=5000)
+    hub_repos.add_repo("acme/tiny-GGUF", {"tiny-llama-Q3_K_M.gguf": tiny.quants["Q3_K_M"]}, downloads=5000)
     (found,) = search("tiny", quiet(), machine=ROOMY).found
-    assert [r.quant.label for r in found.plan.rows] == ["Q2_K"] and not found.cached
-    assert len(hub_repos.header_reads()) > reads
+    assert [r.quant.label for r in found.plan.rows] == ["Q3_K_M"] and not found.cached
+    assert len(hub_repos.header_reads()) > reads  # a file not read before
+
+
+def test_a_pull_after_a_search_reads_no_header_again(hub_repos):
+    """Headers are kept by their files' content: search and pull share what either read."""
+    assert runner.invoke(app, ["search"]).exit_code == 0
+    reads = len(hub_repos.header_reads())
+    planned = runner.invoke(app, ["pull", "acme/tiny-GGUF", "--dry-run", "--json"])
+    assert planned.exit_code == 0, planned.output
+    assert len(hub_repos.header_reads()) == reads
 
 
 def test_a_gated_repo_says_so_and_is_not_read_without_a_token(hub_repos, monkeypatch):

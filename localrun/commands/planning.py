@@ -21,7 +21,7 @@ from localrun.hardware import Machine
 from localrun.hub.listing import RepoListing, RepoQuant, list_quants
 from localrun.hub.ranges import read_remote_header
 from localrun.model.files import ModelFiles
-from localrun.model.header import HeaderInfo
+from localrun.model.header import HeaderInfo, keep_header, known_header
 from localrun.model.refs import ModelRef
 from localrun.text import human_bytes, safe
 
@@ -202,14 +202,20 @@ def rows_of(listing: RepoListing, headers: list[HeaderInfo | BadModel]) -> list[
 
 def read_headers(listing: RepoListing, reading: Callable[[str], Any] | None = None) -> list[HeaderInfo | BadModel]:
     """Every candidate's GGUF header over HTTP Range requests, a few at a time, or what made it
-    unreadable. `reading(label)` gives a context manager to show while they are read (a spinner)."""
+    unreadable; a header read before (by pull or search, of the same file content) is not read again. `reading(label)` gives a context manager to show while they are read (a spinner)."""
 
     def read(quant: RepoQuant) -> HeaderInfo | BadModel:
+        content = [quant.sha256.get(f) for f in quant.files]
+        known = known_header(content)
+        if known is not None:
+            return known
         try:
             sizes = [quant.sizes.get(f, 0) for f in quant.files]
-            return read_remote_header(listing.repo_id, quant.files, revision=listing.commit, sizes=sizes)
-        except BadModel as exc:
+            header = read_remote_header(listing.repo_id, quant.files, revision=listing.commit, sizes=sizes)
+        except BadModel as exc:  # not kept: a header cut short by the network reads again next time
             return exc
+        keep_header(content, header)
+        return header
 
     count = len(listing.quants)
     label = f"reading the GGUF header{'s' * (count > 1)} of {count} file{'s' * (count > 1)}..."

@@ -3,8 +3,9 @@
 The Hub's search lists the repos. For each one, pull's own planner (commands/planning.py) lists
 its quantizations, reads their headers with HTTP Range requests and chooses, so the choice shown
 is the one `pull --dry-run` makes. Repos are planned a few at a time (each reads its headers a few
-at a time too); what was read is kept per repo and commit (hub/repo_cache.py), so a second search
-asks the Hub for the list alone.
+at a time too); the listing is kept per repo and commit (hub/repo_cache.py) and each header by
+its files' content (model.header.known_header, which pull reads too), so a second search asks the
+Hub for the list alone, and a pull after a search reads no header again.
 """
 
 from __future__ import annotations
@@ -129,13 +130,10 @@ def plan_repo(model: HubModel, machine: Machine, n_ctx: int | None = None, shape
     if isinstance(kept, LocalrunError):
         return Found(model, note=_note(model, kept), cached=True)
     try:
+        listing = kept if kept is not None else list_quants(ref, suggest=False)
         if kept is None:
-            listing = list_quants(ref, suggest=False)
-            headers = read_headers(listing)
-            if all(isinstance(h, HeaderInfo) for h in headers):  # a header cut short is read again next time
-                repo_cache.remember(listing, headers)
-        else:
-            listing, headers = kept
+            repo_cache.remember(listing)
+        headers = read_headers(listing)  # each kept by its content: read once, by search or pull
         result = plan_rows(listing, rows_of(listing, headers), machine, n_ctx=n_ctx, shape=shape)
     except Exception as exc:  # one repo's failure is its row's note, not the end of the search
         known = exc if isinstance(exc, LocalrunError) else translate_hub_error(exc)
@@ -145,7 +143,7 @@ def plan_repo(model: HubModel, machine: Machine, n_ctx: int | None = None, shape
         if lasting and model.commit:  # what this commit holds: for good (a token may reach a private repo)
             repo_cache.remember_problem(model.repo_id, model.commit, known)
         return Found(model, note=_note(model, known))
-    return Found(model, result, cached=kept is not None)
+    return Found(model, result, cached=kept is not None and all(isinstance(h, HeaderInfo) for h in headers))
 
 
 def _note(model: HubModel, problem: LocalrunError) -> str:

@@ -1,6 +1,7 @@
-"""What was read of a repo at one commit: its GGUF listing and each quantization's header (or
-what made it unreadable), kept in $LOCALRUN_HOME/repos/. A commit never changes, so a second
-search reads nothing of it again; a new commit is a new entry."""
+"""What a repo holds at one commit: its GGUF listing, or why it has nothing to plan, kept in
+$LOCALRUN_HOME/repos/. A commit never changes, so a second search lists nothing of it again; a
+new commit is a new entry. The headers are kept by their files' content (model.header's
+known_header), which pull reads from too."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from localrun import paths
 from localrun.errors import BadModel, LocalrunError, NotFound
 from localrun.hub.listing import RepoListing, RepoQuant
-from localrun.model.header import CACHE_VERSION, HeaderInfo
+from localrun.model.header import CACHE_VERSION
 
 FOLDER = "repos"
 
@@ -20,19 +21,14 @@ def _file(repo_id: str, commit: str) -> Path:
     return paths.home() / FOLDER / f"{key}.json"
 
 
-def remember(listing: RepoListing, headers: list[HeaderInfo | BadModel]) -> None:
-    """Keep the listing and its headers; a read-only or full home only costs speed."""
-    read = [
-        {"header": h.to_dict()} if isinstance(h, HeaderInfo) else {"problem": h.message, "hint": h.hint}
-        for h in headers
-    ]
+def remember(listing: RepoListing) -> None:
+    """Keep the listing; a read-only or full home only costs speed."""
     data = {
         "repo_id": listing.repo_id,
         "commit": listing.commit,
         "quants": [{**q.to_dict(), "sha256": q.sha256, "sizes": q.sizes} for q in listing.quants],
         "mmproj": listing.mmproj,
         "skipped": listing.skipped,
-        "read": read,
     }
     paths.write_json_quietly(_file(listing.repo_id, listing.commit), data)
 
@@ -44,9 +40,9 @@ def remember_problem(repo_id: str, commit: str, problem: LocalrunError) -> None:
     paths.write_json_quietly(_file(repo_id, commit), data)
 
 
-def recall(repo_id: str, commit: str) -> tuple[RepoListing, list[HeaderInfo | BadModel]] | LocalrunError | None:
-    """The listing and headers kept for this commit, or the problem kept for it; None when nothing
-    was kept (or it no longer reads as this version's)."""
+def recall(repo_id: str, commit: str) -> RepoListing | LocalrunError | None:
+    """The listing kept for this commit, or the problem kept for it; None when nothing was kept
+    (or it no longer reads as this version's)."""
     data = paths.read_json(_file(repo_id, commit))
     if not isinstance(data, dict) or data.get("repo_id") != repo_id or data.get("commit") != commit:
         return None
@@ -55,11 +51,6 @@ def recall(repo_id: str, commit: str) -> tuple[RepoListing, list[HeaderInfo | Ba
         return kind(data["problem"], hint=data.get("hint"))
     try:
         quants = [RepoQuant(q["quant"], q["files"], q["size"], q["sha256"], q["sizes"]) for q in data["quants"]]
-        headers: list[HeaderInfo | BadModel] = [
-            HeaderInfo(**r["header"]) if "header" in r else BadModel(r["problem"], hint=r.get("hint"))
-            for r in data["read"]
-        ]
-        listing = RepoListing(repo_id, commit, quants, list(data["mmproj"]), list(data["skipped"]), commit)
+        return RepoListing(repo_id, commit, quants, list(data["mmproj"]), list(data["skipped"]), commit)
     except (KeyError, TypeError):
         return None
-    return (listing, headers) if len(headers) == len(quants) else None

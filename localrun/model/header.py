@@ -284,6 +284,31 @@ def read_header(path: str | Path) -> HeaderInfo:
     return header
 
 
+def _content_file(shas: list[str]) -> Path:
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, "content", shas]).encode()).hexdigest()[:32]
+    return paths.home() / "headers" / f"{key}.json"
+
+
+def known_header(shas: list[str | None]) -> HeaderInfo | None:
+    """The header read before of a model whose shards have these sha256s (a Hub file's LFS oid):
+    pull, search and a second search share what any of them read."""
+    if not shas or not all(shas):
+        return None
+    data = paths.read_json(_content_file(shas))  # type: ignore[arg-type]
+    if not isinstance(data, dict) or not isinstance(data.get("header"), dict):
+        return None
+    try:
+        return HeaderInfo(**data["header"])
+    except TypeError:  # written by another version
+        return None
+
+
+def keep_header(shas: list[str | None], header: HeaderInfo) -> None:
+    """Keep a header by its content (see known_header); a read-only or full home only costs speed."""
+    if shas and all(shas):
+        paths.write_json_quietly(_content_file(shas), {"header": header.to_dict()})  # type: ignore[arg-type]
+
+
 def _cache_file(path: str | Path) -> Path | None:
     try:
         ident = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in shard_paths(path)]
