@@ -143,8 +143,8 @@ class Output:
         for key, value in rows:
             if isinstance(value, Whole) or width < 20:
                 lines = [value]
-            else:
-                lines = [line.plain.rstrip() for line in Text(value).wrap(self.out, width)] or [""]
+            else:  # the one word breaker prose uses: a long word (a URL) stays whole
+                lines = [line.plain.rstrip() for line in Text(value).divide(word_breaks(value, width))] or [""]
             for i, line in enumerate(lines):
                 label = key if i == 0 else ""
                 self.show(Text.assemble((label.ljust(indent), "bold"), line) if line else Text(label, style="bold"))
