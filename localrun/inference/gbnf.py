@@ -78,11 +78,10 @@ def measure(text: str) -> Shape:
                 rule = word
                 refs.setdefault(rule, set())
                 i = after + 2
-            elif rule:
-                refs[rule].add(word)
-                i -= 1
             else:
-                i -= 1
+                if rule:
+                    refs[rule].add(word)
+                i -= 1  # the loop's step moves past the word
         elif c == "{":
             end = text.find("}", i)
             end = n if end < 0 else end

@@ -12,6 +12,8 @@ they are (`\\.`) are written as one-character classes, which it copies whole.
 
 from __future__ import annotations
 
+from localrun.inference.gbnf import LIMITS
+
 MAX_CODE = 0x10FFFF
 # What a JSON string cannot hold unescaped (control characters, quote, backslash), and the
 # surrogates, which no UTF-8 text holds.
@@ -26,9 +28,6 @@ _STRUCTURE = set("()|*+?")
 _META = set("|.()[]{}*+?^$\\-")
 
 Ranges = list[tuple[int, int]]
-
-
-MAX_COUNT = 2000  # the largest {m,n} count (the converter writes each repetition out)
 
 
 def json_safe(pattern: str) -> str:
@@ -55,13 +54,13 @@ def _rewrite(pattern: str) -> str:
         c = pattern[i]
         if c == "\\":
             ranges, i = _escape(pattern, i + 1)
-            out.append(_class(ranges, pattern))
+            out.append(_class(ranges))
         elif c == ".":
-            out.append(_class(_complement([(0x0A, 0x0A), (0x0D, 0x0D)]), pattern))
+            out.append(_class(_complement([(0x0A, 0x0A), (0x0D, 0x0D)])))
             i += 1
         elif c == "[":
             ranges, i = _parse_class(pattern, i + 1)
-            out.append(_class(ranges, pattern))
+            out.append(_class(ranges))
         elif c == "{":
             end = pattern.find("}", i)
             if end < 0:
@@ -72,8 +71,8 @@ def _rewrite(pattern: str) -> str:
                 or len(counts) > 2
             ):
                 raise ValueError(f"a bad repetition {pattern[i : end + 1]}")
-            if any(c.strip() and int(c) > MAX_COUNT for c in counts):
-                raise ValueError(f"a repetition over {MAX_COUNT} ({pattern[i : end + 1]})")
+            if any(c.strip() and int(c) > LIMITS.count for c in counts):
+                raise ValueError(f"a repetition over {LIMITS.count} ({pattern[i : end + 1]})")
             out.append(pattern[i : end + 1])
             i = end + 1
         elif c in _STRUCTURE:
@@ -82,7 +81,7 @@ def _rewrite(pattern: str) -> str:
         elif c in "^$":
             raise ValueError(f"{c} inside the pattern is not supported (only ^ at its start and $ at its end)")
         else:
-            out.append(_class([(ord(c), ord(c))], pattern) if c in _META or _unsafe(ord(c)) else c)
+            out.append(_class([(ord(c), ord(c))]) if c in _META or _unsafe(ord(c)) else c)
             i += 1
     return "".join(out)
 
@@ -166,15 +165,13 @@ def _unsafe(code: int) -> bool:
     return any(low <= code <= high for low, high in _UNSAFE)
 
 
-def _class(ranges: Ranges, pattern: str) -> str:
+def _class(ranges: Ranges) -> str:
     """A class of the characters in `ranges` a JSON string holds unescaped, in GBNF's escapes."""
     safe = _complement(_UNSAFE + _complement(ranges))
     if not safe:
         raise ValueError(
             "part of it only matches characters JSON must escape (a quote, backslash or control character)"
         )
-    if len(ranges) == 1 and ranges[0][0] == ranges[0][1] and safe != ranges:
-        raise ValueError("it matches a quote, backslash or control character, which JSON must escape")
     return "[" + "".join(_code(lo) if lo == hi else f"{_code(lo)}-{_code(hi)}" for lo, hi in safe) + "]"
 
 
