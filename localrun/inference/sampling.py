@@ -47,12 +47,18 @@ class Bound:
         """The range, or the side of it that `value` is beyond."""
         high = {"n_ctx": "the context size", "n_vocab": "the vocabulary size"}.get(self.limit or "", self.high)
         high_text = high if isinstance(high, str) else None if high is None else format(high, "g")
-        finite = value is None or math.isfinite(value)
-        if high_text is None or (finite and value is not None and self.low is not None and value < self.low):
+        known = value is not None and math.isfinite(value)
+        if high_text is None or (known and self.low is not None and value < self.low):  # type: ignore[operator]
             return f"at least {self.low:g}"
-        if finite and value is not None and self.limit and self.low is not None and value >= self.low:
+        if known and self.limit:  # beyond what this model allows
             return f"at most {high_text}"
         return f"between {self.low:g} and {high_text}"
+
+    def allows(self, value: float, figures: dict[str, int] | None = None) -> bool:
+        """Whether `value` is a finite number within the range; a bound that follows from the
+        model (`limit`) counts only with the model's `figures`."""
+        high = (figures or {}).get(self.limit) if self.limit else self.high
+        return math.isfinite(value) and (self.low is None or value >= self.low) and (high is None or value <= high)
 
 
 SEED_MAX = 2**64 - 1  # OpenAI's seed is a 64-bit integer; llama.cpp's is 32 bits (see llama_seed)
@@ -95,12 +101,7 @@ def check_bounds(s: SamplingOptions, n_ctx: int, n_vocab: int) -> None:
         value = getattr(s, name, None)
         if value is None:
             continue
-        high = figures[bound.limit] if bound.limit else bound.high
-        if (
-            not math.isfinite(value)
-            or (bound.low is not None and value < bound.low)
-            or (high is not None and value > high)
-        ):
+        if not bound.allows(value, figures):
             raise OutOfBounds.of(name, value)
 
 
@@ -190,11 +191,7 @@ class Settings:
             number = bound.kind(value)
         except ValueError:
             raise UsageError(f"bad value for {safe(name)}: {safe(value)!r}") from None
-        if (
-            not math.isfinite(number)
-            or (bound.low is not None and number < bound.low)
-            or (bound.high is not None and number > bound.high)
-        ):
+        if not bound.allows(number):
             also = f", or {unset}" if unset else ""
             raise UsageError(f"{key} must be {bound.describe(number)}{also} (got {safe(value)})")
         return number
