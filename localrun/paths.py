@@ -36,19 +36,21 @@ def private_dir(path: Path) -> Path:
     """Create the folder for its owner alone (0700); one of the owner's that others could read
     is closed to them. Raises OSError."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    status = path.stat()
-    if status.st_mode & 0o077 and status.st_uid == os.getuid():
-        path.chmod(0o700)
-    return path
+    return _closed_to_others(path, 0o700)
 
 
 def private_file(path: Path) -> Path:
     """Create the file (empty) for its owner alone (0600), or close an existing one of the
     owner's to others; for files that a library then writes. Raises OSError."""
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    return _closed_to_others(path, 0o600)
+
+
+def _closed_to_others(path: Path, mode: int) -> Path:
+    """`mode` for a path of the owner's that others could reach (one made before, or by a umask)."""
     status = path.stat()
     if status.st_mode & 0o077 and status.st_uid == os.getuid():
-        path.chmod(0o600)
+        path.chmod(mode)
     return path
 
 
