@@ -16,6 +16,7 @@ from typing import Any
 
 from localrun import paths
 from localrun.errors import NoSpace, UsageError
+from localrun.inference import grammar as grammars
 from localrun.inference.engine import Engine
 from localrun.inference.events import Event, EventSink, PrefillProgress, Stats, drive
 from localrun.inference.runtime import common_prefix
@@ -230,8 +231,9 @@ def restored_settings(current: Settings, saved: Any) -> Settings:
     if grammar is None:
         settings.grammar, settings.grammar_source, settings.from_schema = None, "", False
     elif isinstance(grammar, dict) and isinstance(grammar.get("gbnf"), str):
-        settings.grammar = grammar["gbnf"]
-        settings.grammar_source = str(grammar.get("source") or "the saved grammar")
+        source = str(grammar.get("source") or "the saved grammar")
+        settings.grammar = grammars.from_text(grammar["gbnf"], source).gbnf  # within llama.cpp's limits
+        settings.grammar_source = source
         settings.from_schema = grammar.get("from_schema") is True
     else:
         raise ValueError("setting grammar is neither null nor a saved grammar")

@@ -8,7 +8,6 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from localrun.errors import UsageError
-from localrun.inference import gbnf
 from localrun.inference.build import llama
 from localrun.inference.sampling import SamplingOptions, check_bounds, check_structure, llama_seed
 from localrun.inference.vocabulary import partial_utf8_tokens
@@ -31,11 +30,10 @@ class Sampler:
     little, as in llama.cpp's own sampler."""
 
     def __init__(self, model: LlamaModel, s: SamplingOptions, grammar: str | None = None, *, n_ctx: int):
-        """`n_ctx`: the context the sequence lives in, which bounds what the settings may ask."""
+        """`n_ctx`: the context the sequence lives in, which bounds what the settings may ask.
+        `grammar`: GBNF as the grammar module gives it, checked against llama.cpp's limits there."""
         check_structure(s, grammar)
         check_bounds(s, n_ctx, model.n_vocab)
-        if grammar is not None:
-            gbnf.check(grammar, "the grammar")
         lc = self._lc = llama()
         self.options, self.grammar = s, grammar
         self.rule: Any = None

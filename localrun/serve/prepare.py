@@ -13,7 +13,7 @@ from collections.abc import Callable
 from localrun.errors import LocalrunError
 from localrun.inference import grammar
 from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import OutOfBounds, SamplingOptions, check_bounds, check_stops
+from localrun.inference.sampling import OutOfBounds, SamplingOptions, check_stops
 from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
 from localrun.serve.host import ModelHost
 from localrun.serve.protocol import (
@@ -116,11 +116,9 @@ def _job(
     assert host.engine is not None
     options = sampling(req, host.engine.model.n_vocab)
     try:
-        check_bounds(options, host.n_ctx_slot, host.engine.model.n_vocab)
-    except OutOfBounds as exc:
-        raise bad_request(exc.message, param=exc.name) from None
-    try:
         sampler = Sampler(host.engine.model, options, rules, n_ctx=host.n_ctx_slot)
+    except OutOfBounds as exc:  # a sampling value beyond its range: the field that holds it
+        raise bad_request(exc.message, param=exc.name) from None
     except LocalrunError as exc:
         param = "grammar" if req.grammar else "response_format"
         raise bad_request(f"{param}: {exc.message}", param=param) from None
