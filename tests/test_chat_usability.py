@@ -263,3 +263,13 @@ def test_load_takes_a_conversation_saved_by_the_previous_version():
     settings = restored_settings(Settings(), old)
     assert settings.stop == ["END", "x"] and settings.sampling.temperature == 0.2
     assert settings.grammar is None and settings.sampling.seed is None
+
+
+def test_set_refuses_at_once_what_the_loaded_model_does_not_allow(tiny, capsys):
+    """A bound that follows from the model (the context, the vocabulary) is checked by /set
+    itself, not at the next reply, which would fail until the setting was changed again."""
+    conv = repl(tiny.quants["Q8_0"], "/set repeat_last_n 99999999\r/set top_k 99999999\r/set repeat_last_n 32\r")
+    err = capsys.readouterr().err
+    assert "repeat_last_n must be at most the context size (got 99999999)" in err
+    assert "top_k must be at most the vocabulary size (got 99999999)" in err
+    assert conv.settings.sampling.repeat_last_n == 32 and conv.settings.sampling.top_k == 40

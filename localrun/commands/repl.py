@@ -96,7 +96,7 @@ class Repl:
                 name, _, value = arg.partition(" ")
                 if not value.strip():
                     raise UsageError(f"/set {name} needs a value", hint=_set_usage(name))
-                out.line(conv.settings.set(name, value.strip()))
+                out.line(conv.settings.set(name, value.strip(), conv.figures()))
         elif cmd == "/stats":
             out.info(conv.usage())
             if conv.last_stats:

@@ -118,6 +118,10 @@ class Dialogue:
     def n_ctx(self) -> int | None:
         return None
 
+    def figures(self) -> dict[str, int] | None:
+        """The loaded model's figures that bound settings (n_ctx, n_vocab); None when unknown here."""
+        return None
+
     # -- a turn -------------------------------------------------------------------------------------
     def reply(self, text: str, sink: EventSink, material: str = "") -> Stats:
         """Ask; stream the answer to the sink; keep the turn unless it was cancelled. A cancelled
@@ -171,7 +175,7 @@ class Dialogue:
                 raise ValueError("messages need a role (system/user/assistant) and a content")
             settings = self.settings
             if isinstance(data, dict) and "settings" in data:
-                settings = restored_settings(self.settings, data["settings"])
+                settings = restored_settings(self.settings, data["settings"], self.figures())
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
         except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
@@ -202,7 +206,7 @@ def saved_settings(settings: Settings) -> dict[str, Any]:
     return {**settings.values(), "stop": list(settings.stop), "grammar": grammar}
 
 
-def restored_settings(current: Settings, saved: Any) -> Settings:
+def restored_settings(current: Settings, saved: Any, figures: dict[str, int] | None = None) -> Settings:
     """A copy of `current` with the saved settings: numbers through /set's checks (files from
     earlier versions hold them as text, which reads the same), stops and the grammar as saved
     (none where the file has none)."""
@@ -214,7 +218,7 @@ def restored_settings(current: Settings, saved: Any) -> Settings:
             value = saved[key]
             if isinstance(value, bool) or not isinstance(value, (int, float, str, type(None))):
                 raise ValueError(f"setting {key} is {json.dumps(value)}, not a number")
-            settings.set(key, UNSET.get(key, "null") if value is None else str(value))
+            settings.set(key, UNSET.get(key, "null") if value is None else str(value), figures)
     stop = saved.get("stop", [])
     if isinstance(stop, str):  # earlier versions wrote the settings as /set shows them: "a", "b" or none
         try:
@@ -262,6 +266,9 @@ class Conversation(Dialogue):
     @property
     def n_ctx(self) -> int:
         return self.engine.n_ctx
+
+    def figures(self) -> dict[str, int]:
+        return {"n_ctx": self.engine.n_ctx, "n_vocab": self.engine.model.n_vocab}
 
     def text(self, messages: list[Message]) -> str:
         """The prompt as the model reads it: the messages through the template (or joined, raw)."""

@@ -151,8 +151,9 @@ class Settings:
     def __post_init__(self) -> None:
         check_stops(self.stop)
 
-    def set(self, name: str, value: str) -> str:
-        """Change one setting from its text; UsageError names the accepted values."""
+    def set(self, name: str, value: str, figures: dict[str, int] | None = None) -> str:
+        """Change one setting from its text; UsageError names the accepted values. `figures`
+        (n_ctx, n_vocab) hold a bound that follows from the loaded model to it at once."""
         key = name.replace("-", "_").lower()
         if key == "stop":  # one stop string (\n for a newline); "none" clears
             stop = [] if value.lower() == "none" else [value.replace("\\n", "\n")]
@@ -174,7 +175,7 @@ class Settings:
             self.grammar, self.grammar_source = (found.gbnf, found.source) if found else (None, "")
             self.from_schema = found is not None and key == "json_schema"
         elif key in BOUNDS:
-            parsed = self._parse(key, name, value)
+            parsed = self._parse(key, name, value, figures)
             target = self if key == "max_tokens" else self.sampling
             setattr(target, key, parsed)
         else:
@@ -182,7 +183,7 @@ class Settings:
         return f"{key} = {self.describe()[key]}"
 
     @staticmethod
-    def _parse(key: str, name: str, value: str) -> int | float | None:
+    def _parse(key: str, name: str, value: str, figures: dict[str, int] | None) -> int | float | None:
         bound = BOUNDS[key]
         unset = UNSET.get(key)
         if unset and value.lower() == unset:
@@ -191,7 +192,7 @@ class Settings:
             number = bound.kind(value)
         except ValueError:
             raise UsageError(f"bad value for {safe(name)}: {safe(value)!r}") from None
-        if not bound.allows(number):
+        if not bound.allows(number, figures):
             also = f", or {unset}" if unset else ""
             raise UsageError(f"{key} must be {bound.describe(number)}{also} (got {safe(value)})")
         return number
