@@ -15,11 +15,12 @@ import pytest
 
 from localrun.inference import runtime
 from localrun.inference.engine import Stats
+from localrun.inference.events import Piece
 from localrun.inference.runtime import LoadOptions
 from localrun.inference.sampler import Sampler
 from localrun.inference.sampling import SamplingOptions
-from localrun.serve.scheduler import Scheduler
-from localrun.serve.slot import Job, Output
+from localrun.inference.sequence import Request
+from localrun.serve.loop import SlotLoop
 from support.serving import ServerProcess
 
 TINY = "tiny-llama-Q8_0"
@@ -36,7 +37,7 @@ KERNEL_NOISE = 0.75  # nats
 # -- the scheduler itself: what each step's batch holds ---------------------------------------------
 def test_each_step_is_one_batch_with_every_generating_token_and_a_prompt_chunk(tiny):
     loaded = runtime.load(tiny.quants["Q8_0"], LoadOptions(n_ctx=2048, n_batch=256, n_seq_max=2, n_outputs=2))
-    scheduler = Scheduler(loaded, 2, queue_limit=2, chunk=32)
+    scheduler = SlotLoop(loaded, 2, queue_limit=2, chunk=32)
     steps: list[list[tuple[int, bool]]] = []
     decode = scheduler.ctx.decode_batch
 
@@ -49,14 +50,14 @@ def test_each_step_is_one_batch_with_every_generating_token_and_a_prompt_chunk(t
     events: dict[str, list] = {"long": [], "short": []}
     done = {name: threading.Event() for name in events}
 
-    def job(name: str, prompt: list[int], limit: int) -> Job:
+    def job(name: str, prompt: list[int], limit: int) -> Request:
         def sink(event):
             events[name].append(event)
-            if not isinstance(event, Output):
+            if not isinstance(event, Piece):
                 done[name].set()
 
         sampler = Sampler(loaded.model, SamplingOptions(temperature=0, ban_eog=True), n_ctx=2048)
-        return Job(prompt, sampler, limit, 2048 - len(prompt), [], sink)
+        return Request(prompt, sampler, limit, 2048 - len(prompt), [], sink)
 
     scheduler.start()
     try:

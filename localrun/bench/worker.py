@@ -27,7 +27,9 @@ from localrun.bench.reference import ReferenceReader, ReferenceWriter, ensure_ro
 from localrun.errors import LocalrunError
 from localrun.hardware import default_threads
 from localrun.inference.llama_log import install
-from localrun.inference.runtime import LlamaContext, LlamaModel, Loaded, LoadOptions, SamplingOptions, load
+from localrun.inference.runtime import LlamaContext, LlamaModel, Loaded, LoadOptions, load
+from localrun.inference.sampler import Sampler
+from localrun.inference.sampling import SamplingOptions
 from localrun.model.quants import FTYPE_NAMES
 
 
@@ -121,7 +123,7 @@ def measure_speed(loaded: Loaded, prompt: list[int], spec: WorkerSpec) -> dict:
     much of the CPU other processes took meanwhile (they make the rates noisy)."""
     ctx = loaded.ctx
     cpu_before = _cpu_seconds()
-    ctx.set_sampling(SamplingOptions(temperature=0, repeat_penalty=1.0))
+    sampler = Sampler(loaded.model, SamplingOptions(temperature=0, repeat_penalty=1.0), n_ctx=ctx.n_ctx)
     pp_rates: list[float] = []
     tg_rates: list[float] = []
     ttft: list[float] = []
@@ -132,7 +134,7 @@ def measure_speed(loaded: Loaded, prompt: list[int], spec: WorkerSpec) -> dict:
             start = time.perf_counter()
             ctx.decode(prompt[: spec.pp])
             done = time.perf_counter()
-            ctx.sample()
+            sampler.sample(ctx)
             first = time.perf_counter()
             if rep:
                 pp_rates.append(spec.pp / (done - start))
@@ -145,6 +147,7 @@ def measure_speed(loaded: Loaded, prompt: list[int], spec: WorkerSpec) -> dict:
                 ctx.decode([token])
             if rep:
                 tg_rates.append(n / (time.perf_counter() - start))
+    sampler.close()
     return {"pp": pp_rates, "tg": tg_rates, "ttft": ttft, "others_cpu": others_cpu_share(cpu_before, _cpu_seconds())}
 
 

@@ -3,16 +3,16 @@ as typed events.
 
 One generator, Engine.generate(), yields Piece(text) events as text becomes final
 (PrefillProgress while a long prompt is read) and one Stats event at the end; the renderers and
-JSON writers of the commands consume the same stream. The engine keeps track of what its KV cache
-holds, so a chat turn only decodes the new suffix of the prompt.
+JSON writers of the commands consume the same stream. It is the generation core's (scheduler.py)
+one sequence, stepped from the caller's thread: what its KV cache holds is kept, so a chat turn
+only decodes the new suffix of the prompt.
 """
 
 from __future__ import annotations
 
-import codecs
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +20,14 @@ from localrun.errors import NoSpace, UsageError
 from localrun.fit import MIN_CTX, Plan
 from localrun.hardware import default_threads
 from localrun.inference import runtime
-from localrun.inference.events import PROGRESS_EVERY, Event, Notice, Piece, PrefillProgress, Speculation, Stats
-from localrun.inference.prompt_cache import DEFAULT_LIMIT, MIN_TOKENS, PromptCache, kv_identity
-from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions, common_prefix
+from localrun.inference.events import PROGRESS_EVERY, Event, PrefillProgress, Stats
+from localrun.inference.prompt_cache import DEFAULT_LIMIT, PromptCache, kv_identity
+from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions
+from localrun.inference.sampler import Sampler
 from localrun.inference.sampling import SamplingOptions
+from localrun.inference.scheduler import Scheduler
+from localrun.inference.sequence import Failed, Request, Sequence, Update
 from localrun.inference.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
-from localrun.inference.stops import StopMatcher
 from localrun.inference.templates import ChatTemplate, Message
 from localrun.inference.vocabulary import Part, holds_special, tokenize_parts
 from localrun.model.files import ModelFiles
@@ -89,9 +91,9 @@ class Engine:
         self.model = loaded.model
         self.ctx = loaded.ctx
         self.info = info
-        self.cached: list[int] = []  # the tokens the KV cache holds, in order
         self.speculator = speculator
         self.prompt_cache = prompt_cache
+        self.scheduler = Scheduler(loaded, 1, speculator=speculator, prompt_cache=prompt_cache)
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -155,6 +157,7 @@ class Engine:
         return cls(loaded, info, speculator, cache)
 
     def close(self) -> None:
+        self.scheduler.close()
         if self.speculator is not None:
             self.speculator.close()
         self.loaded.close()
@@ -208,68 +211,17 @@ class Engine:
         return self.ctx.n_ctx
 
     # -- generation ------------------------------------------------------------------------------
-    def _prefill(
-        self, tokens: list[int], reusable: int = 0
-    ) -> Generator[PrefillProgress | Notice, None, tuple[int, int]]:
-        """Bring the KV cache to `tokens`, decoding only what differs from what it holds (at least
-        the last token, for fresh logits): (tokens not decoded, of those read from disk). The
-        first `reusable` tokens (what comes before the question) are loaded from the prompt
-        cache when it has them, and saved to it when it does not. The decode runs in a worker
-        thread so that Ctrl-C in the main thread (or thrown in by the consumer) aborts it."""
-        self.ctx.clear_abort()
-        # Always resync first: an interrupted turn may have left positions we did not record.
-        reuse = min(common_prefix(self.cached, tokens), len(tokens) - 1)
-        if not self.ctx.truncate(reuse):
-            reuse = 0
-        self.cached = self.cached[:reuse]
-        cache = self.prompt_cache if reusable >= MIN_TOKENS and reusable < len(tokens) else None
-        from_disk, save_at = 0, None
-        notices: list[str] = []
-        if cache is not None and reuse < reusable:
-            if cache.load(self.ctx, tokens[:reusable], notices.append):
-                reuse = from_disk = reusable
-                self.cached = tokens[:reusable]
-            else:  # a failed read may have cleared the context: nothing of it is trusted
-                save_at, reuse, self.cached = reusable, 0, []
-                self.ctx.truncate(0)
-        for text in notices:
-            yield Notice(text)
-        todo = tokens[reuse:]
-        failure: list[BaseException] = []
-        done = threading.Event()
+    @property
+    def cached(self) -> list[int]:
+        """The tokens the KV cache holds, in order."""
+        return self.scheduler.sequences[0].cached
 
-        def work() -> None:
-            try:
-                if save_at is not None:  # the reusable prefix, saved, then the rest
-                    self.ctx.decode(tokens[reuse:save_at])
-                    cache.save(self.ctx, tokens[:save_at])  # type: ignore[union-attr]
-                    self.ctx.decode(tokens[save_at:])
-                else:
-                    self.ctx.decode(todo)
-            except BaseException as exc:  # handed to the main thread
-                failure.append(exc)
-            finally:
-                done.set()
-
-        # Wait on an Event, not Thread.join: a join interrupted by Ctrl-C marks a running thread
-        # as stopped (Python < 3.13), and we must never free the context under a running decode.
-        started = time.perf_counter()
-        threading.Thread(target=work, name="localrun-prefill", daemon=True).start()
-        try:
-            while not done.wait(PROGRESS_EVERY):
-                yield PrefillProgress(len(todo), reuse, time.perf_counter() - started)
-        except BaseException:  # Ctrl-C, or the consumer closed the stream
-            self.ctx.abort()
-            while not done.is_set():
-                try:
-                    done.wait()
-                except KeyboardInterrupt:
-                    pass
-            raise
-        if failure:
-            raise failure[0]
-        self.cached = list(tokens)
-        return reuse, from_disk
+    @cached.setter
+    def cached(self, tokens: list[int]) -> None:
+        """What the next prompt may reuse (an empty list: nothing, a cold start)."""
+        seq = self.scheduler.sequences[0]
+        seq.cached = list(tokens)
+        seq.confirmed = min(seq.confirmed, len(tokens))
 
     def generate(
         self,
@@ -280,89 +232,89 @@ class Engine:
         *,
         grammar: str | None = None,
         reusable: int = 0,
+        top_logprobs: int | None = None,
     ) -> Iterator[Event]:
-        """Stream Piece events, then one Stats. max_tokens None: until the context is full.
-        `grammar` (GBNF) constrains the reply; the first `reusable` prompt tokens may come from
-        (and go to) the prompt cache. A KeyboardInterrupt raised in here, or thrown in by the
-        consumer, ends it as 'cancelled'."""
-        t0 = time.perf_counter()
+        """Stream Piece events, then one Stats: the scheduler's one sequence, stepped from this
+        thread. max_tokens None: until the context is full. `grammar` (GBNF) constrains the
+        reply; the first `reusable` prompt tokens may come from (and go to) the prompt cache;
+        `top_logprobs` (0 or more alternatives) adds each token's log-probability to the Pieces.
+        A KeyboardInterrupt raised in here, or thrown in by the consumer, ends it as 'cancelled'."""
         n_prompt = len(prompt_tokens)
         if n_prompt >= self.n_ctx:
             raise NoSpace(
                 f"the prompt ({n_prompt} tokens) does not fit in the context ({self.n_ctx})",
                 hint="use a larger --ctx or a shorter prompt",
             )
-        ctx, model = self.ctx, self.model
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = StopMatcher(stop)
         room = self.n_ctx - n_prompt
         limit = room if max_tokens is None or max_tokens < 0 else min(room, max_tokens)
-        reused = from_disk = 0
-        t_prefill = t_first = None
-        generated, finish = 0, "length"
-        spec = self.speculator
-        drafted_before = (spec.stats.drafted, spec.stats.accepted) if spec else (0, 0)
+        sampler = Sampler(self.model, sampling, grammar, n_ctx=self.n_ctx)
+        updates: list[Update] = []
+        request = Request(prompt_tokens, sampler, limit, room, stop, updates.append, top_logprobs, reusable)
+        core, seq = self.scheduler, self.scheduler.sequences[0]
+        self.ctx.clear_abort()
         try:
-            ctx.set_sampling(sampling, grammar)
-            sampler = ctx.sampler
-            reused, from_disk = yield from self._prefill(prompt_tokens, reusable)
-            t_prefill = time.perf_counter()
-            history = list(prompt_tokens)  # what drafts are looked up in: the prompt and the reply
-            step = [sampler.sample(ctx, -1)]
-            while finish == "length":
-                for token in step:
-                    generated += 1
-                    history.append(token)
-                    if model.is_eog(token):
-                        finish = "eog"
-                        break
-                    text, stopped = matcher.feed(decoder.decode(model.piece(token, special=True)))
-                    if text:
-                        if t_first is None:
-                            t_first = time.perf_counter()
-                        yield Piece(text)
-                    if stopped:
-                        finish = "stop"
-                        break
-                    if generated >= limit:
-                        break
-                if finish != "length" or generated >= limit:
-                    break
-                if spec is not None:
-                    verified = spec.stats.verify_batches
-                    step = spec.step(ctx, sampler, self.cached, step[-1], history, limit - generated)
-                    if spec.stats.verify_batches != verified:
-                        yield Speculation(
-                            spec.stats.drafted - drafted_before[0], spec.stats.accepted - drafted_before[1]
-                        )
-                else:
-                    ctx.decode([step[-1]])
-                    self.cached.append(step[-1])
-                    step = [sampler.sample(ctx, -1)]
-            tail = matcher.flush() + decoder.decode(b"", final=True) if finish != "stop" else ""
-            if tail:
-                t_first = t_first or time.perf_counter()
-                yield Piece(tail)
-        except (KeyboardInterrupt, DecodeAborted):
-            finish = "cancelled"
-        t_end = time.perf_counter()
-        gen_time = t_end - (t_prefill or t_end)
-        drafted = spec.stats.drafted - drafted_before[0] if spec else 0
-        accepted = spec.stats.accepted - drafted_before[1] if spec else 0
-        yield Stats(
-            prompt_tokens=n_prompt,
-            prompt_tps=(n_prompt - reused) / (t_prefill - t0) if t_prefill and t_prefill > t0 else None,
-            generated_tokens=generated,
-            gen_tps=generated / gen_time if gen_time > 0 and generated else 0.0,
-            ttft_s=t_first - t0 if t_first else None,
-            total_s=t_end - t0,
-            finish_reason=finish,
-            cached_tokens=reused,
-            context_full=finish == "length" and generated >= room,
-            from_disk=from_disk,
-            drafted=drafted,
-            accepted=accepted,
-        )
+            core.assign(request)
+            while True:
+                try:
+                    if seq.request is request:
+                        if seq.reading:
+                            yield from self._read(seq)
+                        else:
+                            core.step()
+                    core.flush()
+                    while updates:
+                        update = updates.pop(0)
+                        if isinstance(update, Failed):
+                            if not isinstance(update.error, DecodeAborted):
+                                raise update.error
+                            update = update.stats
+                        yield update
+                        if isinstance(update, Stats):
+                            return
+                except KeyboardInterrupt:
+                    if seq.request is request:
+                        seq.rewind(self.ctx)
+                        seq.cancel()
+        finally:
+            if seq.request is request:  # the consumer closed the stream
+                seq.rewind(self.ctx)
+                seq.cancel()
+                core.outbox.clear()
+            sampler.close()
+
+    def _read(self, seq: Sequence) -> Iterator[PrefillProgress]:
+        """One step of reading the prompt, in a worker thread so that Ctrl-C in this one (or thrown
+        in by the consumer) aborts it; progress while it runs."""
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.scheduler.step()
+            except BaseException as exc:  # handed to this thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        # Wait on an Event, not Thread.join: a join interrupted by Ctrl-C marks a running thread
+        # as stopped (Python < 3.13), and we must never free the context under a running decode.
+        request = seq.request
+        assert request is not None
+        threading.Thread(target=work, name="localrun-prefill", daemon=True).start()
+        try:
+            while not done.wait(PROGRESS_EVERY):
+                todo = len(request.prompt) - seq.reused
+                yield PrefillProgress(todo, seq.reused, time.perf_counter() - request.submitted)
+        except BaseException:  # Ctrl-C, or the consumer closed the stream
+            self.ctx.abort()
+            while not done.is_set():
+                try:
+                    done.wait()
+                except KeyboardInterrupt:
+                    pass
+            raise
+        if failure:
+            raise failure[0]
 
 
 def _speculator(

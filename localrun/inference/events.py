@@ -4,16 +4,28 @@ and one Stats at the end; and drive(), which feeds them to whatever shows or col
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["eog", "stop", "length", "cancelled"]
 
 
 @dataclass
+class TokenLogprob:
+    """A sampled token's log-probability and the most likely alternatives, from the raw logits."""
+
+    piece: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
+@dataclass
 class Piece:
+    """Text that became final; with logprobs asked for, the tokens sampled since the last Piece."""
+
     text: str
     kind: str = "piece"
+    tokens: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass

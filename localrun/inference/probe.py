@@ -10,26 +10,36 @@ import argparse
 import json
 import sys
 import time
+from contextlib import closing
 
 from localrun.errors import LocalrunError
+from localrun.inference.events import Piece, Stats
 from localrun.inference.llama_log import install
 from localrun.inference.runtime import Loaded, LoadOptions, load
+from localrun.inference.sampler import Sampler
 from localrun.inference.sampling import SamplingOptions
+from localrun.inference.scheduler import Scheduler
+from localrun.inference.sequence import Failed, Request, Update
 
 
 def greedy(loaded: Loaded, prompt: str, n: int) -> tuple[str, int]:
-    """Decode `prompt`, then up to n tokens greedily: the text and how many tokens it took."""
-    loaded.ctx.set_sampling(SamplingOptions(temperature=0))
-    loaded.ctx.decode(loaded.model.tokenize(prompt))
-    text, generated = b"", 0
-    for _ in range(n):
-        token = loaded.ctx.sample()
-        if loaded.model.is_eog(token):
-            break
-        text += loaded.model.piece(token)
-        generated += 1
-        loaded.ctx.decode([token])
-    return text.decode("utf-8", errors="replace"), generated
+    """Decode `prompt`, then up to n tokens greedily (the generation core's one sequence): the
+    text and how many tokens it took."""
+    tokens = loaded.model.tokenize(prompt)
+    room = loaded.ctx.n_ctx - len(tokens)
+    updates: list[Update] = []
+    with closing(Sampler(loaded.model, SamplingOptions(temperature=0), n_ctx=loaded.ctx.n_ctx)) as sampler:
+        core = Scheduler(loaded, 1)
+        try:
+            core.run(Request(tokens, sampler, min(n, room), room, [], updates.append))
+        finally:
+            core.close()
+    text = "".join(u.text for u in updates if isinstance(u, Piece))
+    failed = next((u for u in updates if isinstance(u, Failed)), None)
+    if failed is not None:
+        raise failed.error
+    stats = next(u for u in updates if isinstance(u, Stats))
+    return text, stats.generated_tokens - (stats.finish_reason == "eog")
 
 
 def main(argv: list[str] | None = None) -> int:

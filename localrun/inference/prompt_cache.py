@@ -116,9 +116,15 @@ class PromptCache:
         digest.update((ctypes.c_int32 * len(tokens))(*tokens))
         return digest.hexdigest()[:32]
 
-    def load(self, ctx: LlamaContext, tokens: list[int], notify: Callable[[str], None] = lambda m: None) -> bool:
-        """Put the saved state of exactly `tokens` into sequence 0; False when there is none to
-        trust (then the context may have been cleared). What was wrong with an entry is notified."""
+    def holds(self, tokens: list[int]) -> bool:
+        """Whether an entry for exactly `tokens` is on disk (load() still checks it)."""
+        return (self.where / f"{self.key(tokens)}.kv").is_file()
+
+    def load(
+        self, ctx: LlamaContext, tokens: list[int], notify: Callable[[str], None] = lambda m: None, seq: int = 0
+    ) -> bool:
+        """Put the saved state of exactly `tokens` into sequence `seq`; False when there is none to
+        trust (then the sequence may have been cleared). What was wrong with an entry is notified."""
         key = self.key(tokens)
         kv, meta_path = self.where / f"{key}.kv", self.where / f"{key}.json"
         meta = paths.read_json(meta_path)
@@ -136,20 +142,19 @@ class PromptCache:
         lc = llama()
         out = (lc.llama_token * (len(tokens) + 1))()
         count = ctypes.c_size_t(0)
-        ctx.reset()
-        read = lc.llama_state_seq_load_file(ctx.ptr, str(kv).encode(), 0, out, len(tokens) + 1, ctypes.byref(count))
+        ctx.drop(seq, 0, -1)
+        read = lc.llama_state_seq_load_file(ctx.ptr, str(kv).encode(), seq, out, len(tokens) + 1, ctypes.byref(count))
         if not read or count.value != len(tokens) or list(out[: count.value]) != tokens:
-            ctx.reset()  # nothing half-loaded stays in the context
+            ctx.drop(seq, 0, -1)  # nothing half-loaded stays in the sequence
             notify("a prompt cache entry did not match its prompt; it was ignored and removed")
             _delete(self.where, key)
             return False
-        ctx.n_past = len(tokens)
         meta["used"] = time.time()
         paths.write_json_quietly(meta_path, meta)
         return True
 
-    def save(self, ctx: LlamaContext, tokens: list[int]) -> None:
-        """Save sequence 0, which must hold exactly `tokens`. A full disk costs the entry, nothing else."""
+    def save(self, ctx: LlamaContext, tokens: list[int], seq: int = 0) -> None:
+        """Save sequence `seq`, which must hold exactly `tokens`. A full disk costs the entry, nothing else."""
         key = self.key(tokens)
         kv = self.where / f"{key}.kv"
         if kv.exists():
@@ -159,7 +164,7 @@ class PromptCache:
         try:
             paths.private_file(paths.private_dir(self.where) / tmp.name)  # llama.cpp then writes into it
             arr = (lc.llama_token * len(tokens))(*tokens)
-            if not lc.llama_state_seq_save_file(ctx.ptr, str(tmp).encode(), 0, arr, len(tokens)):
+            if not lc.llama_state_seq_save_file(ctx.ptr, str(tmp).encode(), seq, arr, len(tokens)):
                 raise OSError("llama.cpp could not write the state")
             size = tmp.stat().st_size
             meta = {

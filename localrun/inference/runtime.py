@@ -24,8 +24,6 @@ from localrun.inference.build import llama
 from localrun.inference.llama_log import install as install_log
 from localrun.inference.llama_log import last_error, recent
 from localrun.inference.passing import in_passing_thread
-from localrun.inference.sampler import Batch, Sampler
-from localrun.inference.sampling import SamplingOptions
 
 # ggml.h's `enum ggml_type` ids of the KV cache types (fixed: GGUF files store them). The gguf
 # package has the whole table, but importing it costs a one-shot run more than its answer.
@@ -216,7 +214,6 @@ class LlamaContext:
         self.n_ctx = lc.llama_n_ctx(self.ptr)
         self.n_batch = lc.llama_n_batch(self.ptr)  # at most n_ctx: one decode never holds more
         self.n_past = 0
-        self._sampler = None
         # Abort flag read by llama.cpp between graph nodes. The callback is libc's strlen on a
         # 2-byte buffer: it returns 0 until abort() writes byte 1, costs no GIL and no Python call.
         self._abort_flag = ctypes.create_string_buffer(2)
@@ -290,23 +287,6 @@ class LlamaContext:
         self._lc.llama_memory_clear(self._lc.llama_get_memory(self.ptr), True)
         self.n_past = 0
 
-    # -- sampling (one chain per context for single-sequence use; see sampler.py) ---------------
-    def set_sampling(self, s: SamplingOptions, grammar: str | None = None) -> None:
-        if self._sampler is not None:
-            self._sampler.close()
-        self._sampler = Sampler(self.model, s, grammar, n_ctx=self.n_ctx)
-
-    def sample(self, index: int = -1) -> int:
-        if self._sampler is None:
-            self.set_sampling(SamplingOptions())
-        return self._sampler.sample(self, index)
-
-    @property
-    def sampler(self) -> Sampler:
-        if self._sampler is None:
-            self.set_sampling(SamplingOptions())
-        return self._sampler
-
     # -- several positions or sequences in one decode (speculative verification, parallel slots) --
     def decode_batch(self, batch: Batch) -> None:
         """Decode what `batch` holds at the positions and sequences it says; logits where flagged."""
@@ -317,10 +297,20 @@ class LlamaContext:
         """Forget positions [start, end) of one sequence; False when the memory cannot."""
         return bool(self._lc.llama_memory_seq_rm(self._lc.llama_get_memory(self.ptr), seq, start, end))
 
+    def copy(self, src: int, dst: int, n: int) -> bool:
+        """Sequence `dst` made to hold the first `n` positions of `src` (its own cells dropped). A
+        copy between KV streams takes the whole of `src` (llama.cpp aborts on a part of one), so the
+        rest is dropped after; False when the memory cannot, and then `dst` is empty."""
+        lc = self._lc
+        memory = lc.llama_get_memory(self.ptr)
+        lc.llama_memory_seq_rm(memory, dst, -1, -1)
+        lc.llama_memory_seq_cp(memory, src, dst, -1, -1)
+        if not self.drop(dst, n, -1):
+            lc.llama_memory_seq_rm(memory, dst, -1, -1)
+            return False
+        return True
+
     def close(self) -> None:
-        if self._sampler is not None:
-            self._sampler.close()
-            self._sampler = None
         if getattr(self, "ptr", None):
             self._lc.llama_free(self.ptr)
             self.ptr = None
@@ -329,6 +319,43 @@ class LlamaContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Batch:
+    """A llama_batch allocated once for up to `capacity` tokens: clear(), add() each token with its
+    position and sequence (and whether its logits are wanted), then LlamaContext.decode_batch()."""
+
+    def __init__(self, capacity: int, n_seq_max: int = 1):
+        self._lc = llama()
+        self.capacity, self.n_seq = capacity, n_seq_max
+        self.raw: Any = self._lc.llama_batch_init(capacity, 0, n_seq_max)
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int = 0, logits: bool = False) -> int:
+        """Append one token; its index in the batch (to read its logits with)."""
+        i = self.n_tokens
+        if i >= self.capacity:
+            raise ValueError(f"a batch of {self.capacity} is full")
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq
+        raw.logits[i] = logits
+        self.n_tokens = raw.n_tokens = i + 1
+        return i
+
+    def close(self) -> None:
+        if getattr(self, "raw", None) is not None:
+            self._lc.llama_batch_free(self.raw)
+            self.raw = None
+
+    def __del__(self) -> None:
         self.close()
 
 

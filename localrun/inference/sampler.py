@@ -1,5 +1,5 @@
-"""llama.cpp's sampler chains and batches, typed: one Sampler per sequence (its own penalties,
-grammar and random state), and a reusable Batch for decodes of several positions or sequences."""
+"""llama.cpp's sampler chains, typed: one Sampler per sequence (its own penalties, grammar and
+random state)."""
 
 from __future__ import annotations
 
@@ -128,43 +128,6 @@ class Sampler:
         if getattr(self, "rule", None):
             self._lc.llama_sampler_free(self.rule)
             self.rule = None
-
-    def __del__(self) -> None:
-        self.close()
-
-
-class Batch:
-    """A llama_batch allocated once for up to `capacity` tokens: clear(), add() each token with its
-    position and sequence (and whether its logits are wanted), then LlamaContext.decode_batch()."""
-
-    def __init__(self, capacity: int, n_seq_max: int = 1):
-        self._lc = llama()
-        self.capacity = capacity
-        self.raw: Any = self._lc.llama_batch_init(capacity, 0, n_seq_max)
-        self.n_tokens = 0
-
-    def clear(self) -> None:
-        self.n_tokens = 0
-        self.raw.n_tokens = 0
-
-    def add(self, token: int, pos: int, seq: int = 0, logits: bool = False) -> int:
-        """Append one token; its index in the batch (to read its logits with)."""
-        i = self.n_tokens
-        if i >= self.capacity:
-            raise ValueError(f"a batch of {self.capacity} is full")
-        raw = self.raw
-        raw.token[i] = token
-        raw.pos[i] = pos
-        raw.n_seq_id[i] = 1
-        raw.seq_id[i][0] = seq
-        raw.logits[i] = logits
-        self.n_tokens = raw.n_tokens = i + 1
-        return i
-
-    def close(self) -> None:
-        if getattr(self, "raw", None) is not None:
-            self._lc.llama_batch_free(self.raw)
-            self.raw = None
 
     def __del__(self) -> None:
         self.close()

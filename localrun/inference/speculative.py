@@ -9,20 +9,21 @@ distribution is unchanged, at any temperature. For a deterministic draft this ac
 token x with probability p(x), the same as the min(1, p/q) rule with q a point mass.
 
 Drafts come from the prompt and the reply so far (prompt lookup: what followed the last earlier
-occurrence of the current n-gram) or from a small draft model that shares the vocabulary. The
-Controller keeps it paying: it measures what a verify batch of each size costs against one plain
-step and how often drafts are accepted, picks the K with the best expected tokens per unit of
-time, and drafts nothing while no K beats plain decoding.
+occurrence of the current n-gram) or from a small draft model that shares the vocabulary. Each
+sequence's Controller keeps it paying: the CostCurve (one per context) measures what a batch of
+each size costs, the Controller how often its drafts are accepted; it picks the K with the best
+expected tokens per unit of time for the whole batch -- when other sequences already fill it, a
+verify row slows their tokens too -- and drafts nothing while no K beats plain decoding.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from localrun.inference.runtime import LlamaContext, LlamaModel, common_prefix
-from localrun.inference.sampler import Batch, Sampler
+from localrun.inference.runtime import Batch, LlamaContext, LlamaModel, common_prefix
+from localrun.inference.sampler import Sampler
 from localrun.inference.sampling import SamplingOptions
 
 Mode = Literal["auto", "lookup", "draft", "off"]
@@ -83,45 +84,74 @@ class LookupDrafter:
 
 
 class ModelDrafter:
-    """A small model of the same vocabulary proposes K tokens greedily; its own KV cache follows
-    the conversation (only what changed is decoded) and drops what the target rejected."""
+    """A small model of the same vocabulary, loaded once, drafting for every sequence of the
+    target: its context has as many sequences, each following one of them (see SeqDrafter)."""
 
     free = False
 
-    def __init__(self, model: LlamaModel, ctx: LlamaContext):
+    def __init__(self, model: LlamaModel, ctx: LlamaContext, n_seq: int = 1):
         self.model, self.ctx = model, ctx
-        self.cached: list[int] = []
+        self.batch = Batch(ctx.n_batch, n_seq)
         self.sampler = Sampler(model, SamplingOptions(temperature=0, repeat_penalty=1.0), n_ctx=ctx.n_ctx)
 
+    def close(self) -> None:
+        self.batch.close()
+        self.sampler.close()
+        self.ctx.close()
+        self.model.close()
+
+
+class SeqDrafter:
+    """The draft model's view of one sequence: its KV cells follow the sequence's history (only
+    what changed is decoded, what the target rejected is dropped), then it proposes K tokens
+    greedily."""
+
+    free = False
+
+    def __init__(self, drafter: ModelDrafter, seq: int):
+        self.drafter, self.seq = drafter, seq
+        self.cached: list[int] = []
+        self.room = drafter.ctx.n_ctx // max(1, drafter.batch.n_seq)
+
+    def _decode(self, tokens: list[int], start: int) -> None:
+        d = self.drafter
+        for at in range(0, len(tokens), d.batch.capacity):
+            chunk = tokens[at : at + d.batch.capacity]
+            d.batch.clear()
+            for i, token in enumerate(chunk):
+                d.batch.add(token, start + at + i, self.seq, at + i == len(tokens) - 1)
+            d.ctx.decode_batch(d.batch)
+
     def follow(self, history: list[int]) -> None:
-        """Its KV cache brought to the history: what the target rejected dropped, the rest read."""
-        if len(history) >= self.ctx.n_ctx or self.cached == history:
+        """Its cells brought to the history, the last token decoded again if need be: the draft
+        samples from the logits of this sequence's last decode."""
+        if len(history) >= self.room:
             return
         keep = common_prefix(self.cached, history[:-1])
-        if not self.ctx.truncate(keep):
+        if not self.drafter.ctx.drop(self.seq, keep, -1):
+            self.drafter.ctx.drop(self.seq, 0, -1)
             keep = 0
-        self.ctx.decode(history[keep:])
+        self._decode(history[keep:], keep)
         self.cached = list(history)
 
     def draft(self, history: list[int], k: int) -> list[int]:
         """Up to k tokens after the history (which follow() has brought its cache to)."""
-        k = min(k, self.ctx.n_ctx - len(history) - 1)
-        if k <= 0:
+        k = min(k, self.room - len(history) - 1)
+        if k <= 0 or self.cached != history:
             return []
+        d = self.drafter
         out: list[int] = []
         for _ in range(k):
-            token = self.sampler.sample(self.ctx)
+            token = d.sampler.sample(d.ctx, d.batch.n_tokens - 1)
             out.append(token)
-            if self.model.is_eog(token) or len(out) == k:
+            if d.model.is_eog(token) or len(out) == k:
                 break
-            self.ctx.decode([token])
+            self._decode([token], len(self.cached))
             self.cached.append(token)
         return out
 
     def close(self) -> None:
-        self.sampler.close()
-        self.ctx.close()
-        self.model.close()
+        pass
 
 
 @dataclass
@@ -131,29 +161,27 @@ class SpecStats:
     verify_batches: int = 0
 
 
-@dataclass
-class Controller:
-    """Chooses how many tokens to draft. Tokens per verify batch of K drafts, with acceptance a per
-    drafted token: E(K) = (1 - a^(K+1)) / (1 - a); its cost c(K) = time(batch of K+1) / time(one
-    step), measured as it goes. Drafts K maximising E/c, none while that is below 1 (then it
-    probes again now and then, for the text may change)."""
+class CostCurve:
+    """What a decode of n tokens (each with its logits row) costs against one, measured as the
+    batches go (running averages; linear between sizes seen, the slope extended beyond)."""
 
-    adaptive: bool = True
-    accept: float = 0.6  # running estimate of the acceptance per drafted token
-    times: dict[int, float] = field(default_factory=dict)  # batch size -> running seconds per decode
-    idle: int = 0  # plain steps since drafting was last judged not to pay
-    PROBE_EVERY: int = 32
-    SMOOTH: float = 0.15
+    SMOOTH = 0.15
 
-    def cost(self, k: int) -> float:
-        """A batch of k+1 tokens against one, from what was measured (linear between sizes seen)."""
+    def __init__(self) -> None:
+        self.times: dict[int, float] = {}  # batch size -> running seconds per decode
+
+    def observe(self, size: int, seconds: float) -> None:
+        old = self.times.get(size)
+        self.times[size] = seconds if old is None else old + self.SMOOTH * (seconds - old)
+
+    def cost(self, n: int) -> float:
+        """time(batch of n) / time(batch of 1); before any measurement a mild guess."""
         one = self.times.get(1)
-        if one is None:
-            return 1.0 + 0.3 * k  # before any measurement: a mild guess
-        sizes = sorted(n for n in self.times if n > 1)
-        n = k + 1
+        if one is None or n <= 1:
+            return 1.0 + 0.3 * max(0, n - 1)
         if n in self.times:
             return self.times[n] / one
+        sizes = sorted(s for s in self.times if s > 1)
         below = max((s for s in sizes if s < n), default=1)
         above = min((s for s in sizes if s > n), default=None)
         if above is None:  # beyond the largest measured: extend the slope seen so far
@@ -162,25 +190,41 @@ class Controller:
         t_below = self.times[below]
         return (t_below + (self.times[above] - t_below) * (n - below) / (above - below)) / one
 
-    def gain(self, k: int) -> float:
-        """Expected tokens per unit of time with k drafts, against a plain step (1.0)."""
-        one = self.times.get(1)
-        drafting = k * self.draft_cost / one if one else 0.0
-        return self.expected(k) / (self.cost(k) + drafting)
+
+@dataclass
+class Controller:
+    """How many tokens one sequence drafts. With acceptance a per drafted token, K drafts yield
+    E(K) = (1 - a^(K+1)) / (1 - a) tokens. In a batch of b rows (this sequence's and the others'),
+    a plain step gives b tokens for time(b); K drafts give b - 1 + E(K) for time(b + K) (plus what
+    a draft model spends). K maximises the ratio of the two; none while no K beats a plain step
+    (then it probes again now and then, for the text may change)."""
+
+    adaptive: bool = True
+    accept: float = 0.6  # running estimate of the acceptance per drafted token
+    idle: int = 0  # plain steps since drafting was last judged not to pay
+    draft_cost: float = 0.0  # seconds per drafted token, relative to a plain step (a draft model)
+    PROBE_EVERY: int = 32
+    SMOOTH: float = 0.15
 
     def expected(self, k: int) -> float:
         a = min(self.accept, 0.999)
         return (1 - a ** (k + 1)) / (1 - a)
 
-    def choose(self, available: int) -> int:
-        """How many of the `available` drafted tokens to verify (0: a plain step)."""
+    def gain(self, k: int, busy: int, curve: CostCurve) -> float:
+        """Tokens per unit of time with k drafts against a plain step (1.0), in a batch of `busy` rows."""
+        plain = busy / curve.cost(busy)
+        return (busy - 1 + self.expected(k)) / (curve.cost(busy + k) + k * self.draft_cost) / plain
+
+    def choose(self, available: int, busy: int, curve: CostCurve) -> int:
+        """How many of `available` drafted tokens to verify (0: a plain step), beside busy - 1
+        other rows in the batch."""
         if available <= 0:
             return 0
         if not self.adaptive:
             return min(available, K_MAX)
         best_k, best = 0, 1.0
         for k in range(1, min(available, K_MAX) + 1):
-            gain = self.gain(k)
+            gain = self.gain(k, busy, curve)
             if gain > best:
                 best_k, best = k, gain
         if best_k == 0:
@@ -190,87 +234,47 @@ class Controller:
                 return min(available, 2)
         return best_k
 
-    draft_cost: float = 0.0  # seconds a drafted token costs (a draft model; prompt lookup is free)
+    def observe_draft(self, relative_per_token: float) -> None:
+        self.draft_cost += self.SMOOTH * (relative_per_token - self.draft_cost)
 
-    def observe_draft(self, seconds_per_token: float) -> None:
-        self.draft_cost += self.SMOOTH * (seconds_per_token - self.draft_cost)
-
-    def observe(self, batch_size: int, seconds: float, drafted: int = 0, accepted: int = 0) -> None:
-        old = self.times.get(batch_size)
-        self.times[batch_size] = seconds if old is None else old + self.SMOOTH * (seconds - old)
+    def observe(self, drafted: int, accepted: int) -> None:
         if drafted:
-            rate = accepted / drafted
-            self.accept += self.SMOOTH * min(drafted, 4) / 4 * (rate - self.accept)
-
-
-def timed_decode(ctx: LlamaContext, batch: Batch) -> float:
-    started = time.perf_counter()
-    ctx.decode_batch(batch)
-    return time.perf_counter() - started
+            self.accept += self.SMOOTH * min(drafted, 4) / 4 * (accepted / drafted - self.accept)
 
 
 class Speculator:
-    """Plain steps and verify steps for one engine: decides whether to draft (the Controller),
-    asks the drafters (prompt lookup first: it is free; then the draft model), verifies."""
+    """What speculative decoding may use for a context: prompt lookup (every sequence its own
+    index), a draft model (one, with a sequence per target sequence), the cost curve."""
 
-    def __init__(self, mode: Mode, drafters: list[Drafter]):
-        self.drafters = drafters
-        self.controller = Controller(adaptive=mode == "auto")
-        self.batch = Batch(K_MAX + 1)
-        self.stats = SpecStats()
+    def __init__(self, mode: Mode, drafters: list):
+        self.mode, self.drafters = mode, drafters
+        self.stats = SpecStats()  # over every sequence and reply
+        self.lookup = any(isinstance(d, LookupDrafter) for d in drafters)
+        self.model: ModelDrafter | None = next((d for d in drafters if isinstance(d, ModelDrafter)), None)
+        self.curve = CostCurve()
 
     def close(self) -> None:
-        for drafter in self.drafters:
-            drafter.close()
-        self.batch.close()
+        if self.model is not None:
+            self.model.close()
 
-    def _draft(self, history: list[int], k: int) -> list[int]:
-        """The first drafter's proposal; what a costly one spends per token is measured (not the
-        reading it does to catch up: a long prompt would look like slow drafting)."""
-        for drafter in self.drafters:
+    def for_sequence(self, seq: int) -> tuple[LookupDrafter | None, SeqDrafter | None]:
+        """Sequence `seq`'s own drafters."""
+        lookup = LookupDrafter() if self.lookup else None
+        return lookup, SeqDrafter(self.model, seq) if self.model is not None else None
+
+    def draft(self, seq_drafters: tuple, controller: Controller, history: list[int], k: int) -> list[int]:
+        """The first drafter's proposal (prompt lookup first: it is free); what a draft model
+        spends per token is measured against a plain step (not the reading it does to catch up:
+        a long prompt would look like slow drafting)."""
+        for drafter in seq_drafters:
+            if drafter is None:
+                continue
             drafter.follow(history)
             started = time.perf_counter()
             proposed = drafter.draft(history, k)
             if proposed:
-                if not drafter.free:
-                    self.controller.observe_draft((time.perf_counter() - started) / len(proposed))
+                one = self.curve.times.get(1)
+                if not drafter.free and one:
+                    controller.observe_draft((time.perf_counter() - started) / len(proposed) / one)
                 return proposed
         return []
-
-    def step(
-        self, ctx: LlamaContext, sampler: Sampler, cached: list[int], pending: int, history: list[int], room: int
-    ) -> list[int]:
-        """Decode `pending` (with a draft after it when that pays) and return the tokens sampled: one
-        on a plain step, up to K+1 on a verify. `cached` (what the KV cache holds) is kept true."""
-        k = min(K_MAX, room - 1, ctx.n_ctx - len(cached) - 2)
-        draft: list[int] = []
-        want = self.controller.choose(k) if k > 0 else 0  # how many drafted tokens would pay
-        if want:
-            draft = self._draft(history, want)[:want]
-        if not draft:
-            started = time.perf_counter()
-            ctx.decode([pending])
-            self.controller.observe(1, time.perf_counter() - started)
-            cached.append(pending)
-            return [sampler.sample(ctx, -1)]
-        batch = self.batch
-        batch.clear()
-        start = len(cached)
-        for i, token in enumerate([pending, *draft]):
-            batch.add(token, start + i, 0, True)
-        seconds = timed_decode(ctx, batch)
-        out: list[int] = []
-        for i in range(len(draft) + 1):
-            token = sampler.sample(ctx, i)
-            out.append(token)
-            if i == len(draft) or token != draft[i]:
-                break
-        accepted = len(out) - 1
-        cached += [pending, *draft[:accepted]]
-        if accepted < len(draft) and not ctx.drop(0, len(cached)):
-            raise RuntimeError("the KV cache cannot drop rejected draft tokens")  # checked at load: never
-        self.stats.drafted += len(draft)
-        self.stats.accepted += accepted
-        self.stats.verify_batches += 1
-        self.controller.observe(len(draft) + 1, seconds, len(draft), accepted)
-        return out

@@ -30,11 +30,11 @@ from localrun.errors import LocalrunError
 from localrun.inference.engine import Stats
 from localrun.serve import prepare, replies
 from localrun.serve.errors import ApiError, from_localrun
+from localrun.serve.loop import QueueFull
 from localrun.serve.middleware import BodyLimit, Gate, LastResort
 from localrun.serve.protocol import ChatRequest, CompletionRequest, Health, ModelCard, ModelList
 from localrun.serve.registry import Registry
 from localrun.serve.replies import Feed, Reply
-from localrun.serve.scheduler import QueueFull
 
 SWEEP_EVERY = 1.0  # seconds between checks for models idle beyond --keep-alive
 

@@ -63,3 +63,17 @@ def from_localrun(exc: LocalrunError) -> ApiError:
         return ApiError(503, message, type="server_error", code="no_memory", retry_after=5)
     code = "bad_model" if isinstance(exc, BadModel) else None
     return ApiError(500, message, type="server_error", code=code)
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """What ended a reply in the generation core, as the client gets it: an abort is the server
+    stopping, a localrun error keeps its meaning, anything else is the server's fault."""
+    from localrun.inference.runtime import DecodeAborted
+
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, DecodeAborted):
+        return shutting_down()
+    if isinstance(exc, LocalrunError):
+        return from_localrun(exc)
+    return ApiError(500, f"generation failed: {exc}", type="server_error")

@@ -29,8 +29,8 @@ from localrun.inference.filecheck import check_file
 from localrun.inference.runtime import LoadOptions
 from localrun.inference.templates import ChatTemplate
 from localrun.serve.errors import ApiError, shutting_down
+from localrun.serve.loop import SlotLoop
 from localrun.serve.protocol import SlotsHealth
-from localrun.serve.scheduler import Scheduler
 from localrun.text import human_bytes, plural, safe
 
 Notify = Callable[[str], None]
@@ -79,14 +79,14 @@ class ModelHost:
         self._stopped = False
         self.engine: Engine | None = None  # the loaded model: its vocabulary, template, context
         self.template: ChatTemplate | None = None
-        self.scheduler: Scheduler | None = None
+        self.scheduler: SlotLoop | None = None
         self.n_ctx_slot = opts.ctx or 0
         self.preparing = 0  # requests checked out and being prepared (changed on the event loop only)
         self._files: tuple[Path, ...] = ()  # the files the loaded weights are mapped from
         self._stamp: Stamp = ()  # and what they were when loaded
         self._changed = False  # a file changed in place: the model's requests are being ended
 
-    def checkout(self) -> Scheduler:
+    def checkout(self) -> SlotLoop:
         """The running scheduler, loading the model first if it is not (blocking: call off the
         event loop). Pair with checkin()."""
         self.unload_if_changed()
@@ -103,7 +103,7 @@ class ModelHost:
             self._users += 1
             return self.scheduler
 
-    def checkout_now(self) -> Scheduler | None:
+    def checkout_now(self) -> SlotLoop | None:
         """checkout() when it would not wait (the model is loaded and not being loaded or unloaded),
         else None: a request on the event loop takes this path, and a thread only when it must."""
         if self.scheduler is None or self._changed or self.file_changed() or not self._lock.acquire(blocking=False):
@@ -263,7 +263,7 @@ class ModelHost:
                 eos_token=engine.special_text("eos"),
                 notify=lambda message: self._notify(f"{self.id}: {message}"),
             )
-            scheduler = Scheduler(loaded, n, self.opts.queue, chunk=fit.UBATCH, preparing=lambda: self.preparing)
+            scheduler = SlotLoop(loaded, n, self.opts.queue, chunk=fit.UBATCH, preparing=lambda: self.preparing)
         except BaseException:
             loaded.close()
             raise

@@ -14,6 +14,7 @@ from localrun.errors import LocalrunError
 from localrun.inference import grammar
 from localrun.inference.sampler import Sampler
 from localrun.inference.sampling import OutOfBounds, SamplingOptions, check_stops
+from localrun.inference.sequence import Request, Update
 from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
 from localrun.serve.host import ModelHost
 from localrun.serve.protocol import (
@@ -24,12 +25,11 @@ from localrun.serve.protocol import (
     JsonObjectFormat,
     JsonSchemaFormat,
 )
-from localrun.serve.slot import Job, JobEvent
 
-Sink = Callable[[JobEvent], None]
+Sink = Callable[[Update], None]
 
 
-def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Job:
+def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Request:
     _refuse_common(req)
     if req.tools or req.functions:
         raise unsupported("tools", "localrun does not call tools; send the conversation without them")
@@ -60,7 +60,7 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Job:
     return _job(host, req, prompt, rules, wanted, stop, top, sink)
 
 
-def completion(host: ModelHost, req: CompletionRequest, sink: Sink) -> Job:
+def completion(host: ModelHost, req: CompletionRequest, sink: Sink) -> Request:
     _refuse_common(req)
     if req.echo:
         raise unsupported("echo", "the prompt is not repeated in the reply")
@@ -100,7 +100,7 @@ def _job(
     stop: list[str],
     top_logprobs: int | None,
     sink: Sink,
-) -> Job:
+) -> Request:
     room = host.n_ctx_slot - len(prompt)
     if not prompt:
         raise bad_request("the prompt is empty", param="prompt")
@@ -122,7 +122,7 @@ def _job(
     except LocalrunError as exc:
         param = "grammar" if req.grammar else "response_format"
         raise bad_request(f"{param}: {exc.message}", param=param) from None
-    return Job(prompt, sampler, limit, room, stop, sink, top_logprobs)
+    return Request(prompt, sampler, limit, room, stop, sink, top_logprobs)
 
 
 def sampling(req: GenerationRequest, n_vocab: int) -> SamplingOptions:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from localrun.errors import NoSpace
 from localrun.serve.errors import ApiError
 from localrun.serve.host import ModelHost
+from localrun.serve.loop import SlotLoop
 from localrun.serve.protocol import Health, ModelCard, ModelList
-from localrun.serve.scheduler import Scheduler
 
 
 class Registry:
@@ -30,7 +30,7 @@ class Registry:
             )
         return host
 
-    def checkout(self, host: ModelHost) -> Scheduler:
+    def checkout(self, host: ModelHost) -> SlotLoop:
         """host.checkout(); when memory runs out loading it, idle models are unloaded and it tries again."""
         try:
             return host.checkout()

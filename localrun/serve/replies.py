@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from localrun.inference.engine import Stats
-from localrun.serve.errors import ApiError
+from localrun.inference.events import Piece
+from localrun.inference.events import TokenLogprob as SampledToken
+from localrun.inference.sequence import Failed, Update
+from localrun.serve.errors import ApiError, as_api_error
 from localrun.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -32,8 +35,6 @@ from localrun.serve.protocol import (
     TopLogprob,
     Usage,
 )
-from localrun.serve.slot import Failed, JobEvent, Output
-from localrun.serve.slot import TokenLogprob as SampledToken
 
 Kind = Literal["chat", "completion"]
 
@@ -46,9 +47,9 @@ class _Mailbox:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue[JobEvent], JobEvent]] = []
+        self._pending: list[tuple[asyncio.Queue[Update], Update]] = []
 
-    def post(self, queue: asyncio.Queue[JobEvent], event: JobEvent) -> None:
+    def post(self, queue: asyncio.Queue[Update], event: Update) -> None:
         with self._lock:
             self._pending.append((queue, event))
             if len(self._pending) > 1:
@@ -74,9 +75,13 @@ class Feed:
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self._mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, _Mailbox(loop))
-        self.queue: asyncio.Queue[JobEvent | None] = asyncio.Queue()  # None: the client went away
+        self.queue: asyncio.Queue[Update | None] = asyncio.Queue()  # None: the client went away
 
-    def put(self, event: JobEvent) -> None:  # called from the scheduler thread
+    def put(self, event: Update) -> None:  # called from the scheduler thread
+        if isinstance(event, Failed):
+            event = Failed(as_api_error(event.error))
+        elif not isinstance(event, (Piece, Stats)):
+            return  # notices and speculation's figures are for live displays
         self._mailbox.post(self.queue, event)
 
 
@@ -161,11 +166,11 @@ async def collect(feed: Feed, reply: Reply, gone: Callable[[], Awaitable[None]],
             event = await feed.queue.get()
             if event is None:
                 return reply
-            if isinstance(event, Output):
+            if isinstance(event, Piece):
                 reply.text.append(event.text)
                 reply.tokens.extend(event.tokens)
             elif isinstance(event, Failed):
-                reply.error = event.error
+                reply.error = event.error  # type: ignore[assignment]
                 raise event.error
             else:
                 reply.stats = event
@@ -229,13 +234,13 @@ async def stream(feed: Feed, reply: Reply, logprobs: bool, include_usage: bool) 
         yield _sse(ChatCompletionChunk(id=reply.reply_id, created=reply.created, model=reply.model, choices=[first]))
     while True:
         event = await feed.queue.get()
-        if isinstance(event, Output):
+        if isinstance(event, Piece):
             reply.text.append(event.text)
             yield _sse(chunk(event.text, event.tokens))
             offset += len(event.text)
         elif isinstance(event, Failed):
             reply.error = event.error
-            yield f"data: {event.error.body().model_dump_json()}\n\n"
+            yield f"data: {event.error.body().model_dump_json()}\n\n"  # type: ignore[attr-defined]
             break
         else:
             reply.stats = event
