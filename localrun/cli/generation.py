@@ -152,6 +152,16 @@ ServerOpt = Annotated[
         help="Ask a running `localrun serve` (http://127.0.0.1:8080) instead of loading the model here.",
     ),
 ]
+LogprobsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--logprobs",
+        metavar="N",
+        show_default=False,
+        help="With --json: each token's log-probability and its N likeliest alternatives.",
+        **_bounded("logprobs"),
+    ),
+]
 PromptArg = Annotated[
     Optional[list[str]],
     typer.Argument(
@@ -196,6 +206,7 @@ def _generation_command(mode: str, doc: str):
         server: ServerOpt = None,
         json: JsonOpt = False,
         stream: StreamOpt = False,
+        logprobs: LogprobsOpt = None,
         verbose: VerboseOpt = False,
     ) -> None:
         from localrun.commands.generate import PromptOptions, generate
@@ -215,6 +226,9 @@ def _generation_command(mode: str, doc: str):
         from localrun.errors import UsageError
 
         settings = Settings(sampling, max_tokens, list(stop or []))
+        if logprobs is not None and not json:
+            raise UsageError("--logprobs goes with --json", hint="add --json (and --stream for them as they come)")
+        settings.logprobs = logprobs
         if speculate not in ("auto", "lookup", "draft", "off"):
             raise UsageError(f"--speculate {speculate}: use auto, lookup, draft or off")
         if speculate == "draft" and draft is None:

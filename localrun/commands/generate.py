@@ -140,6 +140,8 @@ def generate(
         from localrun.serve.client import Server
 
         refuse_local_options(cfg, draft, prompt_options.chat_format, prompt_options.template_file)
+        if settings.logprobs is not None:
+            raise UsageError("--logprobs is for a model loaded here", hint="drop --server, or --logprobs")
         remote = RemoteDialogue(
             Server(server), model, settings, prompt_options.system, raw=prompt_options.raw, warn=out.warn
         )

@@ -19,7 +19,7 @@ from typing import Any
 from rich.markup import escape
 from wcwidth import wcwidth
 
-from localrun.inference.events import EventSink, Notice, PrefillProgress, Speculation, Stats
+from localrun.inference.events import EventSink, Notice, PrefillProgress, Speculation, Stats, TokenLogprob
 from localrun.output import Output
 from localrun.text import safe
 
@@ -292,9 +292,13 @@ class JsonRenderer:
         self.out = out
         self.extra = extra or {}
         self.parts: list[str] = []
+        self.tokens: list[TokenLogprob] | None = None  # with --logprobs
 
     def piece(self, text: str) -> None:
         self.parts.append(text)
+
+    def logprobs(self, tokens: list[TokenLogprob]) -> None:
+        self.tokens = (self.tokens or []) + tokens
 
     def progress(self, event: PrefillProgress) -> None:
         pass
@@ -305,6 +309,8 @@ class JsonRenderer:
     def finish(self, stats: Stats) -> None:
         data = dict(self.extra)
         data["text"] = "".join(self.parts)
+        if self.tokens is not None:
+            data["logprobs"] = [t.to_dict() for t in self.tokens]
         data.update({k: v for k, v in stats.to_dict().items() if k != "kind"})
         self.out.data(data)
 
@@ -316,9 +322,17 @@ class JsonLinesRenderer:
         self.out = out
         if extra:
             out.json_line({"kind": "start", **extra})
+        self.tokens: list[TokenLogprob] = []  # with --logprobs: the piece's tokens
+
+    def logprobs(self, tokens: list[TokenLogprob]) -> None:
+        self.tokens = tokens
 
     def piece(self, text: str) -> None:
-        self.out.json_line({"kind": "piece", "text": text})
+        line: dict[str, Any] = {"kind": "piece", "text": text}
+        if self.tokens:
+            line["logprobs"] = [t.to_dict() for t in self.tokens]
+            self.tokens = []
+        self.out.json_line(line)
 
     def progress(self, event: PrefillProgress) -> None:
         pass

@@ -19,7 +19,6 @@ from localrun.errors import NoSpace, UsageError
 from localrun.inference import grammar as grammars
 from localrun.inference.engine import Engine
 from localrun.inference.events import Event, EventSink, PrefillProgress, Stats, drive
-from localrun.inference.runtime import common_prefix
 from localrun.inference.sampling import BOUNDS, UNSET, Settings, check_stops, check_structure
 from localrun.inference.templates import ChatTemplate, Message
 
@@ -291,12 +290,7 @@ class Conversation(Dialogue):
         """How many prompt tokens come before the question: the template's preamble, the system
         prompt, earlier turns and the `material` the last message starts with. They are what the
         prompt cache keeps; 0 when the template changed the message beyond recognition."""
-        text = self.text(self.messages)
-        start = text.rfind(self.messages[-1]["content"])
-        if start < 0:
-            return 0
-        prefix = self.engine.tokenize(text[: start + len(material)])
-        return common_prefix(prefix, tokens[:-1])
+        return self.engine.reusable(self.text(self.messages), self.messages[-1]["content"], tokens, len(material))
 
     def _fit(self) -> list[int]:
         """The prompt tokens; drops the oldest turns (never the system prompt or the new
@@ -336,6 +330,7 @@ class Conversation(Dialogue):
             stop,
             grammar=self.settings.grammar,
             reusable=self.reusable(tokens, material) if first else 0,
+            top_logprobs=self.settings.logprobs,
         )
 
     def prompt_size(self) -> int:

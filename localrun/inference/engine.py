@@ -22,7 +22,7 @@ from localrun.hardware import default_threads
 from localrun.inference import runtime
 from localrun.inference.events import PROGRESS_EVERY, Event, PrefillProgress, Stats
 from localrun.inference.prompt_cache import DEFAULT_LIMIT, PromptCache, kv_identity
-from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions
+from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions, common_prefix
 from localrun.inference.sampler import Sampler
 from localrun.inference.sampling import SamplingOptions
 from localrun.inference.scheduler import Scheduler
@@ -181,6 +181,16 @@ class Engine:
         if not any(holds_special(self.model, m["content"]) for m in messages):
             return self.tokenize(template.render(messages))
         return self._with_bos(tokenize_parts(self.model, template.render_parts(messages)), True)
+
+    def reusable(self, text: str, last: str, tokens: list[int], keep: int = 0) -> int:
+        """How many of a prompt's `tokens` (the rendered `text`) come before its last message
+        `last` (and the first `keep` characters of it: piped material) -- what the prompt cache
+        keeps: the template's preamble, the system prompt, the material. 0 when the template
+        changed the message beyond recognition."""
+        start = text.rfind(last)
+        if start < 0:
+            return 0
+        return common_prefix(self.tokenize(text[: start + keep]), tokens[:-1])
 
     def _with_bos(self, tokens: list[int], add_bos: bool) -> list[int]:
         lc, vocab = self.model._lc, self.model.vocab

@@ -18,6 +18,17 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[bytes, float]]
 
+    def to_dict(self) -> dict:
+        """OpenAI's shape of a token's logprobs (the server's, and `run --logprobs`'s JSON)."""
+        return {
+            "token": self.piece.decode("utf-8", "replace"),
+            "logprob": self.logprob,
+            "bytes": list(self.piece),
+            "top_logprobs": [
+                {"token": p.decode("utf-8", "replace"), "logprob": lp, "bytes": list(p)} for p, lp in self.top
+            ],
+        }
+
 
 @dataclass
 class Piece:
@@ -96,6 +107,8 @@ def drive(events: Iterable[Event], sink: EventSink) -> Stats:
     try:
         for event in it:
             if isinstance(event, Piece):
+                if event.tokens and hasattr(sink, "logprobs"):  # optional: only JSON shows them
+                    sink.logprobs(event.tokens)  # type: ignore[attr-defined]
                 sink.piece(event.text)
             elif isinstance(event, PrefillProgress):
                 sink.progress(event)

@@ -75,6 +75,7 @@ BOUNDS: dict[str, Bound] = {
     "max_tokens": Bound(int, 1, 2**31 - 1),
     "presence_penalty": Bound(float, -2.0, 2.0),
     "frequency_penalty": Bound(float, -2.0, 2.0),
+    "logprobs": Bound(int, 0, 20),  # alternatives per token (OpenAI's top_logprobs)
 }
 MAX_STOPS = 16  # stop strings in one request or setting
 MAX_STOP_CHARS = 1024  # characters of one stop string (the reply holds back as many while it may be one)
@@ -147,6 +148,7 @@ class Settings:
     grammar: str | None = None  # GBNF the reply must follow (--grammar, --json-schema)
     grammar_source: str = ""  # where it came from, to show
     from_schema: bool = False  # the grammar was made from a JSON schema (shown as json_schema)
+    logprobs: int | None = None  # each token's log-probability and this many alternatives (--json)
 
     def __post_init__(self) -> None:
         check_stops(self.stop)

@@ -57,7 +57,13 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Request:
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     stop = _stops(req) + list(host.template.stop)
-    return _job(host, req, prompt, rules, wanted, stop, top, sink)
+    job = _job(host, req, prompt, rules, wanted, stop, top, sink)
+    # What the prompt cache keeps, as `run` does: a first question's prefix (the system prompt,
+    # tool definitions, a shared document before it); later turns find theirs in a slot's cache.
+    if sum(m["role"] == "user" for m in messages) == 1:
+        text = host.template.render(messages)
+        job.reusable = host.engine.reusable(text, messages[-1]["content"], prompt)
+    return job
 
 
 def completion(host: ModelHost, req: CompletionRequest, sink: Sink) -> Request:

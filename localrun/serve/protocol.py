@@ -183,6 +183,9 @@ class Timings(BaseModel):
     ttft_ms: float | None
     finish: Literal["eog", "stop", "length", "cancelled"]
     context_full: bool = False
+    cached_from_disk: int = 0  # of cached_n, the tokens the prompt cache read from disk
+    draft_n: int = 0  # speculative decoding: tokens drafted and verified (llama-server's names)
+    draft_n_accepted: int = 0
 
 
 class TopLogprob(BaseModel):

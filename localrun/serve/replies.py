@@ -32,7 +32,6 @@ from localrun.serve.protocol import (
     PromptTokensDetails,
     Timings,
     TokenLogprob,
-    TopLogprob,
     Usage,
 )
 
@@ -129,14 +128,14 @@ def timings(stats: Stats) -> Timings:
         ttft_ms=stats.ttft_s * 1000 if stats.ttft_s is not None else None,
         finish=stats.finish_reason,
         context_full=stats.context_full,
+        cached_from_disk=stats.from_disk,
+        draft_n=stats.drafted,
+        draft_n_accepted=stats.accepted,
     )
 
 
 def _token(t: SampledToken) -> TokenLogprob:
-    top = [TopLogprob(token=p.decode("utf-8", "replace"), logprob=lp, bytes=list(p)) for p, lp in t.top]
-    return TokenLogprob(
-        token=t.piece.decode("utf-8", "replace"), logprob=t.logprob, bytes=list(t.piece), top_logprobs=top
-    )
+    return TokenLogprob.model_validate(t.to_dict())
 
 
 def _legacy(tokens: list[SampledToken], offset: int = 0) -> LegacyLogprobs:
