@@ -199,7 +199,7 @@ def _generation_command(mode: str, doc: str):
         verbose: VerboseOpt = False,
     ) -> None:
         from localrun.commands.generate import PromptOptions, generate
-        from localrun.inference.engine import EngineConfig
+        from localrun.inference.opening import EngineConfig
         from localrun.inference.sampling import SamplingOptions, Settings
 
         out = Output.from_env(json=json, verbose=verbose)

@@ -106,8 +106,7 @@ def shape_options(type_k: str, type_v: str, flash_attn: str) -> tuple[str, str, 
 def plan_shape(type_k: str, type_v: str, flash_attn: str):
     """The context `run` would make with these KV options, as the memory planner counts it (pull,
     show): the same shape, so that what they say fits is what runs."""
-    from localrun.commands.loading import shape_of
-    from localrun.inference.engine import EngineConfig
+    from localrun.inference.opening import EngineConfig
 
     k, v, flash = shape_options(type_k, type_v, flash_attn)
-    return shape_of(EngineConfig(type_k=k, type_v=v, flash_attn=flash))
+    return EngineConfig(type_k=k, type_v=v, flash_attn=flash).shape

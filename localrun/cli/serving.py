@@ -96,7 +96,7 @@ def serve(
     each model has --parallel slots sharing one context, their tokens decoded in the same batch."""
     from localrun.commands.serve import ServeSettings, run_server
     from localrun.commands.serve import keep_alive as parse_keep_alive
-    from localrun.inference.engine import EngineConfig
+    from localrun.inference.opening import EngineConfig
     from localrun.serve.host import ServeOptions
 
     out = Output.from_env(verbose=verbose)

@@ -14,7 +14,7 @@ from localrun.cache.scan import scan
 from localrun.commands.loading import checked_config, obtain
 from localrun.commands.stream import stats_line
 from localrun.errors import NotFound, UsageError
-from localrun.inference.engine import EngineConfig
+from localrun.inference.opening import EngineConfig
 from localrun.inference.selftest import this_machine
 from localrun.model import aliases
 from localrun.model.refs import ModelRef, parse_ref
