@@ -354,7 +354,8 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
     total = header.n_layer + 1
     if found is None:
         est = _generation_estimate(header, machine, wanted, 0, shape)
-        return Plan("none", 0, wanted, est, False, (said.NO_FIT,), machine.extra_bufts, kv_cache=shape.kv_cache)
+        notes = tuple(n for n in (said.NO_FIT, said.beyond_trained(wanted, header.n_ctx_train)) if n)
+        return Plan("none", 0, wanted, est, False, notes, machine.extra_bufts, kv_cache=shape.kv_cache)
     n_gpu, est = found
     beyond = said.beyond_trained(ctx, header.n_ctx_train)
     notes = [beyond] if beyond else []
