@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from localrun import notes as said
 from localrun.hardware import Machine
 from localrun.model import quants
 from localrun.model.header import HeaderInfo
@@ -94,10 +95,15 @@ class Plan:
     n_ctx: int
     estimate: MemoryEstimate
     fits: bool
-    note: str | None = None
+    notes: tuple[said.Note, ...] = ()
     extra_bufts: bool = True  # the self-test's verdict the estimate assumed: the load uses the same
     max_ctx: int = 0  # the largest context (up to the trained one) that fits with the same placement
     kv_cache: str = "f16"  # the KV cache types assumed ("f16", or "q8_0/q4_0" for K/V that differ)
+
+    @property
+    def note(self) -> str | None:
+        """The notes as one line, as `show` and `pull` print them."""
+        return "; ".join(n.text for n in self.notes) or None
 
 
 @dataclass
@@ -348,28 +354,24 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
     total = header.n_layer + 1
     if found is None:
         est = _generation_estimate(header, machine, wanted, 0, shape)
-        why = "needs more memory than this machine has"
-        return Plan("none", 0, wanted, est, False, why, machine.extra_bufts, kv_cache=shape.kv_cache)
+        notes = tuple(n for n in (said.NO_FIT, said.beyond_trained(wanted, header.n_ctx_train)) if n)
+        return Plan("none", 0, wanted, est, False, notes, machine.extra_bufts, kv_cache=shape.kv_cache)
     n_gpu, est = found
-    notes = []
-    if 0 < header.n_ctx_train < ctx:
-        notes.append(
-            f"context {ctx} is beyond the {header.n_ctx_train} the model was trained with: "
-            "expect worse output past that"
-        )
+    beyond = said.beyond_trained(ctx, header.n_ctx_train)
+    notes = [beyond] if beyond else []
     if ctx != wanted:
-        notes.append(f"context reduced to {ctx} to fit")
+        notes.append(said.context_reduced(ctx))
     if n_gpu == total:
         placement = "gpu"
     elif n_gpu > 0:
         placement = "partial"
-        notes.append(f"{n_gpu}/{total} layers on GPU")
+        notes.append(said.gpu_partial(n_gpu, total))
     else:
         placement = "cpu"
         if machine.gpus:
-            notes.append("no layer fits in VRAM")
-    note, reach = "; ".join(notes) or None, max(ctx, _max_ctx(header, machine, n_gpu, shape))
-    return Plan(placement, n_gpu, ctx, est, True, note, machine.extra_bufts, reach, shape.kv_cache)
+            notes.append(said.GPU_NONE)
+    reach = max(ctx, _max_ctx(header, machine, n_gpu, shape))
+    return Plan(placement, n_gpu, ctx, est, True, tuple(notes), machine.extra_bufts, reach, shape.kv_cache)
 
 
 def _max_ctx(header: HeaderInfo, machine: Machine, n_gpu: int, shape: Shape) -> int:

@@ -197,7 +197,7 @@ def startup_in_process(model: Path, prompt: str, threads: int) -> dict[str, floa
     import io
 
     from localrun.commands.generate import PromptOptions, generate
-    from localrun.inference.engine import EngineConfig
+    from localrun.inference.opening import EngineConfig
     from localrun.inference.sampling import Settings
 
     sink = FirstPiece()

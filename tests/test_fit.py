@@ -283,6 +283,15 @@ def test_a_context_beyond_the_trained_one_is_planned_with_a_warning():
     assert got.note == "context 16384 is beyond the 8192 the model was trained with: expect worse output past that"
 
 
+def test_a_plans_notes_are_data_a_caller_picks_by_kind():
+    """The server says the context notes per slot: it finds them by kind, with their figures."""
+    beyond = plan(Q4_K_M, cpu_box(64, available_gib=60), n_ctx=16384)  # trained with 8192
+    assert [(n.kind, n.figures) for n in beyond.notes] == [("beyond_trained", (16384, 8192))]
+    assert beyond.note == beyond.notes[0].text
+    q8 = plan(Q8_0, gpu_box(7.5))
+    assert [(n.kind, n.figures) for n in q8.notes] == [("gpu_partial", (30, 33))]
+
+
 def test_the_largest_context_that_fits_is_the_edge_of_the_plan():
     """max_ctx: the plan fits there with the same placement, and one KV pad more does not (or
     it is the trained context); q8_0 KV cache reaches further than f16."""

@@ -318,3 +318,12 @@ def test_queue_full_is_503_with_retry_after(tiny, session_home, tmp_path: Path):
         second.join(60)
         assert waiting and waiting[0].usage.completion_tokens >= 1
         still_serving(client)
+
+
+def test_a_slot_context_beyond_the_trained_one_is_said_per_slot(tiny, session_home):
+    """The plan is for all the slots together; its context notes are said per slot."""
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", "--ctx", "4096") as server:  # trained with 2048
+        assert ask(server.client(), "hi", max_tokens=1).usage.completion_tokens == 1
+        said = server.stderr
+    assert f"{MODEL}: 4096 tokens per slot is beyond the 2048 the model was trained with" in said
+    assert "context 8192" not in said  # both slots' context, as the plan counts it

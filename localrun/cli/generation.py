@@ -14,13 +14,18 @@ from localrun.cli.options import (
     CacheTypeVOpt,
     ChatFormatOpt,
     CtxOpt,
+    DraftOpt,
     FlashAttnOpt,
     GpuLayersOpt,
     JsonOpt,
     ModelArg,
+    PromptCacheOpt,
+    PromptCacheSizeOpt,
+    SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
     VerboseOpt,
+    check_speculation,
     shape_options,
     size_option,
 )
@@ -101,33 +106,6 @@ RawOpt = Annotated[bool, typer.Option("--raw", help="Plain completion of the pro
 StreamOpt = Annotated[bool, typer.Option("--stream", help="With --json: JSON Lines events as they come.")]
 IgnoreEosOpt = Annotated[
     bool, typer.Option("--ignore-eos", help="Never end at an end-of-text token (fixed-length runs).")
-]
-SpeculateOpt = Annotated[
-    str,
-    typer.Option(
-        "--speculate",
-        metavar="MODE",
-        help="Draft tokens and verify them in one batch: auto (when it pays), lookup, draft, off.",
-    ),
-]
-DraftOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--draft",
-        metavar="MODEL",
-        show_default=False,
-        help="A small model of the same vocabulary that drafts tokens (speculative decoding).",
-    ),
-]
-PromptCacheOpt = Annotated[
-    bool,
-    typer.Option(
-        "--prompt-cache/--no-prompt-cache",
-        help="Keep the KV state of what comes before the question on disk, and reuse it.",
-    ),
-]
-PromptCacheSizeOpt = Annotated[
-    str, typer.Option("--prompt-cache-size", metavar="SIZE", help="Bound of the prompt cache (least recently used go).")
 ]
 JsonSchemaOpt = Annotated[
     Optional[str],
@@ -210,7 +188,7 @@ def _generation_command(mode: str, doc: str):
         verbose: VerboseOpt = False,
     ) -> None:
         from localrun.commands.generate import PromptOptions, generate
-        from localrun.inference.engine import EngineConfig
+        from localrun.inference.opening import EngineConfig
         from localrun.inference.sampling import SamplingOptions, Settings
 
         out = Output.from_env(json=json, verbose=verbose)
@@ -229,12 +207,7 @@ def _generation_command(mode: str, doc: str):
         if logprobs is not None and not json:
             raise UsageError("--logprobs goes with --json", hint="add --json (and --stream for them as they come)")
         settings.logprobs = logprobs
-        if speculate not in ("auto", "lookup", "draft", "off"):
-            raise UsageError(f"--speculate {speculate}: use auto, lookup, draft or off")
-        if speculate == "draft" and draft is None:
-            raise UsageError("--speculate draft needs a draft model", hint="add --draft MODEL")
-        if draft is not None and speculate not in ("auto", "draft"):
-            raise UsageError(f"--draft does nothing with --speculate {speculate}", hint="use auto or draft")
+        check_speculation(speculate, draft)
         type_k, type_v, flash = shape_options(cache_type_k, cache_type_v, flash_attn)
         cache_size = size_option("--prompt-cache-size", prompt_cache_size)
         cfg = EngineConfig(

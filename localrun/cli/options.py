@@ -73,6 +73,46 @@ CacheTypeVOpt = Annotated[
 ]
 FlashAttnOpt = Annotated[str, typer.Option("--flash-attn", metavar="auto|on|off", help="Flash attention.")]
 
+SpeculateOpt = Annotated[
+    str,
+    typer.Option(
+        "--speculate",
+        metavar="MODE",
+        help="Draft tokens and verify them in one batch: auto (when it pays), lookup, draft, off.",
+    ),
+]
+DraftOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--draft",
+        metavar="MODEL",
+        show_default=False,
+        help="A small model of the same vocabulary that drafts tokens (speculative decoding).",
+    ),
+]
+PromptCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--prompt-cache/--no-prompt-cache",
+        help="Keep the KV state of what comes before the question on disk, and reuse it.",
+    ),
+]
+PromptCacheSizeOpt = Annotated[
+    str, typer.Option("--prompt-cache-size", metavar="SIZE", help="Bound of the prompt cache (least recently used go).")
+]
+
+
+def check_speculation(speculate: str, draft: str | None) -> None:
+    """--speculate and --draft, as run, chat and serve take them."""
+    from localrun.errors import UsageError
+
+    if speculate not in ("auto", "lookup", "draft", "off"):
+        raise UsageError(f"--speculate {speculate}: use auto, lookup, draft or off")
+    if speculate == "draft" and draft is None:
+        raise UsageError("--speculate draft needs a draft model", hint="add --draft MODEL")
+    if draft is not None and speculate not in ("auto", "draft"):
+        raise UsageError(f"--draft does nothing with --speculate {speculate}", hint="use auto or draft")
+
 
 def size_option(flag: str, text: str) -> int:
     """A size option ('4G', '512M', bytes) in bytes; a usage error naming the flag otherwise."""
@@ -106,8 +146,7 @@ def shape_options(type_k: str, type_v: str, flash_attn: str) -> tuple[str, str, 
 def plan_shape(type_k: str, type_v: str, flash_attn: str):
     """The context `run` would make with these KV options, as the memory planner counts it (pull,
     show): the same shape, so that what they say fits is what runs."""
-    from localrun.commands.loading import shape_of
-    from localrun.inference.engine import EngineConfig
+    from localrun.inference.opening import EngineConfig
 
     k, v, flash = shape_options(type_k, type_v, flash_attn)
-    return shape_of(EngineConfig(type_k=k, type_v=v, flash_attn=flash))
+    return EngineConfig(type_k=k, type_v=v, flash_attn=flash).shape

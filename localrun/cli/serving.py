@@ -11,11 +11,16 @@ from localrun.cli.app import app
 from localrun.cli.options import (
     ChatFormatOpt,
     CtxOpt,
+    DraftOpt,
     GpuLayersOpt,
     JsonOpt,
+    PromptCacheOpt,
+    PromptCacheSizeOpt,
+    SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
     VerboseOpt,
+    check_speculation,
     size_option,
 )
 from localrun.output import Output
@@ -90,16 +95,21 @@ def serve(
     template: TemplateOpt = None,
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
+    speculate: SpeculateOpt = "auto",
+    draft: DraftOpt = None,
+    prompt_cache: PromptCacheOpt = True,
+    prompt_cache_size: PromptCacheSizeOpt = "4G",
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve models with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until Ctrl-C:
     each model has --parallel slots sharing one context, their tokens decoded in the same batch."""
     from localrun.commands.serve import ServeSettings, run_server
     from localrun.commands.serve import keep_alive as parse_keep_alive
-    from localrun.inference.engine import EngineConfig
+    from localrun.inference.opening import EngineConfig
     from localrun.serve.host import ServeOptions
 
     out = Output.from_env(verbose=verbose)
+    check_speculation(speculate, draft)
     opts = ServeOptions(
         parallel=parallel,
         ctx=ctx,
@@ -108,6 +118,9 @@ def serve(
         chat_format=chat_format,
         template_file=template,
         verbose=verbose,
+        speculate=speculate,  # type: ignore[arg-type]
+        prompt_cache=prompt_cache,
+        prompt_cache_size=size_option("--prompt-cache-size", prompt_cache_size),
     )
     settings = ServeSettings(
         host=host,
@@ -127,7 +140,7 @@ def serve(
         },
     )
     cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
-    raise typer.Exit(run_server(list(models or []), opts, settings, cfg, out))
+    raise typer.Exit(run_server(list(models or []), opts, settings, cfg, out, draft=draft))
 
 
 @app.command(short_help="The localrun servers running here: models, slots busy, memory.")

@@ -10,9 +10,9 @@ from pathlib import Path
 from localrun.commands.stream import make_renderer
 from localrun.errors import UsageError
 from localrun.inference import grammar as grammars
-from localrun.inference import templates
 from localrun.inference.conversation import Conversation, Dialogue, compose_prompt
-from localrun.inference.engine import Engine, EngineConfig, Stats
+from localrun.inference.engine import Engine, Stats
+from localrun.inference.opening import EngineConfig, choose_template
 from localrun.inference.sampling import Settings, check_structure
 from localrun.output import Output, isatty
 from localrun.text import plural
@@ -39,15 +39,7 @@ def open_conversation(
     if not prompt.raw:
         said: list[str] = []
         try:
-            template = templates.choose(
-                engine.chat_template(),
-                chat_format=prompt.chat_format,
-                template_file=prompt.template_file,
-                has_token=engine.has_token,
-                bos_token=engine.special_text("bos"),
-                eos_token=engine.special_text("eos"),
-                notify=said.append,
-            )
+            template = choose_template(engine, prompt.chat_format, prompt.template_file, said.append)
         except BaseException:
             for message in said:  # what was noticed before it failed is said too
                 out.warn(message)

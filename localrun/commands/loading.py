@@ -9,14 +9,14 @@ from dataclasses import replace
 from rich.markup import escape
 
 from localrun import fit, hardware
+from localrun.cache.opening import open_checked
 from localrun.cache.resolve import Resolved, resolve
-from localrun.cache.usage import touch
 from localrun.hardware import Machine
 from localrun.inference.build import build_info
-from localrun.inference.engine import Engine, EngineConfig
+from localrun.inference.engine import Engine
 from localrun.inference.filecheck import check_file
+from localrun.inference.opening import EngineConfig, load_engine
 from localrun.inference.selftest import this_machine
-from localrun.inference.speculative import K_MAX
 from localrun.model.files import ModelFiles
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
@@ -62,55 +62,44 @@ def checked_config(cfg: EngineConfig, out: Output) -> EngineConfig:
     return replace(cfg, n_threads=threads, n_gpu_layers=gpu_layers)
 
 
-def shape_of(cfg: EngineConfig) -> fit.Shape:
-    """The context an EngineConfig asks for, as the planner counts it."""
-    rows = 1 if cfg.speculate == "off" else K_MAX + 1
-    return fit.Shape(cfg.type_k, cfg.type_v, cfg.flash_attn, rows)
-
-
 def open_engine(reference: str, cfg: EngineConfig, out: Output, *, draft: str | None = None) -> Engine:
     """Resolve, plan and load (with a draft model for speculative decoding when given one that
     fits beside it); the plan's notes and what is loaded are said on stderr."""
     cfg = checked_config(cfg, out)
     started = time.perf_counter()
     machine = this_machine(out.info)
-    resolved = obtain(parse_ref(reference), out, n_ctx=cfg.n_ctx, machine=machine, shape=shape_of(cfg))
+    resolved = obtain(parse_ref(reference), out, n_ctx=cfg.n_ctx, machine=machine, shape=cfg.shape)
     if draft is not None:
-        cfg = replace(cfg, draft=_draft_beside(draft, resolved, cfg, machine, out))
+        cfg = replace(cfg, draft=draft_beside(draft, resolved, cfg, machine, out))
     resolved_at = time.perf_counter()
-    plan = resolved.plan
+    model, plan = resolved.model, resolved.plan
     if plan.note:
         out.info(plan.note)
-    if not plan.fits:
-        out.info(
-            f"by the estimate this needs more memory than is free ({human_bytes(plan.estimate.ram)}); "
-            "loading anyway: a smaller --ctx or quant helps"
-        )
-    model = resolved.model
-    check_file(model.path, plan.extra_bufts, notify=out.info)
-    what = f"loading {safe(model.label)} ({human_bytes(model.size)})"
-    if out.interactive:
+
+    def load() -> Engine:
+        if not out.interactive:
+            return load_engine(model, plan, cfg, notify=out.warn)
+        what = f"loading {safe(model.label)} ({human_bytes(model.size)})"
         with out.err.status(escape(what) + "...") as status:
 
             def progress(fraction: float) -> None:
                 status.update(f"{escape(what)}: {100 * fraction:.0f}%")
 
-            engine = Engine.open(model, plan, cfg, notify=out.warn, progress=progress)
-    else:
-        engine = Engine.open(model, plan, cfg, notify=out.warn)
+            return load_engine(model, plan, cfg, notify=out.warn, progress=progress)
+
+    engine = open_checked(model, plan, load, out.info, "a smaller --ctx or quant")
     engine.info.resolve_s = resolved_at - started
-    touch(model.path)  # "last used" in `localrun list`
     return engine
 
 
-def _draft_beside(
+def draft_beside(
     reference: str, target: Resolved, cfg: EngineConfig, machine: Machine, out: Output
 ) -> ModelFiles | None:
     """The draft model, when it fits in RAM beside the model (None, said, when not). It runs on
     the CPU (the engine loads it with no GPU layers): a small model drafts fast there, and the
     GPU's memory stays the model's; so its CPU plan is what is counted."""
     draft = obtain(parse_ref(reference), out, n_ctx=target.plan.n_ctx, machine=machine)
-    on_cpu = fit.plan(draft.header, replace(machine, gpus=[]), target.plan.n_ctx, shape_of(cfg))
+    on_cpu = fit.plan(draft.header, replace(machine, gpus=[]), target.plan.n_ctx, cfg.shape)
     both = target.plan.estimate.ram + on_cpu.estimate.ram
     room = machine.ram_available - fit.ram_headroom(machine)
     if both > room:

@@ -60,11 +60,12 @@ def pull(
             hint="try a smaller --ctx, or name one with --quant to download it anyway",
         )
     row = result.rows[result.chosen]
-    trained = row.header.n_ctx_train if row.header is not None else 0
-    if not as_step and row.plan is not None and 0 < trained < row.plan.n_ctx:  # a run says its plan's note
+    beyond = [n for n in row.plan.notes if n.kind == "beyond_trained"] if row.plan is not None else []
+    if beyond and not as_step:  # a run says its plan's notes itself
+        n_ctx, trained = beyond[0].figures
         out.warn(
-            f"a context of {row.plan.n_ctx} is beyond the {trained} tokens this model was "
-            "trained with: expect worse output past that"
+            f"a context of {n_ctx} is beyond the {trained} tokens this model was trained with: "
+            "expect worse output past that"
         )
     if result.forced and not row.fits:
         out.warn(

@@ -12,8 +12,8 @@ from urllib.parse import quote
 
 from localrun.errors import NoSpace, UsageError
 from localrun.inference.conversation import Dialogue
-from localrun.inference.engine import EngineConfig
 from localrun.inference.events import Event
+from localrun.inference.opening import EngineConfig
 from localrun.inference.sampling import Settings
 from localrun.serve import client
 from localrun.text import safe

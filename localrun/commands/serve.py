@@ -11,10 +11,10 @@ from pathlib import Path
 
 from localrun.cache.resolve import Resolved, aliases_of, resolve
 from localrun.cache.scan import scan
-from localrun.commands.loading import checked_config, obtain
+from localrun.commands.loading import checked_config, draft_beside, obtain
 from localrun.commands.stream import stats_line
 from localrun.errors import NotFound, UsageError
-from localrun.inference.engine import EngineConfig
+from localrun.inference.opening import EngineConfig
 from localrun.inference.selftest import this_machine
 from localrun.model import aliases
 from localrun.model.refs import ModelRef, parse_ref
@@ -79,15 +79,20 @@ def _aliases_naming(target: Path | str, ref: ModelRef) -> set[str]:
     return found
 
 
-def hosts_for(models: list[str], opts: ServeOptions, out: Output) -> list[ModelHost]:
+def hosts_for(models: list[str], opts: ServeOptions, out: Output, draft: str | None = None) -> list[ModelHost]:
     """A host per model named (resolved now, pulled first if needed), or, with none named, every
-    pulled model, each loaded by the first request for it."""
+    pulled model, each loaded by the first request for it. A `draft` model drafts for the one
+    model named, when it fits beside it."""
     machine = this_machine(out.info)
     hosts: list[ModelHost] = []
+    if draft is not None and len(models) != 1:
+        raise UsageError("--draft drafts for one model: name exactly one MODEL to serve with it")
     if models:
         for reference in models:
             ref = parse_ref(reference)
             resolved = obtain(ref, out, machine=machine)
+            if draft is not None:
+                opts.draft = draft_beside(draft, resolved, opts.generation(), machine, out)
             model_id, aliases = _model_id(resolved, ref)
             if any(h.id == model_id for h in hosts):
                 raise UsageError(f"{safe(reference)} is named twice")
@@ -141,7 +146,15 @@ def log_line(served: Served) -> str:
     return " · ".join(parts)
 
 
-def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, cfg: EngineConfig, out: Output) -> int:
+def run_server(
+    models: list[str],
+    opts: ServeOptions,
+    settings: ServeSettings,
+    cfg: EngineConfig,
+    out: Output,
+    *,
+    draft: str | None = None,
+) -> int:
     """Serve until stopped; the exit code (0 when stopped by Ctrl-C or SIGTERM)."""
     if opts.parallel < 1:
         raise UsageError("--parallel must be at least 1")
@@ -155,7 +168,7 @@ def run_server(models: list[str], opts: ServeOptions, settings: ServeSettings, c
         )
     sock = bind(settings.host, settings.port)  # before loading: a port in use is said at once
     try:
-        hosts = hosts_for(models, opts, out)
+        hosts = hosts_for(models, opts, out, draft)
         if models:
             for host in hosts:  # loaded now, so the first request pays no cold load
                 host.checkout()

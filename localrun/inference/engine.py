@@ -1,5 +1,4 @@
-"""Load a model as planned (backing off when llama.cpp cannot allocate) and stream a generation
-as typed events.
+"""Stream a generation from a loaded model (inference.opening loads it) as typed events.
 
 One generator, Engine.generate(), yields Piece(text) events as text becomes final
 (PrefillProgress while a long prompt is read) and one Stats event at the end; the renderers and
@@ -12,68 +11,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from localrun.errors import NoSpace, UsageError
-from localrun.fit import MIN_CTX, Plan
-from localrun.hardware import default_threads
-from localrun.inference import runtime
+from localrun.errors import NoSpace
 from localrun.inference.events import PROGRESS_EVERY, Event, PrefillProgress, Stats
-from localrun.inference.prompt_cache import DEFAULT_LIMIT, PromptCache, kv_identity
-from localrun.inference.runtime import DecodeAborted, Loaded, LoadOptions, common_prefix
+from localrun.inference.prompt_cache import PromptCache
+from localrun.inference.runtime import DecodeAborted, Loaded, common_prefix
 from localrun.inference.sampler import Sampler
 from localrun.inference.sampling import SamplingOptions
 from localrun.inference.scheduler import Scheduler
 from localrun.inference.sequence import Failed, Request, Sequence, Update
-from localrun.inference.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
+from localrun.inference.speculative import Speculator
 from localrun.inference.templates import ChatTemplate, Message
 from localrun.inference.vocabulary import Part, holds_special, tokenize_parts
-from localrun.model.files import ModelFiles
-from localrun.text import safe
 
-
-@dataclass
-class EngineConfig:
-    n_ctx: int | None = None  # None: the fit planner's choice
-    n_gpu_layers: int | None = None  # None: the fit planner's choice
-    n_threads: int | None = None
-    verbose: bool = False
-    speculate: Mode = "auto"  # drafts verified in batches: auto (when it pays), lookup, draft, off
-    draft: ModelFiles | None = None  # a draft model for speculative decoding (same vocabulary)
-    prompt_cache: bool = True  # keep and reuse the KV state of a prompt's reusable prefix on disk
-    prompt_cache_size: int = DEFAULT_LIMIT
-    type_k: str = "f16"  # KV cache types
-    type_v: str = "f16"
-    flash_attn: bool | None = None  # None: llama.cpp decides
-
-
-@dataclass
-class ModelInfo:
-    path: Path
-    label: str  # org/repo:QUANT, or the path of a local file: what was loaded, as commands name it
-    quant: str | None
-    name: str  # general.name from the file
-    n_ctx: int
-    n_ctx_train: int
-    n_gpu_layers: int
-    n_threads: int
-    load_s: float  # llama.cpp: weights and context
-    plan_s: float = 0.0  # reading the header and planning GPU layers and context
-    resolve_s: float = 0.0  # finding (or pulling) and validating the file
-    notes: list[str] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, model: ModelFiles, loaded: Loaded, n_gpu: int, threads: int, started: float) -> ModelInfo:
-        """What was loaded (since `started`), as commands name it."""
-        name = loaded.model.meta("general.name") or model.path.stem
-        elapsed = time.perf_counter() - started
-        n_ctx, trained = loaded.ctx.n_ctx, loaded.model.n_ctx_train
-        return cls(model.path, model.label, model.quant, name, n_ctx, trained, n_gpu, threads, elapsed)
-
-    def timings(self) -> dict[str, float]:
-        return {"resolve_s": round(self.resolve_s, 4), "plan_s": round(self.plan_s, 4), "load_s": round(self.load_s, 4)}
+if TYPE_CHECKING:  # opening builds an Engine and imports this module
+    from localrun.inference.opening import ModelInfo
 
 
 class Engine:
@@ -93,71 +47,11 @@ class Engine:
         self.info = info
         self.speculator = speculator
         self.prompt_cache = prompt_cache
-        self.scheduler = Scheduler(loaded, 1, speculator=speculator, prompt_cache=prompt_cache)
-
-    # -- loading ---------------------------------------------------------------------------------
-    @classmethod
-    def open(
-        cls,
-        model: ModelFiles,
-        plan: Plan,
-        cfg: EngineConfig,
-        notify: Callable[[str], None] = lambda message: None,
-        progress: Callable[[float], None] | None = None,
-    ) -> Engine:
-        """Load `model` with the planned GPU layers and context (explicit options win); back off
-        (fewer GPU layers, then a smaller context) when llama.cpp cannot allocate, and say so."""
-        n_ctx = cfg.n_ctx if cfg.n_ctx is not None else plan.n_ctx
-        n_gpu = cfg.n_gpu_layers if cfg.n_gpu_layers is not None else plan.n_gpu_layers
-        threads = cfg.n_threads or default_threads()
-        notes: list[str] = []
-        started = time.perf_counter()
-        while True:
-            opts = LoadOptions(
-                n_gpu_layers=n_gpu,
-                n_ctx=n_ctx,
-                n_threads=threads,
-                use_extra_bufts=plan.extra_bufts,
-                verbose=cfg.verbose,
-                n_outputs=1 if cfg.speculate == "off" else K_MAX + 1,  # a verify batch's logits rows
-                type_k=cfg.type_k,
-                type_v=cfg.type_v,
-                flash_attn=cfg.flash_attn,
-            )
-            try:
-                loaded = runtime.load(model.path, opts, progress)
-                break
-            except NoSpace:
-                if n_gpu > 0:
-                    step = n_gpu // 2
-                    notify(f"could not allocate with {n_gpu} GPU layers; retrying with {step}")
-                    notes.append(f"GPU layers reduced from {n_gpu} to {step} to fit")
-                    n_gpu = step
-                elif n_ctx > MIN_CTX:
-                    smaller = max(MIN_CTX, n_ctx // 2)
-                    notify(f"could not allocate a context of {n_ctx} tokens; retrying with {smaller}")
-                    notes.append(f"context reduced from {n_ctx} to {smaller} to fit")
-                    n_ctx = smaller
-                else:
-                    raise
-        if loaded.ctx.n_ctx != n_ctx:
-            note = f"context {n_ctx} became {loaded.ctx.n_ctx}: llama.cpp sizes it in steps of 256 tokens"
-            notify(note)
-            notes.append(note)
-        info = ModelInfo.of(model, loaded, n_gpu, threads, started)
-        info.notes = notes
-        try:
-            speculator = _speculator(loaded, opts, cfg, notify)
-        except BaseException:
-            loaded.close()
-            raise
-        cache = None
-        if cfg.prompt_cache:
-            cache = PromptCache(kv_identity(model.files, opts), model.label, cfg.prompt_cache_size)
-        return cls(loaded, info, speculator, cache)
+        self._scheduler: Scheduler | None = None  # made when first asked to generate
 
     def close(self) -> None:
-        self.scheduler.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
         if self.speculator is not None:
             self.speculator.close()
         self.loaded.close()
@@ -219,6 +113,14 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         return self.ctx.n_ctx
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The generation core with this engine's one sequence (made on first use: a server's
+        engine only tokenizes, its loop owns the context's scheduler)."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.loaded, 1, speculator=self.speculator, prompt_cache=self.prompt_cache)
+        return self._scheduler
 
     # -- generation ------------------------------------------------------------------------------
     @property
@@ -325,37 +227,3 @@ class Engine:
             raise
         if failure:
             raise failure[0]
-
-
-def _speculator(
-    loaded: Loaded, opts: LoadOptions, cfg: EngineConfig, notify: Callable[[str], None]
-) -> Speculator | None:
-    """What speculative decoding can use with this model: prompt lookup, and a draft model when
-    given one of the same vocabulary. None when it is off, or the cache cannot rewind."""
-    if cfg.speculate == "off":
-        return None
-    lc = loaded.model._lc
-    if lc.llama_model_is_recurrent(loaded.model.ptr) or lc.llama_model_is_hybrid(loaded.model.ptr):
-        if cfg.speculate != "auto" or cfg.verbose:  # asked for by name: say why it is not there
-            notify("speculative decoding is off: this model's state cannot rewind a rejected draft")
-        return None
-    drafters: list = []
-    if cfg.speculate in ("auto", "lookup"):
-        drafters.append(LookupDrafter())
-    if cfg.draft is not None and cfg.speculate in ("auto", "draft"):
-        draft_opts = LoadOptions(
-            n_gpu_layers=0,  # on the CPU: the planner counted it there (commands.loading)
-            n_ctx=opts.n_ctx,
-            n_threads=opts.n_threads,
-            use_extra_bufts=opts.use_extra_bufts,
-            verbose=opts.verbose,
-        )
-        draft = runtime.load(cfg.draft.path, draft_opts)
-        if draft.model.vocab_fingerprint() != loaded.model.vocab_fingerprint():
-            draft.close()
-            raise UsageError(
-                f"the draft model {safe(cfg.draft.label)} has another vocabulary than the model",
-                hint="a draft model must share the vocabulary (the same family, a smaller size)",
-            )
-        drafters.append(ModelDrafter(draft.model, draft.ctx))
-    return Speculator(cfg.speculate, drafters) if drafters else None

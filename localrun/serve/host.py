@@ -19,19 +19,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localrun import fit
+from localrun import notes as said
+from localrun.cache.opening import open_checked
 from localrun.cache.resolve import Resolved
-from localrun.cache.usage import touch
-from localrun.errors import NoSpace
 from localrun.hardware import Machine, default_threads
-from localrun.inference import runtime, templates
-from localrun.inference.engine import Engine, ModelInfo
-from localrun.inference.filecheck import check_file
+from localrun.inference import runtime
+from localrun.inference.engine import Engine
+from localrun.inference.opening import (
+    EngineConfig,
+    ModelInfo,
+    choose_template,
+    load_backing_off,
+    prompt_cache_for,
+    speculator_for,
+)
+from localrun.inference.prompt_cache import DEFAULT_LIMIT
 from localrun.inference.runtime import LoadOptions
+from localrun.inference.speculative import Mode
 from localrun.inference.templates import ChatTemplate
+from localrun.model.files import ModelFiles
 from localrun.serve.errors import ApiError, shutting_down
 from localrun.serve.loop import SlotLoop
 from localrun.serve.protocol import SlotsHealth
-from localrun.text import human_bytes, plural, safe
+from localrun.text import plural, safe
 
 Notify = Callable[[str], None]
 Stamp = tuple[tuple[int, int, int, int], ...]  # per file: device, inode, size, mtime (ns)
@@ -53,6 +63,20 @@ class ServeOptions:
     chat_format: str | None = None
     template_file: Path | None = None
     verbose: bool = False
+    speculate: Mode = "auto"  # as `run --speculate`: drafts verified in the slots' shared batch
+    draft: ModelFiles | None = None  # a draft model for speculative decoding (same vocabulary)
+    prompt_cache: bool = True  # reusable prefixes' KV states on disk, as `run` keeps them
+    prompt_cache_size: int = DEFAULT_LIMIT
+
+    def generation(self) -> EngineConfig:
+        """What the slots' generation uses, as run's options say it."""
+        return EngineConfig(
+            speculate=self.speculate,
+            draft=self.draft,
+            prompt_cache=self.prompt_cache,
+            prompt_cache_size=self.prompt_cache_size,
+            verbose=self.verbose,
+        )
 
 
 class ModelHost:
@@ -199,25 +223,22 @@ class ModelHost:
     def _load(self) -> None:
         resolved = self._source()
         n = self.opts.parallel
+
+        def say(message: str) -> None:
+            self._notify(f"{self.id}: {message}")
+
         per_slot = runtime.padded_ctx(fit.default_ctx(resolved.header, self.opts.ctx))
         plan = fit.plan(resolved.header, self._machine(), n * per_slot)
         if plan.n_ctx < n * per_slot:
             per_slot = max(fit.CELL_PAD, plan.n_ctx // n // fit.CELL_PAD * fit.CELL_PAD)
-            self._notify(f"{self.id}: context reduced to {n} slots × {per_slot} tokens to fit in memory")
+            say(f"context reduced to {n} slots × {per_slot} tokens to fit in memory")
         # the plan's notes on the context are about all slots together: say them per slot instead
-        notes = [part for part in (plan.note or "").split("; ") if part and not part.startswith("context ")]
-        if 0 < resolved.header.n_ctx_train < per_slot:
-            notes.append(
-                f"{per_slot} tokens per slot is beyond the {resolved.header.n_ctx_train} the model was trained "
-                "with: expect worse output past that"
-            )
+        notes = [note for note in plan.notes if note.kind not in ("beyond_trained", "context_reduced")]
+        beyond = said.beyond_trained(per_slot, resolved.header.n_ctx_train, f"{per_slot} tokens per slot")
+        if beyond:
+            notes.append(beyond)
         if notes:
-            self._notify(f"{self.id}: {'; '.join(notes)}")
-        if not plan.fits:
-            self._notify(
-                f"{self.id}: by the estimate this needs more memory than is free "
-                f"({human_bytes(plan.estimate.ram)}); loading anyway: a smaller --ctx or --parallel helps"
-            )
+            say("; ".join(note.text for note in notes))
         model = resolved.model
         try:
             stamp = _stat_files(model.files)
@@ -228,53 +249,50 @@ class ModelHost:
                 type="server_error",
                 code="model_file_missing",
             ) from None
-        check_file(model.path, plan.extra_bufts, notify=self._notify)
-        gpu = self.opts.gpu_layers if self.opts.gpu_layers is not None else plan.n_gpu_layers
         threads = self.opts.threads or default_threads()
-        started = time.perf_counter()
-        while True:
-            opts = LoadOptions(
-                n_gpu_layers=gpu,
-                n_ctx=n * per_slot,
-                n_batch=min(self.opts.batch, n * per_slot),
-                n_threads=threads,
-                use_extra_bufts=plan.extra_bufts,
-                verbose=self.opts.verbose,
-                n_outputs=n,  # one logits row per slot and step
-                n_seq_max=n,
-                kv_unified=False,  # each slot its own KV stream of per_slot cells: no slot crowds out another
-            )
+        generation = self.opts.generation()
+        opts = LoadOptions(
+            n_gpu_layers=self.opts.gpu_layers if self.opts.gpu_layers is not None else plan.n_gpu_layers,
+            n_ctx=n * per_slot,
+            n_batch=min(self.opts.batch, n * per_slot),
+            n_threads=threads,
+            use_extra_bufts=plan.extra_bufts,
+            verbose=self.opts.verbose,
+            n_outputs=n * generation.logits_rows,  # per slot and step: one row, or a verify batch's
+            n_seq_max=n,
+            kv_unified=False,  # each slot its own KV stream of per_slot cells: no slot crowds out another
+        )
+
+        def load() -> tuple[Engine, ChatTemplate, SlotLoop]:
+            started = time.perf_counter()
+            # the slots' contexts are fixed: back off on the GPU layers only
+            opened = load_backing_off(model.path, opts, say, shrink_ctx=False)
+            loaded, gpu = opened.loaded, opened.opts.n_gpu_layers
+            engine = Engine(loaded, ModelInfo.of(model, loaded, gpu, threads, started))
             try:
-                loaded = runtime.load(model.path, opts)
-                break
-            except NoSpace:
-                if gpu <= 0:
-                    raise
-                self._notify(f"{self.id}: could not allocate with {gpu} GPU layers; retrying with {gpu // 2}")
-                gpu //= 2
-        engine = Engine(loaded, ModelInfo.of(model, loaded, gpu, threads, started))
-        try:
-            self.template = templates.choose(
-                engine.chat_template(),
-                chat_format=self.opts.chat_format,
-                template_file=self.opts.template_file,
-                has_token=engine.has_token,
-                bos_token=engine.special_text("bos"),
-                eos_token=engine.special_text("eos"),
-                notify=lambda message: self._notify(f"{self.id}: {message}"),
-            )
-            scheduler = SlotLoop(loaded, n, self.opts.queue, chunk=fit.UBATCH, preparing=lambda: self.preparing)
-        except BaseException:
-            loaded.close()
-            raise
+                template = choose_template(engine, self.opts.chat_format, self.opts.template_file, say)
+                scheduler = SlotLoop(
+                    loaded,
+                    n,
+                    self.opts.queue,
+                    chunk=fit.UBATCH,
+                    preparing=lambda: self.preparing,
+                    speculator=speculator_for(loaded, generation.speculate, generation.draft, say),
+                    prompt_cache=prompt_cache_for(model, loaded, generation),
+                )
+            except BaseException:
+                loaded.close()
+                raise
+            return engine, template, scheduler
+
+        engine, self.template, scheduler = open_checked(model, plan, load, say, "a smaller --ctx or --parallel")
         self.engine, self.n_ctx_slot = engine, scheduler.n_ctx_slot
         self._files, self._stamp = model.files, stamp
         scheduler.start()
         self.scheduler = scheduler
-        touch(model.path)  # "last used" in `localrun list`
         self._notify(
             f"loaded {safe(self.id)}: {n} slot{'s' * (n > 1)} × {self.n_ctx_slot} tokens, "
-            f"{plural(threads, 'thread')}, {gpu} GPU layers, in {engine.info.load_s:.1f} s"
+            f"{plural(threads, 'thread')}, {engine.info.n_gpu_layers} GPU layers, in {engine.info.load_s:.1f} s"
         )
 
     def _unload(self) -> None:

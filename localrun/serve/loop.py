@@ -124,6 +124,8 @@ class SlotLoop:
         self.core.close()
         # a grammar being sampled reads the model's vocabulary: wait for it before the model goes
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.core.speculator is not None:  # handed over at start: its draft model goes with the loop
+            self.core.speculator.close()
 
     # -- the loop's thread ------------------------------------------------------------------------
     def _run(self) -> None:

@@ -17,7 +17,7 @@ from localrun.commands.generate import PromptOptions, generate, open_conversatio
 from localrun.commands.loading import open_engine
 from localrun.commands.repl import Repl
 from localrun.errors import LocalrunError
-from localrun.inference.engine import EngineConfig
+from localrun.inference.opening import EngineConfig
 from localrun.inference.runtime import padded_ctx
 from localrun.inference.sampling import SamplingOptions, Settings
 from localrun.output import Output

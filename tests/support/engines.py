@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from localrun.cache.resolve import resolve
-from localrun.inference.engine import Engine, EngineConfig
+from localrun.inference.engine import Engine
+from localrun.inference.opening import EngineConfig, load_engine
 from localrun.inference.selftest import this_machine
 from localrun.model.refs import parse_ref
 from localrun.output import Output
@@ -15,4 +16,4 @@ def open_engine(path: Path, n_ctx: int | None = None, n_gpu_layers: int | None =
     resolved = resolve(parse_ref(str(path)), this_machine(), n_ctx)
     assert resolved is not None
     cfg = EngineConfig(n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, **config)
-    return Engine.open(resolved.model, resolved.plan, cfg, notify=Output().warn)
+    return load_engine(resolved.model, resolved.plan, cfg, notify=Output().warn)
