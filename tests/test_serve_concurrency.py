@@ -14,8 +14,7 @@ import openai
 import pytest
 
 from localrun.inference import runtime
-from localrun.inference.engine import Stats
-from localrun.inference.events import Piece
+from localrun.inference.events import Piece, Stats
 from localrun.inference.runtime import LoadOptions
 from localrun.inference.sampler import Sampler
 from localrun.inference.sampling import SamplingOptions

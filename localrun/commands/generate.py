@@ -11,7 +11,8 @@ from localrun.commands.stream import make_renderer
 from localrun.errors import UsageError
 from localrun.inference import grammar as grammars
 from localrun.inference.conversation import Conversation, Dialogue, compose_prompt
-from localrun.inference.engine import Engine, Stats
+from localrun.inference.engine import Engine
+from localrun.inference.events import Stats
 from localrun.inference.opening import EngineConfig, choose_template
 from localrun.inference.sampling import Settings, check_structure
 from localrun.output import Output, isatty

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from localrun.errors import AccessDenied, LocalrunError, NetworkError, NoSpace, NotFound, UsageError
-from localrun.inference.engine import Piece, Stats
+from localrun.inference.events import Piece, Stats
 from localrun.inference.sampling import SamplingOptions
 from localrun.inference.templates import Message
 from localrun.text import safe

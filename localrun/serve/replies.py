@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from localrun.inference.engine import Stats
-from localrun.inference.events import Piece
+from localrun.inference.events import Piece, Stats
 from localrun.inference.events import TokenLogprob as SampledToken
 from localrun.inference.sequence import Failed, Update
 from localrun.serve.errors import ApiError, as_api_error
