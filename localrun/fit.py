@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from localrun import notes as said
 from localrun.hardware import Machine
 from localrun.model import quants
 from localrun.model.header import HeaderInfo
+from localrun.notes import GPU_NONE, NO_FIT, Note, beyond_trained, context_reduced, gpu_partial
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -95,7 +95,7 @@ class Plan:
     n_ctx: int
     estimate: MemoryEstimate
     fits: bool
-    notes: tuple[said.Note, ...] = ()
+    notes: tuple[Note, ...] = ()
     extra_bufts: bool = True  # the self-test's verdict the estimate assumed: the load uses the same
     max_ctx: int = 0  # the largest context (up to the trained one) that fits with the same placement
     kv_cache: str = "f16"  # the KV cache types assumed ("f16", or "q8_0/q4_0" for K/V that differ)
@@ -354,22 +354,22 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
     total = header.n_layer + 1
     if found is None:
         est = _generation_estimate(header, machine, wanted, 0, shape)
-        notes = tuple(n for n in (said.NO_FIT, said.beyond_trained(wanted, header.n_ctx_train)) if n)
+        notes = tuple(n for n in (NO_FIT, beyond_trained(wanted, header.n_ctx_train)) if n)
         return Plan("none", 0, wanted, est, False, notes, machine.extra_bufts, kv_cache=shape.kv_cache)
     n_gpu, est = found
-    beyond = said.beyond_trained(ctx, header.n_ctx_train)
+    beyond = beyond_trained(ctx, header.n_ctx_train)
     notes = [beyond] if beyond else []
     if ctx != wanted:
-        notes.append(said.context_reduced(ctx))
+        notes.append(context_reduced(ctx))
     if n_gpu == total:
         placement = "gpu"
     elif n_gpu > 0:
         placement = "partial"
-        notes.append(said.gpu_partial(n_gpu, total))
+        notes.append(gpu_partial(n_gpu, total))
     else:
         placement = "cpu"
         if machine.gpus:
-            notes.append(said.GPU_NONE)
+            notes.append(GPU_NONE)
     reach = max(ctx, _max_ctx(header, machine, n_gpu, shape))
     return Plan(placement, n_gpu, ctx, est, True, tuple(notes), machine.extra_bufts, reach, shape.kv_cache)
 

@@ -115,7 +115,7 @@ def interleaved(path: str, spec, tokens: list[int], rounds: int) -> dict[str, fl
     import llama_cpp as lc
 
     from localrun.bench.worker import measure_speed
-    from localrun.inference.runtime import LoadOptions, load
+    from localrun.inference.llama.runtime import LoadOptions, load
 
     loaded = load(
         path,
@@ -314,8 +314,8 @@ def main() -> int:
     from localrun.bench.runner import eval_text_path
     from localrun.bench.worker import WorkerSpec
     from localrun.hardware import default_threads
-    from localrun.inference import selftest
-    from localrun.inference.runtime import LlamaModel, LoadOptions
+    from localrun.inference.llama.runtime import LlamaModel, LoadOptions
+    from localrun.inference.safety import selftest
 
     text = eval_text_path(BenchOptions())
     extra = selftest.use_extra_bufts()

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' model builder and engine helper
 
 from localrun.commands.stream import LiveRenderer  # noqa: E402
-from localrun.inference import selftest  # noqa: E402
-from localrun.inference.build import llama  # noqa: E402
 from localrun.inference.engine import Engine  # noqa: E402
-from localrun.inference.events import drive  # noqa: E402
-from localrun.inference.sampling import SamplingOptions  # noqa: E402
+from localrun.inference.generation.events import drive  # noqa: E402
+from localrun.inference.generation.settings import SamplingOptions  # noqa: E402
+from localrun.inference.llama.build import llama  # noqa: E402
+from localrun.inference.safety import selftest  # noqa: E402
 from localrun.output import Output  # noqa: E402
 from support.engines import open_engine  # noqa: E402
 from support.models import build_suite  # noqa: E402
@@ -197,8 +197,8 @@ def startup_in_process(model: Path, prompt: str, threads: int) -> dict[str, floa
     import io
 
     from localrun.commands.generate import PromptOptions, generate
+    from localrun.inference.generation.settings import Settings
     from localrun.inference.opening import EngineConfig
-    from localrun.inference.sampling import Settings
 
     sink = FirstPiece()
     saved = sys.stdout, sys.stdin

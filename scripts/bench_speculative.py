@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tests' model builder and engine helper
 
 from localrun.inference.engine import Engine  # noqa: E402
-from localrun.inference.events import Piece, Stats  # noqa: E402
-from localrun.inference.runtime import Batch  # noqa: E402
-from localrun.inference.sampling import SamplingOptions  # noqa: E402
+from localrun.inference.generation.events import Piece, Stats  # noqa: E402
+from localrun.inference.generation.settings import SamplingOptions  # noqa: E402
+from localrun.inference.llama.runtime import Batch  # noqa: E402
 from support.engines import open_engine  # noqa: E402
 from support.models import gemma_model  # noqa: E402
 

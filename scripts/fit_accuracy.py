@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from localrun.inference import llama_log
+from localrun.inference.llama import log as llama_log
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -30,9 +30,9 @@ def worker(model: str, n_ctx: int, n_batch: int, logits_all: bool) -> None:
     """Child: load, decode a full batch and a few tokens; print buffers and RSS as one JSON line."""
     import psutil
 
-    from localrun.inference import selftest
-    from localrun.inference.build import llama
-    from localrun.inference.runtime import LoadOptions, load
+    from localrun.inference.llama.build import llama
+    from localrun.inference.llama.runtime import LoadOptions, load
+    from localrun.inference.safety import selftest
 
     proc = psutil.Process()
     llama()  # libraries and backends loaded: the baseline
@@ -77,9 +77,7 @@ def measure(model: Path, n_ctx: int, n_batch: int, logits_all: bool) -> dict:
 
 
 # What `localrun run` imports and initialises before it touches a model: the floor of its RSS.
-BASELINE = (
-    "import localrun.commands.generate, localrun.commands.loading; from localrun.inference.build import llama; llama()"
-)
+BASELINE = "import localrun.commands.generate, localrun.commands.loading; from localrun.inference.llama.build import llama; llama()"
 PEAK = "import resource, subprocess, sys; subprocess.run(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
 
 
@@ -233,7 +231,7 @@ def compare_runs(quick: bool) -> int:
 
     from localrun import fit
     from localrun.cli.options import plan_shape
-    from localrun.inference.selftest import this_machine
+    from localrun.inference.machine import this_machine
     from localrun.model.header import read_header
 
     machine = this_machine()

@@ -57,8 +57,8 @@ def session_home(tmp_path_factory: pytest.TempPathFactory, tiny: TinySuite) -> P
     old = os.environ.get("LOCALRUN_HOME")
     os.environ["LOCALRUN_HOME"] = str(home)
     try:
-        from localrun.inference import selftest
-        from localrun.inference.filecheck import check_file
+        from localrun.inference.safety import selftest
+        from localrun.inference.safety.filecheck import check_file
 
         extra = selftest.use_extra_bufts()
         for model in (*tiny.quants.values(), tiny.split[0], tiny.no_template):

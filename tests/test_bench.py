@@ -185,7 +185,7 @@ def test_markdown_says_what_ran_where_and_when(tiny):
     from datetime import datetime, timezone
 
     from localrun.hardware import cpu_info
-    from localrun.inference.build import build_info
+    from localrun.inference.llama.build import build_info
 
     md = bench(tiny.quants["Q8_0"], tiny.quants["Q2_K"], *QUICK, "--markdown", "--threads", "1")
     assert md.exit_code == 0, md.stderr
@@ -253,7 +253,7 @@ def test_ctrl_c_prints_what_was_measured(tiny):
 
 def gemma_requant(gemma: Path, quant: str) -> Path:
     """Gemma 3 270M requantized to `quant` (lower precision), made once into the test cache."""
-    from localrun.inference.build import quantize
+    from localrun.inference.llama.build import quantize
 
     target = gemma.parent / f"gemma-3-270m-requant-{quant}.gguf"
     if not target.exists():
@@ -303,8 +303,8 @@ def test_repo_quants_are_pulled_then_benched_offline(hub, tiny, monkeypatch):
     assert pulled.exit_code == 0, pulled.stderr
     data = json.loads(pulled.stdout)
     assert [c["label"] for c in data["candidates"]] == ["Q6_K", "Q2_K"] and data["reference"] == "Q6_K"
-    from localrun.cache.resolve import find
     from localrun.model.refs import parse_ref
+    from localrun.store.resolve import find
 
     assert sorted(e.quant for e in find(parse_ref(repo))) == ["Q2_K", "Q6_K"]  # only those were pulled
 
@@ -358,7 +358,7 @@ def exact_kld(reference: Path, candidate: Path, text: str, n_ctx: int, windows: 
     logits of both models loaded here, without bench's storage or its floor."""
     import numpy as np
 
-    from localrun.inference.runtime import LlamaContext, LlamaModel, LoadOptions
+    from localrun.inference.llama.runtime import LlamaContext, LlamaModel, LoadOptions
 
     def log_softmax(rows: np.ndarray) -> np.ndarray:
         rows = rows.astype(np.float64)

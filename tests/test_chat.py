@@ -13,8 +13,8 @@ import pytest
 
 from localrun.commands.generate import PromptOptions, open_conversation
 from localrun.commands.repl import Repl
-from localrun.inference.conversation import Conversation
-from localrun.inference.sampling import SamplingOptions, Settings
+from localrun.inference.conversation import LocalConversation
+from localrun.inference.generation.settings import SamplingOptions, Settings
 from localrun.output import Output
 from support.engines import open_engine
 
@@ -28,7 +28,7 @@ def repl(
     system: str | None = None,
     chat_format: str | None = None,
     ignore_eos: bool = False,
-) -> Conversation:
+) -> LocalConversation:
     """Type `keys` into the real REPL (prompt-toolkit over a pipe) until they run out."""
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput

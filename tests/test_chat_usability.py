@@ -15,7 +15,7 @@ import pexpect
 from wcwidth import wcwidth
 
 from localrun.commands.stream import LiveRenderer, stats_line
-from localrun.inference.events import Speculation, Stats
+from localrun.inference.generation.events import Speculation, Stats
 from localrun.output import Output
 from test_chat import PROMPT, repl, spawn
 
@@ -257,7 +257,7 @@ def test_load_takes_a_conversation_saved_by_the_previous_version():
     """Earlier versions saved the settings as /set shows them: the stops as quoted text, the
     grammar only by where it came from. The messages load; what can be read is restored."""
     from localrun.inference.conversation import restored_settings
-    from localrun.inference.sampling import Settings
+    from localrun.inference.generation.settings import Settings
 
     old = {"temperature": "0.2", "seed": "random", "stop": '"END", "x"', "grammar": "schema.json"}
     settings = restored_settings(Settings(), old)

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from localrun.cli import app
 from localrun.commands.stream import LiveRenderer, WordWrap, stats_line
 from localrun.errors import UsageError
-from localrun.inference.events import Stats
-from localrun.inference.sampling import Settings
+from localrun.inference.generation.events import Stats
+from localrun.inference.generation.settings import Settings
 from localrun.output import Output
 
 runner = CliRunner()
@@ -274,9 +274,9 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tiny):
 def test_list_on_a_narrow_terminal_keeps_names_whole(hub, tiny, monkeypatch):
     from huggingface_hub import hf_hub_download
 
-    from localrun.cache.scan import scan
     from localrun.commands.listing import show_listing
     from localrun.hub import settings
+    from localrun.store.scan import scan
 
     repo = "acme-with-a-long-organisation/an-even-longer-model-repo-GGUF"  # the name fits, the row does not
     hub.add_repo(repo, {"tiny-llama-Q4_K_M.gguf": tiny.quants["Q4_K_M"]})

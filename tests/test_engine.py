@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from localrun.errors import UsageError
-from localrun.inference import templates
 from localrun.inference.engine import Engine
-from localrun.inference.events import Piece, PrefillProgress, Stats
-from localrun.inference.sampling import SamplingOptions
-from localrun.inference.stops import StopMatcher
+from localrun.inference.generation.events import Piece, PrefillProgress, Stats
+from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.generation.stops import StopMatcher
+from localrun.inference.prompting import templates
 from support.engines import open_engine
 
 GREEDY = SamplingOptions(temperature=0)
@@ -168,7 +168,7 @@ def test_allocation_failure_backs_off_gpu_layers_then_context(tiny, monkeypatch,
     """No GPU here and no safe way to exhaust RAM: llama.cpp's allocation failure is the faked
     boundary (as if VRAM held no layer and RAM only 1024 tokens of context); loading is real."""
     from localrun.errors import NoSpace
-    from localrun.inference import runtime
+    from localrun.inference.llama import runtime
 
     real_load = runtime.load
     tried: list[tuple[int, int]] = []

@@ -17,7 +17,8 @@ import pytest
 
 from localrun.fit import GPU_RESERVE, MemoryEstimate, Option, Plan, choose, default_ctx, estimate, plan
 from localrun.hardware import GPU, Machine
-from localrun.inference import selftest
+from localrun.inference.machine import this_machine
+from localrun.inference.safety import selftest
 from localrun.model.header import HeaderInfo, read_header
 
 MiB = 2**20
@@ -237,7 +238,7 @@ def test_choose_prefers_the_smaller_of_equal_quality():
 
 def test_plan_for_the_real_gemma_on_this_machine(gemma):
     header = read_header(gemma)
-    res = selftest.this_machine()
+    res = this_machine()
     got = plan(header, res)
     assert got.fits and got.n_ctx == 4096  # the default, below the 32k it was trained with
     assert got.placement == ("gpu" if res.gpus else "cpu")
@@ -257,8 +258,8 @@ def test_moe_activations_count_the_chosen_experts():
 def test_estimate_covers_what_llama_cpp_allocates(tiny, quant, n_ctx):
     """Real llama.cpp on a tiny model: the buffers it logs against the estimate, part by part."""
     from localrun.hardware import cpu_info
-    from localrun.inference import llama_log
-    from localrun.inference.runtime import LoadOptions, load
+    from localrun.inference.llama import log as llama_log
+    from localrun.inference.llama.runtime import LoadOptions, load
 
     extra = selftest.use_extra_bufts()
     llama_log.install()

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from localrun import __version__
 from localrun.cli import app
 from localrun.hub.settings import cache_dir
-from localrun.inference import selftest
-from localrun.inference.probe import greedy
-from localrun.inference.runtime import LoadOptions, load
+from localrun.inference.llama.runtime import LoadOptions, load
+from localrun.inference.safety import selftest
+from localrun.inference.safety.probe import greedy
 
 runner = CliRunner()
 
@@ -98,7 +98,7 @@ def test_selftest_falls_back_to_safe_path_when_fast_path_segfaults(tiny):
         (
             "import os, signal, sys\n"
             "if '--no-extra-bufts' not in sys.argv: os.kill(os.getpid(), signal.SIGSEGV)\n"
-            "from localrun.inference.probe import main\n"
+            "from localrun.inference.safety.probe import main\n"
             "sys.exit(main(sys.argv[1:]))\n"
         ),
     ]

@@ -19,11 +19,11 @@ import openai
 import pytest
 
 from localrun.errors import UsageError
-from localrun.inference import gbnf, grammar
-from localrun.inference.events import Piece, Stats
-from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import SamplingOptions
-from localrun.inference.templates import ChatTemplate
+from localrun.inference.generation import gbnf, grammar
+from localrun.inference.generation.events import Piece, Stats
+from localrun.inference.generation.sampler import Sampler
+from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.prompting.templates import ChatTemplate
 from localrun.model.tiny import CHATML_TEMPLATE
 from support.engines import open_engine
 from support.serving import ServerProcess, isolated_env

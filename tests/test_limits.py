@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from localrun.cli import app
 from localrun.errors import EngineCrash
-from localrun.inference.filecheck import check_file
+from localrun.inference.safety.filecheck import check_file
 from localrun.model.header import cached_facts
 from localrun.model.tiny import TinySpec, write_tiny_model
 
@@ -69,7 +69,7 @@ def test_a_hyperparameter_llama_cpp_asserts_on_is_refused_in_python(negative_eps
 def test_llama_cpp_itself_aborts_on_it_in_a_child(negative_eps):
     """Past Python's checks, the same file kills llama.cpp: the first-load probe is what keeps the
     parent alive (the child dies of SIGABRT at its first decode)."""
-    from localrun.inference.selftest import run_probe
+    from localrun.inference.safety.selftest import run_probe
 
     result = run_probe(negative_eps, tokens=1)
     assert result.signal == "SIGABRT" and "eps" in result.detail

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from localrun import hardware
 from localrun.cli import app
 from localrun.hub.settings import cache_dir
-from localrun.inference.build import build_info
+from localrun.inference.llama.build import build_info
 from localrun.model.tiny import TinySpec, write_tiny_model
 
 runner = CliRunner()

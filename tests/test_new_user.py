@@ -230,7 +230,7 @@ def test_bench_progress_line_stays_one_line_with_long_labels():
 
 
 def test_bench_records_last_use(tiny):
-    from localrun.cache.usage import last_used
+    from localrun.store.usage import last_used
 
     assert last_used(tiny.quants["Q2_K"]) is None
     assert bench(tiny.quants["Q2_K"], *SPEED).exit_code == 0

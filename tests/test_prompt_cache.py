@@ -163,7 +163,7 @@ def test_a_chat_whose_saved_prefix_fails_to_load_answers_as_a_fresh_chat(tiny):
     """After turns in memory, a failed load (llama.cpp read the file and found other tokens) may
     have cleared the context: the engine must read everything again, not trust what it held."""
     from localrun.commands.generate import PromptOptions, open_conversation
-    from localrun.inference.sampling import SamplingOptions, Settings
+    from localrun.inference.generation.settings import SamplingOptions, Settings
     from localrun.output import Output
     from support.engines import open_engine
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from localrun.cache.resolve import resolve
 from localrun.cli import app
-from localrun.commands.loading import obtain
+from localrun.commands.loading import resolve_or_pull
 from localrun.commands.progress import RichDownloadProgress
 from localrun.commands.pull import pull
 from localrun.errors import BadModel, NetworkError, NoSpace, NotFound
@@ -31,6 +30,7 @@ from localrun.hub.settings import cache_dir
 from localrun.model.files import ModelFiles
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
+from localrun.store.resolve import resolve
 from localrun.text import human_bytes
 from support.hub import refusing_endpoint, unanswering_endpoint
 
@@ -80,7 +80,7 @@ def pulled(ref: ModelRef) -> ModelFiles | None:
 
 def loaded(ref: ModelRef) -> ModelFiles:
     """What a command that loads `ref` gets: found in the cache, or pulled first."""
-    return obtain(ref, quiet()).model
+    return resolve_or_pull(ref, quiet()).model
 
 
 @pytest.fixture

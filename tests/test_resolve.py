@@ -12,14 +12,15 @@ from huggingface_hub import hf_hub_download
 from typer.testing import CliRunner
 
 from localrun import fit, hardware
-from localrun.cache.resolve import resolve
 from localrun.cli import app
 from localrun.errors import BadModel
 from localrun.hardware import Machine
 from localrun.hub import settings
-from localrun.inference import selftest
+from localrun.inference.machine import this_machine
+from localrun.inference.safety import selftest
 from localrun.model.header import read_header
 from localrun.model.refs import parse_ref
+from localrun.store.resolve import resolve
 
 runner = CliRunner()
 REPO = "org/tiny-GGUF"
@@ -96,7 +97,7 @@ def test_a_repo_reference_loads_the_quant_the_planner_chooses_not_the_best_prese
     assert need["F16"] > need["Q8_0"] > need["Q4_K_M"]
     # Room for Q4_K_M only (the headroom kept for the system, plus its estimate).
     described(monkeypatch, fit.ram_headroom(probe) + need["Q4_K_M"])
-    found = resolve(parse_ref(REPO), selftest.this_machine(), ctx)
+    found = resolve(parse_ref(REPO), this_machine(), ctx)
     assert found.model.label == f"{REPO}:Q4_K_M" and found.plan.fits and found.plan.n_ctx == ctx
     data = run_json(REPO, "--ctx", ctx)
     assert (data["model"], data["quant"], data["name"]) == (f"{REPO}:Q4_K_M", "Q4_K_M", "tiny-llama")
@@ -116,9 +117,9 @@ def test_the_plan_knows_the_self_test_verdict_before_it_estimates(tiny, monkeypa
     machine = Machine(16 * GiB, 8 * GiB, [], cpu)
     monkeypatch.setattr(hardware, "detect", lambda: machine)
     monkeypatch.setenv("LOCALRUN_EXTRA_BUFTS", "1")
-    fast = resolve(ref, selftest.this_machine())
+    fast = resolve(ref, this_machine())
     monkeypatch.setenv("LOCALRUN_EXTRA_BUFTS", "0")
-    safe = resolve(ref, selftest.this_machine())
+    safe = resolve(ref, this_machine())
     assert fast.plan.extra_bufts is True and safe.plan.extra_bufts is False
     assert safe.plan.estimate.weights_ram < fast.plan.estimate.weights_ram  # no repacked copy counted
     # ...and the load uses what the plan assumed (a run works on the safe path).

@@ -13,10 +13,10 @@ from prompt_toolkit.output import DummyOutput
 from typer.testing import CliRunner
 
 from localrun.cli import app
-from localrun.commands.remote import RemoteDialogue
+from localrun.commands.remote import RemoteConversation
 from localrun.commands.repl import Repl
 from localrun.errors import NetworkError
-from localrun.inference.sampling import SamplingOptions, Settings
+from localrun.inference.generation.settings import SamplingOptions, Settings
 from localrun.output import Output
 from localrun.serve.client import Server
 from support.serving import ServerProcess
@@ -54,8 +54,8 @@ def test_run_through_the_server_answers_as_a_local_run(tiny, server: ServerProce
 
 
 def test_chat_through_the_server_keeps_the_conversation(tiny, server: ServerProcess, capsys):
-    """The real REPL (prompt-toolkit over a pipe) over a RemoteDialogue, as `chat --server` makes it."""
-    conv = RemoteDialogue(Server(server.url), str(tiny.quants["Q8_0"]), Settings(SamplingOptions(temperature=0), 6))
+    """The real REPL (prompt-toolkit over a pipe) over a RemoteConversation, as `chat --server` makes it."""
+    conv = RemoteConversation(Server(server.url), str(tiny.quants["Q8_0"]), Settings(SamplingOptions(temperature=0), 6))
     with create_pipe_input() as pipe:
         pipe.send_text("hello\r/stats\r/model\rand then?\r")
         pipe.close()
@@ -106,7 +106,9 @@ def test_a_grammar_with_ignore_eos_is_a_400_and_the_server_lives_on(server: Serv
 def test_a_chat_too_long_for_the_servers_context_loses_its_oldest_turns(tiny, capsys):
     with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1", "--ctx", "256") as small:
         settings = Settings(SamplingOptions(temperature=0, ban_eog=True), 16)
-        conv = RemoteDialogue(Server(small.url), str(tiny.quants["Q8_0"]), settings, "Be brief.", warn=Output().warn)
+        conv = RemoteConversation(
+            Server(small.url), str(tiny.quants["Q8_0"]), settings, "Be brief.", warn=Output().warn
+        )
         sink = Collect()
         for turn in range(4):
             stats = conv.reply(f"question {turn}: " + "tell me about the sea " * 4, sink)
@@ -121,7 +123,7 @@ def test_a_server_that_dies_mid_reply_is_a_network_error_not_a_cancel(tiny):
     import signal
 
     with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1") as doomed:
-        conv = RemoteDialogue(Server(doomed.url), str(tiny.quants["Q8_0"]), Settings(SamplingOptions(ban_eog=True)))
+        conv = RemoteConversation(Server(doomed.url), str(tiny.quants["Q8_0"]), Settings(SamplingOptions(ban_eog=True)))
         sink = Collect(on_piece=lambda n: n == 5 and doomed.stop(signal.SIGKILL))
         with pytest.raises(NetworkError, match="closed the connection in the middle of the reply|broke off the reply"):
             conv.reply("tell me a story", sink)

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from localrun.cli import app
 from localrun.errors import AccessDenied, NetworkError, NoSpace, NotFound, UsageError
-from localrun.inference.events import Piece, Stats, drive
-from localrun.inference.sampling import SamplingOptions
+from localrun.inference.generation.events import Piece, Stats, drive
+from localrun.inference.generation.settings import SamplingOptions
 from localrun.serve import client as remote
 from support.serving import ServerProcess
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from localrun.inference import runtime
-from localrun.inference.events import Piece, Stats
-from localrun.inference.runtime import LoadOptions
-from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import SamplingOptions
-from localrun.inference.sequence import Request
+from localrun.inference.generation.events import Piece, Stats
+from localrun.inference.generation.sampler import Sampler
+from localrun.inference.generation.sequence import Request
+from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.llama import runtime
+from localrun.inference.llama.runtime import LoadOptions
 from localrun.serve.loop import SlotLoop
 from support.serving import ServerProcess
 

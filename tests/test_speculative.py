@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localrun.inference.events import Piece, Speculation, Stats
-from localrun.inference.sampling import SamplingOptions
+from localrun.inference.generation.events import Piece, Speculation, Stats
+from localrun.inference.generation.settings import SamplingOptions
 from support.engines import open_engine
 
 EVAL = (Path(__file__).resolve().parents[1] / "localrun" / "data" / "eval.txt").read_text()
@@ -189,9 +189,9 @@ def test_ctrl_c_in_the_middle_of_verifying_leaves_a_working_engine(gemma):
 def test_a_draft_model_keeps_the_tokens(tiny):
     """A smaller quant of the same model drafts (the same vocabulary); the tokens are those of
     plain decoding, and most drafts are accepted."""
-    from localrun.cache.resolve import resolve
-    from localrun.inference.selftest import this_machine
+    from localrun.inference.machine import this_machine
     from localrun.model.refs import parse_ref
+    from localrun.store.resolve import resolve
 
     model = tiny.quants["F16"]
     draft = resolve(parse_ref(str(tiny.quants["Q8_0"])), this_machine(), 2048).model

@@ -159,7 +159,7 @@ def test_the_kv_cache_type_ids_are_ggmls():
     import gguf
 
     from localrun.fit import KV_TYPES
-    from localrun.inference.runtime import GGML_KV_TYPES
+    from localrun.inference.llama.runtime import GGML_KV_TYPES
 
     assert set(GGML_KV_TYPES) == set(KV_TYPES)
     assert all(GGML_KV_TYPES[name] == gguf.GGMLQuantizationType[name.upper()] for name in KV_TYPES)

@@ -12,9 +12,9 @@ import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir
 from typer.testing import CliRunner
 
-from localrun.cache import usage
 from localrun.cli import app
 from localrun.hub import settings as lhub
+from localrun.store import usage
 
 runner = CliRunner()
 REPO = "org/tiny-GGUF"

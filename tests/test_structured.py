@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from localrun.cli import app
-from localrun.inference import grammar
+from localrun.inference.generation import grammar
 
 runner = CliRunner()
 

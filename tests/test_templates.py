@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from localrun.cli import app
 from localrun.errors import BadModel, ExitCode, UsageError
-from localrun.inference.templates import ChatTemplate
+from localrun.inference.prompting.templates import ChatTemplate
 from localrun.model.tiny import TinySpec, write_tiny_model
 
 HOSTILE = {

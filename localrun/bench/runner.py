@@ -29,18 +29,19 @@ from localrun import fit, hardware
 from localrun.bench.ranking import noise_warnings, summarize
 from localrun.bench.results import BenchOptions, BenchResult, Candidate, CandidateResult, Stat, precision
 from localrun.bench.worker import WorkerSpec
-from localrun.cache.resolve import pulled_models
-from localrun.cache.usage import touch
 from localrun.errors import LocalrunError, NoSpace, NotFound, UsageError
 from localrun.hub.listing import list_quants
 from localrun.hub.ranges import read_remote_header
-from localrun.inference import selftest
-from localrun.inference.build import build_info
-from localrun.inference.llama_log import last_error
+from localrun.inference.llama.build import build_info
+from localrun.inference.llama.log import last_error
+from localrun.inference.machine import this_machine
+from localrun.inference.safety import selftest
 from localrun.model.files import ModelFiles, local_files
 from localrun.model.header import HeaderInfo, read_header
 from localrun.model.quants import quant_from_filename
 from localrun.model.refs import ModelRef, parse_ref
+from localrun.store.resolve import pulled_models
+from localrun.store.usage import touch
 from localrun.text import count
 
 # -- candidates ----------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def _wanted_quants(ref: ModelRef, opts: BenchOptions, notify: Callable[[str], No
     if (opts.quants or "").strip().lower() != "fit":
         return [q.strip() for q in (opts.quants or "").split(",") if q.strip()]
     listing = list_quants(ref)
-    machine = selftest.this_machine(notify)
+    machine = this_machine(notify)
     n_ctx = max(opts.ppl_ctx, opts.pp + opts.tg)
     wanted = []
     for quant in listing.quants:

@@ -26,10 +26,10 @@ import psutil
 from localrun.bench.reference import ReferenceReader, ReferenceWriter, ensure_room
 from localrun.errors import LocalrunError
 from localrun.hardware import default_threads
-from localrun.inference.llama_log import install
-from localrun.inference.runtime import LlamaContext, LlamaModel, Loaded, LoadOptions, load
-from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import SamplingOptions
+from localrun.inference.generation.sampler import Sampler
+from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.llama.log import install
+from localrun.inference.llama.runtime import LlamaContext, LlamaModel, Loaded, LoadOptions, load
 from localrun.model.quants import FTYPE_NAMES
 
 

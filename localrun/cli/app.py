@@ -150,8 +150,8 @@ def search(
 @boundary
 def list_models(json: JsonOpt = False) -> None:
     """Pulled models in the Hugging Face cache (also those fetched by other tools)."""
-    from localrun.cache.scan import scan
     from localrun.commands.listing import show_listing
+    from localrun.store.scan import scan
 
     show_listing(Output.from_env(json=json), scan())
 
@@ -169,7 +169,7 @@ def show(
 ) -> None:
     """What a model is and how it would run here; for a repo not pulled, reads only its header."""
     from localrun.commands import show as command
-    from localrun.inference.selftest import this_machine
+    from localrun.inference.machine import this_machine
     from localrun.model.refs import parse_ref
 
     out = Output.from_env(json=json)

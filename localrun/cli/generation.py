@@ -35,7 +35,7 @@ from localrun.output import Output
 
 def _bounded(name: str) -> dict:
     """min/max of a sampling option from the one table /set also checks against."""
-    from localrun.inference.sampling import BOUNDS
+    from localrun.inference.generation.settings import BOUNDS
 
     bound = BOUNDS[name]
     return {"min": bound.low, "max": bound.high}
@@ -188,8 +188,8 @@ def _generation_command(mode: str, doc: str):
         verbose: VerboseOpt = False,
     ) -> None:
         from localrun.commands.generate import PromptOptions, generate
+        from localrun.inference.generation.settings import SamplingOptions, Settings
         from localrun.inference.opening import EngineConfig
-        from localrun.inference.sampling import SamplingOptions, Settings
 
         out = Output.from_env(json=json, verbose=verbose)
         sampling = SamplingOptions(

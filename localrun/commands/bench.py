@@ -17,7 +17,7 @@ from localrun.bench.ranking import by_model, measured_ok, quality_metric, sorted
 from localrun.bench.results import BenchOptions, BenchResult, CandidateResult, Stat
 from localrun.bench.runner import resolve_candidates, run_bench
 from localrun.commands.bench_progress import ProgressDisplay, status_text
-from localrun.commands.loading import obtain
+from localrun.commands.loading import resolve_or_pull
 from localrun.errors import EngineCrash, UsageError
 from localrun.output import Output
 from localrun.text import human_bytes, plural
@@ -36,7 +36,7 @@ def output_format(*, json: bool = False, csv: bool = False, markdown: bool = Fal
 
 def bench(models: list[str], opts: BenchOptions, out: Output, fmt: Format = "table") -> BenchResult:
     """Measure with live progress on stderr, then print the result as `fmt`."""
-    candidates = resolve_candidates(models, opts, lambda ref: obtain(ref, out).model, out.info)
+    candidates = resolve_candidates(models, opts, lambda ref: resolve_or_pull(ref, out).model, out.info)
     with ProgressDisplay(out) as progress:
         result = run_bench(candidates, opts, out.info, progress)
     if fmt == "json":

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from localrun.commands.stream import make_renderer
 from localrun.errors import UsageError
-from localrun.inference import grammar as grammars
-from localrun.inference.conversation import Conversation, Dialogue, compose_prompt
+from localrun.inference.conversation import Conversation, LocalConversation, compose_prompt
 from localrun.inference.engine import Engine
-from localrun.inference.events import Stats
+from localrun.inference.generation import grammar as grammars
+from localrun.inference.generation.events import Stats
+from localrun.inference.generation.settings import Settings, check_structure
 from localrun.inference.opening import EngineConfig, choose_template
-from localrun.inference.sampling import Settings, check_structure
 from localrun.output import Output, isatty
 from localrun.text import plural
 
@@ -33,7 +33,7 @@ class PromptOptions:
 
 def open_conversation(
     engine: Engine, out: Output, settings: Settings, prompt: PromptOptions, *, chatting: bool = False
-) -> Conversation:
+) -> LocalConversation:
     """The conversation over a loaded engine, with the template chosen (and announced if guessed:
     in a chat, with what a model without a template is likely to be, in one message)."""
     template = None
@@ -54,7 +54,7 @@ def open_conversation(
             )
         for message in said:
             out.warn(message)
-    return Conversation(engine, template, settings, prompt.system, warn=out.warn)
+    return LocalConversation(engine, template, settings, prompt.system, warn=out.warn)
 
 
 def read_stdin(warn: Callable[[str], None]) -> str | None:
@@ -78,7 +78,7 @@ def prompt_words(words: list[str], warn: Callable[[str], None]) -> list[str]:
     return fixed
 
 
-def one_shot(conv: Dialogue, prompt: str, out: Output, *, stream: bool = False, material: str = "") -> Stats:
+def one_shot(conv: Conversation, prompt: str, out: Output, *, stream: bool = False, material: str = "") -> Stats:
     """Answer one prompt: live text on a terminal, plain when piped, or JSON."""
     return conv.reply(prompt, make_renderer(out, stream=stream, extra=conv.facts(), model=conv.label), material)
 
@@ -129,13 +129,13 @@ def generate(
         raise UsageError("nothing to answer: the prompt is empty", hint=hint)
     apply_structure(settings, prompt_options)
     if server:  # what only --server needs, imported only then (as the REPL and loading are)
-        from localrun.commands.remote import RemoteDialogue, refuse_local_options
+        from localrun.commands.remote import RemoteConversation, refuse_local_options
         from localrun.serve.client import Server
 
         refuse_local_options(cfg, draft, prompt_options.chat_format, prompt_options.template_file)
         if settings.logprobs is not None:
             raise UsageError("--logprobs is for a model loaded here", hint="drop --server, or --logprobs")
-        remote = RemoteDialogue(
+        remote = RemoteConversation(
             Server(server), model, settings, prompt_options.system, raw=prompt_options.raw, warn=out.warn
         )
         return converse(remote, out, interactive, prompt, material, stream)
@@ -149,7 +149,9 @@ def generate(
         engine.close()
 
 
-def converse(conv: Dialogue, out: Output, interactive: bool, prompt: str, material: str, stream: bool) -> Stats | None:
+def converse(
+    conv: Conversation, out: Output, interactive: bool, prompt: str, material: str, stream: bool
+) -> Stats | None:
     if interactive:  # a prompt given as an argument is the chat's first message, as in Ollama
         from localrun.commands.repl import Repl  # prompt-toolkit: not for one answer
 

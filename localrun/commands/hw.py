@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 
 from localrun import hardware
 from localrun.hardware import Machine
-from localrun.inference import selftest
-from localrun.inference.build import BuildInfo, build_info
-from localrun.inference.selftest import Verdict
+from localrun.inference.llama.build import BuildInfo, build_info
+from localrun.inference.safety import selftest
+from localrun.inference.safety.selftest import Verdict
 from localrun.output import Output
 from localrun.text import human_bytes
 

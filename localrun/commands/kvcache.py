@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from localrun.cache.scan import iso
-from localrun.inference import prompt_cache
+from localrun.inference.generation import prompt_cache
 from localrun.output import Output
+from localrun.store.scan import iso
 from localrun.text import ago, human_bytes, plural, safe
 
 BEGINS_WIDTH = 32  # characters of an entry's opening shown in a row

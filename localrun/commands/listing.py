@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from localrun.cache.resolve import aliases_of
-from localrun.cache.scan import CacheEntry, Listing
 from localrun.model import aliases
 from localrun.output import Output
+from localrun.store.resolve import aliases_of
+from localrun.store.scan import CacheEntry, Listing
 from localrun.text import ago, human_bytes, safe
 
 

@@ -9,21 +9,21 @@ from dataclasses import replace
 from rich.markup import escape
 
 from localrun import fit, hardware
-from localrun.cache.opening import open_checked
-from localrun.cache.resolve import Resolved, resolve
 from localrun.hardware import Machine
-from localrun.inference.build import build_info
 from localrun.inference.engine import Engine
-from localrun.inference.filecheck import check_file
+from localrun.inference.llama.build import build_info
+from localrun.inference.machine import this_machine
 from localrun.inference.opening import EngineConfig, load_engine
-from localrun.inference.selftest import this_machine
+from localrun.inference.safety.filecheck import check_file
 from localrun.model.files import ModelFiles
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import Output
+from localrun.store.opening import open_checked
+from localrun.store.resolve import Resolved, resolve
 from localrun.text import human_bytes, safe
 
 
-def obtain(
+def resolve_or_pull(
     ref: ModelRef,
     out: Output,
     *,
@@ -68,7 +68,7 @@ def open_engine(reference: str, cfg: EngineConfig, out: Output, *, draft: str | 
     cfg = checked_config(cfg, out)
     started = time.perf_counter()
     machine = this_machine(out.info)
-    resolved = obtain(parse_ref(reference), out, n_ctx=cfg.n_ctx, machine=machine, shape=cfg.shape)
+    resolved = resolve_or_pull(parse_ref(reference), out, n_ctx=cfg.n_ctx, machine=machine, shape=cfg.shape)
     if draft is not None:
         cfg = replace(cfg, draft=draft_beside(draft, resolved, cfg, machine, out))
     resolved_at = time.perf_counter()
@@ -98,7 +98,7 @@ def draft_beside(
     """The draft model, when it fits in RAM beside the model (None, said, when not). It runs on
     the CPU (the engine loads it with no GPU layers): a small model drafts fast there, and the
     GPU's memory stays the model's; so its CPU plan is what is counted."""
-    draft = obtain(parse_ref(reference), out, n_ctx=target.plan.n_ctx, machine=machine)
+    draft = resolve_or_pull(parse_ref(reference), out, n_ctx=target.plan.n_ctx, machine=machine)
     on_cpu = fit.plan(draft.header, replace(machine, gpus=[]), target.plan.n_ctx, cfg.shape)
     both = target.plan.estimate.ram + on_cpu.estimate.ram
     room = machine.ram_available - fit.ram_headroom(machine)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from localrun import fit
-from localrun.cache.resolve import Resolved
 from localrun.errors import BadModel, UsageError
 from localrun.hardware import Machine
 from localrun.hub.listing import RepoListing, RepoQuant, list_quants
@@ -23,6 +22,7 @@ from localrun.hub.ranges import read_remote_header
 from localrun.model.files import ModelFiles
 from localrun.model.header import HeaderInfo, keep_header, known_header
 from localrun.model.refs import ModelRef
+from localrun.store.resolve import Resolved
 from localrun.text import human_bytes, safe
 
 HEADER_READERS = 4  # candidates whose headers are fetched at once

@@ -9,7 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from localrun import fit
-from localrun.cache.resolve import resolve
 from localrun.commands.planning import PullResult, Row, memory_need, plan_pull
 from localrun.commands.progress import RichDownloadProgress
 from localrun.errors import NetworkError, NoSpace
@@ -17,9 +16,10 @@ from localrun.hardware import Machine
 from localrun.hub.download import download
 from localrun.hub.listing import RepoQuant
 from localrun.hub.settings import offline
-from localrun.inference.selftest import this_machine
+from localrun.inference.machine import this_machine
 from localrun.model.refs import ModelRef
 from localrun.output import Output
+from localrun.store.resolve import resolve
 from localrun.text import human_bytes, safe
 
 

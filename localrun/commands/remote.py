@@ -11,15 +11,15 @@ from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 from localrun.errors import NoSpace, UsageError
-from localrun.inference.conversation import Dialogue
-from localrun.inference.events import Event
+from localrun.inference.conversation import Conversation
+from localrun.inference.generation.events import Event
+from localrun.inference.generation.settings import Settings
 from localrun.inference.opening import EngineConfig
-from localrun.inference.sampling import Settings
 from localrun.serve import client
 from localrun.text import safe
 
 
-class RemoteDialogue(Dialogue):
+class RemoteConversation(Conversation):
     def __init__(
         self,
         server: client.Server,
@@ -57,7 +57,7 @@ class RemoteDialogue(Dialogue):
                 dropped += gone
                 continue
             if dropped:
-                self.said_dropped(dropped, self.ctx_per_slot)
+                self.say_dropped(dropped, self.ctx_per_slot)
             return itertools.chain([first], events)
 
     def _ask(self) -> Iterator[Event]:

@@ -27,8 +27,8 @@ from prompt_toolkit.shortcuts import create_confirm_session
 from localrun import paths
 from localrun.commands.stream import make_renderer, show_stats_line
 from localrun.errors import LocalrunError, UsageError
-from localrun.inference.conversation import Dialogue
-from localrun.inference.sampling import BOUNDS, SETTABLE, UNSET
+from localrun.inference.conversation import Conversation
+from localrun.inference.generation.settings import BOUNDS, SETTABLE, UNSET
 from localrun.output import Output, isatty
 from localrun.text import safe
 
@@ -64,7 +64,7 @@ BLOCK = '"""'  # opens and closes a block of lines sent as one message
 class Repl:
     """Slash commands and the prompt loop; `handle` is separate from the I/O to keep it testable."""
 
-    def __init__(self, conv: Dialogue, out: Output):
+    def __init__(self, conv: Conversation, out: Output):
         self.conv = conv
         self.out = out
         self.session: Any = None  # the prompt, while run() reads it: /save asks there

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from localrun.cache.remove import RemovalPlan, plan_removal, remove
 from localrun.errors import LocalrunError
 from localrun.model.refs import ModelRef
 from localrun.output import Output
+from localrun.store.remove import RemovalPlan, plan_removal, remove
 from localrun.text import human_bytes, plural, safe
 
 

@@ -24,7 +24,7 @@ from localrun.hub.errors import translate_hub_error
 from localrun.hub.listing import RepoNotFound, list_quants
 from localrun.hub.search import SORTS, HubModel, params_range, search_models
 from localrun.hub.settings import any_token
-from localrun.inference.selftest import this_machine
+from localrun.inference.machine import this_machine
 from localrun.model.header import HeaderInfo
 from localrun.model.refs import parse_ref
 from localrun.output import Output

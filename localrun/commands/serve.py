@@ -9,13 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from localrun.cache.resolve import Resolved, aliases_of, resolve
-from localrun.cache.scan import scan
-from localrun.commands.loading import checked_config, draft_beside, obtain
+from localrun.commands.loading import checked_config, draft_beside, resolve_or_pull
 from localrun.commands.stream import stats_line
 from localrun.errors import NotFound, UsageError
+from localrun.inference.machine import this_machine
 from localrun.inference.opening import EngineConfig
-from localrun.inference.selftest import this_machine
 from localrun.model import aliases
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import MESSAGE_LIMIT, Output
@@ -24,6 +22,8 @@ from localrun.serve.app import Access, Served, create_app
 from localrun.serve.host import ModelHost, ServeOptions
 from localrun.serve.registry import Registry
 from localrun.serve.server import Limits, bind, is_loopback, serve, url_of
+from localrun.store.resolve import Resolved, aliases_of, resolve
+from localrun.store.scan import scan
 from localrun.text import safe
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
@@ -90,7 +90,7 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output, draft: str | N
     if models:
         for reference in models:
             ref = parse_ref(reference)
-            resolved = obtain(ref, out, machine=machine)
+            resolved = resolve_or_pull(ref, out, machine=machine)
             if draft is not None:
                 opts.draft = draft_beside(draft, resolved, opts.generation(), machine, out)
             model_id, aliases = _model_id(resolved, ref)

@@ -13,18 +13,18 @@ from typing import Literal
 
 from rich.text import Text
 
-from localrun.cache.resolve import resolve
-from localrun.cache.scan import iso, scan
-from localrun.cache.usage import last_used
 from localrun.commands.planning import plan_pull
 from localrun.fit import Plan, Shape
 from localrun.hardware import Machine
-from localrun.inference.filecheck import remembered_problem
-from localrun.inference.selftest import this_machine
+from localrun.inference.machine import this_machine
+from localrun.inference.safety.filecheck import remembered_problem
 from localrun.model.header import HeaderInfo
 from localrun.model.refs import ModelRef
 from localrun.model.validate import problem
 from localrun.output import Output, Whole
+from localrun.store.resolve import resolve
+from localrun.store.scan import iso, scan
+from localrun.store.usage import last_used
 from localrun.text import ago, count, human_bytes, safe
 
 Source = Literal["local", "pulled", "remote"]

@@ -19,7 +19,7 @@ from typing import Any
 from rich.markup import escape
 from wcwidth import wcwidth
 
-from localrun.inference.events import EventSink, Notice, PrefillProgress, Speculation, Stats, TokenLogprob
+from localrun.inference.generation.events import EventSink, Notice, PrefillProgress, SampledToken, Speculation, Stats
 from localrun.output import Output
 from localrun.text import safe
 
@@ -292,12 +292,12 @@ class JsonRenderer:
         self.out = out
         self.extra = extra or {}
         self.parts: list[str] = []
-        self.tokens: list[TokenLogprob] | None = None  # with --logprobs
+        self.tokens: list[SampledToken] | None = None  # with --logprobs
 
     def piece(self, text: str) -> None:
         self.parts.append(text)
 
-    def logprobs(self, tokens: list[TokenLogprob]) -> None:
+    def logprobs(self, tokens: list[SampledToken]) -> None:
         self.tokens = (self.tokens or []) + tokens
 
     def progress(self, event: PrefillProgress) -> None:
@@ -322,9 +322,9 @@ class JsonLinesRenderer:
         self.out = out
         if extra:
             out.json_line({"kind": "start", **extra})
-        self.tokens: list[TokenLogprob] = []  # with --logprobs: the piece's tokens
+        self.tokens: list[SampledToken] = []  # with --logprobs: the piece's tokens
 
-    def logprobs(self, tokens: list[TokenLogprob]) -> None:
+    def logprobs(self, tokens: list[SampledToken]) -> None:
         self.tokens = tokens
 
     def piece(self, text: str) -> None:

@@ -1,5 +1,5 @@
 """A conversation: messages through a chat template, trimmed to the context, answered by the engine
-(Conversation) or by anything else that streams the same events (a Dialogue, e.g. a server).
+(LocalConversation) or by anything else that streams the same events (a Conversation, e.g. a server).
 
 A cancelled reply (Ctrl-C) drops both the question and the partial answer, so the conversation
 is exactly what it was before.
@@ -16,11 +16,11 @@ from typing import Any
 
 from localrun import paths
 from localrun.errors import NoSpace, UsageError
-from localrun.inference import grammar as grammars
 from localrun.inference.engine import Engine
-from localrun.inference.events import Event, EventSink, PrefillProgress, Stats, drive
-from localrun.inference.sampling import BOUNDS, UNSET, Settings, check_stops, check_structure
-from localrun.inference.templates import ChatTemplate, Message
+from localrun.inference.generation import grammar as grammars
+from localrun.inference.generation.events import Event, EventSink, PrefillProgress, Stats, drive
+from localrun.inference.generation.settings import BOUNDS, UNSET, Settings, check_stops, check_structure
+from localrun.inference.prompting.templates import ChatTemplate, Message
 
 REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
 
@@ -46,9 +46,9 @@ class _Recorder:
         self.inner.finish(stats)
 
 
-class Dialogue:
+class Conversation:
     """Messages and settings; reply() asks, streams the answer to a sink, and keeps the turn.
-    Subclasses say where answers come from: a loaded engine (Conversation) or a server."""
+    Subclasses say where answers come from: a loaded engine (LocalConversation) or a server."""
 
     label = ""  # the model, as the user named it
 
@@ -85,7 +85,7 @@ class Dialogue:
             return 2
         return 1
 
-    def said_dropped(self, dropped: int, n_ctx: int | None) -> None:
+    def say_dropped(self, dropped: int, n_ctx: int | None) -> None:
         where = f"the context ({n_ctx} tokens)" if n_ctx else "the server's context"
         self.warn(
             f"{where} was nearly full: dropped the {dropped} oldest message{'s' if dropped > 1 else ''}"
@@ -244,7 +244,7 @@ def restored_settings(current: Settings, saved: Any, figures: dict[str, int] | N
     return settings
 
 
-class Conversation(Dialogue):
+class LocalConversation(Conversation):
     """Over a loaded engine: the messages through a chat template, trimmed to the context."""
 
     def __init__(
@@ -286,11 +286,11 @@ class Conversation(Dialogue):
             parts[-1:] = [(self.material, True), (last[len(self.material) :], False)]
         return self.engine.tokenize_parts(parts)
 
-    def reusable(self, tokens: list[int], material: str) -> int:
+    def cached_prefix(self, tokens: list[int], material: str) -> int:
         """How many prompt tokens come before the question: the template's preamble, the system
         prompt, earlier turns and the `material` the last message starts with. They are what the
         prompt cache keeps; 0 when the template changed the message beyond recognition."""
-        return self.engine.reusable(self.text(self.messages), self.messages[-1]["content"], tokens, len(material))
+        return self.engine.prefix_length(self.text(self.messages), self.messages[-1]["content"], tokens, len(material))
 
     def _fit(self) -> list[int]:
         """The prompt tokens; drops the oldest turns (never the system prompt or the new
@@ -306,7 +306,7 @@ class Conversation(Dialogue):
             dropped += gone
             tokens = self.tokens(self.messages)
         if dropped:
-            self.said_dropped(dropped, n_ctx)
+            self.say_dropped(dropped, n_ctx)
         if len(tokens) >= n_ctx:
             raise NoSpace(
                 f"the message is too long for the context ({len(tokens)} of {n_ctx} tokens)",
@@ -329,7 +329,7 @@ class Conversation(Dialogue):
             self.settings.max_tokens,
             stop,
             grammar=self.settings.grammar,
-            reusable=self.reusable(tokens, material) if first else 0,
+            cached_prefix=self.cached_prefix(tokens, material) if first else 0,
             top_logprobs=self.settings.logprobs,
         )
 

@@ -12,22 +12,48 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from localrun.errors import NoSpace
-from localrun.inference.events import PROGRESS_EVERY, Event, PrefillProgress, Stats
-from localrun.inference.prompt_cache import PromptCache
-from localrun.inference.runtime import DecodeAborted, Loaded, common_prefix
-from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import SamplingOptions
-from localrun.inference.scheduler import Scheduler
-from localrun.inference.sequence import Failed, Request, Sequence, Update
-from localrun.inference.speculative import Speculator
-from localrun.inference.templates import ChatTemplate, Message
-from localrun.inference.vocabulary import Part, holds_special, tokenize_parts
+from localrun.inference.generation.events import PROGRESS_EVERY, Event, PrefillProgress, Stats
+from localrun.inference.generation.prompt_cache import PromptCache
+from localrun.inference.generation.sampler import Sampler
+from localrun.inference.generation.scheduler import Scheduler
+from localrun.inference.generation.sequence import Failed, Request, Sequence, Update
+from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.generation.speculative import Speculator
+from localrun.inference.llama.runtime import DecodeAborted, Loaded, common_prefix
+from localrun.inference.llama.vocabulary import Part, holds_special, tokenize_parts
+from localrun.inference.prompting.templates import ChatTemplate, Message
+from localrun.model.files import ModelFiles
 
-if TYPE_CHECKING:  # opening builds an Engine and imports this module
-    from localrun.inference.opening import ModelInfo
+
+@dataclass
+class ModelInfo:
+    path: Path
+    label: str  # org/repo:QUANT, or the path of a local file: what was loaded, as commands name it
+    quant: str | None
+    name: str  # general.name from the file
+    n_ctx: int
+    n_ctx_train: int
+    n_gpu_layers: int
+    n_threads: int
+    load_s: float  # llama.cpp: weights and context
+    plan_s: float = 0.0  # reading the header and planning GPU layers and context
+    resolve_s: float = 0.0  # finding (or pulling) and validating the file
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: ModelFiles, loaded: Loaded, n_gpu: int, threads: int, started: float) -> ModelInfo:
+        """What was loaded (since `started`), as commands name it."""
+        name = loaded.model.meta("general.name") or model.path.stem
+        elapsed = time.perf_counter() - started
+        n_ctx, trained = loaded.ctx.n_ctx, loaded.model.n_ctx_train
+        return cls(model.path, model.label, model.quant, name, n_ctx, trained, n_gpu, threads, elapsed)
+
+    def timings(self) -> dict[str, float]:
+        return {"resolve_s": round(self.resolve_s, 4), "plan_s": round(self.plan_s, 4), "load_s": round(self.load_s, 4)}
 
 
 class Engine:
@@ -76,7 +102,7 @@ class Engine:
             return self.tokenize(template.render(messages))
         return self._with_bos(tokenize_parts(self.model, template.render_parts(messages)), True)
 
-    def reusable(self, text: str, last: str, tokens: list[int], keep: int = 0) -> int:
+    def prefix_length(self, text: str, last: str, tokens: list[int], keep: int = 0) -> int:
         """How many of a prompt's `tokens` (the rendered `text`) come before its last message
         `last` (and the first `keep` characters of it: piped material) -- what the prompt cache
         keeps: the template's preamble, the system prompt, the material. 0 when the template
@@ -143,12 +169,12 @@ class Engine:
         stop: list[str],
         *,
         grammar: str | None = None,
-        reusable: int = 0,
+        cached_prefix: int = 0,
         top_logprobs: int | None = None,
     ) -> Iterator[Event]:
         """Stream Piece events, then one Stats: the scheduler's one sequence, stepped from this
         thread. max_tokens None: until the context is full. `grammar` (GBNF) constrains the
-        reply; the first `reusable` prompt tokens may come from (and go to) the prompt cache;
+        reply; the first `cached_prefix` prompt tokens may come from (and go to) the prompt cache;
         `top_logprobs` (0 or more alternatives) adds each token's log-probability to the Pieces.
         A KeyboardInterrupt raised in here, or thrown in by the consumer, ends it as 'cancelled'."""
         n_prompt = len(prompt_tokens)
@@ -161,7 +187,7 @@ class Engine:
         limit = room if max_tokens is None or max_tokens < 0 else min(room, max_tokens)
         sampler = Sampler(self.model, sampling, grammar, n_ctx=self.n_ctx)
         updates: list[Update] = []
-        request = Request(prompt_tokens, sampler, limit, room, stop, updates.append, top_logprobs, reusable)
+        request = Request(prompt_tokens, sampler, limit, room, stop, updates.append, top_logprobs, cached_prefix)
         core, seq = self.scheduler, self.scheduler.sequences[0]
         self.ctx.clear_abort()
         try:

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localrun import fit
-from localrun import notes as said
 from localrun.errors import NoSpace, UsageError
 from localrun.fit import MIN_CTX, Plan
 from localrun.hardware import default_threads
-from localrun.inference import runtime, templates
-from localrun.inference.engine import Engine
-from localrun.inference.prompt_cache import DEFAULT_LIMIT, PromptCache, kv_identity
-from localrun.inference.runtime import Loaded, LoadOptions
-from localrun.inference.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
-from localrun.inference.templates import ChatTemplate
+from localrun.inference.engine import Engine, ModelInfo
+from localrun.inference.generation.prompt_cache import DEFAULT_LIMIT, PromptCache, kv_identity
+from localrun.inference.generation.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
+from localrun.inference.llama import runtime
+from localrun.inference.llama.runtime import Loaded, LoadOptions
+from localrun.inference.prompting import templates
+from localrun.inference.prompting.templates import ChatTemplate
 from localrun.model.files import ModelFiles
+from localrun.notes import Note, context_rounded, load_context_reduced, load_gpu_reduced
 from localrun.text import safe
 
 Notify = Callable[[str], None]
@@ -55,40 +56,13 @@ class EngineConfig:
 
 
 @dataclass
-class ModelInfo:
-    path: Path
-    label: str  # org/repo:QUANT, or the path of a local file: what was loaded, as commands name it
-    quant: str | None
-    name: str  # general.name from the file
-    n_ctx: int
-    n_ctx_train: int
-    n_gpu_layers: int
-    n_threads: int
-    load_s: float  # llama.cpp: weights and context
-    plan_s: float = 0.0  # reading the header and planning GPU layers and context
-    resolve_s: float = 0.0  # finding (or pulling) and validating the file
-    notes: list[str] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, model: ModelFiles, loaded: Loaded, n_gpu: int, threads: int, started: float) -> ModelInfo:
-        """What was loaded (since `started`), as commands name it."""
-        name = loaded.model.meta("general.name") or model.path.stem
-        elapsed = time.perf_counter() - started
-        n_ctx, trained = loaded.ctx.n_ctx, loaded.model.n_ctx_train
-        return cls(model.path, model.label, model.quant, name, n_ctx, trained, n_gpu, threads, elapsed)
-
-    def timings(self) -> dict[str, float]:
-        return {"resolve_s": round(self.resolve_s, 4), "plan_s": round(self.plan_s, 4), "load_s": round(self.load_s, 4)}
-
-
-@dataclass
 class Opened:
     """A model loaded by load_backing_off: the options it was loaded with in the end, and what
     backing off changed."""
 
     loaded: Loaded
     opts: LoadOptions
-    notes: list[said.Note]
+    notes: list[Note]
 
 
 def load_backing_off(
@@ -101,7 +75,7 @@ def load_backing_off(
 ) -> Opened:
     """Load with `opts`; when llama.cpp cannot allocate, halve the GPU layers down to none, then
     (with `shrink_ctx`) the context down to fit.MIN_CTX, saying each step through `notify`."""
-    notes: list[said.Note] = []
+    notes: list[Note] = []
     while True:
         try:
             loaded = runtime.load(path, opts, progress)
@@ -110,17 +84,17 @@ def load_backing_off(
             n_gpu, n_ctx = opts.n_gpu_layers, opts.n_ctx
             if n_gpu > 0:
                 notify(f"could not allocate with {n_gpu} GPU layers; retrying with {n_gpu // 2}")
-                notes.append(said.load_gpu_reduced(n_gpu, n_gpu // 2))
+                notes.append(load_gpu_reduced(n_gpu, n_gpu // 2))
                 opts = replace(opts, n_gpu_layers=n_gpu // 2)
             elif shrink_ctx and n_ctx > MIN_CTX:
                 smaller = max(MIN_CTX, n_ctx // 2)
                 notify(f"could not allocate a context of {n_ctx} tokens; retrying with {smaller}")
-                notes.append(said.load_context_reduced(n_ctx, smaller))
+                notes.append(load_context_reduced(n_ctx, smaller))
                 opts = replace(opts, n_ctx=smaller)
             else:
                 raise
     if loaded.ctx.n_ctx != opts.n_ctx:
-        rounded = said.context_rounded(opts.n_ctx, loaded.ctx.n_ctx)
+        rounded = context_rounded(opts.n_ctx, loaded.ctx.n_ctx)
         notify(rounded.text)
         notes.append(rounded)
     return Opened(loaded, opts, notes)

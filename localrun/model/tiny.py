@@ -1,8 +1,7 @@
 """Tiny llama-architecture GGUF models: random weights, a working SentencePiece-style vocabulary.
 
-Used by the self-test (a model small enough to load and decode in a fraction of a second) and by
-the test suite and scripts/make_tiny_models.py (quant variants, split files, edge cases); the
-quant variants are made with llama.cpp's own quantizer (inference.runtime.quantize).
+The self-test's probe model: small enough to load and decode in a fraction of a second. The test
+suite builds its models (quant variants, split files, broken ones) on it in tests/support.
 """
 
 from __future__ import annotations
@@ -257,12 +256,14 @@ class TinySpec:
     n_ctx_train: int = 2048
     name: str = "tiny-llama"
     chat_template: str | None = CHATML_TEMPLATE
-    duplicate_token: bool = False  # a corrupt vocabulary: llama.cpp aborts on it (GGML_ASSERT)
-    rms_eps: float = 1e-5  # below 0 llama.cpp aborts at the first decode (GGML_ASSERT(eps >= 0))
+    rms_eps: float = 1e-5
     seed: int = 0
 
 
-def vocabulary(duplicate_token: bool = False) -> tuple[list[str], list[float], list[int]]:
+Vocabulary = tuple[list[str], list[float], list[int]]  # tokens, scores, token types
+
+
+def vocabulary() -> Vocabulary:
     """Tokens, scores and token types of a small SentencePiece (llama) vocabulary."""
     tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     types = [_UNKNOWN, _CONTROL, _CONTROL, _CONTROL, _CONTROL]
@@ -275,8 +276,6 @@ def vocabulary(duplicate_token: bool = False) -> tuple[list[str], list[float], l
             if piece not in seen:
                 seen.add(piece)
                 pieces.append(piece)
-    if duplicate_token:
-        pieces.append(pieces[10])
     tokens += pieces
     types += [_NORMAL] * len(pieces)
     # Longer pieces score higher so the tokenizer prefers whole words.
@@ -284,15 +283,22 @@ def vocabulary(duplicate_token: bool = False) -> tuple[list[str], list[float], l
     return tokens, scores, types
 
 
-def write_tiny_model(path: str | os.PathLike[str], spec: TinySpec = TinySpec(), *, split_max_tensors: int = 0) -> Path:
-    """Write an F32 llama model. With split_max_tensors, write `...-0000i-of-0000n.gguf` shards
-    (path is then the name without the shard suffix) and return the first shard."""
+def write_tiny_model(
+    path: str | os.PathLike[str],
+    spec: TinySpec = TinySpec(),
+    *,
+    vocab: Vocabulary | None = None,
+    split_max_tensors: int = 0,
+) -> Path:
+    """Write an F32 llama model (with `vocab`, or the one above). With split_max_tensors, write
+    `...-0000i-of-0000n.gguf` shards (path is then the name without the shard suffix) and return
+    the first shard."""
     import gguf
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
-    tokens, scores, types = vocabulary(spec.duplicate_token)
+    tokens, scores, types = vocab or vocabulary()
     n_vocab = len(tokens)
     head_dim = spec.n_embd // spec.n_head
     n_embd_kv = head_dim * spec.n_head_kv
@@ -345,21 +351,4 @@ def write_tiny_model(path: str | os.PathLike[str], spec: TinySpec = TinySpec(), 
     if split_max_tensors:
         shards = sorted(path.parent.glob(path.stem + "-00001-of-*.gguf"))
         return shards[0]
-    return path
-
-
-def write_mmproj_like(path: str | os.PathLike[str]) -> Path:
-    """A small GGUF shaped like a vision projector file (architecture `clip`), for pull tests."""
-    import gguf
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, "clip")
-    writer.add_name("tiny-mmproj")
-    writer.add_file_type(1)
-    writer.add_tensor("mm.0.weight", np.zeros((256, 256), dtype=np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
     return path

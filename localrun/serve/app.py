@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from localrun.errors import LocalrunError
-from localrun.inference.events import Stats
+from localrun.inference.generation.events import Stats
 from localrun.serve import prepare, replies
 from localrun.serve.errors import ApiError, from_localrun
 from localrun.serve.loop import QueueFull

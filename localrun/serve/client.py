@@ -19,9 +19,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from localrun.errors import AccessDenied, LocalrunError, NetworkError, NoSpace, NotFound, UsageError
-from localrun.inference.events import Piece, Stats
-from localrun.inference.sampling import SamplingOptions
-from localrun.inference.templates import Message
+from localrun.inference.generation.events import Piece, Stats
+from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.prompting.templates import Message
 from localrun.text import safe
 
 CONNECT_TIMEOUT = 10.0

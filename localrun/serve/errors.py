@@ -68,7 +68,7 @@ def from_localrun(exc: LocalrunError) -> ApiError:
 def as_api_error(exc: BaseException) -> ApiError:
     """What ended a reply in the generation core, as the client gets it: an abort is the server
     stopping, a localrun error keeps its meaning, anything else is the server's fault."""
-    from localrun.inference.runtime import DecodeAborted
+    from localrun.inference.llama.runtime import DecodeAborted
 
     if isinstance(exc, ApiError):
         return exc

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localrun import fit
-from localrun import notes as said
-from localrun.cache.opening import open_checked
-from localrun.cache.resolve import Resolved
 from localrun.hardware import Machine, default_threads
-from localrun.inference import runtime
 from localrun.inference.engine import Engine
+from localrun.inference.generation.prompt_cache import DEFAULT_LIMIT
+from localrun.inference.generation.speculative import Mode
+from localrun.inference.llama import runtime
+from localrun.inference.llama.runtime import LoadOptions
 from localrun.inference.opening import (
     EngineConfig,
     ModelInfo,
@@ -33,14 +33,14 @@ from localrun.inference.opening import (
     prompt_cache_for,
     speculator_for,
 )
-from localrun.inference.prompt_cache import DEFAULT_LIMIT
-from localrun.inference.runtime import LoadOptions
-from localrun.inference.speculative import Mode
-from localrun.inference.templates import ChatTemplate
+from localrun.inference.prompting.templates import ChatTemplate
 from localrun.model.files import ModelFiles
+from localrun.notes import beyond_trained
 from localrun.serve.errors import ApiError, shutting_down
 from localrun.serve.loop import SlotLoop
 from localrun.serve.protocol import SlotsHealth
+from localrun.store.opening import open_checked
+from localrun.store.resolve import Resolved
 from localrun.text import plural, safe
 
 Notify = Callable[[str], None]
@@ -234,7 +234,7 @@ class ModelHost:
             say(f"context reduced to {n} slots × {per_slot} tokens to fit in memory")
         # the plan's notes on the context are about all slots together: say them per slot instead
         notes = [note for note in plan.notes if note.kind not in ("beyond_trained", "context_reduced")]
-        beyond = said.beyond_trained(per_slot, resolved.header.n_ctx_train, f"{per_slot} tokens per slot")
+        beyond = beyond_trained(per_slot, resolved.header.n_ctx_train, f"{per_slot} tokens per slot")
         if beyond:
             notes.append(beyond)
         if notes:

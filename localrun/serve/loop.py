@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from localrun.fit import UBATCH
-from localrun.inference.runtime import Loaded
-from localrun.inference.scheduler import Scheduler
-from localrun.inference.sequence import Failed, Request
+from localrun.inference.generation.scheduler import Scheduler
+from localrun.inference.generation.sequence import Failed, Request
+from localrun.inference.llama.runtime import Loaded
 from localrun.serve.errors import ApiError, shutting_down
 
 if TYPE_CHECKING:
-    from localrun.inference.prompt_cache import PromptCache
-    from localrun.inference.speculative import Speculator
+    from localrun.inference.generation.prompt_cache import PromptCache
+    from localrun.inference.generation.speculative import Speculator
 
 # Requests sent together (a client's parallel calls) reach the loop a few ms apart: each is
 # parsed, rendered and tokenized first. Woken from idle while others are still being prepared, it

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from localrun.errors import LocalrunError
-from localrun.inference import grammar
-from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import OutOfBounds, SamplingOptions, check_stops
-from localrun.inference.sequence import Request, Update
+from localrun.inference.generation import grammar
+from localrun.inference.generation.sampler import Sampler
+from localrun.inference.generation.sequence import Request, Update
+from localrun.inference.generation.settings import OutOfBounds, SamplingOptions, check_stops
 from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
 from localrun.serve.host import ModelHost
 from localrun.serve.protocol import (
@@ -62,7 +62,7 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Request:
     # tool definitions, a shared document before it); later turns find theirs in a slot's cache.
     if sum(m["role"] == "user" for m in messages) == 1:
         text = host.template.render(messages)
-        job.reusable = host.engine.reusable(text, messages[-1]["content"], prompt)
+        job.cached_prefix = host.engine.prefix_length(text, messages[-1]["content"], prompt)
     return job
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from localrun.inference.sampling import BOUNDS
+from localrun.inference.generation.settings import BOUNDS
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

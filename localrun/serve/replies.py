@@ -12,9 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from localrun.inference.events import Piece, Stats
-from localrun.inference.events import TokenLogprob as SampledToken
-from localrun.inference.sequence import Failed, Update
+from localrun.inference.generation.events import Piece, SampledToken, Stats
+from localrun.inference.generation.sequence import Failed, Update
 from localrun.serve.errors import ApiError, as_api_error
 from localrun.serve.protocol import (
     AssistantMessage,

@@ -17,9 +17,9 @@ from localrun.commands.generate import PromptOptions, generate, open_conversatio
 from localrun.commands.loading import open_engine
 from localrun.commands.repl import Repl
 from localrun.errors import LocalrunError
+from localrun.inference.generation.settings import SamplingOptions, Settings
+from localrun.inference.llama.runtime import padded_ctx
 from localrun.inference.opening import EngineConfig
-from localrun.inference.runtime import padded_ctx
-from localrun.inference.sampling import SamplingOptions, Settings
 from localrun.output import Output
 
 CONTEXTS = (16, 100, 160, 255, 256, 257, 300, 511, 512, 513, 700)

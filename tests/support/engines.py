@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from localrun.cache.resolve import resolve
 from localrun.inference.engine import Engine
+from localrun.inference.machine import this_machine
 from localrun.inference.opening import EngineConfig, load_engine
-from localrun.inference.selftest import this_machine
 from localrun.model.refs import parse_ref
 from localrun.output import Output
+from localrun.store.resolve import resolve
 
 
 def open_engine(path: Path, n_ctx: int | None = None, n_gpu_layers: int | None = None, **config) -> Engine:

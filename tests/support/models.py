@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localrun.inference.build import quantize
+import numpy as np
+
+from localrun.inference.llama.build import quantize
 from localrun.model import tiny
-from localrun.model.tiny import TinySpec, write_mmproj_like, write_tiny_model
+from localrun.model.tiny import TinySpec, vocabulary, write_tiny_model
 
 SUITE_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 
@@ -56,7 +59,7 @@ def build_suite(root: Path) -> TinySuite:
 
         write_tiny_model(split_dir / "tiny-split-F32.gguf", TinySpec(name="tiny-split"), split_max_tensors=10)
         write_mmproj_like(suite.mmproj)
-        write_tiny_model(suite.corrupt_vocab, TinySpec(duplicate_token=True, name="tiny-dupvocab"))
+        write_tiny_model(suite.corrupt_vocab, TinySpec(name="tiny-dupvocab"), vocab=duplicated_vocabulary())
         done.touch()
     suite.split = sorted(split_dir.glob("tiny-split-F32-*-of-*.gguf"))
     return suite
@@ -87,3 +90,26 @@ def deep_model(root: Path) -> Path:
         quantize(base, target, "Q8_0")
         base.unlink()
     return target
+
+
+def duplicated_vocabulary() -> tiny.Vocabulary:
+    """The tiny vocabulary with one piece twice: a corrupt file, on which llama.cpp aborts (GGML_ASSERT)."""
+    tokens, scores, types = vocabulary()
+    return [*tokens, tokens[-1]], [*scores, scores[-1]], [*types, types[-1]]
+
+
+def write_mmproj_like(path: str | os.PathLike[str]) -> Path:
+    """A small GGUF shaped like a vision projector file (architecture `clip`), for pull tests."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, "clip")
+    writer.add_name("tiny-mmproj")
+    writer.add_file_type(1)
+    writer.add_tensor("mm.0.weight", np.zeros((256, 256), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from localrun.errors import UsageError
-from localrun.inference import gbnf
-from localrun.inference.json_pattern import json_safe
-from localrun.inference.schema_refs import with_refs_resolvable
+from localrun.inference.generation import gbnf
+from localrun.inference.generation.json_pattern import json_safe
+from localrun.inference.generation.schema_refs import with_refs_resolvable
 from localrun.text import safe
 
 ENUM_RANGE = 1024  # bounds admitting this many values at most become an enum the converter enforces

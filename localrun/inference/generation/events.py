@@ -11,7 +11,7 @@ FinishReason = Literal["eog", "stop", "length", "cancelled"]
 
 
 @dataclass
-class TokenLogprob:
+class SampledToken:
     """A sampled token's log-probability and the most likely alternatives, from the raw logits."""
 
     piece: bytes
@@ -36,7 +36,7 @@ class Piece:
 
     text: str
     kind: str = "piece"
-    tokens: list[TokenLogprob] = field(default_factory=list)
+    tokens: list[SampledToken] = field(default_factory=list)
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from localrun import fit
-from localrun.cache.scan import CacheEntry, Listing, scan
 from localrun.errors import BadModel, LocalrunError, UsageError
 from localrun.hardware import Machine
 from localrun.hub import integrity
@@ -22,6 +21,7 @@ from localrun.model.header import HeaderInfo, read_header
 from localrun.model.quants import quant_from_filename, tag_names
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.model.validate import validate
+from localrun.store.scan import CacheEntry, Listing, scan
 from localrun.text import safe
 
 

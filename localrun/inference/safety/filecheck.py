@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from localrun.errors import BadModel, EngineCrash
-from localrun.inference.selftest import run_probe
+from localrun.inference.safety.selftest import run_probe
 from localrun.model.files import shard_paths
 from localrun.model.header import cached_facts, remember_facts
 from localrun.text import safe

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localrun.inference.llama_log import install as install_log
+from localrun.hardware import cpu_info
+from localrun.inference.llama.log import install as install_log
 from localrun.model.quants import FTYPE_NAMES
 
 _backend_ready = False
@@ -77,3 +82,11 @@ def build_info() -> BuildInfo:
         system_info=system_info,
         backends=backends,
     )
+
+
+@functools.cache  # neither the build nor the CPU changes while a process runs
+def build_key() -> str:
+    """Identifies a llama.cpp build on a CPU: a verdict holds as long as neither changes."""
+    build, cpu = build_info(), cpu_info()
+    raw = json.dumps([build.version, build.system_info, cpu.model, cpu.features, sys.executable])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from localrun.inference.runtime import Batch, LlamaContext, LlamaModel, common_prefix
-from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import SamplingOptions
+from localrun.inference.generation.sampler import Sampler
+from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.llama.runtime import Batch, LlamaContext, LlamaModel, common_prefix
 
 Mode = Literal["auto", "lookup", "draft", "off"]
 K_MAX = 8  # drafted tokens per verify batch at most (the context reserves K_MAX + 1 logits rows)

@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from localrun.cache.usage import touch
 from localrun.fit import Plan
-from localrun.inference.filecheck import check_file
+from localrun.inference.safety.filecheck import check_file
 from localrun.model.files import ModelFiles
+from localrun.store.usage import touch
 from localrun.text import human_bytes
 
 T = TypeVar("T")

@@ -8,12 +8,12 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from localrun.errors import UsageError
-from localrun.inference.build import llama
-from localrun.inference.sampling import SamplingOptions, check_bounds, check_structure, llama_seed
-from localrun.inference.vocabulary import partial_utf8_tokens
+from localrun.inference.generation.settings import SamplingOptions, check_bounds, check_structure, llama_seed
+from localrun.inference.llama.build import llama
+from localrun.inference.llama.vocabulary import partial_utf8_tokens
 
 if TYPE_CHECKING:
-    from localrun.inference.runtime import LlamaContext, LlamaModel
+    from localrun.inference.llama.runtime import LlamaContext, LlamaModel
 
 
 class Sampler:

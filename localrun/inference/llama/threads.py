@@ -9,7 +9,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def in_passing_thread(work: Callable[[], T], cancel: Callable[[], None], release: Callable[[T], None]) -> T:
+def interruptibly(work: Callable[[], T], cancel: Callable[[], None], release: Callable[[T], None]) -> T:
     """`work()` in a thread that ends with it, waited on here, so that Ctrl-C reaches this thread
     (never a ctypes callback, the log's, where it would be lost): `cancel()` asks the work to stop,
     and once it is done what it made is `release`d and KeyboardInterrupt raised. A thread that

@@ -17,7 +17,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from localrun.inference.runtime import LlamaModel
+    from localrun.inference.llama.runtime import LlamaModel
 
 Part = tuple[str, bool]  # (text, whether it is a message's content: read as text only)
 _partial: weakref.WeakKeyDictionary[LlamaModel, list[int]] = weakref.WeakKeyDictionary()

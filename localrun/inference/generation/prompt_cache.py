@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localrun import paths
-from localrun.inference.build import llama
-from localrun.inference.runtime import LlamaContext, LoadOptions
-from localrun.inference.selftest import build_key
+from localrun.inference.llama.build import build_key, llama
+from localrun.inference.llama.runtime import LlamaContext, LoadOptions
 
 MIN_TOKENS = 64  # shorter prefixes are read faster than a file is checked
 DEFAULT_LIMIT = 4 << 30

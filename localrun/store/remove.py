@@ -6,11 +6,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from localrun.cache.resolve import find
-from localrun.cache.scan import CacheEntry, scan
-from localrun.cache.usage import forget
 from localrun.errors import NotFound, UsageError
 from localrun.model.refs import ModelRef
+from localrun.store.resolve import find
+from localrun.store.scan import CacheEntry, scan
+from localrun.store.usage import forget
 
 
 @dataclass

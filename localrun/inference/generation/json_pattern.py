@@ -12,7 +12,7 @@ they are (`\\.`) are written as one-character classes, which it copies whole.
 
 from __future__ import annotations
 
-from localrun.inference.gbnf import LIMITS
+from localrun.inference.generation.gbnf import LIMITS
 
 MAX_CODE = 0x10FFFF
 # What a JSON string cannot hold unescaped (control characters, quote, backslash), and the

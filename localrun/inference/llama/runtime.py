@@ -19,11 +19,10 @@ from typing import Any
 from localrun.errors import BadModel, LocalrunError, NoSpace, UsageError
 from localrun.fit import CELL_PAD, UBATCH
 from localrun.hardware import default_threads
-from localrun.inference import selftest
-from localrun.inference.build import llama
-from localrun.inference.llama_log import install as install_log
-from localrun.inference.llama_log import last_error, recent
-from localrun.inference.passing import in_passing_thread
+from localrun.inference.llama.build import llama
+from localrun.inference.llama.log import install as install_log
+from localrun.inference.llama.log import last_error, recent
+from localrun.inference.llama.threads import interruptibly
 
 # ggml.h's `enum ggml_type` ids of the KV cache types (fixed: GGUF files store them). The gguf
 # package has the whole table, but importing it costs a one-shot run more than its answer.
@@ -62,9 +61,9 @@ class LoadOptions:
     n_ctx: int = 2048
     n_batch: int = 512
     n_threads: int | None = None
-    # False avoids the AMX/repack buffer types; None (default): the self-test's verdict for this
-    # llama.cpp build on this CPU (selftest.use_extra_bufts), so no load can hit the AMX crash.
-    use_extra_bufts: bool | None = None
+    # Whether the AMX/repack buffer types may be used: the planner's (machine.this_machine, from
+    # the self-test's verdict on this build and CPU). False, the safe path, unless told.
+    use_extra_bufts: bool = False
     use_mmap: bool = True
     logits_all: bool = False  # keep logits for every position (perplexity, KL divergence)
     flash_attn: bool | None = None  # None: llama.cpp decides
@@ -95,10 +94,7 @@ class LlamaModel:
         params = lc.llama_model_default_params()
         params.n_gpu_layers = opts.n_gpu_layers
         params.use_mmap = opts.use_mmap
-        if opts.use_extra_bufts is None:
-            params.use_extra_bufts = selftest.use_extra_bufts()
-        else:
-            params.use_extra_bufts = opts.use_extra_bufts
+        params.use_extra_bufts = opts.use_extra_bufts
         self._lc = lc
         self.ptr = _load_abortably(lc, str(self.path).encode(), params, progress)
         if not self.ptr:
@@ -402,7 +398,7 @@ def _load_abortably(lc: Any, path: bytes, params: Any, progress: Callable[[float
         if ptr:
             lc.llama_model_free(ptr)
 
-    return in_passing_thread(lambda: lc.llama_model_load_from_file(path, params), cancelled.set, release)
+    return interruptibly(lambda: lc.llama_model_load_from_file(path, params), cancelled.set, release)
 
 
 def load(path: str | os.PathLike[str], opts: LoadOptions, progress: Callable[[float], None] | None = None) -> Loaded:
@@ -415,7 +411,7 @@ def load(path: str | os.PathLike[str], opts: LoadOptions, progress: Callable[[fl
     (measured: a decode 10-30% slower on 2 cores)."""
     model = LlamaModel(path, opts, progress)
     try:
-        ctx = in_passing_thread(lambda: LlamaContext(model, opts), lambda: None, LlamaContext.close)
+        ctx = interruptibly(lambda: LlamaContext(model, opts), lambda: None, LlamaContext.close)
     except BaseException:
         model.close()
         raise

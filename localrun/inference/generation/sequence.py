@@ -12,14 +12,14 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from localrun.inference.events import Event, Piece, Speculation, Stats, TokenLogprob
-from localrun.inference.runtime import common_prefix
-from localrun.inference.speculative import Controller, LookupDrafter, SeqDrafter, SpecStats
-from localrun.inference.stops import StopMatcher
+from localrun.inference.generation.events import Event, Piece, SampledToken, Speculation, Stats
+from localrun.inference.generation.speculative import Controller, LookupDrafter, SeqDrafter, SpecStats
+from localrun.inference.generation.stops import StopMatcher
+from localrun.inference.llama.runtime import common_prefix
 
 if TYPE_CHECKING:
-    from localrun.inference.runtime import LlamaContext, LlamaModel
-    from localrun.inference.sampler import Sampler
+    from localrun.inference.generation.sampler import Sampler
+    from localrun.inference.llama.runtime import LlamaContext, LlamaModel
 
 
 @dataclass
@@ -37,7 +37,7 @@ Update = Event | Failed
 @dataclass(eq=False)
 class Request:
     """A reply to generate. `sink` is called from the thread that steps the scheduler and must not
-    block. `reusable`: how many prompt tokens may come from (and go to) the prompt cache."""
+    block. `cached_prefix`: how many prompt tokens may come from (and go to) the prompt cache."""
 
     prompt: list[int]
     sampler: Sampler
@@ -46,7 +46,7 @@ class Request:
     stop: list[str]
     sink: Callable[[Update], None]
     top_logprobs: int | None = None  # None: no logprobs; 0: the sampled token's only
-    reusable: int = 0
+    cached_prefix: int = 0
     speculate: bool = True  # drafts may be verified for it (when the scheduler has drafters)
     cancelled: bool = False  # set by the caller (its client went away); the scheduler ends it
     submitted: float = field(default_factory=time.perf_counter)
@@ -79,7 +79,7 @@ class Sequence:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.matcher = StopMatcher([])
         self.history: list[int] = []  # the prompt and the reply so far: what drafts are looked up in
-        self.logprobs: list[TokenLogprob] = []
+        self.logprobs: list[SampledToken] = []
         self.t_start = 0.0
         self.t_read: float | None = None
         self.t_first: float | None = None
@@ -257,7 +257,7 @@ class Sequence:
         self.last_used = time.perf_counter()
 
 
-def logprob(logits: Any, token: int, k: int, model: LlamaModel, piece: bytes) -> TokenLogprob:
+def logprob(logits: Any, token: int, k: int, model: LlamaModel, piece: bytes) -> SampledToken:
     """Log-softmax of the raw logits (before penalties, grammar or temperature: the model's own
     distribution, as OpenAI reports it), at the sampled token and the k most likely."""
     import numpy as np
@@ -269,4 +269,4 @@ def logprob(logits: Any, token: int, k: int, model: LlamaModel, piece: bytes) ->
         best = np.argpartition(-logits, k - 1)[:k]
         best = best[np.argsort(-logits[best], kind="stable")]
         top = [(model.piece(int(t), special=True), float(logits[t]) - norm) for t in best]
-    return TokenLogprob(piece, float(logits[token]) - norm, top)
+    return SampledToken(piece, float(logits[token]) - norm, top)

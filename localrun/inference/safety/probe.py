@@ -1,6 +1,6 @@
 """Child side of the self-test: load a model, decode a few tokens, print one JSON line.
 
-Run as `python -m localrun.inference.probe MODEL [--no-extra-bufts] [--tokens N]`. It runs in its own
+Run as `python -m localrun.inference.safety.probe MODEL [--no-extra-bufts] [--tokens N]`. It runs in its own
 process because llama.cpp kills the process (SIGSEGV, abort) on some builds and inputs.
 """
 
@@ -13,13 +13,13 @@ import time
 from contextlib import closing
 
 from localrun.errors import LocalrunError
-from localrun.inference.events import Piece, Stats
-from localrun.inference.llama_log import install
-from localrun.inference.runtime import Loaded, LoadOptions, load
-from localrun.inference.sampler import Sampler
-from localrun.inference.sampling import SamplingOptions
-from localrun.inference.scheduler import Scheduler
-from localrun.inference.sequence import Failed, Request, Update
+from localrun.inference.generation.events import Piece, Stats
+from localrun.inference.generation.sampler import Sampler
+from localrun.inference.generation.scheduler import Scheduler
+from localrun.inference.generation.sequence import Failed, Request, Update
+from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.llama.log import install
+from localrun.inference.llama.runtime import Loaded, LoadOptions, load
 
 
 def greedy(loaded: Loaded, prompt: str, n: int) -> tuple[str, int]:

@@ -162,7 +162,7 @@ class Settings:
             check_stops(stop)
             self.stop = stop
         elif key in ("grammar", "json_schema"):  # a file (or, for a schema, JSON); "none" clears
-            from localrun.inference import grammar as grammars  # not at import: --help reads BOUNDS
+            from localrun.inference.generation import grammar as grammars  # not at import: --help reads BOUNDS
 
             found = (
                 None

@@ -18,16 +18,16 @@ from concurrent.futures import FIRST_COMPLETED, Executor, wait
 from typing import TYPE_CHECKING
 
 from localrun.errors import LocalrunError
-from localrun.inference.build import llama
-from localrun.inference.events import Notice
-from localrun.inference.prompt_cache import MIN_TOKENS
-from localrun.inference.runtime import Batch, DecodeAborted, Loaded
-from localrun.inference.sequence import Request, Sequence, Update
-from localrun.inference.speculative import K_MAX
+from localrun.inference.generation.events import Notice
+from localrun.inference.generation.prompt_cache import MIN_TOKENS
+from localrun.inference.generation.sequence import Request, Sequence, Update
+from localrun.inference.generation.speculative import K_MAX
+from localrun.inference.llama.build import llama
+from localrun.inference.llama.runtime import Batch, DecodeAborted, Loaded
 
 if TYPE_CHECKING:
-    from localrun.inference.prompt_cache import PromptCache
-    from localrun.inference.speculative import Speculator
+    from localrun.inference.generation.prompt_cache import PromptCache
+    from localrun.inference.generation.speculative import Speculator
 
 
 class Scheduler:
@@ -90,7 +90,7 @@ class Scheduler:
 
     def _disk_prefix(self, seq: Sequence, request: Request) -> None:
         """The prompt's reusable prefix loaded from the prompt cache; else saved once read."""
-        cache, reusable = self.prompt_cache, request.reusable
+        cache, reusable = self.prompt_cache, request.cached_prefix
         if cache is None or not MIN_TOKENS <= reusable < len(request.prompt) or len(seq.cached) >= reusable:
             return
         prefix = request.prompt[:reusable]

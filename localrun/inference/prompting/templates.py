@@ -12,7 +12,7 @@ from pathlib import Path
 from jinja2 import Template, TemplateError
 
 from localrun.errors import BadModel, LocalrunError, UsageError
-from localrun.inference import sandbox
+from localrun.inference.prompting import sandbox
 from localrun.text import safe
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}

@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from localrun.cache.usage import read_usage
 from localrun.hub import integrity
 from localrun.hub.listing import group_files
 from localrun.hub.settings import cache_dir
 from localrun.model.files import ModelFiles
 from localrun.model.quants import quant_from_filename, sort_key
+from localrun.store.usage import read_usage
 
 # a model to run; a vision projector (loaded next to a model); a shard of a split whose other
 # shards are missing; a GGUF that is no model (imatrix, draft)

@@ -9,8 +9,6 @@ load uses the safe path. The verdict is kept in $LOCALRUN_HOME/probe.json.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import signal
@@ -22,11 +20,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from localrun import hardware, paths
+from localrun import paths
 from localrun.errors import EngineCrash
-from localrun.hardware import Machine, cpu_info
-from localrun.inference.build import build_info, quantize
-from localrun.inference.llama_log import last_error
+from localrun.inference.llama.build import build_key, quantize
+from localrun.inference.llama.log import last_error
 
 PROBE_TIMEOUT = 120.0
 
@@ -100,7 +97,12 @@ def run_probe(
     timeout: float = PROBE_TIMEOUT,
 ) -> ProbeResult:
     """Load `model` and decode a few tokens in a child process; never crashes this process."""
-    argv = [*(command or [sys.executable, "-m", "localrun.inference.probe"]), str(model), "--tokens", str(tokens)]
+    argv = [
+        *(command or [sys.executable, "-m", "localrun.inference.safety.probe"]),
+        str(model),
+        "--tokens",
+        str(tokens),
+    ]
     if not extra_bufts:
         argv.append("--no-extra-bufts")
     try:
@@ -127,14 +129,6 @@ def run_probe(
     return ProbeResult(
         False, extra_bufts, proc.returncode, sig, last_error(proc.stderr.splitlines(), or_last_line=True)
     )
-
-
-@functools.cache  # neither the build nor the CPU changes while a process runs
-def build_key() -> str:
-    """Identifies a llama.cpp build on a CPU: a verdict holds as long as neither changes."""
-    build, cpu = build_info(), cpu_info()
-    raw = json.dumps([build.version, build.system_info, cpu.model, cpu.features, sys.executable])
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def probe_model() -> Path:
@@ -222,9 +216,3 @@ def use_extra_bufts(notify: Callable[[str], None] | None = None) -> bool:
             "the llama.cpp build crashes on this machine: " + verdict.fast.detail[-200:], hint=REBUILD_HINT
         )
     return verdict.use_extra_bufts
-
-
-def this_machine(notify: Callable[[str], None] | None = None) -> Machine:
-    """This machine as the planner must see it: detected now, with the build's verdict on extra
-    buffer types known before any plan is made (a repacked copy of the weights costs memory)."""
-    return hardware.detect().with_extra_bufts(use_extra_bufts(notify))

@@ -1,0 +1,1 @@
+"""The generation core: the scheduler of sequences, sampling, speculation, grammars, stops, the prompt cache."""

@@ -1,0 +1,1 @@
+"""llama.cpp's C API, typed: models, contexts, batches, the log, the build."""

@@ -1,0 +1,1 @@
+"""Prompts: chat templates, rendered in a sandbox."""
