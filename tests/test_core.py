@@ -174,3 +174,21 @@ def test_a_second_slot_copies_the_prefix_the_first_holds(tiny):
     assert busy_meanwhile  # the first was still generating: the second had the other slot
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= 100 and second.model_extra["timings"]["cached_from_disk"] == 0
+
+
+def test_a_conversation_longer_than_a_slot_loses_its_oldest_turns(tiny):
+    """As a chat does: the oldest turns go (never the system prompt or the question), said in the
+    server's log; a single message too long for the slot is still a 400."""
+    model = tiny.quants["Q8_0"]
+    turns = []
+    for i in range(12):
+        turns += [
+            {"role": "user", "content": f"question {i}: " + "the old man and the sea " * 6},
+            {"role": "assistant", "content": f"answer {i}: " + "the dog went home " * 6},
+        ]
+    messages = [{"role": "system", "content": "Be brief."}, *turns, {"role": "user", "content": "and now?"}]
+    with ServerProcess([model], "--parallel", "1", "--ctx", "512") as server:
+        reply = server.client().chat.completions.create(model=TINY, messages=messages, max_tokens=8, temperature=0)
+        log = server.stderr
+    assert reply.choices[0].finish_reason == "length" and reply.usage.prompt_tokens <= 512 - 8
+    assert "dropped its" in log and "oldest messages to fit a slot's context" in log

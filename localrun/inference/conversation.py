@@ -73,17 +73,7 @@ class Conversation:
         self.messages = [m for m in self.messages if m["role"] == "system"]
 
     def drop_oldest_turn(self) -> int:
-        """Forget the oldest question and its answer (never the system prompt or the question
-        being asked): how many messages went, 0 when there is nothing left to drop."""
-        oldest = next((i for i, m in enumerate(self.messages[:-1]) if m["role"] != "system"), None)
-        if oldest is None:
-            return 0
-        del self.messages[oldest]
-        # an answer without its question confuses most templates: it goes too
-        if oldest < len(self.messages) - 1 and self.messages[oldest]["role"] == "assistant":
-            del self.messages[oldest]
-            return 2
-        return 1
+        return drop_oldest_turn(self.messages)
 
     def say_dropped(self, dropped: int, n_ctx: int | None) -> None:
         where = f"the context ({n_ctx} tokens)" if n_ctx else "the server's context"
@@ -293,18 +283,10 @@ class LocalConversation(Conversation):
         return self.engine.prefix_length(self.text(self.messages), self.messages[-1]["content"], tokens, len(material))
 
     def _fit(self) -> list[int]:
-        """The prompt tokens; drops the oldest turns (never the system prompt or the new
-        question) while the prompt leaves too little room for a reply, and says so."""
+        """The prompt tokens; drops the oldest turns while the prompt leaves too little room for a
+        reply (see fit_turns), and says so."""
         n_ctx = self.engine.n_ctx
-        reserve = min(self.settings.max_tokens or REPLY_RESERVE, n_ctx // 4)
-        tokens = self.tokens(self.messages)
-        dropped = 0
-        while len(tokens) + reserve > n_ctx:
-            gone = self.drop_oldest_turn()
-            if not gone:
-                break
-            dropped += gone
-            tokens = self.tokens(self.messages)
+        tokens, dropped = fit_turns(self.messages, self.tokens, n_ctx, self.settings.max_tokens)
         if dropped:
             self.say_dropped(dropped, n_ctx)
         if len(tokens) >= n_ctx:
@@ -360,6 +342,38 @@ class LocalConversation(Conversation):
             "chat template: " + (self.template.origin if self.template else "none (--raw)"),
             *info.notes,
         ]
+
+
+def drop_oldest_turn(messages: list[Message]) -> int:
+    """Forget the oldest question and its answer (never the system prompt or the last message):
+    how many messages went, 0 when there is nothing left to drop."""
+    oldest = next((i for i, m in enumerate(messages[:-1]) if m["role"] != "system"), None)
+    if oldest is None:
+        return 0
+    del messages[oldest]
+    # an answer without its question confuses most templates: it goes too
+    if oldest < len(messages) - 1 and messages[oldest]["role"] == "assistant":
+        del messages[oldest]
+        return 2
+    return 1
+
+
+def fit_turns(
+    messages: list[Message], tokens_of: Callable[[list[Message]], list[int]], n_ctx: int, max_tokens: int | None
+) -> tuple[list[int], int]:
+    """The prompt's tokens once the oldest turns (never the system prompt or the last message) are
+    dropped from `messages`, in place, while the prompt leaves too little room for a reply; and
+    how many messages went. Shared by chat and the server's chat completions."""
+    reserve = min(max_tokens or REPLY_RESERVE, n_ctx // 4)
+    tokens = tokens_of(messages)
+    dropped = 0
+    while len(tokens) + reserve > n_ctx:
+        gone = drop_oldest_turn(messages)
+        if not gone:
+            break
+        dropped += gone
+        tokens = tokens_of(messages)
+    return tokens, dropped
 
 
 def compose_prompt(words: list[str], stdin_text: str | None) -> tuple[str, str]:

@@ -219,13 +219,15 @@ class ModelHost:
             ctx_per_slot=self.n_ctx_slot,
         )
 
+    def say(self, message: str) -> None:
+        """A line of the server's log about this model."""
+        self._notify(f"{self.id}: {message}")
+
     # -- loading ---------------------------------------------------------------------------------
     def _load(self) -> None:
         resolved = self._source()
         n = self.opts.parallel
-
-        def say(message: str) -> None:
-            self._notify(f"{self.id}: {message}")
+        say = self.say
 
         per_slot = runtime.padded_ctx(fit.default_ctx(resolved.header, self.opts.ctx))
         plan = fit.plan(resolved.header, self._machine(), n * per_slot)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from localrun.errors import LocalrunError
+from localrun.inference.conversation import fit_turns
 from localrun.inference.generation import grammar
 from localrun.inference.generation.sampler import Sampler
 from localrun.inference.generation.sequence import Request, Update
@@ -37,10 +38,14 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Request:
         raise unsupported("tool_choice", "localrun does not call tools")
     messages = [_message(m, i) for i, m in enumerate(req.messages)]
     assert host.engine is not None and host.template is not None
-    try:
-        prompt = host.engine.chat_tokens(host.template, messages)
+    engine, template = host.engine, host.template
+    wanted = req.max_completion_tokens or req.max_tokens
+    try:  # a conversation longer than a slot's context loses its oldest turns, as a chat does
+        prompt, dropped = fit_turns(messages, lambda ms: engine.chat_tokens(template, ms), host.n_ctx_slot, wanted)
     except LocalrunError as exc:
         raise from_localrun(exc) from None
+    if dropped:
+        host.say(f"a conversation dropped its {dropped} oldest message{'s' * (dropped > 1)} to fit a slot's context")
     rules = _grammar(req)
     fmt = req.response_format
     if rules and isinstance(fmt, (JsonSchemaFormat, JsonObjectFormat)):
@@ -52,7 +57,6 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Request:
             rules = grammar.json_object().gbnf
     except LocalrunError as exc:
         raise bad_request(f"response_format: {exc.message}", param="response_format") from None
-    wanted = req.max_completion_tokens or req.max_tokens
     top = (req.top_logprobs or 0) if req.logprobs else None
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
