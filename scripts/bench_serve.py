@@ -14,6 +14,8 @@ last token), time to first token p50/p95 over every request, per-stream tok/s (a
 token). Also `localrun run`'s decode speed on the same prompt, for the one-client ratio.
 Targets (issue 12): 4 clients: aggregate >= 1.0x llama-server's, TTFT p95 <= 1.2x llama-server's;
 1 client >= 0.97x `localrun run`. Run it on an otherwise idle machine; compare ratios only.
+The cases of issue 17 (copy-heavy speculation, a shared prefix, the cost of busy sequences) are in
+scripts/bench_serve_cases.py, over this script's helpers.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +65,7 @@ class Stream:
     text: str = ""
     usage: dict | None = None  # the last chunk's, as the server sent it
     timings: dict | None = None  # llama-server's and localrun's own figures, when sent
+    stamps: list[float] = field(default_factory=list)  # when each piece of text came
 
 
 def one_stream(port: int, model: str, text: str, tokens: int, out: Stream, **fields) -> None:
@@ -90,7 +93,8 @@ def one_stream(port: int, model: str, text: str, tokens: int, out: Stream, **fie
         chunk = json.loads(line[6:])
         for choice in chunk.get("choices") or ():
             if choice.get("text"):
-                out.first = out.first or time.perf_counter()
+                out.stamps.append(time.perf_counter())
+                out.first = out.first or out.stamps[-1]
                 pieces += 1
                 texts.append(choice["text"])
         if chunk.get("usage"):

@@ -3,6 +3,7 @@
 it has an answer to the same question. Run it on an otherwise idle machine: compare ratios only.
 
     python scripts/bench_serve_cases.py --case copy   [--llama-server PATH] [--tokens 400] [--rounds 3]
+                                                      [--file notes|code] [--llama-spec TYPE]...
     python scripts/bench_serve_cases.py --case prefix [--llama-server PATH] [--tokens 32] [--rounds 3]
                                                       [--arrive finish|first-token]
     python scripts/bench_serve_cases.py --case busy   [--speculate off,auto] [--tokens 128] [--rounds 3]
@@ -13,13 +14,16 @@ default 4096). Requests are raw /v1/completions, greedy (temperature 0), exactly
 each round and take turns, round by round, so a busy machine slows all alike. llama-server is
 started as scripts/bench_serve.py starts it (same threads, per-slot context, batch sizes).
 
-copy -- an editor's agent: one client sends a ~1,500-token source file and asks for it back with
-one function renamed. Decode tok/s (tokens after the first over the time after the first) of
-`localrun serve --speculate auto` and `--speculate off`, whether their texts are identical, and,
-with --llama-server, llama-server plain and with its own n-gram speculation (`--spec-type`, one
-server per --llama-spec value; default ngram-simple, the prompt-lookup kind, and ngram-mod, what
-its --spec-default turns on). Targets: auto >= 1.3x off, token-identical; auto >= 1.0x
-llama-server with n-gram speculation. Needs `localrun serve --speculate` (checked first).
+copy -- an editor's agent: one client sends a ~1,500-token file and asks for it back with a small
+change, the reply started as a model would start it (--file notes: a Markdown file of prose, its
+title changed, which Gemma 3 270M copies faithfully; --file code: a Python module, one function
+renamed, which that model does not copy: for bigger ones). Decode tok/s (tokens after the first
+over the time after the first) of `localrun serve --speculate auto` and `--speculate off`, whether
+their texts are identical, and, with --llama-server, llama-server plain and with its own n-gram
+speculation (`--spec-type`, one server per --llama-spec value; default ngram-simple, the
+prompt-lookup kind, and ngram-mod, what its --spec-default turns on). Targets: auto >= 1.3x off,
+token-identical; auto >= 1.0x llama-server with n-gram speculation. Needs `localrun serve
+--speculate` (checked first).
 
 prefix -- 4 clients with the same ~2,000-token system prompt (a document) and their own short
 question, one after another (each sent when the previous one finished), on 4 slots. Time to first
@@ -34,7 +38,9 @@ busy -- the cost curve for the adaptive speculation controller: `localrun serve 
 1, 2 and 4 streaming clients at once, per --speculate mode; each with its own free-text prompt
 (nothing to look up) and each with its own copy prompt (much to look up). Per-stream tok/s, the
 milliseconds per token of one stream (with speculation off: the decode step time with N busy
-sequences), aggregate tok/s; and the step time at 2 and 4 busy over 1 busy. No target: it is the
+sequences), aggregate tok/s, all counted while every stream generates (no prompt being read, none
+finished; each streamed piece of text counted as a token); and the time per token at 2 and 4 busy
+over 1 busy. No target: it is the
 table the controller is tuned from (with 4 busy, speculation should not lose to off).
 """
 
@@ -52,7 +58,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench_serve import ROOT, Figures, Others, Server, Stream, llama_server, load, localrun_server, one_stream, prompt
+from bench_serve import ROOT, Others, Server, Stream, llama_server, load, localrun_server, one_stream, prompt
 
 EVAL = (ROOT / "localrun" / "data" / "eval.txt").read_text()
 DOCUMENT = EVAL[: EVAL.rfind("\n\n", 0, 9600)]  # whole paragraphs, ~1,970 tokens
@@ -103,16 +109,34 @@ def source_file(variant: int) -> str:
     return "".join(parts)
 
 
-def copy_prompt(variant: int) -> str:
-    """The file, the request, and the reply's first line: a base model then goes on copying, as an
-    instruction-tuned one does when asked to rewrite a file."""
-    path = f"warehouse/stock_{variant}.py"
-    text = source_file(variant)
-    old, new = RENAME
+def notes_file(variant: int) -> str:
+    """A Markdown file of ~1,500 tokens (Gemma's tokenizer): whole paragraphs of the eval text,
+    from a paragraph that depends on the variant, wrapping round at the end."""
+    paragraphs = [p for p in EVAL.split("\n\n") if p.strip()]
+    parts, k = [f"# Field notes {variant}"], 7 * variant
+    while sum(map(len, parts)) < 6600:
+        parts.append(paragraphs[k % len(paragraphs)])
+        k += 1
+    return "\n\n".join(parts) + "\n"
+
+
+def copy_prompt(variant: int, kind: str = "notes") -> str:
+    """A file, a request for a small change, and the start of the reply, as an editor's agent sends
+    it: a base model then goes on copying the file, as an instruction-tuned one does. `kind`:
+    notes (prose, which Gemma 3 270M copies) or code (a Python module, which it does not: for
+    bigger models)."""
+    if kind == "notes":
+        path, text = f"notes/field_{variant}.md", notes_file(variant)
+        change = f'the title changed to "Field notes {variant}, revised"'
+        first = text.split("\n\n")[1]  # the title, then the first paragraph as it was
+        shown, start = text, f"# Field notes {variant}, revised\n\n{first}\n\n"
+    else:
+        path, text = f"warehouse/stock_{variant}.py", source_file(variant)
+        change = f"the function `{RENAME[0]}` renamed to `{RENAME[1]}` everywhere"
+        shown, start = f"```python\n{text}```", f"```python\n{text.splitlines()[0]}\n"
     return (
-        f"The file {path}:\n\n```python\n{text}```\n\n"
-        f"Rewrite {path} with the function `{old}` renamed to `{new}` everywhere; change nothing else. "
-        f"Reply with the whole file.\n\n```python\n{text.splitlines()[0]}\n"
+        f"The file {path}:\n\n{shown}\n\nRewrite {path} with {change}; change nothing else. "
+        f"Reply with the whole file.\n\n{start}"
     )
 
 
@@ -192,13 +216,13 @@ def copy_case(args, model_id: str, others: Others) -> None:
             with running(servers[name](), model_id) as port:
                 stream = Stream(0.0)
                 others.start()
-                one_stream(port, model_id, copy_prompt(r), args.tokens, stream)
+                one_stream(port, model_id, copy_prompt(r, args.file), args.tokens, stream)
                 others.stop()
                 runs[name].append(stream)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     off = runs["localrun off"]
-    print(f"model {args.model.name} · threads {args.threads} · {args.tokens} tokens · copy of a file")
+    print(f"model {args.model.name} · threads {args.threads} · {args.tokens} tokens · copy of a file ({args.file})")
     print(f"prompt tokens: {off[0].usage['prompt_tokens'] if off[0].usage else '?'}\n")
     print("| server | decode tok/s | vs localrun off | TTFT s | drafted/accepted | text as localrun off |")
     print("|" + "---|" * 6)
@@ -270,38 +294,58 @@ def prefix_case(args, model_id: str, others: Others) -> None:
         print(f"\nTTFT of clients 2-4, localrun / llama-server: {later['localrun'] / theirs:.2f}x")
 
 
+def steady(streams: list[Stream]) -> tuple[float, float] | None:
+    """Per-stream tok/s (median) and aggregate tok/s while every stream was generating: from the
+    last first token to the first end, so no prompt is being read and none has finished."""
+    start, end = max(s.stamps[0] for s in streams), min(s.end or 0.0 for s in streams)
+    if end <= start:
+        return None
+    rates = [sum(start < t <= end for t in s.stamps) / (end - start) for s in streams]
+    return statistics.median(rates), sum(rates)
+
+
 def busy_case(args, model_id: str, others: Others) -> None:
     require_speculate()
     modes, counts, kinds = args.speculate.split(","), [1, 2, 4], ["free", "copy"]
-    results = {(k, m, n): Figures([], [], []) for k in kinds for m in modes for n in counts}
+    results: dict[tuple[str, str, int], list[tuple[float, float]]] = {
+        (k, m, n): [] for k in kinds for m in modes for n in counts
+    }
     for r in range(args.rounds):
         for mode in turns(modes, r):
             with running(localrun_server(args, SLOTS, "--speculate", mode), model_id) as port:
                 for n in counts:
                     for kind in kinds:  # each client its own prompt: no shared prefix, nothing cached
                         variant = r * 100 + n * 10
-                        make = prompt if kind == "free" else lambda i, v: copy_prompt(v + i)
+                        make = prompt if kind == "free" else lambda i, v: copy_prompt(v + i, args.file)
                         texts = [make(i, variant) for i in range(n)]
                         others.start()
-                        results[kind, mode, n].add(load(port, model_id, texts, args.tokens))
+                        figures = steady(load(port, model_id, texts, args.tokens))
                         others.stop()
+                        if figures is not None:
+                            results[kind, mode, n].append(figures)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
     print(f"model {args.model.name} · threads {args.threads} · {SLOTS} slots · {args.tokens} tokens/stream")
     print("\n| prompt | speculate | busy | per-stream tok/s | ms/token of a stream | aggregate tok/s |")
     print("|" + "---|" * 6)
     step: dict[tuple[str, str, int], float] = {}
-    for (kind, mode, n), f in results.items():
-        per_stream = statistics.median(f.per_stream)
+    for (kind, mode, n), figures in results.items():
+        if not figures:
+            print(f"| {kind} | {mode} | {n} | - | - | - |  (no time when all {n} generated: raise --tokens)")
+            continue
+        per_stream = statistics.median(f[0] for f in figures)
         step[kind, mode, n] = 1000 / per_stream
-        print(
-            f"| {kind} | {mode} | {n} | {per_stream:.1f} | {step[kind, mode, n]:.2f} | {statistics.median(f.aggregate):.1f} |"
-        )
+        aggregate = statistics.median(f[1] for f in figures)
+        print(f"| {kind} | {mode} | {n} | {per_stream:.1f} | {step[kind, mode, n]:.2f} | {aggregate:.1f} |")
     for kind in kinds:
         for mode in modes:
-            base = step[kind, mode, 1]
-            curve = ", ".join(f"{n} busy {step[kind, mode, n] / base:.2f}x" for n in counts[1:])
-            print(f"{kind}, --speculate {mode}: time per token over 1 busy: {curve}")
+            if (kind, mode, 1) in step:
+                curve = ", ".join(
+                    f"{n} busy {step[kind, mode, n] / step[kind, mode, 1]:.2f}x"
+                    for n in counts[1:]
+                    if (kind, mode, n) in step
+                )
+                print(f"{kind}, --speculate {mode}: time per token over 1 busy: {curve}")
 
 
 def main() -> None:
@@ -317,6 +361,12 @@ def main() -> None:
         "--llama-spec",
         action="append",
         help="copy: a llama-server --spec-type value to compare with (repeatable; default ngram-simple, ngram-mod)",
+    )
+    parser.add_argument(
+        "--file",
+        choices=["notes", "code"],
+        default="notes",
+        help="copy, busy: the file to rewrite (code: for bigger models)",
     )
     parser.add_argument(
         "--arrive",
