@@ -14,6 +14,8 @@ last token), time to first token p50/p95 over every request, per-stream tok/s (a
 token). Also `localrun run`'s decode speed on the same prompt, for the one-client ratio.
 Targets (issue 12): 4 clients: aggregate >= 1.0x llama-server's, TTFT p95 <= 1.2x llama-server's;
 1 client >= 0.97x `localrun run`. Run it on an otherwise idle machine; compare ratios only.
+The cases of issue 17 (copy-heavy speculation, a shared prefix, the cost of busy sequences) are in
+scripts/bench_serve_cases.py, over this script's helpers.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +62,15 @@ class Stream:
     first: float | None = None
     end: float | None = None
     tokens: int = 0
+    text: str = ""
+    usage: dict | None = None  # the last chunk's, as the server sent it
+    timings: dict | None = None  # llama-server's and localrun's own figures, when sent
+    stamps: list[float] = field(default_factory=list)  # when each piece of text came
 
 
-def one_stream(port: int, model: str, text: str, tokens: int, out: Stream) -> None:
+def one_stream(port: int, model: str, text: str, tokens: int, out: Stream, **fields) -> None:
+    """One streaming /v1/completions request, greedy and exactly `tokens` long unless `fields`
+    (request fields such as ignore_eos) say otherwise."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = {
         "model": model,
@@ -72,22 +80,29 @@ def one_stream(port: int, model: str, text: str, tokens: int, out: Stream) -> No
         "stream": True,
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
+        **fields,
     }
     out.sent = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200, response.read()
-    pieces = 0
+    pieces, texts = 0, []
     while line := response.readline():
         if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
             continue
         chunk = json.loads(line[6:])
         for choice in chunk.get("choices") or ():
             if choice.get("text"):
-                out.first = out.first or time.perf_counter()
+                out.stamps.append(time.perf_counter())
+                out.first = out.first or out.stamps[-1]
                 pieces += 1
+                texts.append(choice["text"])
         if chunk.get("usage"):
+            out.usage = chunk["usage"]
             out.tokens = chunk["usage"]["completion_tokens"]
+        if chunk.get("timings"):
+            out.timings = chunk["timings"]
+    out.text = "".join(texts)
     out.end = time.perf_counter()
     out.tokens = out.tokens or pieces
     conn.close()
@@ -130,12 +145,17 @@ class Others:
     def share(self) -> float:
         return self.busy / (self.wall * (os.cpu_count() or 1)) if self.wall else 0.0
 
+    def note(self) -> str:
+        note = f"other processes took {100 * self.share:.0f}% of the CPU while the load ran"
+        return note + (": the machine was busy, these figures are noise" if self.share > 0.1 else "")
 
-def load(port: int, model: str, n: int, tokens: int, round_no: int) -> list[Stream]:
-    streams = [Stream(0.0) for _ in range(n)]
+
+def load(port: int, model: str, texts: list[str], tokens: int) -> list[Stream]:
+    """One streaming client per prompt, all at once."""
+    streams = [Stream(0.0) for _ in texts]
     threads = [
-        threading.Thread(target=one_stream, args=(port, model, prompt(i, round_no), tokens, streams[i]))
-        for i in range(n)
+        threading.Thread(target=one_stream, args=(port, model, text, tokens, stream))
+        for text, stream in zip(texts, streams)
     ]
     for t in threads:
         t.start()
@@ -185,17 +205,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def localrun_server(args, n: int) -> Server:
+def localrun_server(args, n: int, *extra: str) -> Server:
+    """`localrun serve` with n slots of args.ctx tokens each; `extra`: more of its options."""
     argv = [sys.executable, "-m", "localrun", "serve", str(args.model), "--port", "0", "--parallel", str(n)]
-    argv += ["--ctx", str(args.ctx), "--threads", str(args.threads), "--keep-alive", "forever"]
+    argv += ["--ctx", str(args.ctx), "--threads", str(args.threads), "--keep-alive", "forever", *extra]
     return Server(argv, None)
 
 
-def llama_server(args, n: int) -> Server:
+def llama_server(args, n: int, *extra: str) -> Server:
+    """`llama-server -np n` set up as localrun serve is; `extra`: more of its options."""
     port = free_port()
     argv = [args.llama_server, "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port), "-np", str(n)]
     argv += ["-c", str(n * args.ctx), "-t", str(args.threads), "-tb", str(args.threads), "-ngl", "0"]
-    argv += ["-b", "2048", "-ub", "512", "--swa-full", "--no-webui", "-cram", "0"]
+    argv += ["-b", "2048", "-ub", "512", "--swa-full", "--no-webui", "-cram", "0", *extra]
     return Server(argv, port)
 
 
@@ -255,7 +277,8 @@ def main() -> None:
                     server.wait_ready(model_id)
                     assert server.port is not None
                     others.start()
-                    results[kind, n].add(load(server.port, model_id, n, args.tokens, r * 100 + n))
+                    texts = [prompt(i, r * 100 + n) for i in range(n)]
+                    results[kind, n].add(load(server.port, model_id, texts, args.tokens))
                     others.stop()
                 finally:
                     server.stop()
@@ -279,8 +302,7 @@ def main() -> None:
             mine, theirs = results["localrun", n], results["llama-server", n]
             agg = statistics.median(mine.aggregate) / statistics.median(theirs.aggregate)
             print(f"| {n} | {agg:.2f}x | {pct(mine.ttft, 0.95) / pct(theirs.ttft, 0.95):.2f}x |")
-    note = f"other processes took {100 * others.share:.0f}% of the CPU while the load ran"
-    print(f"\n{note}" + (": the machine was busy, these figures are noise" if others.share > 0.1 else ""))
+    print(f"\n{others.note()}")
     if run_tps:
         one = statistics.median(results["localrun", 1].per_stream)
         run = statistics.median(run_tps)
