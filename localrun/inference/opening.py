@@ -173,16 +173,9 @@ def speculator_for(loaded: Loaded, mode: Mode, draft: ModelFiles | None, notify:
     if mode in ("auto", "lookup"):
         drafters.append(LookupDrafter())
     if draft is not None and mode in ("auto", "draft"):
-        draft_opts = LoadOptions(
-            n_gpu_layers=0,  # on the CPU: the planner counted it there (commands.loading)
-            n_ctx=opts.n_ctx,
-            n_batch=opts.n_batch,
-            n_threads=opts.n_threads,
-            use_extra_bufts=opts.use_extra_bufts,
-            verbose=opts.verbose,
-            n_seq_max=opts.n_seq_max,
-            kv_unified=opts.kv_unified,
-        )
+        # on the CPU (the planner counted it there: commands.loading), one logits row, f16 cells;
+        # the target's context, batch, sequences and threads
+        draft_opts = replace(opts, n_gpu_layers=0, n_outputs=1, type_k="f16", type_v="f16", flash_attn=None)
         drafting = runtime.load(draft.path, draft_opts)
         if drafting.model.vocab_fingerprint() != loaded.model.vocab_fingerprint():
             drafting.close()

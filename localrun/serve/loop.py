@@ -84,8 +84,8 @@ class SlotLoop:
     def submit(self, request: Request) -> None:
         """Queue `request`; QueueFull when every slot is busy and the queue is full."""
         with self._cond:
-            if self._stopping is not None:
-                raise shutting_down()
+            if self._stopping is not None:  # shutting down, or the loop failed
+                raise self._stopping
             free = self.n_slots - self.core.busy
             if len(self._waiting) >= free + self.queue_limit:
                 raise QueueFull
@@ -147,9 +147,10 @@ class SlotLoop:
                 if self.idle:
                     core.flush()
                     self.idle_since = time.monotonic()
-        except BaseException as exc:  # never leave a request waiting forever
+        except BaseException as exc:  # never leave a request waiting forever, nor take new ones
             with self._cond:
-                self._end_all(ApiError(500, f"the scheduler failed: {exc}", type="server_error"))
+                self._stopping = ApiError(500, f"the scheduler failed: {exc}", type="server_error")
+                self._end_all(self._stopping)
             core.flush()
             raise
         finally:
