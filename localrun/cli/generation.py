@@ -30,6 +30,7 @@ from localrun.cli.options import (
     size_option,
 )
 from localrun.errors import ExitCode
+from localrun.inference.generation.settings import TOP_LOGPROBS_MAX
 from localrun.output import Output
 
 
@@ -137,7 +138,8 @@ LogprobsOpt = Annotated[
         metavar="N",
         show_default=False,
         help="With --json: each token's log-probability and its N likeliest alternatives.",
-        **_bounded("logprobs"),
+        min=0,
+        max=TOP_LOGPROBS_MAX,
     ),
 ]
 PromptArg = Annotated[

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from localrun.inference.generation.settings import BOUNDS
+from localrun.inference.generation.settings import BOUNDS, TOP_LOGPROBS_MAX
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -142,7 +142,7 @@ class ChatRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, **_bound("max_tokens"))
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None

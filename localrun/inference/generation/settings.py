@@ -75,8 +75,8 @@ BOUNDS: dict[str, Bound] = {
     "max_tokens": Bound(int, 1, 2**31 - 1),
     "presence_penalty": Bound(float, -2.0, 2.0),
     "frequency_penalty": Bound(float, -2.0, 2.0),
-    "logprobs": Bound(int, 0, 20),  # alternatives per token (OpenAI's top_logprobs)
 }
+TOP_LOGPROBS_MAX = 20  # alternatives per token with logprobs (OpenAI's top_logprobs bound)
 MAX_STOPS = 16  # stop strings in one request or setting
 MAX_STOP_CHARS = 1024  # characters of one stop string (the reply holds back as many while it may be one)
 
