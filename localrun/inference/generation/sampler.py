@@ -29,9 +29,21 @@ class Sampler:
     grammar allows); top-k, top-p and min-p cut the row before the check, which shifts it a
     little, as in llama.cpp's own sampler."""
 
-    def __init__(self, model: LlamaModel, s: SamplingOptions, grammar: str | None = None, *, n_ctx: int):
+    def __init__(
+        self,
+        model: LlamaModel,
+        s: SamplingOptions,
+        grammar: str | None = None,
+        *,
+        n_ctx: int,
+        triggers: tuple[str, ...] = (),
+    ):
         """`n_ctx`: the context the sequence lives in, which bounds what the settings may ask.
-        `grammar`: GBNF as the grammar module gives it, checked against llama.cpp's limits there."""
+        `grammar`: GBNF as the grammar module gives it, checked against llama.cpp's limits there.
+        `triggers`: the grammar is lazy -- the reply is free until its text matches one of these
+        patterns (regular expressions over the whole reply so far; the first group, or the match,
+        is where the constrained text starts): a tool call after free text, an answer after the
+        reasoning."""
         check_structure(s, grammar)
         check_bounds(s, n_ctx, model.n_vocab)
         lc = self._lc = llama()
@@ -52,7 +64,13 @@ class Sampler:
             penalties = (last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(model.n_vocab, *penalties))
         if grammar:
-            self.rule = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+            if triggers:
+                patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
+                self.rule = lc.llama_sampler_init_grammar_lazy_patterns(
+                    model.vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0
+                )
+            else:
+                self.rule = lc.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
             if not self.rule:
                 self.close()
                 raise UsageError("llama.cpp could not parse the grammar", hint="check it with --verbose")
