@@ -144,6 +144,9 @@ class ReplyParser:
             if end == PARTIAL:
                 self._pending = self._pending[pos:]
                 return
+            if rules[index].act is _Act.OPEN_REASONING and self._answered:
+                self._pending = self._pending[pos:]  # the text just told was the answer's start
+                continue
             head, self._pending = self._pending[pos:end], self._pending[end:]
             self._apply(rules[index], head)
 

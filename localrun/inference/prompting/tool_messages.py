@@ -63,7 +63,10 @@ def _template_call(call: Mapping[str, Any]) -> dict[str, Any]:
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str) or not name:
         raise UsageError("an earlier tool call has no function name")
-    out: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": _arguments(function.get("arguments", {}), name)}}
+    out: dict[str, Any] = {
+        "type": "function",
+        "function": {"name": name, "arguments": _arguments(function.get("arguments", {}), name)},
+    }
     if call.get("id"):
         out["id"] = call["id"]
     return out
