@@ -734,3 +734,68 @@ def test_templates_write_plain_json():
     assert (
         template.render([{"role": "user", "content": "", "data": {"b": "<é>", "a": 1}}]) == 'args: {"b": "<é>", "a": 1}'
     )
+
+
+def test_a_call_nested_past_the_decoder_is_given_back():
+    text = '<tool_call>{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}</tool_call>"
+    result = _parse(text, None, "hermes")
+    assert result.content == text and result.warnings == ("the call nests too deeply",)
+    with pytest.raises(UsageError):
+        template_messages(
+            [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[" * 100_000}}]}]
+        )
+
+
+# Pieces a reply of each family is made of: its markers (whole and cut), text, whitespace, JSON.
+_PIECES = {
+    "hermes": [
+        "<think>",
+        "</think>",
+        "<tool_call>",
+        "</tool_call>",
+        "<tool_",
+        '{"name": "f", "arguments": {"a": 1}}',
+        "\n",
+    ],
+    "qwen3-coder": [
+        "<think>",
+        "</think>",
+        "<tool_call>",
+        "</tool_call>",
+        "<function=f>",
+        "</function>",
+        "<parameter=a>",
+        "1",
+        "</parameter>",
+    ],
+    "llama3": ["<think>", "</think>", "<|python_tag|>", '{"name": "f", "parameters": {}}', "{", '"name"', ":", ";"],
+    "mistral": ["[THINK]", "[/THINK]", "[TOOL_CALLS]", "f[ARGS]", "[CALL_ID]abc123def", '{"a": [1]}', "[", "]"],
+    "harmony": [
+        *REASONING["harmony"].start,
+        *REASONING["harmony"].framing,
+        "<|channel|>commentary to=functions.f",
+        " <|constrain|>json<|message|>",
+        "{}",
+        "<|call|>",
+    ],
+    "generic": ["<think>", "</think>", '{"tool_calls": [{"name": "f", "arguments": {}}]}', '{"tool_calls"', "{", "}"],
+}
+_FAMILY_REASONING = {
+    "hermes": "think",
+    "qwen3-coder": "think",
+    "llama3": "think",
+    "mistral": "mistral",
+    "harmony": "harmony",
+    "generic": "think",
+}
+
+
+@pytest.mark.parametrize("tools", sorted(_PIECES))
+def test_random_replies_split_the_same_wherever_they_are_cut(tools):
+    chance = random.Random(tools)
+    common = ["Paris", " ", "\n\n", "é東", "<", "[", "{", "}"]
+    for _ in range(60):
+        text = "".join(chance.choice(_PIECES[tools] + common) for _ in range(chance.randint(1, 12)))
+        for opened in (False, True):
+            whole = _parse(text, _FAMILY_REASONING[tools], tools, starts_in_reasoning=opened)
+            _every_split_gives(text, _FAMILY_REASONING[tools], tools, whole, starts_in_reasoning=opened)

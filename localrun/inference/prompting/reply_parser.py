@@ -239,6 +239,9 @@ class ReplyParser:
         except CallError as exc:
             self._malformed(str(exc), raw)
             return
+        except RecursionError:  # JSON nested deeper than Python's decoder goes
+            self._malformed("the call nests too deeply", raw)
+            return
         for call in calls:
             index = self._calls
             self._calls += 1

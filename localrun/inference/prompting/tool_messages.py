@@ -51,7 +51,7 @@ def _arguments(raw: Any, name: str) -> dict[str, Any]:
         return dict(raw)
     try:
         value = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         value = None
     if not isinstance(value, dict):
         raise UsageError(f"the arguments of the earlier call to {name!r} are not a JSON object")
