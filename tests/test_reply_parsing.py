@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -799,3 +800,32 @@ def test_random_replies_split_the_same_wherever_they_are_cut(tools):
         for opened in (False, True):
             whole = _parse(text, _FAMILY_REASONING[tools], tools, starts_in_reasoning=opened)
             _every_split_gives(text, _FAMILY_REASONING[tools], tools, whole, starts_in_reasoning=opened)
+
+
+LAZY_TRIGGERS = [
+    ("hermes", "Let me check.\n", '<tool_call>\n{"name": "f", "arguments": {}}'),
+    ("qwen3-coder", "Let me check.\n", "<tool_call>\n<function=f>"),
+    ("qwen3-coder", "Let me check.\n", "<function=f>\n<parameter=a>"),
+    ("llama3", "", '{"name": "f", "parameters": {}}'),
+    ("llama3", "Looking.", '<|python_tag|>{"name": "f"'),
+    ("mistral", "Sure.", "[TOOL_CALLS]f[ARGS]{"),
+    (
+        "harmony",
+        "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant",
+        "<|channel|>commentary to=functions.f <|constrain|>json",
+    ),
+    ("harmony", "<|start|>assistant", " to=functions.f<|channel|>commentary json"),
+    ("generic", "\n", '{"tool_calls": [{"name": "f"'),
+]
+
+
+@pytest.mark.parametrize(
+    ("tools", "before", "call"), LAZY_TRIGGERS, ids=[f"{t[0]}-{i}" for i, t in enumerate(LAZY_TRIGGERS)]
+)
+def test_lazy_grammar_triggers_find_where_a_call_begins(tools, before, call):
+    patterns = [re.compile(p) for p in TOOLS[tools].trigger_patterns]
+    matches = [m for m in (p.fullmatch(before + call) for p in patterns) if m]
+    assert matches and min(m.start(1) for m in matches) == len(before)
+    for cut in range(len(before) + 1):
+        assert not any(p.fullmatch(before[:cut]) for p in patterns)
+    assert not any(p.fullmatch('Here is JSON: {"name": "Bob"} and <b>tags</b>.') for p in patterns)

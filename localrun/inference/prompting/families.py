@@ -7,9 +7,11 @@ template decides before the vocabulary, since a vocabulary may carry tokens its 
 uses. A model with no recognisable tool-call format gets the generic one: a JSON object holding
 "tool_calls", which the caller describes to the model itself (and constrains with a grammar).
 
-Triggers are the text after which a call begins: with tool_choice "auto" the caller samples free
-text until a trigger, then the call's grammar (llama.cpp's lazy grammar); `anchored` triggers
-count only at the start of the reply, after any reasoning."""
+Triggers are the text with which a call begins: with tool_choice "auto" the caller samples free
+text until a trigger, then the call's grammar (llama.cpp's lazy grammar, whose trigger patterns are
+ToolFormat.trigger_patterns, the call's grammar starting at the trigger itself); `anchored`
+triggers count only at the start of the answer, so their pattern is matched against the answer
+alone, after any reasoning."""
 
 from __future__ import annotations
 
@@ -50,6 +52,13 @@ class CallSyntax:
     anchored: bool = False  # only at the start of the reply
     close_optional: bool = False  # the end of the reply may stand for close (it is an end-of-generation token)
 
+    @property
+    def trigger_pattern(self) -> str:
+        """A pattern that matches the whole answer so far once a call has begun, with the call's
+        start in group 1 (the form of llama.cpp's lazy-grammar trigger patterns)."""
+        lead = r"\s*" if self.anchored else r"[\s\S]*?"
+        return lead + "(" + self.trigger.pattern + r")[\s\S]*"
+
 
 @dataclass(frozen=True)
 class ToolFormat:
@@ -60,8 +69,8 @@ class ToolFormat:
     framing: tuple[str, ...] = ()
 
     @property
-    def triggers(self) -> tuple[Marker, ...]:
-        return tuple(c.trigger for c in self.calls)
+    def trigger_patterns(self) -> tuple[str, ...]:
+        return tuple(c.trigger_pattern for c in self.calls)
 
 
 _HARMONY_FRAMING = (

@@ -22,6 +22,11 @@ class Marker(Protocol):
         """The characters a match can start with (a quick filter before match)."""
         ...
 
+    @property
+    def pattern(self) -> str:
+        """A regular expression for the marker (a lazy grammar's trigger)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Literal:
@@ -32,6 +37,10 @@ class Literal:
     @property
     def first_chars(self) -> str:
         return self.text[0]
+
+    @property
+    def pattern(self) -> str:
+        return re.escape(self.text)
 
     def match(self, text: str, at: int) -> int | None:
         if text.startswith(self.text, at):
@@ -55,6 +64,10 @@ class JsonObjectStart:
     @property
     def first_chars(self) -> str:
         return "{"
+
+    @property
+    def pattern(self) -> str:
+        return r"\{\s*" + re.escape(f'"{self.key}"') + r"\s*:"
 
     def match(self, text: str, at: int) -> int | None:
         i = at
