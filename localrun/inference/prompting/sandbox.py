@@ -9,6 +9,7 @@ multiply strings, and a cap on the output; a template that hits one is a Templat
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -66,10 +67,22 @@ def _bounded_width(name: str, filter_: Callable[..., Any]) -> Callable[..., Any]
     return bounded
 
 
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    """JSON as Hugging Face's template runtime writes it (plain text, keys in order, no HTML
+    escaping): Jinja's own filter escapes `<` and `"` once joined to a string, which garbles the
+    tool calls a template writes into the prompt."""
+    if isinstance(indent, int) and indent > 64:
+        raise TemplateLimit(f"its tojson filter indents by {indent:,}")
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def environment(globals_: dict[str, Any]) -> BoundedEnvironment:
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     for name in ("center", "indent"):
         env.filters[name] = _bounded_width(name, env.filters[name])
+    env.filters["tojson"] = _tojson
     env.globals.update(globals_)
     return env
 

@@ -105,7 +105,16 @@ class ChatTemplate:
             hint="leave the special token out of the message, or choose --chat-format or --template",
         )
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[Message],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, object]] | None = None,
+        variables: dict[str, object] | None = None,
+    ) -> str:
+        """The prompt; `tools` as template_tools shapes them, `variables` the template's own
+        switches (such as enable_thinking)."""
         if self._compiled is None:
             env = sandbox.environment({"raise_exception": _raise, "strftime_now": _strftime_now})
             try:
@@ -115,11 +124,12 @@ class ChatTemplate:
         try:
             return sandbox.render(
                 self._compiled,
+                **(variables or {}),
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
-                tools=None,
+                tools=tools,
                 documents=None,
             )
         except sandbox.TemplateLimit as exc:
