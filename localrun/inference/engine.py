@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from localrun.errors import NoSpace
 from localrun.inference.generation.events import PROGRESS_EVERY, Event, PrefillProgress, Stats
@@ -23,7 +24,7 @@ from localrun.inference.generation.scheduler import Scheduler
 from localrun.inference.generation.sequence import Failed, Request, Sequence, Update
 from localrun.inference.generation.settings import SamplingOptions
 from localrun.inference.generation.speculative import Speculator
-from localrun.inference.llama.runtime import DecodeAborted, Loaded, common_prefix
+from localrun.inference.llama.runtime import DecodeAborted, LlamaModel, Loaded, common_prefix
 from localrun.inference.llama.vocabulary import Part, holds_special, tokenize_parts
 from localrun.inference.prompting.templates import ChatTemplate, Message
 from localrun.model.files import ModelFiles
@@ -95,12 +96,17 @@ class Engine:
             return self.tokenize("".join(text for text, _ in parts))
         return self._with_bos(tokenize_parts(self.model, parts), True)
 
-    def chat_tokens(self, template: ChatTemplate, messages: list[Message]) -> list[int]:
-        """The prompt of a conversation: the messages through the template, each content read as
-        text (rendered twice, to find the contents, only when one writes a special token)."""
+    def chat_tokens(self, template: ChatTemplate, messages: list[Message], **context: Any) -> list[int]:
+        """The prompt of a conversation: the messages through the template (with `context`: tools,
+        the template's switches), each content read as text (rendered twice, to find the contents,
+        only when one writes a special token)."""
         if not any(holds_special(self.model, m["content"]) for m in messages):
-            return self.tokenize(template.render(messages))
-        return self._with_bos(tokenize_parts(self.model, template.render_parts(messages)), True)
+            return self.tokenize(template.render(messages, **context))
+        return self._with_bos(tokenize_parts(self.model, template.render_parts(messages, **context)), True)
+
+    def special_tokens(self) -> SpecialTokens:
+        """The texts of the vocabulary's control tokens, read the first time one is looked for."""
+        return SpecialTokens(self.model)
 
     def prefix_length(self, text: str, last: str, tokens: list[int], keep: int = 0) -> int:
         """How many of a prompt's `tokens` (the rendered `text`) come before its last message
@@ -253,3 +259,30 @@ class Engine:
             raise
         if failure:
             raise failure[0]
+
+
+class SpecialTokens(Collection[str]):
+    """The vocabulary's control tokens as texts (what a chat format's markers are), listed on first
+    use: a 262k vocabulary takes a while, and a template usually answers first."""
+
+    def __init__(self, model: LlamaModel):
+        self._model, self._texts = model, None
+
+    def _all(self) -> frozenset[str]:
+        if self._texts is None:
+            model = self._model
+            self._texts = frozenset(
+                model.piece(t, special=True).decode("utf-8", "replace")
+                for t in range(model.n_vocab)
+                if model.is_control(t)
+            )
+        return self._texts
+
+    def __contains__(self, text: object) -> bool:
+        return text in self._all()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())

@@ -137,8 +137,9 @@ async def _generate(
         host.preparing += 1  # the scheduler, if idle, waits for it to batch its prompt with the others
         try:
             feed = Feed()
+            parser = None
             if isinstance(req, ChatRequest):
-                job = await run_in_threadpool(prepare.chat, host, req, feed.put)
+                job, parser = await run_in_threadpool(prepare.chat, host, req, feed.put)
             else:
                 job = await run_in_threadpool(prepare.completion, host, req, feed.put)
         finally:
@@ -159,7 +160,7 @@ async def _generate(
     except BaseException:
         host.checkin()
         raise
-    reply = Reply(kind, host.id)
+    reply = Reply(kind, host.id, parser=parser)
     logprobs = job.top_logprobs is not None
     released = False
 
@@ -176,6 +177,8 @@ async def _generate(
             status = sent if reply.error or reply.stats else 499
             if reply.error is not None:
                 reply.error.logged = True
+            for warning in reply.warnings:
+                host.say(f"a tool call the model wrote was given back as content: {warning}")
             log(Served(endpoint, host.id, status, reply.stats, reply.error and reply.error.message))
 
     if req.stream:

@@ -33,6 +33,7 @@ from localrun.inference.opening import (
     prompt_cache_for,
     speculator_for,
 )
+from localrun.inference.prompting.families import Detected, detect
 from localrun.inference.prompting.templates import ChatTemplate
 from localrun.model.files import ModelFiles
 from localrun.notes import beyond_trained
@@ -103,6 +104,7 @@ class ModelHost:
         self._stopped = False
         self.engine: Engine | None = None  # the loaded model: its vocabulary, template, context
         self.template: ChatTemplate | None = None
+        self.replies: Detected | None = None  # how its replies are taken apart (reasoning, tool calls)
         self.scheduler: SlotLoop | None = None
         self.n_ctx_slot = opts.ctx or 0
         self.preparing = 0  # requests checked out and being prepared (changed on the event loop only)
@@ -288,6 +290,9 @@ class ModelHost:
             return engine, template, scheduler
 
         engine, self.template, scheduler = open_checked(model, plan, load, say, "a smaller --ctx or --parallel")
+        self.replies = detect(self.template.source, engine.special_tokens())
+        if self.replies.reasoning is not None or self.replies.tools.name != "generic":
+            say("; ".join(self.replies.evidence))
         self.engine, self.n_ctx_slot = engine, scheduler.n_ctx_slot
         self._files, self._stamp = model.files, stamp
         scheduler.start()

@@ -9,6 +9,7 @@ template render or a grammar can take a while); only the model's vocabulary is r
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from localrun.errors import LocalrunError
 from localrun.inference.conversation import fit_turns
@@ -16,6 +17,9 @@ from localrun.inference.generation import grammar
 from localrun.inference.generation.sampler import Sampler
 from localrun.inference.generation.sequence import Request, Update
 from localrun.inference.generation.settings import OutOfBounds, SamplingOptions, check_stops
+from localrun.inference.prompting.families import Detected, ToolFormat
+from localrun.inference.prompting.reply_parser import ReplyParser
+from localrun.inference.prompting.tool_messages import template_messages, template_tools, tool_schemas
 from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
 from localrun.serve.host import ModelHost
 from localrun.serve.protocol import (
@@ -25,23 +29,33 @@ from localrun.serve.protocol import (
     GenerationRequest,
     JsonObjectFormat,
     JsonSchemaFormat,
+    NamedToolChoice,
 )
 
 Sink = Callable[[Update], None]
 
 
-def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Request:
+def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> tuple[Request, ReplyParser | None]:
+    """The request's job, and the parser that takes its reply apart (reasoning, content, tool
+    calls) as the model's families say; None when there is nothing to take apart."""
     _refuse_common(req)
-    if req.tools or req.functions:
-        raise unsupported("tools", "localrun does not call tools; send the conversation without them")
-    if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
-        raise unsupported("tool_choice", "localrun does not call tools")
-    messages = [_message(m, i) for i, m in enumerate(req.messages)]
-    assert host.engine is not None and host.template is not None
-    engine, template = host.engine, host.template
+    if req.functions or req.function_call not in (None, "none"):
+        raise unsupported("functions", "send the functions as `tools` (OpenAI's current form)")
+    assert host.engine is not None and host.template is not None and host.replies is not None
+    engine, template, families = host.engine, host.template, host.replies
+    try:
+        messages = template_messages([_message(m, i) for i, m in enumerate(req.messages)])
+        tools = template_tools([t.model_dump(exclude_none=True) for t in req.tools]) if req.tools else None
+    except LocalrunError as exc:
+        raise bad_request(exc.message, param="messages") from None
+    calling = _calling(req, tools, families)
+    context = {"tools": tools, "variables": _switches(req, families)}
     wanted = req.max_completion_tokens or req.max_tokens
     try:  # a conversation longer than a slot's context loses its oldest turns, as a chat does
-        prompt, dropped = fit_turns(messages, lambda ms: engine.chat_tokens(template, ms), host.n_ctx_slot, wanted)
+        prompt, dropped = fit_turns(
+            messages, lambda ms: engine.chat_tokens(template, ms, **context), host.n_ctx_slot, wanted
+        )
+        text = template.render(messages, **context)
     except LocalrunError as exc:
         raise from_localrun(exc) from None
     if dropped:
@@ -60,14 +74,53 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Request:
     top = (req.top_logprobs or 0) if req.logprobs else None
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
-    stop = _stops(req) + list(host.template.stop)
+    stop = _stops(req) + list(template.stop)
     job = _job(host, req, prompt, rules, wanted, stop, top, sink)
     # What the prompt cache keeps, as `run` does: a first question's prefix (the system prompt,
     # tool definitions, a shared document before it); later turns find theirs in a slot's cache.
     if sum(m["role"] == "user" for m in messages) == 1:
-        text = host.template.render(messages)
-        job.cached_prefix = host.engine.prefix_length(text, messages[-1]["content"], prompt)
-    return job
+        job.cached_prefix = engine.prefix_length(text, messages[-1]["content"], prompt)
+    reasoning = families.reasoning
+    if reasoning is None and calling is None:
+        return job, None
+    opened = reasoning is not None and reasoning.opens_in_prompt(text)
+    schemas = tool_schemas(tools) if tools else None
+    return job, ReplyParser(reasoning, calling, starts_in_reasoning=opened, schemas=schemas)
+
+
+def _calling(req: ChatRequest, tools: list | None, families: Detected) -> ToolFormat | None:
+    """The tool-call format the reply is read with: None without tools, or with tool_choice none."""
+    if not tools or req.tool_choice == "none":
+        return None
+    if isinstance(req.tool_choice, NamedToolChoice):
+        named = req.tool_choice.function.name
+        if named not in {t["function"]["name"] for t in tools}:
+            raise bad_request(f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
+    return families.tools
+
+
+def _switches(req: ChatRequest, families: Detected) -> dict[str, object]:
+    """The template's own variables: chat_template_kwargs as given (llama-server's), and
+    reasoning_effort -- as the template reads it, and as its thinking switch (off for none or
+    minimal)."""
+    variables: dict[str, object] = {}
+    for key, value in (req.chat_template_kwargs or {}).items():
+        if not key.isidentifier() or key in RESERVED or not isinstance(value, (str, int, float, bool, type(None))):
+            raise bad_request(
+                f"chat_template_kwargs.{key[:40]}: a template switch is a name and a plain value",
+                param="chat_template_kwargs",
+            )
+        variables[key] = value
+    if req.reasoning_effort is not None:
+        variables.setdefault("reasoning_effort", req.reasoning_effort)
+        switch = families.thinking_switch
+        if switch is not None:
+            for key, value in switch.variables(req.reasoning_effort not in ("none", "minimal")).items():
+                variables.setdefault(key, value)
+    return variables
+
+
+RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "documents"})
 
 
 def completion(host: ModelHost, req: CompletionRequest, sink: Sink) -> Request:
@@ -186,11 +239,11 @@ def _stops(req: GenerationRequest) -> list[str]:
     return [s for s in stops if s]
 
 
-def _message(message: ChatMessage, index: int) -> dict[str, str]:
-    """A message as the chat templates take it: a role and text."""
+def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """A message as OpenAI sends it, its content as text (template_messages shapes the rest)."""
     where = f"messages[{index}]"
-    if message.role in ("tool", "function") or message.tool_calls:
-        raise unsupported(f"{where}.role", "tool calls and tool results are not supported")
+    if message.role == "function":
+        raise unsupported(f"{where}.role", "send function results as role tool")
     content = message.content
     if content is None:
         if message.role != "assistant":
@@ -203,5 +256,7 @@ def _message(message: ChatMessage, index: int) -> dict[str, str]:
                 raise unsupported(f"{where}.content", f"only text parts are (got {part.type!r})")
             parts.append(part.text)
         content = "\n".join(parts)
-    role = "system" if message.role == "developer" else message.role
-    return {"role": role, "content": content}
+    shaped = message.model_dump(exclude_none=True)
+    shaped["role"] = "system" if message.role == "developer" else message.role
+    shaped["content"] = content
+    return shaped

@@ -8,12 +8,20 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from localrun.inference.generation.events import Piece, SampledToken, Stats
 from localrun.inference.generation.sequence import Failed, Update
+from localrun.inference.prompting.replies import (
+    ContentText,
+    Delta,
+    ReasoningText,
+    ToolCallArguments,
+    ToolCallStart,
+)
+from localrun.inference.prompting.reply_parser import ReplyParser
 from localrun.serve.errors import ApiError, as_api_error
 from localrun.serve.protocol import (
     AssistantMessage,
@@ -24,14 +32,17 @@ from localrun.serve.protocol import (
     ChunkChoice,
     Completion,
     CompletionChoice,
-    Delta,
     FinishReason,
+    FunctionCall,
     LegacyLogprobs,
     PromptTokensDetails,
     Timings,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
+from localrun.serve.protocol import Delta as ChatDelta
 
 Kind = Literal["chat", "completion"]
 
@@ -94,14 +105,74 @@ class Reply:
     tokens: list[SampledToken] = field(default_factory=list)
     stats: Stats | None = None
     error: ApiError | None = None
+    parser: ReplyParser | None = None  # takes the text apart: reasoning, content, tool calls
+    reasoning: list[str] = field(default_factory=list)
+    calls: dict[int, ToolCall] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # malformed calls, given back as content
 
     @property
     def reply_id(self) -> str:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.id
 
+    def take(self, piece: Piece) -> list[Delta]:
+        """What a piece of the model's text tells, once parsed (all content without a parser)."""
+        self.tokens.extend(piece.tokens)
+        if self.parser is None:
+            return self._record([ContentText(piece.text)] if piece.text else [])
+        return self._record(self.parser.feed(piece.text))
+
+    def end(self) -> list[Delta]:
+        """What the parser still held when the reply ended."""
+        return self._record(self.parser.finish()) if self.parser is not None else []
+
+    def _record(self, deltas: list[Delta]) -> list[Delta]:
+        for delta in deltas:
+            if isinstance(delta, ContentText):
+                self.text.append(delta.text)
+            elif isinstance(delta, ReasoningText):
+                self.reasoning.append(delta.text)
+            elif isinstance(delta, ToolCallStart):
+                self.calls[delta.index] = ToolCall(id=delta.id, function=FunctionCall(name=delta.name, arguments=""))
+            elif isinstance(delta, ToolCallArguments):
+                function = self.calls[delta.index].function
+                function.arguments = (function.arguments or "") + delta.fragment
+            else:
+                self.warnings.append(delta.reason)
+        return deltas
+
+    def message(self) -> AssistantMessage:
+        calls = [self.calls[i] for i in sorted(self.calls)] or None
+        text = "".join(self.text)
+        return AssistantMessage(
+            content=text if text or not calls else None,
+            reasoning_content="".join(self.reasoning) or None,
+            tool_calls=calls,
+        )
+
+    def finish_reason(self, stats: Stats) -> FinishReason | None:
+        if self.calls and stats.finish_reason in ("eog", "stop"):
+            return "tool_calls"
+        return finish_reason(stats)
+
 
 def finish_reason(stats: Stats) -> FinishReason | None:
     return {"eog": "stop", "stop": "stop", "length": "length"}.get(stats.finish_reason)  # type: ignore[return-value]
+
+
+def _delta(delta: Delta) -> ChatDelta | None:
+    """A parsed piece as a chunk's delta (None: nothing a client is sent, a malformed call's note)."""
+    if isinstance(delta, ContentText):
+        return ChatDelta(content=delta.text)
+    if isinstance(delta, ReasoningText):
+        return ChatDelta(reasoning_content=delta.text)
+    if isinstance(delta, ToolCallStart):
+        start = ToolCallDelta(
+            index=delta.index, id=delta.id, type="function", function=FunctionCall(name=delta.name, arguments="")
+        )
+        return ChatDelta(tool_calls=[start])
+    if isinstance(delta, ToolCallArguments):
+        return ChatDelta(tool_calls=[ToolCallDelta(index=delta.index, function=FunctionCall(arguments=delta.fragment))])
+    return None
 
 
 def usage(stats: Stats) -> Usage:
@@ -164,12 +235,12 @@ async def collect(feed: Feed, reply: Reply, gone: Callable[[], Awaitable[None]],
             if event is None:
                 return reply
             if isinstance(event, Piece):
-                reply.text.append(event.text)
-                reply.tokens.extend(event.tokens)
+                reply.take(event)
             elif isinstance(event, Failed):
                 reply.error = event.error  # type: ignore[assignment]
                 raise event.error
             else:
+                reply.end()
                 reply.stats = event
                 return reply
     finally:
@@ -182,8 +253,8 @@ def body(reply: Reply, logprobs: bool) -> ChatCompletion | Completion:
     text = "".join(reply.text)
     if reply.kind == "chat":
         choice = ChatChoice(
-            message=AssistantMessage(content=text),
-            finish_reason=finish_reason(stats),
+            message=reply.message(),
+            finish_reason=reply.finish_reason(stats),
             logprobs=ChoiceLogprobs(content=[_token(t) for t in reply.tokens]) if logprobs else None,
         )
         return ChatCompletion(
@@ -214,34 +285,54 @@ async def stream(feed: Feed, reply: Reply, logprobs: bool, include_usage: bool) 
     OpenAI sends, and what its client raises), then [DONE]."""
     chat = reply.kind == "chat"
 
-    def chunk(text: str | None, tokens: list[SampledToken], finish: FinishReason | None = None, **extra):
+    def chunk(
+        delta: ChatDelta | None, text: str, tokens: list[SampledToken], finish: FinishReason | None = None, **extra
+    ):
         if chat:
             lp = ChoiceLogprobs(content=[_token(t) for t in tokens]) if logprobs and tokens else None
-            choice = ChunkChoice(delta=Delta(content=text), finish_reason=finish, logprobs=lp)
+            choice = ChunkChoice(delta=delta or ChatDelta(), finish_reason=finish, logprobs=lp)
             return ChatCompletionChunk(
                 id=reply.reply_id, created=reply.created, model=reply.model, choices=[choice], **extra
             )
         lp_legacy = _legacy(tokens, offset) if logprobs and tokens else None
-        choice = CompletionChoice(text=text or "", finish_reason=finish, logprobs=lp_legacy)
+        choice = CompletionChoice(text=text, finish_reason=finish, logprobs=lp_legacy)
         return Completion(id=reply.reply_id, created=reply.created, model=reply.model, choices=[choice], **extra)
 
+    def told(deltas: list[Delta]) -> Iterator[str]:
+        """Chunks for what the parser told; the tokens held so far go with the first."""
+        nonlocal held
+        for parsed in deltas:
+            delta = _delta(parsed)
+            if delta is not None:
+                yield _sse(chunk(delta, "", held))
+                held = []
+
     offset = 0
+    held: list[SampledToken] = []  # tokens whose text is not told yet (a parser holds it back)
     if chat:  # OpenAI's first chunk names the role
-        first = ChunkChoice(delta=Delta(role="assistant", content=""))
+        first = ChunkChoice(delta=ChatDelta(role="assistant", content=""))
         yield _sse(ChatCompletionChunk(id=reply.reply_id, created=reply.created, model=reply.model, choices=[first]))
     while True:
         event = await feed.queue.get()
         if isinstance(event, Piece):
-            reply.text.append(event.text)
-            yield _sse(chunk(event.text, event.tokens))
-            offset += len(event.text)
+            held.extend(event.tokens)
+            deltas = reply.take(event)
+            if chat:
+                for line in told(deltas):
+                    yield line
+            else:
+                yield _sse(chunk(None, event.text, held))
+                held = []
+                offset += len(event.text)
         elif isinstance(event, Failed):
             reply.error = event.error
             yield f"data: {event.error.body().model_dump_json()}\n\n"  # type: ignore[attr-defined]
             break
         else:
+            for line in told(reply.end()):
+                yield line
             reply.stats = event
-            final = chunk(None if chat else "", [], finish_reason(event), timings=timings(event))
+            final = chunk(None, "", held, reply.finish_reason(event), timings=timings(event))
             yield _sse(final)
             if include_usage:
                 cls = ChatCompletionChunk if chat else Completion

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Template, TemplateError
 
@@ -87,14 +88,16 @@ class ChatTemplate:
             return BadModel(f"the model's chat template {what}", hint=hint)
         return UsageError(f"the chat template ({self.origin}) {what}", hint=hint)
 
-    def render_parts(self, messages: list[Message], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+    def render_parts(
+        self, messages: list[Message], add_generation_prompt: bool = True, **context: Any
+    ) -> list[tuple[str, bool]]:
         """The render cut into markup (False) and the messages' contents (True): rendered with a
         marker for each content, then checked to give the real render once the contents are put
         back (as written, or stripped, as templates that trim them do). UsageError when the
         template reshapes contents beyond that, so they cannot be told apart from its markup."""
-        real = self.render(messages, add_generation_prompt)
+        real = self.render(messages, add_generation_prompt, **context)
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        shape = self.render(marked, add_generation_prompt)
+        shape = self.render(marked, add_generation_prompt, **context)
         for strip in (False, True):
             parts = _parts_of(shape, messages, strip)
             if "".join(text for text, _ in parts) == real:

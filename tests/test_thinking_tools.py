@@ -1,0 +1,138 @@
+"""Thinking models and tool calls through the server, with the official client: the tiny model
+wears each family's template (tests/support/templates) and a grammar makes it write exactly a
+family's reply, so what is tested is localrun's reading of real inference output -- streamed and
+not -- and the history sent back through the template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from support.serving import ServerProcess
+
+TINY = "tiny-llama-Q8_0"
+TEMPLATES = Path(__file__).parent / "support" / "templates"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def gbnf_literal(text: str) -> str:
+    """A grammar whose only sentence is `text`."""
+    return "root ::= " + json.dumps(text)
+
+
+def ask(server: ServerProcess, text: str, *, stream: bool, **extra):
+    """The reply the model is made to write (a grammar), as the client gets it: the message, or
+    the stream's deltas assembled."""
+    client = server.client()
+    body = {"grammar": gbnf_literal(text)}
+    question = [{"role": "user", "content": "What now?"}]
+    common = {"model": TINY, "messages": question, "max_tokens": 200, "temperature": 0, "extra_body": body, **extra}
+    if not stream:
+        reply = client.chat.completions.create(stream=False, **common)
+        message = reply.choices[0].message
+        calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        reasoning = (message.model_extra or {}).get("reasoning_content")
+        return message.content, reasoning, calls, reply.choices[0].finish_reason
+    content, reasoning, calls, finish = [], [], {}, None
+    for chunk in client.chat.completions.create(stream=True, **common):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content.append(delta.content or "")
+        reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
+        for call in delta.tool_calls or []:
+            if call.id:
+                calls[call.index] = [call.id, call.function.name, ""]
+            calls[call.index][2] += call.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return "".join(content) or None, "".join(reasoning) or None, [tuple(c) for _, c in sorted(calls.items())], finish
+
+
+@pytest.fixture(scope="module")
+def thinking(tiny):
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", "--template", TEMPLATES / "deepseek-r1.jinja") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def hermes(tiny):
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", "--template", TEMPLATES / "hermes.jinja") as s:
+        yield s
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_is_kept_apart_from_the_answer(thinking: ServerProcess, stream: bool):
+    """The template opens <think> in the prompt: the reply starts inside the reasoning."""
+    content, reasoning, calls, finish = ask(thinking, "Two and two make four.\n</think>\n\nFour.", stream=stream)
+    assert reasoning.strip() == "Two and two make four." and content.strip() == "Four."
+    assert calls == [] and finish == "stop"
+    assert "reasoning: think" in thinking.stderr  # what was detected is said when the model loads
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_comes_back_as_tool_calls(hermes: ServerProcess, stream: bool):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, _, calls, finish = ask(hermes, call, stream=stream, tools=[WEATHER])
+    assert finish == "tool_calls" and not (content or "").strip()
+    ((call_id, name, arguments),) = calls
+    assert call_id and name == "get_weather" and json.loads(arguments) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_before_two_parallel_calls(hermes: ServerProcess, stream: bool):
+    text = (
+        "Let me look.\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
+    )
+    content, _, calls, finish = ask(hermes, text, stream=stream, tools=[WEATHER])
+    assert content.strip() == "Let me look." and finish == "tool_calls"
+    assert [json.loads(a)["city"] for _, _, a in calls] == ["Paris", "Rome"] and calls[0][0] != calls[1][0]
+
+
+def test_a_malformed_call_is_content_and_a_warning_never_an_error(hermes: ServerProcess):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": \n</tool_call>'
+    content, _, calls, finish = ask(hermes, text, stream=False, tools=[WEATHER])
+    assert calls == [] and finish == "stop" and "get_weather" in content
+    assert "given back as content" in hermes.stderr
+
+
+def test_without_tools_the_markup_is_just_text(hermes: ServerProcess):
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+    content, _, calls, finish = ask(hermes, text, stream=False)
+    assert calls == [] and finish == "stop" and content.strip() == text
+
+
+def test_the_full_loop_call_result_answer(hermes: ServerProcess):
+    """The call, its result as a role tool message, and the answer: the history goes back through
+    the template (the call's arguments as an object, the result where the template puts it)."""
+    client = hermes.client()
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=TINY, messages=messages, tools=[WEATHER], temperature=0, extra_body={"grammar": gbnf_literal(call)}
+    )
+    assistant = first.choices[0].message
+    messages += [
+        assistant.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": assistant.tool_calls[0].id, "content": '{"sky": "clear"}'},
+    ]
+    final = client.chat.completions.create(
+        model=TINY,
+        messages=messages,
+        tools=[WEATHER],
+        temperature=0,
+        extra_body={"grammar": gbnf_literal("It is clear in Paris.")},
+    )
+    assert final.choices[0].message.content == "It is clear in Paris." and final.choices[0].finish_reason == "stop"
+    # the prompt held the call and its result: more tokens than the first question alone
+    assert final.usage.prompt_tokens > first.usage.prompt_tokens + 20
