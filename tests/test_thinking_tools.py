@@ -136,3 +136,57 @@ def test_the_full_loop_call_result_answer(hermes: ServerProcess):
     assert final.choices[0].message.content == "It is clear in Paris." and final.choices[0].finish_reason == "stop"
     # the prompt held the call and its result: more tokens than the first question alone
     assert final.usage.prompt_tokens > first.usage.prompt_tokens + 20
+
+
+CITY = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+}
+
+
+@pytest.mark.parametrize("family", ["hermes", "llama3", "mistral", "plain"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_required_call_is_written_in_the_family_format_and_follows_the_schema(tiny, family: str, stream: bool):
+    """tool_choice required: the grammar makes the model's own (random) tokens a call of the
+    family's syntax whose arguments validate; a named function is the one called."""
+    import jsonschema
+
+    template = TEMPLATES / f"{family}.jinja"
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1", "--template", template) as server:
+        client = server.client()
+        common = {"model": TINY, "messages": [{"role": "user", "content": "Weather?"}], "tools": [CITY, TIME]}
+        common |= {"max_tokens": 200, "temperature": 0.9, "seed": 7, "parallel_tool_calls": False}
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            if stream:
+                calls: dict[int, list[str]] = {}
+                finish = None
+                for chunk in client.chat.completions.create(stream=True, tool_choice=choice, **common):
+                    for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                        calls.setdefault(call.index, [call.function.name or "", ""])[1] += call.function.arguments or ""
+                    finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+                got = [tuple(c) for _, c in sorted(calls.items())]
+            else:
+                reply = client.chat.completions.create(tool_choice=choice, **common)
+                finish = reply.choices[0].finish_reason
+                got = [(c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls or []]
+            assert finish == "tool_calls" and got, server.stderr[-2000:]
+            for name, arguments in got:
+                tool = {"get_weather": CITY, "get_time": TIME}[name]
+                jsonschema.validate(json.loads(arguments), tool["function"]["parameters"])
+            if isinstance(choice, dict):
+                assert {name for name, _ in got} == {"get_weather"}

@@ -8,6 +8,8 @@ template render or a grammar can take a while); only the model's vocabulary is r
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ from localrun.inference.generation import grammar
 from localrun.inference.generation.sampler import Sampler
 from localrun.inference.generation.sequence import Request, Update
 from localrun.inference.generation.settings import OutOfBounds, SamplingOptions, check_stops
+from localrun.inference.prompting import call_grammar
 from localrun.inference.prompting.families import Detected, ToolFormat
 from localrun.inference.prompting.reply_parser import ReplyParser
 from localrun.inference.prompting.tool_messages import template_messages, template_tools, tool_schemas
@@ -49,6 +52,8 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> tuple[Request, ReplyP
     except LocalrunError as exc:
         raise bad_request(exc.message, param="messages") from None
     calling = _calling(req, tools, families)
+    if tools and not families.template_describes_tools:  # the template cannot: a system message does
+        messages = described(messages, tools)
     context = {"tools": tools, "variables": _switches(req, families)}
     wanted = req.max_completion_tokens or req.max_tokens
     try:  # a conversation longer than a slot's context loses its oldest turns, as a chat does
@@ -71,21 +76,61 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> tuple[Request, ReplyP
             rules = grammar.json_object().gbnf
     except LocalrunError as exc:
         raise bad_request(f"response_format: {exc.message}", param="response_format") from None
+    reasoning = families.reasoning
+    opened = reasoning is not None and reasoning.opens_in_prompt(text)
+    constrained = _constrained(req, rules, calling, tools, reasoning.end if opened and reasoning else ())
     top = (req.top_logprobs or 0) if req.logprobs else None
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     stop = _stops(req) + list(template.stop)
-    job = _job(host, req, prompt, rules, wanted, stop, top, sink)
+    job = _job(host, req, prompt, constrained, wanted, stop, top, sink)
     # What the prompt cache keeps, as `run` does: a first question's prefix (the system prompt,
     # tool definitions, a shared document before it); later turns find theirs in a slot's cache.
     if sum(m["role"] == "user" for m in messages) == 1:
         job.cached_prefix = engine.prefix_length(text, messages[-1]["content"], prompt)
-    reasoning = families.reasoning
     if reasoning is None and calling is None:
         return job, None
-    opened = reasoning is not None and reasoning.opens_in_prompt(text)
     schemas = tool_schemas(tools) if tools else None
     return job, ReplyParser(reasoning, calling, starts_in_reasoning=opened, schemas=schemas)
+
+
+def described(messages: list[dict[str, Any]], tools: list) -> list[dict[str, Any]]:
+    """The conversation with the tools and the generic call format described in its system prompt,
+    for a template that does not render tools itself."""
+    text = (
+        "You can call these tools. To call one or more, reply with only a JSON object: "
+        '{"tool_calls": [{"name": NAME, "arguments": {...}}]}\n'
+        + "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    )
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _constrained(
+    req: ChatRequest, rules: str | None, calling: ToolFormat | None, tools: list | None, thinking: tuple[str, ...]
+) -> tuple[str, tuple[str, ...]] | None:
+    """The reply's grammar and, for a lazy one, its triggers: the caller's (grammar or
+    response_format), else the tool calls' -- from the first token when a call is required,
+    from the family's trigger when the model may call -- and, while the prompt left the model
+    thinking (`thinking`: the markers that end it), from the end of its reasoning."""
+    forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
+    triggers: tuple[str, ...] = ()
+    if calling is not None and tools and (forced or rules is None):
+        if rules is not None:
+            raise bad_request("a required tool call and a grammar or response_format: give one", param="tool_choice")
+        only = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+        made = call_grammar.for_tools(
+            calling, tools, only=only, lazy=not forced, parallel=req.parallel_tool_calls is not False
+        )
+        if made is not None:
+            rules, triggers = made.gbnf, made.triggers
+    if rules is None:
+        return None
+    if thinking and not triggers:  # the answer's grammar holds once the reasoning is over
+        rules = call_grammar.after_whitespace(rules)
+        triggers = tuple(r"[\s\S]*?" + re.escape(end) + r"()[\s\S]*" for end in thinking)
+    return rules, triggers
 
 
 def _calling(req: ChatRequest, tools: list | None, families: Detected) -> ToolFormat | None:
@@ -158,7 +203,7 @@ def _job(
     host: ModelHost,
     req: GenerationRequest,
     prompt: list[int],
-    rules: str | None,
+    rules: str | tuple[str, tuple[str, ...]] | None,
     wanted: int | None,
     stop: list[str],
     top_logprobs: int | None,
@@ -179,7 +224,8 @@ def _job(
     assert host.engine is not None
     options = sampling(req, host.engine.model.n_vocab)
     try:
-        sampler = Sampler(host.engine.model, options, rules, n_ctx=host.n_ctx_slot)
+        gbnf, triggers = rules if isinstance(rules, tuple) else (rules, ())
+        sampler = Sampler(host.engine.model, options, gbnf, n_ctx=host.n_ctx_slot, triggers=triggers)
     except OutOfBounds as exc:  # a sampling value beyond its range: the field that holds it
         raise bad_request(exc.message, param=exc.name) from None
     except LocalrunError as exc:
