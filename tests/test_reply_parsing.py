@@ -341,6 +341,15 @@ CASES = [
         '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
         reply(tool_calls=calls(("get_weather", WEATHER))),
     ),
+    (
+        "harmony-preamble-then-more-reasoning-then-call",
+        "harmony",
+        "harmony",
+        "<|channel|>commentary<|message|>Checking the forecast.<|end|>"
+        "<|start|>assistant<|channel|>analysis<|message|>Paris, then.<|end|>"
+        '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>',
+        reply("Checking the forecast.", "Paris, then.", calls(("get_weather", WEATHER))),
+    ),
     # The generic fallback: {"tool_calls": [...]} as the whole answer.
     ("generic-plain", "think", "generic", "Paris.", reply("Paris.")),
     (

@@ -33,6 +33,9 @@ class ReasoningFormat:
     template_signs: tuple[str, ...]  # any of these in the template's source
     token_signs: tuple[str, ...]  # any of these among the special tokens
     framing: tuple[str, ...] = ()  # markers around the answer that carry no text (harmony's headers)
+    # Plain-text markers such as <think> open the reasoning only before the answer, where a model
+    # writing about them cannot mean them; special tokens open it anywhere (between calls, say).
+    only_at_start: bool = True
 
     def opens_in_prompt(self, generation_prompt: str) -> bool:
         """Whether a rendered prompt (with the generation prompt) leaves the reasoning open, so
@@ -89,8 +92,9 @@ REASONING_FORMATS: tuple[ReasoningFormat, ...] = (
         template_signs=("<|channel|>",),
         token_signs=("<|channel|>",),
         framing=_HARMONY_FRAMING,
+        only_at_start=False,
     ),
-    ReasoningFormat("mistral", ("[THINK]",), ("[/THINK]",), ("[THINK]",), ("[THINK]",)),
+    ReasoningFormat("mistral", ("[THINK]",), ("[/THINK]",), ("[THINK]",), ("[THINK]",), only_at_start=False),
     ReasoningFormat("think", ("<think>",), ("</think>",), ("<think>",), ("<think>",)),
 )
 

@@ -85,7 +85,9 @@ class ReplyParser:
         call_rules = tuple(_Rule(c.trigger, _Act.CALL, c) for c in syntaxes if not c.anchored)
         open_rules = tuple(_Rule(Literal(s), _Act.OPEN_REASONING) for s in (reasoning.start if reasoning else ()))
         self._before_answer = open_rules + frame_rules + call_rules
-        self._after_answer = frame_rules + call_rules
+        self._after_answer = (
+            (open_rules if reasoning and not reasoning.only_at_start else ()) + frame_rules + call_rules
+        )
         self._in_reasoning = tuple(
             _Rule(Literal(e), _Act.CLOSE_REASONING) for e in (reasoning.end if reasoning else ())
         )
@@ -144,8 +146,8 @@ class ReplyParser:
             if end == PARTIAL:
                 self._pending = self._pending[pos:]
                 return
-            if rules[index].act is _Act.OPEN_REASONING and self._answered:
-                self._pending = self._pending[pos:]  # the text just told was the answer's start
+            if self._rules() is not rules:  # the text just told began the answer: other markers count now
+                self._pending = self._pending[pos:]
                 continue
             head, self._pending = self._pending[pos:end], self._pending[end:]
             self._apply(rules[index], head)
