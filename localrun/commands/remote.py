@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 from localrun.errors import NoSpace, UsageError
 from localrun.inference.conversation import Conversation
-from localrun.inference.generation.events import Event
+from localrun.inference.generation.events import Event, Trimmed
 from localrun.inference.generation.settings import Settings
 from localrun.inference.opening import EngineConfig
 from localrun.serve import client
@@ -58,7 +58,18 @@ class RemoteConversation(Conversation):
                 continue
             if dropped:
                 self.say_dropped(dropped, self.ctx_per_slot)
-            return itertools.chain([first], events)
+            return self._following(itertools.chain([first], events))
+
+    def _following(self, events: Iterator[Event]) -> Iterator[Event]:
+        """The stream; what the server left out of a long conversation is dropped here too, and said."""
+        for event in events:
+            if isinstance(event, Trimmed):
+                gone = 0
+                while gone < event.messages and (dropped := self.drop_oldest_turn()):
+                    gone += dropped
+                if gone:
+                    self.say_dropped(gone, self.ctx_per_slot)
+            yield event
 
     def _ask(self) -> Iterator[Event]:
         settings = self.settings

@@ -137,11 +137,11 @@ async def _generate(
         host.preparing += 1  # the scheduler, if idle, waits for it to batch its prompt with the others
         try:
             feed = Feed()
-            parser = None
             if isinstance(req, ChatRequest):
-                job, parser = await run_in_threadpool(prepare.chat, host, req, feed.put)
+                prepared = await run_in_threadpool(prepare.chat, host, req, feed.put)
             else:
-                job = await run_in_threadpool(prepare.completion, host, req, feed.put)
+                prepared = prepare.Prepared(await run_in_threadpool(prepare.completion, host, req, feed.put))
+            job = prepared.request
         finally:
             host.preparing -= 1
         scheduler.submit(job)
@@ -160,7 +160,7 @@ async def _generate(
     except BaseException:
         host.checkin()
         raise
-    reply = Reply(kind, host.id, parser=parser)
+    reply = Reply(kind, host.id, parser=prepared.parser, dropped=prepared.dropped)
     logprobs = job.top_logprobs is not None
     released = False
 

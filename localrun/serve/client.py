@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from localrun.errors import AccessDenied, LocalrunError, NetworkError, NoSpace, NotFound, UsageError
-from localrun.inference.generation.events import Piece, Stats
+from localrun.inference.generation.events import Piece, Stats, Trimmed
 from localrun.inference.generation.settings import SamplingOptions
 from localrun.inference.prompting.templates import Message
 from localrun.text import safe
@@ -179,6 +179,8 @@ def generate(
         conn.close()  # the server frees the slot when the connection goes
     end = time.perf_counter()
     t = timings or {}
+    if t.get("dropped_messages"):
+        yield Trimmed(int(t["dropped_messages"]))
     yield Stats(
         prompt_tokens=int(t.get("prompt_n", 0)),
         prompt_tps=t.get("prompt_per_second"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from localrun.errors import LocalrunError
@@ -38,9 +39,18 @@ from localrun.serve.protocol import (
 Sink = Callable[[Update], None]
 
 
-def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> tuple[Request, ReplyParser | None]:
-    """The request's job, and the parser that takes its reply apart (reasoning, content, tool
-    calls) as the model's families say; None when there is nothing to take apart."""
+@dataclass
+class Prepared:
+    """A chat request made ready: the core's request, the parser that takes its reply apart
+    (reasoning, content, tool calls; None when there is nothing to take apart), and how many of
+    the oldest messages were left out to fit the slot's context."""
+
+    request: Request
+    parser: ReplyParser | None = None
+    dropped: int = 0
+
+
+def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Prepared:
     _refuse_common(req)
     if req.functions or req.function_call not in (None, "none"):
         raise unsupported("functions", "send the functions as `tools` (OpenAI's current form)")
@@ -89,9 +99,10 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> tuple[Request, ReplyP
     if sum(m["role"] == "user" for m in messages) == 1:
         job.cached_prefix = engine.prefix_length(text, messages[-1]["content"], prompt)
     if reasoning is None and calling is None:
-        return job, None
+        return Prepared(job, None, dropped)
     schemas = tool_schemas(tools) if tools else None
-    return job, ReplyParser(reasoning, calling, starts_in_reasoning=opened, schemas=schemas)
+    parser = ReplyParser(reasoning, calling, starts_in_reasoning=opened, schemas=schemas)
+    return Prepared(job, parser, dropped)
 
 
 def described(messages: list[dict[str, Any]], tools: list) -> list[dict[str, Any]]:
@@ -127,7 +138,8 @@ def _constrained(
             rules, triggers = made.gbnf, made.triggers
     if rules is None:
         return None
-    if thinking and not triggers:  # the answer's grammar holds once the reasoning is over
+    if thinking and not triggers and req.grammar is None:  # the answer's grammar holds once the reasoning is over
+        # (a raw GBNF `grammar` is the whole reply's, as llama-server takes it: its writer knows the format)
         rules = call_grammar.after_whitespace(rules)
         triggers = tuple(r"[\s\S]*?" + re.escape(end) + r"()[\s\S]*" for end in thinking)
     return rules, triggers

@@ -223,6 +223,7 @@ class Timings(BaseModel):
     cached_from_disk: int = 0  # of cached_n, the tokens the prompt cache read from disk
     draft_n: int = 0  # speculative decoding: tokens drafted and verified (llama-server's names)
     draft_n_accepted: int = 0
+    dropped_messages: int = 0  # the oldest messages left out to fit a slot's context
 
 
 class TopLogprob(BaseModel):

@@ -109,6 +109,7 @@ class Reply:
     reasoning: list[str] = field(default_factory=list)
     calls: dict[int, ToolCall] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # malformed calls, given back as content
+    dropped: int = 0  # the oldest messages left out to fit a slot's context
 
     @property
     def reply_id(self) -> str:
@@ -184,7 +185,7 @@ def usage(stats: Stats) -> Usage:
     )
 
 
-def timings(stats: Stats) -> Timings:
+def timings(stats: Stats, dropped: int = 0) -> Timings:
     read = stats.prompt_tokens - stats.cached_tokens
     return Timings(
         prompt_n=stats.prompt_tokens,
@@ -200,6 +201,7 @@ def timings(stats: Stats) -> Timings:
         cached_from_disk=stats.from_disk,
         draft_n=stats.drafted,
         draft_n_accepted=stats.accepted,
+        dropped_messages=dropped,
     )
 
 
@@ -263,7 +265,7 @@ def body(reply: Reply, logprobs: bool) -> ChatCompletion | Completion:
             model=reply.model,
             choices=[choice],
             usage=usage(stats),
-            timings=timings(stats),
+            timings=timings(stats, reply.dropped),
         )
     legacy = _legacy(reply.tokens) if logprobs else None
     return Completion(
@@ -272,7 +274,7 @@ def body(reply: Reply, logprobs: bool) -> ChatCompletion | Completion:
         model=reply.model,
         choices=[CompletionChoice(text=text, finish_reason=finish_reason(stats), logprobs=legacy)],
         usage=usage(stats),
-        timings=timings(stats),
+        timings=timings(stats, reply.dropped),
     )
 
 
@@ -332,7 +334,7 @@ async def stream(feed: Feed, reply: Reply, logprobs: bool, include_usage: bool) 
             for line in told(reply.end()):
                 yield line
             reply.stats = event
-            final = chunk(None, "", held, reply.finish_reason(event), timings=timings(event))
+            final = chunk(None, "", held, reply.finish_reason(event), timings=timings(event, reply.dropped))
             yield _sse(final)
             if include_usage:
                 cls = ChatCompletionChunk if chat else Completion

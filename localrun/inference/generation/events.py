@@ -77,6 +77,15 @@ class Speculation:
 
 
 @dataclass
+class Trimmed:
+    """The server dropped this many of the oldest messages to fit its context (a remote chat
+    drops them from its own history too)."""
+
+    messages: int
+    kind: str = "trimmed"
+
+
+@dataclass
 class PrefillProgress:
     """While a long prompt is processed (every PROGRESS_EVERY seconds), for live displays."""
 
@@ -88,7 +97,7 @@ class PrefillProgress:
 
 PROGRESS_EVERY = 0.2
 
-Event = Piece | PrefillProgress | Notice | Speculation | Stats
+Event = Piece | PrefillProgress | Notice | Speculation | Trimmed | Stats
 
 
 class EventSink(Protocol):
@@ -112,7 +121,7 @@ def drive(events: Iterable[Event], sink: EventSink) -> Stats:
                 sink.piece(event.text)
             elif isinstance(event, PrefillProgress):
                 sink.progress(event)
-            elif isinstance(event, (Notice, Speculation)):  # optional for a sink: JSON has no place for them
+            elif isinstance(event, (Notice, Speculation, Trimmed)):  # optional for a sink: JSON has no place for them
                 handler = getattr(sink, event.kind, None)
                 if handler is not None:
                     handler(event)
