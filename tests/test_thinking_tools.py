@@ -190,3 +190,46 @@ def test_a_required_call_is_written_in_the_family_format_and_follows_the_schema(
                 jsonschema.validate(json.loads(arguments), tool["function"]["parameters"])
             if isinstance(choice, dict):
                 assert {name for name, _ in got} == {"get_weather"}
+
+
+def test_run_prints_only_the_answer_and_the_reasoning_where_asked(tiny, tmp_path: Path):
+    """`run`: stdout is the answer; --show-thinking puts the reasoning on stderr; --json has both
+    apart, and --json --stream marks each chunk."""
+    import subprocess
+    import sys
+
+    grammar = tmp_path / "think.gbnf"
+    grammar.write_text(gbnf_literal("Two and two make four.\n</think>\n\nFour.") + "\n")
+    base = [sys.executable, "-m", "localrun", "run", str(tiny.quants["Q8_0"]), "Sum?", "-n", "60"]
+    base += ["--template", str(TEMPLATES / "deepseek-r1.jinja"), "--grammar", str(grammar), "--no-prompt-cache"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    plain = run()
+    assert plain.stdout.strip() == "Four." and "two make" not in plain.stderr
+    shown = run("--show-thinking")
+    assert shown.stdout.strip() == "Four." and "Two and two make four." in shown.stderr
+    data = json.loads(run("--json").stdout)
+    assert data["text"].strip() == "Four." and data["reasoning"].strip() == "Two and two make four."
+    lines = [json.loads(line) for line in run("--json", "--stream").stdout.splitlines()]
+    thought = "".join(line["text"] for line in lines if line["kind"] == "reasoning")
+    answer = "".join(line["text"] for line in lines if line["kind"] == "piece")
+    assert thought.strip() == "Two and two make four." and answer.strip() == "Four."
+
+
+def test_think_and_no_think_pass_the_templates_switch(tiny):
+    """--think/--no-think set the template's own switch (Qwen3's enable_thinking): the prompt differs."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "localrun", "run", str(tiny.quants["Q8_0"]), "Hi", "-n", "1", "--json"]
+    base += ["--template", str(TEMPLATES / "qwen3.jinja"), "--no-prompt-cache"]
+    sizes = {}
+    for flag in ("--think", "--no-think"):
+        done = subprocess.run([*base, flag], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        sizes[flag] = json.loads(done.stdout)["prompt_tokens"]
+    assert sizes["--think"] != sizes["--no-think"]

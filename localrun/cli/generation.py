@@ -142,6 +142,17 @@ LogprobsOpt = Annotated[
         max=TOP_LOGPROBS_MAX,
     ),
 ]
+ThinkOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--think/--no-think",
+        show_default=False,
+        help="A thinking model thinks, or not (through its template's switch); default: as it does.",
+    ),
+]
+ShowThinkingOpt = Annotated[
+    bool, typer.Option("--show-thinking", help="A thinking model's reasoning on stderr (chat shows it dimmed).")
+]
 PromptArg = Annotated[
     Optional[list[str]],
     typer.Argument(
@@ -187,6 +198,8 @@ def _generation_command(mode: str, doc: str):
         json: JsonOpt = False,
         stream: StreamOpt = False,
         logprobs: LogprobsOpt = None,
+        think: ThinkOpt = None,
+        show_thinking: ShowThinkingOpt = False,
         verbose: VerboseOpt = False,
     ) -> None:
         from localrun.commands.generate import PromptOptions, generate
@@ -224,7 +237,7 @@ def _generation_command(mode: str, doc: str):
             type_v=type_v,
             flash_attn=flash,
         )
-        prompt_options = PromptOptions(system, raw, chat_format, template, json_schema, grammar)
+        prompt_options = PromptOptions(system, raw, chat_format, template, json_schema, grammar, think, show_thinking)
         stats = generate(
             mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream, draft=draft, server=server
         )

@@ -29,6 +29,8 @@ class PromptOptions:
     template_file: Path | None = None
     json_schema: str | None = None  # the reply is JSON following it (a file, or JSON)
     grammar_file: Path | None = None  # the reply follows this GBNF grammar
+    think: bool | None = None  # a thinking model thinks (its template's switch); None: as it does by default
+    show_thinking: bool = False  # run: the reasoning on stderr (chat always shows it, dimmed)
 
 
 def open_conversation(
@@ -54,7 +56,11 @@ def open_conversation(
             )
         for message in said:
             out.warn(message)
-    return LocalConversation(engine, template, settings, prompt.system, warn=out.warn)
+    conv = LocalConversation(engine, template, settings, prompt.system, warn=out.warn)
+    conv.think = prompt.think
+    if prompt.think is not None and (conv.families is None or conv.families.thinking_switch is None):
+        out.warn(f"--{'' if prompt.think else 'no-'}think does nothing: this model's template has no thinking switch")
+    return conv
 
 
 def read_stdin(warn: Callable[[str], None]) -> str | None:
@@ -78,9 +84,13 @@ def prompt_words(words: list[str], warn: Callable[[str], None]) -> list[str]:
     return fixed
 
 
-def one_shot(conv: Conversation, prompt: str, out: Output, *, stream: bool = False, material: str = "") -> Stats:
-    """Answer one prompt: live text on a terminal, plain when piped, or JSON."""
-    return conv.reply(prompt, make_renderer(out, stream=stream, extra=conv.facts(), model=conv.label), material)
+def one_shot(
+    conv: Conversation, prompt: str, out: Output, *, stream: bool = False, material: str = "", thinking: bool = False
+) -> Stats:
+    """Answer one prompt: live text on a terminal, plain when piped, or JSON; a thinking model's
+    reasoning on stderr when `thinking` (in JSON, always apart from the text)."""
+    sink = make_renderer(out, stream=stream, extra=conv.facts(), model=conv.label, show_thinking=thinking)
+    return conv.reply(prompt, sink, material)
 
 
 def apply_structure(settings: Settings, options: PromptOptions) -> None:
@@ -144,17 +154,17 @@ def generate(
     engine = open_engine(model, cfg, out, draft=draft)
     try:
         conv = open_conversation(engine, out, settings, prompt_options, chatting=mode == "chat")
-        return converse(conv, out, interactive, prompt, material, stream)
+        return converse(conv, out, interactive, prompt, material, stream, prompt_options.show_thinking)
     finally:
         engine.close()
 
 
 def converse(
-    conv: Conversation, out: Output, interactive: bool, prompt: str, material: str, stream: bool
+    conv: Conversation, out: Output, interactive: bool, prompt: str, material: str, stream: bool, thinking: bool = False
 ) -> Stats | None:
     if interactive:  # a prompt given as an argument is the chat's first message, as in Ollama
         from localrun.commands.repl import Repl  # prompt-toolkit: not for one answer
 
         Repl(conv, out).run(first=prompt or None)
         return None
-    return one_shot(conv, prompt, out, stream=stream, material=material)
+    return one_shot(conv, prompt, out, stream=stream, material=material, thinking=thinking)

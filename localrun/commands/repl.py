@@ -157,7 +157,7 @@ class Repl:
 
     def ask(self, text: str) -> None:
         with _no_echo():
-            stats = self.conv.reply(text, make_renderer(self.out))
+            stats = self.conv.reply(text, make_renderer(self.out, show_thinking=True))
         if stats.finish_reason == "cancelled":
             self.out.warn(CANCELLED)
 

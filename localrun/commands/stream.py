@@ -19,7 +19,15 @@ from typing import Any
 from rich.markup import escape
 from wcwidth import wcwidth
 
-from localrun.inference.generation.events import EventSink, Notice, PrefillProgress, SampledToken, Speculation, Stats
+from localrun.inference.generation.events import (
+    EventSink,
+    Notice,
+    PrefillProgress,
+    Reasoning,
+    SampledToken,
+    Speculation,
+    Stats,
+)
 from localrun.output import Output
 from localrun.text import safe
 
@@ -181,9 +189,11 @@ class LiveRenderer:
     is shown only while the prompt is read: once text flows, anything drawn on stderr would land
     in the middle of it on the screen."""
 
-    def __init__(self, out: Output, *, show_stats: bool = True, model: str | None = None):
+    def __init__(self, out: Output, *, show_stats: bool = True, model: str | None = None, show_thinking: bool = False):
         self.out = out
         self.show_stats = show_stats
+        self.show_thinking = show_thinking  # the reasoning dimmed on stderr; else counted on the status line
+        self.thinking = 0  # reasoning pieces so far
         self.model = model
         self.live = out.stderr_tty and not out.json
         self.below = self.live and out.stdout_tty  # same terminal: status goes on the line below
@@ -235,6 +245,8 @@ class LiveRenderer:
     def piece(self, text: str) -> None:
         now = time.perf_counter()
         if self.first is None:
+            if self.show_thinking and self.thinking:  # the answer on a line of its own after the reasoning
+                sys.stderr.write("\n")
             self.first = now
             if self.live and not self.below:  # stdout is elsewhere: the status line ends here
                 self._erase()
@@ -267,6 +279,18 @@ class LiveRenderer:
         self._erase()
         self.out.warn(event.text)
 
+    def reasoning(self, event: Reasoning) -> None:
+        """A thinking model's reasoning: dimmed on stderr when asked for, else a live count."""
+        self.thinking += 1
+        if self.show_thinking:
+            self._erase()
+            dim = (_DIM, _RESET) if self.out.color and self.out.stderr_tty else ("", "")
+            sys.stderr.write(f"{dim[0]}{event.text.translate(_CONTROLS)}{dim[1]}")
+            sys.stderr.flush()
+        elif self.live:
+            elapsed = time.perf_counter() - self.started
+            self._draw(f"… thinking · {self.thinking} tok · {elapsed:.1f} s"[: self.width])
+
     def speculation(self, event: Speculation) -> None:
         self.spec = f" · spec {acceptance(event.accepted, event.drafted)}" if event.drafted else ""
 
@@ -293,9 +317,13 @@ class JsonRenderer:
         self.extra = extra or {}
         self.parts: list[str] = []
         self.tokens: list[SampledToken] | None = None  # with --logprobs
+        self.thoughts: list[str] = []  # a thinking model's reasoning
 
     def piece(self, text: str) -> None:
         self.parts.append(text)
+
+    def reasoning(self, event: Reasoning) -> None:
+        self.thoughts.append(event.text)
 
     def logprobs(self, tokens: list[SampledToken]) -> None:
         self.tokens = (self.tokens or []) + tokens
@@ -309,6 +337,8 @@ class JsonRenderer:
     def finish(self, stats: Stats) -> None:
         data = dict(self.extra)
         data["text"] = "".join(self.parts)
+        if self.thoughts:
+            data["reasoning"] = "".join(self.thoughts)
         if self.tokens is not None:
             data["logprobs"] = [t.to_dict() for t in self.tokens]
         data.update({k: v for k, v in stats.to_dict().items() if k != "kind"})
@@ -340,6 +370,9 @@ class JsonLinesRenderer:
     def notice(self, event: Notice) -> None:
         self.out.json_line(asdict(event))
 
+    def reasoning(self, event: Reasoning) -> None:
+        self.out.json_line({"kind": "reasoning", "text": event.text})
+
     def finish(self, stats: Stats) -> None:
         self.out.json_line(stats.to_dict())
 
@@ -351,7 +384,8 @@ def make_renderer(
     extra: dict[str, Any] | None = None,
     show_stats: bool = True,
     model: str | None = None,
+    show_thinking: bool = False,
 ) -> EventSink:
     if out.json:
         return JsonLinesRenderer(out, extra) if stream else JsonRenderer(out, extra)
-    return LiveRenderer(out, show_stats=show_stats, model=model)
+    return LiveRenderer(out, show_stats=show_stats, model=model, show_thinking=show_thinking)

@@ -18,8 +18,11 @@ from localrun import paths
 from localrun.errors import NoSpace, UsageError
 from localrun.inference.engine import Engine
 from localrun.inference.generation import grammar as grammars
-from localrun.inference.generation.events import Event, EventSink, PrefillProgress, Stats, drive
+from localrun.inference.generation.events import Event, EventSink, Piece, PrefillProgress, Reasoning, Stats, drive
 from localrun.inference.generation.settings import BOUNDS, UNSET, Settings, check_stops, check_structure
+from localrun.inference.prompting.families import detect
+from localrun.inference.prompting.replies import ContentText, ReasoningText
+from localrun.inference.prompting.reply_parser import ReplyParser
 from localrun.inference.prompting.templates import ChatTemplate, Message
 
 REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
@@ -247,6 +250,9 @@ class LocalConversation(Conversation):
     ):
         self.engine = engine
         self.template = template  # None: raw completion, no roles
+        # how the model thinks, when its template or vocabulary says (its reasoning kept apart)
+        self.families = detect(template.source, engine.special_tokens()) if template is not None else None
+        self.think: bool | None = None  # --think/--no-think, through the template's switch; None: its default
         self.label = engine.info.label
         self.last_prompt: list[int] = []
         self.material = ""  # what the question being answered starts with: piped text
@@ -263,13 +269,18 @@ class LocalConversation(Conversation):
         """The prompt as the model reads it: the messages through the template (or joined, raw)."""
         if self.template is None:
             return "".join(m["content"] for m in messages)
-        return self.template.render(messages, add_generation_prompt=True)
+        return self.template.render(messages, add_generation_prompt=True, variables=self._switches())
+
+    def _switches(self) -> dict[str, object]:
+        """The template's thinking switch, set as --think/--no-think say (nothing when unset)."""
+        switch = self.families.thinking_switch if self.families else None
+        return switch.variables(self.think) if switch is not None and self.think is not None else {}
 
     def tokens(self, messages: list[Message]) -> list[int]:
         """The prompt's tokens. Through a template, special tokens come from its markup only;
         raw, from what the user wrote as the prompt, never from piped material."""
         if self.template is not None:
-            return self.engine.chat_tokens(self.template, messages)
+            return self.engine.chat_tokens(self.template, messages, variables=self._switches())
         parts = [(m["content"], False) for m in messages]
         last = messages[-1]["content"] if messages else ""
         if self.material and last.startswith(self.material):
@@ -305,7 +316,7 @@ class LocalConversation(Conversation):
         # piped material). Later turns reuse the KV cache in memory; saving every conversation
         # so far would fill the bound with entries no other run starts with.
         first = sum(m["role"] == "user" for m in self.messages) == 1
-        return self.engine.generate(
+        events = self.engine.generate(
             tokens,
             self.settings.sampling,
             self.settings.max_tokens,
@@ -314,6 +325,11 @@ class LocalConversation(Conversation):
             cached_prefix=self.cached_prefix(tokens, material) if first else 0,
             top_logprobs=self.settings.logprobs,
         )
+        reasoning = self.families.reasoning if self.families else None
+        if reasoning is None:
+            return events
+        opened = reasoning.opens_in_prompt(self.text(self.messages))
+        return reasoned(events, ReplyParser(reasoning, None, starts_in_reasoning=opened))
 
     def prompt_size(self) -> int:
         return len(self.last_prompt)
@@ -342,6 +358,30 @@ class LocalConversation(Conversation):
             "chat template: " + (self.template.origin if self.template else "none (--raw)"),
             *info.notes,
         ]
+
+
+def reasoned(events: Iterator[Event], parser: ReplyParser) -> Iterator[Event]:
+    """The events with the reply's text taken apart: the reasoning as Reasoning events, the answer
+    as Pieces (each Piece's logprobs go with the first event its text gave, or an empty Piece)."""
+    for event in events:
+        if isinstance(event, Piece):
+            deltas = parser.feed(event.text)
+        elif isinstance(event, Stats):
+            deltas = parser.finish()
+        else:
+            yield event
+            continue
+        tokens = event.tokens if isinstance(event, Piece) else []
+        for delta in deltas:
+            if isinstance(delta, ReasoningText):
+                yield Reasoning(delta.text)
+            elif isinstance(delta, ContentText):
+                yield Piece(delta.text, tokens=tokens)
+                tokens = []
+        if tokens:
+            yield Piece("", tokens=tokens)
+        if isinstance(event, Stats):
+            yield event
 
 
 def drop_oldest_turn(messages: list[Message]) -> int:

@@ -77,6 +77,14 @@ class Speculation:
 
 
 @dataclass
+class Reasoning:
+    """Text of the model's reasoning (a thinking model's), kept apart from the answer's Pieces."""
+
+    text: str
+    kind: str = "reasoning"
+
+
+@dataclass
 class Trimmed:
     """The server dropped this many of the oldest messages to fit its context (a remote chat
     drops them from its own history too)."""
@@ -97,7 +105,7 @@ class PrefillProgress:
 
 PROGRESS_EVERY = 0.2
 
-Event = Piece | PrefillProgress | Notice | Speculation | Trimmed | Stats
+Event = Piece | PrefillProgress | Notice | Speculation | Trimmed | Reasoning | Stats
 
 
 class EventSink(Protocol):
@@ -121,7 +129,7 @@ def drive(events: Iterable[Event], sink: EventSink) -> Stats:
                 sink.piece(event.text)
             elif isinstance(event, PrefillProgress):
                 sink.progress(event)
-            elif isinstance(event, (Notice, Speculation, Trimmed)):  # optional for a sink: JSON has no place for them
+            elif isinstance(event, (Notice, Speculation, Trimmed, Reasoning)):  # optional for a sink
                 handler = getattr(sink, event.kind, None)
                 if handler is not None:
                     handler(event)
