@@ -17,6 +17,7 @@ from localrun.commands.planning import plan_pull
 from localrun.fit import Plan, Shape
 from localrun.hardware import Machine
 from localrun.inference.machine import this_machine
+from localrun.inference.prompting.families import detect
 from localrun.inference.safety.filecheck import remembered_problem
 from localrun.model.header import HeaderInfo
 from localrun.model.refs import ModelRef
@@ -76,6 +77,7 @@ class Description:
             "n_expert": h.n_expert,
             "n_expert_used": h.n_expert_used,
             "chat_template": h.chat_template,
+            "replies": _replies(h.chat_template),
             "license": h.license,
             "plan": {
                 "placement": self.plan.placement,
@@ -175,6 +177,19 @@ def _remote(ref: ModelRef, machine: Machine, n_ctx: int | None, shape: Shape) ->
 
 
 # -- showing -------------------------------------------------------------------------------------
+def _replies(template: str | None) -> dict | None:
+    """How the template's replies are taken apart (from its source alone: the header's)."""
+    if not template:
+        return None
+    found = detect(template)
+    return {
+        "reasoning": found.reasoning.name if found.reasoning else None,
+        "tool_calls": found.tools.name,
+        "thinking_switch": found.thinking_switch.variable if found.thinking_switch else None,
+        "evidence": list(found.evidence),
+    }
+
+
 def _template(template: str | None) -> str:
     if template is None:
         return "none: chat falls back to a built-in format (choose one with --chat-format or --template)"
@@ -220,6 +235,15 @@ def show(out: Output, d: Description) -> None:
     if h.n_expert:
         rows.append(("Experts", f"{h.n_expert}, {h.n_expert_used} used per token"))
     rows.append(("Chat template", _template(h.chat_template)))
+    if h.chat_template:
+        found = detect(h.chat_template)
+        thinking = found.reasoning.name if found.reasoning else "no"
+        if found.thinking_switch is not None:
+            thinking += f" (switch: {found.thinking_switch.variable}, --think/--no-think)"
+        rows.append(("Thinking", thinking))
+        rows.append(
+            ("Tool calls", found.tools.name + ("" if found.template_describes_tools else ", described by localrun"))
+        )
     if h.license:
         rows.append(("Licence", safe(h.license)))
     for i, f in enumerate(d.files):
