@@ -225,7 +225,14 @@ def test_wrong_types_are_400_naming_the_field(server: ServerProcess, client: ope
     "extra,param",
     [
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),  # the legacy form: tools are served
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},  # not among the tools
+            },
+            "tool_choice",
+        ),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),  # not a token of this model
         ({"logit_bias": {"the": 5}}, "logit_bias"),
         ({"logit_bias": {"\u00b2": 5}}, "logit_bias"),  # a digit to str.isdigit, not to int()

@@ -162,7 +162,11 @@ def test_four_parallel_gemma_streams_differ_only_at_near_ties(gemma: Path):
 
 # -- clients that go away, follow-ups, and stopping ------------------------------------------------
 def test_a_client_gone_mid_stream_frees_its_slot_and_disturbs_no_other(tiny):
-    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", "--ctx", "8192") as server:
+    # Speculation off: its adaptive drafts depend on measured times, and a rejected draft leaves
+    # the KV cells in another order, which moves a logit by float rounding; at a near-tie two runs
+    # may then differ (test_core compares speculative serving with run up to near-ties). Exact
+    # equality is what shows here that a client leaving disturbs no other stream.
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", "--ctx", "8192", "--speculate", "off") as server:
         client = server.client()
         greedy = {"temperature": 0, "extra_body": {"ignore_eos": True}}
         steady = [{"role": "user", "content": "the steady one"}]
