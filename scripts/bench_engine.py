@@ -235,7 +235,7 @@ def fixed_costs(path: Path, threads: int, reps: int = 10) -> dict[str, float]:
     decode is ~100x faster than Gemma's, so the Python work around llama.cpp stands out of the
     noise. Multiply by a model's tok/s to get the fraction it costs there."""
     tg, pp = 400, 64
-    engine = open_engine(path, n_ctx=1024, n_gpu_layers=0, n_threads=threads)
+    engine = open_engine(path, n_ctx=1024, n_gpu_layers=0, n_threads=threads, speculate="off", prompt_cache=False)
     bare = Bare(path, 1024, threads, selftest.use_extra_bufts())
     tokens = engine.tokenize(TEXT * 10)[:pp]
     devnull, out = open(os.devnull, "w"), Output()
@@ -263,6 +263,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--startup-reps", type=int, default=3)
     ap.add_argument(
+        "--speculate",
+        default="off",
+        help="the engine's speculation (off: the same work as the bare loop; auto: what `run` does by default)",
+    )
+    ap.add_argument(
         "--tiny", type=Path, default=None, help="tiny model for the fixed costs (default: the test suite's)"
     )
     args = ap.parse_args()
@@ -272,7 +277,9 @@ def main() -> None:
     threads = args.threads or default_threads()
     n_ctx = args.pp + args.tg + 16
     extra = selftest.use_extra_bufts(print)
-    engine = open_engine(args.model, n_ctx=n_ctx, n_gpu_layers=0, n_threads=threads)
+    engine = open_engine(
+        args.model, n_ctx=n_ctx, n_gpu_layers=0, n_threads=threads, speculate=args.speculate, prompt_cache=False
+    )
     bare = Bare(args.model, n_ctx, threads, extra)
     tokens = engine.tokenize(TEXT * (args.pp // 20 + 2))[: args.pp]
 
