@@ -233,6 +233,21 @@ def test_wrong_types_are_400_naming_the_field(server: ServerProcess, client: ope
             },
             "tool_choice",
         ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}},
+                        },
+                    }
+                ],
+                "tool_choice": "required",  # a one-sided bound the call's grammar cannot enforce
+            },
+            "tools",
+        ),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),  # not a token of this model
         ({"logit_bias": {"the": 5}}, "logit_bias"),
         ({"logit_bias": {"\u00b2": 5}}, "logit_bias"),  # a digit to str.isdigit, not to int()

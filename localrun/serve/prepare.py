@@ -131,9 +131,12 @@ def _constrained(
         if rules is not None:
             raise bad_request("a required tool call and a grammar or response_format: give one", param="tool_choice")
         only = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
-        made = call_grammar.for_tools(
-            calling, tools, only=only, lazy=not forced, parallel=req.parallel_tool_calls is not False
-        )
+        try:
+            made = call_grammar.for_tools(
+                calling, tools, only=only, lazy=not forced, parallel=req.parallel_tool_calls is not False
+            )
+        except LocalrunError as exc:  # a parameter schema the grammar cannot enforce
+            raise bad_request(f"tools: {exc.message}", param="tools") from None
         if made is not None:
             rules, triggers = made.gbnf, made.triggers
     if rules is None:

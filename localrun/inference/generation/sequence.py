@@ -101,6 +101,9 @@ class Sequence:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.matcher = StopMatcher(request.stop)
         self.history = list(request.prompt)
+        lookup, drafter = self.drafters
+        if lookup is not None:  # its n-gram index is of the last reply's history: another request's
+            self.drafters = (LookupDrafter(), drafter)
         self.logprobs = []
         self.t_start, self.t_read, self.t_first = time.perf_counter(), None, None
 
