@@ -287,11 +287,12 @@ class LocalConversation(Conversation):
             parts[-1:] = [(self.material, True), (last[len(self.material) :], False)]
         return self.engine.tokenize_parts(parts)
 
-    def cached_prefix(self, tokens: list[int], material: str) -> int:
-        """How many prompt tokens come before the question: the template's preamble, the system
-        prompt, earlier turns and the `material` the last message starts with. They are what the
-        prompt cache keeps; 0 when the template changed the message beyond recognition."""
-        return self.engine.prefix_length(self.text(self.messages), self.messages[-1]["content"], tokens, len(material))
+    def cached_prefix(self, text: str, tokens: list[int], material: str) -> int:
+        """How many prompt tokens (the rendered `text`) come before the question: the template's
+        preamble, the system prompt, earlier turns and the `material` the last message starts
+        with. They are what the prompt cache keeps; 0 when the template changed the message
+        beyond recognition."""
+        return self.engine.prefix_length(text, self.messages[-1]["content"], tokens, len(material))
 
     def _fit(self) -> list[int]:
         """The prompt tokens; drops the oldest turns while the prompt leaves too little room for a
@@ -316,19 +317,21 @@ class LocalConversation(Conversation):
         # piped material). Later turns reuse the KV cache in memory; saving every conversation
         # so far would fill the bound with entries no other run starts with.
         first = sum(m["role"] == "user" for m in self.messages) == 1
+        reasoning = self.families.reasoning if self.families else None
+        # rendered once, when the cached prefix or the reasoning's start needs it
+        text = self.text(self.messages) if first or reasoning else ""
         events = self.engine.generate(
             tokens,
             self.settings.sampling,
             self.settings.max_tokens,
             stop,
             grammar=self.settings.grammar,
-            cached_prefix=self.cached_prefix(tokens, material) if first else 0,
+            cached_prefix=self.cached_prefix(text, tokens, material) if first else 0,
             top_logprobs=self.settings.logprobs,
         )
-        reasoning = self.families.reasoning if self.families else None
         if reasoning is None:
             return events
-        opened = reasoning.opens_in_prompt(self.text(self.messages))
+        opened = reasoning.opens_in_prompt(text)
         return reasoned(events, ReplyParser(reasoning, None, starts_in_reasoning=opened))
 
     def prompt_size(self) -> int:

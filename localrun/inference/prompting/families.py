@@ -15,7 +15,7 @@ alone, after any reasoning."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Container
 from dataclasses import dataclass
 
 from jinja2 import TemplateError, meta
@@ -197,7 +197,7 @@ def template_variables(source: str) -> frozenset[str]:
         return frozenset()
 
 
-def detect(template_source: str | None, special_tokens: Collection[str] = ()) -> Detected:
+def detect(template_source: str | None, special_tokens: Container[str] = ()) -> Detected:
     """The reasoning and tool-call formats of a model, from its template and special tokens."""
     source = template_source or ""
     evidence: list[str] = []
