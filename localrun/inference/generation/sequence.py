@@ -254,8 +254,7 @@ class Sequence:
         if self.sampling is not None:  # a grammar's token no longer wanted: not sampled if not started
             self.sampling[0].cancel()
             self.sampling = None
-        if self.pending is not None:  # sampled, never decoded
-            self.pending = None
+        self.pending = None  # sampled, never decoded: no longer wanted
         self.request, self.rows, self.draft = None, [], []
         self.last_used = time.perf_counter()
 
