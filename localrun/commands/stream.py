@@ -301,6 +301,8 @@ class LiveRenderer:
 
     def finish(self, stats: Stats) -> None:
         self._erase()
+        if self.show_thinking and self.thinking and self.first is None:  # it ended thinking: the line ends
+            sys.stderr.write("\n")
         if self.wrap:
             self._write(self.wrap.flush())
         if not self.ends_with_newline:
