@@ -18,7 +18,8 @@ from localrun.model import aliases
 from localrun.model.refs import ModelRef, parse_ref
 from localrun.output import MESSAGE_LIMIT, Output
 from localrun.serve import state
-from localrun.serve.app import Access, Served, create_app
+from localrun.serve.app import Access, create_app
+from localrun.serve.generating import Served
 from localrun.serve.host import ModelHost, ServeOptions
 from localrun.serve.registry import Registry
 from localrun.serve.server import Limits, bind, is_loopback, serve, url_of

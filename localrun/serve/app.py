@@ -1,12 +1,13 @@
-"""The HTTP app (FastAPI on uvicorn): OpenAI's endpoints over the served models' schedulers,
-behind the checks of middleware.py.
+"""The HTTP app (FastAPI on uvicorn): the APIs the server speaks over the served models'
+schedulers, behind the checks of middleware.py. OpenAI's routes are here; each other API's are in
+its own module, as a router over the same generations (generating.py).
 
-Every error is OpenAI's error JSON with its status: 400 for a body that is not JSON or has the
-wrong types, 401 for a missing or wrong key (compared in constant time), 403 for a web page's
-origin not allowed, 404 for an unknown model or endpoint, 408 for a body sent too slowly, 413 for
-a body over the limit, 421 for a Host that does not name this server, 503 with Retry-After when
-every slot is busy and the queue is full. No endpoint reads or writes a file a request names: a
-model is one of those the server was started with, found by name.
+Every error comes in the shape of the API its path belongs to (errors.py), with its status: 400
+for a body that is not JSON or has the wrong types, 401 for a missing or wrong key (compared in
+constant time), 403 for a web page's origin not allowed, 404 for an unknown model or endpoint, 408
+for a body sent too slowly, 413 for a body over the limit, 421 for a Host that does not name this
+server, 503 with Retry-After when every slot is busy and the queue is full. No endpoint reads or
+writes a file a request names: a model is one of those the server was started with, found by name.
 """
 
 from __future__ import annotations
@@ -26,28 +27,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from localrun.errors import LocalrunError
-from localrun.inference.generation.events import Stats
-from localrun.serve import prepare, replies
-from localrun.serve.errors import ApiError, from_localrun
-from localrun.serve.loop import QueueFull
+from localrun.serve import replies
+from localrun.serve.errors import ApiError
+from localrun.serve.generating import Log, Served, start
 from localrun.serve.middleware import BodyLimit, Gate, LastResort
 from localrun.serve.protocol import ChatRequest, CompletionRequest, Health, ModelCard, ModelList
 from localrun.serve.registry import Registry
-from localrun.serve.replies import Feed, Reply
 
 SWEEP_EVERY = 1.0  # seconds between checks for models idle beyond --keep-alive
-
-
-@dataclass
-class Served:
-    """One request, for the server's log line."""
-
-    endpoint: str  # the method and the path: "POST /v1/chat/completions"
-    model: str
-    status: int
-    stats: Stats | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -91,11 +78,17 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
     def authorize(request: Request) -> None:
         if key_digest is None:
             return
+        # the key as OpenAI's clients send it (Authorization: Bearer), or as Anthropic's (x-api-key)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        sent = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
         # digests of equal length: the comparison takes the same time whatever the key sent
-        given = hashlib.sha256(token.strip().encode()).digest()
-        if not (hmac.compare_digest(given, key_digest) and scheme.lower() == "bearer"):
-            raise ApiError(401, "missing or incorrect API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        given = hashlib.sha256((sent or "").encode()).digest()
+        if not (hmac.compare_digest(given, key_digest) and sent is not None):
+            raise ApiError(
+                401,
+                "missing or incorrect API key (send Authorization: Bearer KEY, or x-api-key: KEY)",
+                code="invalid_api_key",
+            )
 
     @app.get("/health")
     def health() -> Health:
@@ -111,105 +104,40 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(req: ChatRequest, request: Request):
-        return await _generate(registry, request, req, "chat", log)
+        return await _openai(registry, request, req, "chat", log)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest, request: Request):
-        return await _generate(registry, request, req, "completion", log)
+        return await _openai(registry, request, req, "completion", log)
 
     return app
 
 
-async def _generate(
-    registry: Registry,
-    request: Request,
-    req: ChatRequest | CompletionRequest,
-    kind: replies.Kind,
-    log: Callable[[Served], None],
+async def _openai(
+    registry: Registry, request: Request, req: ChatRequest | CompletionRequest, kind: replies.Kind, log: Log
 ):
-    endpoint = f"{request.method} {request.url.path}"
-    host = registry.find(req.model)
-    try:
-        scheduler = host.checkout_now() or await run_in_threadpool(registry.checkout, host)
-    except LocalrunError as exc:
-        raise from_localrun(exc) from None
-    try:
-        host.preparing += 1  # the scheduler, if idle, waits for it to batch its prompt with the others
-        try:
-            feed = Feed()
-            if isinstance(req, ChatRequest):
-                prepared = await run_in_threadpool(prepare.chat, host, req, feed.put)
-            else:
-                prepared = prepare.Prepared(await run_in_threadpool(prepare.completion, host, req, feed.put))
-            job = prepared.request
-        finally:
-            host.preparing -= 1
-        scheduler.submit(job)
-    except LocalrunError as exc:
-        host.checkin()
-        raise from_localrun(exc) from None
-    except QueueFull:
-        host.checkin()
-        raise ApiError(
-            503,
-            f"all {scheduler.n_slots} slots of {host.id} are busy and {scheduler.queue_limit} requests are waiting",
-            type="server_error",
-            code="queue_full",
-            retry_after=1,
-        ) from None
-    except BaseException:
-        host.checkin()
-        raise
-    reply = Reply(kind, host.id, parser=prepared.parser, dropped=prepared.dropped)
-    logprobs = job.top_logprobs is not None
-    released = False
-
-    def release() -> None:  # once, whichever way the request ends
-        nonlocal released
-        if not released:
-            released = True
-            if reply.stats is None and reply.error is None:
-                scheduler.cancel(job)
-            host.checkin()
-            # What was sent: a stream's 200 went out before its first chunk, so an error that ends
-            # it comes in-band and the status stays 200. 499: the client went away.
-            sent = 200 if req.stream else reply.error.status if reply.error else 200
-            status = sent if reply.error or reply.stats else 499
-            if reply.error is not None:
-                reply.error.logged = True
-            for warning in reply.warnings:
-                host.say(f"a tool call the model wrote was given back as content: {warning}")
-            log(Served(endpoint, host.id, status, reply.stats, reply.error and reply.error.message))
-
+    """A chat or text completion, answered in OpenAI's shape: one body, or SSE chunks."""
+    generation = await start(registry, request, req, log, kind)
+    reply = generation.reply
+    logprobs = generation.job.top_logprobs is not None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for chunk in replies.stream(feed, reply, logprobs, include_usage):
+                async for chunk in replies.stream(generation.feed, reply, logprobs, include_usage):
                     yield chunk
             finally:
-                release()
+                generation.release()
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         # the background task also releases a stream whose client left before it began
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers=headers, background=BackgroundTask(release)
+            events(), media_type="text/event-stream", headers=headers, background=BackgroundTask(generation.release)
         )
-    try:
-        await replies.collect(feed, reply, lambda: _disconnected(request), lambda: scheduler.cancel(job))
-    finally:
-        release()
-    if reply.stats is None:  # the client went away: nobody reads what is sent
+    if await generation.collect(request) is None:  # the client went away: nobody reads what is sent
         return Response(status_code=499)
     return replies.body(reply, logprobs)
-
-
-async def _disconnected(request: Request) -> None:
-    """Return when the client has closed its connection (the body was read: what comes next on the
-    request's channel is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _sweep(registry: Registry) -> None:
@@ -221,7 +149,7 @@ async def _sweep(registry: Registry) -> None:
 def _error_handlers(app: FastAPI, report: Callable[[str, ApiError], None]) -> None:
     def said(request: Request, error: ApiError) -> JSONResponse:
         report(f"{request.method} {request.url.path}", error)
-        return error.response()
+        return error.response(request.url.path)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -1,6 +1,13 @@
-"""Errors as OpenAI's API reports them: a status and {"error": {"message", "type", "param", "code"}}."""
+"""Errors as each API the server speaks reports them, with their HTTP status:
+- OpenAI's (`/v1/...`): {"error": {"message", "type", "param", "code"}};
+- Ollama's (`/api/...`): {"error": "message"};
+- Anthropic's (`/v1/messages...`): {"type": "error", "error": {"type", "message"}}.
+Which one a request gets follows from its path (`dialect`), so a check that answers before any
+route (the body's limit, the Host and Origin gate) still answers in the client's own shape."""
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
@@ -29,14 +36,48 @@ class ApiError(Exception):
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
 
+    def payload(self, dialect: Dialect = "openai") -> dict[str, Any]:
+        """The error's JSON in an API's shape."""
+        if dialect == "ollama":
+            return {"error": self.message}
+        if dialect == "anthropic":
+            kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
+        return self.body().model_dump()
+
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
-    def response(self, *, close: bool = False) -> JSONResponse:
-        """The error as an HTTP response; close: the connection is closed after it (a request that
-        was not read to its end)."""
+    def response(self, path: str = "", *, close: bool = False) -> JSONResponse:
+        """The error as an HTTP response, in the shape of the API `path` belongs to; close: the
+        connection is closed after it (a request that was not read to its end)."""
         headers = self.headers() | ({"Connection": "close"} if close else {})
-        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(self.payload(dialect(path)), status_code=self.status, headers=headers)
+
+
+Dialect = Literal["openai", "ollama", "anthropic"]
+
+# Anthropic's error types by status (its documented list; 529 is its "overloaded")
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def dialect(path: str) -> Dialect:
+    """Which API a request path belongs to."""
+    if path.startswith("/api/"):
+        return "ollama"
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    return "openai"
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

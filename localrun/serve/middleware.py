@@ -111,7 +111,7 @@ class Gate:
             await self.app(scope, receive, send)
             return
         self.report(f"{scope.get('method', '')} {scope['path']}", error)
-        await error.response()(scope, receive, send)
+        await error.response(scope["path"])(scope, receive, send)
 
 
 class BodyLimit:
@@ -166,7 +166,7 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ApiError, close: bool = False) -> None:
         self.report(f"{scope.get('method', '')} {scope['path']}", error)
-        await error.response(close=close)(scope, receive, send)
+        await error.response(scope["path"], close=close)(scope, receive, send)
 
 
 class LastResort:
@@ -194,7 +194,7 @@ class LastResort:
             error = ApiError(500, f"unexpected {type(exc).__name__}: {exc}", type="server_error")
             self.report(f"{scope.get('method', '')} {scope['path']}", error)
             if not started:
-                await error.response()(scope, receive, send)
+                await error.response(scope["path"])(scope, receive, send)
                 return
             with contextlib.suppress(Exception):  # the client may be gone already
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
