@@ -28,11 +28,22 @@ from starlette.middleware.cors import CORSMiddleware
 
 from localrun.errors import LocalrunError
 from localrun.inference.generation.events import Stats
-from localrun.serve import prepare, replies
+from localrun.serve import prepare, replies, tokens
 from localrun.serve.errors import ApiError, from_localrun
 from localrun.serve.loop import QueueFull
+from localrun.serve.metrics import Metrics
 from localrun.serve.middleware import BodyLimit, Gate, LastResort
-from localrun.serve.protocol import ChatRequest, CompletionRequest, Health, ModelCard, ModelList
+from localrun.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    Detokenized,
+    DetokenizeRequest,
+    Health,
+    ModelCard,
+    ModelList,
+    Tokenized,
+    TokenizeRequest,
+)
 from localrun.serve.registry import Registry
 from localrun.serve.replies import Feed, Reply
 
@@ -76,6 +87,8 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
             log(Served(endpoint, "-", error.status, error=error.message))
 
     app = FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    metrics = Metrics(registry.hosts, app.routes)
+    log = metrics.counting(log)  # every request logged (each generation, every error) is counted
     # added innermost first: Gate, then CORS (preflights), then the body's limits, then the app
     app.add_middleware(LastResort, report=report)
     app.add_middleware(BodyLimit, limit=access.max_body, timeout=access.body_timeout, report=report)
@@ -97,17 +110,38 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
         if not (hmac.compare_digest(given, key_digest) and scheme.lower() == "bearer"):
             raise ApiError(401, "missing or incorrect API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
-    @app.get("/health")
+    async def answered(request: Request) -> AsyncIterator[None]:
+        """Counts a request of a route that does not log them, once it has answered (its errors are logged)."""
+        yield
+        metrics.request(f"{request.method} {request.url.path}", 200)
+
+    @app.get("/health", dependencies=[Depends(answered)])
     def health() -> Health:
         return registry.health()
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize), Depends(answered)])
     def models() -> ModelList:
         return registry.cards()
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize), Depends(answered)])
     def model(name: str) -> ModelCard:
         return registry.card(name)
+
+    # Prometheus' scrapers send a bearer token, so /metrics asks for the key as llama-server's does
+    @app.get("/metrics", dependencies=[Depends(authorize), Depends(answered)])
+    def metrics_text() -> Response:
+        body, media_type = metrics.exposition()
+        return Response(body, media_type=media_type)
+
+    @app.post("/tokenize", dependencies=[Depends(authorize), Depends(answered)])
+    async def tokenize(req: TokenizeRequest) -> Tokenized:
+        async with tokens.vocabulary(registry, req.model) as vocabulary:
+            return await run_in_threadpool(tokens.tokenize, vocabulary, req)
+
+    @app.post("/detokenize", dependencies=[Depends(authorize), Depends(answered)])
+    async def detokenize(req: DetokenizeRequest) -> Detokenized:
+        async with tokens.vocabulary(registry, req.model) as vocabulary:
+            return await run_in_threadpool(tokens.detokenize, vocabulary, req)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(req: ChatRequest, request: Request):
