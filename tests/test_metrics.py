@@ -136,6 +136,29 @@ def test_the_model_load_is_counted_with_its_time(server: ServerProcess):
     assert 0 < value(samples, "localrun_model_load_seconds_sum", model=MODEL) < 120
 
 
+def test_speculation_and_prompt_tokens_read_from_disk_are_counted(tiny):
+    """A second server run reads the system prompt the first saved, and drafts by prompt lookup."""
+    system = "You are a careful assistant who answers in full sentences. " * 10  # over the cache's minimum
+    repeating = "the cat sat on the mat and the dog sat on the log; " * 6  # what prompt lookup drafts from
+    for _ in range(2):  # both runs share this test's home, where the prompt cache is kept
+        with ServerProcess([tiny.quants["Q8_0"]], "--speculate", "lookup") as server:
+            reply = server.client().chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Repeat: {repeating}"}],
+                max_tokens=48,
+                **FIXED,
+            )
+            samples = scrape(server)
+    timings = reply.model_extra["timings"]
+    assert timings["cached_from_disk"] >= 64 and timings["draft_n"] > 0
+    assert (
+        value(samples, "localrun_reused_prompt_tokens_total", model=MODEL, source="disk") == timings["cached_from_disk"]
+    )
+    assert value(samples, "localrun_prompt_cache_hits_total", model=MODEL) == 1
+    assert value(samples, "localrun_speculative_drafted_tokens_total", model=MODEL) == timings["draft_n"]
+    assert value(samples, "localrun_speculative_accepted_tokens_total", model=MODEL) == timings["draft_n_accepted"]
+
+
 def test_a_flood_of_unknown_paths_adds_no_label_values(server: ServerProcess):
     get(server, "/no/such/path/0")
     get(server, "/v1/models/warm-up-name")
