@@ -1,5 +1,6 @@
 """The HTTP app (FastAPI on uvicorn): OpenAI's endpoints over the served models' schedulers,
-behind the checks of middleware.py.
+llama-server's /tokenize and /detokenize, and /metrics for Prometheus (metrics.py), behind the
+checks of middleware.py.
 
 Every error is OpenAI's error JSON with its status: 400 for a body that is not JSON or has the
 wrong types, 401 for a missing or wrong key (compared in constant time), 403 for a web page's
