@@ -20,7 +20,7 @@ from localrun.serve.registry import Registry
 async def vocabulary(registry: Registry, name: str | None) -> AsyncIterator[LlamaModel]:
     """The vocabulary of the model `name` (None: the first served), loaded if it is not, and kept
     loaded while it is used."""
-    host = registry.find(name) if name is not None or not registry.hosts else registry.hosts[0]
+    host = registry.hosts[0] if name is None and registry.hosts else registry.find(name or "")
     try:
         host.checkout_now() or await run_in_threadpool(registry.checkout, host)
     except LocalrunError as exc:
