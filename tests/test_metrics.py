@@ -55,6 +55,11 @@ def get(server: ServerProcess, path: str, key: str | None = KEY, host: str | Non
         return exc.code, exc.read().decode()
 
 
+def post(server: ServerProcess, path: str, body: object) -> tuple[int, dict]:
+    status, _, reply = server.post(path, json.dumps(body).encode())
+    return status, reply
+
+
 def scrape(server: ServerProcess) -> Samples:
     status, text = get(server, "/metrics")
     assert status == 200, text
@@ -136,6 +141,17 @@ def test_the_model_load_is_counted_with_its_time(server: ServerProcess):
     assert 0 < value(samples, "localrun_model_load_seconds_sum", model=MODEL) < 120
 
 
+def test_a_model_unloaded_when_idle_is_loaded_again_by_tokenize_and_counted(tiny):
+    with ServerProcess([tiny.quants["Q8_0"]], "--keep-alive", "0") as server:
+        server.wait_for(lambda health: not health["models"][0]["loaded"])
+        assert value(scrape(server), "localrun_model_loaded", model=MODEL) == 0
+        status, reply = post(server, "/tokenize", {"content": "hello"})
+        assert status == 200 and reply["tokens"]
+        samples = scrape(server)
+    assert value(samples, "localrun_model_loads_total", model=MODEL) == 2
+    assert value(samples, "localrun_model_load_seconds_count", model=MODEL) == 2
+
+
 def test_speculation_and_prompt_tokens_read_from_disk_are_counted(tiny):
     """A second server run reads the system prompt the first saved, and drafts by prompt lookup."""
     system = "You are a careful assistant who answers in full sentences. " * 10  # over the cache's minimum
@@ -191,11 +207,6 @@ def test_metrics_asks_for_the_key_and_passes_the_gate(server: ServerProcess):
 
 
 # -- /tokenize and /detokenize -------------------------------------------------------------------------
-def post(server: ServerProcess, path: str, body: object) -> tuple[int, dict]:
-    status, _, reply = server.post(path, json.dumps(body).encode())
-    return status, reply
-
-
 def test_tokenize_and_detokenize_round_trip_with_pieces(server: ServerProcess):
     text = "the old man and the sea"
     status, plain = post(server, "/tokenize", {"content": text})
