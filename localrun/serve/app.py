@@ -1,6 +1,7 @@
 """The HTTP app (FastAPI on uvicorn): the APIs the server speaks over the served models'
-schedulers, behind the checks of middleware.py. OpenAI's routes are here; each other API's are in
-its own module, as a router over the same generations (generating.py).
+schedulers, behind the checks of middleware.py. OpenAI's routes, llama-server's /tokenize and
+/detokenize, and /metrics for Prometheus (metrics.py) are here; each other API's routes are in its
+own module, as a router over the same generations (generating.py).
 
 Every error comes in the shape of the API its path belongs to (errors.py), with its status: 400
 for a body that is not JSON or has the wrong types, 401 for a missing or wrong key (compared in
@@ -27,11 +28,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from localrun.serve import replies
+from localrun.serve import replies, tokens
 from localrun.serve.errors import ApiError
 from localrun.serve.generating import Log, Served, start
+from localrun.serve.metrics import Metrics
 from localrun.serve.middleware import BodyLimit, Gate, LastResort
-from localrun.serve.protocol import ChatRequest, CompletionRequest, Health, ModelCard, ModelList
+from localrun.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    Detokenized,
+    DetokenizeRequest,
+    Health,
+    ModelCard,
+    ModelList,
+    Tokenized,
+    TokenizeRequest,
+)
 from localrun.serve.registry import Registry
 
 SWEEP_EVERY = 1.0  # seconds between checks for models idle beyond --keep-alive
@@ -63,6 +75,8 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
             log(Served(endpoint, "-", error.status, error=error.message))
 
     app = FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    metrics = Metrics(registry.hosts, app.routes)
+    log = metrics.counting(log)  # every request logged (each generation, every error) is counted
     # added innermost first: Gate, then CORS (preflights), then the body's limits, then the app
     app.add_middleware(LastResort, report=report)
     app.add_middleware(BodyLimit, limit=access.max_body, timeout=access.body_timeout, report=report)
@@ -90,17 +104,38 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
                 code="invalid_api_key",
             )
 
-    @app.get("/health")
+    async def answered(request: Request) -> AsyncIterator[None]:
+        """Counts a request of a route that does not log them, once it has answered (its errors are logged)."""
+        yield
+        metrics.request(f"{request.method} {request.url.path}", 200)
+
+    @app.get("/health", dependencies=[Depends(answered)])
     def health() -> Health:
         return registry.health()
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize), Depends(answered)])
     def models() -> ModelList:
         return registry.cards()
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize), Depends(answered)])
     def model(name: str) -> ModelCard:
         return registry.card(name)
+
+    # Prometheus' scrapers send a bearer token, so /metrics asks for the key as llama-server's does
+    @app.get("/metrics", dependencies=[Depends(authorize), Depends(answered)])
+    def metrics_text() -> Response:
+        body, media_type = metrics.exposition()
+        return Response(body, media_type=media_type)
+
+    @app.post("/tokenize", dependencies=[Depends(authorize), Depends(answered)])
+    async def tokenize(req: TokenizeRequest) -> Tokenized:
+        async with tokens.vocabulary(registry, req.model) as vocabulary:
+            return await run_in_threadpool(tokens.tokenize, vocabulary, req)
+
+    @app.post("/detokenize", dependencies=[Depends(authorize), Depends(answered)])
+    async def detokenize(req: DetokenizeRequest) -> Detokenized:
+        async with tokens.vocabulary(registry, req.model) as vocabulary:
+            return await run_in_threadpool(tokens.detokenize, vocabulary, req)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(req: ChatRequest, request: Request):

@@ -111,6 +111,8 @@ class ModelHost:
         self._files: tuple[Path, ...] = ()  # the files the loaded weights are mapped from
         self._stamp: Stamp = ()  # and what they were when loaded
         self._changed = False  # a file changed in place: the model's requests are being ended
+        self.loads = 0  # times the model was loaded (for /metrics)
+        self.load_seconds = 0.0  # and the time those loads took, planning and checks included
 
     def checkout(self) -> SlotLoop:
         """The running scheduler, loading the model first if it is not (blocking: call off the
@@ -227,6 +229,7 @@ class ModelHost:
 
     # -- loading ---------------------------------------------------------------------------------
     def _load(self) -> None:
+        began = time.perf_counter()
         resolved = self._source()
         n = self.opts.parallel
         say = self.say
@@ -297,6 +300,8 @@ class ModelHost:
         self._files, self._stamp = model.files, stamp
         scheduler.start()
         self.scheduler = scheduler
+        self.loads += 1
+        self.load_seconds += time.perf_counter() - began
         self._notify(
             f"loaded {safe(self.id)}: {n} slot{'s' * (n > 1)} × {self.n_ctx_slot} tokens, "
             f"{plural(threads, 'thread')}, {engine.info.n_gpu_layers} GPU layers, in {engine.info.load_s:.1f} s"

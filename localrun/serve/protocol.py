@@ -194,6 +194,23 @@ class CompletionRequest(GenerationRequest):
     best_of: int | None = Field(None, ge=1)
 
 
+class TokenizeRequest(_Request):
+    """llama-server's /tokenize; `model` is localrun's (default: the first model served)."""
+
+    model: str | None = None
+    content: str
+    add_special: bool = False  # a BOS where the model's vocabulary adds one
+    parse_special: bool = True  # special tokens written in the text are read as such
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Request):
+    """llama-server's /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 # -- responses ---------------------------------------------------------------------------------------
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
@@ -359,6 +376,19 @@ class SlotsHealth(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "stopping"]
     models: list[SlotsHealth]
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int]  # the piece's text, or its bytes when they are not whole UTF-8
+
+
+class Tokenized(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+
+
+class Detokenized(BaseModel):
+    content: str
 
 
 class ErrorBody(BaseModel):

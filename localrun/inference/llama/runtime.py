@@ -106,7 +106,7 @@ class LlamaModel:
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
         self.n_layer = lc.llama_model_n_layer(self.ptr)
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self._buffers = threading.local()  # piece()'s buffer, one per thread: a server reads pieces in several
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -128,12 +128,16 @@ class LlamaModel:
         return list(buf[:n])
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        n = self._lc.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        # the call releases the GIL: a buffer shared by threads could be overwritten before it is read
+        buf = getattr(self._buffers, "piece", None)
+        if buf is None:
+            buf = self._buffers.piece = ctypes.create_string_buffer(256)
+        n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
             n = self._lc.llama_token_to_piece(self.vocab, token, big, len(big), 0, special)
             return big.raw[:n]
-        return self._piece_buf.raw[:n]
+        return buf.raw[:n]
 
     def is_control(self, token: int) -> bool:
         """A control (or unknown) token: one that only special-token parsing makes from text."""
