@@ -1,0 +1,222 @@
+"""Anthropic's Messages API on `localrun serve`, through the official `anthropic` client against a
+real server: the tiny model wears Qwen 3's template (reasoning in <think>, calls in <tool_call>,
+the enable_thinking switch) and a grammar (localrun's own field, sent as extra_body) makes it
+write exactly the reply a test needs, so what is tested is the mapping both ways on real output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anthropic
+import pytest
+
+from support.serving import ServerProcess
+
+TINY = "tiny-llama-Q8_0"
+KEY = "sk-anthropic-test"
+TEMPLATE = Path(__file__).parent / "support" / "templates" / "qwen3.jinja"
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CITY = {  # bounded, so the model's own random tokens end the call soon
+    "name": "get_weather",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+QUESTION = [{"role": "user", "content": "What now?"}]
+
+
+def gbnf_literal(text: str) -> str:
+    """A grammar whose only sentence is `text`."""
+    return "root ::= " + json.dumps(text)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", "--template", TEMPLATE, api_key=KEY) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+
+
+def ask(client: anthropic.Anthropic, text: str, *, stream: bool, messages=QUESTION, **extra) -> anthropic.types.Message:
+    """The message the model is made to write (a grammar), whole or assembled by the client's
+    stream helper from the events."""
+    common = {"model": TINY, "messages": messages, "max_tokens": 200, "extra_body": {"grammar": gbnf_literal(text)}}
+    if not stream:
+        return client.messages.create(**common, **extra)
+    with client.messages.stream(**common, **extra) as events:
+        return events.get_final_message()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_message_comes_back_as_a_text_block(client: anthropic.Anthropic, stream: bool):
+    message = ask(client, "Hello there.", stream=stream, system="Be brief.")
+    assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    assert [(b.type, b.text) for b in message.content] == [("text", "Hello there.")]
+    assert message.stop_reason == "end_turn" and message.stop_sequence is None
+    assert message.usage.output_tokens > 0 and message.usage.input_tokens > 0
+
+
+def test_the_stream_sends_anthropics_events_in_order(client: anthropic.Anthropic):
+    common = {"model": TINY, "messages": QUESTION, "max_tokens": 200}
+    grammar = {"grammar": gbnf_literal("<think>\nMull.\n</think>\n\nDone.")}
+    events = list(client.messages.create(stream=True, extra_body=grammar, **common))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    blocks = [(e.index, e.content_block.type) for e in events if e.type == "content_block_start"]
+    assert blocks == [(0, "thinking"), (1, "text")]
+    deltas = {e.delta.type for e in events if e.type == "content_block_delta"}
+    assert deltas == {"thinking_delta", "signature_delta", "text_delta"}
+    assert [e.index for e in events if e.type == "content_block_stop"] == [0, 1]
+    assert events[-2].delta.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_is_a_thinking_block_before_the_text(client: anthropic.Anthropic, stream: bool):
+    thinking = {"type": "enabled", "budget_tokens": 100}
+    message = ask(client, "<think>\nTwo and two.\n</think>\n\nFour.", stream=stream, thinking=thinking)
+    first, second = message.content
+    assert first.type == "thinking" and first.thinking.strip() == "Two and two." and first.signature
+    assert second.type == "text" and second.text.strip() == "Four."
+
+
+def test_thinking_maps_onto_the_templates_switch(client: anthropic.Anthropic):
+    """disabled turns the template's enable_thinking off: Qwen 3's closes an empty <think> in the prompt."""
+    counts = {
+        kind: client.messages.count_tokens(model=TINY, messages=QUESTION, thinking=config).input_tokens
+        for kind, config in (
+            ("enabled", {"type": "enabled", "budget_tokens": 1024}),
+            ("disabled", {"type": "disabled"}),
+        )
+    }
+    assert counts["disabled"] > counts["enabled"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequences_end_the_reply_and_are_named(client: anthropic.Anthropic, stream: bool):
+    message = ask(client, "Count: one two STOP three", stream=stream, stop_sequences=["never", "STOP"])
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == "STOP"
+    assert message.content[0].text == "Count: one two "
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_ends_the_reply_as_max_tokens(client: anthropic.Anthropic, stream: bool):
+    common = {"model": TINY, "messages": QUESTION, "max_tokens": 3, "extra_body": {"grammar": gbnf_literal("a " * 40)}}
+    if stream:
+        with client.messages.stream(**common) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**common)
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_tool_use_and_tool_result_loop(client: anthropic.Anthropic, stream: bool):
+    """A call comes as a tool_use block with its input as an object; sent back with its result as a
+    tool_result block, the history goes through the template and the answer follows."""
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    first = ask(client, CALL, stream=stream, messages=question, tools=[WEATHER])
+    assert first.stop_reason == "tool_use"
+    (call,) = [b for b in first.content if b.type == "tool_use"]
+    assert call.name == "get_weather" and call.input == {"city": "Paris"} and call.id
+    history = [
+        *question,
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": '{"sky": "clear"}'}]},
+    ]
+    final = ask(client, "It is clear in Paris.", stream=stream, messages=history, tools=[WEATHER])
+    assert [(b.type, b.text) for b in final.content] == [("text", "It is clear in Paris.")]
+    assert final.stop_reason == "end_turn"
+    # the prompt held the call and its result: more tokens than the first question alone
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens > first.usage.input_tokens + 20
+
+
+def test_tool_choice_tool_makes_the_model_call_that_tool(client: anthropic.Anthropic):
+    """No grammar of the caller's: the tools' grammar makes the model's own tokens a valid call."""
+    message = client.messages.create(
+        model=TINY,
+        messages=[{"role": "user", "content": "Weather?"}],
+        max_tokens=200,
+        tools=[CITY, WEATHER | {"name": "get_time"}],
+        tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+        extra_body={"seed": 7, "temperature": 0.9},
+    )
+    assert message.stop_reason == "tool_use"
+    calls = [b for b in message.content if b.type == "tool_use"]
+    assert [c.name for c in calls] == ["get_weather"] and isinstance(calls[0].input.get("city"), str)
+
+
+def test_count_tokens_is_the_prompt_a_message_reads(client: anthropic.Anthropic):
+    messages = [{"role": "user", "content": "Count me, please."}]
+    counted = client.messages.count_tokens(model=TINY, messages=messages, system="Be brief.", tools=[WEATHER])
+    message = client.messages.create(
+        model=TINY,
+        messages=messages,
+        system="Be brief.",
+        tools=[WEATHER],
+        max_tokens=5,
+        extra_body={"grammar": gbnf_literal("Yes.")},
+    )
+    assert counted.input_tokens == message.usage.input_tokens + message.usage.cache_read_input_tokens
+    plain = client.messages.count_tokens(model=TINY, messages=messages).input_tokens
+    assert plain < counted.input_tokens  # the tools and the system prompt are part of it
+
+
+def test_the_key_is_sent_as_x_api_key(server: ServerProcess, client: anthropic.Anthropic):
+    wrong = anthropic.Anthropic(base_url=server.url, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        wrong.messages.create(model=TINY, messages=QUESTION, max_tokens=5)
+    assert caught.value.body["type"] == "error" and caught.value.body["error"]["type"] == "authentication_error"
+    assert ask(client, "Fine.", stream=False).content[0].text == "Fine."
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "'image'"),
+        ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "'document'"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
+        ({"messages": [*QUESTION, {"role": "assistant", "content": "The answer is"}]}, "prefill"),
+        ({"extra_body": {"mcp_servers": [{"type": "url", "url": "http://x", "name": "x"}]}}, "mcp_servers"),
+        ({"tool_choice": {"type": "any"}}, "no tools"),
+        ({"thinking": {"type": "enabled"}}, "budget_tokens"),
+        ({"extra_body": {"temperature": "hot"}}, "temperature"),
+        ({"stop_sequences": ["s"] * 17}, "stop strings"),
+    ],
+)
+def test_what_cannot_be_honoured_is_refused_in_anthropics_shape(client: anthropic.Anthropic, change: dict, named: str):
+    body = {"model": TINY, "messages": QUESTION, "max_tokens": 5} | change
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(**body)
+    error = caught.value.body
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert named in error["error"]["message"]
+    assert ask(client, "Still here.", stream=False).content[0].text == "Still here."
+
+
+def test_bad_bodies_get_anthropics_error_shape_and_the_server_keeps_serving(server: ServerProcess):
+    headers = {"x-api-key": KEY}
+    for body in (b"{not json", b'{"model": "tiny-llama-Q8_0", "messages": [{"role": "user", "content": "hi"}]}'):
+        status, _, error = server.post("/v1/messages", body, headers)
+        assert status == 400 and error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    status, _, error = server.post("/v1/messages/count_tokens", b'{"model": "nope", "messages": []}', headers)
+    assert status == 400 and error["type"] == "error"
+    status, _, error = server.post(
+        "/v1/messages", json.dumps({"model": "nope", "messages": QUESTION, "max_tokens": 5}).encode(), headers
+    )
+    assert status == 404 and error["error"]["type"] == "not_found_error"
+    body = {"model": TINY, "messages": QUESTION, "max_tokens": 5, "grammar": gbnf_literal("Yes.")}
+    status, _, message = server.post("/v1/messages", json.dumps(body).encode(), headers)
+    assert status == 200 and message["content"] == [{"type": "text", "text": "Yes."}]
