@@ -6,6 +6,7 @@ write exactly the reply a test needs, so what is tested is the mapping both ways
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import anthropic
@@ -90,6 +91,15 @@ def test_reasoning_is_a_thinking_block_before_the_text(client: anthropic.Anthrop
     first, second = message.content
     assert first.type == "thinking" and first.thinking.strip() == "Two and two." and first.signature
     assert second.type == "text" and second.text.strip() == "Four."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_omitted_thinking_keeps_its_block_and_signature_without_the_text(client: anthropic.Anthropic, stream: bool):
+    thinking = {"type": "adaptive", "display": "omitted"}
+    message = ask(client, "<think>\nSecret.\n</think>\n\nShown.", stream=stream, thinking=thinking)
+    first, second = message.content
+    assert first.type == "thinking" and first.thinking == "" and len(first.signature) == 64
+    assert second.text.strip() == "Shown."
 
 
 def test_thinking_maps_onto_the_templates_switch(client: anthropic.Anthropic):
@@ -220,3 +230,21 @@ def test_bad_bodies_get_anthropics_error_shape_and_the_server_keeps_serving(serv
     body = {"model": TINY, "messages": QUESTION, "max_tokens": 5, "grammar": gbnf_literal("Yes.")}
     status, _, message = server.post("/v1/messages", json.dumps(body).encode(), headers)
     assert status == 200 and message["content"] == [{"type": "text", "text": "Yes."}]
+
+
+def test_a_stream_cut_short_ends_with_an_error_event_the_client_raises(tiny):
+    """The server stopping mid-reply: the stream's last event is Anthropic's error, and the client
+    raises it (the 200 went out with the first event)."""
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1", "--ctx", "16384") as server:
+        client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+        long = {"grammar": gbnf_literal("a " * 6000)}
+        events = iter(
+            client.messages.create(model=TINY, messages=QUESTION, max_tokens=12000, stream=True, extra_body=long)
+        )
+        assert next(events).type == "message_start"
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            for _ in events:
+                pass
+        assert caught.value.body["type"] == "error" and "shutting down" in caught.value.body["error"]["message"]
+        assert server.proc.wait(60) == 0 and "Traceback" not in server.stderr
