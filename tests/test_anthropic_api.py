@@ -323,3 +323,42 @@ def test_hostile_bodies_get_anthropics_errors_never_a_500(server: ServerProcess,
             assert answer["type"] == "error" and answer["error"]["type"] == "invalid_request_error"
     assert "Traceback" not in server.stderr
     assert ask(client, "Still here.", stream=False).content[0].text == "Still here."
+
+
+def test_the_request_maps_onto_the_one_chat_request():
+    """What the lead's core reads from the chat request: the thinking budget, the switch, the tools."""
+    from localrun.serve.anthropic import chat_request
+    from localrun.serve.anthropic_protocol import MessagesRequest
+
+    body = {
+        "model": TINY,
+        "max_tokens": 4096,
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "Look it up.", "signature": "x"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                ],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "clear"}]},
+            {"role": "user", "content": "And tomorrow?"},
+        ],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "thinking": {"type": "enabled", "budget_tokens": 2048},
+        "stop_sequences": ["END"],
+    }
+    chat = chat_request(MessagesRequest.model_validate(body))
+    assert chat.reasoning_budget == 2048 and chat.reasoning_effort == "medium"
+    assert chat.tool_choice == "required" and chat.parallel_tool_calls is False and chat.stop == ["END"]
+    assert [m.role for m in chat.messages] == ["system", "user", "assistant", "tool", "user"]
+    assistant, result = chat.messages[2], chat.messages[3]
+    assert assistant.reasoning_content == "Look it up." and assistant.tool_calls[0].function.arguments == {
+        "city": "Paris"
+    }
+    assert result.tool_call_id == "toolu_1" and result.content == "clear"
+    off = chat_request(MessagesRequest.model_validate(body | {"thinking": {"type": "disabled"}}))
+    assert off.reasoning_effort == "none" and off.reasoning_budget is None
