@@ -362,3 +362,21 @@ def test_the_request_maps_onto_the_one_chat_request():
     assert result.tool_call_id == "toolu_1" and result.content == "clear"
     off = chat_request(MessagesRequest.model_validate(body | {"thinking": {"type": "disabled"}}))
     assert off.reasoning_effort == "none" and off.reasoning_budget is None
+
+
+def test_output_config_format_makes_the_text_follow_the_schema(client: anthropic.Anthropic):
+    schema = {
+        "type": "object",
+        "properties": {"digit": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["digit"],
+        "additionalProperties": False,
+    }
+    message = client.messages.create(
+        model=TINY,
+        messages=[{"role": "user", "content": "A digit?"}],
+        max_tokens=100,
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+        extra_body={"seed": 3, "temperature": 0.9},
+    )
+    assert message.stop_reason == "end_turn"
+    assert 0 <= json.loads(message.content[0].text)["digit"] <= 9

@@ -130,24 +130,7 @@ def chat_request(req: CountTokensRequest) -> ChatRequest:
         "messages": _system(req.system) + _conversation(req.messages),
         "tools": [_tool(tool, i) for i, tool in enumerate(req.tools or [])] or None,
     }
-    choice = req.tool_choice
-    if choice is not None:
-        if isinstance(choice, ToolChoiceTool):
-            fields["tool_choice"] = NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
-        else:
-            fields["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
-        if not isinstance(choice, ToolChoiceNone) and choice.disable_parallel_tool_use:
-            fields["parallel_tool_calls"] = False
-        if not req.tools and (isinstance(choice, (ToolChoiceAny, ToolChoiceTool))):
-            raise bad_request("tool_choice asks for a tool call, and there are no tools", param="tool_choice")
-    effort = req.output_config.effort if req.output_config else None
-    thinking = req.thinking
-    if thinking is not None and thinking.type == "disabled":
-        fields["reasoning_effort"] = "none"
-    elif effort is not None or thinking is not None:
-        fields["reasoning_effort"] = EFFORTS[effort or "medium"]
-    if thinking is not None and thinking.budget_tokens is not None and thinking.type != "disabled":
-        fields["reasoning_budget"] = thinking.budget_tokens
+    fields |= _tool_choice(req) | _reasoning(req)
     if req.output_config and req.output_config.format:
         spec = JsonSchemaSpec(schema=req.output_config.format.schema_)
         fields["response_format"] = JsonSchemaFormat(type="json_schema", json_schema=spec)
@@ -168,6 +151,38 @@ def chat_request(req: CountTokensRequest) -> ChatRequest:
         problem = exc.errors()[0]
         where = ".".join(str(p) for p in problem.get("loc", ()))
         raise bad_request(f"invalid request: {where}: {problem.get('msg')}") from None
+
+
+def _tool_choice(req: CountTokensRequest) -> dict[str, Any]:
+    """tool_choice and parallel_tool_calls, as the chat request takes them."""
+    choice = req.tool_choice
+    if choice is None:
+        return {}
+    if isinstance(choice, (ToolChoiceAny, ToolChoiceTool)) and not req.tools:
+        raise bad_request("tool_choice asks for a tool call, and there are no tools", param="tool_choice")
+    if isinstance(choice, ToolChoiceTool):
+        fields: dict[str, Any] = {
+            "tool_choice": NamedToolChoice(type="function", function=NamedFunction(name=choice.name))
+        }
+    else:
+        fields = {"tool_choice": {"auto": "auto", "any": "required", "none": "none"}[choice.type]}
+    if not isinstance(choice, ToolChoiceNone) and choice.disable_parallel_tool_use:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+def _reasoning(req: CountTokensRequest) -> dict[str, Any]:
+    """thinking and output_config.effort as reasoning_effort (which the template's thinking switch
+    follows: off for none), and the thinking budget as reasoning_budget."""
+    effort, thinking = req.output_config.effort if req.output_config else None, req.thinking
+    if thinking is not None and thinking.type == "disabled":
+        return {"reasoning_effort": "none"}
+    if effort is None and thinking is None:
+        return {}
+    fields: dict[str, Any] = {"reasoning_effort": EFFORTS[effort or "medium"]}
+    if thinking is not None and thinking.budget_tokens is not None:
+        fields["reasoning_budget"] = thinking.budget_tokens
+    return fields
 
 
 def _system(system: str | list[TextBlock] | None) -> list[ChatMessage]:
