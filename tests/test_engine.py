@@ -65,7 +65,7 @@ def test_stop_string_ends_the_reply_without_leaking(tiny_engine: Engine):
     assert len(full) > 12
     stop = full[6:11]  # a stop string that likely spans token boundaries
     text, stats = run(tiny_engine, tokens, n=30, stop=[stop], sampling=sampling)
-    assert stats.finish_reason == "stop"
+    assert stats.finish_reason == "stop" and stats.stop == stop
     assert text == full[: full.index(stop)]
 
 
@@ -79,6 +79,11 @@ def test_stop_matcher_holds_back_partial_matches():
     assert m.feed("c") == ("ac", False)
     assert m.flush() == ""
     assert StopMatcher([]).feed("abc") == ("abc", False)
+
+
+def test_the_stop_string_found_first_is_the_one_named():
+    m = StopMatcher(["later", "first", "irs"])
+    assert m.feed("the first, later") == ("the ", True) and m.matched == "first"
 
 
 def test_consumer_interrupt_cancels_and_the_next_turn_works(tiny_engine: Engine):

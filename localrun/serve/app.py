@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from localrun.serve import replies, tokens
+from localrun.serve import anthropic, replies, tokens
 from localrun.serve.errors import ApiError
 from localrun.serve.generating import Log, Served, start
 from localrun.serve.metrics import Metrics
@@ -145,6 +145,7 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
     async def completions(req: CompletionRequest, request: Request):
         return await _openai(registry, request, req, "completion", log)
 
+    app.include_router(anthropic.router(registry, authorize, log))
     return app
 
 

@@ -52,19 +52,9 @@ class Prepared:
 
 def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Prepared:
     _refuse_common(req)
-    if req.functions or req.function_call not in (None, "none"):
-        raise unsupported("functions", "send the functions as `tools` (OpenAI's current form)")
     assert host.engine is not None and host.template is not None and host.replies is not None
     engine, template, families = host.engine, host.template, host.replies
-    try:
-        messages = template_messages([_message(m, i) for i, m in enumerate(req.messages)])
-        tools = template_tools([t.model_dump(exclude_none=True) for t in req.tools]) if req.tools else None
-    except LocalrunError as exc:
-        raise bad_request(exc.message, param="messages") from None
-    calling = _calling(req, tools, families)
-    if tools and not families.template_describes_tools:  # the template cannot: a system message does
-        messages = described(messages, tools)
-    context = {"tools": tools, "variables": _switches(req, families)}
+    messages, tools, calling, context = _conversation(req, families)
     wanted = req.max_completion_tokens or req.max_tokens
     try:  # a conversation longer than a slot's context loses its oldest turns, as a chat does
         prompt, dropped = fit_turns(
@@ -103,6 +93,35 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Prepared:
     schemas = tool_schemas(tools) if tools else None
     parser = ReplyParser(reasoning, calling, starts_in_reasoning=opened, schemas=schemas)
     return Prepared(job, parser, dropped)
+
+
+def prompt_tokens(host: ModelHost, req: ChatRequest) -> int:
+    """How many tokens the request's conversation takes through the model's template, with its
+    tools and switches (what a reply to it would read; Anthropic's count_tokens)."""
+    assert host.engine is not None and host.template is not None and host.replies is not None
+    messages, _, _, context = _conversation(req, host.replies)
+    try:
+        return len(host.engine.chat_tokens(host.template, messages, **context))
+    except LocalrunError as exc:
+        raise from_localrun(exc) from None
+
+
+def _conversation(
+    req: ChatRequest, families: Detected
+) -> tuple[list[dict[str, Any]], list | None, ToolFormat | None, dict[str, Any]]:
+    """The messages as the template takes them, the tools, the format calls are read in, and the
+    template's other variables."""
+    if req.functions or req.function_call not in (None, "none"):
+        raise unsupported("functions", "send the functions as `tools` (OpenAI's current form)")
+    try:
+        messages = template_messages([_message(m, i) for i, m in enumerate(req.messages)])
+        tools = template_tools([t.model_dump(exclude_none=True) for t in req.tools]) if req.tools else None
+    except LocalrunError as exc:
+        raise bad_request(exc.message, param="messages") from None
+    calling = _calling(req, tools, families)
+    if tools and not families.template_describes_tools:  # the template cannot: a system message does
+        messages = described(messages, tools)
+    return messages, tools, calling, {"tools": tools, "variables": _switches(req, families)}
 
 
 def described(messages: list[dict[str, Any]], tools: list) -> list[dict[str, Any]]:

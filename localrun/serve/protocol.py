@@ -184,6 +184,8 @@ class ChatRequest(GenerationRequest):
     function_call: Any = None
     reasoning_effort: Literal["minimal", "low", "medium", "high", "none"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # llama-server's: the template's own switches
+    # the most tokens the model may reason for before it answers (Anthropic's thinking.budget_tokens)
+    reasoning_budget: int | None = Field(None, **_bound("max_tokens"))
 
 
 class CompletionRequest(GenerationRequest):

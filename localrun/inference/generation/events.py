@@ -53,6 +53,7 @@ class Stats:
     from_disk: int = 0  # of cached_tokens, those loaded from the persistent prompt cache
     drafted: int = 0  # speculative decoding: tokens drafted and verified
     accepted: int = 0  # of those, the ones the model agreed with
+    stop: str | None = None  # the stop string that ended the reply (finish_reason "stop")
     kind: str = "stats"
 
     def to_dict(self) -> dict:

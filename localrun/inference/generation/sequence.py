@@ -248,6 +248,7 @@ class Sequence:
             from_disk=self.from_disk,
             drafted=self.drafted,
             accepted=self.accepted,
+            stop=self.matcher.matched if reason == "stop" else None,
         )
 
     def _end(self) -> None:

@@ -10,6 +10,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.buf = ""
+        self.matched: str | None = None  # the stop string found, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was found)."""
@@ -17,9 +18,10 @@ class StopMatcher:
         if not self.stops:
             out, self.buf = self.buf, ""
             return out, False
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.buf.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.buf = self.buf[: min(hits)], ""
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self.buf = self.buf[:at], ""
             return out, True
         keep = 0  # the longest tail of buf that is a prefix of some stop string
         for n in range(min(self.hold, len(self.buf)), 0, -1):
