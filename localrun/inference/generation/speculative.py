@@ -18,7 +18,9 @@ verify row slows their tokens too -- and drafts nothing while no K beats plain d
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -163,32 +165,39 @@ class SpecStats:
 
 class CostCurve:
     """What a decode of n tokens (each with its logits row) costs against one, measured as the
-    batches go (running averages; linear between sizes seen, the slope extended beyond)."""
+    batches go: per size, the median of its latest decodes (a decode slowed once by something
+    else on the machine is outvoted, not averaged in and then trusted for as long as that size
+    goes unmeasured); linear between sizes seen, the slope extended beyond."""
 
-    SMOOTH = 0.15
+    KEEP = 5  # decodes remembered per size
 
     def __init__(self) -> None:
-        self.times: dict[int, float] = {}  # batch size -> running seconds per decode
+        self.seen: dict[int, deque[float]] = {}  # batch size -> its latest decodes' seconds
 
     def observe(self, size: int, seconds: float) -> None:
-        old = self.times.get(size)
-        self.times[size] = seconds if old is None else old + self.SMOOTH * (seconds - old)
+        self.seen.setdefault(size, deque(maxlen=self.KEEP)).append(seconds)
+
+    @property
+    def times(self) -> dict[int, float]:
+        """Batch size -> seconds per decode (the median of those remembered)."""
+        return {size: statistics.median(kept) for size, kept in self.seen.items()}
 
     def cost(self, n: int) -> float:
         """time(batch of n) / time(batch of 1); before any measurement a mild guess."""
-        one = self.times.get(1)
+        times = self.times
+        one = times.get(1)
         if one is None or n <= 1:
             return 1.0 + 0.3 * max(0, n - 1)
-        if n in self.times:
-            return self.times[n] / one
-        sizes = sorted(s for s in self.times if s > 1)
+        if n in times:
+            return times[n] / one
+        sizes = sorted(s for s in times if s > 1)
         below = max((s for s in sizes if s < n), default=1)
         above = min((s for s in sizes if s > n), default=None)
         if above is None:  # beyond the largest measured: extend the slope seen so far
-            slope = (self.times[below] - one) / (below - 1) if below > 1 else 0.3 * one
-            return (self.times[below] + slope * (n - below)) / one
-        t_below = self.times[below]
-        return (t_below + (self.times[above] - t_below) * (n - below) / (above - below)) / one
+            slope = (times[below] - one) / (below - 1) if below > 1 else 0.3 * one
+            return (times[below] + slope * (n - below)) / one
+        t_below = times[below]
+        return (t_below + (times[above] - t_below) * (n - below) / (above - below)) / one
 
 
 @dataclass
@@ -201,6 +210,7 @@ class Controller:
 
     adaptive: bool = True
     accept: float = 0.6  # running estimate of the acceptance per drafted token
+    judged: int = 0  # verify batches seen: the first few move the estimate more
     idle: int = 0  # plain steps since drafting was last judged not to pay
     draft_cost: float = 0.0  # seconds per drafted token, relative to a plain step (a draft model)
     PROBE_EVERY: int = 32
@@ -229,17 +239,22 @@ class Controller:
                 best_k, best = k, gain
         if best_k == 0:
             self.idle += 1
-            if self.idle >= self.PROBE_EVERY:  # look again: acceptance may have changed
+            if self.idle >= self.PROBE_EVERY:  # look again: acceptance, or the batch's cost, may have changed
                 self.idle = 0
-                return min(available, 2)
+                # as many as would be accepted: a probe also measures the batch size it would use
+                return min(available, K_MAX, max(2, round(self.expected(K_MAX))))
         return best_k
 
     def observe_draft(self, relative_per_token: float) -> None:
         self.draft_cost += self.SMOOTH * (relative_per_token - self.draft_cost)
 
     def observe(self, drafted: int, accepted: int) -> None:
+        """A verify batch's outcome; a running average that starts as a plain mean (the prior's
+        guess is soon outweighed) and weighs a batch by its drafts (one drafted token tells little)."""
         if drafted:
-            self.accept += self.SMOOTH * min(drafted, 4) / 4 * (accepted / drafted - self.accept)
+            self.judged += 1
+            rate = max(self.SMOOTH, 1 / (self.judged + 1))
+            self.accept += rate * min(drafted, 4) / 4 * (accepted / drafted - self.accept)
 
 
 class Speculator:
