@@ -1,5 +1,5 @@
-"""The HTTP app (FastAPI on uvicorn): OpenAI's endpoints over the served models' schedulers,
-behind the checks of middleware.py.
+"""The HTTP app (FastAPI on uvicorn): OpenAI's endpoints over the served models' schedulers (and
+their embedding workers: /v1/embeddings, /v1/rerank), behind the checks of middleware.py.
 
 Every error is OpenAI's error JSON with its status: 400 for a body that is not JSON or has the
 wrong types, 401 for a missing or wrong key (compared in constant time), 403 for a web page's
@@ -28,11 +28,20 @@ from starlette.middleware.cors import CORSMiddleware
 
 from localrun.errors import LocalrunError
 from localrun.inference.generation.events import Stats
-from localrun.serve import prepare, replies
+from localrun.serve import embeddings, prepare, replies
 from localrun.serve.errors import ApiError, from_localrun
 from localrun.serve.loop import QueueFull
 from localrun.serve.middleware import BodyLimit, Gate, LastResort
-from localrun.serve.protocol import ChatRequest, CompletionRequest, Health, ModelCard, ModelList
+from localrun.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    Health,
+    ModelCard,
+    ModelList,
+    RerankRequest,
+)
 from localrun.serve.registry import Registry
 from localrun.serve.replies import Feed, Reply
 
@@ -116,6 +125,19 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest, request: Request):
         return await _generate(registry, request, req, "completion", log)
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
+    async def embed(req: EmbeddingRequest, request: Request) -> EmbeddingList:
+        reply = await embeddings.openai_embeddings(registry, req)
+        log(Served(f"{request.method} {request.url.path}", reply.model, 200))
+        return reply
+
+    @app.post("/v1/rerank", dependencies=[Depends(authorize)])
+    @app.post("/rerank", dependencies=[Depends(authorize)])
+    async def rerank(req: RerankRequest, request: Request) -> JSONResponse:
+        reply = await embeddings.rerank(registry, req)
+        log(Served(f"{request.method} {request.url.path}", reply.model, 200))
+        return JSONResponse(reply.model_dump(exclude_none=True))
 
     return app
 

@@ -1,0 +1,52 @@
+"""A served model's embeddings: an embedding context of its own on the model the slots use, made
+on first use and owned by one thread.
+
+llama.cpp shares a loaded model between contexts, but a context is not thread-safe: this one is
+made, used and freed in a single thread of its own, which runs one embedding request at a time.
+The slots' context goes on decoding in the scheduler's thread meanwhile: embeddings neither wait
+for the chat slots nor stop them (the two share the CPU's cores while both work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from localrun.inference.embedding import Embedder
+from localrun.inference.llama.runtime import LlamaModel, LoadOptions
+
+T = TypeVar("T")
+
+
+class EmbeddingWorker:
+    """Runs work on a model's Embedder in the one thread that owns it; close() frees it there."""
+
+    def __init__(self, model: LlamaModel, opts: LoadOptions, max_tokens: int, say: Callable[[str], None]):
+        self._model, self._opts, self._max_tokens, self._say = model, opts, max_tokens, say
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="localrun-embed")
+        self._embedder: Embedder | None = None
+
+    def submit(self, work: Callable[[Embedder], T]) -> Future[T]:
+        """`work(embedder)` in the worker's thread (the embedder made there first if need be)."""
+        return self._pool.submit(lambda: work(self._ready()))
+
+    def _ready(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder.beside(self._model, self._opts, self._max_tokens)
+            self._say(
+                f"embeddings: {self._embedder.describe_pooling()}, up to {self._embedder.max_tokens} tokens "
+                f"per input, {self._embedder.n_seq} inputs per decode"
+            )
+        return self._embedder
+
+    def close(self) -> None:
+        """Free the embedding context once the work in flight is done (before the model is freed)."""
+
+        def free() -> None:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
+
+        self._pool.submit(free).result()
+        self._pool.shutdown()
