@@ -72,12 +72,12 @@ class Embedder:
     """Embeds texts (or token ids) and ranks documents with one embedding context. Not thread-safe:
     one thread at a time (llama.cpp contexts are not); the model may be shared with others."""
 
-    def __init__(self, model: LlamaModel, ctx: LlamaContext, *, owns_model: bool = False):
+    def __init__(self, model: LlamaModel, ctx: LlamaContext, max_tokens: int, *, owns_model: bool = False):
         self.model, self.ctx = model, ctx
         self._owns_model = owns_model
         lc = model._lc
         self._lc = lc
-        self.max_tokens = ctx.n_batch
+        self.max_tokens = min(max_tokens, ctx.n_batch)  # per input and per decode (the context is padded)
         self.n_seq = max(1, min(ctx.n_seq_max, MAX_SEQUENCES))
         self.pooling = POOLING_NAMES.get(ctx.pooling, str(ctx.pooling))
         own = model.pooling_type()
@@ -91,12 +91,12 @@ class Embedder:
         """An embedder with its own context on an already loaded model (a server's, beside the
         slots' context). Make it in the thread that will use it (see runtime.load on OpenMP)."""
         tokens = min(max_tokens, model.n_ctx_train or max_tokens)
-        return cls(model, LlamaContext(model, embedding_options(opts, tokens)))
+        return cls(model, LlamaContext(model, embedding_options(opts, tokens)), tokens)
 
     @classmethod
-    def of(cls, loaded: Loaded) -> Embedder:
+    def of(cls, loaded: Loaded, max_tokens: int) -> Embedder:
         """An embedder over a model loaded with embedding_options (it owns both, and closes them)."""
-        return cls(loaded.model, loaded.ctx, owns_model=True)
+        return cls(loaded.model, loaded.ctx, max_tokens, owns_model=True)
 
     def describe_pooling(self) -> str:
         """How vectors are pooled, and whence that choice: for the log and the command's notes."""

@@ -155,7 +155,7 @@ def load_embedder(
     opened = load_backing_off(
         model.path, embedding_options(base, max_tokens), notify, shrink_ctx=False, progress=progress
     )
-    return Embedder.of(opened.loaded)
+    return Embedder.of(opened.loaded, max_tokens)
 
 
 def choose_template(
