@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from localrun.inference.embedding import Embedder
-from localrun.inference.llama.runtime import LlamaModel, LoadOptions
+from localrun.inference.llama.runtime import DecodeAborted, LlamaModel, LoadOptions
 
 T = TypeVar("T")
 
@@ -26,12 +26,15 @@ class EmbeddingWorker:
         self._model, self._opts, self._max_tokens, self._say = model, opts, max_tokens, say
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="localrun-embed")
         self._embedder: Embedder | None = None
+        self._stopped = False
 
     def submit(self, work: Callable[[Embedder], T]) -> Future[T]:
         """`work(embedder)` in the worker's thread (the embedder made there first if need be)."""
         return self._pool.submit(lambda: work(self._ready()))
 
     def _ready(self) -> Embedder:
+        if self._stopped:
+            raise DecodeAborted()
         if self._embedder is None:
             self._embedder = Embedder.beside(self._model, self._opts, self._max_tokens)
             self._say(
@@ -39,6 +42,14 @@ class EmbeddingWorker:
                 f"per input, {self._embedder.n_seq} inputs per decode"
             )
         return self._embedder
+
+    def stop(self) -> None:
+        """End the embedding in flight (its decode stops with DecodeAborted) and those queued:
+        the server is shutting down. Safe from any thread."""
+        self._stopped = True
+        embedder = self._embedder
+        if embedder is not None:
+            embedder.ctx.abort()
 
     def close(self) -> None:
         """Free the embedding context once the work in flight is done (before the model is freed)."""

@@ -19,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 
 from localrun.errors import LocalrunError
 from localrun.inference.embedding import Embedding, Input, InputTooLong, normalized
-from localrun.serve.errors import ApiError, from_localrun, unsupported
+from localrun.inference.llama.runtime import DecodeAborted
+from localrun.serve.errors import ApiError, as_api_error, from_localrun, unsupported
 from localrun.serve.host import ModelHost
 from localrun.serve.protocol import (
     EmbeddingData,
@@ -61,8 +62,8 @@ async def _on_worker(registry: Registry, host: ModelHost, work):
         return await asyncio.wrap_future(worker.submit(work))
     except InputTooLong as exc:
         raise ApiError(400, exc.message + f" ({exc.hint})", param="input", code="context_length_exceeded") from None
-    except LocalrunError as exc:
-        raise from_localrun(exc) from None
+    except (LocalrunError, DecodeAborted) as exc:
+        raise as_api_error(exc) from None
     finally:
         host.checkin()
 

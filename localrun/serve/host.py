@@ -208,6 +208,8 @@ class ModelHost:
         scheduler = self.scheduler
         if scheduler is not None:
             scheduler.stop(shutting_down())
+        if self.embeddings is not None:
+            self.embeddings.stop()
 
     def close(self) -> None:
         with self._lock:
