@@ -102,12 +102,13 @@ class Embedder:
         """How vectors are pooled, and whence that choice: for the log and the command's notes."""
         if self.pooling_from_model:
             return f"pooling {self.pooling} (from the model's GGUF)"
-        return f"pooling {self.pooling} (the model's GGUF names none: every token's state averaged)"
+        gloss = ": every token's state averaged" if self.pooling == "mean" else ""
+        return f"pooling {self.pooling} (the model's GGUF names none{gloss})"
 
     # -- tokens --------------------------------------------------------------------------------
     def tokens(self, inputs: Sequence[Input], truncate: bool) -> list[tuple[list[int], bool]]:
-        """Each input's tokens (a text tokenized with the model's special tokens, as
-        llama-server does; token ids checked against the vocabulary) and whether it was cut."""
+        """Each input's tokens and whether it was cut: a text tokenized with the BOS/EOS the model
+        adds (markup such as `<s>` in it stays text), token ids checked against the vocabulary."""
         out: list[tuple[list[int], bool]] = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
