@@ -24,6 +24,7 @@ from support.serving import ServerProcess, isolated_env
 
 CHAT = "tiny-llama-Q8_0"
 LAST = "tiny-last-F32"  # its GGUF names last-token pooling
+RANK = "tiny-rank-F32"  # its GGUF names rank pooling: a reranker (its head's score is not meaningful)
 TEXTS = ["the cat sat on the mat", "hot word one", "what is this", "the dog was out in the hot sun " * 3]
 EMBED_CTX = 64  # tokens per input on the server below
 AGREE = 0.9999  # cosine of one text's vectors made two ways (batch shapes change the float sums)
@@ -34,7 +35,7 @@ def server(tiny, session_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
     shutil.copytree(session_home, root / "home")
     env = isolated_env(root / "home", root / "hf")
-    models = [tiny.quants["Q8_0"], tiny.pooling_last]
+    models = [tiny.quants["Q8_0"], tiny.pooling_last, tiny.pooling_rank]
     with ServerProcess(models, "--parallel", "2", "--embed-ctx", str(EMBED_CTX), env=env) as proc:
         yield proc
 
@@ -271,6 +272,20 @@ def test_rerank_puts_the_document_sharing_the_query_first_in_the_shape_asked(ser
     _, top = post(server, "/rerank", body | {"top_n": 2, "return_documents": True})
     assert [r["index"] for r in top["results"]] == [r["index"] for r in results[:2]]
     assert top["results"][0]["document"] == {"text": docs[1]}
+
+
+def test_a_reranker_scores_pairs_and_makes_no_embeddings(server: ServerProcess, client: openai.OpenAI):
+    docs = ["hot word one", "the cat sat on the mat", "what is this"]
+    status, reply = post(server, "/v1/rerank", {"model": RANK, "query": "the cat", "documents": docs})
+    assert status == 200, reply
+    assert sorted(r["index"] for r in reply["results"]) == [0, 1, 2]
+    assert all(np.isfinite(r["relevance_score"]) for r in reply["results"])
+    # each pair is BOS query EOS document EOS: more tokens than the texts alone
+    assert reply["usage"]["prompt_tokens"] > 3 * 2 + 2 * len(docs)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=RANK, input="hot")
+    assert "reranker" in refused.value.message
+    assert "pooling rank (from the model's GGUF)" in server.stderr
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ class TinySuite:
     mmproj: Path | None = None
     corrupt_vocab: Path | None = None  # a duplicated token: llama.cpp aborts on it
     pooling_last: Path | None = None  # an F32 model whose GGUF names last-token pooling for embeddings
+    pooling_rank: Path | None = None  # one whose GGUF names rank pooling (a reranker, without a real head)
 
 
 def _fingerprint() -> str:
@@ -43,6 +44,7 @@ def build_suite(root: Path) -> TinySuite:
     suite.mmproj = folder / "mmproj-tiny-F16.gguf"
     suite.corrupt_vocab = folder / "corrupt" / "tiny-dupvocab-F16.gguf"
     suite.pooling_last = folder / "pooling" / "tiny-last-F32.gguf"
+    suite.pooling_rank = folder / "pooling" / "tiny-rank-F32.gguf"
     split_dir = folder / "split"
     if not done.exists():
         if folder.exists():
@@ -63,6 +65,7 @@ def build_suite(root: Path) -> TinySuite:
         write_mmproj_like(suite.mmproj)
         write_tiny_model(suite.corrupt_vocab, TinySpec(name="tiny-dupvocab"), vocab=duplicated_vocabulary())
         write_tiny_model(suite.pooling_last, TinySpec(name="tiny-last", chat_template=None, pooling="last"))
+        write_tiny_model(suite.pooling_rank, TinySpec(name="tiny-rank", chat_template=None, pooling="rank"))
         done.touch()
     suite.split = sorted(split_dir.glob("tiny-split-F32-*-of-*.gguf"))
     return suite
