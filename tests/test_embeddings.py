@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 
@@ -209,6 +210,29 @@ def test_embed_refuses_a_too_long_line_in_one_line_or_cuts_it_when_asked(tiny):
     assert empty.returncode != 0 and "no input" in empty.stderr.decode()
     bad = embed_cli(model, "--format", "csv", stdin="hot\n")
     assert bad.returncode != 0 and "--format csv" in bad.stderr.decode()
+
+
+def test_embedding_requests_beyond_the_queue_get_503_and_the_server_keeps_serving(tiny, session_home, tmp_path):
+    shutil.copytree(session_home, tmp_path / "home")
+    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    many = [f"{word} the cat sat on the mat with the dog" for word in ("hot", "word", "one", "what")] * 96
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1", "--queue", "0", env=env) as server:
+        post(server, "/v1/embeddings", {"model": CHAT, "input": "warm"})
+        statuses: list[int] = []
+        senders = [
+            threading.Thread(
+                target=lambda: statuses.append(post(server, "/v1/embeddings", {"model": CHAT, "input": many})[0])
+            )
+            for _ in range(6)
+        ]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        assert set(statuses) == {200, 503}, statuses
+        status, reply = post(server, "/v1/embeddings", {"model": CHAT, "input": "hot"})
+        assert status == 200 and reply["data"]
+        assert "503" in server.stderr
 
 
 def test_a_too_long_input_is_refused_or_truncated_as_asked(server: ServerProcess, client: openai.OpenAI):

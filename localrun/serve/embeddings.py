@@ -22,6 +22,7 @@ from localrun.inference.embedding import Embedding, Input, InputTooLong, normali
 from localrun.inference.llama.runtime import DecodeAborted
 from localrun.serve.errors import ApiError, as_api_error, from_localrun, unsupported
 from localrun.serve.host import ModelHost
+from localrun.serve.loop import QueueFull
 from localrun.serve.protocol import (
     EmbeddingData,
     EmbeddingList,
@@ -60,6 +61,14 @@ async def _on_worker(registry: Registry, host: ModelHost, work):
         if worker is None:  # unloaded between checkout and here: cannot be while checked out
             raise ApiError(503, f"{host.id} is not loaded", type="server_error", retry_after=1)
         return await asyncio.wrap_future(worker.submit(work))
+    except QueueFull:
+        raise ApiError(
+            503,
+            f"{host.id} is embedding and {worker.queue_limit} more embedding requests are waiting",
+            type="server_error",
+            code="queue_full",
+            retry_after=1,
+        ) from None
     except InputTooLong as exc:
         raise ApiError(400, exc.message + f" ({exc.hint})", param="input", code="context_length_exceeded") from None
     except (LocalrunError, DecodeAborted) as exc:

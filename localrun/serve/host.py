@@ -300,7 +300,7 @@ class ModelHost:
         if self.replies.reasoning is not None or self.replies.tools.name != "generic":
             say("; ".join(self.replies.evidence))
         self.engine, self.n_ctx_slot = engine, scheduler.n_ctx_slot
-        self.embeddings = EmbeddingWorker(engine.loaded.model, opts, self.opts.embed_ctx, say)
+        self.embeddings = EmbeddingWorker(engine.loaded.model, opts, self.opts.embed_ctx, self.opts.queue, say)
         self._files, self._stamp = model.files, stamp
         scheduler.start()
         self.scheduler = scheduler
