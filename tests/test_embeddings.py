@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -327,6 +328,33 @@ def test_bad_rerank_bodies_get_openai_errors_and_the_server_keeps_serving(server
     assert status == 400 and reply["error"]["type"] == "invalid_request_error", reply
     status, _ = post(server, "/v1/rerank", {"model": CHAT, "query": "hot", "documents": ["hot word"]})
     assert status == 200
+
+
+HOSTILE = [0, -1, 2**63, 1e308, -0.0, True, None, "", "\u0000", "\ud800", "x" * 5000, [], {}, [[]], [-5], [2**40]]
+
+
+def test_seeded_hostile_bodies_never_earn_a_500_and_the_server_keeps_serving(server: ServerProcess):
+    rng = random.Random(20261207)
+    fields = {
+        "/v1/embeddings": ["model", "input", "encoding_format", "dimensions", "truncate", "user"],
+        "/v1/rerank": ["model", "query", "documents", "top_n", "return_documents", "truncate"],
+    }
+    plain = {
+        "/v1/embeddings": {"model": CHAT, "input": ["hot word", "the cat"]},
+        "/v1/rerank": {"model": CHAT, "query": "hot", "documents": ["hot word", "the cat"]},
+    }
+    for _ in range(80):
+        path = rng.choice(list(fields))
+        body = dict(plain[path])
+        for name in rng.sample(fields[path], rng.randint(1, 3)):
+            value = rng.choice(HOSTILE)
+            body[name] = [value] * rng.choice([1, 3]) if rng.random() < 0.3 else value
+        status, reply = post(server, path, body)
+        assert status in (200, 400, 404), (body, reply)
+        assert status == 200 or reply["error"]["type"] == "invalid_request_error"
+    for path, body in plain.items():
+        assert post(server, path, body)[0] == 200
+    assert "Traceback" not in server.stderr
 
 
 # -- a real model ---------------------------------------------------------------------------------
