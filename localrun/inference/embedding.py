@@ -84,7 +84,7 @@ class Embedder:
         self.pooling_from_model = own is not None and own == ctx.pooling  # else chosen for a generative model
         self.is_reranker = ctx.pooling == lc.LLAMA_POOLING_TYPE_RANK
         self.dimensions = lc.llama_model_n_embd_out(model.ptr)
-        self._batch = Batch(self.max_tokens, self.n_seq)
+        self._batch = Batch(self.max_tokens)  # one sequence id per token
 
     @classmethod
     def beside(cls, model: LlamaModel, opts: LoadOptions, max_tokens: int = DEFAULT_TOKENS) -> Embedder:
