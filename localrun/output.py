@@ -116,6 +116,13 @@ class Output:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    def binary(self, data: bytes) -> None:
+        """Binary data (a .npy array) on stdout: refused on a terminal, where it would be noise."""
+        if self.stdout_tty:
+            raise UsageError("binary output is not written to a terminal", hint="pipe it, or use -o FILE")
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
     def show(self, renderable: Any) -> None:
         """A human-readable result (a table, a report) on stdout."""
         self.out.print(renderable)

@@ -1,4 +1,5 @@
-"""Generate the tiny test models (quant variants, split, no template, mmproj-like, corrupt vocab)
+"""Generate the tiny test models (quant variants, split, no template, mmproj-like, corrupt vocab,
+GGUFs naming last and rank pooling for embeddings)
 into FOLDER (default .cache/tests/models, where the tests look for them), and list them."""
 
 import argparse
@@ -20,5 +21,7 @@ for label, path in [
     ("no-tmpl", suite.no_template),
     ("mmproj", suite.mmproj),
     ("corrupt", suite.corrupt_vocab),
+    ("pool-last", suite.pooling_last),
+    ("pool-rank", suite.pooling_rank),
 ]:
     print(f"{label:8} {path.stat().st_size:>10,}  {path}")

@@ -287,9 +287,9 @@ def test_an_unknown_model_or_endpoint_is_404(server: ServerProcess, client: open
     for path in (str(tiny.quants["Q4_K_M"]), "/etc/passwd"):  # a file a request names is never opened
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model=path, prompt="hi", max_tokens=1)
-    status, _, body = server.post("/v1/embeddings", b"{}")
+    status, _, body = server.post("/v1/audio/speech", b"{}")
     assert status == 404 and body["error"]["code"] == "not_found"
-    assert "/v1/embeddings - 404 · no such endpoint" in server.stderr  # every refusal is on the log
+    assert "/v1/audio/speech - 404 · no such endpoint" in server.stderr  # every refusal is on the log
     still_serving(client)
 
 

@@ -5,6 +5,9 @@ Commands register on `app` in the order --help lists them.
 """
 
 from localrun.cli import generation, serving  # noqa: F401  (they register run/chat, serve/ps)
+
+# isort: split
+from localrun.cli import embedding  # noqa: F401  (registers embed, listed after serve)
 from localrun.cli.app import app
 
 __all__ = ["app", "main"]

@@ -99,9 +99,19 @@ def serve(
     draft: DraftOpt = None,
     prompt_cache: PromptCacheOpt = True,
     prompt_cache_size: PromptCacheSizeOpt = "4G",
+    embed_ctx: Annotated[
+        int,
+        typer.Option(
+            "--embed-ctx",
+            min=16,
+            metavar="N",
+            help="Tokens per input of /v1/embeddings and /v1/rerank (longer ones refused, or cut with truncate).",
+        ),
+    ] = 512,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Serve models with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until Ctrl-C:
+    """Serve models with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings,
+    /v1/rerank) until Ctrl-C:
     each model has --parallel slots sharing one context, their tokens decoded in the same batch."""
     from localrun.commands.serve import ServeSettings, run_server
     from localrun.commands.serve import keep_alive as parse_keep_alive
@@ -121,6 +131,7 @@ def serve(
         speculate=speculate,  # type: ignore[arg-type]
         prompt_cache=prompt_cache,
         prompt_cache_size=size_option("--prompt-cache-size", prompt_cache_size),
+        embed_ctx=embed_ctx,
     )
     settings = ServeSettings(
         host=host,

@@ -4,16 +4,19 @@ on this machine, loaded as planned."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from rich.markup import escape
 
 from localrun import fit, hardware
 from localrun.hardware import Machine
+from localrun.inference.embedding import Embedder
 from localrun.inference.engine import Engine
 from localrun.inference.llama.build import build_info
 from localrun.inference.machine import this_machine
-from localrun.inference.opening import EngineConfig, load_engine
+from localrun.inference.opening import EngineConfig, load_embedder, load_engine
 from localrun.inference.safety.filecheck import check_file
 from localrun.model.files import ModelFiles
 from localrun.model.refs import ModelRef, parse_ref
@@ -21,6 +24,8 @@ from localrun.output import Output
 from localrun.store.opening import open_checked
 from localrun.store.resolve import Resolved, resolve
 from localrun.text import human_bytes, safe
+
+T = TypeVar("T")
 
 
 def resolve_or_pull(
@@ -72,24 +77,45 @@ def open_engine(reference: str, cfg: EngineConfig, out: Output, *, draft: str | 
     if draft is not None:
         cfg = replace(cfg, draft=draft_beside(draft, resolved, cfg, machine, out))
     resolved_at = time.perf_counter()
+    engine = _load_resolved(
+        resolved, out, lambda progress: load_engine(resolved.model, resolved.plan, cfg, out.warn, progress)
+    )
+    engine.info.resolve_s = resolved_at - started
+    return engine
+
+
+def open_embedder(reference: str, cfg: EngineConfig, max_tokens: int, out: Output) -> Embedder:
+    """Resolve, plan and load for embeddings alone: a context of `max_tokens` per input (at most
+    what the model was trained with) pooled as the model says; said on stderr as open_engine does."""
+    cfg = checked_config(cfg, out)
+    machine = this_machine(out.info)
+    shape = fit.Shape(logits_rows=max_tokens)  # a pooled decode returns a row per token
+    resolved = resolve_or_pull(parse_ref(reference), out, n_ctx=max_tokens, machine=machine, shape=shape)
+    tokens = min(max_tokens, resolved.header.n_ctx_train or max_tokens)
+    return _load_resolved(
+        resolved, out, lambda progress: load_embedder(resolved.model, resolved.plan, cfg, tokens, out.warn, progress)
+    )
+
+
+def _load_resolved(resolved: Resolved, out: Output, load: Callable[[Callable[[float], None] | None], T]) -> T:
+    """`load(progress)` of a resolved model, with its plan's note said and, on a terminal, a
+    spinner with the load's progress; a load that fails is explained (store.opening)."""
     model, plan = resolved.model, resolved.plan
     if plan.note:
         out.info(plan.note)
 
-    def load() -> Engine:
+    def loading() -> T:
         if not out.interactive:
-            return load_engine(model, plan, cfg, notify=out.warn)
+            return load(None)
         what = f"loading {safe(model.label)} ({human_bytes(model.size)})"
         with out.err.status(escape(what) + "...") as status:
 
             def progress(fraction: float) -> None:
                 status.update(f"{escape(what)}: {100 * fraction:.0f}%")
 
-            return load_engine(model, plan, cfg, notify=out.warn, progress=progress)
+            return load(progress)
 
-    engine = open_checked(model, plan, load, out.info, "a smaller --ctx or quant")
-    engine.info.resolve_s = resolved_at - started
-    return engine
+    return open_checked(model, plan, loading, out.info, "a smaller --ctx or quant")
 
 
 def draft_beside(

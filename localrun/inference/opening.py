@@ -16,6 +16,7 @@ from localrun import fit
 from localrun.errors import NoSpace, UsageError
 from localrun.fit import MIN_CTX, Plan
 from localrun.hardware import default_threads
+from localrun.inference.embedding import Embedder, embedding_options
 from localrun.inference.engine import Engine, ModelInfo
 from localrun.inference.generation.prompt_cache import DEFAULT_LIMIT, PromptCache, kv_identity
 from localrun.inference.generation.speculative import K_MAX, LookupDrafter, Mode, ModelDrafter, Speculator
@@ -132,6 +133,29 @@ def load_engine(
         loaded.close()
         raise
     return Engine(loaded, info, speculator, prompt_cache_for(model, loaded, cfg))
+
+
+def load_embedder(
+    model: ModelFiles,
+    plan: Plan,
+    cfg: EngineConfig,
+    max_tokens: int,
+    notify: Notify = lambda message: None,
+    progress: Callable[[float], None] | None = None,
+) -> Embedder:
+    """Load `model` for embeddings alone (an embedding context, no generation context), with the
+    planned GPU layers (explicit options win), backing off on them when llama.cpp cannot allocate."""
+    base = LoadOptions(
+        n_gpu_layers=cfg.n_gpu_layers if cfg.n_gpu_layers is not None else plan.n_gpu_layers,
+        n_threads=cfg.n_threads or default_threads(),
+        use_extra_bufts=plan.extra_bufts,
+        verbose=cfg.verbose,
+        flash_attn=cfg.flash_attn,
+    )
+    opened = load_backing_off(
+        model.path, embedding_options(base, max_tokens), notify, shrink_ctx=False, progress=progress
+    )
+    return Embedder.of(opened.loaded, max_tokens)
 
 
 def choose_template(

@@ -258,6 +258,7 @@ class TinySpec:
     chat_template: str | None = CHATML_TEMPLATE
     rms_eps: float = 1e-5
     seed: int = 0
+    pooling: str | None = None  # the pooling its GGUF names for embeddings (mean, cls, last); None: none
 
 
 Vocabulary = tuple[list[str], list[float], list[int]]  # tokens, scores, token types
@@ -324,6 +325,8 @@ def write_tiny_model(
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(4 if spec.chat_template else 2)
     writer.add_add_bos_token(True)
+    if spec.pooling:
+        writer.add_pooling_type(gguf.PoolingType[spec.pooling.upper()])
     if spec.chat_template:
         writer.add_chat_template(spec.chat_template)
 

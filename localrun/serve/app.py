@@ -1,7 +1,8 @@
 """The HTTP app (FastAPI on uvicorn): the APIs the server speaks over the served models'
 schedulers, behind the checks of middleware.py. OpenAI's routes, llama-server's /tokenize and
 /detokenize, and /metrics for Prometheus (metrics.py) are here; each other API's routes are in its
-own module, as a router over the same generations (generating.py).
+own module, as a router over the same generations (generating.py). Embeddings and reranking run
+on each model's embedding worker (embeddings.py).
 
 Every error comes in the shape of the API its path belongs to (errors.py), with its status: 400
 for a body that is not JSON or has the wrong types, 401 for a missing or wrong key (compared in
@@ -28,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from localrun.serve import anthropic, replies, tokens
+from localrun.serve import anthropic, embeddings, replies, tokens
 from localrun.serve.errors import ApiError
 from localrun.serve.generating import Log, Served, start
 from localrun.serve.metrics import Metrics
@@ -38,9 +39,12 @@ from localrun.serve.protocol import (
     CompletionRequest,
     Detokenized,
     DetokenizeRequest,
+    EmbeddingList,
+    EmbeddingRequest,
     Health,
     ModelCard,
     ModelList,
+    RerankRequest,
     Tokenized,
     TokenizeRequest,
 )
@@ -144,6 +148,19 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest, request: Request):
         return await _openai(registry, request, req, "completion", log)
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
+    async def embed(req: EmbeddingRequest, request: Request) -> EmbeddingList:
+        reply = await embeddings.openai_embeddings(registry, req)
+        log(Served(f"{request.method} {request.url.path}", reply.model, 200))
+        return reply
+
+    @app.post("/v1/rerank", dependencies=[Depends(authorize)])
+    @app.post("/rerank", dependencies=[Depends(authorize)])
+    async def rerank(req: RerankRequest, request: Request) -> JSONResponse:
+        reply = await embeddings.rerank(registry, req)
+        log(Served(f"{request.method} {request.url.path}", reply.model, 200))
+        return JSONResponse(reply.model_dump(exclude_none=True))
 
     app.include_router(anthropic.router(registry, authorize, log))
     return app

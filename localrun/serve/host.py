@@ -20,6 +20,7 @@ from pathlib import Path
 
 from localrun import fit
 from localrun.hardware import Machine, default_threads
+from localrun.inference.embedding import DEFAULT_TOKENS
 from localrun.inference.engine import Engine
 from localrun.inference.generation.prompt_cache import DEFAULT_LIMIT
 from localrun.inference.generation.speculative import Mode
@@ -37,6 +38,7 @@ from localrun.inference.prompting.families import Detected, detect
 from localrun.inference.prompting.templates import ChatTemplate
 from localrun.model.files import ModelFiles
 from localrun.notes import beyond_trained
+from localrun.serve.embedder import EmbeddingWorker
 from localrun.serve.errors import ApiError, shutting_down
 from localrun.serve.loop import SlotLoop
 from localrun.serve.protocol import SlotsHealth
@@ -68,6 +70,7 @@ class ServeOptions:
     draft: ModelFiles | None = None  # a draft model for speculative decoding (same vocabulary)
     prompt_cache: bool = True  # reusable prefixes' KV states on disk, as `run` keeps them
     prompt_cache_size: int = DEFAULT_LIMIT
+    embed_ctx: int = DEFAULT_TOKENS  # tokens per embedding input (and per embedding decode)
 
     def generation(self) -> EngineConfig:
         """What the slots' generation uses, as run's options say it."""
@@ -106,6 +109,7 @@ class ModelHost:
         self.template: ChatTemplate | None = None
         self.replies: Detected | None = None  # how its replies are taken apart (reasoning, tool calls)
         self.scheduler: SlotLoop | None = None
+        self.embeddings: EmbeddingWorker | None = None  # its embedding context, made on first use
         self.n_ctx_slot = opts.ctx or 0
         self.preparing = 0  # requests checked out and being prepared (changed on the event loop only)
         self._files: tuple[Path, ...] = ()  # the files the loaded weights are mapped from
@@ -206,6 +210,8 @@ class ModelHost:
         scheduler = self.scheduler
         if scheduler is not None:
             scheduler.stop(shutting_down())
+        if self.embeddings is not None:
+            self.embeddings.stop()
 
     def close(self) -> None:
         with self._lock:
@@ -297,6 +303,7 @@ class ModelHost:
         if self.replies.reasoning is not None or self.replies.tools.name != "generic":
             say("; ".join(self.replies.evidence))
         self.engine, self.n_ctx_slot = engine, scheduler.n_ctx_slot
+        self.embeddings = EmbeddingWorker(engine.loaded.model, opts, self.opts.embed_ctx, self.opts.queue, say)
         self._files, self._stamp = model.files, stamp
         scheduler.start()
         self.scheduler = scheduler
@@ -312,6 +319,9 @@ class ModelHost:
         if self.scheduler is not None:
             self.scheduler.stop()
             self.scheduler = None
+        if self.embeddings is not None:
+            self.embeddings.close()
+            self.embeddings = None
         if self.engine is not None:
             self.engine.loaded.close()
             self.engine = None

@@ -213,7 +213,79 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+MAX_INPUTS = 2048  # inputs of one embeddings request (OpenAI's bound), documents of one rerank
+
+
+class EmbeddingRequest(_Request):
+    """OpenAI's embeddings body: one text or several, or token ids; `truncate` (llama-server's and
+    Ollama's) cuts an input to the context instead of refusing it."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+    truncate: bool = False
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: str | list[str] | list[int] | list[list[int]]):
+        if isinstance(value, list) and not value:
+            raise PydanticCustomError("no_input", "input is an empty list: give at least one text")
+        if isinstance(value, list) and len(value) > MAX_INPUTS:
+            raise PydanticCustomError("too_many_inputs", f"input has more than {MAX_INPUTS} items")
+        if value == "" or (isinstance(value, list) and any(item == "" or item == [] for item in value)):
+            raise PydanticCustomError("empty_input", "an input is empty: there is nothing to embed")
+        return value
+
+
+class RerankRequest(_Request):
+    """A rerank body as llama-server, Jina and Cohere take it."""
+
+    model: str
+    query: str = Field(min_length=1)
+    documents: list[str] = Field(min_length=1, max_length=MAX_INPUTS)
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = False
+    truncate: bool = False
+
+
 # -- responses ---------------------------------------------------------------------------------------
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: the little-endian float32 bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    model: str
+    object: Literal["list"] = "list"
+    usage: EmbeddingUsage
+    results: list[RerankResult]
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 

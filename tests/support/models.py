@@ -25,6 +25,8 @@ class TinySuite:
     no_template: Path | None = None  # Q8_0 without tokenizer.chat_template
     mmproj: Path | None = None
     corrupt_vocab: Path | None = None  # a duplicated token: llama.cpp aborts on it
+    pooling_last: Path | None = None  # an F32 model whose GGUF names last-token pooling for embeddings
+    pooling_rank: Path | None = None  # one whose GGUF names rank pooling (a reranker, without a real head)
 
 
 def _fingerprint() -> str:
@@ -41,6 +43,8 @@ def build_suite(root: Path) -> TinySuite:
     suite.no_template = folder / "notemplate" / "tiny-notemplate-Q8_0.gguf"
     suite.mmproj = folder / "mmproj-tiny-F16.gguf"
     suite.corrupt_vocab = folder / "corrupt" / "tiny-dupvocab-F16.gguf"
+    suite.pooling_last = folder / "pooling" / "tiny-last-F32.gguf"
+    suite.pooling_rank = folder / "pooling" / "tiny-rank-F32.gguf"
     split_dir = folder / "split"
     if not done.exists():
         if folder.exists():
@@ -60,6 +64,8 @@ def build_suite(root: Path) -> TinySuite:
         write_tiny_model(split_dir / "tiny-split-F32.gguf", TinySpec(name="tiny-split"), split_max_tensors=10)
         write_mmproj_like(suite.mmproj)
         write_tiny_model(suite.corrupt_vocab, TinySpec(name="tiny-dupvocab"), vocab=duplicated_vocabulary())
+        write_tiny_model(suite.pooling_last, TinySpec(name="tiny-last", chat_template=None, pooling="last"))
+        write_tiny_model(suite.pooling_rank, TinySpec(name="tiny-rank", chat_template=None, pooling="rank"))
         done.touch()
     suite.split = sorted(split_dir.glob("tiny-split-F32-*-of-*.gguf"))
     return suite

@@ -73,6 +73,11 @@ class LoadOptions:
     kv_unified: bool = False  # one KV buffer for every sequence (slots take what they need)
     type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0 (see fit.KV_TYPES)
     type_v: str = "f16"
+    # An embedding context: every token's hidden state pooled per sequence (a decode holds whole
+    # sequences: one micro-batch of n_batch tokens, each an output). pooling: a llama_pooling_type,
+    # or None for the model's own from its GGUF, mean where it names none (a generative model).
+    embeddings: bool = False
+    pooling: int | None = None
 
 
 def _with_reason(message: str) -> str:
@@ -112,6 +117,11 @@ class LlamaModel:
         buf = ctypes.create_string_buffer(1 << 16)
         n = self._lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def pooling_type(self) -> int | None:
+        """The pooling its GGUF names (`<arch>.pooling_type`, a llama_pooling_type), None if none."""
+        value = self.meta(f"{self.meta('general.architecture')}.pooling_type")
+        return int(value) if value is not None and value.lstrip("-").isdigit() else None
 
     def chat_template(self) -> str | None:
         raw = self._lc.llama_model_chat_template(self.ptr, None)
@@ -204,6 +214,13 @@ class LlamaContext:
             # By default llama.cpp reserves a row per token of a micro-batch: 512 MiB of compute
             # buffer for a 262k vocabulary.
             params.n_outputs_max = max(1, opts.n_outputs)
+        if opts.embeddings:
+            # Pooling reads a sequence's hidden states from one micro-batch (llama.cpp overwrites
+            # a sequence's pooled vector with each micro-batch's part): one micro-batch per decode.
+            params.embeddings = True
+            params.n_ubatch = opts.n_batch
+            params.n_outputs_max = opts.n_batch
+            params.pooling_type = opts.pooling if opts.pooling is not None else _pooling_default(model)
         self.logits_all = opts.logits_all
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -213,6 +230,8 @@ class LlamaContext:
             )
         self.n_ctx = lc.llama_n_ctx(self.ptr)
         self.n_batch = lc.llama_n_batch(self.ptr)  # at most n_ctx: one decode never holds more
+        self.n_seq_max = lc.llama_n_seq_max(self.ptr)
+        self.pooling = lc.llama_pooling_type(self.ptr)  # LLAMA_POOLING_TYPE_NONE unless an embedding context
         self.n_past = 0
         # Abort flag read by llama.cpp between graph nodes. The callback is libc's strlen on a
         # 2-byte buffer: it returns 0 until abort() writes byte 1, costs no GIL and no Python call.
@@ -273,6 +292,19 @@ class LlamaContext:
 
         ptr = self._lc.llama_get_logits_ith(self.ptr, index)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def sequence_embedding(self, seq: int):
+        """The pooled vector of sequence `seq` after the last decode of an embedding context (a
+        copy: llama.cpp reuses its buffer), or for rank pooling the classifier's scores."""
+        import numpy as np
+
+        lc = self._lc
+        ptr = lc.llama_get_embeddings_seq(self.ptr, seq)
+        if not ptr:
+            raise LocalrunError(f"llama.cpp gave no pooled embedding for sequence {seq}")
+        n = lc.llama_model_n_cls_out(self.model.ptr) if self.pooling == lc.LLAMA_POOLING_TYPE_RANK else None
+        n = n or lc.llama_model_n_embd_out(self.model.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(n,)).copy()
 
     def truncate(self, n_keep: int) -> bool:
         """Forget every position from n_keep on (rewind the sequence). False: the memory could
@@ -369,6 +401,16 @@ class Loaded:
     def close(self) -> None:
         self.ctx.close()
         self.model.close()
+
+
+def _pooling_default(model: LlamaModel) -> int:
+    """The pooling of an embedding context when none is asked for: the model's own, or mean for a
+    model whose GGUF names none (a generative model: every token's state counts alike)."""
+    lc = model._lc
+    own = model.pooling_type()
+    if own is None or own in (lc.LLAMA_POOLING_TYPE_NONE, lc.LLAMA_POOLING_TYPE_UNSPECIFIED):
+        return lc.LLAMA_POOLING_TYPE_MEAN
+    return own
 
 
 def _strlen_callback(lc):
