@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from localrun.serve import replies
+from localrun.serve import ollama, replies
 from localrun.serve.errors import ApiError
 from localrun.serve.generating import Log, Served, start
 from localrun.serve.middleware import BodyLimit, Gate, LastResort
@@ -89,6 +89,8 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
                 "missing or incorrect API key (send Authorization: Bearer KEY, or x-api-key: KEY)",
                 code="invalid_api_key",
             )
+
+    app.include_router(ollama.router(registry, authorize, log))
 
     @app.get("/health")
     def health() -> Health:
