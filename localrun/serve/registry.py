@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from localrun.errors import NoSpace
 from localrun.hub.download import DownloadProgress
+from localrun.model.refs import without_hub_prefix
 from localrun.serve.errors import ApiError
 from localrun.serve.host import ModelHost
 from localrun.serve.loop import SlotLoop
@@ -61,11 +62,10 @@ class Registry:
                 self._retired.append(host)
 
     def find(self, name: str) -> ModelHost:
-        key = name.lower()
-        # Ollama's clients name a model name:tag, and a name without a tag means name:latest
-        host = self._names.get(key) or (
-            self._names.get(key.removesuffix(":latest")) if key.endswith(":latest") else None
-        )
+        host = self._names.get(name.lower())
+        if host is None:  # Ollama's names: hf.co/org/repo:tag, and a name without a tag is name:latest
+            key = without_hub_prefix(name).lower()
+            host = self._names.get(key) or self._names.get(key.removesuffix(":latest"))
         if host is None:
             served = ", ".join(h.id for h in self.hosts[:8]) + (" ..." if len(self.hosts) > 8 else "")
             raise ApiError(
