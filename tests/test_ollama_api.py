@@ -92,6 +92,7 @@ def test_tags_show_and_version_describe_the_served_model(server: ServerProcess):
     assert shown.modelinfo["general.architecture"] == "llama" and "completion" in shown.capabilities
     assert shown.details.quantization_level == "Q8_0" and shown.template
     assert c.show(f"{TINY}:latest").details == shown.details  # a name without its tag means :latest
+    assert c.show("tiny-llama:Q8_0").details == shown.details  # the quant as the tag
     with urllib.request.urlopen(f"{server.url}/api/version", timeout=10) as response:
         assert json.loads(response.read())["version"]
 
@@ -324,3 +325,36 @@ def test_a_pulled_model_is_served_at_once_and_delete_removes_it(tiny, hub):
             list(c.pull("acme/missing-GGUF", stream=True))
         assert "missing" in err.value.error
         assert c.chat(model="tiny-llama-Q4_K_M", messages=hi(), options=literal("still")).message.content == "still"
+
+
+# -- the pieces ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(300, 300.0), (2.5, 2.5), ("5m", 300.0), ("1h30m", 5400.0), ("300ms", 0.3), ("0", 0.0), ("45", 45.0)]
+    + [(-1, None), ("-1m", None)],
+)
+def test_keep_alive_is_seconds_or_a_go_duration_and_negative_is_forever(value, seconds):
+    from localrun.serve.ollama_protocol import keep_alive_seconds
+
+    assert (
+        keep_alive_seconds(value) == pytest.approx(seconds)
+        if seconds is not None
+        else keep_alive_seconds(value) is None
+    )
+
+
+@pytest.mark.parametrize("value", ["soon", "5 m", "", "1d", "m", True, float("nan"), "1e400"])
+def test_a_keep_alive_that_is_no_duration_is_refused(value):
+    from localrun.serve.ollama_protocol import keep_alive_seconds
+
+    with pytest.raises(ValueError):
+        keep_alive_seconds(value)
+
+
+def test_serve_help_names_the_flag_that_allows_pull_and_delete():
+    from typer.testing import CliRunner
+
+    from localrun.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0 and "--allow-model-changes" in result.stdout and "/api/pull" in result.stdout

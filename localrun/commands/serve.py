@@ -62,7 +62,17 @@ def _model_id(resolved: Resolved, ref: ModelRef) -> tuple[str, set[str]]:
     and the other names that reach it."""
     model = resolved.model
     if ref.is_local:
-        return model.path.name.removesuffix(".gguf"), {ref.raw, model.path.name, *_aliases_naming(model.path, ref)}
+        stem = model.path.name.removesuffix(".gguf")
+        names = {ref.raw, model.path.name, *_aliases_naming(model.path, ref)}
+        quant = model.quant or ""
+        if (
+            quant
+            and len(stem) > len(quant) + 1
+            and stem[-len(quant) - 1] in "-._"
+            and stem.lower().endswith(quant.lower())
+        ):
+            names.add(f"{stem[: -len(quant) - 1]}:{stem[-len(quant) :]}")  # Ollama's name:tag: tiny-llama:Q8_0
+        return stem, names
     names = {ref.raw, model.label, *_aliases_naming(model.label, ref)}
     if model.repo_id:  # the repo, and an alias of the repo, reach the quant served (as without names)
         names |= {model.repo_id, *_aliases_naming(model.repo_id, ref)}
