@@ -330,8 +330,10 @@ def test_a_pulled_model_is_served_at_once_and_delete_removes_it(tiny, hub):
 # -- the pieces ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(300, 300.0), (2.5, 2.5), ("5m", 300.0), ("1h30m", 5400.0), ("300ms", 0.3), ("0", 0.0), ("45", 45.0)]
-    + [(-1, None), ("-1m", None)],
+    [
+        *[(300, 300.0), (2.5, 2.5), ("5m", 300.0), ("1h30m", 5400.0), ("300ms", 0.3), ("0", 0.0), ("45", 45.0)],
+        *[(-1, None), ("-1m", None)],
+    ],
 )
 def test_keep_alive_is_seconds_or_a_go_duration_and_negative_is_forever(value, seconds):
     from localrun.serve.ollama_protocol import keep_alive_seconds
