@@ -238,6 +238,7 @@ def test_a_tool_call_comes_back_with_its_arguments_as_an_object(qwen3: ServerPro
         ({"options": {"frobnicate": 1}}, "options.frobnicate"),
         ({"options": {"temperature": -1}}, "temperature"),
         ({"keep_alive": "soon"}, "keep_alive"),
+        ({"think": True}, "think"),  # this template has no reasoning format
         ({"messages": [{"role": "user", "content": "see", "images": ["aGk="]}]}, "images"),
     ],
 )
@@ -325,6 +326,10 @@ def test_a_pulled_model_is_served_at_once_and_delete_removes_it(tiny, hub):
             list(c.pull("acme/missing-GGUF", stream=True))
         assert "missing" in err.value.error
         assert c.chat(model="tiny-llama-Q4_K_M", messages=hi(), options=literal("still")).message.content == "still"
+        # no tag, or Ollama's default one: the quant that fits best, found by the same names
+        assert c.pull("acme/tiny-GGUF:latest").status == "success"
+        reply = c.chat(model="acme/tiny-GGUF:latest", messages=hi(), options=literal("best"))
+        assert reply.message.content == "best" and reply.model.startswith("acme/tiny-GGUF:")
 
 
 # -- the pieces ------------------------------------------------------------------------------------

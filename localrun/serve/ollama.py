@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timedelta, timezone
@@ -114,14 +115,13 @@ def router(registry: Registry, authorize: Callable[..., None], log: Log) -> APIR
 
     @api.get("/api/tags")
     async def tags() -> ListResponse:
-        return ListResponse(models=[await _listed(host) for host in registry.hosts])
+        listed = [await _listing(host) for host in registry.hosts]
+        return ListResponse(models=[entry[0] for entry in listed if entry is not None])
 
     @api.get("/api/ps")
     async def ps() -> ProcessResponse:
-        loaded = [host for host in registry.hosts if host.scheduler is not None]
-        return ProcessResponse(
-            models=[_loaded_model(host, await _listed(host), await _described(host)) for host in loaded]
-        )
+        loaded = [(host, await _listing(host)) for host in registry.hosts if host.scheduler is not None]
+        return ProcessResponse(models=[_loaded_model(host, *entry) for host, entry in loaded if entry is not None])
 
     @api.post("/api/show")
     async def show(req: ModelRequest) -> ShowResponse:
@@ -138,7 +138,10 @@ def router(registry: Registry, authorize: Callable[..., None], log: Log) -> APIR
 
     @api.post("/api/pull")
     async def pull(req: PullRequest):
-        return await _pull(registry, _named(req.target), req.stream)
+        name = _named(req.target)
+        if name.lower().endswith(":latest"):  # Ollama's default tag: here, the quant that fits best
+            name = name[: -len(":latest")]
+        return await _pull(registry, name, req.stream)
 
     @api.delete("/api/delete")
     async def delete(req: ModelRequest) -> Response:
@@ -293,6 +296,10 @@ def _shared(req: ChatRequest | GenerateRequest, host: ModelHost) -> dict[str, An
         fields["response_format"] = {"type": "json_object"}
     else:
         fields["response_format"] = None
+    if req.think and host.replies is not None and host.replies.reasoning is None:
+        raise unsupported(
+            "think", f"{host.id} does not think (its chat template has no reasoning format localrun knows)"
+        )
     if req.think is not None:  # the template's thinking switch, as reasoning_effort turns it
         fields["reasoning_effort"] = {True: "medium", False: "none"}.get(req.think, req.think)  # type: ignore[call-overload]
     if req.logprobs:
@@ -478,13 +485,25 @@ def _now() -> str:
 # -- the models --------------------------------------------------------------------------------------
 async def _described(host: ModelHost) -> Resolved:
     try:
-        return await run_in_threadpool(host.described)
+        resolved = await run_in_threadpool(host.described)
+        resolved.model.path.stat()
     except LocalrunError as exc:
         raise from_localrun(exc) from None
+    except OSError:
+        raise ApiError(404, f"the file of {host.id} is gone from the disk", code="model_file_missing") from None
+    return resolved
 
 
-async def _listed(host: ModelHost) -> ListedModel:
-    resolved = await _described(host)
+async def _listing(host: ModelHost) -> tuple[ListedModel, Resolved] | None:
+    """The model as /api/tags lists it (None: its file is gone, or unreadable)."""
+    try:
+        resolved = await _described(host)
+        return _listed(host, resolved), resolved
+    except (ApiError, OSError):
+        return None
+
+
+def _listed(host: ModelHost, resolved: Resolved) -> ListedModel:
     model = resolved.model
     stat = model.path.stat()
     entry = resolved.entry
@@ -586,7 +605,10 @@ class _PullProgress:
         self.last = 0.0
 
     def put(self, item: Progress | BaseException | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed (the server stopped): nobody is waiting
+            pass
 
     def message(self, text: str, *, warning: bool = False) -> None:
         self.put(Progress(status=text))
@@ -622,7 +644,9 @@ async def _pull(registry: Registry, name: str, stream: bool):
         except BaseException as exc:  # said to the client, in its shape
             progress.put(exc)
 
-    task = loop.run_in_executor(None, work)
+    # a thread of its own, not the loop's executor: a server stopped mid-pull exits without waiting
+    # for it (the download resumes at the next pull)
+    threading.Thread(target=work, name="localrun-pull", daemon=True).start()
 
     async def events() -> AsyncIterator[Progress]:
         while True:
@@ -637,7 +661,6 @@ async def _pull(registry: Registry, name: str, stream: bool):
     if not stream:
         async for _ in events():
             pass
-        await task
         return JSONResponse(Progress(status="success").model_dump(exclude_none=True))
 
     async def lines() -> AsyncIterator[str]:

@@ -49,7 +49,7 @@ class Registry:
             for served in self.hosts:
                 if served.id == host.id:
                     return served
-            self.hosts.append(host)
+            self.hosts = [*self.hosts, host]  # a new list: a sweep going through the old one is not disturbed
             self._index()
             return host
 
