@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import jsonschema
@@ -107,6 +108,10 @@ def test_ps_lists_the_loaded_model_and_keep_alive_zero_unloads_it(server: Server
     assert c.ps().models == [] and not server.health()["models"][0]["loaded"]
     loaded_again = c.chat(model=TINY, messages=[], keep_alive=-1)
     assert loaded_again.done_reason == "load" and [m.model for m in c.ps().models] == [TINY]
+    assert c.ps().models[0].expires_at.year > 2200  # kept loaded until the server stops
+    c.chat(model=TINY, messages=hi(), options=literal("ok"), keep_alive="1h")  # a request sets the model's expiry
+    left = c.ps().models[0].expires_at - datetime.now(timezone.utc)
+    assert timedelta(minutes=59) < left <= timedelta(hours=1)
 
 
 def test_an_unknown_model_is_a_404_in_ollamas_shape(server: ServerProcess):
@@ -167,6 +172,21 @@ def test_the_timing_fields_are_real_figures(server: ServerProcess):
     assert reply.prompt_eval_count > 5 and reply.eval_count >= 4
     warm = c.chat(model=TINY, messages=hi(), options=literal("ok"))
     assert warm.load_duration < reply.load_duration  # loaded already
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_come_with_each_token(server: ServerProcess, stream: bool):
+    c = client(server)
+    common = {"model": TINY, "messages": hi(), "options": literal("one two three"), "logprobs": True, "top_logprobs": 2}
+    if stream:
+        parts = list(c.chat(stream=True, **common))
+        tokens = [t for p in parts for t in p.logprobs or []]
+        last = parts[-1]
+    else:
+        last = c.chat(**common)
+        tokens = list(last.logprobs)
+    assert "".join(t.token for t in tokens) == "one two three" and last.done
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
 
 
 def test_format_with_a_schema_gives_valid_json(server: ServerProcess):

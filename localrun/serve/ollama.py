@@ -404,7 +404,7 @@ class _Render:
             return None
         tokens = generation.reply.tokens[self.sent_tokens :]
         self.sent_tokens += len(tokens)
-        return [_logprob(t) for t in tokens]
+        return [_logprob(t) for t in tokens] or None
 
     def whole(self, generation: Generation) -> ChatChunk | GenerateChunk:
         reply = generation.reply
