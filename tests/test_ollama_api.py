@@ -268,7 +268,9 @@ def test_what_localrun_cannot_honour_is_refused_by_name(server: ServerProcess, k
         c.chat(model=TINY, **{"messages": hi(), **kwargs})
     assert err.value.status_code == 400 and named in err.value.error
     ignored = c.chat(
-        model=TINY, messages=hi(), options={**literal("ok"), "num_thread": 3, "use_mmap": True, "mirostat": 0}
+        model=TINY,
+        messages=hi(),
+        options={**literal("ok"), "num_thread": 3, "use_mmap": True, "mirostat": 0, "tfs_z": None},
     )
     assert ignored.message.content == "ok"  # how Ollama would load the model: the server decided that
 

@@ -312,7 +312,7 @@ def _shared(req: ChatRequest | GenerateRequest, host: ModelHost) -> dict[str, An
 def _options(options: Options, host: ModelHost) -> dict[str, Any]:
     """Ollama's options as the fields of the request the server runs; refusals by name."""
     for name, value in (options.model_extra or {}).items():
-        if name in LOADING_OPTIONS:
+        if name in LOADING_OPTIONS or value is None:  # null: left out, as some clients send what they did not set
             continue
         if name in OFF_VALUES:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value == OFF_VALUES[name]:
