@@ -247,7 +247,7 @@ def _announce(out: Output, url: str, hosts: list[ModelHost], opts: ServeOptions,
     else:
         names = f"{len(hosts)} pulled model{'s' * (len(hosts) > 1)}, each loaded by its first request"
     keep = "never unloaded" if opts.keep_alive is None else f"unloaded after {opts.keep_alive:g} s idle"
-    out.info(f"serving {names} at {url}/v1 (OpenAI-compatible; {keep}); Ctrl-C stops")
+    out.info(f"serving {names} at {url}/v1 (OpenAI's API; Ollama's at {url}/api; {keep}); Ctrl-C stops")
     example = (
         f'{{"model": "{first.id}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
     ).replace("'", "'\\''")
