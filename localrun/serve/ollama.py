@@ -231,7 +231,7 @@ async def _load_or_unload(registry: Registry, host: ModelHost, keep: float | Non
 
 
 def _chat(req: ChatRequest, host: ModelHost) -> protocol.ChatRequest:
-    messages = [_message(m, i) for i, m in enumerate(req.messages)]
+    messages = _messages(req.messages)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     return _internal(protocol.ChatRequest, req, host, messages=messages, tools=tools, **_shared(req, host))
 
@@ -342,6 +342,23 @@ def _options(options: Options, host: ModelHost) -> dict[str, Any]:
         fields[name] = getattr(options, name)
     fields["presence_penalty"], fields["frequency_penalty"] = options.presence_penalty, options.frequency_penalty
     return fields
+
+
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """The conversation in OpenAI's shape. Ollama's tool results name their tool, not the call:
+    each is linked to the earliest call of that tool still unanswered (else the next one), for the
+    templates that match results to calls by id."""
+    shaped: list[dict[str, Any]] = []
+    unanswered: list[tuple[str, str]] = []  # the last assistant turn's calls: id, tool
+    for index, message in enumerate(messages):
+        turn = _message(message, index)
+        if turn.get("tool_calls"):
+            unanswered = [(call["id"], call["function"]["name"]) for call in turn["tool_calls"]]
+        elif message.role == "tool" and unanswered:
+            first = next((i for i, (_, tool) in enumerate(unanswered) if tool == message.tool_name), 0)
+            turn["tool_call_id"] = unanswered.pop(first)[0]
+        shaped.append(turn)
+    return shaped
 
 
 def _message(message: Message, index: int) -> dict[str, Any]:
