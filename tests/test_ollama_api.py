@@ -18,6 +18,7 @@ import pytest
 from support.serving import ServerProcess, isolated_env
 
 TINY = "tiny-llama-Q8_0"
+KEY = "ollama-test-key"
 TEMPLATES = Path(__file__).parent / "support" / "templates"
 SCHEMA = {
     "type": "object",
@@ -52,7 +53,7 @@ def server(tiny, session_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("ollama")
     shutil.copytree(session_home, root / "home")
     env = isolated_env(root / "home", root / "hf")
-    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", env=env) as proc:
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", env=env, api_key=KEY) as proc:
         yield proc
 
 
@@ -67,14 +68,17 @@ def qwen3(tiny, session_home, tmp_path_factory):
         yield proc
 
 
-def client(server: ServerProcess) -> ollama.Client:
-    return ollama.Client(host=server.url)
+def client(server: ServerProcess, key: str | None = None) -> ollama.Client:
+    key = server.api_key if key is None else key
+    return ollama.Client(host=server.url, headers={"Authorization": f"Bearer {key}"} if key else None)
 
 
 def raw(server: ServerProcess, method: str, path: str, body: bytes | None) -> tuple[int, object]:
     """A request the client would never send: the status and the JSON answer."""
     request = urllib.request.Request(f"{server.url}{path}", data=body, method=method)
     request.add_header("Content-Type", "application/json")
+    if server.api_key:
+        request.add_header("Authorization", f"Bearer {server.api_key}")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read().splitlines()[0])
@@ -94,8 +98,8 @@ def test_tags_show_and_version_describe_the_served_model(server: ServerProcess):
     assert shown.details.quantization_level == "Q8_0" and shown.template
     assert c.show(f"{TINY}:latest").details == shown.details  # a name without its tag means :latest
     assert c.show("tiny-llama:Q8_0").details == shown.details  # the quant as the tag
-    with urllib.request.urlopen(f"{server.url}/api/version", timeout=10) as response:
-        assert json.loads(response.read())["version"]
+    status, version = raw(server, "GET", "/api/version", None)
+    assert status == 200 and version["version"]
 
 
 def test_ps_lists_the_loaded_model_and_keep_alive_zero_unloads_it(server: ServerProcess):
@@ -112,6 +116,13 @@ def test_ps_lists_the_loaded_model_and_keep_alive_zero_unloads_it(server: Server
     c.chat(model=TINY, messages=hi(), options=literal("ok"), keep_alive="1h")  # a request sets the model's expiry
     left = c.ps().models[0].expires_at - datetime.now(timezone.utc)
     assert timedelta(minutes=59) < left <= timedelta(hours=1)
+
+
+def test_the_key_is_asked_for_in_ollamas_shape(server: ServerProcess):
+    for key in ("", "wrong"):
+        with pytest.raises(ollama.ResponseError) as err:
+            client(server, key).list()
+        assert err.value.status_code == 401 and "API key" in err.value.error
 
 
 def test_an_unknown_model_is_a_404_in_ollamas_shape(server: ServerProcess):
