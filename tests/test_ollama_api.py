@@ -358,6 +358,10 @@ def test_a_pulled_model_is_served_at_once_and_delete_removes_it(tiny, hub):
         with pytest.raises(ollama.ResponseError) as err:
             list(c.pull("acme/missing-GGUF", stream=True))
         assert "missing" in err.value.error
+        for path in ("/etc/passwd", "./model.gguf", "not a name"):  # no request makes the server open a file
+            with pytest.raises(ollama.ResponseError) as err:
+                list(c.pull(path, stream=True))
+            assert err.value.status_code == 400
         assert c.chat(model="tiny-llama-Q4_K_M", messages=hi(), options=literal("still")).message.content == "still"
         # no tag, or Ollama's default one: the quant that fits best, found by the same names
         assert c.pull("acme/tiny-GGUF:latest").status == "success"

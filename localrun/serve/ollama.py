@@ -44,6 +44,7 @@ from localrun.errors import LocalrunError
 from localrun.inference.generation import grammar
 from localrun.inference.generation.events import SampledToken, Stats
 from localrun.inference.prompting.replies import ContentText, ReasoningText
+from localrun.model.refs import parse_ref
 from localrun.serve import protocol
 from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
 from localrun.serve.generating import Generation, Log, start
@@ -648,6 +649,12 @@ class _PullProgress:
 
 async def _pull(registry: Registry, name: str, stream: bool):
     changes = _allowed(registry, "pull models")
+    try:  # a name that is no Hub repo is refused before any line of progress
+        ref = parse_ref(name, expand=False)
+    except LocalrunError as exc:
+        raise bad_request(exc.message, param="model") from None
+    if ref.is_local:
+        raise bad_request(f"{name[:200]!r} is a path: a pull takes a Hub repo (org/repo[:QUANT])", param="model")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Progress | BaseException | None] = asyncio.Queue()
     progress = _PullProgress(loop, queue)
