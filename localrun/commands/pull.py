@@ -76,9 +76,8 @@ def pull(
         )
     if dry_run:
         return result
-    with RichDownloadProgress(out) as shown:
-        watched = _Watched(progress) if progress is not None else shown
-        result.files = download(listing, row.quant, watched)
+    watched = _Watched(progress if progress is not None else RichDownloadProgress(out))
+    result.files = download(listing, row.quant, watched)  # which ends the display, whatever happens
     result.already_there = not watched.downloaded
     if not out.json:
         # A path and a command, to copy: printed whole (soft_wrap), never broken by a newline.
@@ -90,7 +89,7 @@ def pull(
 
 
 class _Watched:
-    """Another's progress display, noting (as RichDownloadProgress does) whether bytes had to be fetched."""
+    """A progress display, and whether any byte had to be fetched."""
 
     def __init__(self, shown: DownloadProgress):
         self.shown = shown
