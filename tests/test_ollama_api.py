@@ -313,6 +313,7 @@ def test_generates_fields_localrun_does_not_honour_are_refused_by_name(server: S
         b"[]",
         b'{"model": "tiny-llama-Q8_0", "messages": "hi", "prompt": 3, "stream": "yes", "verbose": "yes"}',
         b'"\\ud800"',
+        b'{"model": "tiny-llama-Q8_0", "messages": [{"role": "user", "content": "\\ud800"}], "prompt": "\\udfff"}',
     ],
 )
 def test_a_bad_body_gets_ollamas_error_shape_and_the_server_keeps_serving(
