@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -403,3 +404,20 @@ def test_serve_help_names_the_flag_that_allows_pull_and_delete():
 
     result = CliRunner().invoke(app, ["serve", "--help"])
     assert result.exit_code == 0 and "--allow-model-changes" in result.stdout and "/api/pull" in result.stdout
+
+
+def test_a_stream_cut_short_ends_with_an_error_line_the_client_raises(tiny):
+    """Stopping the server mid-stream: the stream's last line is Ollama's `{"error": ...}`, which
+    its client raises, and the server still exits 0."""
+    endless = {"grammar": 'root ::= ("la " | "lo ")+ "end"', "num_predict": -1, "temperature": 0}
+    with ServerProcess([tiny.quants["Q8_0"]]) as server:
+        parts = client(server).chat(model=TINY, messages=hi(), options=endless, stream=True)
+        seen = 0
+        with pytest.raises(ollama.ResponseError) as err:
+            for part in parts:
+                seen += 1
+                assert not part.done
+                if seen == 3:
+                    server.proc.send_signal(signal.SIGTERM)
+        assert "shutting down" in err.value.error
+        assert server.proc.wait(60) == 0
