@@ -172,12 +172,16 @@ def test_num_predict_limits_the_reply_and_says_length(server: ServerProcess):
     assert reply.done_reason == "length" and reply.eval_count == 2
 
 
-def test_the_timing_fields_are_real_figures(server: ServerProcess):
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_timing_fields_are_real_figures(server: ServerProcess, stream: bool):
     c = client(server)
     c.generate(model=TINY, prompt="", keep_alive=0)  # unloaded: this request pays the load
-    reply = c.chat(
-        model=TINY, messages=[{"role": "user", "content": "Count for me, please."}], options=literal("a b c d")
-    )
+    question = [{"role": "user", "content": f"Count for me, please ({stream})."}]  # not in a slot's cache
+    if stream:
+        *parts, reply = list(c.chat(model=TINY, messages=question, options=literal("a b c d"), stream=True))
+        assert all(p.total_duration is None and p.eval_count is None for p in parts)  # the figures come last
+    else:
+        reply = c.chat(model=TINY, messages=question, options=literal("a b c d"))
     figures = [reply.total_duration, reply.load_duration, reply.prompt_eval_duration, reply.eval_duration]
     assert all(isinstance(f, int) and f > 0 for f in figures)
     assert reply.total_duration >= reply.load_duration + reply.prompt_eval_duration + reply.eval_duration

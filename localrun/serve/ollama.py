@@ -478,12 +478,13 @@ def _logprob(token: SampledToken) -> Logprob:
 def _timing(stats: Stats, total_ns: int, load_ns: int) -> Timing:
     """Ollama's figures from the reply's own, in nanoseconds: the prompt's tokens (all of them, as
     Ollama counts them) and the time reading those a cache did not hold, the tokens generated and
-    the time generating them."""
+    the time generating them (the scheduler's own intervals, inside the request's total, after its
+    load)."""
     read = stats.prompt_tokens - stats.cached_tokens
     prompt_ns = int(read / stats.prompt_tps * 1e9) if stats.prompt_tps else 0
     eval_ns = int(stats.generated_tokens / stats.gen_tps * 1e9) if stats.gen_tps else 0
     return Timing(
-        total_duration=max(total_ns, load_ns + prompt_ns + eval_ns),
+        total_duration=total_ns,
         load_duration=load_ns,
         prompt_eval_count=stats.prompt_tokens,
         prompt_eval_duration=prompt_ns,
