@@ -1,4 +1,4 @@
-"""`serve` and `ps`: the OpenAI-compatible server, and the servers running here."""
+"""`serve` and `ps`: the server of OpenAI's and Ollama's APIs, and the servers running here."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from localrun.cli.options import (
 from localrun.output import Output
 
 
-@app.command(short_help="Serve models over HTTP: OpenAI's API, parallel slots, continuous batching.")
+@app.command(short_help="Serve models over HTTP: OpenAI's and Ollama's APIs, parallel slots, continuous batching.")
 @boundary
 def serve(
     models: Annotated[
@@ -87,6 +87,14 @@ def serve(
             help="Allow web pages from this origin, e.g. http://localhost:3000 (repeatable; *: any). Others get 403.",
         ),
     ] = None,
+    allow_model_changes: Annotated[
+        bool,
+        typer.Option(
+            "--allow-model-changes",
+            help="Let clients pull models (Ollama's /api/pull; served at once) and delete them (/api/delete). "
+            "Off: those answer 403.",
+        ),
+    ] = False,
     # bounds on connections, for tests (hidden: ServeSettings' defaults suit every use)
     idle_timeout: Annotated[Optional[float], typer.Option("--idle-timeout", min=0.1, hidden=True)] = None,
     body_timeout: Annotated[Optional[float], typer.Option("--body-timeout", min=0.1, hidden=True)] = None,
@@ -110,9 +118,11 @@ def serve(
     ] = 512,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Serve models with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /v1/embeddings,
-    /v1/rerank) until Ctrl-C:
-    each model has --parallel slots sharing one context, their tokens decoded in the same batch."""
+    """Serve models until Ctrl-C with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models,
+    /v1/embeddings, /v1/rerank), Anthropic's (/v1/messages) and Ollama's (/api/chat, /api/generate,
+    /api/tags, /api/show, /api/ps; /api/pull and /api/delete with --allow-model-changes), plus
+    /metrics and /tokenize: each model has --parallel slots sharing one context, their tokens decoded
+    in the same batch."""
     from localrun.commands.serve import ServeSettings, run_server
     from localrun.commands.serve import keep_alive as parse_keep_alive
     from localrun.inference.opening import EngineConfig
@@ -140,6 +150,7 @@ def serve(
         max_body=size_option("--max-body", max_body),
         allowed_hosts=tuple(allowed_hosts or ()),
         cors=tuple(cors or ()),
+        allow_model_changes=allow_model_changes,
         **{
             name: value
             for name, value in (

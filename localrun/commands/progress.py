@@ -16,7 +16,6 @@ class RichDownloadProgress:
 
     def __init__(self, out: Output):
         self.out = out
-        self.downloaded = False  # whether any byte had to be fetched
         self._progress: Progress | None = None
         self._task: Any = None
 
@@ -30,7 +29,6 @@ class RichDownloadProgress:
         (self.out.warn if warning else self.out.info)(text)
 
     def begin(self, label: str, total: int, done: int) -> None:
-        self.downloaded = done < total
         if self.out.interactive and done < total:
             self._progress = Progress(
                 TextColumn("{task.description}"),

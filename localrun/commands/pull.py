@@ -13,7 +13,7 @@ from localrun.commands.planning import PullResult, Row, memory_need, plan_pull
 from localrun.commands.progress import RichDownloadProgress
 from localrun.errors import NetworkError, NoSpace
 from localrun.hardware import Machine
-from localrun.hub.download import download
+from localrun.hub.download import DownloadProgress, download
 from localrun.hub.listing import RepoQuant
 from localrun.hub.settings import offline
 from localrun.inference.machine import this_machine
@@ -34,10 +34,12 @@ def pull(
     quant: str | None = None,
     as_step: bool = False,
     shape: fit.Shape = fit.Shape(),
+    progress: DownloadProgress | None = None,
 ) -> PullResult:
     """Plan, show the table and why, download the choice (resumable, verified).
 
     as_step: the pull serves another command (chat, run...), whose stdout is its own: report on stderr.
+    progress: where the download's progress goes (default: a bar on a terminal's stderr).
     """
     console = out.err if as_step else out.out
     show = console.print
@@ -74,9 +76,9 @@ def pull(
         )
     if dry_run:
         return result
-    with RichDownloadProgress(out) as progress:
-        result.files = download(listing, row.quant, progress)
-    result.already_there = not progress.downloaded
+    watched = _Watched(progress if progress is not None else RichDownloadProgress(out))
+    result.files = download(listing, row.quant, watched)  # which ends the display, whatever happens
+    result.already_there = not watched.downloaded
     if not out.json:
         # A path and a command, to copy: printed whole (soft_wrap), never broken by a newline.
         done = "already pulled:" if result.already_there else "saved"
@@ -84,6 +86,27 @@ def pull(
         if out.interactive and not as_step:
             out.line(f"chat with it: localrun chat {listing.repo_id}:{row.quant.label}")
     return result
+
+
+class _Watched:
+    """A progress display, and whether any byte had to be fetched."""
+
+    def __init__(self, shown: DownloadProgress):
+        self.shown = shown
+        self.downloaded = False
+
+    def message(self, text: str, *, warning: bool = False) -> None:
+        self.shown.message(text, warning=warning)
+
+    def begin(self, label: str, total: int, done: int) -> None:
+        self.downloaded = done < total
+        self.shown.begin(label, total, done)
+
+    def update(self, done: int, description: str) -> None:
+        self.shown.update(done, description)
+
+    def end(self) -> None:
+        self.shown.end()
 
 
 def _pull_offline(

@@ -1,5 +1,5 @@
 """`localrun serve`: resolve and load the models (pulling first if needed), then answer OpenAI's
-API on HTTP until Ctrl-C or SIGTERM, which end the streams in flight and exit 0."""
+and Ollama's APIs on HTTP until Ctrl-C or SIGTERM, which end the streams in flight and exit 0."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from localrun.commands.loading import checked_config, draft_beside, resolve_or_pull
 from localrun.commands.stream import stats_line
 from localrun.errors import NotFound, UsageError
+from localrun.hub.download import DownloadProgress
 from localrun.inference.machine import this_machine
 from localrun.inference.opening import EngineConfig
 from localrun.model import aliases
@@ -21,7 +22,7 @@ from localrun.serve import state
 from localrun.serve.app import Access, create_app
 from localrun.serve.generating import Served
 from localrun.serve.host import ModelHost, ServeOptions
-from localrun.serve.registry import Registry
+from localrun.serve.registry import ModelChanges, Registry
 from localrun.serve.server import Limits, bind, is_loopback, serve, url_of
 from localrun.store.resolve import Resolved, aliases_of, resolve
 from localrun.store.scan import scan
@@ -38,6 +39,7 @@ class ServeSettings:
     max_body: int = 16 << 20
     allowed_hosts: tuple[str, ...] = ()
     cors: tuple[str, ...] = ()
+    allow_model_changes: bool = False  # Ollama's /api/pull and /api/delete may change what is on disk
     idle_timeout: float = Limits.idle
     body_timeout: float = Access.body_timeout
     max_connections: int = Limits.connections
@@ -60,11 +62,49 @@ def _model_id(resolved: Resolved, ref: ModelRef) -> tuple[str, set[str]]:
     and the other names that reach it."""
     model = resolved.model
     if ref.is_local:
-        return model.path.name.removesuffix(".gguf"), {ref.raw, model.path.name, *_aliases_naming(model.path, ref)}
+        stem = model.path.name.removesuffix(".gguf")
+        names = {ref.raw, model.path.name, *_aliases_naming(model.path, ref)}
+        quant = model.quant or ""
+        if (
+            quant
+            and len(stem) > len(quant) + 1
+            and stem[-len(quant) - 1] in "-._"
+            and stem.lower().endswith(quant.lower())
+        ):
+            names.add(f"{stem[: -len(quant) - 1]}:{stem[-len(quant) :]}")  # Ollama's name:tag: tiny-llama:Q8_0
+        return stem, names
     names = {ref.raw, model.label, *_aliases_naming(model.label, ref)}
     if model.repo_id:  # the repo, and an alias of the repo, reach the quant served (as without names)
         names |= {model.repo_id, *_aliases_naming(model.repo_id, ref)}
     return model.label, names
+
+
+def _host(resolved: Resolved, ref: ModelRef, opts: ServeOptions, out: Output) -> ModelHost:
+    model_id, names = _model_id(resolved, ref)
+    return ModelHost(model_id, names, lambda: resolved, lambda: this_machine(), opts, notify=server_log(out))
+
+
+def model_changes(opts: ServeOptions, out: Output) -> ModelChanges:
+    """Pulling and deleting models while serving (--allow-model-changes): a pull as `localrun pull`
+    makes it (its table and notes on the server's log), served at once; a delete as `localrun rm
+    --yes` makes it."""
+    from localrun.commands.pull import pull  # the Hub client: only when a pull is asked for
+    from localrun.store.remove import plan_removal, remove
+
+    def pull_one(name: str, progress: DownloadProgress) -> ModelHost:
+        ref = parse_ref(name)
+        if ref.is_local:
+            raise UsageError(f"{safe(name)} is a path: a pull takes a Hub repo (org/repo[:QUANT])")
+        resolved = pull(ref, out, machine=this_machine(), as_step=True, progress=progress).resolved
+        assert resolved is not None, "a pull that returns ends with the files on disk"
+        return _host(resolved, ref, opts, out)
+
+    def delete_one(label: str) -> list[str]:
+        plan = plan_removal(parse_ref(label))
+        remove(plan)
+        return [e.label for e in plan.entries]
+
+    return ModelChanges(pull_one, delete_one)
 
 
 def _aliases_naming(target: Path | str, ref: ModelRef) -> set[str]:
@@ -94,12 +134,10 @@ def hosts_for(models: list[str], opts: ServeOptions, out: Output, draft: str | N
             resolved = resolve_or_pull(ref, out, machine=machine)
             if draft is not None:
                 opts.draft = draft_beside(draft, resolved, opts.generation(), machine, out)
-            model_id, aliases = _model_id(resolved, ref)
-            if any(h.id == model_id for h in hosts):
+            host = _host(resolved, ref, opts, out)
+            if any(h.id == host.id for h in hosts):
                 raise UsageError(f"{safe(reference)} is named twice")
-            hosts.append(
-                ModelHost(model_id, aliases, lambda r=resolved: r, lambda: this_machine(), opts, notify=server_log(out))
-            )
+            hosts.append(host)
         return hosts
     seen: set[str] = set()
     for entry in scan().entries:
@@ -174,7 +212,7 @@ def run_server(
             for host in hosts:  # loaded now, so the first request pays no cold load
                 host.checkout()
                 host.checkin()
-        registry = Registry(hosts)
+        registry = Registry(hosts, model_changes(opts, out) if settings.allow_model_changes else None)
         access = Access(
             api_key=settings.api_key,
             max_body=settings.max_body,
@@ -209,7 +247,7 @@ def _announce(out: Output, url: str, hosts: list[ModelHost], opts: ServeOptions,
     else:
         names = f"{len(hosts)} pulled model{'s' * (len(hosts) > 1)}, each loaded by its first request"
     keep = "never unloaded" if opts.keep_alive is None else f"unloaded after {opts.keep_alive:g} s idle"
-    out.info(f"serving {names} at {url}/v1 (OpenAI-compatible; {keep}); Ctrl-C stops")
+    out.info(f"serving {names} at {url}/v1 (OpenAI's API; Ollama's at {url}/api; {keep}); Ctrl-C stops")
     example = (
         f'{{"model": "{first.id}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
     ).replace("'", "'\\''")

@@ -26,6 +26,14 @@ _PREFIXES = (
 )
 
 
+def without_hub_prefix(name: str) -> str:
+    """A Hub reference without its site (`hf.co/org/repo` -> `org/repo`, as Ollama names Hub models)."""
+    for prefix in _PREFIXES:
+        if name.lower().startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
 @dataclass(frozen=True)
 class ModelRef:
     raw: str
@@ -67,12 +75,7 @@ def parse_ref(text: str, revision: str | None = None, *, expand: bool = True) ->
         return replace(parse_ref(target, revision, expand=False), raw=raw)
     if _looks_local(raw):
         return ModelRef(raw, path=Path(raw).expanduser())
-    rest = raw
-    for prefix in _PREFIXES:
-        if rest.lower().startswith(prefix):
-            rest = rest[len(prefix) :]
-            break
-    rest = rest.rstrip("/")
+    rest = without_hub_prefix(raw).rstrip("/")
     filename = tag = None
     # URL forms: org/repo/blob/REV/path, org/repo/resolve/REV/path, org/repo/tree/REV
     m = re.match(r"^([^/]+/[^/:]+)/(blob|resolve|tree)/([^/]+)(?:/(.+))?$", rest)

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from localrun.serve import anthropic, embeddings, replies, tokens
+from localrun.serve import anthropic, embeddings, ollama, replies, tokens
 from localrun.serve.errors import ApiError
 from localrun.serve.generating import Log, Served, start
 from localrun.serve.metrics import Metrics
@@ -112,6 +112,8 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
         """Counts a request of a route that does not log them, once it has answered (its errors are logged)."""
         yield
         metrics.request(f"{request.method} {request.url.path}", 200)
+
+    app.include_router(ollama.router(registry, authorize, log))
 
     @app.get("/health", dependencies=[Depends(answered)])
     def health() -> Health:

@@ -100,6 +100,7 @@ class ModelHost:
         self.aliases = aliases | {model_id}
         self.created = int(time.time())
         self.opts = opts
+        self.keep_alive = opts.keep_alive  # seconds idle before unloading (a request of Ollama's may change it)
         self._source, self._machine, self._notify = source, machine, notify
         self._lock = threading.Lock()
         self._users = 0
@@ -117,6 +118,13 @@ class ModelHost:
         self._changed = False  # a file changed in place: the model's requests are being ended
         self.loads = 0  # times the model was loaded (for /metrics)
         self.load_seconds = 0.0  # and the time those loads took, planning and checks included
+        self._described: Resolved | None = None
+
+    def described(self) -> Resolved:
+        """The model's files, header and plan, as found when first asked (what a listing says of it)."""
+        if self._described is None:
+            self._described = self._source()
+        return self._described
 
     def checkout(self) -> SlotLoop:
         """The running scheduler, loading the model first if it is not (blocking: call off the
@@ -156,7 +164,7 @@ class ModelHost:
     def unload_if_idle(self, *, force: bool = False) -> bool:
         """Unload when nothing used the model for keep_alive seconds (force: now, if nothing uses
         it); True if it was unloaded."""
-        keep = 0.0 if force else self.opts.keep_alive
+        keep = 0.0 if force else self.keep_alive
         scheduler = self.scheduler
         if keep is None or scheduler is None or self._users or not scheduler.idle:
             return False
@@ -168,6 +176,15 @@ class ModelHost:
         why = "to make room for another" if force else "--keep-alive"
         self._notify(f"unloaded {self.id}: idle for {idle_for:.0f} s ({why})")
         return True
+
+    def expires_in(self) -> float | None:
+        """Seconds until a loaded model is unloaded if nothing uses it (None: never; 0: once idle)."""
+        if self.keep_alive is None:
+            return None
+        scheduler = self.scheduler
+        busy = self._users or (scheduler is not None and not scheduler.idle)
+        last = max(self._last, scheduler.idle_since) if scheduler is not None and not busy else time.monotonic()
+        return max(0.0, last + self.keep_alive - time.monotonic())
 
     def file_changed(self) -> bool:
         """Whether a loaded model's file was changed in place (truncated, rewritten) since it was

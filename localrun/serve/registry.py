@@ -1,25 +1,71 @@
-"""The models a server answers for, found by the names clients send."""
+"""The models a server answers for, found by the names clients send; and, when the server was
+started with --allow-model-changes, models pulled (served at once) and deleted while it runs."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from localrun.errors import NoSpace
+from localrun.hub.download import DownloadProgress
+from localrun.model.refs import without_hub_prefix
 from localrun.serve.errors import ApiError
 from localrun.serve.host import ModelHost
 from localrun.serve.loop import SlotLoop
 from localrun.serve.protocol import Health, ModelCard, ModelList
 
 
+@dataclass
+class ModelChanges:
+    """What a server started with --allow-model-changes may do to the models on disk: pull one (a
+    name as `localrun pull` takes it; the host that serves it once it is on disk), and delete one
+    (a pulled model's label; the labels removed)."""
+
+    pull: Callable[[str, DownloadProgress], ModelHost]
+    delete: Callable[[str], list[str]]
+
+
 class Registry:
-    def __init__(self, hosts: list[ModelHost]):
-        self.hosts = hosts
+    def __init__(self, hosts: list[ModelHost], changes: ModelChanges | None = None):
+        self.hosts = list(hosts)
+        self.changes = changes  # None: the models on disk are not the server's to change
         self.stopping = False
+        self._lock = threading.Lock()
+        self._retired: list[ModelHost] = []  # deleted while in use: unloaded once idle
         self._names: dict[str, ModelHost] = {}
-        for host in hosts:  # the first model to claim a name keeps it
+        self._index()
+
+    def _index(self) -> None:
+        names: dict[str, ModelHost] = {}
+        for host in self.hosts:  # the first model to claim a name keeps it
             for name in sorted(host.aliases):
-                self._names.setdefault(name.lower(), host)
+                names.setdefault(name.lower(), host)
+        self._names = names
+
+    def add(self, host: ModelHost) -> ModelHost:
+        """Serve one more model (a pull's); the one already served under its id, if any."""
+        with self._lock:
+            for served in self.hosts:
+                if served.id == host.id:
+                    return served
+            self.hosts = [*self.hosts, host]  # a new list: a sweep going through the old one is not disturbed
+            self._index()
+            return host
+
+    def retire(self, host: ModelHost) -> None:
+        """Stop answering for a model (its files were deleted): unloaded now if idle, else once it is."""
+        with self._lock:
+            self.hosts = [h for h in self.hosts if h is not host]
+            self._index()
+            if not host.unload_if_idle(force=True) and host.scheduler is not None:
+                self._retired.append(host)
 
     def find(self, name: str) -> ModelHost:
         host = self._names.get(name.lower())
+        if host is None:  # Ollama's names: hf.co/org/repo:tag, and a name without a tag is name:latest
+            key = without_hub_prefix(name).lower()
+            host = self._names.get(key) or self._names.get(key.removesuffix(":latest"))
         if host is None:
             served = ", ".join(h.id for h in self.hosts[:8]) + (" ..." if len(self.hosts) > 8 else "")
             raise ApiError(
@@ -54,14 +100,17 @@ class Registry:
         """Unload the models whose file changed on disk, and those idle for longer than --keep-alive."""
         for host in self.hosts:
             host.unload_if_changed() or host.unload_if_idle()
+        for host in list(self._retired):
+            if host.unload_if_idle(force=True) or host.scheduler is None:
+                self._retired.remove(host)
 
     def drain(self) -> None:
         """End every request in flight (streams get an error event, then [DONE]); refuse new ones."""
         self.stopping = True
-        for host in self.hosts:
+        for host in (*self.hosts, *self._retired):
             host.drain()
 
     def close(self) -> None:
         """Free every model: once no request is left (after the HTTP server has stopped)."""
-        for host in self.hosts:
+        for host in (*self.hosts, *self._retired):
             host.close()

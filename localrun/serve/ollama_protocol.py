@@ -1,0 +1,271 @@
+"""Request and response bodies in the shapes Ollama's API (docs/api.md, and its official `ollama`
+client's `_types.py`) uses.
+
+Requests follow the conventions of the OpenAI bodies (protocol.py): unknown top-level fields are
+ignored, known ones take their JSON types strictly, no string may hold a lone UTF-16 surrogate,
+and the ranges of the sampling options come from the one table of bounds. What localrun cannot
+honour is refused by name in the mapping (ollama.py), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from localrun.serve.protocol import _Body, _bound, _Request
+
+# -- requests ----------------------------------------------------------------------------------------
+
+
+class Options(_Body):
+    """The `options` Ollama's runner takes. The fields here are the ones localrun honours; the
+    others Ollama knows stay in `model_extra`, where the mapping ignores the harmless ones (how the
+    model is loaded: threads, mmap...) and refuses the rest by name."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    num_ctx: int | None = Field(None, ge=1)
+    num_predict: int | None = Field(None, ge=-2)  # -1: until the end, -2: until the context is full
+    temperature: float | None = Field(None, **_bound("temperature"))
+    top_k: int | None = Field(None, **_bound("top_k"))
+    top_p: float | None = Field(None, **_bound("top_p"))
+    min_p: float | None = Field(None, **_bound("min_p"))
+    repeat_penalty: float | None = Field(None, **_bound("repeat_penalty"))
+    repeat_last_n: int | None = Field(None, **_bound("repeat_last_n"))
+    presence_penalty: float | None = Field(None, **_bound("presence_penalty"))
+    frequency_penalty: float | None = Field(None, **_bound("frequency_penalty"))
+    seed: int | None = None  # negative: a random seed, as Ollama's -1
+    stop: list[str] | str | None = None
+    grammar: str | None = None  # localrun's own: a GBNF grammar the reply follows (as llama.cpp takes it)
+
+
+class FunctionCall(_Body):
+    name: str = Field(min_length=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCall(_Body):
+    function: FunctionCall
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+
+
+class Function(_Body):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: Function
+
+
+KeepAlive = float | int | str
+
+
+class _Generating(_Request):
+    """What chat and generate share."""
+
+    model: str = Field(min_length=1)
+    stream: bool = True  # Ollama streams unless told not to
+    format: str | dict[str, Any] | None = None  # "json", or a JSON schema
+    options: Options | None = None
+    keep_alive: KeepAlive | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and value not in ("", "json"):
+            raise ValueError('format is "json" or a JSON schema (an object)')
+        return value
+
+
+class ChatRequest(_Generating):
+    messages: list[Message] = Field(default_factory=list)  # none: load (or unload) the model
+    tools: list[Tool] | None = Field(None, max_length=128)
+
+
+class GenerateRequest(_Generating):
+    prompt: str = ""  # empty: load (or unload) the model
+    system: str | None = None
+    raw: bool = False
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    images: list[str] | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+
+
+class ModelRequest(_Request):
+    """/api/show, /api/delete: a model by name (`name` is the older spelling)."""
+
+    model: str = Field("", max_length=1024)
+    name: str = Field("", max_length=1024)
+    verbose: bool = False
+
+    @property
+    def target(self) -> str:
+        return self.model or self.name
+
+
+class PullRequest(ModelRequest):
+    stream: bool = True
+    insecure: bool = False
+
+
+# -- responses ---------------------------------------------------------------------------------------
+class Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Details(Out):
+    parent_model: str = ""
+    format: str = "gguf"
+    family: str
+    families: list[str]
+    parameter_size: str
+    quantization_level: str
+
+
+class ListedModel(Out):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: Details
+
+
+class ListResponse(Out):
+    models: list[ListedModel]
+
+
+class LoadedModel(ListedModel):
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class ProcessResponse(Out):
+    models: list[LoadedModel]
+
+
+class ShowResponse(Out):
+    modelfile: str
+    parameters: str
+    template: str
+    details: Details
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    modified_at: str
+    license: str | None = None
+
+
+class OutCall(Out):
+    function: FunctionCall
+
+
+class OutMessage(Out):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+    thinking: str | None = None
+    tool_calls: list[OutCall] | None = None
+
+
+class TopLogprob(Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class Logprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Timing(Out):
+    """The figures of a finished reply, in nanoseconds (Ollama's units)."""
+
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+    prompt_eval_duration: int
+    eval_count: int
+    eval_duration: int
+
+
+class _Chunk(Out):
+    model: str
+    created_at: str
+    done: bool
+    done_reason: str | None = None
+    logprobs: list[Logprob] | None = None
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class ChatChunk(_Chunk):
+    message: OutMessage
+
+
+class GenerateChunk(_Chunk):
+    response: str = ""
+    thinking: str | None = None
+
+
+class Progress(Out):
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+class Version(Out):
+    version: str
+
+
+# -- durations ---------------------------------------------------------------------------------------
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: KeepAlive) -> float | None:
+    """Ollama's keep_alive in seconds (None: stay loaded until the server stops): a number of
+    seconds, or a Go duration ("5m", "1h30m", "300ms"); negative means forever, 0 unload now.
+    ValueError for anything else."""
+    if isinstance(value, bool):
+        raise ValueError("keep_alive is a number of seconds or a duration such as 5m")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        if re.fullmatch(r"\d+(?:\.\d+)?", body):  # a bare number: seconds
+            seconds = sign * float(body)
+        else:
+            parts = _GO_DURATION.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"keep_alive {value[:40]!r} is not a duration (such as 30s, 5m, 1h30m, 0 or -1)")
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError("keep_alive must be a finite number of seconds")
+    return None if seconds < 0 else seconds
