@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import ollama
 import openai
 import pytest
 
@@ -182,6 +183,65 @@ def test_the_same_text_through_the_server_and_embed_agree(client: openai.OpenAI,
     assert "4 inputs" in stderr and "pooling mean" in stderr
 
 
+def test_one_text_through_openais_ollamas_and_the_older_ollama_route_agree(server, client, direct: Embedder):
+    """The three routes, through their official clients: one vector, normalised as each API says."""
+    alone = direct.embed(TEXTS)
+    served = client.embeddings.create(model=CHAT, input=TEXTS, encoding_format="float")
+    local = ollama.Client(host=server.url)
+    embedded = local.embed(model=CHAT, input=TEXTS)
+    assert embedded.model == CHAT and len(embedded.embeddings) == len(TEXTS)
+    assert embedded.prompt_eval_count == sum(e.n_tokens for e in alone) and embedded.total_duration > 0
+    older = local.embeddings(model=CHAT, prompt=TEXTS[0])
+    for mine, openai_one, ollama_one in zip(alone, served.data, embedded.embeddings):
+        assert abs(np.linalg.norm(ollama_one) - 1) < 1e-5
+        assert cosine(openai_one.embedding, ollama_one) >= AGREE
+        assert cosine(mine.vector, ollama_one) >= AGREE
+    assert cosine(older.embedding, alone[0].vector) >= AGREE
+    assert np.allclose(older.embedding, alone[0].vector, rtol=1e-3, atol=1e-4)  # not normalised: as pooled
+    # one string, and Ollama's truncate (on by default) against refusing
+    single = local.embed(model=CHAT, input=TEXTS[1])
+    assert cosine(single.embeddings[0], embedded.embeddings[1]) >= AGREE
+    long = "the cat " * 60
+    assert len(local.embed(model=CHAT, input=long).embeddings) == 1
+    with pytest.raises(ollama.ResponseError) as refused:
+        local.embed(model=CHAT, input=long, truncate=False)
+    assert refused.value.status_code == 400 and "input" in refused.value.error
+
+
+def test_dimensions_keep_the_first_components_at_unit_length_on_both_apis(server, client):
+    full = client.embeddings.create(model=CHAT, input="the cat sat", encoding_format="float").data[0].embedding
+    cut = client.embeddings.create(model=CHAT, input="the cat sat", dimensions=16, encoding_format="float")
+    vector = np.asarray(cut.data[0].embedding)
+    assert vector.shape == (16,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+    assert cosine(vector, full[:16]) >= AGREE
+    by_ollama = ollama.Client(host=server.url).embed(model=CHAT, input="the cat sat", dimensions=16)
+    assert cosine(by_ollama.embeddings[0], vector) >= AGREE
+    status, reply = post(server, "/api/embed", {"model": CHAT, "input": "hot", "dimensions": 100000})
+    assert status == 400 and "dimensions" in reply["error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": CHAT, "input": 5},
+        {"model": CHAT, "input": ["hot", 3]},
+        {"model": CHAT, "input": "hot", "truncate": "yes"},
+        {"model": CHAT, "input": "\ud800"},
+        {"input": "hot"},
+        {"model": "nope", "input": "hot"},
+    ],
+)
+def test_bad_ollama_embed_bodies_get_ollamas_error_shape(server, body):
+    for path, key in (("/api/embed", "input"), ("/api/embeddings", "prompt")):
+        if key == "prompt" and "truncate" in body:
+            continue  # the older route has no truncate: ignored, as unknown fields are
+        status, reply = post(
+            server, path, {("prompt" if k == "input" and key == "prompt" else k): v for k, v in body.items()}
+        )
+        assert status in (400, 404) and isinstance(reply["error"], str) and reply["error"], (path, reply)
+    assert ollama.Client(host=server.url).embed(model=CHAT, input="hot").embeddings
+
+
 def test_embed_writes_npy_and_keeps_the_length_with_no_normalize(tiny, tmp_path):
     model = str(tiny.quants["Q8_0"])
     target = tmp_path / "v.npy"
@@ -257,7 +317,7 @@ def test_a_too_long_input_is_refused_or_truncated_as_asked(server: ServerProcess
         ({"model": CHAT, "input": [1.5]}, "input"),
         ({"model": CHAT, "input": "\ud800"}, "input"),
         ({"model": CHAT, "input": "hot", "encoding_format": "int8"}, "encoding_format"),
-        ({"model": CHAT, "input": "hot", "dimensions": 8}, "dimensions"),
+        ({"model": CHAT, "input": "hot", "dimensions": 100000}, "dimensions"),
         ({"model": CHAT, "input": [[5, 99999]]}, None),
         ({"input": "hot"}, "model"),
     ],

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from localrun.errors import LocalrunError
 from localrun.inference.embedding import Embedding, Input, InputTooLong, normalized
 from localrun.inference.llama.runtime import DecodeAborted
-from localrun.serve.errors import ApiError, as_api_error, from_localrun, unsupported
+from localrun.serve.errors import ApiError, as_api_error, bad_request, from_localrun
 from localrun.serve.host import ModelHost
 from localrun.serve.loop import QueueFull
 from localrun.serve.protocol import (
@@ -84,10 +84,8 @@ async def openai_embeddings(registry: Registry, req: EmbeddingRequest) -> Embedd
     if inputs and isinstance(inputs[0], int):  # one input given as token ids
         inputs = [req.input]  # type: ignore[list-item]
     found = await embed(registry, host, inputs, req.truncate)
-    width = len(found[0].vector)
-    if req.dimensions is not None and req.dimensions != width:
-        raise unsupported("dimensions", f"{host.id} makes vectors of {width} dimensions, and cutting them is not done")
-    data = [EmbeddingData(index=i, embedding=_encoded(e.vector, req.encoding_format)) for i, e in enumerate(found)]
+    vectors = unit_vectors(host, found, req.dimensions)
+    data = [EmbeddingData(index=i, embedding=_encoded(v, req.encoding_format)) for i, v in enumerate(vectors)]
     tokens = sum(e.n_tokens for e in found)
     return EmbeddingList(data=data, model=host.id, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
 
@@ -109,8 +107,18 @@ async def rerank(registry: Registry, req: RerankRequest) -> RerankResponse:
     return RerankResponse(model=host.id, usage=usage, results=results)
 
 
-def _encoded(vector: np.ndarray, encoding: str) -> list[float] | str:
-    unit = normalized(vector)
+def unit_vectors(host: ModelHost, found: Sequence[Embedding], dimensions: int | None = None) -> list[np.ndarray]:
+    """The vectors at unit length (L2), as OpenAI's and Ollama's APIs give them; with `dimensions`,
+    their first that many components, scaled back to unit length (what both APIs do with it)."""
+    width = len(found[0].vector) if found else 0
+    if dimensions is not None and dimensions > width and found:
+        raise bad_request(
+            f"dimensions: {host.id} makes vectors of {width} dimensions, fewer than {dimensions}", param="dimensions"
+        )
+    return [normalized(e.vector[:dimensions]) for e in found]
+
+
+def _encoded(unit: np.ndarray, encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(unit.astype("<f4").tobytes()).decode("ascii")
     return unit.tolist()

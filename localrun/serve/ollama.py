@@ -1,7 +1,9 @@
 """Ollama's API (docs/api.md in ollama/ollama, as its official clients speak it): `/api/chat` and
 `/api/generate` mapped onto the one chat or completion request the server runs (generating.py),
 answered as NDJSON lines (or one body with `stream: false`); `/api/tags`, `/api/show`, `/api/ps`,
-`/api/version`; and, on a server started with --allow-model-changes, `/api/pull` (localrun's
+`/api/version`; `/api/embed` (unit-length vectors, inputs cut to the context unless `truncate` is
+false, `dimensions` as Ollama cuts them) and the older `/api/embeddings` (one vector as the model
+pools it) on the model's embedding worker (embeddings.py); and, on a server started with --allow-model-changes, `/api/pull` (localrun's
 own pull, its progress as NDJSON lines; the model is served at once) and `/api/delete`.
 
 What the mapping does with each field Ollama defines:
@@ -45,14 +47,18 @@ from localrun.inference.generation import grammar
 from localrun.inference.generation.events import SampledToken, Stats
 from localrun.inference.prompting.replies import ContentText, ReasoningText
 from localrun.model.refs import parse_ref
-from localrun.serve import protocol
+from localrun.serve import embeddings, protocol
 from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
-from localrun.serve.generating import Generation, Log, start
+from localrun.serve.generating import Generation, Log, Served, start
 from localrun.serve.host import ModelHost
 from localrun.serve.ollama_protocol import (
     ChatChunk,
     ChatRequest,
     Details,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbedRequest,
+    EmbedResponse,
     GenerateChunk,
     GenerateRequest,
     ListedModel,
@@ -137,6 +143,40 @@ def router(registry: Registry, authorize: Callable[..., None], log: Log) -> APIR
     async def generate(req: GenerateRequest, request: Request):
         return await _generate(registry, request, req, log)
 
+    @api.post("/api/embed")
+    async def embed(req: EmbedRequest, request: Request) -> EmbedResponse:
+        began = time.perf_counter_ns()
+        host = registry.find(req.model)
+        host.keep_alive = _keep_alive(req, host)
+        inputs = ([req.input] if req.input else []) if isinstance(req.input, str) else req.input
+        if not inputs and host.keep_alive == 0:  # nothing to embed: unload (load, below, otherwise)
+            await run_in_threadpool(host.unload_if_idle, force=True)
+        load_ns = await _ensure_loaded(registry, host) if inputs or host.keep_alive != 0 else 0
+        found = await embeddings.embed(registry, host, inputs, req.truncate) if inputs else []
+        vectors = embeddings.unit_vectors(host, found, req.dimensions)
+        log(Served(f"{request.method} {request.url.path}", host.id, 200))
+        return EmbedResponse(
+            model=host.id,
+            embeddings=[v.tolist() for v in vectors],
+            total_duration=time.perf_counter_ns() - began,
+            load_duration=load_ns,
+            prompt_eval_count=sum(e.n_tokens for e in found),
+        )
+
+    @api.post("/api/embeddings")
+    async def embeddings_legacy(req: EmbeddingsRequest, request: Request) -> EmbeddingsResponse:
+        host = registry.find(req.model)
+        host.keep_alive = _keep_alive(req, host)
+        if not req.prompt:  # nothing to embed: load the model, or with keep_alive 0 unload it
+            if host.keep_alive == 0:
+                await run_in_threadpool(host.unload_if_idle, force=True)
+            else:
+                await _ensure_loaded(registry, host)
+            return EmbeddingsResponse(embedding=[])
+        (found,) = await embeddings.embed(registry, host, [req.prompt], truncate=True)
+        log(Served(f"{request.method} {request.url.path}", host.id, 200))
+        return EmbeddingsResponse(embedding=found.vector.tolist())  # as the model pools it (Ollama's too)
+
     @api.post("/api/pull")
     async def pull(req: PullRequest):
         name = _named(req.target)
@@ -195,7 +235,7 @@ async def _generate(registry: Registry, request: Request, req: ChatRequest | Gen
     return JSONResponse(render.whole(generation).model_dump(exclude_none=True))
 
 
-def _keep_alive(req: ChatRequest | GenerateRequest, host: ModelHost) -> float | None:
+def _keep_alive(req: ChatRequest | GenerateRequest | EmbedRequest | EmbeddingsRequest, host: ModelHost) -> float | None:
     """How long the model stays loaded after this request: as asked, else the server's --keep-alive."""
     if req.keep_alive is None:
         return host.opts.keep_alive

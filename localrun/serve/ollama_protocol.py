@@ -111,6 +111,26 @@ class GenerateRequest(_Generating):
     steps: int | None = None
 
 
+class EmbedRequest(_Request):
+    """/api/embed: one text or several; cut to the context unless `truncate` is false."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(default_factory=list)  # none: load (or unload) the model
+    truncate: bool = True
+    dimensions: int | None = Field(None, ge=1)
+    options: Options | None = None  # nothing in them changes a vector: read for their types only
+    keep_alive: KeepAlive | None = None
+
+
+class EmbeddingsRequest(_Request):
+    """/api/embeddings, the older form: one text, its vector as the model pools it."""
+
+    model: str = Field(min_length=1)
+    prompt: str = ""  # empty: load (or unload) the model
+    options: Options | None = None
+    keep_alive: KeepAlive | None = None
+
+
 class ModelRequest(_Request):
     """/api/show, /api/delete: a model by name (`name` is the older spelling)."""
 
@@ -229,6 +249,18 @@ class ChatChunk(_Chunk):
 class GenerateChunk(_Chunk):
     response: str = ""
     thinking: str | None = None
+
+
+class EmbedResponse(Out):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+
+
+class EmbeddingsResponse(Out):
+    embedding: list[float]
 
 
 class Progress(Out):
