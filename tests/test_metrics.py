@@ -299,3 +299,43 @@ def test_two_apps_in_one_process_keep_their_own_metrics():
     first.request("GET /health", 200)
     assert b'localrun_http_requests_total{method="GET",route="unmatched",status="200"} 1.0' in first.exposition()[0]
     assert b"localrun_http_requests_total{" not in second.exposition()[0]
+
+
+def test_the_other_apis_routes_are_counted_once_each(server: ServerProcess, client: openai.OpenAI):
+    """Ollama's and Anthropic's routes that generate nothing are counted when they answer; those
+    that generate or embed are counted by their log line, once."""
+    before = scrape(server)
+    assert get(server, "/api/tags")[0] == 200
+    assert post(server, "/api/show", {"model": MODEL})[0] == 200
+    status, _ = post(
+        server, "/v1/messages/count_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert status == 200
+    assert post(server, "/api/embed", {"model": MODEL, "input": "hi"})[0] == 200
+    assert (
+        post(
+            server,
+            "/api/chat",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": False,
+                "options": {"num_predict": 2},
+            },
+        )[0]
+        == 200
+    )
+    after = scrape(server)
+    for method, route in (
+        ("GET", "/api/tags"),
+        ("POST", "/api/show"),
+        ("POST", "/v1/messages/count_tokens"),
+        ("POST", "/api/embed"),
+        ("POST", "/api/chat"),
+    ):
+        labels = {"method": method, "route": route, "status": "200"}
+        moved = value(after, "localrun_http_requests_total", **labels) - value(
+            before, "localrun_http_requests_total", **labels
+        )
+        assert moved == 1, route
+    still_serving(client)

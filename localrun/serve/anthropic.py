@@ -74,7 +74,9 @@ from localrun.serve.registry import Registry
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
 
-def router(registry: Registry, authorize: Callable[[Request], None], log: Log) -> APIRouter:
+def router(
+    registry: Registry, authorize: Callable[[Request], None], log: Log, counted: Callable[..., object]
+) -> APIRouter:
     api = APIRouter(dependencies=[Depends(authorize)])
 
     @api.post("/v1/messages", response_model=None)
@@ -104,7 +106,7 @@ def router(registry: Registry, authorize: Callable[[Request], None], log: Log) -
             return Response(status_code=499)
         return anthropic_replies.message(reply, stops, omit)
 
-    @api.post("/v1/messages/count_tokens")
+    @api.post("/v1/messages/count_tokens", dependencies=[Depends(counted)])
     async def count_tokens(req: CountTokensRequest) -> TokenCount:
         chat = chat_request(req)
         host = registry.find(chat.model)

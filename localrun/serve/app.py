@@ -113,7 +113,8 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
         yield
         metrics.request(f"{request.method} {request.url.path}", 200)
 
-    app.include_router(ollama.router(registry, authorize, log))
+    # the routes themselves, not a router wrapped around them: /metrics names each by its template
+    app.router.routes.extend(ollama.router(registry, authorize, log, answered).routes)
 
     @app.get("/health", dependencies=[Depends(answered)])
     def health() -> Health:
@@ -164,7 +165,7 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
         log(Served(f"{request.method} {request.url.path}", reply.model, 200))
         return JSONResponse(reply.model_dump(exclude_none=True))
 
-    app.include_router(anthropic.router(registry, authorize, log))
+    app.router.routes.extend(anthropic.router(registry, authorize, log, answered).routes)
     return app
 
 

@@ -112,25 +112,25 @@ NDJSON = "application/x-ndjson"
 UPDATE_EVERY = 0.1  # seconds between a pull's progress lines while bytes arrive
 
 
-def router(registry: Registry, authorize: Callable[..., None], log: Log) -> APIRouter:
+def router(registry: Registry, authorize: Callable[..., None], log: Log, counted: Callable[..., object]) -> APIRouter:
     """Ollama's routes over the registry's models."""
     api = APIRouter(dependencies=[Depends(authorize)])
 
-    @api.get("/api/version")
+    @api.get("/api/version", dependencies=[Depends(counted)])
     def version() -> Version:
         return Version(version=__version__)
 
-    @api.get("/api/tags")
+    @api.get("/api/tags", dependencies=[Depends(counted)])
     async def tags() -> ListResponse:
         listed = [await _listing(host) for host in registry.hosts]
         return ListResponse(models=[entry[0] for entry in listed if entry is not None])
 
-    @api.get("/api/ps")
+    @api.get("/api/ps", dependencies=[Depends(counted)])
     async def ps() -> ProcessResponse:
         loaded = [(host, await _listing(host)) for host in registry.hosts if host.scheduler is not None]
         return ProcessResponse(models=[_loaded_model(host, *entry) for host, entry in loaded if entry is not None])
 
-    @api.post("/api/show")
+    @api.post("/api/show", dependencies=[Depends(counted)])
     async def show(req: ModelRequest) -> ShowResponse:
         host = registry.find(_named(req.target))
         return _shown(host, await _described(host))
@@ -177,14 +177,14 @@ def router(registry: Registry, authorize: Callable[..., None], log: Log) -> APIR
         log(Served(f"{request.method} {request.url.path}", host.id, 200))
         return EmbeddingsResponse(embedding=found.vector.tolist())  # as the model pools it (Ollama's too)
 
-    @api.post("/api/pull")
+    @api.post("/api/pull", dependencies=[Depends(counted)])
     async def pull(req: PullRequest):
         name = _named(req.target)
         if name.lower().endswith(":latest"):  # Ollama's default tag: here, the quant that fits best
             name = name[: -len(":latest")]
         return await _pull(registry, name, req.stream)
 
-    @api.delete("/api/delete")
+    @api.delete("/api/delete", dependencies=[Depends(counted)])
     async def delete(req: ModelRequest) -> Response:
         changes = _allowed(registry, "delete models")
         host = registry.find(_named(req.target))
