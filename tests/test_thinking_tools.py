@@ -233,3 +233,66 @@ def test_think_and_no_think_pass_the_templates_switch(tiny):
         assert done.returncode == 0, done.stderr
         sizes[flag] = json.loads(done.stdout)["prompt_tokens"]
     assert sizes["--think"] != sizes["--no-think"]
+
+
+def run_json(tiny, *extra: str) -> dict:
+    """`run --json` on the tiny model under a template that opens <think> in the prompt (it never
+    closes it itself, so only a budget ends its reasoning)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "localrun", "run", str(tiny.quants["Q8_0"]), "Sum?", "--json", "--temp", "0"]
+    command += ["--template", str(TEMPLATES / "deepseek-r1.jinja"), "--no-prompt-cache", *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("budget", [0, 5])
+def test_a_reasoning_budget_ends_the_reasoning_after_n_tokens(tiny, budget: int):
+    """--reasoning-budget N: N tokens of reasoning, then the closing marker's tokens (forced: each
+    certain, logprob 0), then the answer; the Stats count the reasoning's tokens, the marker's
+    included."""
+    data = run_json(tiny, "-n", "20", "--logprobs", "0", "--reasoning-budget", str(budget))
+    tokens = [t["token"] for t in data["logprobs"]]
+    n_close = next(i for i in range(1, 12) if "".join(tokens[budget : budget + i]).strip() == "</think>")
+    assert all(t["logprob"] == 0.0 for t in data["logprobs"][budget : budget + n_close])
+    assert (data.get("reasoning") or "").strip() == "".join(tokens[:budget]).strip()
+    assert data["text"].strip() == "".join(tokens[budget + n_close :]).strip() and data["text"].strip()
+    assert data["reasoning_tokens"] == budget + n_close and data["generated_tokens"] == 20
+
+
+def test_without_a_budget_the_reasoning_runs_on_and_is_counted(tiny):
+    data = run_json(tiny, "-n", "12")
+    assert data["text"] == "" and data["reasoning"] and data["reasoning_tokens"] == 12
+
+
+def test_serve_holds_reasoning_to_its_budget_and_counts_the_reasoning_tokens(tiny):
+    """The server's --reasoning-budget, a request's own (llama-server's thinking_budget_tokens,
+    -1: none), and usage.completion_tokens_details.reasoning_tokens, whole and in the stream's
+    usage chunk."""
+    args = ("--parallel", "1", "--reasoning-budget", "3", "--template", TEMPLATES / "deepseek-r1.jinja")
+    with ServerProcess([tiny.quants["Q8_0"]], *args) as server:
+        client = server.client()
+        common = {"model": TINY, "messages": [{"role": "user", "content": "Sum?"}], "max_tokens": 16, "temperature": 0}
+        by_server = client.chat.completions.create(**common)
+        assert by_server.choices[0].message.content  # the answer follows the forced </think>
+        counted = by_server.usage.completion_tokens_details.reasoning_tokens
+        own = client.chat.completions.create(**common, extra_body={"thinking_budget_tokens": 6})
+        assert own.usage.completion_tokens_details.reasoning_tokens == counted + 3
+        unbounded = client.chat.completions.create(**common, extra_body={"thinking_budget_tokens": -1})
+        assert not unbounded.choices[0].message.content
+        assert unbounded.usage.completion_tokens_details.reasoning_tokens == 16
+        chunks = list(client.chat.completions.create(**common, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == counted
+        reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks[:-1])
+        assert reasoning == by_server.choices[0].message.model_extra["reasoning_content"]
+
+
+def test_a_grammar_that_rules_out_the_closing_marker_wins_over_the_budget(tiny, tmp_path: Path):
+    """A forced token is accepted into the grammar first: one the grammar rules out is not forced
+    (accepting it would make llama.cpp's grammar throw, which aborts the process)."""
+    grammar = tmp_path / "think.gbnf"
+    grammar.write_text(gbnf_literal("Two and two make four.\n</think>\n\nFour.") + "\n")
+    data = run_json(tiny, "-n", "60", "--grammar", str(grammar), "--reasoning-budget", "2")
+    assert data["reasoning"].strip() == "Two and two make four." and data["text"].strip() == "Four."

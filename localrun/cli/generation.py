@@ -21,6 +21,7 @@ from localrun.cli.options import (
     ModelArg,
     PromptCacheOpt,
     PromptCacheSizeOpt,
+    ReasoningBudgetOpt,
     SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
@@ -200,6 +201,7 @@ def _generation_command(mode: str, doc: str):
         logprobs: LogprobsOpt = None,
         think: ThinkOpt = None,
         show_thinking: ShowThinkingOpt = False,
+        reasoning_budget: ReasoningBudgetOpt = None,
         verbose: VerboseOpt = False,
     ) -> None:
         from localrun.commands.generate import PromptOptions, generate
@@ -237,7 +239,9 @@ def _generation_command(mode: str, doc: str):
             type_v=type_v,
             flash_attn=flash,
         )
-        prompt_options = PromptOptions(system, raw, chat_format, template, json_schema, grammar, think, show_thinking)
+        prompt_options = PromptOptions(
+            system, raw, chat_format, template, json_schema, grammar, think, show_thinking, reasoning_budget
+        )
         stats = generate(
             mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream, draft=draft, server=server
         )

@@ -16,6 +16,7 @@ from localrun.cli.options import (
     JsonOpt,
     PromptCacheOpt,
     PromptCacheSizeOpt,
+    ReasoningBudgetOpt,
     SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
@@ -99,6 +100,7 @@ def serve(
     draft: DraftOpt = None,
     prompt_cache: PromptCacheOpt = True,
     prompt_cache_size: PromptCacheSizeOpt = "4G",
+    reasoning_budget: ReasoningBudgetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve models with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until Ctrl-C:
@@ -121,6 +123,7 @@ def serve(
         speculate=speculate,  # type: ignore[arg-type]
         prompt_cache=prompt_cache,
         prompt_cache_size=size_option("--prompt-cache-size", prompt_cache_size),
+        reasoning_budget=reasoning_budget,
     )
     settings = ServeSettings(
         host=host,

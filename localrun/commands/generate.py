@@ -31,6 +31,7 @@ class PromptOptions:
     grammar_file: Path | None = None  # the reply follows this GBNF grammar
     think: bool | None = None  # a thinking model thinks (its template's switch); None: as it does by default
     show_thinking: bool = False  # run: the reasoning on stderr (chat always shows it, dimmed)
+    reasoning_budget: int | None = None  # reasoning tokens before its end is forced; None: no limit
 
 
 def open_conversation(
@@ -60,6 +61,9 @@ def open_conversation(
     conv.think = prompt.think
     if prompt.think is not None and (conv.families is None or conv.families.thinking_switch is None):
         out.warn(f"--{'' if prompt.think else 'no-'}think does nothing: this model's template has no thinking switch")
+    conv.reasoning_budget = prompt.reasoning_budget
+    if prompt.reasoning_budget is not None and (conv.families is None or conv.families.reasoning is None):
+        out.warn("--reasoning-budget does nothing: this model's template and vocabulary show no reasoning format")
     return conv
 
 
@@ -143,6 +147,11 @@ def generate(
         from localrun.serve.client import Server
 
         refuse_local_options(cfg, draft, prompt_options.chat_format, prompt_options.template_file)
+        if prompt_options.reasoning_budget is not None:
+            raise UsageError(
+                "--reasoning-budget is for a model loaded here",
+                hint="start the server with `localrun serve --reasoning-budget N`, or drop --server",
+            )
         if settings.logprobs is not None:
             raise UsageError("--logprobs is for a model loaded here", hint="drop --server, or --logprobs")
         remote = RemoteConversation(

@@ -253,6 +253,7 @@ class LocalConversation(Conversation):
         # how the model thinks, when its template or vocabulary says (its reasoning kept apart)
         self.families = detect(template.source, engine.special_tokens()) if template is not None else None
         self.think: bool | None = None  # --think/--no-think, through the template's switch; None: its default
+        self.reasoning_budget: int | None = None  # reasoning tokens before its end is forced; None: no limit
         self.label = engine.info.label
         self.last_prompt: list[int] = []
         self.material = ""  # what the question being answered starts with: piped text
@@ -320,6 +321,10 @@ class LocalConversation(Conversation):
         reasoning = self.families.reasoning if self.families else None
         # rendered once, when the cached prefix or the reasoning's start needs it
         text = self.text(self.messages) if first or reasoning else ""
+        opened = reasoning is not None and reasoning.opens_in_prompt(text)
+        watch = None
+        if reasoning is not None:
+            watch = self.engine.reasoning_watch(reasoning, opened=opened, budget=self.reasoning_budget)
         events = self.engine.generate(
             tokens,
             self.settings.sampling,
@@ -328,10 +333,10 @@ class LocalConversation(Conversation):
             grammar=self.settings.grammar,
             cached_prefix=self.cached_prefix(text, tokens, material) if first else 0,
             top_logprobs=self.settings.logprobs,
+            watch=watch,
         )
         if reasoning is None:
             return events
-        opened = reasoning.opens_in_prompt(text)
         return reasoned(events, ReplyParser(reasoning, None, starts_in_reasoning=opened))
 
     def prompt_size(self) -> int:

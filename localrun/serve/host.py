@@ -68,6 +68,7 @@ class ServeOptions:
     draft: ModelFiles | None = None  # a draft model for speculative decoding (same vocabulary)
     prompt_cache: bool = True  # reusable prefixes' KV states on disk, as `run` keeps them
     prompt_cache_size: int = DEFAULT_LIMIT
+    reasoning_budget: int | None = None  # a thinking model's reasoning tokens before its end is forced
 
     def generation(self) -> EngineConfig:
         """What the slots' generation uses, as run's options say it."""

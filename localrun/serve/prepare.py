@@ -98,6 +98,9 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Prepared:
     # tool definitions, a shared document before it); later turns find theirs in a slot's cache.
     if sum(m["role"] == "user" for m in messages) == 1:
         job.cached_prefix = engine.prefix_length(text, messages[-1]["content"], prompt)
+    if reasoning is not None:  # its tokens counted, and held to the request's budget (else the server's)
+        budget = req.reasoning_budget if req.reasoning_budget is not None else host.opts.reasoning_budget
+        job.watch = engine.reasoning_watch(reasoning, opened=opened, budget=None if budget == -1 else budget)
     if reasoning is None and calling is None:
         return Prepared(job, None, dropped)
     schemas = tool_schemas(tools) if tools else None

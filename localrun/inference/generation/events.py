@@ -53,6 +53,7 @@ class Stats:
     from_disk: int = 0  # of cached_tokens, those loaded from the persistent prompt cache
     drafted: int = 0  # speculative decoding: tokens drafted and verified
     accepted: int = 0  # of those, the ones the model agreed with
+    reasoning_tokens: int = 0  # of generated_tokens, a thinking model's reasoning (its closing marker included)
     kind: str = "stats"
 
     def to_dict(self) -> dict:

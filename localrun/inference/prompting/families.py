@@ -36,6 +36,11 @@ class ReasoningFormat:
     # Plain-text markers such as <think> open the reasoning only before the answer, where a model
     # writing about them cannot mean them; special tokens open it anywhere (between calls, say).
     only_at_start: bool = True
+    close: str | None = None  # what a reasoning budget forces to end the reasoning (else end[0])
+
+    @property
+    def closing(self) -> str:
+        return self.close or self.end[0]
 
     def opens_in_prompt(self, generation_prompt: str) -> bool:
         """Whether a rendered prompt (with the generation prompt) leaves the reasoning open, so
@@ -93,6 +98,7 @@ REASONING_FORMATS: tuple[ReasoningFormat, ...] = (
         token_signs=("<|channel|>",),
         framing=_HARMONY_FRAMING,
         only_at_start=False,
+        close="<|end|><|start|>assistant<|channel|>final<|message|>",
     ),
     ReasoningFormat("mistral", ("[THINK]",), ("[/THINK]",), ("[THINK]",), ("[THINK]",), only_at_start=False),
     ReasoningFormat("think", ("<think>",), ("</think>",), ("<think>",), ("<think>",)),

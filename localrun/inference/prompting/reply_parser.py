@@ -107,6 +107,11 @@ class ReplyParser:
         self._call_lead = ""  # the whitespace before it, given back with a malformed call
         self._call_scanned = 0  # where the search for its end resumes
 
+    @property
+    def reasoning(self) -> bool:
+        """Whether the text so far leaves the model inside its reasoning."""
+        return self._mode is _Mode.REASONING
+
     def feed(self, text: str) -> list[Delta]:
         self._pending += text
         self._advance(final=False)
