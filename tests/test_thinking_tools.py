@@ -296,3 +296,59 @@ def test_a_grammar_that_rules_out_the_closing_marker_wins_over_the_budget(tiny, 
     grammar.write_text(gbnf_literal("Two and two make four.\n</think>\n\nFour.") + "\n")
     data = run_json(tiny, "-n", "60", "--grammar", str(grammar), "--reasoning-budget", "2")
     assert data["reasoning"].strip() == "Two and two make four." and data["text"].strip() == "Four."
+
+
+def chat_keys(tiny, keys: str, template: str, max_tokens: int = 8):
+    """Type `keys` into the real REPL (prompt-toolkit over a pipe) with the tiny model under a
+    thinking template; the conversation it leaves."""
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from localrun.commands.generate import PromptOptions, open_conversation
+    from localrun.commands.repl import Repl
+    from localrun.inference.generation.settings import SamplingOptions, Settings
+    from localrun.output import Output
+    from support.engines import open_engine
+
+    out = Output()
+    engine = open_engine(tiny.quants["Q8_0"], n_ctx=512)
+    settings = Settings(SamplingOptions(temperature=0), max_tokens)
+    options = PromptOptions(template_file=TEMPLATES / template, reasoning_budget=3)
+    conv = open_conversation(engine, out, settings, options)
+    try:
+        with create_pipe_input() as pipe:
+            pipe.send_text(keys)
+            pipe.close()
+            Repl(conv, out).run(input=pipe, output=DummyOutput())
+        conv.sent = b"".join(engine.model.piece(t, special=True) for t in conv.last_prompt).decode("utf-8", "replace")
+    finally:
+        engine.close()
+    return conv
+
+
+def test_chat_shows_hides_and_saves_the_reasoning_apart(tiny, tmp_path: Path, capsys):
+    """/hide thinking collapses a reply's reasoning to the live line, /show thinking prints the
+    last one; the conversation (and /save, and /load) keeps each reply's reasoning apart from
+    its answer."""
+    saved = tmp_path / "chat.json"
+    keys = "\r".join(["/hide thinking", "first", "/show thinking", "/show nothing", f"/save {saved}", "/clear"])
+    conv = chat_keys(tiny, keys + f"\r/load {saved}\r", "deepseek-r1.jinja", max_tokens=20)
+    err = capsys.readouterr().err
+    reply = conv.messages[1]
+    assert reply["role"] == "assistant" and reply["reasoning_content"] and "</think>" not in reply["content"]
+    assert err.count(reply["reasoning_content"]) == 1  # hidden as it came, printed by /show thinking
+    assert "/show takes thinking" in err
+    data = json.loads(saved.read_text())
+    assert data["messages"][1]["reasoning_content"] == reply["reasoning_content"]
+    assert data["messages"][1]["content"] == reply["content"]
+
+
+def test_chat_think_on_and_off_sets_the_templates_switch(tiny, capsys):
+    """/think off sends Qwen3's enable_thinking false (its template then writes an empty
+    reasoning into the prompt); /think on a template with no switch says so."""
+    conv = chat_keys(tiny, "/think off\rhello\r", "qwen3.jinja", max_tokens=1)
+    assert conv.sent.endswith("<think>\n\n</think>\n\n")
+    assert "thinking off from the next question" in capsys.readouterr().err
+    chat_keys(tiny, "/think on\r/think maybe\r", "deepseek-r1.jinja", max_tokens=1)
+    err = capsys.readouterr().err
+    assert "this model's template has no thinking switch" in err and "/think takes on or off" in err

@@ -120,6 +120,11 @@ def show_stats_line(out: Output, stats: Stats, model: str | None = None) -> None
         out.info(line)
 
 
+def show_reasoning(out: Output, text: str) -> None:
+    """A reply's whole reasoning on stderr (chat's /show thinking): dim on a terminal."""
+    out.err.print(safe(text, None, multiline=True), markup=False, highlight=False, style="dim", soft_wrap=True)
+
+
 def terminal_columns() -> int:
     """The terminal's width now ($COLUMNS when set), at least 20."""
     return max(20, shutil.get_terminal_size((80, 24)).columns)

@@ -29,15 +29,23 @@ REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
 
 
 class _Recorder:
-    """Passes events to a sink and keeps the text, to add the reply to the conversation."""
+    """Passes events to a sink and keeps the text (the answer, and apart from it the reasoning), to
+    add the reply to the conversation."""
 
     def __init__(self, inner: EventSink):
         self.inner = inner
         self.parts: list[str] = []
+        self.thoughts: list[str] = []
 
     def piece(self, text: str) -> None:
         self.parts.append(text)
         self.inner.piece(text)
+
+    def reasoning(self, event: Reasoning) -> None:
+        self.thoughts.append(event.text)
+        handler = getattr(self.inner, "reasoning", None)
+        if handler is not None:
+            handler(event)
 
     def progress(self, event: PrefillProgress) -> None:
         self.inner.progress(event)
@@ -62,6 +70,16 @@ class Conversation:
         self.last_stats: Stats | None = None
         if system:
             self.set_system(system)
+
+    def set_think(self, on: bool) -> None:
+        """/think on|off: whether a thinking model thinks, from the next question on."""
+        raise UsageError("/think is for a model loaded here", hint="the server's template decides")
+
+    @property
+    def last_reasoning(self) -> str:
+        """The last reply's reasoning ("" when it had none)."""
+        last = next((m for m in reversed(self.messages) if m["role"] == "assistant"), None)
+        return last.get("reasoning_content", "") if last else ""
 
     def set_system(self, text: str) -> None:
         self.messages = [m for m in self.messages if m["role"] != "system"]
@@ -137,8 +155,11 @@ class Conversation:
         self.last_stats = stats
         if stats.finish_reason == "cancelled":
             self.messages = before
-        else:
-            self.messages.append({"role": "assistant", "content": "".join(recorder.parts)})
+        else:  # the reasoning kept apart: /save writes it, templates that want it back read it
+            answer: Message = {"role": "assistant", "content": "".join(recorder.parts)}
+            if recorder.thoughts:
+                answer["reasoning_content"] = "".join(recorder.thoughts)
+            self.messages.append(answer)
         return stats
 
     def prompt_size(self) -> int:
@@ -162,6 +183,7 @@ class Conversation:
                 isinstance(m, dict)
                 and m.get("role") in ("system", "user", "assistant")
                 and isinstance(m.get("content"), str)
+                and isinstance(m.get("reasoning_content", ""), str)
                 for m in messages
             ):
                 raise ValueError("messages need a role (system/user/assistant) and a content")
@@ -176,7 +198,9 @@ class Conversation:
             raise UsageError(f"{path}: a saved setting is refused: {exc.message}") from None
         before, after = self.settings.describe(), settings.describe()
         changed = [f"{key} {after[key]} (was {before[key]})" for key in after if after[key] != before[key]]
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.messages = [
+            {k: m[k] for k in ("role", "content", "reasoning_content") if m.get(k) is not None} for m in messages
+        ]
         self.settings = settings
         return Loaded(len(self.messages), changed)
 
@@ -262,6 +286,13 @@ class LocalConversation(Conversation):
     @property
     def n_ctx(self) -> int:
         return self.engine.n_ctx
+
+    def set_think(self, on: bool) -> None:
+        if self.families is None or self.families.thinking_switch is None:
+            raise UsageError(
+                "this model's template has no thinking switch", hint="it thinks as its template and training say"
+            )
+        self.think = on
 
     def figures(self) -> dict[str, int]:
         return {"n_ctx": self.engine.n_ctx, "n_vocab": self.engine.model.n_vocab}
