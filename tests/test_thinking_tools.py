@@ -352,3 +352,66 @@ def test_chat_think_on_and_off_sets_the_templates_switch(tiny, capsys):
     chat_keys(tiny, "/think on\r/think maybe\r", "deepseek-r1.jinja", max_tokens=1)
     err = capsys.readouterr().err
     assert "this model's template has no thinking switch" in err and "/think takes on or off" in err
+
+
+def run_cli(*args: str, timeout: float = 120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "localrun", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("family", ["hermes", "llama3"])
+def test_run_tools_prints_each_call_as_json_for_a_script(tiny, tmp_path: Path, family: str):
+    """`run --tools FILE`: a call the family's grammar made (a named one, or any required) as one
+    JSON line on stdout, as tool_calls in --json, as a tool_call event with --json --stream; its
+    arguments follow the tool's schema, and the exit status is 0."""
+    import jsonschema
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"tools": [CITY, TIME]}))
+    base = [str(tiny.quants["Q8_0"]), "Weather?", "-n", "120", "--seed", "7", "--no-prompt-cache"]
+    base += ["--template", str(TEMPLATES / f"{family}.jinja"), "--tools", str(tools)]
+
+    def calls(*extra: str) -> list[dict]:
+        done = run_cli("run", *base, *extra)
+        assert done.returncode == 0, done.stderr
+        if "--stream" in extra:
+            found = [json.loads(line) for line in done.stdout.splitlines()]
+            found = [{k: v for k, v in line.items() if k != "kind"} for line in found if line["kind"] == "tool_call"]
+        elif "--json" in extra:
+            data = json.loads(done.stdout)
+            assert not data["text"].strip()
+            found = data["tool_calls"]
+        else:
+            found = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        assert found and all(call["id"] and set(call) == {"id", "name", "arguments"} for call in found)
+        for call in found:
+            jsonschema.validate(
+                call["arguments"], {"get_weather": CITY, "get_time": TIME}[call["name"]]["function"]["parameters"]
+            )
+        return found
+
+    assert {call["name"] for call in calls("--tool-choice", "get_weather")} == {"get_weather"}
+    calls("--tool-choice", "required", "--json")
+    calls("--tool-choice", "required", "--json", "--stream")
+
+
+def test_run_tools_refuses_what_it_cannot_do_in_one_line(tiny, tmp_path: Path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([CITY]))
+    model = str(tiny.quants["Q8_0"])
+    cases = [
+        (["run", model, "hi", "--tools", str(tools), "--tool-choice", "get_time"], "--tool-choice get_time is not"),
+        (["run", model, "hi", "--tool-choice", "required"], "--tool-choice goes with --tools"),
+        (["run", model, "hi", "--tools", str(tmp_path / "nope.json")], "cannot read"),
+        (["run", model, "hi", "--tools", str(tmp_path)], "cannot read"),
+        (["run", model, "hi", "--tools", str(tools), "--server", "http://127.0.0.1:9"], "--tools is for one answer"),
+    ]
+    (tmp_path / "bad.json").write_text("{not json")
+    cases.append((["run", model, "hi", "--tools", str(tmp_path / "bad.json")], "is not JSON"))
+    (tmp_path / "empty.json").write_text("[]")
+    cases.append((["run", model, "hi", "--tools", str(tmp_path / "empty.json")], "holds no tools"))
+    for args, said in cases:
+        done = run_cli(*args, timeout=60)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)

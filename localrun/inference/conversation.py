@@ -18,12 +18,29 @@ from localrun import paths
 from localrun.errors import NoSpace, UsageError
 from localrun.inference.engine import Engine
 from localrun.inference.generation import grammar as grammars
-from localrun.inference.generation.events import Event, EventSink, Piece, PrefillProgress, Reasoning, Stats, drive
+from localrun.inference.generation.events import (
+    Event,
+    EventSink,
+    Notice,
+    Piece,
+    PrefillProgress,
+    Reasoning,
+    Stats,
+    ToolCalled,
+    drive,
+)
 from localrun.inference.generation.settings import BOUNDS, UNSET, Settings, check_stops, check_structure
 from localrun.inference.prompting.families import detect
-from localrun.inference.prompting.replies import ContentText, ReasoningText
+from localrun.inference.prompting.replies import (
+    ContentText,
+    MalformedCall,
+    ReasoningText,
+    ToolCallArguments,
+    ToolCallStart,
+)
 from localrun.inference.prompting.reply_parser import ReplyParser
 from localrun.inference.prompting.templates import ChatTemplate, Message
+from localrun.inference.prompting.tool_use import ToolUse, described, reply_grammar
 
 REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
 
@@ -278,6 +295,7 @@ class LocalConversation(Conversation):
         self.families = detect(template.source, engine.special_tokens()) if template is not None else None
         self.think: bool | None = None  # --think/--no-think, through the template's switch; None: its default
         self.reasoning_budget: int | None = None  # reasoning tokens before its end is forced; None: no limit
+        self.tool_use: ToolUse | None = None  # run --tools: the tools and how the reply may call them
         self.label = engine.info.label
         self.last_prompt: list[int] = []
         self.material = ""  # what the question being answered starts with: piped text
@@ -301,7 +319,23 @@ class LocalConversation(Conversation):
         """The prompt as the model reads it: the messages through the template (or joined, raw)."""
         if self.template is None:
             return "".join(m["content"] for m in messages)
-        return self.template.render(messages, add_generation_prompt=True, variables=self._switches())
+        return self.template.render(self._with_tools(messages), add_generation_prompt=True, **self._context())
+
+    def _context(self) -> dict[str, Any]:
+        """What the template is given beside the messages: the tools, its thinking switch."""
+        return {"tools": self.tool_use.tools if self.tool_use else None, "variables": self._switches()}
+
+    def _calling(self):
+        """The tool-call format the reply is read with (None: no tools, or tool choice none)."""
+        if self.tool_use is None or self.families is None:
+            return None
+        return self.tool_use.format(self.families)
+
+    def _with_tools(self, messages: list[Message]) -> list[Message]:
+        """The messages, with the tools described in the system prompt when the template cannot."""
+        if self._calling() is None or self.families is None or self.families.template_describes_tools:
+            return messages
+        return described(messages, self.tool_use.tools)  # type: ignore[union-attr] (calling: tool_use set)
 
     def _switches(self) -> dict[str, object]:
         """The template's thinking switch, set as --think/--no-think say (nothing when unset)."""
@@ -312,7 +346,7 @@ class LocalConversation(Conversation):
         """The prompt's tokens. Through a template, special tokens come from its markup only;
         raw, from what the user wrote as the prompt, never from piped material."""
         if self.template is not None:
-            return self.engine.chat_tokens(self.template, messages, variables=self._switches())
+            return self.engine.chat_tokens(self.template, self._with_tools(messages), **self._context())
         parts = [(m["content"], False) for m in messages]
         last = messages[-1]["content"] if messages else ""
         if self.material and last.startswith(self.material):
@@ -356,19 +390,31 @@ class LocalConversation(Conversation):
         watch = None
         if reasoning is not None:
             watch = self.engine.reasoning_watch(reasoning, opened=opened, budget=self.reasoning_budget)
+        calling, settings = self._calling(), self.settings
+        # the reply's grammar: the tool calls', or the answer's after the reasoning (a --grammar
+        # file is the whole reply's, reasoning included: its writer knows the format)
+        constrained = reply_grammar(
+            settings.grammar,
+            calling=calling,
+            use=self.tool_use,
+            thinking=reasoning.end if opened and reasoning else (),
+            whole_reply=settings.grammar is not None and not settings.from_schema,
+        )
         events = self.engine.generate(
             tokens,
-            self.settings.sampling,
-            self.settings.max_tokens,
+            settings.sampling,
+            settings.max_tokens,
             stop,
-            grammar=self.settings.grammar,
+            grammar=constrained[0] if constrained else None,
+            triggers=constrained[1] if constrained else (),
             cached_prefix=self.cached_prefix(text, tokens, material) if first else 0,
-            top_logprobs=self.settings.logprobs,
+            top_logprobs=settings.logprobs,
             watch=watch,
         )
-        if reasoning is None:
+        if reasoning is None and calling is None:
             return events
-        return reasoned(events, ReplyParser(reasoning, None, starts_in_reasoning=opened))
+        schemas = self.tool_use.schemas() if self.tool_use else None
+        return reasoned(events, ReplyParser(reasoning, calling, starts_in_reasoning=opened, schemas=schemas))
 
     def prompt_size(self) -> int:
         return len(self.last_prompt)
@@ -401,7 +447,9 @@ class LocalConversation(Conversation):
 
 def reasoned(events: Iterator[Event], parser: ReplyParser) -> Iterator[Event]:
     """The events with the reply's text taken apart: the reasoning as Reasoning events, the answer
-    as Pieces (each Piece's logprobs go with the first event its text gave, or an empty Piece)."""
+    as Pieces (each Piece's logprobs go with the first event its text gave, or an empty Piece),
+    each tool call as one ToolCalled, and a malformed call's text as answer with a Notice."""
+    names: dict[int, ToolCallStart] = {}
     for event in events:
         if isinstance(event, Piece):
             deltas = parser.feed(event.text)
@@ -417,6 +465,13 @@ def reasoned(events: Iterator[Event], parser: ReplyParser) -> Iterator[Event]:
             elif isinstance(delta, ContentText):
                 yield Piece(delta.text, tokens=tokens)
                 tokens = []
+            elif isinstance(delta, ToolCallStart):
+                names[delta.index] = delta
+            elif isinstance(delta, ToolCallArguments):  # a call's arguments come whole (the parser holds a call)
+                start = names[delta.index]
+                yield ToolCalled(start.id, start.name, delta.fragment)
+            elif isinstance(delta, MalformedCall):
+                yield Notice(f"a tool call the model wrote was given back as text: {delta.reason}")
         if tokens:
             yield Piece("", tokens=tokens)
         if isinstance(event, Stats):

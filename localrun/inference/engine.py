@@ -183,13 +183,14 @@ class Engine:
         stop: list[str],
         *,
         grammar: str | None = None,
+        triggers: tuple[str, ...] = (),
         cached_prefix: int = 0,
         top_logprobs: int | None = None,
         watch: Watch | None = None,
     ) -> Iterator[Event]:
         """Stream Piece events, then one Stats: the scheduler's one sequence, stepped from this
         thread. max_tokens None: until the context is full. `grammar` (GBNF) constrains the
-        reply; the first `cached_prefix` prompt tokens may come from (and go to) the prompt cache;
+        reply (lazily, from a match of one of `triggers`, when given); the first `cached_prefix` prompt tokens may come from (and go to) the prompt cache;
         `top_logprobs` (0 or more alternatives) adds each token's log-probability to the Pieces;
         `watch` follows the text (a thinking model's reasoning, counted and held to its budget).
         A KeyboardInterrupt raised in here, or thrown in by the consumer, ends it as 'cancelled'."""
@@ -201,7 +202,7 @@ class Engine:
             )
         room = self.n_ctx - n_prompt
         limit = room if max_tokens is None or max_tokens < 0 else min(room, max_tokens)
-        sampler = Sampler(self.model, sampling, grammar, n_ctx=self.n_ctx)
+        sampler = Sampler(self.model, sampling, grammar, n_ctx=self.n_ctx, triggers=triggers)
         updates: list[Update] = []
         request = Request(
             prompt_tokens, sampler, limit, room, stop, updates.append, top_logprobs, cached_prefix, watch=watch
