@@ -415,3 +415,24 @@ def test_run_tools_refuses_what_it_cannot_do_in_one_line(tiny, tmp_path: Path):
     for args, said in cases:
         done = run_cli(*args, timeout=60)
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+def test_mistral_calls_get_nine_character_ids_that_its_template_takes_back(tiny):
+    """Mistral's templates refuse a call id that is not 9 letters and digits when the call comes
+    back in the history: its family makes such ids (others keep OpenAI's call_...)."""
+    import re
+
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1", "--template", TEMPLATES / "mistral.jinja") as server:
+        client = server.client()
+        messages = [{"role": "user", "content": "Weather?"}]
+        common = {"model": TINY, "tools": [CITY], "max_tokens": 120, "seed": 7, "parallel_tool_calls": False}
+        first = client.chat.completions.create(messages=messages, tool_choice="required", **common)
+        assistant = first.choices[0].message
+        (call,) = assistant.tool_calls
+        assert re.fullmatch("[A-Za-z0-9]{9}", call.id)
+        messages += [
+            assistant.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear"}'},
+        ]
+        final = client.chat.completions.create(messages=messages, **common | {"max_tokens": 4})
+        assert final.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result were read

@@ -15,7 +15,9 @@ alone, after any reasoning."""
 
 from __future__ import annotations
 
-from collections.abc import Container
+import secrets
+import string
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from jinja2 import TemplateError, meta
@@ -68,6 +70,20 @@ class CallSyntax:
         return lead + "(" + self.trigger.pattern + r")[\s\S]*"
 
 
+def openai_call_id(index: int) -> str:
+    """An id in OpenAI's style for a call the model gave none: call_ and 24 hex digits."""
+    return "call_" + secrets.token_hex(12)
+
+
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def mistral_call_id(index: int) -> str:
+    """Mistral's: 9 letters and digits. Its templates refuse any other id when the call and its
+    result come back in the history."""
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     name: str
@@ -75,6 +91,7 @@ class ToolFormat:
     template_signs: tuple[tuple[str, ...], ...]  # any group whose strings are all in the template
     token_signs: tuple[str, ...]  # any of these among the special tokens
     framing: tuple[str, ...] = ()
+    make_id: Callable[[int], str] = openai_call_id  # the id of a call the model gave none
 
     @property
     def trigger_patterns(self) -> tuple[str, ...]:
@@ -140,6 +157,7 @@ TOOL_FORMATS: tuple[ToolFormat, ...] = (
         calls=(CallSyntax(Literal("[TOOL_CALLS]"), None, call_formats.read_mistral),),
         template_signs=(("[TOOL_CALLS]",),),
         token_signs=("[TOOL_CALLS]",),
+        make_id=mistral_call_id,
     ),
     ToolFormat(
         "llama3",
