@@ -436,3 +436,46 @@ def test_mistral_calls_get_nine_character_ids_that_its_template_takes_back(tiny)
         ]
         final = client.chat.completions.create(messages=messages, **common | {"max_tokens": 4})
         assert final.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result were read
+
+
+ANSWER = {
+    "type": "object",
+    "properties": {"sum": {"type": "integer", "minimum": 0, "maximum": 99}, "sure": {"type": "boolean"}},
+    "required": ["sum", "sure"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_holds_after_a_thinking_models_reasoning(thinking: ServerProcess, stream: bool):
+    """The template leaves the model thinking: the schema's grammar waits for the end of the
+    reasoning (here forced by the budget, the tiny model never ends it) and the answer follows it."""
+    import jsonschema
+
+    client = thinking.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
+    common = {"model": TINY, "messages": [{"role": "user", "content": "Sum?"}], "max_tokens": 80, "seed": 3}
+    common |= {"response_format": fmt, "extra_body": {"thinking_budget_tokens": 4}}
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **common))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reasoning = "".join(
+            (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices
+        )
+    else:
+        message = client.chat.completions.create(**common).choices[0].message
+        content, reasoning = message.content, message.model_extra["reasoning_content"]
+    assert reasoning and "</think>" not in reasoning
+    jsonschema.validate(json.loads(content), ANSWER)
+
+
+def test_run_json_schema_holds_after_a_thinking_models_reasoning(tiny, tmp_path: Path):
+    import jsonschema
+
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps(ANSWER))
+    data = run_json(
+        tiny, "-n", "80", "--temp", "0.8", "--seed", "3", "--json-schema", str(schema), "--reasoning-budget", "4"
+    )
+    assert data["reasoning"] and data["reasoning_tokens"] > 4
+    jsonschema.validate(json.loads(data["text"]), ANSWER)

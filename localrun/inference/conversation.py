@@ -397,7 +397,7 @@ class LocalConversation(Conversation):
             settings.grammar,
             calling=calling,
             use=self.tool_use,
-            thinking=reasoning.end if opened and reasoning else (),
+            thinking=reasoning.closing if opened and reasoning else None,
             whole_reply=settings.grammar is not None and not settings.from_schema,
         )
         events = self.engine.generate(

@@ -87,7 +87,7 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Prepared:
         raise bad_request(f"response_format: {exc.message}", param="response_format") from None
     reasoning = families.reasoning
     opened = reasoning is not None and reasoning.opens_in_prompt(text)
-    thinking = reasoning.end if opened and reasoning else ()
+    thinking = reasoning.closing if opened and reasoning else None
     try:
         constrained = reply_grammar(
             rules, calling=calling, use=use, thinking=thinking, whole_reply=req.grammar is not None

@@ -84,9 +84,13 @@ def for_tools(
     return CallGrammar(rules, (fmt.calls[shape.syntax].trigger_pattern,) if lazy else ())
 
 
-def after_whitespace(gbnf: str) -> str:
-    """`gbnf` with whitespace allowed before what its root holds (an answer after the reasoning)."""
-    return f"root ::= [ \\t\\n]* answer\n{_renamed(gbnf, 'root', 'answer')}"
+def after_reasoning(gbnf: str, closing: str) -> CallGrammar:
+    """`gbnf` (the answer's) as a lazy grammar that starts at the reasoning's `closing` marker:
+    the marker, whitespace, then what its root holds. The marker is in the trigger's group, the text
+    the grammar is given once triggered: llama.cpp skips an empty group and would hand the grammar
+    the whole reply, reasoning included (its grammar then throws, which aborts the process)."""
+    rules = f"root ::= {_literal(closing)} [ \\t\\n]* answer\n{_renamed(gbnf, 'root', 'answer')}"
+    return CallGrammar(rules, (r"[\s\S]*?(" + re.escape(closing) + r")[\s\S]*",))
 
 
 def _literal(text: str) -> str:

@@ -10,7 +10,6 @@ turns into a 400 and the CLI into one line."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,13 +86,13 @@ def reply_grammar(
     *,
     calling: ToolFormat | None,
     use: ToolUse | None,
-    thinking: tuple[str, ...] = (),
+    thinking: str | None = None,
     whole_reply: bool = False,
 ) -> tuple[str, tuple[str, ...]] | None:
     """The reply's grammar and, for a lazy one, its triggers: the caller's `rules` (a grammar or a
     response format), else the tool calls' -- from the first token when a call is required, from
     the family's trigger when the model may call -- and, while the prompt left the model thinking
-    (`thinking`: the markers that end it), from the end of its reasoning. `whole_reply`: the
+    (`thinking`: the marker that closes its reasoning), from the end of its reasoning. `whole_reply`: the
     caller's rules are a raw grammar of the whole reply, reasoning included (its writer knows the
     format, as llama-server takes one)."""
     triggers: tuple[str, ...] = ()
@@ -112,6 +111,6 @@ def reply_grammar(
     if rules is None:
         return None
     if thinking and not triggers and not whole_reply:  # the answer's grammar holds once the reasoning is over
-        rules = call_grammar.after_whitespace(rules)
-        triggers = tuple(r"[\s\S]*?" + re.escape(end) + r"()[\s\S]*" for end in thinking)
+        lazy = call_grammar.after_reasoning(rules, thinking)
+        rules, triggers = lazy.gbnf, lazy.triggers
     return rules, triggers
