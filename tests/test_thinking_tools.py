@@ -479,3 +479,14 @@ def test_run_json_schema_holds_after_a_thinking_models_reasoning(tiny, tmp_path:
     )
     assert data["reasoning"] and data["reasoning_tokens"] > 4
     jsonschema.validate(json.loads(data["text"]), ANSWER)
+
+
+def test_run_with_server_keeps_the_servers_reasoning_apart(thinking: ServerProcess, tmp_path: Path):
+    """`run --server`: the server's reasoning_content is the reasoning here too, never the answer."""
+    grammar = tmp_path / "think.gbnf"
+    grammar.write_text(gbnf_literal("Two and two make four.\n</think>\n\nFour.") + "\n")
+    done = run_cli("run", TINY, "Sum?", "--server", thinking.url, "--grammar", str(grammar), "--json", "-n", "60")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["text"].strip() == "Four." and data["reasoning"].strip() == "Two and two make four."
+    assert data["reasoning_tokens"] > 5
