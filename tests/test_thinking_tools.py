@@ -159,7 +159,7 @@ TIME = {
 }
 
 
-@pytest.mark.parametrize("family", ["hermes", "llama3", "mistral", "plain"])
+@pytest.mark.parametrize("family", ["hermes", "llama3", "mistral", "plain", "qwen3-coder", "gpt-oss"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_required_call_is_written_in_the_family_format_and_follows_the_schema(tiny, family: str, stream: bool):
     """tool_choice required: the grammar makes the model's own (random) tokens a call of the
