@@ -490,3 +490,14 @@ def test_run_with_server_keeps_the_servers_reasoning_apart(thinking: ServerProce
     data = json.loads(done.stdout)
     assert data["text"].strip() == "Four." and data["reasoning"].strip() == "Two and two make four."
     assert data["reasoning_tokens"] > 5
+
+
+def test_forced_tokens_give_the_same_reply_with_and_without_speculation(tiny):
+    """Greedy, speculation is exact: the reply around the forced closing marker is the same whether
+    drafts were verified (none covers a forced token) or not."""
+    common = ("-n", "60", "--reasoning-budget", "5")
+    drafted = run_json(tiny, *common)
+    plain = run_json(tiny, *common, "--speculate", "off")
+    assert drafted["drafted"] > 0 and plain["drafted"] == 0
+    assert (drafted["reasoning"], drafted["text"]) == (plain["reasoning"], plain["text"])
+    assert drafted["reasoning_tokens"] == plain["reasoning_tokens"]
