@@ -30,7 +30,7 @@ from localrun.inference.generation.events import (
     drive,
 )
 from localrun.inference.generation.settings import BOUNDS, UNSET, Settings, check_stops, check_structure
-from localrun.inference.prompting.families import detect
+from localrun.inference.prompting.families import ToolFormat, detect
 from localrun.inference.prompting.replies import (
     ContentText,
     MalformedCall,
@@ -325,7 +325,7 @@ class LocalConversation(Conversation):
         """What the template is given beside the messages: the tools, its thinking switch."""
         return {"tools": self.tool_use.tools if self.tool_use else None, "variables": self._switches()}
 
-    def _calling(self):
+    def _calling(self) -> ToolFormat | None:
         """The tool-call format the reply is read with (None: no tools, or tool choice none)."""
         if self.tool_use is None or self.families is None:
             return None

@@ -169,10 +169,11 @@ class Sequence:
         self.drafted += len(draft)
         for i, row in enumerate(rows):
             token = request.sampler.sample(ctx, row)
+            agrees = i < len(draft) and token == draft[i]
             ended = self._took(token, ctx.logits(row) if want else None, model)
-            # a drafted token the model agrees with is in the cache; not when tokens were forced
-            # after it: they take the place of the rest of the draft
-            agrees = i < len(draft) and token == draft[i] and len(self.pending) == 1
+            # a drafted token the model agrees with is in the cache; but when tokens were forced
+            # after it, they take the place of the rest of the draft, and it is decoded with them
+            agrees = agrees and (ended or len(self.pending) == 1)
             held += agrees
             self.accepted += agrees
             if ended or not agrees:
