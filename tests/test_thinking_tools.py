@@ -446,16 +446,17 @@ ANSWER = {
 }
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_response_format_holds_after_a_thinking_models_reasoning(thinking: ServerProcess, stream: bool):
+@pytest.mark.parametrize("stream,budget", [(False, 4), (True, 4), (False, 0)])
+def test_response_format_holds_after_a_thinking_models_reasoning(thinking: ServerProcess, stream: bool, budget: int):
     """The template leaves the model thinking: the schema's grammar waits for the end of the
-    reasoning (here forced by the budget, the tiny model never ends it) and the answer follows it."""
+    reasoning (here forced by the budget, the tiny model never ends it) and the answer follows it;
+    a budget of 0 closes the reasoning before anything is sampled."""
     import jsonschema
 
     client = thinking.client()
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
     common = {"model": TINY, "messages": [{"role": "user", "content": "Sum?"}], "max_tokens": 80, "seed": 3}
-    common |= {"response_format": fmt, "extra_body": {"thinking_budget_tokens": 4}}
+    common |= {"response_format": fmt, "extra_body": {"thinking_budget_tokens": budget}}
     if stream:
         chunks = list(client.chat.completions.create(stream=True, **common))
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -465,7 +466,7 @@ def test_response_format_holds_after_a_thinking_models_reasoning(thinking: Serve
     else:
         message = client.chat.completions.create(**common).choices[0].message
         content, reasoning = message.content, message.model_extra["reasoning_content"]
-    assert reasoning and "</think>" not in reasoning
+    assert bool(reasoning) == (budget > 0) and "</think>" not in (reasoning or "")
     jsonschema.validate(json.loads(content), ANSWER)
 
 
