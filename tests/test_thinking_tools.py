@@ -502,3 +502,24 @@ def test_forced_tokens_give_the_same_reply_with_and_without_speculation(tiny):
     assert drafted["drafted"] > 0 and plain["drafted"] == 0
     assert (drafted["reasoning"], drafted["text"]) == (plain["reasoning"], plain["text"])
     assert drafted["reasoning_tokens"] == plain["reasoning_tokens"]
+
+
+def test_the_reasoning_watch_counts_and_forces_the_close_each_time_the_reasoning_opens():
+    """The watch the core consults after each token (no model needed): the tokens inside the
+    reasoning are counted (its closing marker too, not an opening the model writes), the close is
+    forced once the budget is spent, and again at once when harmony opens its analysis anew."""
+    from localrun.inference.prompting.families import REASONING_FORMATS
+    from localrun.inference.prompting.reasoning_watch import ReasoningWatch
+
+    harmony = next(f for f in REASONING_FORMATS if f.name == "harmony")
+    watch = ReasoningWatch(harmony, starts_in_reasoning=False, budget=2, closing=[7, 8])
+    assert watch.start() == []
+    opening = "<|channel|>analysis<|message|>"
+    seen = [watch.see(text) for text in (opening, "Hm", "m.")]
+    assert seen == [(False, []), (True, []), (True, [7, 8])]
+    # the forced tokens' texts, then the answer: the close is not forced twice
+    seen = [watch.see(text) for text in ("<|end|>", "<|start|>assistant<|channel|>final<|message|>", "Hi")]
+    assert seen == [(True, []), (False, []), (False, [])]
+    assert watch.see(opening) == (False, [7, 8])  # opened again with the budget spent: closed at once
+    zero = ReasoningWatch(harmony, starts_in_reasoning=True, budget=0, closing=[7])
+    assert zero.start() == [7]
