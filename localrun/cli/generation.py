@@ -21,6 +21,7 @@ from localrun.cli.options import (
     ModelArg,
     PromptCacheOpt,
     PromptCacheSizeOpt,
+    ReasoningBudgetOpt,
     SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
@@ -153,6 +154,24 @@ ThinkOpt = Annotated[
 ShowThinkingOpt = Annotated[
     bool, typer.Option("--show-thinking", help="A thinking model's reasoning on stderr (chat shows it dimmed).")
 ]
+ToolsOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--tools",
+        metavar="FILE",
+        show_default=False,
+        help="OpenAI-style tools (JSON) the model may call; its calls are printed as JSON, one per line.",
+    ),
+]
+ToolChoiceOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--tool-choice",
+        metavar="auto|none|required|NAME",
+        show_default=False,
+        help="With --tools: whether the model may, must not, or must call a tool (NAME: that one).",
+    ),
+]
 PromptArg = Annotated[
     Optional[list[str]],
     typer.Argument(
@@ -200,6 +219,9 @@ def _generation_command(mode: str, doc: str):
         logprobs: LogprobsOpt = None,
         think: ThinkOpt = None,
         show_thinking: ShowThinkingOpt = False,
+        reasoning_budget: ReasoningBudgetOpt = None,
+        tools: ToolsOpt = None,
+        tool_choice: ToolChoiceOpt = None,
         verbose: VerboseOpt = False,
     ) -> None:
         from localrun.commands.generate import PromptOptions, generate
@@ -237,7 +259,19 @@ def _generation_command(mode: str, doc: str):
             type_v=type_v,
             flash_attn=flash,
         )
-        prompt_options = PromptOptions(system, raw, chat_format, template, json_schema, grammar, think, show_thinking)
+        prompt_options = PromptOptions(
+            system,
+            raw,
+            chat_format,
+            template,
+            json_schema,
+            grammar,
+            think,
+            show_thinking,
+            reasoning_budget,
+            tools,
+            tool_choice,
+        )
         stats = generate(
             mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream, draft=draft, server=server
         )

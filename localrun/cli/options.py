@@ -102,6 +102,18 @@ PromptCacheSizeOpt = Annotated[
 ]
 
 
+ReasoningBudgetOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--reasoning-budget",
+        metavar="N",
+        show_default=False,
+        min=0,
+        help="A thinking model's reasoning ends after N tokens (its closing marker is inserted); 0: at once.",
+    ),
+]
+
+
 def check_speculation(speculate: str, draft: str | None) -> None:
     """--speculate and --draft, as run, chat and serve take them."""
     from localrun.errors import UsageError

@@ -16,6 +16,7 @@ from localrun.cli.options import (
     JsonOpt,
     PromptCacheOpt,
     PromptCacheSizeOpt,
+    ReasoningBudgetOpt,
     SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
@@ -116,6 +117,7 @@ def serve(
             help="Tokens per input of /v1/embeddings and /v1/rerank (longer ones refused, or cut with truncate).",
         ),
     ] = 512,
+    reasoning_budget: ReasoningBudgetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve models until Ctrl-C with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models,
@@ -142,6 +144,7 @@ def serve(
         prompt_cache=prompt_cache,
         prompt_cache_size=size_option("--prompt-cache-size", prompt_cache_size),
         embed_ctx=embed_ctx,
+        reasoning_budget=reasoning_budget,
     )
     settings = ServeSettings(
         host=host,

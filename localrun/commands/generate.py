@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from localrun.inference.generation import grammar as grammars
 from localrun.inference.generation.events import Stats
 from localrun.inference.generation.settings import Settings, check_structure
 from localrun.inference.opening import EngineConfig, choose_template
+from localrun.inference.prompting.tool_use import ToolUse, ToolUseError
 from localrun.output import Output, isatty
-from localrun.text import plural
+from localrun.text import plural, safe
 
 
 @dataclass
@@ -31,10 +33,19 @@ class PromptOptions:
     grammar_file: Path | None = None  # the reply follows this GBNF grammar
     think: bool | None = None  # a thinking model thinks (its template's switch); None: as it does by default
     show_thinking: bool = False  # run: the reasoning on stderr (chat always shows it, dimmed)
+    reasoning_budget: int | None = None  # reasoning tokens before its end is forced; None: no limit
+    tools_file: Path | None = None  # run --tools: OpenAI-style tool definitions (JSON)
+    tool_choice: str | None = None  # auto, none, required, or a function's name
 
 
 def open_conversation(
-    engine: Engine, out: Output, settings: Settings, prompt: PromptOptions, *, chatting: bool = False
+    engine: Engine,
+    out: Output,
+    settings: Settings,
+    prompt: PromptOptions,
+    *,
+    chatting: bool = False,
+    tool_use: ToolUse | None = None,
 ) -> LocalConversation:
     """The conversation over a loaded engine, with the template chosen (and announced if guessed:
     in a chat, with what a model without a template is likely to be, in one message)."""
@@ -60,7 +71,44 @@ def open_conversation(
     conv.think = prompt.think
     if prompt.think is not None and (conv.families is None or conv.families.thinking_switch is None):
         out.warn(f"--{'' if prompt.think else 'no-'}think does nothing: this model's template has no thinking switch")
+    conv.reasoning_budget = prompt.reasoning_budget
+    conv.tool_use = tool_use
+    if prompt.reasoning_budget is not None and (conv.families is None or conv.families.reasoning is None):
+        out.warn("--reasoning-budget does nothing: this model's template and vocabulary show no reasoning format")
     return conv
+
+
+def read_tools(prompt: PromptOptions) -> ToolUse | None:
+    """--tools FILE (a JSON list of OpenAI-style tools, or an object holding one as "tools") and
+    --tool-choice, checked as the server checks a request's."""
+    if prompt.tools_file is None:
+        if prompt.tool_choice is not None:
+            raise UsageError("--tool-choice goes with --tools", hint="add --tools FILE")
+        return None
+    if prompt.raw:
+        raise UsageError("--tools needs a chat template", hint="drop --raw")
+    path = prompt.tools_file
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {safe(path)}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise UsageError(f"{safe(path)} is not JSON: {exc}") from None
+    tools = data.get("tools") if isinstance(data, dict) else data
+    if not isinstance(tools, list) or not tools or not all(isinstance(t, dict) for t in tools):
+        raise UsageError(
+            f"{safe(path)} holds no tools", hint='give a JSON list of {"type": "function", "function": {...}}'
+        )
+    choice = prompt.tool_choice or "auto"
+    named = None if choice in ("auto", "none", "required") else choice
+    try:
+        return ToolUse.of(tools, "auto" if named else choice, named)
+    except ToolUseError as exc:
+        if exc.param == "tool_choice":
+            raise UsageError(
+                f"--tool-choice {safe(choice)} is not auto, none, required or a tool in {safe(path)}"
+            ) from None
+        raise UsageError(f"--tools {safe(path)}: {exc.message}") from None
 
 
 def read_stdin(warn: Callable[[str], None]) -> str | None:
@@ -129,6 +177,11 @@ def generate(
     stdin_text = read_stdin(out.warn)
     words = prompt_words(words, out.warn)
     interactive = mode == "chat" and stdin_text is None
+    if prompt_options.tools_file is not None and (interactive or server):
+        raise UsageError(
+            "--tools is for one answer from a model loaded here",
+            hint="use `localrun run MODEL PROMPT --tools FILE` (a server takes tools in its requests)",
+        )
     if interactive and out.json:
         raise UsageError("--json needs a prompt: use `localrun run MODEL PROMPT --json`")
     prompt, material = compose_prompt(words, stdin_text)
@@ -138,11 +191,17 @@ def generate(
             hint += f"; to chat with it: `localrun chat {model}`"
         raise UsageError("nothing to answer: the prompt is empty", hint=hint)
     apply_structure(settings, prompt_options)
+    tool_use = read_tools(prompt_options)
     if server:  # what only --server needs, imported only then (as the REPL and loading are)
         from localrun.commands.remote import RemoteConversation, refuse_local_options
         from localrun.serve.client import Server
 
         refuse_local_options(cfg, draft, prompt_options.chat_format, prompt_options.template_file)
+        if prompt_options.reasoning_budget is not None:
+            raise UsageError(
+                "--reasoning-budget is for a model loaded here",
+                hint="start the server with `localrun serve --reasoning-budget N`, or drop --server",
+            )
         if settings.logprobs is not None:
             raise UsageError("--logprobs is for a model loaded here", hint="drop --server, or --logprobs")
         remote = RemoteConversation(
@@ -153,7 +212,7 @@ def generate(
 
     engine = open_engine(model, cfg, out, draft=draft)
     try:
-        conv = open_conversation(engine, out, settings, prompt_options, chatting=mode == "chat")
+        conv = open_conversation(engine, out, settings, prompt_options, chatting=mode == "chat", tool_use=tool_use)
         return converse(conv, out, interactive, prompt, material, stream, prompt_options.show_thinking)
     finally:
         engine.close()

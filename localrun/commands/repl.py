@@ -25,7 +25,7 @@ from prompt_toolkit.output import create_output
 from prompt_toolkit.shortcuts import create_confirm_session
 
 from localrun import paths
-from localrun.commands.stream import make_renderer, show_stats_line
+from localrun.commands.stream import make_renderer, show_reasoning, show_stats_line
 from localrun.errors import LocalrunError, UsageError
 from localrun.inference.conversation import Conversation
 from localrun.inference.generation.settings import BOUNDS, SETTABLE, UNSET
@@ -52,12 +52,30 @@ Ctrl-C stops a reply; Ctrl-D, /exit or Ctrl-C twice on an empty line exits.
   /save! FILE         the same, replacing the file without asking
   /load FILE          load a saved conversation and its settings
   /model              the model, its context, placement and chat template
+  /think on|off       a thinking model thinks or not (its template's switch)
+  /show thinking      the last reply's reasoning; replies show theirs dimmed
+  /hide thinking      replies show their reasoning as one live line
 """  # paragraphs unwrapped: the terminal wraps them at its width
 
 
 CANCELLED = "reply cancelled; it and its question are left out of the conversation"
 _COMMAND_RE = re.compile(r"^/[a-z]+!?(\s|$)")
-COMMANDS = ("/help", "/exit", "/bye", "/clear", "/system", "/set", "/stats", "/save", "/save!", "/load", "/model")
+COMMANDS = (
+    "/help",
+    "/exit",
+    "/bye",
+    "/clear",
+    "/system",
+    "/set",
+    "/stats",
+    "/save",
+    "/save!",
+    "/load",
+    "/model",
+    "/think",
+    "/show",
+    "/hide",
+)
 BLOCK = '"""'  # opens and closes a block of lines sent as one message
 
 
@@ -68,6 +86,7 @@ class Repl:
         self.conv = conv
         self.out = out
         self.session: Any = None  # the prompt, while run() reads it: /save asks there
+        self.show_thinking = True  # a reply's reasoning streams dimmed; else one live line counts it
 
     def handle(self, line: str) -> bool:
         """Run one slash command; False means exit."""
@@ -115,6 +134,21 @@ class Repl:
         elif cmd == "/model":  # paths and figures: whole lines, the terminal wraps them
             for line in conv.about():
                 out.line(line)
+        elif cmd == "/think":
+            if arg not in ("on", "off"):
+                raise UsageError("/think takes on or off", hint="/think off")
+            conv.set_think(arg == "on")
+            out.info(f"thinking {arg} from the next question")
+        elif cmd in ("/show", "/hide"):
+            if arg != "thinking":
+                raise UsageError(f"{cmd} takes thinking", hint=f"{cmd} thinking")
+            self.show_thinking = cmd == "/show"
+            if cmd == "/hide":
+                out.info("replies show their reasoning as one live line; /show thinking shows it")
+            elif conv.last_reasoning:
+                show_reasoning(out, conv.last_reasoning)
+            else:
+                out.info("the last reply had no reasoning; replies show theirs as they come")
         else:
             raise UsageError(f"unknown command {cmd}", hint="/help lists the commands")
         return True
@@ -157,7 +191,7 @@ class Repl:
 
     def ask(self, text: str) -> None:
         with _no_echo():
-            stats = self.conv.reply(text, make_renderer(self.out, show_thinking=True))
+            stats = self.conv.reply(text, make_renderer(self.out, show_thinking=self.show_thinking))
         if stats.finish_reason == "cancelled":
             self.out.warn(CANCELLED)
 

@@ -9,6 +9,7 @@ for each piece, so a window resized mid-reply (SIGWINCH) is followed at once.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -27,6 +28,7 @@ from localrun.inference.generation.events import (
     SampledToken,
     Speculation,
     Stats,
+    ToolCalled,
 )
 from localrun.output import Output
 from localrun.text import safe
@@ -118,6 +120,17 @@ def show_stats_line(out: Output, stats: Stats, model: str | None = None) -> None
         out.status(f"[dim]{escape(line)}[/]")
     else:
         out.info(line)
+
+
+def call_data(event: ToolCalled) -> dict[str, Any]:
+    """A tool call as `run` writes it for a script: its id, the function's name, the arguments as
+    an object."""
+    return {"id": event.id, "name": event.name, "arguments": json.loads(event.arguments)}
+
+
+def show_reasoning(out: Output, text: str) -> None:
+    """A reply's whole reasoning on stderr (chat's /show thinking): dim on a terminal."""
+    out.err.print(safe(text, None, multiline=True), markup=False, highlight=False, style="dim", soft_wrap=True)
 
 
 def terminal_columns() -> int:
@@ -291,6 +304,17 @@ class LiveRenderer:
             elapsed = time.perf_counter() - self.started
             self._draw(f"… thinking · {self.thinking} tok · {elapsed:.1f} s"[: self.width])
 
+    def tool_call(self, event: ToolCalled) -> None:
+        """A tool call: one JSON line on stdout, on a line of its own (a script reads the calls)."""
+        self._erase()
+        if self.wrap:
+            self._write(self.wrap.flush())
+        if not self.ends_with_newline:
+            self._write("\n")
+        self._write(json.dumps(call_data(event), ensure_ascii=False) + "\n")
+        if self.wrap:
+            self.wrap.col = 0
+
     def speculation(self, event: Speculation) -> None:
         self.spec = f" · spec {acceptance(event.accepted, event.drafted)}" if event.drafted else ""
 
@@ -320,9 +344,13 @@ class JsonRenderer:
         self.parts: list[str] = []
         self.tokens: list[SampledToken] | None = None  # with --logprobs
         self.thoughts: list[str] = []  # a thinking model's reasoning
+        self.calls: list[dict[str, Any]] = []  # run --tools: the calls the model wrote
 
     def piece(self, text: str) -> None:
         self.parts.append(text)
+
+    def tool_call(self, event: ToolCalled) -> None:
+        self.calls.append(call_data(event))
 
     def reasoning(self, event: Reasoning) -> None:
         self.thoughts.append(event.text)
@@ -341,6 +369,8 @@ class JsonRenderer:
         data["text"] = "".join(self.parts)
         if self.thoughts:
             data["reasoning"] = "".join(self.thoughts)
+        if self.calls:
+            data["tool_calls"] = self.calls
         if self.tokens is not None:
             data["logprobs"] = [t.to_dict() for t in self.tokens]
         data.update({k: v for k, v in stats.to_dict().items() if k != "kind"})
@@ -374,6 +404,9 @@ class JsonLinesRenderer:
 
     def reasoning(self, event: Reasoning) -> None:
         self.out.json_line({"kind": "reasoning", "text": event.text})
+
+    def tool_call(self, event: ToolCalled) -> None:
+        self.out.json_line({"kind": "tool_call", **call_data(event)})
 
     def finish(self, stats: Stats) -> None:
         self.out.json_line(stats.to_dict())

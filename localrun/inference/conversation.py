@@ -18,26 +18,51 @@ from localrun import paths
 from localrun.errors import NoSpace, UsageError
 from localrun.inference.engine import Engine
 from localrun.inference.generation import grammar as grammars
-from localrun.inference.generation.events import Event, EventSink, Piece, PrefillProgress, Reasoning, Stats, drive
+from localrun.inference.generation.events import (
+    Event,
+    EventSink,
+    Notice,
+    Piece,
+    PrefillProgress,
+    Reasoning,
+    Stats,
+    ToolCalled,
+    drive,
+)
 from localrun.inference.generation.settings import BOUNDS, UNSET, Settings, check_stops, check_structure
-from localrun.inference.prompting.families import detect
-from localrun.inference.prompting.replies import ContentText, ReasoningText
+from localrun.inference.prompting.families import ToolFormat, detect
+from localrun.inference.prompting.replies import (
+    ContentText,
+    MalformedCall,
+    ReasoningText,
+    ToolCallArguments,
+    ToolCallStart,
+)
 from localrun.inference.prompting.reply_parser import ReplyParser
 from localrun.inference.prompting.templates import ChatTemplate, Message
+from localrun.inference.prompting.tool_use import ToolUse, described, reply_grammar
 
 REPLY_RESERVE = 512  # tokens kept free for a reply when trimming old turns
 
 
 class _Recorder:
-    """Passes events to a sink and keeps the text, to add the reply to the conversation."""
+    """Passes events to a sink and keeps the text (the answer, and apart from it the reasoning), to
+    add the reply to the conversation."""
 
     def __init__(self, inner: EventSink):
         self.inner = inner
         self.parts: list[str] = []
+        self.thoughts: list[str] = []
 
     def piece(self, text: str) -> None:
         self.parts.append(text)
         self.inner.piece(text)
+
+    def reasoning(self, event: Reasoning) -> None:
+        self.thoughts.append(event.text)
+        handler = getattr(self.inner, "reasoning", None)
+        if handler is not None:
+            handler(event)
 
     def progress(self, event: PrefillProgress) -> None:
         self.inner.progress(event)
@@ -62,6 +87,16 @@ class Conversation:
         self.last_stats: Stats | None = None
         if system:
             self.set_system(system)
+
+    def set_think(self, on: bool) -> None:
+        """/think on|off: whether a thinking model thinks, from the next question on."""
+        raise UsageError("/think is for a model loaded here", hint="the server's template decides")
+
+    @property
+    def last_reasoning(self) -> str:
+        """The last reply's reasoning ("" when it had none)."""
+        last = next((m for m in reversed(self.messages) if m["role"] == "assistant"), None)
+        return last.get("reasoning_content", "") if last else ""
 
     def set_system(self, text: str) -> None:
         self.messages = [m for m in self.messages if m["role"] != "system"]
@@ -137,8 +172,11 @@ class Conversation:
         self.last_stats = stats
         if stats.finish_reason == "cancelled":
             self.messages = before
-        else:
-            self.messages.append({"role": "assistant", "content": "".join(recorder.parts)})
+        else:  # the reasoning kept apart: /save writes it, templates that want it back read it
+            answer: Message = {"role": "assistant", "content": "".join(recorder.parts)}
+            if recorder.thoughts:
+                answer["reasoning_content"] = "".join(recorder.thoughts)
+            self.messages.append(answer)
         return stats
 
     def prompt_size(self) -> int:
@@ -162,6 +200,7 @@ class Conversation:
                 isinstance(m, dict)
                 and m.get("role") in ("system", "user", "assistant")
                 and isinstance(m.get("content"), str)
+                and isinstance(m.get("reasoning_content", ""), str)
                 for m in messages
             ):
                 raise ValueError("messages need a role (system/user/assistant) and a content")
@@ -176,7 +215,9 @@ class Conversation:
             raise UsageError(f"{path}: a saved setting is refused: {exc.message}") from None
         before, after = self.settings.describe(), settings.describe()
         changed = [f"{key} {after[key]} (was {before[key]})" for key in after if after[key] != before[key]]
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.messages = [
+            {k: m[k] for k in ("role", "content", "reasoning_content") if m.get(k) is not None} for m in messages
+        ]
         self.settings = settings
         return Loaded(len(self.messages), changed)
 
@@ -253,6 +294,8 @@ class LocalConversation(Conversation):
         # how the model thinks, when its template or vocabulary says (its reasoning kept apart)
         self.families = detect(template.source, engine.special_tokens()) if template is not None else None
         self.think: bool | None = None  # --think/--no-think, through the template's switch; None: its default
+        self.reasoning_budget: int | None = None  # reasoning tokens before its end is forced; None: no limit
+        self.tool_use: ToolUse | None = None  # run --tools: the tools and how the reply may call them
         self.label = engine.info.label
         self.last_prompt: list[int] = []
         self.material = ""  # what the question being answered starts with: piped text
@@ -262,6 +305,13 @@ class LocalConversation(Conversation):
     def n_ctx(self) -> int:
         return self.engine.n_ctx
 
+    def set_think(self, on: bool) -> None:
+        if self.families is None or self.families.thinking_switch is None:
+            raise UsageError(
+                "this model's template has no thinking switch", hint="it thinks as its template and training say"
+            )
+        self.think = on
+
     def figures(self) -> dict[str, int]:
         return {"n_ctx": self.engine.n_ctx, "n_vocab": self.engine.model.n_vocab}
 
@@ -269,7 +319,23 @@ class LocalConversation(Conversation):
         """The prompt as the model reads it: the messages through the template (or joined, raw)."""
         if self.template is None:
             return "".join(m["content"] for m in messages)
-        return self.template.render(messages, add_generation_prompt=True, variables=self._switches())
+        return self.template.render(self._with_tools(messages), add_generation_prompt=True, **self._context())
+
+    def _context(self) -> dict[str, Any]:
+        """What the template is given beside the messages: the tools, its thinking switch."""
+        return {"tools": self.tool_use.tools if self.tool_use else None, "variables": self._switches()}
+
+    def _calling(self) -> ToolFormat | None:
+        """The tool-call format the reply is read with (None: no tools, or tool choice none)."""
+        if self.tool_use is None or self.families is None:
+            return None
+        return self.tool_use.format(self.families)
+
+    def _with_tools(self, messages: list[Message]) -> list[Message]:
+        """The messages, with the tools described in the system prompt when the template cannot."""
+        if self._calling() is None or self.families is None or self.families.template_describes_tools:
+            return messages
+        return described(messages, self.tool_use.tools)  # type: ignore[union-attr] (calling: tool_use set)
 
     def _switches(self) -> dict[str, object]:
         """The template's thinking switch, set as --think/--no-think say (nothing when unset)."""
@@ -280,7 +346,7 @@ class LocalConversation(Conversation):
         """The prompt's tokens. Through a template, special tokens come from its markup only;
         raw, from what the user wrote as the prompt, never from piped material."""
         if self.template is not None:
-            return self.engine.chat_tokens(self.template, messages, variables=self._switches())
+            return self.engine.chat_tokens(self.template, self._with_tools(messages), **self._context())
         parts = [(m["content"], False) for m in messages]
         last = messages[-1]["content"] if messages else ""
         if self.material and last.startswith(self.material):
@@ -320,19 +386,35 @@ class LocalConversation(Conversation):
         reasoning = self.families.reasoning if self.families else None
         # rendered once, when the cached prefix or the reasoning's start needs it
         text = self.text(self.messages) if first or reasoning else ""
+        opened = reasoning is not None and reasoning.opens_in_prompt(text)
+        watch = None
+        if reasoning is not None:
+            watch = self.engine.reasoning_watch(reasoning, opened=opened, budget=self.reasoning_budget)
+        calling, settings = self._calling(), self.settings
+        # the reply's grammar: the tool calls', or the answer's after the reasoning (a --grammar
+        # file is the whole reply's, reasoning included: its writer knows the format)
+        constrained = reply_grammar(
+            settings.grammar,
+            calling=calling,
+            use=self.tool_use,
+            thinking=reasoning.closing if opened and reasoning else None,
+            whole_reply=settings.grammar is not None and not settings.from_schema,
+        )
         events = self.engine.generate(
             tokens,
-            self.settings.sampling,
-            self.settings.max_tokens,
+            settings.sampling,
+            settings.max_tokens,
             stop,
-            grammar=self.settings.grammar,
+            grammar=constrained[0] if constrained else None,
+            triggers=constrained[1] if constrained else (),
             cached_prefix=self.cached_prefix(text, tokens, material) if first else 0,
-            top_logprobs=self.settings.logprobs,
+            top_logprobs=settings.logprobs,
+            watch=watch,
         )
-        if reasoning is None:
+        if reasoning is None and calling is None:
             return events
-        opened = reasoning.opens_in_prompt(text)
-        return reasoned(events, ReplyParser(reasoning, None, starts_in_reasoning=opened))
+        schemas = self.tool_use.schemas() if self.tool_use else None
+        return reasoned(events, ReplyParser(reasoning, calling, starts_in_reasoning=opened, schemas=schemas))
 
     def prompt_size(self) -> int:
         return len(self.last_prompt)
@@ -365,7 +447,9 @@ class LocalConversation(Conversation):
 
 def reasoned(events: Iterator[Event], parser: ReplyParser) -> Iterator[Event]:
     """The events with the reply's text taken apart: the reasoning as Reasoning events, the answer
-    as Pieces (each Piece's logprobs go with the first event its text gave, or an empty Piece)."""
+    as Pieces (each Piece's logprobs go with the first event its text gave, or an empty Piece),
+    each tool call as one ToolCalled, and a malformed call's text as answer with a Notice."""
+    names: dict[int, ToolCallStart] = {}
     for event in events:
         if isinstance(event, Piece):
             deltas = parser.feed(event.text)
@@ -381,6 +465,13 @@ def reasoned(events: Iterator[Event], parser: ReplyParser) -> Iterator[Event]:
             elif isinstance(delta, ContentText):
                 yield Piece(delta.text, tokens=tokens)
                 tokens = []
+            elif isinstance(delta, ToolCallStart):
+                names[delta.index] = delta
+            elif isinstance(delta, ToolCallArguments):  # a call's arguments come whole (the parser holds a call)
+                start = names[delta.index]
+                yield ToolCalled(start.id, start.name, delta.fragment)
+            elif isinstance(delta, MalformedCall):
+                yield Notice(f"a tool call the model wrote was given back as text: {delta.reason}")
         if tokens:
             yield Piece("", tokens=tokens)
         if isinstance(event, Stats):

@@ -21,11 +21,13 @@ from localrun.inference.generation.events import PROGRESS_EVERY, Event, PrefillP
 from localrun.inference.generation.prompt_cache import PromptCache
 from localrun.inference.generation.sampler import Sampler
 from localrun.inference.generation.scheduler import Scheduler
-from localrun.inference.generation.sequence import Failed, Request, Sequence, Update
+from localrun.inference.generation.sequence import Failed, Request, Sequence, Update, Watch
 from localrun.inference.generation.settings import SamplingOptions
 from localrun.inference.generation.speculative import Speculator
 from localrun.inference.llama.runtime import DecodeAborted, LlamaModel, Loaded, common_prefix
 from localrun.inference.llama.vocabulary import Part, holds_special, tokenize_parts
+from localrun.inference.prompting.families import ReasoningFormat
+from localrun.inference.prompting.reasoning_watch import ReasoningWatch
 from localrun.inference.prompting.templates import ChatTemplate, Message
 from localrun.model.files import ModelFiles
 
@@ -104,6 +106,12 @@ class Engine:
             return self.tokenize(template.render(messages, **context))
         return self._with_bos(tokenize_parts(self.model, template.render_parts(messages, **context)), True)
 
+    def reasoning_watch(self, fmt: ReasoningFormat, *, opened: bool, budget: int | None) -> ReasoningWatch:
+        """What follows a reply's reasoning in the core: counts its tokens, and forces the format's
+        closing marker (its tokens in this vocabulary) after `budget` of them."""
+        closing = self.model.tokenize(fmt.closing, add_special=False, parse_special=True)
+        return ReasoningWatch(fmt, starts_in_reasoning=opened, budget=budget, closing=closing)
+
     def special_tokens(self) -> SpecialTokens:
         """The vocabulary's control tokens, for a text to be looked up in."""
         return SpecialTokens(self.model)
@@ -175,13 +183,16 @@ class Engine:
         stop: list[str],
         *,
         grammar: str | None = None,
+        triggers: tuple[str, ...] = (),
         cached_prefix: int = 0,
         top_logprobs: int | None = None,
+        watch: Watch | None = None,
     ) -> Iterator[Event]:
         """Stream Piece events, then one Stats: the scheduler's one sequence, stepped from this
         thread. max_tokens None: until the context is full. `grammar` (GBNF) constrains the
-        reply; the first `cached_prefix` prompt tokens may come from (and go to) the prompt cache;
-        `top_logprobs` (0 or more alternatives) adds each token's log-probability to the Pieces.
+        reply (lazily, from a match of one of `triggers`, when given); the first `cached_prefix` prompt tokens may come from (and go to) the prompt cache;
+        `top_logprobs` (0 or more alternatives) adds each token's log-probability to the Pieces;
+        `watch` follows the text (a thinking model's reasoning, counted and held to its budget).
         A KeyboardInterrupt raised in here, or thrown in by the consumer, ends it as 'cancelled'."""
         n_prompt = len(prompt_tokens)
         if n_prompt >= self.n_ctx:
@@ -191,9 +202,11 @@ class Engine:
             )
         room = self.n_ctx - n_prompt
         limit = room if max_tokens is None or max_tokens < 0 else min(room, max_tokens)
-        sampler = Sampler(self.model, sampling, grammar, n_ctx=self.n_ctx)
+        sampler = Sampler(self.model, sampling, grammar, n_ctx=self.n_ctx, triggers=triggers)
         updates: list[Update] = []
-        request = Request(prompt_tokens, sampler, limit, room, stop, updates.append, top_logprobs, cached_prefix)
+        request = Request(
+            prompt_tokens, sampler, limit, room, stop, updates.append, top_logprobs, cached_prefix, watch=watch
+        )
         core, seq = self.scheduler, self.scheduler.sequences[0]
         self.ctx.clear_abort()
         try:

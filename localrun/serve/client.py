@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from localrun.errors import AccessDenied, LocalrunError, NetworkError, NoSpace, NotFound, UsageError
-from localrun.inference.generation.events import Piece, Stats, Trimmed
+from localrun.inference.generation.events import Piece, Reasoning, Stats, Trimmed
 from localrun.inference.generation.settings import SamplingOptions
 from localrun.inference.prompting.templates import Message
 from localrun.text import safe
@@ -127,10 +127,10 @@ def generate(
     stop: list[str] | None = None,
     grammar: str | None = None,
     timeout: float | None = None,
-) -> Iterator[Piece | Stats]:
+) -> Iterator[Piece | Reasoning | Trimmed | Stats]:
     """Stream a reply from a server: `messages` through its chat template, or `prompt` as raw text
-    (no template); `grammar` (GBNF) constrains it. Yields Piece events, then one Stats;
-    LocalrunError for what the server refused."""
+    (no template); `grammar` (GBNF) constrains it. Yields Piece events (and a thinking model's
+    reasoning as Reasoning), then one Stats; LocalrunError for what the server refused."""
     if (messages is None) == (prompt is None):
         raise ValueError("give messages or a prompt")
     server = Server(server) if isinstance(server, str) else server
@@ -163,16 +163,22 @@ def generate(
     first: float | None = None
     pieces = 0
     timings: dict[str, Any] | None = None
+    reasoned = 0
     cancelled = False
     try:
         for chunk in _chunks(server, response):
             for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") if messages is not None else choice.get("text")
+                delta = choice.get("delta") or {}
+                if delta.get("reasoning_content"):  # a thinking model's, apart from the answer
+                    yield Reasoning(str(delta["reasoning_content"]))
+                text = delta.get("content") if messages is not None else choice.get("text")
                 if text:
                     first = first or time.perf_counter()
                     pieces += 1
                     yield Piece(text)
             timings = chunk.get("timings") or timings
+            details = (chunk.get("usage") or {}).get("completion_tokens_details") or {}
+            reasoned = int(details.get("reasoning_tokens") or 0) or reasoned
     except KeyboardInterrupt:
         cancelled = True
     finally:
@@ -191,6 +197,7 @@ def generate(
         finish_reason="cancelled" if cancelled else t.get("finish", "eog"),
         cached_tokens=int(t.get("cached_n", 0)),
         context_full=bool(t.get("context_full", False)),
+        reasoning_tokens=reasoned,
     )
 
 

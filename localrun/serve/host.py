@@ -71,6 +71,7 @@ class ServeOptions:
     prompt_cache: bool = True  # reusable prefixes' KV states on disk, as `run` keeps them
     prompt_cache_size: int = DEFAULT_LIMIT
     embed_ctx: int = DEFAULT_TOKENS  # tokens per embedding input (and per embedding decode)
+    reasoning_budget: int | None = None  # a thinking model's reasoning tokens before its end is forced
 
     def generation(self) -> EngineConfig:
         """What the slots' generation uses, as run's options say it."""

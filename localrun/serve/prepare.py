@@ -8,8 +8,6 @@ template render or a grammar can take a while); only the model's vocabulary is r
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,10 +18,10 @@ from localrun.inference.generation import grammar
 from localrun.inference.generation.sampler import Sampler
 from localrun.inference.generation.sequence import Request, Update
 from localrun.inference.generation.settings import OutOfBounds, SamplingOptions, check_stops
-from localrun.inference.prompting import call_grammar
 from localrun.inference.prompting.families import Detected, ToolFormat
 from localrun.inference.prompting.reply_parser import ReplyParser
-from localrun.inference.prompting.tool_messages import template_messages, template_tools, tool_schemas
+from localrun.inference.prompting.tool_messages import template_messages
+from localrun.inference.prompting.tool_use import ToolUse, ToolUseError, described, reply_grammar
 from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
 from localrun.serve.host import ModelHost
 from localrun.serve.protocol import (
@@ -54,7 +52,7 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Prepared:
     _refuse_common(req)
     assert host.engine is not None and host.template is not None and host.replies is not None
     engine, template, families = host.engine, host.template, host.replies
-    messages, tools, calling, context = _conversation(req, families)
+    messages, use, calling, context = _conversation(req, families)
     wanted = req.max_completion_tokens or req.max_tokens
     try:  # a conversation longer than a slot's context loses its oldest turns, as a chat does
         prompt, dropped = fit_turns(
@@ -78,7 +76,13 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Prepared:
         raise bad_request(f"response_format: {exc.message}", param="response_format") from None
     reasoning = families.reasoning
     opened = reasoning is not None and reasoning.opens_in_prompt(text)
-    constrained = _constrained(req, rules, calling, tools, reasoning.end if opened and reasoning else ())
+    thinking = reasoning.closing if opened and reasoning else None
+    try:
+        constrained = reply_grammar(
+            rules, calling=calling, use=use, thinking=thinking, whole_reply=req.grammar is not None
+        )
+    except ToolUseError as exc:
+        raise bad_request(exc.message, param=exc.param) from None
     top = (req.top_logprobs or 0) if req.logprobs else None
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -88,9 +92,12 @@ def chat(host: ModelHost, req: ChatRequest, sink: Sink) -> Prepared:
     # tool definitions, a shared document before it); later turns find theirs in a slot's cache.
     if sum(m["role"] == "user" for m in messages) == 1:
         job.cached_prefix = engine.prefix_length(text, messages[-1]["content"], prompt)
+    if reasoning is not None:  # its tokens counted, and held to the request's budget (else the server's)
+        budget = req.reasoning_budget if req.reasoning_budget is not None else host.opts.reasoning_budget
+        job.watch = engine.reasoning_watch(reasoning, opened=opened, budget=None if budget == -1 else budget)
     if reasoning is None and calling is None:
         return Prepared(job, None, dropped)
-    schemas = tool_schemas(tools) if tools else None
+    schemas = use.schemas() if use is not None else None
     parser = ReplyParser(reasoning, calling, starts_in_reasoning=opened, schemas=schemas)
     return Prepared(job, parser, dropped)
 
@@ -108,74 +115,38 @@ def prompt_tokens(host: ModelHost, req: ChatRequest) -> int:
 
 def _conversation(
     req: ChatRequest, families: Detected
-) -> tuple[list[dict[str, Any]], list | None, ToolFormat | None, dict[str, Any]]:
-    """The messages as the template takes them, the tools, the format calls are read in, and the
-    template's other variables."""
+) -> tuple[list[dict[str, Any]], ToolUse | None, ToolFormat | None, dict[str, Any]]:
+    """The messages as the template takes them, the request's tools, the format calls are read in
+    (None: no calls), and the template's variables."""
     if req.functions or req.function_call not in (None, "none"):
         raise unsupported("functions", "send the functions as `tools` (OpenAI's current form)")
     try:
         messages = template_messages([_message(m, i) for i, m in enumerate(req.messages)])
-        tools = template_tools([t.model_dump(exclude_none=True) for t in req.tools]) if req.tools else None
     except LocalrunError as exc:
         raise bad_request(exc.message, param="messages") from None
-    calling = _calling(req, tools, families)
-    if tools and not families.template_describes_tools:  # the template cannot: a system message does
+    use = _tool_use(req)
+    calling = use.format(families) if use is not None else None
+    tools = use.tools if use is not None else None
+    if tools and calling is not None and not families.template_describes_tools:  # a system message does
         messages = described(messages, tools)
-    return messages, tools, calling, {"tools": tools, "variables": _switches(req, families)}
+    return messages, use, calling, {"tools": tools, "variables": _switches(req, families)}
 
 
-def described(messages: list[dict[str, Any]], tools: list) -> list[dict[str, Any]]:
-    """The conversation with the tools and the generic call format described in its system prompt,
-    for a template that does not render tools itself."""
-    text = (
-        "You can call these tools. To call one or more, reply with only a JSON object: "
-        '{"tool_calls": [{"name": NAME, "arguments": {...}}]}\n'
-        + "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-    )
-    if messages and messages[0]["role"] == "system":
-        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
-
-
-def _constrained(
-    req: ChatRequest, rules: str | None, calling: ToolFormat | None, tools: list | None, thinking: tuple[str, ...]
-) -> tuple[str, tuple[str, ...]] | None:
-    """The reply's grammar and, for a lazy one, its triggers: the caller's (grammar or
-    response_format), else the tool calls' -- from the first token when a call is required,
-    from the family's trigger when the model may call -- and, while the prompt left the model
-    thinking (`thinking`: the markers that end it), from the end of its reasoning."""
-    forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
-    triggers: tuple[str, ...] = ()
-    if calling is not None and tools and (forced or rules is None):
-        if rules is not None:
-            raise bad_request("a required tool call and a grammar or response_format: give one", param="tool_choice")
-        only = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
-        try:
-            made = call_grammar.for_tools(
-                calling, tools, only=only, lazy=not forced, parallel=req.parallel_tool_calls is not False
-            )
-        except LocalrunError as exc:  # a parameter schema the grammar cannot enforce
-            raise bad_request(f"tools: {exc.message}", param="tools") from None
-        if made is not None:
-            rules, triggers = made.gbnf, made.triggers
-    if rules is None:
+def _tool_use(req: ChatRequest) -> ToolUse | None:
+    """The request's tools and tool_choice, shaped once (inference.prompting.tool_use)."""
+    if not req.tools:
         return None
-    if thinking and not triggers and req.grammar is None:  # the answer's grammar holds once the reasoning is over
-        # (a raw GBNF `grammar` is the whole reply's, as llama-server takes it: its writer knows the format)
-        rules = call_grammar.after_whitespace(rules)
-        triggers = tuple(r"[\s\S]*?" + re.escape(end) + r"()[\s\S]*" for end in thinking)
-    return rules, triggers
-
-
-def _calling(req: ChatRequest, tools: list | None, families: Detected) -> ToolFormat | None:
-    """The tool-call format the reply is read with: None without tools, or with tool_choice none."""
-    if not tools or req.tool_choice == "none":
-        return None
-    if isinstance(req.tool_choice, NamedToolChoice):
-        named = req.tool_choice.function.name
-        if named not in {t["function"]["name"] for t in tools}:
-            raise bad_request(f"tool_choice names {named!r}, which is not among the tools", param="tool_choice")
-    return families.tools
+    choice = req.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    try:
+        return ToolUse.of(
+            [t.model_dump(exclude_none=True) for t in req.tools],
+            choice if isinstance(choice, str) else "auto",
+            named,
+            parallel=req.parallel_tool_calls is not False,
+        )
+    except ToolUseError as exc:
+        raise bad_request(exc.message, param=exc.param) from None
 
 
 def _switches(req: ChatRequest, families: Detected) -> dict[str, object]:

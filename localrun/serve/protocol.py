@@ -184,8 +184,9 @@ class ChatRequest(GenerationRequest):
     function_call: Any = None
     reasoning_effort: Literal["minimal", "low", "medium", "high", "none"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # llama-server's: the template's own switches
-    # the most tokens the model may reason for before it answers (Anthropic's thinking.budget_tokens)
-    reasoning_budget: int | None = Field(None, **_bound("max_tokens"))
+    # llama-server's name: a thinking model's reasoning tokens before its end is forced (-1: no limit;
+    # unset: the server's --reasoning-budget). Other APIs' budgets (Anthropic's) land here too.
+    reasoning_budget: int | None = Field(None, ge=-1, alias="thinking_budget_tokens")
 
 
 class CompletionRequest(GenerationRequest):
@@ -290,11 +291,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class Timings(BaseModel):

@@ -32,6 +32,7 @@ from localrun.serve.protocol import (
     ChunkChoice,
     Completion,
     CompletionChoice,
+    CompletionTokensDetails,
     FinishReason,
     FunctionCall,
     LegacyLogprobs,
@@ -176,12 +177,15 @@ def _delta(delta: Delta) -> ChatDelta | None:
     return None
 
 
-def usage(stats: Stats) -> Usage:
+def usage(stats: Stats, chat: bool = False) -> Usage:
+    """The reply's token counts; a chat's say how many of its tokens were reasoning (counted in the
+    core as they were generated)."""
     return Usage(
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.generated_tokens,
         total_tokens=stats.prompt_tokens + stats.generated_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=stats.reasoning_tokens) if chat else None,
     )
 
 
@@ -264,7 +268,7 @@ def body(reply: Reply, logprobs: bool) -> ChatCompletion | Completion:
             created=reply.created,
             model=reply.model,
             choices=[choice],
-            usage=usage(stats),
+            usage=usage(stats, chat=True),
             timings=timings(stats, reply.dropped),
         )
     legacy = _legacy(reply.tokens) if logprobs else None
@@ -339,7 +343,13 @@ async def stream(feed: Feed, reply: Reply, logprobs: bool, include_usage: bool) 
             if include_usage:
                 cls = ChatCompletionChunk if chat else Completion
                 yield _sse(
-                    cls(id=reply.reply_id, created=reply.created, model=reply.model, choices=[], usage=usage(event))
+                    cls(
+                        id=reply.reply_id,
+                        created=reply.created,
+                        model=reply.model,
+                        choices=[],
+                        usage=usage(event, chat),
+                    )
                 )
             break
     yield "data: [DONE]\n\n"

@@ -54,6 +54,7 @@ class Stats:
     drafted: int = 0  # speculative decoding: tokens drafted and verified
     accepted: int = 0  # of those, the ones the model agreed with
     stop: str | None = None  # the stop string that ended the reply (finish_reason "stop")
+    reasoning_tokens: int = 0  # of generated_tokens, a thinking model's reasoning (its closing marker included)
     kind: str = "stats"
 
     def to_dict(self) -> dict:
@@ -86,6 +87,17 @@ class Reasoning:
 
 
 @dataclass
+class ToolCalled:
+    """A tool call the model wrote (read by the reply parser): its id, the function's name, and its
+    arguments as a JSON object's text."""
+
+    id: str
+    name: str
+    arguments: str
+    kind: str = "tool_call"
+
+
+@dataclass
 class Trimmed:
     """The server dropped this many of the oldest messages to fit its context (a remote chat
     drops them from its own history too)."""
@@ -106,7 +118,7 @@ class PrefillProgress:
 
 PROGRESS_EVERY = 0.2
 
-Event = Piece | PrefillProgress | Notice | Speculation | Trimmed | Reasoning | Stats
+Event = Piece | PrefillProgress | Notice | Speculation | Trimmed | Reasoning | ToolCalled | Stats
 
 
 class EventSink(Protocol):
@@ -130,7 +142,7 @@ def drive(events: Iterable[Event], sink: EventSink) -> Stats:
                 sink.piece(event.text)
             elif isinstance(event, PrefillProgress):
                 sink.progress(event)
-            elif isinstance(event, (Notice, Speculation, Trimmed, Reasoning)):  # optional for a sink
+            elif isinstance(event, (Notice, Speculation, Trimmed, Reasoning, ToolCalled)):  # optional for a sink
                 handler = getattr(sink, event.kind, None)
                 if handler is not None:
                     handler(event)

@@ -105,6 +105,18 @@ class Sampler:
         lc.llama_sampler_accept(self.ptr, token)
         return token
 
+    def force(self, token: int) -> bool:
+        """Accept a token the caller inserts instead of sampling (a reasoning's forced end) into the
+        chain's state; False, accepting nothing, when the grammar rules it out here (accepting it
+        would make llama.cpp's grammar throw)."""
+        lc = self._lc
+        if self.rule:
+            if not self._allowed(token):
+                return False
+            lc.llama_sampler_accept(self.rule, token)
+        lc.llama_sampler_accept(self.ptr, token)
+        return True
+
     def _pick(self, logits: Any, *, masked: bool) -> int:
         """The chain's choice over the whole row (the grammar applied first when `masked`)."""
         import numpy as np

@@ -137,7 +137,7 @@ class Scheduler:
                 seq.collect(self.model)
         batch = self.batch
         batch.clear()
-        generating = [s for s in self.sequences if s.pending is not None]
+        generating = [s for s in self.sequences if s.pending]
         reading = sorted((s for s in self.sequences if s.reading), key=lambda s: s.request.submitted)  # type: ignore[union-attr]
         spare = self.max_rows - len(generating) - len(reading)  # logits rows left for drafts
         for i, seq in enumerate(generating):
@@ -180,22 +180,25 @@ class Scheduler:
                 seq.take(self.ctx, self.model, self.pool)
 
     def _add_generating(self, seq: Sequence, spare: int, busy: int) -> int:
-        """Its pending token, and a draft after it when that pays; the drafted tokens added."""
+        """Its pending token (and the tokens forced after it), and a draft after it when that pays;
+        the drafted tokens added. Forced tokens are decoded without logits but the last, and no
+        draft follows them."""
         request, spec = seq.request, self.speculator
-        assert request is not None and seq.pending is not None
+        assert request is not None and seq.pending
         start = len(seq.cached)
         draft: list[int] = []
         pooled = self.pool is not None and request.sampler.rule
-        if spec is not None and request.speculate and spare > 0 and not pooled:
+        if spec is not None and request.speculate and spare > 0 and not pooled and len(seq.pending) == 1:
             k = min(K_MAX, spare, request.limit - seq.generated - 1, self.n_ctx_seq - start - 2)
             want = seq.controller.choose(k, busy, spec.curve) if k > 0 else 0
             if want:
                 draft = spec.draft(seq.drafters, seq.controller, seq.history, want)[:want]
         batch = self.batch
-        seq.rows = [batch.add(token, start + i, seq.seq, True) for i, token in enumerate([seq.pending, *draft])]
-        seq.cached.append(seq.pending)
-        seq.cached.extend(draft)
-        seq.draft, seq.pending = draft, None
+        tokens, first_row = [*seq.pending, *draft], len(seq.pending) - 1
+        rows = [batch.add(token, start + i, seq.seq, i >= first_row) for i, token in enumerate(tokens)]
+        seq.rows = rows[first_row:]
+        seq.cached.extend(tokens)
+        seq.draft, seq.pending = draft, []
         return len(draft)
 
     def _add_prompt(self, seq: Sequence, budget: int) -> int:

@@ -1,7 +1,12 @@
 """One sequence of a context and the reply it is generating: what its KV cells hold, and the
 per-token work every caller shares -- sample, end of generation, the token's text decoded across
 token boundaries, stop strings that never leak, limits, log-probabilities, the tail flush and the
-Stats. The Scheduler (scheduler.py) decides what each sequence decodes in each batch."""
+Stats. The Scheduler (scheduler.py) decides what each sequence decodes in each batch.
+
+A request's Watch follows the text token by token (a thinking model's reasoning) and may have
+tokens forced: emitted next as if sampled -- through the same text, stop, limit and Stats path,
+accepted into the sampler's state (a grammar that rules one out stops the forcing there) -- and
+decoded together in the next batch, where no draft is verified."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from localrun.inference.generation.events import Event, Piece, SampledToken, Speculation, Stats
 from localrun.inference.generation.speculative import Controller, LookupDrafter, SeqDrafter, SpecStats
@@ -34,6 +39,20 @@ class Failed:
 Update = Event | Failed
 
 
+class Watch(Protocol):
+    """Follows a reply's text as it is generated, token by token (a thinking model's reasoning:
+    its tokens counted, its closing marker forced once a budget is spent)."""
+
+    def start(self) -> list[int]:
+        """Tokens to force before anything is sampled (a reasoning budget of 0)."""
+        ...
+
+    def see(self, text: str) -> tuple[bool, list[int]]:
+        """The text of the reply's next token: whether the token is reasoning, and the tokens to
+        force after it."""
+        ...
+
+
 @dataclass(eq=False)
 class Request:
     """A reply to generate. `sink` is called from the thread that steps the scheduler and must not
@@ -49,6 +68,7 @@ class Request:
     cached_prefix: int = 0
     speculate: bool = True  # drafts may be verified for it (when the scheduler has drafters)
     cancelled: bool = False  # set by the caller (its client went away); the scheduler ends it
+    watch: Watch | None = None  # follows the text; may force tokens (see the module docstring)
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -63,7 +83,8 @@ class Sequence:
         self.cached: list[int] = []
         self.confirmed = 0  # of cached, the tokens a finished decode holds
         self.request: Request | None = None
-        self.pending: int | None = None  # sampled, to be decoded in the next batch
+        # sampled (and forced after it), to be decoded in the next batch
+        self.pending: list[int] = []
         self.rows: list[int] = []  # this step's logits rows in the batch
         self.draft: list[int] = []  # the drafted tokens being verified in this step
         # a grammar's token being sampled beside the next decodes, and the row it is sampled from
@@ -74,7 +95,7 @@ class Sequence:
         self.controller = Controller()
         self.tally = SpecStats()  # the scheduler's, over every sequence
         # the reply being generated (set by start)
-        self.reused = self.from_disk = self.generated = self.drafted = self.accepted = 0
+        self.reused = self.from_disk = self.generated = self.drafted = self.accepted = self.reasoned = 0
         self.save_at: int | None = None  # the prompt cache's prefix, saved once read
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.matcher = StopMatcher([])
@@ -86,7 +107,7 @@ class Sequence:
 
     @property
     def reading(self) -> bool:
-        return self.request is not None and self.pending is None and len(self.cached) < len(self.request.prompt)
+        return self.request is not None and not self.pending and len(self.cached) < len(self.request.prompt)
 
     def start(self, request: Request, ctx: LlamaContext, reuse: int) -> None:
         """Take `request`, keeping the first `reuse` tokens it holds of the prompt."""
@@ -95,8 +116,9 @@ class Sequence:
             reuse = 0
         self.cached = request.prompt[:reuse]
         self.confirmed = reuse
-        self.request, self.pending, self.rows, self.draft, self.sampling = request, None, [], [], None
+        self.request, self.pending, self.rows, self.draft, self.sampling = request, [], [], [], None
         self.reused, self.from_disk, self.generated, self.drafted, self.accepted = reuse, 0, 0, 0, 0
+        self.reasoned = 0  # of the generated tokens, the reasoning's (as the request's watch tells)
         self.save_at = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.matcher = StopMatcher(request.stop)
@@ -129,6 +151,13 @@ class Sequence:
         assert request is not None and self.rows
         if self.t_read is None:
             self.t_read = time.perf_counter()
+        if not self.generated and request.watch is not None:  # the reply begins with forced tokens
+            opening = request.watch.start()
+            if opening:
+                ended = self._force(opening, model)
+                if ended or self.pending:  # this row is not sampled: the forced tokens come first
+                    self.rows, self.draft = [], []
+                    return ended
         rows, draft = self.rows, self.draft
         self.rows, self.draft = [], []
         if pool is not None and request.sampler.rule:
@@ -141,9 +170,12 @@ class Sequence:
         for i, row in enumerate(rows):
             token = request.sampler.sample(ctx, row)
             agrees = i < len(draft) and token == draft[i]
+            ended = self._took(token, ctx.logits(row) if want else None, model)
+            # a drafted token the model agrees with is in the cache; but when tokens were forced
+            # after it, they take the place of the rest of the draft, and it is decoded with them
+            agrees = agrees and (ended or len(self.pending) == 1)
             held += agrees
             self.accepted += agrees
-            ended = self._took(token, ctx.logits(row) if want else None, model)
             if ended or not agrees:
                 break
         kept = len(self.cached) - len(draft) + held
@@ -176,18 +208,29 @@ class Sequence:
             return True
         return self._took(token, row, model)
 
-    def _took(self, token: int, logits: Any, model: LlamaModel) -> bool:
+    def _took(self, token: int, logits: Any, model: LlamaModel, *, forced: bool = False) -> bool:
+        """A token of the reply, sampled (from `logits`) or forced: True when the reply has ended."""
         request = self.request
         assert request is not None
         self.generated += 1
         self.history.append(token)
-        self.pending = None
+        if not forced:
+            self.pending = []
         if model.is_eog(token):
             return self._finish("eog")
         piece = model.piece(token, special=True)
-        if request.top_logprobs is not None:
-            self.logprobs.append(logprob(logits, token, request.top_logprobs, model, piece))
-        text, stopped = self.matcher.feed(self.decoder.decode(piece))
+        if request.top_logprobs is not None:  # a forced token was certain: probability 1
+            self.logprobs.append(
+                logprob(logits, token, request.top_logprobs, model, piece)
+                if not forced
+                else SampledToken(piece, 0.0, [])
+            )
+        decoded = self.decoder.decode(piece)
+        force: list[int] = []
+        if request.watch is not None:
+            reasoning, force = request.watch.see(decoded)
+            self.reasoned += reasoning
+        text, stopped = self.matcher.feed(decoded)
         if text:
             self._emit(text)
         if stopped:
@@ -195,7 +238,19 @@ class Sequence:
             return self._finish("stop")
         if self.generated >= request.limit:
             return self._finish("length")
-        self.pending = token
+        self.pending.append(token)
+        return self._force(force, model) if force else False
+
+    def _force(self, tokens: list[int], model: LlamaModel) -> bool:
+        """Emit `tokens` as if sampled, each accepted into the sampler first (stopping at one its
+        grammar rules out); True when the reply has ended."""
+        request = self.request
+        assert request is not None
+        for token in tokens:
+            if not request.sampler.force(token):
+                return False
+            if self._took(token, None, model, forced=True):
+                return True
         return False
 
     # -- ending ------------------------------------------------------------------------------------
@@ -249,13 +304,14 @@ class Sequence:
             drafted=self.drafted,
             accepted=self.accepted,
             stop=self.matcher.matched if reason == "stop" else None,
+            reasoning_tokens=self.reasoned,
         )
 
     def _end(self) -> None:
         if self.sampling is not None:  # a grammar's token no longer wanted: not sampled if not started
             self.sampling[0].cancel()
             self.sampling = None
-        self.pending = None  # sampled, never decoded: no longer wanted
+        self.pending = []  # sampled, never decoded: no longer wanted
         self.request, self.rows, self.draft = None, [], []
         self.last_used = time.perf_counter()
 

@@ -3,8 +3,11 @@ follow the tool's JSON schema: from the first token (tool_choice "required" or a
 or lazily (tool_choice "auto": free text until the family's trigger, then the call).
 
 Each family with JSON calls is one entry: the text around a call, the key its arguments go under,
-and whether calls are a JSON array. A family without an entry (its calls are not JSON) is read but
-not constrained."""
+and whether calls are a JSON array. The families whose calls are not JSON have a builder of their
+own: Qwen3-Coder's `<function=NAME><parameter=KEY>value</parameter></function>` (a string value as
+plain text without `<`, any other as the JSON its schema allows), and harmony's
+`<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}` (one call per reply:
+the end of its message ends the reply)."""
 
 from __future__ import annotations
 
@@ -46,7 +49,11 @@ def for_tools(
     fmt: ToolFormat, tools: Sequence[Mapping[str, Any]], *, only: str | None, lazy: bool, parallel: bool
 ) -> CallGrammar | None:
     """The grammar of `fmt`'s calls to `tools` (to `only` that one, if named); lazy: from the
-    family's trigger on. None when the family's calls are not JSON (read, not constrained)."""
+    family's trigger on. None for a family with no grammar (read, not constrained)."""
+    builder = BUILDERS.get(fmt.name)
+    if builder is not None:
+        chosen = [t for t in tools if only is None or t["function"]["name"] == only]
+        return CallGrammar(builder(chosen, parallel), (fmt.calls[0].trigger_pattern,) if lazy else ())
     shape = SHAPES.get(fmt.name)
     if shape is None:
         return None
@@ -84,9 +91,72 @@ def for_tools(
     return CallGrammar(rules, (fmt.calls[shape.syntax].trigger_pattern,) if lazy else ())
 
 
-def after_whitespace(gbnf: str) -> str:
-    """`gbnf` with whitespace allowed before what its root holds (an answer after the reasoning)."""
-    return f"root ::= [ \\t\\n]* answer\n{_renamed(gbnf, 'root', 'answer')}"
+def _xml_functions(tools: Sequence[Mapping[str, Any]], parallel: bool) -> str:
+    """Qwen3-Coder's calls, each in <tool_call>: the required parameters in the schema's order,
+    the others each optional, as its template writes them."""
+    rules, names = [], []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        schema = function.get("parameters") or {}
+        required = set(schema.get("required") or ())
+        parts = []
+        for j, (key, value_schema) in enumerate((schema.get("properties") or {}).items()):
+            value = f"t{i}-v{j}"
+            rules.append(_parameter_value(value_schema, value))
+            part = f"{_literal(f'<parameter={key}>' + chr(10))} {value} {_literal(chr(10) + '</parameter>' + chr(10))}"
+            parts.append(part if key in required else f"({part})?")
+        head = _literal(f"<function={function['name']}>\n")
+        rules.append(f"t{i} ::= {head} {' '.join(parts)} {_literal('</function>')}".replace("  ", " "))
+        names.append(f"t{i}")
+    one = f"one ::= {_literal('<tool_call>' + chr(10))} ({' | '.join(names)}) {_literal(chr(10) + '</tool_call>')}"
+    root = "root ::= one (" + _literal("\n") + " one)*" if parallel else "root ::= one"
+    return "\n".join([root, one, *rules]) + "\n"
+
+
+def _parameter_value(schema: Any, name: str) -> str:
+    """The rules of one parameter's value, rooted at `name`: a string as plain text (its enum as
+    alternatives, its length bounds kept), anything else as the JSON its schema allows."""
+    if isinstance(schema, Mapping) and schema.get("type") == "string":
+        if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
+            return f"{name} ::= " + " | ".join(_literal(v) for v in schema["enum"])
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        repeat = f"{{{low},{high}}}" if isinstance(high, int) else (f"{{{low},}}" if low else "*")
+        return f"{name} ::= [^<]{repeat}"
+    value = grammar.from_json_schema(dict(schema) if isinstance(schema, Mapping) else {}).gbnf
+    return f"{name} ::= {name}-root\n{_prefixed(value, name + '-')}"
+
+
+def _harmony_functions(tools: Sequence[Mapping[str, Any]], parallel: bool) -> str:
+    """gpt-oss's call: the commentary channel addressed to the function, its JSON arguments."""
+    rules, names = [], []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        arguments = grammar.from_json_schema(function.get("parameters") or {"type": "object"}).gbnf
+        rules.append(f"t{i} ::= {_literal(function['name'] + ' <|constrain|>json<|message|>')} t{i}-root")
+        rules.append(_prefixed(arguments, f"t{i}-"))
+        names.append(f"t{i}")
+    return (
+        "\n".join([f"root ::= {_literal('<|channel|>commentary to=functions.')} ({' | '.join(names)})", *rules]) + "\n"
+    )
+
+
+BUILDERS = {"qwen3-coder": _xml_functions, "harmony": _harmony_functions}
+
+
+def _prefixed(gbnf: str, prefix: str) -> str:
+    """`gbnf` with every rule it defines renamed `prefix` + its name (rules of several grammars
+    put together must not collide), what is quoted or in a character class left as it is."""
+    defined = set(re.findall(r"^([A-Za-z0-9-]+)\s*::=", gbnf, re.M))
+    return "".join(prefix + token if token in defined else token for token in _TOKENS.findall(gbnf))
+
+
+def after_reasoning(gbnf: str, closing: str) -> CallGrammar:
+    """`gbnf` (the answer's) as a lazy grammar that starts at the reasoning's `closing` marker:
+    the marker, whitespace, then what its root holds. The marker is in the trigger's group, the text
+    the grammar is given once triggered: llama.cpp skips an empty group and would hand the grammar
+    the whole reply, reasoning included (its grammar then throws, which aborts the process)."""
+    rules = f"root ::= {_literal(closing)} [ \\t\\n]* answer\n{_renamed(gbnf, 'root', 'answer')}"
+    return CallGrammar(rules, (r"[\s\S]*?(" + re.escape(closing) + r")[\s\S]*",))
 
 
 def _literal(text: str) -> str:

@@ -15,7 +15,9 @@ alone, after any reasoning."""
 
 from __future__ import annotations
 
-from collections.abc import Container
+import secrets
+import string
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from jinja2 import TemplateError, meta
@@ -36,6 +38,11 @@ class ReasoningFormat:
     # Plain-text markers such as <think> open the reasoning only before the answer, where a model
     # writing about them cannot mean them; special tokens open it anywhere (between calls, say).
     only_at_start: bool = True
+    close: str | None = None  # what a reasoning budget forces to end the reasoning (else end[0])
+
+    @property
+    def closing(self) -> str:
+        return self.close or self.end[0]
 
     def opens_in_prompt(self, generation_prompt: str) -> bool:
         """Whether a rendered prompt (with the generation prompt) leaves the reasoning open, so
@@ -63,6 +70,20 @@ class CallSyntax:
         return lead + "(" + self.trigger.pattern + r")[\s\S]*"
 
 
+def openai_call_id(index: int) -> str:
+    """An id in OpenAI's style for a call the model gave none: call_ and 24 hex digits."""
+    return "call_" + secrets.token_hex(12)
+
+
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def mistral_call_id(index: int) -> str:
+    """Mistral's: 9 letters and digits. Its templates refuse any other id when the call and its
+    result come back in the history."""
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     name: str
@@ -70,6 +91,7 @@ class ToolFormat:
     template_signs: tuple[tuple[str, ...], ...]  # any group whose strings are all in the template
     token_signs: tuple[str, ...]  # any of these among the special tokens
     framing: tuple[str, ...] = ()
+    make_id: Callable[[int], str] = openai_call_id  # the id of a call the model gave none
 
     @property
     def trigger_patterns(self) -> tuple[str, ...]:
@@ -93,6 +115,7 @@ REASONING_FORMATS: tuple[ReasoningFormat, ...] = (
         token_signs=("<|channel|>",),
         framing=_HARMONY_FRAMING,
         only_at_start=False,
+        close="<|end|><|start|>assistant<|channel|>final<|message|>",
     ),
     ReasoningFormat("mistral", ("[THINK]",), ("[/THINK]",), ("[THINK]",), ("[THINK]",), only_at_start=False),
     ReasoningFormat("think", ("<think>",), ("</think>",), ("<think>",), ("<think>",)),
@@ -134,6 +157,7 @@ TOOL_FORMATS: tuple[ToolFormat, ...] = (
         calls=(CallSyntax(Literal("[TOOL_CALLS]"), None, call_formats.read_mistral),),
         template_signs=(("[TOOL_CALLS]",),),
         token_signs=("[TOOL_CALLS]",),
+        make_id=mistral_call_id,
     ),
     ToolFormat(
         "llama3",

@@ -16,13 +16,12 @@ with a grammar gets well-formed ones.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from localrun.inference.prompting.call_formats import CallError, Schemas
-from localrun.inference.prompting.families import CallSyntax, ReasoningFormat, ToolFormat
+from localrun.inference.prompting.families import CallSyntax, ReasoningFormat, ToolFormat, openai_call_id
 from localrun.inference.prompting.markers import PARTIAL, Literal, Marker, earliest
 from localrun.inference.prompting.replies import (
     ContentText,
@@ -57,11 +56,6 @@ class _Rule:
     call: CallSyntax | None = None
 
 
-def new_call_id(index: int) -> str:
-    """An id in OpenAI's style for a call the model gave none."""
-    return "call_" + secrets.token_hex(12)
-
-
 class ReplyParser:
     """Feed it the reply's text as it comes; it returns what can be told for certain so far."""
 
@@ -72,13 +66,14 @@ class ReplyParser:
         *,
         starts_in_reasoning: bool = False,
         schemas: Schemas | None = None,
-        make_id: Callable[[int], str] = new_call_id,
+        make_id: Callable[[int], str] | None = None,
     ) -> None:
         """`reasoning` and `tools` as detected (None: not parsed; pass tools=None when the request
         has none); `starts_in_reasoning` when the prompt left the reasoning open; `schemas` the
-        tools' parameter schemas by name (some formats write values untyped)."""
+        tools' parameter schemas by name (some formats write values untyped); `make_id` the id of
+        a call the model gave none (by default, the family's)."""
         self._schemas: Schemas = schemas or {}
-        self._make_id = make_id
+        self._make_id = make_id or (tools.make_id if tools else openai_call_id)
         framing = tuple(dict.fromkeys((reasoning.framing if reasoning else ()) + (tools.framing if tools else ())))
         frame_rules = tuple(_Rule(Literal(f), _Act.FRAMING) for f in framing)
         syntaxes = tools.calls if tools else ()
@@ -106,6 +101,11 @@ class ReplyParser:
         self._call_head = ""  # its trigger
         self._call_lead = ""  # the whitespace before it, given back with a malformed call
         self._call_scanned = 0  # where the search for its end resumes
+
+    @property
+    def reasoning(self) -> bool:
+        """Whether the text so far leaves the model inside its reasoning."""
+        return self._mode is _Mode.REASONING
 
     def feed(self, text: str) -> list[Delta]:
         self._pending += text
@@ -287,7 +287,7 @@ def parse(
     *,
     starts_in_reasoning: bool = False,
     schemas: Schemas | None = None,
-    make_id: Callable[[int], str] = new_call_id,
+    make_id: Callable[[int], str] | None = None,
 ) -> ParsedReply:
     """A whole reply at once, by the same parser."""
     parser = ReplyParser(reasoning, tools, starts_in_reasoning=starts_in_reasoning, schemas=schemas, make_id=make_id)
