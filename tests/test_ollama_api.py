@@ -413,7 +413,7 @@ def test_serve_help_names_the_flag_that_allows_pull_and_delete():
 def test_a_stream_cut_short_ends_with_an_error_line_the_client_raises(tiny):
     """Stopping the server mid-stream: the stream's last line is Ollama's `{"error": ...}`, which
     its client raises, and the server still exits 0."""
-    endless = {"grammar": 'root ::= ("la " | "lo ")+ "end"', "num_predict": -1, "temperature": 0}
+    endless = {"grammar": 'root ::= ("la " | "lo ") root', "num_predict": -1, "temperature": 0}  # no end
     with ServerProcess([tiny.quants["Q8_0"]]) as server:
         parts = client(server).chat(model=TINY, messages=hi(), options=endless, stream=True)
         seen = 0
@@ -425,3 +425,18 @@ def test_a_stream_cut_short_ends_with_an_error_line_the_client_raises(tiny):
                     server.proc.send_signal(signal.SIGTERM)
         assert "shutting down" in err.value.error
         assert server.proc.wait(60) == 0
+
+
+def test_a_body_sent_as_ollamas_docs_send_it_is_read_as_json(server: ServerProcess):
+    """Ollama's documentation sends `curl -d '{...}'`: a form's Content-Type, a JSON body. Its routes
+    read it as JSON, as Ollama does; OpenAI's routes still ask for application/json."""
+    body = json.dumps({"model": TINY, "messages": hi(), "stream": False, "options": {"num_predict": 2}}).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Authorization": f"Bearer {server.api_key}"}
+    request = urllib.request.Request(f"{server.url}/api/chat", data=body, headers=headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200 and json.loads(response.read())["done"] is True
+    openai_body = json.dumps({"model": TINY, "messages": hi(), "max_tokens": 2}).encode()
+    request = urllib.request.Request(f"{server.url}/v1/chat/completions", data=openai_body, headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 400 and "Content-Type: application/json" in refused.value.read().decode()

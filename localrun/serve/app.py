@@ -33,7 +33,7 @@ from localrun.serve import anthropic, embeddings, ollama, replies, tokens
 from localrun.serve.errors import ApiError
 from localrun.serve.generating import Log, Served, start
 from localrun.serve.metrics import Metrics
-from localrun.serve.middleware import BodyLimit, Gate, LastResort
+from localrun.serve.middleware import BodyLimit, Gate, JsonBodies, LastResort
 from localrun.serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -82,6 +82,7 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
     metrics = Metrics(registry.hosts, app.routes)
     log = metrics.counting(log)  # every request logged (each generation, every error) is counted
     # added innermost first: Gate, then CORS (preflights), then the body's limits, then the app
+    app.add_middleware(JsonBodies)
     app.add_middleware(LastResort, report=report)
     app.add_middleware(BodyLimit, limit=access.max_body, timeout=access.body_timeout, report=report)
     if access.cors:

@@ -11,6 +11,9 @@ route, /health included, and every route added later, passes the same checks):
   serve that page). Browsers' CORS preflights for allowed origins are Starlette's CORSMiddleware's.
 - `BodyLimit`, how much and how slowly: 413 for a body over --max-body, 408 for one not all sent
   within the body timeout (a client that sends half a body is not waited for forever).
+- `JsonBodies`: Ollama's API reads every body as JSON whatever its Content-Type (its own
+  documentation's `curl -d '{...}'` sends a form's), so its routes here do too; the other APIs
+  keep asking for application/json.
 - `LastResort`: a failure no handler expected is one 500 in the API's shape and one log line,
   never a traceback on the server's log nor a dropped connection.
 """
@@ -27,7 +30,7 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from localrun.serve.errors import ApiError
+from localrun.serve.errors import ApiError, dialect
 
 Report = Callable[[str, ApiError], None]  # a refusal or failure for the log: the path, the error
 
@@ -167,6 +170,19 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ApiError, close: bool = False) -> None:
         self.report(f"{scope.get('method', '')} {scope['path']}", error)
         await error.response(scope["path"], close=close)(scope, receive, send)
+
+
+class JsonBodies:
+    """A body sent to one of Ollama's routes is JSON, whatever Content-Type says (see above)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and dialect(scope["path"]) == "ollama":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 class LastResort:
