@@ -497,7 +497,7 @@ def test_forced_tokens_give_the_same_reply_with_and_without_speculation(tiny):
     """Greedy, speculation is exact: the reply around the forced closing marker is the same whether
     drafts were verified (none covers a forced token) or not."""
     common = ("-n", "60", "--reasoning-budget", "5")
-    drafted = run_json(tiny, *common)
+    drafted = run_json(tiny, *common, "--speculate", "lookup")  # drafts whenever the lookup finds some
     plain = run_json(tiny, *common, "--speculate", "off")
     assert drafted["drafted"] > 0 and plain["drafted"] == 0
     assert (drafted["reasoning"], drafted["text"]) == (plain["reasoning"], plain["text"])
