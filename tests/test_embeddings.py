@@ -197,6 +197,8 @@ def test_one_text_through_openais_ollamas_and_the_older_ollama_route_agree(serve
         assert cosine(openai_one.embedding, ollama_one) >= AGREE
         assert cosine(mine.vector, ollama_one) >= AGREE
     assert cosine(older.embedding, alone[0].vector) >= AGREE
+    tokens = sum(e.n_tokens for e in alone)
+    assert f"POST /api/embed {CHAT} 200 · 4 inputs · {tokens} tok" in server.stderr  # what it did, on the log
     assert np.allclose(older.embedding, alone[0].vector, rtol=1e-3, atol=1e-4)  # not normalised: as pooled
     # one string, and Ollama's truncate (on by default) against refusing
     single = local.embed(model=CHAT, input=TEXTS[1])

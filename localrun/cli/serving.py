@@ -1,4 +1,4 @@
-"""`serve` and `ps`: the server of OpenAI's and Ollama's APIs, and the servers running here."""
+"""`serve` and `ps`: the server of OpenAI's, Anthropic's and Ollama's APIs, and the servers running here."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from localrun.cli.options import (
 from localrun.output import Output
 
 
-@app.command(short_help="Serve models over HTTP: OpenAI's and Ollama's APIs, parallel slots, continuous batching.")
+@app.command(short_help="Serve models over HTTP: OpenAI's, Anthropic's and Ollama's APIs, batched.")
 @boundary
 def serve(
     models: Annotated[

@@ -180,7 +180,9 @@ def log_line(served: Served) -> str:
         parts.append(f"cut short: {safe(served.error, MESSAGE_LIMIT)}")
     elif served.error:
         parts.append(safe(served.error, MESSAGE_LIMIT))
-    elif served.stats is None:
+    elif served.detail:
+        parts.append(safe(served.detail, MESSAGE_LIMIT))
+    elif served.status == 499:
         parts.append("the client went away")
     return " · ".join(parts)
 
@@ -247,7 +249,9 @@ def _announce(out: Output, url: str, hosts: list[ModelHost], opts: ServeOptions,
     else:
         names = f"{len(hosts)} pulled model{'s' * (len(hosts) > 1)}, each loaded by its first request"
     keep = "never unloaded" if opts.keep_alive is None else f"unloaded after {opts.keep_alive:g} s idle"
-    out.info(f"serving {names} at {url}/v1 (OpenAI's API; Ollama's at {url}/api; {keep}); Ctrl-C stops")
+    out.info(
+        f"serving {names} at {url}/v1 (OpenAI's and Anthropic's APIs; Ollama's at {url}/api; {keep}); Ctrl-C stops"
+    )
     example = (
         f'{{"model": "{first.id}", "messages": [{{"role": "user", "content": "Hello"}}], "stream": true}}'
     ).replace("'", "'\\''")

@@ -156,14 +156,16 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
     @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
     async def embed(req: EmbeddingRequest, request: Request) -> EmbeddingList:
         reply = await embeddings.openai_embeddings(registry, req)
-        log(Served(f"{request.method} {request.url.path}", reply.model, 200))
+        said = embeddings.detail(len(reply.data), reply.usage.prompt_tokens)
+        log(Served(f"{request.method} {request.url.path}", reply.model, 200, detail=said))
         return reply
 
     @app.post("/v1/rerank", dependencies=[Depends(authorize)])
     @app.post("/rerank", dependencies=[Depends(authorize)])
     async def rerank(req: RerankRequest, request: Request) -> JSONResponse:
         reply = await embeddings.rerank(registry, req)
-        log(Served(f"{request.method} {request.url.path}", reply.model, 200))
+        said = embeddings.detail(len(req.documents), reply.usage.prompt_tokens, "document")
+        log(Served(f"{request.method} {request.url.path}", reply.model, 200, detail=said))
         return JSONResponse(reply.model_dump(exclude_none=True))
 
     app.router.routes.extend(anthropic.router(registry, authorize, log, answered).routes)

@@ -107,6 +107,11 @@ async def rerank(registry: Registry, req: RerankRequest) -> RerankResponse:
     return RerankResponse(model=host.id, usage=usage, results=results)
 
 
+def detail(inputs: int, tokens: int, what: str = "input") -> str:
+    """What an embedding or rerank request did, for the server's log line."""
+    return f"{inputs} {what}{'s' * (inputs != 1)} · {tokens} tok"
+
+
 def unit_vectors(host: ModelHost, found: Sequence[Embedding], dimensions: int | None = None) -> list[np.ndarray]:
     """The vectors at unit length (L2), as OpenAI's and Ollama's APIs give them; with `dimensions`,
     their first that many components, scaled back to unit length (what both APIs do with it)."""

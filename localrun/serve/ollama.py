@@ -154,7 +154,8 @@ def router(registry: Registry, authorize: Callable[..., None], log: Log, counted
         load_ns = await _ensure_loaded(registry, host) if inputs or host.keep_alive != 0 else 0
         found = await embeddings.embed(registry, host, inputs, req.truncate) if inputs else []
         vectors = embeddings.unit_vectors(host, found, req.dimensions)
-        log(Served(f"{request.method} {request.url.path}", host.id, 200))
+        said = embeddings.detail(len(found), sum(e.n_tokens for e in found))
+        log(Served(f"{request.method} {request.url.path}", host.id, 200, detail=said))
         return EmbedResponse(
             model=host.id,
             embeddings=[v.tolist() for v in vectors],
@@ -174,7 +175,7 @@ def router(registry: Registry, authorize: Callable[..., None], log: Log, counted
                 await _ensure_loaded(registry, host)
             return EmbeddingsResponse(embedding=[])
         (found,) = await embeddings.embed(registry, host, [req.prompt], truncate=True)
-        log(Served(f"{request.method} {request.url.path}", host.id, 200))
+        log(Served(f"{request.method} {request.url.path}", host.id, 200, detail=embeddings.detail(1, found.n_tokens)))
         return EmbeddingsResponse(embedding=found.vector.tolist())  # as the model pools it (Ollama's too)
 
     @api.post("/api/pull", dependencies=[Depends(counted)])
