@@ -21,6 +21,7 @@ from localrun.cli.options import (
     ModelArg,
     PromptCacheOpt,
     PromptCacheSizeOpt,
+    RpcOpt,
     SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
@@ -28,6 +29,7 @@ from localrun.cli.options import (
     check_speculation,
     shape_options,
     size_option,
+    use_workers,
 )
 from localrun.errors import ExitCode
 from localrun.inference.generation.settings import TOP_LOGPROBS_MAX
@@ -195,6 +197,7 @@ def _generation_command(mode: str, doc: str):
         cache_type_v: CacheTypeVOpt = "f16",
         flash_attn: FlashAttnOpt = "auto",
         server: ServerOpt = None,
+        rpc: RpcOpt = None,
         json: JsonOpt = False,
         stream: StreamOpt = False,
         logprobs: LogprobsOpt = None,
@@ -238,6 +241,9 @@ def _generation_command(mode: str, doc: str):
             flash_attn=flash,
         )
         prompt_options = PromptOptions(system, raw, chat_format, template, json_schema, grammar, think, show_thinking)
+        if rpc and server:
+            raise UsageError("--rpc splits a model loaded here; with --server the server loads it", hint="drop one")
+        use_workers(rpc, out)
         stats = generate(
             mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream, draft=draft, server=server
         )

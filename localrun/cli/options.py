@@ -150,3 +150,34 @@ def plan_shape(type_k: str, type_v: str, flash_attn: str):
 
     k, v, flash = shape_options(type_k, type_v, flash_attn)
     return EngineConfig(type_k=k, type_v=v, flash_attn=flash).shape
+
+
+RpcOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--rpc",
+        metavar="HOST:PORT,...",
+        envvar="LOCALRUN_RPC",
+        show_default=False,
+        help="Split the model across these workers (`localrun worker` on each machine).",
+    ),
+]
+
+
+def use_workers(rpc: str | None, out, *, need_build: bool = True) -> tuple:
+    """--rpc (or LOCALRUN_RPC): ask each worker once, before any plan, what it lends (said on
+    stderr); the planner and the loader then use them. `need_build`: refuse a llama.cpp built
+    without the RPC backend (hw lists workers whatever the build)."""
+    if not rpc:
+        return ()
+    from localrun import workers
+
+    endpoints = workers.parse_endpoints(rpc)
+    if need_build:
+        from localrun.inference.llama import rpc as llama_rpc
+
+        llama_rpc.require()
+    found = workers.use(endpoints)
+    for worker in found:
+        out.info(f"worker {worker.endpoint}: {worker.describe()}")
+    return found

@@ -121,6 +121,8 @@ def load_engine(
         type_k=cfg.type_k,
         type_v=cfg.type_v,
         flash_attn=cfg.flash_attn,
+        rpc=plan.rpc,
+        tensor_split=plan.tensor_split if cfg.n_gpu_layers is None else (),
     )
     opened = load_backing_off(model.path, opts, notify, progress=progress)
     loaded, opts = opened.loaded, opened.opts

@@ -19,6 +19,7 @@ from typing import Any
 from localrun.errors import BadModel, LocalrunError, NoSpace, UsageError
 from localrun.fit import CELL_PAD, UBATCH
 from localrun.hardware import default_threads
+from localrun.inference.llama import rpc
 from localrun.inference.llama.build import llama
 from localrun.inference.llama.log import install as install_log
 from localrun.inference.llama.log import last_error, recent
@@ -73,6 +74,8 @@ class LoadOptions:
     kv_unified: bool = False  # one KV buffer for every sequence (slots take what they need)
     type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0 (see fit.KV_TYPES)
     type_v: str = "f16"
+    rpc: tuple[str, ...] = ()  # workers' endpoints (HOST:PORT) whose devices may take layers
+    tensor_split: tuple[int, ...] = ()  # layers per offload device, llama.cpp's order (fit.Plan)
 
 
 def _with_reason(message: str) -> str:
@@ -95,6 +98,11 @@ class LlamaModel:
         params.n_gpu_layers = opts.n_gpu_layers
         params.use_mmap = opts.use_mmap
         params.use_extra_bufts = opts.use_extra_bufts
+        if opts.rpc:
+            rpc.add_servers(opts.rpc)
+        if opts.tensor_split:
+            self._split = (ctypes.c_float * max(len(opts.tensor_split), lc.LLAMA_MAX_DEVICES))(*opts.tensor_split)
+            params.tensor_split = self._split
         self._lc = lc
         self.ptr = _load_abortably(lc, str(self.path).encode(), params, progress)
         if not self.ptr:
