@@ -316,6 +316,7 @@ def bench(
     gpu_layers: GpuLayersOpt = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table on stdout.")] = False,
+    rpc: RpcOpt = None,
     json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -326,6 +327,7 @@ def bench(
 
     fmt = output_format(json=json, csv=csv, markdown=markdown)
     out = Output.from_env(json=fmt != "table", verbose=verbose)
+    use_workers(rpc, out)
     opts = BenchOptions(
         pp=pp,
         tg=tg,
