@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -106,7 +107,7 @@ def test_a_model_split_across_two_workers_says_the_tokens_of_a_local_run(three_l
     assert json.loads(split.stdout)["generated_tokens"] == 40
 
 
-def test_show_and_pull_plan_the_split_and_hw_lists_the_workers(three_layers: Path, two_workers):
+def test_show_and_pull_plan_the_split_and_hw_lists_the_workers(three_layers: Path, two_workers, hub):
     a, b = two_workers
     env = dict(os.environ, LOCALRUN_RPC=f"{a.endpoint},{b.endpoint}")  # the variable, as --rpc
     shown = localrun("show", str(three_layers), "--json", env=env)
@@ -114,9 +115,14 @@ def test_show_and_pull_plan_the_split_and_hw_lists_the_workers(three_layers: Pat
     plan = json.loads(shown.stdout)["plan"]
     assert plan["placement"] == "split" and plan["fits"]
     assert [(s["where"], s["layers"]) for s in plan["split"]] == [("here", 1), (a.endpoint, 1), (b.endpoint, 1)]
+    hub.add_repo("acme/three-GGUF", {"tiny-three-Q8_0.gguf": three_layers})
+    pulled = localrun("pull", "acme/three-GGUF", "--dry-run", "--rpc", f"{a.endpoint},{b.endpoint}")
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"1 here + 1 {a.endpoint} + 1 {b.endpoint}" in pulled.stdout  # the placement column
+    assert "fits across this machine and its workers" in pulled.stdout
     hw = localrun("hw", "--no-selftest", "--rpc", f"{a.endpoint},{b.endpoint}")
     assert hw.returncode == 0, hw.stderr
-    assert "RPC               yes" in hw.stdout
+    assert re.search(r"^RPC +yes", hw.stdout, re.M)
     for w in (a, b):
         line = next(line for line in hw.stdout.splitlines() if w.endpoint in line)
         assert "protocol 7.0.0, 1 device:" in line and "free of" in line

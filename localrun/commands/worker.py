@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from localrun.errors import LocalrunError, UsageError
 from localrun.hardware import default_threads
@@ -73,7 +73,10 @@ def run_worker(settings: WorkerSettings, out: Output) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    out.data(endpoint) if not out.json else out.data({"endpoint": endpoint})
+    if out.json:
+        out.json_line({"endpoint": endpoint, "devices": [asdict(d) for d in devices]})
+    else:
+        out.text(f"{endpoint}\n")  # the one line of data: what another machine passes to --rpc
     for d in devices:
         out.info(f"lending {d.name} ({safe(d.description)}): {human_bytes(d.free)} free of {human_bytes(d.total)}")
     out.info(f"use it from another machine with --rpc {endpoint}; Ctrl-C stops it")

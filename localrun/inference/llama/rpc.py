@@ -71,6 +71,8 @@ def _ggml() -> ctypes.CDLL:
         ("ggml_backend_register", None, [p]),
         ("ggml_backend_reg_get_proc_address", p, [p, ctypes.c_char_p]),
         ("ggml_backend_reg_name", ctypes.c_char_p, [p]),
+        ("ggml_backend_reg_dev_count", s, [p]),
+        ("ggml_backend_reg_dev_get", p, [p, s]),
         ("ggml_backend_dev_count", s, []),
         ("ggml_backend_dev_get", p, [s]),
         ("ggml_backend_dev_by_name", p, [ctypes.c_char_p]),
@@ -179,6 +181,25 @@ def add_servers(endpoints: Iterable[str]) -> None:
             raise UsageError(f"worker {safe(endpoint)} lends no device")
         g.ggml_backend_register(reg)
         _registered[endpoint] = reg
+
+
+def model_devices(endpoints: Sequence[str]) -> ctypes.Array:
+    """The devices a split model is loaded on, as llama_model_params.devices takes them (a NULL-
+    terminated array): the workers' devices in the order given, then this machine's GPUs; the
+    order fit.Plan.tensor_split counts its layers in. (llama.cpp's own choice when none are given
+    leaves workers registered this way out.)"""
+    add_servers(endpoints)
+    g = _ggml()
+    chosen = []
+    for endpoint in endpoints:
+        reg = _registered[endpoint]
+        chosen += [g.ggml_backend_reg_dev_get(reg, i) for i in range(g.ggml_backend_reg_dev_count(reg))]
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        reg = g.ggml_backend_dev_backend_reg(dev)
+        if DEVICE_TYPES.get(g.ggml_backend_dev_type(dev)) == "GPU" and g.ggml_backend_reg_name(reg) != b"RPC":
+            chosen.append(dev)
+    return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
 
 
 _ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)

@@ -99,7 +99,8 @@ class LlamaModel:
         params.use_mmap = opts.use_mmap
         params.use_extra_bufts = opts.use_extra_bufts
         if opts.rpc:
-            rpc.add_servers(opts.rpc)
+            self._devices = rpc.model_devices(opts.rpc)
+            params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         if opts.tensor_split:
             self._split = (ctypes.c_float * max(len(opts.tensor_split), lc.LLAMA_MAX_DEVICES))(*opts.tensor_split)
             params.tensor_split = self._split
