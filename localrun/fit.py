@@ -453,7 +453,9 @@ def _split(header: HeaderInfo, machine: Machine, n_ctx: int, shape: Shape) -> li
     places: list[tuple[str, str | None, int]] = [("here", None, machine.ram_available - ram_headroom(machine))]
     for worker in machine.workers:
         for d in worker.devices:
-            places.append((worker.device_name(d.index), worker.endpoint, d.free - WORKER_RESERVE - layer_phase))
+            # a CPU lent on Linux reports all its RAM as free (ggml-cpu): keep this machine's headroom
+            reserve = max(GIB, d.total // 10) if d.free == d.total else WORKER_RESERVE
+            places.append((worker.device_name(d.index), worker.endpoint, d.free - reserve - layer_phase))
     if not machine.unified:
         for i, g in enumerate(machine.gpus):
             places.append((f"GPU {i}", None, g.free - GPU_RESERVE - layer_phase))

@@ -88,7 +88,7 @@ def show_hardware(out: Output, report: HardwareReport) -> None:
         ("llama-cpp-python", b.version),
         ("GPU offload", "yes" if b.gpu_offload else "no (CPU-only build)"),
         ("Backends", ", ".join(b.backends) or "-"),
-        ("RPC", "yes: `localrun worker` and --rpc" if report.rpc else f"no: rebuild with {rpc.REBUILD}"),
+        ("RPC", "yes: `localrun worker` and --rpc" if report.rpc else f"no: rebuild with {rpc.rebuild_command()}"),
         *[(f"Worker {w.endpoint}", f"protocol {w.version}, {w.describe()}") for w in m.workers],
         ("System info", b.system_info),
     ]

@@ -16,6 +16,8 @@ import sys
 import threading
 from dataclasses import asdict, dataclass
 
+import psutil
+
 from localrun.errors import LocalrunError, UsageError
 from localrun.hardware import default_threads
 from localrun.inference.llama import rpc
@@ -78,7 +80,9 @@ def run_worker(settings: WorkerSettings, out: Output) -> int:
     else:
         out.text(f"{endpoint}\n")  # the one line of data: what another machine passes to --rpc
     for d in devices:
-        out.info(f"lending {d.name} ({safe(d.description)}): {human_bytes(d.free)} free of {human_bytes(d.total)}")
+        # ggml says a CPU has all its RAM free; what is available now is more use to whoever reads this
+        free = psutil.virtual_memory().available if d.kind == "CPU" else d.free
+        out.info(f"lending {d.name} ({safe(d.description)}): {human_bytes(free)} free of {human_bytes(d.total)}")
     out.info(f"use it from another machine with --rpc {endpoint}; Ctrl-C stops it")
     sys.stdout.flush()
     # llama.cpp's server prints its own lines on stdout: they go to stderr with --verbose, else nowhere

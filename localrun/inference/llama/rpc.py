@@ -26,7 +26,22 @@ from localrun.errors import ExitCode, UsageError
 from localrun.inference.llama.build import llama
 from localrun.text import safe
 
-REBUILD = 'CMAKE_ARGS="-DGGML_RPC=ON" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+
+def rebuild_command() -> str:
+    """How to rebuild the installed llama-cpp-python with the RPC backend: the same version, from
+    source (--no-binary), never from pip's cache (a wheel cached without RPC would come back)."""
+    try:
+        from importlib.metadata import version
+
+        pinned = f"llama-cpp-python=={version('llama-cpp-python')}"
+    except Exception:  # not installed as a distribution: name it without a version
+        pinned = "llama-cpp-python"
+    return (
+        'CMAKE_ARGS="-DGGML_RPC=ON" pip install --force-reinstall --no-deps --no-cache-dir '
+        f"--no-binary llama-cpp-python {pinned}"
+    )
+
+
 DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "ACCEL", 4: "META"}  # enum ggml_backend_dev_type
 
 
@@ -98,7 +113,7 @@ def require() -> None:
     if not supported():
         raise UsageError(
             "this llama-cpp-python was built without llama.cpp's RPC backend",
-            hint=f"rebuild it with it: {REBUILD}",
+            hint=f"rebuild it with it: {rebuild_command()}",
         )
 
 
@@ -107,7 +122,7 @@ def _rpc_proc(name: str) -> int:
     reg = g.ggml_backend_reg_by_name(b"RPC")
     address = g.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
     if not address:
-        raise UsageError(f"this llama.cpp build has no {name}", hint=f"rebuild it: {REBUILD}")
+        raise UsageError(f"this llama.cpp build has no {name}", hint=f"rebuild it: {rebuild_command()}")
     return address
 
 
