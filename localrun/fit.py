@@ -113,7 +113,7 @@ class Plan:
     max_ctx: int = 0  # the largest context (up to the trained one) that fits with the same placement
     kv_cache: str = "f16"  # the KV cache types assumed ("f16", or "q8_0/q4_0" for K/V that differ)
     # a split across workers, in llama.cpp's order: here (the first layers), the workers' devices,
-    # this machine's GPUs (the last of them also holds the output layer)
+    # this machine's GPUs (the last of them holds the output layer; without a GPU it stays here)
     split: tuple[Share, ...] = ()
 
     @property
@@ -124,7 +124,8 @@ class Plan:
     @property
     def tensor_split(self) -> tuple[int, ...]:
         """llama.cpp's tensor_split for the split: layers per device, the output layer counted on
-        the last device (n_gpu_layers counts it too); empty when there is no split."""
+        the last device as n_gpu_layers counts it (without a GPU here the loader keeps its weights
+        here all the same: runtime.LlamaModel); empty when there is no split."""
         counts = [s.layers for s in self.split[1:]]
         if counts:
             counts[-1] += 1
@@ -459,9 +460,15 @@ def _split(header: HeaderInfo, machine: Machine, n_ctx: int, shape: Shape) -> li
     if not machine.unified:
         for i, g in enumerate(machine.gpus):
             places.append((f"GPU {i}", None, g.free - GPU_RESERVE - layer_phase))
+    # the output layer: on this machine's last GPU, else here (the loader keeps it here, so that a
+    # worker sends one row of activations per token, not the logits)
+    output_on_gpu = places[-1][0].startswith("GPU ")
+    if not output_on_gpu:
+        here_fixed += header.output_bytes  # a tied output is token_embd, already here
     room = [max(0, free) for _, _, free in places]
     room[0] -= here_fixed
-    room[-1] -= output
+    if output_on_gpu:
+        room[-1] -= output
     if room[0] < 0 or room[-1] < 0:
         return None
     costs = [per_layer_here] + [per_layer] * (len(places) - 1)
@@ -471,7 +478,7 @@ def _split(header: HeaderInfo, machine: Machine, n_ctx: int, shape: Shape) -> li
     shares = []
     for i, ((name, endpoint, _), count) in enumerate(zip(places, layers)):
         memory = int(count * costs[i]) + (here_fixed if i == 0 else layer_phase)
-        if i == len(places) - 1 and i > 0:
+        if i == len(places) - 1 and output_on_gpu:
             memory += output
         shares.append(Share(name, count, memory, endpoint))
     return shares

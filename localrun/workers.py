@@ -188,14 +188,18 @@ def probe_all(endpoints: Iterable[str]) -> tuple[Worker, ...]:
     return tuple(r for r in results if isinstance(r, Worker))
 
 
-def reachable(endpoint: str, timeout: float = 1.0) -> bool:
-    """Whether something still accepts connections at `endpoint` (a dead worker's port refuses)."""
+def gone(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether nothing listens at `endpoint` any more: the connection is refused (a dead worker's
+    port) or has no route. One that accepts, or does not answer in time, may be a live worker busy
+    with a client (it accepts the next connection only when the current one closes)."""
     host, _, port = endpoint.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except OSError:
+            return False
+    except TimeoutError:
         return False
+    except OSError:
+        return True
 
 
 _in_use: tuple[Worker, ...] = ()

@@ -160,6 +160,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rpc-server", help="llama.cpp's rpc-server binary (built with -DGGML_RPC=ON)")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, from the same build")
+    ap.add_argument("--bytes-only", action="store_true", help="count the traffic per token; time nothing")
     args = ap.parse_args()
 
     ports = [free_port(), free_port()]
@@ -174,13 +175,13 @@ def main() -> int:
         print("plan:", ", ".join(f"{s['layers']} {s['where']}" for s in plan["split"]))
         prompt = prompt_of(args.pp)
         speeds: dict[str, list[float]] = {"local pp": [], "local tg": [], "split pp": [], "split tg": []}
-        for _ in range(args.reps):
+        for _ in range(0 if args.bytes_only else args.reps):
             for where, via in (("local", None), ("split", rpc)):
                 result = run(args.model, prompt, args.tg, args.threads, via)
                 speeds[f"{where} pp"].append(result["prompt_tps"])
                 speeds[f"{where} tg"].append(result["gen_tps"])
         print(f"\n{'':12}{'local tok/s':>14}{'split tok/s':>14}{'ratio':>8}")
-        for phase in ("pp", "tg"):
+        for phase in () if args.bytes_only else ("pp", "tg"):
             local, split = statistics.median(speeds[f"local {phase}"]), statistics.median(speeds[f"split {phase}"])
             print(f"{phase:12}{local:14.1f}{split:14.1f}{split / local:8.2f}")
 
@@ -202,18 +203,17 @@ def main() -> int:
             print(f"  {'':{len(str(p.port))}}  per prompt token {pre[0]:,.0f} / {pre[1]:,.0f} B")
         turns = sum(g[2] for g in per_token)
         volume = sum(g[0] + g[1] for g in per_token)
-        local_tg = statistics.median(speeds["local tg"])
-        split_tg = statistics.median(speeds["split tg"])
         print("\nwhat a network adds per generated token (turns x RTT + bytes / bandwidth), both workers:")
         for name, rtt, bandwidth in LINKS:
             if rtt is None:
-                added = 1 / split_tg - 1 / local_tg
-                print(f"  {name:32}{added * 1e3:8.2f} ms")
+                if not args.bytes_only:
+                    added = 1 / statistics.median(speeds["split tg"]) - 1 / statistics.median(speeds["local tg"])
+                    print(f"  {name:32}{added * 1e3:8.2f} ms")
                 continue
             added = turns * rtt + volume / bandwidth
-            print(f"  {name:32}{added * 1e3:8.2f} ms  -> about {1 / (1 / split_tg + added):.1f} tok/s")
+            print(f"  {name:32}{added * 1e3:8.2f} ms")
 
-        if args.rpc_server and args.llama_bench:
+        if args.rpc_server and args.llama_bench and not args.bytes_only:
             ours = {phase: statistics.median(speeds[f"split {phase}"]) for phase in ("pp", "tg")}
             for proc in workers:  # the same ports, now llama.cpp's own servers
                 proc.terminate()

@@ -191,7 +191,7 @@ def test_a_worker_killed_mid_reply_ends_the_run_with_one_line(three_layers: Path
         stderr = run.stderr.read().decode()
         assert time.monotonic() - started < 30
         assert run.returncode == ExitCode.NETWORK, stderr
-        assert f"error: worker {b.endpoint} stopped answering" in stderr
+        assert f"error: worker {b.endpoint} stopped answering" in stderr, stderr
         assert "Remote RPC server crashed" not in stderr and "Aborted" not in stderr
 
 

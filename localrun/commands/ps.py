@@ -47,7 +47,7 @@ def servers() -> list[ServerRow]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             memory = None
         if record.kind == "worker":
-            up = workers.reachable(record.url.removeprefix("rpc://"))
+            up = not workers.gone(record.url.removeprefix("rpc://"))
             rows.append(
                 ServerRow(record.pid, record.url, time.time() - record.started, memory, up, [], "worker", record.lends)
             )

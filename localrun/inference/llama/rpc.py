@@ -17,6 +17,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def _ggml() -> ctypes.CDLL:
         ("ggml_backend_dev_backend_reg", p, [p]),
         ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(s), ctypes.POINTER(s)]),
         ("ggml_set_abort_callback", p, [p]),
+        ("ggml_backend_dev_by_type", p, [ctypes.c_int]),
+        ("ggml_backend_dev_buffer_type", p, [p]),
     ):
         fn = getattr(g, name)
         fn.restype, fn.argtypes = res, args
@@ -198,23 +201,40 @@ def add_servers(endpoints: Iterable[str]) -> None:
         _registered[endpoint] = reg
 
 
-def model_devices(endpoints: Sequence[str]) -> ctypes.Array:
-    """The devices a split model is loaded on, as llama_model_params.devices takes them (a NULL-
-    terminated array): the workers' devices in the order given, then this machine's GPUs; the
-    order fit.Plan.tensor_split counts its layers in. (llama.cpp's own choice when none are given
-    leaves workers registered this way out.)"""
+def model_devices(endpoints: Sequence[str], count: int) -> tuple[ctypes.Array, int]:
+    """The `count` devices a split model is loaded on, as llama_model_params.devices takes them
+    (a NULL-terminated array): the workers' devices in the order given, then this machine's GPUs
+    (the order fit.Plan.tensor_split counts layers in); and how many of them are GPUs here.
+    (llama.cpp's own choice, when none are given, leaves out workers registered at run time.)"""
     add_servers(endpoints)
     g = _ggml()
     chosen = []
     for endpoint in endpoints:
         reg = _registered[endpoint]
         chosen += [g.ggml_backend_reg_dev_get(reg, i) for i in range(g.ggml_backend_reg_dev_count(reg))]
+    remote = len(chosen)
     for i in range(g.ggml_backend_dev_count()):
         dev = g.ggml_backend_dev_get(i)
-        reg = g.ggml_backend_dev_backend_reg(dev)
-        if DEVICE_TYPES.get(g.ggml_backend_dev_type(dev)) == "GPU" and g.ggml_backend_reg_name(reg) != b"RPC":
+        gpu = DEVICE_TYPES.get(g.ggml_backend_dev_type(dev)) == "GPU"
+        if len(chosen) < count and gpu and g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) != b"RPC":
             chosen.append(dev)
-    return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)
+    return (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None), len(chosen) - remote
+
+
+class _BuftOverride(ctypes.Structure):  # llama.h's llama_model_tensor_buft_override
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+OUTPUT_TENSORS = rb"^(output|token_embd)\."  # the output layer's (token_embd: a tied output's copy)
+
+
+def output_here() -> ctypes.Array:
+    """llama_model_params.tensor_buft_overrides that keep the output layer in this machine's RAM:
+    llama.cpp would put it on the last worker, which then sends every token's logits back (1 MiB
+    a token for a 262k vocabulary) instead of one row of activations."""
+    g = _ggml()
+    cpu = g.ggml_backend_dev_buffer_type(g.ggml_backend_dev_by_type(0))
+    return (_BuftOverride * 2)(_BuftOverride(OUTPUT_TENSORS, cpu), _BuftOverride(None, None))
 
 
 _ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
@@ -227,7 +247,13 @@ def _on_abort(message: bytes | None) -> None:
     text = (message or b"").decode(errors="replace")
     if "RPC" not in text and "Failed to connect" not in text:
         return
-    lost = [e for e in _registered if not workers.reachable(e)] or list(_registered)
+    lost: list[str] = []
+    for _ in range(8):  # a worker that just died may still accept for a moment while its process ends
+        lost = [e for e in _registered if workers.gone(e)]
+        if lost:
+            break
+        time.sleep(0.25)
+    lost = lost or list(_registered)
     names = " or ".join(lost)
     line = f"error: worker {names} stopped answering: the model cannot go on without its layers\n"
     hint = "hint: start the worker again (`localrun worker`), then run again\n"

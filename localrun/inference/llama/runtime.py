@@ -99,8 +99,11 @@ class LlamaModel:
         params.use_mmap = opts.use_mmap
         params.use_extra_bufts = opts.use_extra_bufts
         if opts.rpc:
-            self._devices = rpc.model_devices(opts.rpc)
+            self._devices, gpus_here = rpc.model_devices(opts.rpc, len(opts.tensor_split))
             params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+            if not gpus_here:  # the output layer stays here: no logits over the network
+                self._overrides = rpc.output_here()
+                params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
         if opts.tensor_split:
             self._split = (ctypes.c_float * max(len(opts.tensor_split), lc.LLAMA_MAX_DEVICES))(*opts.tensor_split)
             params.tensor_split = self._split
