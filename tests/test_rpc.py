@@ -204,3 +204,23 @@ def test_ctrl_c_stops_a_worker_and_ps_lists_it_while_it_runs():
         assert w.proc.wait(10) == 0
         assert "worker stopped" in (w.proc.stderr.read() if w.proc.stderr else "")
     assert not any(r["kind"] == "worker" for r in json.loads(localrun("ps", "--json").stdout)["servers"])
+
+
+@pytest.mark.slow
+def test_gemma_split_three_ways_gives_the_logits_of_a_local_run(gemma: Path, two_workers):
+    """The real model across here and two workers, with the same CPU kernels everywhere (no
+    repacked weights here, as on a worker): the same tokens, the same log-probabilities."""
+    a, b = two_workers
+    env = dict(os.environ, LOCALRUN_EXTRA_BUFTS="0")
+    ask = ["run", str(gemma), "Name three rivers of Europe.", "--temperature", "0", "--max-tokens", "24"]
+    ask += ["--json", "--logprobs", "2", "--no-prompt-cache", "--speculate", "off"]
+    local = localrun(*ask, timeout=300, env=env)
+    assert local.returncode == 0, local.stderr
+    split = localrun(*ask, "--rpc", f"{a.endpoint},{b.endpoint}", timeout=300, env=env)
+    assert split.returncode == 0, split.stderr
+    shares = re.search(r"plan: (\d+) layers here, (\d+) on \S+, (\d+) on \S+", split.stderr)
+    assert shares and all(int(n) > 0 for n in shares.groups()) and sum(map(int, shares.groups())) == 18
+    mine, theirs = json.loads(local.stdout), json.loads(split.stdout)
+    assert theirs["text"] == mine["text"]
+    for here, there in zip(mine["logprobs"], theirs["logprobs"]):
+        assert there["logprob"] == pytest.approx(here["logprob"], abs=1e-4)
