@@ -56,10 +56,11 @@ def localrun(*args: str, timeout: float = 120, env: dict | None = None) -> subpr
 class WorkerProcess:
     """A running `localrun worker --port P`, read back from the endpoint it prints."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, host: str = "127.0.0.1"):
         self.port = free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "localrun", "worker", "--port", str(self.port), "--threads", "1", *args]
+        self.endpoint = f"{host}:{self.port}"
+        argv = [sys.executable, "-m", "localrun", "worker", "--host", host, "--port", str(self.port), "--threads", "1"]
+        argv += args
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def __enter__(self) -> WorkerProcess:
@@ -204,6 +205,27 @@ def test_ctrl_c_stops_a_worker_and_ps_lists_it_while_it_runs():
         assert w.proc.wait(10) == 0
         assert "worker stopped" in (w.proc.stderr.read() if w.proc.stderr else "")
     assert not any(r["kind"] == "worker" for r in json.loads(localrun("ps", "--json").stdout)["servers"])
+
+
+def test_a_worker_beyond_loopback_warns_and_sigterm_stops_it():
+    with WorkerProcess(host="0.0.0.0") as w:
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(10) == 0
+        stderr = w.proc.stderr.read() if w.proc.stderr else ""
+    assert "warning: the worker listens beyond this machine: RPC has no authentication" in stderr
+    assert "private network" in stderr and "SSH tunnel" in stderr
+
+
+def test_a_worker_refuses_a_busy_port_and_an_unknown_device():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = localrun("worker", "--port", port, timeout=30)
+    assert busy.returncode == 1 and busy.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    unknown = localrun("worker", "--port", str(free_port()), "--devices", "NOPE", timeout=30)
+    assert unknown.returncode == ExitCode.USAGE
+    assert unknown.stderr.startswith("error: no device named NOPE here") and "CPU" in unknown.stderr
 
 
 @pytest.mark.slow
