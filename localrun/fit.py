@@ -17,7 +17,7 @@ and the process RSS by scripts/fit_accuracy.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from localrun.hardware import Machine
@@ -423,10 +423,12 @@ def _plan_split(header: HeaderInfo, machine: Machine, n_ctx: int | None, shape: 
         return Plan("none", 0, wanted, est, False, notes, machine.extra_bufts, kv_cache=shape.kv_cache)
     away = sum(s.layers for s in shares[1:])
     n_gpu = away + 1 if len(shares) > 1 else 0  # the output layer goes with the last device
-    overhead = _generation_estimate(header, machine, ctx, 0, shape).overhead
+    # here as llama.cpp holds it with the last `away` blocks elsewhere (the output layer here); this
+    # machine's GPUs as VRAM; what each worker holds is in its share
+    here = _generation_estimate(header, machine, ctx, away, shape)
     gpus = sum(s.memory for s in shares[1:] if s.endpoint is None)
-    # what stays here as RAM, this machine's GPUs as VRAM; what each worker holds is in its share
-    est = MemoryEstimate(shares[0].memory - overhead, gpus, 0, 0, 0, 0, overhead)
+    est = replace(here, weights_vram=gpus, kv_vram=0, compute_vram=0)
+    shares[0] = replace(shares[0], memory=est.ram)
     notes = [n for n in (beyond_trained(ctx, header.n_ctx_train),) if n]
     if ctx != wanted:
         notes.append(context_reduced(ctx))
