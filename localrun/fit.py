@@ -422,7 +422,7 @@ def _plan_split(header: HeaderInfo, machine: Machine, n_ctx: int | None, shape: 
         notes = tuple(n for n in (NO_FIT_SPLIT, beyond_trained(wanted, header.n_ctx_train)) if n)
         return Plan("none", 0, wanted, est, False, notes, machine.extra_bufts, kv_cache=shape.kv_cache)
     away = sum(s.layers for s in shares[1:])
-    n_gpu = away + 1 if len(shares) > 1 else 0  # the output layer goes with the last device
+    n_gpu = away + 1 if away else 0  # llama.cpp counts the output layer with the last device's
     # here as llama.cpp holds it with the last `away` blocks elsewhere (the output layer here); this
     # machine's GPUs as VRAM; what each worker holds is in its share
     here = _generation_estimate(header, machine, ctx, away, shape)
@@ -440,19 +440,18 @@ def _split(header: HeaderInfo, machine: Machine, n_ctx: int, shape: Shape) -> li
     """Layers per device (here first, then each worker's devices, then this machine's GPUs), in
     proportion to the memory each has free for layers; None when they do not all fit."""
     n = header.n_layer
-    ubatch = UBATCH
-    kv = kv_bytes_per_layer(header, n_ctx, shape.type_k, ubatch, True, shape.type_v)
+    kv = kv_bytes_per_layer(header, n_ctx, shape.type_k, UBATCH, True, shape.type_v)
     per_layer = (sum(header.layer_bytes) + sum(kv)) / max(1, n)
     repack = 0.0
     if machine.extra_bufts and header.layer_bytes:
         kinds = repack_types(machine.cpu.features)
         repack = sum(b for t, b in header.matmul_bytes.items() if t in kinds) / max(1, sum(header.layer_bytes))
     per_layer_here = per_layer + repack * sum(header.layer_bytes) / max(1, n)
-    _, layer_phase = compute_bytes(header, n_ctx, ubatch, shape.logits_rows, True, shape.flash_attn is not False)
+    _, layer_phase = compute_bytes(header, n_ctx, UBATCH, shape.logits_rows, True, shape.flash_attn is not False)
     cpu_only = _generation_estimate(header, machine, n_ctx, 0, shape)
     here_fixed = cpu_only.ram - cpu_only.weights_ram - cpu_only.kv_ram + header.embd_bytes + header.other_bytes
     output = header.output_bytes + (header.embd_bytes if header.output_tied else 0)
-    # (name, endpoint, free for layers, cost per layer); the output layer on the last device
+    # (name, endpoint, memory free for layers)
     places: list[tuple[str, str | None, int]] = [("here", None, machine.ram_available - ram_headroom(machine))]
     for worker in machine.workers:
         for d in worker.devices:

@@ -23,7 +23,7 @@ from localrun.cli.options import (
     VerboseOpt,
     YesOpt,
     plan_shape,
-    use_workers,
+    workers_option,
 )
 from localrun.errors import ExitCode
 from localrun.output import Output
@@ -72,7 +72,7 @@ def hw(
     from localrun.commands import hw as command
 
     out = Output.from_env(json=json)
-    found = use_workers(rpc, out, need_build=False)
+    found = workers_option(rpc, out, need_build=False)
     result = command.hardware_report(out, run_selftest=selftest, workers=found)
     command.show_hardware(out, result)
     if selftest and not result.selftest_ok:
@@ -110,7 +110,7 @@ def pull(
 
     out = Output.from_env(json=json)
     shape = plan_shape(cache_type_k, cache_type_v, flash_attn)
-    use_workers(rpc, out)
+    workers_option(rpc, out)
     result = command(parse_ref(model, revision), out, n_ctx=ctx, dry_run=dry_run, quant=quant, shape=shape)
     if json:
         out.data(result.to_dict())
@@ -182,7 +182,7 @@ def show(
     out = Output.from_env(json=json)
     ref = parse_ref(model, revision)
     shape = plan_shape(cache_type_k, cache_type_v, flash_attn)
-    use_workers(rpc, out)
+    workers_option(rpc, out)
     command.show(out, command.describe(ref, n_ctx=ctx, machine=this_machine(out.info), shape=shape))
 
 
@@ -327,7 +327,7 @@ def bench(
 
     fmt = output_format(json=json, csv=csv, markdown=markdown)
     out = Output.from_env(json=fmt != "table", verbose=verbose)
-    use_workers(rpc, out)
+    workers_option(rpc, out)
     opts = BenchOptions(
         pp=pp,
         tg=tg,

@@ -29,7 +29,7 @@ from localrun.cli.options import (
     check_speculation,
     shape_options,
     size_option,
-    use_workers,
+    workers_option,
 )
 from localrun.errors import ExitCode
 from localrun.inference.generation.settings import TOP_LOGPROBS_MAX
@@ -243,7 +243,7 @@ def _generation_command(mode: str, doc: str):
         prompt_options = PromptOptions(system, raw, chat_format, template, json_schema, grammar, think, show_thinking)
         if rpc and server:
             raise UsageError("--rpc splits a model loaded here; with --server the server loads it", hint="drop one")
-        use_workers(rpc, out)
+        workers_option(rpc, out)
         stats = generate(
             mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream, draft=draft, server=server
         )

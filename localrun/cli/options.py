@@ -164,20 +164,11 @@ RpcOpt = Annotated[
 ]
 
 
-def use_workers(rpc: str | None, out, *, need_build: bool = True) -> tuple:
-    """--rpc (or LOCALRUN_RPC): ask each worker once, before any plan, what it lends (said on
-    stderr); the planner and the loader then use them. `need_build`: refuse a llama.cpp built
-    without the RPC backend (hw lists workers whatever the build)."""
+def workers_option(rpc: str | None, out, *, need_build: bool = True) -> tuple:
+    """--rpc: the workers asked what they lend (commands.worker.use_workers), imported only when
+    named (the socket and ctypes code is not every command's start-up)."""
     if not rpc:
         return ()
-    from localrun import workers
+    from localrun.commands.worker import use_workers
 
-    endpoints = workers.parse_endpoints(rpc)
-    if need_build:
-        from localrun.inference.llama import rpc as llama_rpc
-
-        llama_rpc.require()
-    found = workers.use(endpoints)
-    for worker in found:
-        out.info(f"worker {worker.endpoint}: {worker.describe()}")
-    return found
+    return use_workers(rpc, out, need_build=need_build)

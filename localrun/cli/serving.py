@@ -23,7 +23,7 @@ from localrun.cli.options import (
     VerboseOpt,
     check_speculation,
     size_option,
-    use_workers,
+    workers_option,
 )
 from localrun.output import Output
 
@@ -143,7 +143,7 @@ def serve(
         },
     )
     cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
-    use_workers(rpc, out)
+    workers_option(rpc, out)
     raise typer.Exit(run_server(list(models or []), opts, settings, cfg, out, draft=draft))
 
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
+from localrun import workers
 from localrun.errors import LocalrunError, UsageError
 from localrun.hardware import default_threads
 from localrun.inference.llama import rpc
@@ -25,7 +26,7 @@ from localrun.output import Output
 from localrun.serve import state
 from localrun.serve.server import is_loopback
 from localrun.text import human_bytes, safe
-from localrun.workers import DEFAULT_PORT
+from localrun.workers import DEFAULT_PORT, Worker
 
 EXPOSED = (
     "the worker listens beyond this machine: RPC has no authentication and no encryption, and anyone "
@@ -42,6 +43,22 @@ class WorkerSettings:
     cache: str | None = None  # a folder where the server keeps tensors it was sent (large ones, by hash)
     devices: tuple[str, ...] = ()  # ggml device names; none: every GPU, else the CPU
     verbose: bool = False
+
+
+def use_workers(given: str | None, out: Output, *, need_build: bool = True) -> tuple[Worker, ...]:
+    """--rpc (or LOCALRUN_RPC) on a command that plans or loads a model: ask each worker once,
+    before any plan, what it lends (said on stderr); the planner and the loader then use them.
+    `need_build`: refuse a llama.cpp built without the RPC backend (hw lists workers whatever
+    the build)."""
+    if not given:
+        return ()
+    endpoints = workers.parse_endpoints(given)
+    if need_build:
+        rpc.require()
+    found = workers.use(endpoints)
+    for worker in found:
+        out.info(f"worker {worker.endpoint}: {worker.describe()}")
+    return found
 
 
 def _check_port(host: str, port: int) -> None:

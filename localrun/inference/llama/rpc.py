@@ -116,7 +116,7 @@ def require() -> None:
     if not supported():
         raise UsageError(
             "this llama-cpp-python was built without llama.cpp's RPC backend",
-            hint=f"rebuild it with it: {rebuild_command()}",
+            hint=f"rebuild it with the RPC backend: {rebuild_command()}",
         )
 
 
