@@ -8,7 +8,8 @@ split sends over the network, per token.
 - local vs split: `localrun run MODEL --json` (prompt and generation speed from its stats)
   without and with `--rpc` to two `localrun worker`s started here on loopback ports; repetitions
   interleaved; speculative decoding and the prompt cache off, greedy, a fixed-length reply.
-- bytes: each worker is reached through a counting TCP proxy in this script. Two runs that differ
+- bytes: for the counted runs each worker is reached through a counting TCP proxy in this script
+  (the timed runs go straight to the workers). Two runs that differ
   only in reply length (and two in prompt length) give the bytes each generated (and each
   prompt) token costs, both ways, and the request/reply turns per token: what a real network adds,
   worked out for a few links at the end (turns x round-trip time + bytes / bandwidth).
@@ -84,6 +85,8 @@ class CountingProxy:
         while True:
             client, _ = self._server.accept()
             worker = socket.create_connection(("127.0.0.1", self.target))
+            for sock in (client, worker):  # as ggml's transport does: no Nagle delay on small messages
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._pump, args=(client, worker), daemon=True).start()
 
     def _pump(self, client: socket.socket, worker: socket.socket) -> None:
@@ -141,6 +144,8 @@ def llama_bench(path: str, model: Path, pp: int, tg: int, reps: int, threads: in
     counts[-1] += 1  # the output layer, as localrun's tensor split counts it
     argv = [path, "-m", str(model), "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads)]
     argv += ["--rpc", rpc, "-ngl", str(plan["n_gpu_layers"]), "-ts", "/".join(map(str, counts)), "-o", "json"]
+    if not any(s["endpoint"] is None and s["where"] != "here" for s in shares):  # no GPU here
+        argv += ["-ot", r"^(output|token_embd)\.=CPU"]  # the output layer here, as localrun keeps it
     done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"llama-bench failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -166,7 +171,8 @@ def main() -> int:
     ports = [free_port(), free_port()]
     workers = [start_worker([*LOCALRUN, "worker", "--port", str(p), "--threads", str(args.threads)], p) for p in ports]
     proxies = [CountingProxy(p) for p in ports]
-    rpc = ",".join(f"127.0.0.1:{p.port}" for p in proxies)
+    rpc = ",".join(f"127.0.0.1:{p}" for p in ports)  # timed: straight to the workers
+    counted = ",".join(f"127.0.0.1:{p.port}" for p in proxies)  # counted: through the proxies
     try:
         shown = subprocess.run(
             [*LOCALRUN, "show", str(args.model), "--json", "--rpc", rpc], capture_output=True, text=True
@@ -188,7 +194,7 @@ def main() -> int:
         def traffic(prompt_words: int, tg: int) -> list[tuple[int, int, int]]:
             for p in proxies:
                 p.reset()
-            run(args.model, prompt_of(prompt_words), tg, args.threads, rpc)
+            run(args.model, prompt_of(prompt_words), tg, args.threads, counted)
             return [p.reset() for p in proxies]
 
         short, long = traffic(args.pp, 8), traffic(args.pp, 8 + args.tg)
