@@ -3,19 +3,20 @@
 split sends over the network, per token.
 
     python scripts/bench_rpc.py [--model PATH] [--pp 256] [--tg 64] [--reps 3] [--threads N]
-        [--rpc-server PATH --llama-bench PATH]
+        [--rpc-server PATH --llama-bench PATH] [--bytes-only]
 
 - local vs split: `localrun run MODEL --json` (prompt and generation speed from its stats)
   without and with `--rpc` to two `localrun worker`s started here on loopback ports; repetitions
   interleaved; speculative decoding and the prompt cache off, greedy, a fixed-length reply.
 - bytes: for the counted runs each worker is reached through a counting TCP proxy in this script
-  (the timed runs go straight to the workers). Two runs that differ
-  only in reply length (and two in prompt length) give the bytes each generated (and each
-  prompt) token costs, both ways, and the request/reply turns per token: what a real network adds,
-  worked out for a few links at the end (turns x round-trip time + bytes / bandwidth).
-- with --rpc-server and --llama-bench (llama.cpp's own tools, built from the vendored sources with
-  -DGGML_RPC=ON): the same split (the plan's -ngl and -ts) on two rpc-servers, through llama-bench;
-  the ratio localrun/llama.cpp per phase (target >= 0.95).
+  (the timed runs go straight to the workers). Two runs that differ only in reply length (and two
+  in prompt length) give the bytes each generated (and each prompt) token costs, both ways, and
+  the request/reply turns per token: what a real network adds, worked out for a few links at the
+  end (turns x round-trip time + bytes / bandwidth).
+- with --rpc-server and --llama-bench (llama.cpp's ggml-rpc-server and llama-bench, built from the
+  vendored sources with -DGGML_RPC=ON): the same split (the plan's -ngl, -ts and the output layer
+  here) on two of llama.cpp's servers, through llama-bench; the ratio localrun/llama.cpp per phase
+  (target >= 0.95).
 Do not trust figures from a machine that other work is using: run it on an idle one.
 """
 
