@@ -246,6 +246,7 @@ def _on_abort(message: bytes | None) -> None:
     abort() as before. It runs on llama.cpp's thread, just before the process would die."""
     text = (message or b"").decode(errors="replace")
     if "RPC" not in text and "Failed to connect" not in text:
+        os.write(2, (text + "\n").encode(errors="replace"))  # what ggml prints when no hook is set
         return
     lost: list[str] = []
     for _ in range(8):  # a worker that just died may still accept for a moment while its process ends
