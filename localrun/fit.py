@@ -17,13 +17,13 @@ and the process RSS by scripts/fit_accuracy.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from localrun.hardware import Machine
 from localrun.model import quants
 from localrun.model.header import HeaderInfo
-from localrun.notes import GPU_NONE, NO_FIT, Note, beyond_trained, context_reduced, gpu_partial
+from localrun.notes import GPU_NONE, NO_FIT, NO_FIT_SPLIT, Note, beyond_trained, context_reduced, gpu_partial, split
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -32,6 +32,7 @@ MIN_CTX = 512  # the smallest context the planner reduces to
 UBATCH = 512  # the largest micro-batch a context decodes at once (n_ubatch)
 CELL_PAD = 256  # llama.cpp pads n_ctx (and the SWA cache) to a multiple of 256
 GPU_RESERVE = 512 * MIB  # per GPU: the CUDA/Metal context, fragmentation, the desktop
+WORKER_RESERVE = 256 * MIB  # per worker device: its process, its graphs, what else runs there
 # Beyond its buffers, llama.cpp's process grows by ~7 MiB (tiny model) to ~52 MiB (Gemma 3, 262k
 # tokens): vocabulary strings, maps and caches, graphs, threads (scripts/fit_accuracy.py).
 BASE_OVERHEAD = 12 * MIB
@@ -85,7 +86,19 @@ class MemoryEstimate:
         return self.weights_vram + self.kv_vram + self.compute_vram
 
 
-Placement = Literal["gpu", "partial", "cpu", "none"]  # all layers on the GPU, some, none, won't fit
+# all layers on the GPU, some, none, across workers (--rpc), won't fit
+Placement = Literal["gpu", "partial", "cpu", "split", "none"]
+
+
+@dataclass(frozen=True)
+class Share:
+    """Some of a split model's layers and where they go: this machine's CPU ("here"), one of its
+    GPUs, or a worker's device (`endpoint` set: what llama.cpp connects to)."""
+
+    where: str
+    layers: int
+    memory: int  # bytes the planner expects there
+    endpoint: str | None = None
 
 
 @dataclass
@@ -99,6 +112,24 @@ class Plan:
     extra_bufts: bool = True  # the self-test's verdict the estimate assumed: the load uses the same
     max_ctx: int = 0  # the largest context (up to the trained one) that fits with the same placement
     kv_cache: str = "f16"  # the KV cache types assumed ("f16", or "q8_0/q4_0" for K/V that differ)
+    # a split across workers, in llama.cpp's order: here (the first layers), the workers' devices,
+    # this machine's GPUs (the last of them holds the output layer; without a GPU it stays here)
+    split: tuple[Share, ...] = ()
+
+    @property
+    def rpc(self) -> tuple[str, ...]:
+        """The workers' endpoints llama.cpp must know, in order."""
+        return tuple(dict.fromkeys(s.endpoint for s in self.split if s.endpoint))
+
+    @property
+    def tensor_split(self) -> tuple[int, ...]:
+        """llama.cpp's tensor_split for the split: layers per device, the output layer counted on
+        the last device as n_gpu_layers counts it (without a GPU here the loader keeps its weights
+        here all the same: runtime.LlamaModel); empty when there is no split."""
+        counts = [s.layers for s in self.split[1:]]
+        if counts:
+            counts[-1] += 1
+        return tuple(counts)
 
     @property
     def note(self) -> str | None:
@@ -345,6 +376,8 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
 
     When nothing fits at the requested (or default) context, halve it down to 512 and say so.
     """
+    if machine.workers:
+        return _plan_split(header, machine, n_ctx, shape)
     ctx = wanted = default_ctx(header, n_ctx)
     while True:
         found = _best_layers(header, machine, ctx, shape)
@@ -372,6 +405,104 @@ def plan(header: HeaderInfo, machine: Machine, n_ctx: int | None = None, shape: 
             notes.append(GPU_NONE)
     reach = max(ctx, _max_ctx(header, machine, n_gpu, shape))
     return Plan(placement, n_gpu, ctx, est, True, tuple(notes), machine.extra_bufts, reach, shape.kv_cache)
+
+
+def _plan_split(header: HeaderInfo, machine: Machine, n_ctx: int | None, shape: Shape) -> Plan:
+    """The plan across this machine and its workers: layers in proportion to the memory each has
+    free (after what stays here whatever the split: embeddings, compute, logits); the context
+    halved down to 512 when the layers do not fit at the one asked."""
+    ctx = wanted = default_ctx(header, n_ctx)
+    while True:
+        shares = _split(header, machine, ctx, shape)
+        if shares is not None or ctx <= MIN_CTX:
+            break
+        ctx = max(MIN_CTX, ctx // 2)
+    if shares is None:
+        est = _generation_estimate(header, machine, wanted, 0, shape)
+        notes = tuple(n for n in (NO_FIT_SPLIT, beyond_trained(wanted, header.n_ctx_train)) if n)
+        return Plan("none", 0, wanted, est, False, notes, machine.extra_bufts, kv_cache=shape.kv_cache)
+    away = sum(s.layers for s in shares[1:])
+    n_gpu = away + 1 if away else 0  # llama.cpp counts the output layer with the last device's
+    # here as llama.cpp holds it with the last `away` blocks elsewhere (the output layer here); this
+    # machine's GPUs as VRAM; what each worker holds is in its share
+    here = _generation_estimate(header, machine, ctx, away, shape)
+    gpus = sum(s.memory for s in shares[1:] if s.endpoint is None)
+    est = replace(here, weights_vram=gpus, kv_vram=0, compute_vram=0)
+    shares[0] = replace(shares[0], memory=est.ram)
+    notes = [n for n in (beyond_trained(ctx, header.n_ctx_train),) if n]
+    if ctx != wanted:
+        notes.append(context_reduced(ctx))
+    notes.append(split([(s.where, s.layers) for s in shares]))
+    return Plan("split", n_gpu, ctx, est, True, tuple(notes), machine.extra_bufts, ctx, shape.kv_cache, tuple(shares))
+
+
+def _split(header: HeaderInfo, machine: Machine, n_ctx: int, shape: Shape) -> list[Share] | None:
+    """Layers per device (here first, then each worker's devices, then this machine's GPUs), in
+    proportion to the memory each has free for layers; None when they do not all fit."""
+    n = header.n_layer
+    kv = kv_bytes_per_layer(header, n_ctx, shape.type_k, UBATCH, True, shape.type_v)
+    per_layer = (sum(header.layer_bytes) + sum(kv)) / max(1, n)
+    repack = 0.0
+    if machine.extra_bufts and header.layer_bytes:
+        kinds = repack_types(machine.cpu.features)
+        repack = sum(b for t, b in header.matmul_bytes.items() if t in kinds) / max(1, sum(header.layer_bytes))
+    per_layer_here = per_layer + repack * sum(header.layer_bytes) / max(1, n)
+    _, layer_phase = compute_bytes(header, n_ctx, UBATCH, shape.logits_rows, True, shape.flash_attn is not False)
+    cpu_only = _generation_estimate(header, machine, n_ctx, 0, shape)
+    here_fixed = cpu_only.ram - cpu_only.weights_ram - cpu_only.kv_ram + header.embd_bytes + header.other_bytes
+    output = header.output_bytes + (header.embd_bytes if header.output_tied else 0)
+    # (name, endpoint, memory free for layers)
+    places: list[tuple[str, str | None, int]] = [("here", None, machine.ram_available - ram_headroom(machine))]
+    for worker in machine.workers:
+        for d in worker.devices:
+            # a CPU lent on Linux reports all its RAM as free (ggml-cpu): keep this machine's headroom
+            reserve = max(GIB, d.total // 10) if d.free == d.total else WORKER_RESERVE
+            places.append((worker.device_name(d.index), worker.endpoint, d.free - reserve - layer_phase))
+    if not machine.unified:
+        for i, g in enumerate(machine.gpus):
+            places.append((f"GPU {i}", None, g.free - GPU_RESERVE - layer_phase))
+    # the output layer: on this machine's last GPU, else here (the loader keeps it here, so that a
+    # worker sends one row of activations per token, not the logits)
+    output_on_gpu = places[-1][0].startswith("GPU ")
+    if not output_on_gpu:
+        here_fixed += header.output_bytes  # a tied output is token_embd, already here
+    room = [max(0, free) for _, _, free in places]
+    room[0] -= here_fixed
+    if output_on_gpu:
+        room[-1] -= output
+    if room[0] < 0 or room[-1] < 0:
+        return None
+    costs = [per_layer_here] + [per_layer] * (len(places) - 1)
+    layers = _proportional(n, room, costs)
+    if layers is None:
+        return None
+    shares = []
+    for i, ((name, endpoint, _), count) in enumerate(zip(places, layers)):
+        memory = int(count * costs[i]) + (here_fixed if i == 0 else layer_phase)
+        if i == len(places) - 1 and output_on_gpu:
+            memory += output
+        shares.append(Share(name, count, memory, endpoint))
+    return shares
+
+
+def _proportional(n: int, room: list[int], costs: list[float]) -> list[int] | None:
+    """`n` layers shared in proportion to `room`, none beyond what a place's room holds at its
+    cost per layer (the rest goes where there is room left); None when they do not all fit.
+    Rounding favours the places listed first (here, then the workers in order)."""
+    capacity = [int(r // c) if c > 0 else n for r, c in zip(room, costs)]
+    if sum(capacity) < n:
+        return None
+    total = sum(room) or 1
+    exact = [n * r / total for r in room]
+    counts = [min(int(e), cap) for e, cap in zip(exact, capacity)]
+    by_remainder = sorted(range(len(room)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in by_remainder:  # the largest remainders first, one layer each
+        if sum(counts) < n and counts[i] < capacity[i]:
+            counts[i] += 1
+    while sum(counts) < n:  # what a full place could not take goes where most room is left
+        i = max(range(len(room)), key=lambda i: (capacity[i] - counts[i], -i))
+        counts[i] += 1
+    return counts
 
 
 def _max_ctx(header: HeaderInfo, machine: Machine, n_gpu: int, shape: Shape) -> int:

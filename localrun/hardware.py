@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import psutil
 
+from localrun.workers import Worker
+
 # CPU flags llama.cpp's CPU backend has kernels for (names as in /proc/cpuinfo).
 LLAMA_CPU_FLAGS = (
     "sse3", "ssse3", "avx", "avx2", "f16c", "fma", "avx_vnni",
@@ -50,6 +52,7 @@ class Machine:
     cpu: CPU = field(default_factory=CPU)
     os: str = ""
     extra_bufts: bool = True  # False when the self-test disabled repacking on this build
+    workers: tuple[Worker, ...] = ()  # other machines lending their devices (--rpc), as they answered
 
     @property
     def unified(self) -> bool:
@@ -57,6 +60,9 @@ class Machine:
 
     def with_extra_bufts(self, extra_bufts: bool) -> Machine:
         return replace(self, extra_bufts=extra_bufts)
+
+    def with_workers(self, workers: tuple[Worker, ...]) -> Machine:
+        return replace(self, workers=workers)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,6 +15,7 @@ NoteKind = Literal[
     "gpu_none",  # no layer fits in VRAM
     "gpu_reduced",  # a load backed off (figures: from, to)
     "no_fit",  # not even the CPU has room
+    "split",  # layers across this machine and its workers (figures: layers per place, here first)
 ]
 
 
@@ -48,6 +49,13 @@ def gpu_partial(n_gpu: int, total: int) -> Note:
 
 GPU_NONE = Note("gpu_none", (), "no layer fits in VRAM")
 NO_FIT = Note("no_fit", (), "needs more memory than this machine has")
+NO_FIT_SPLIT = Note("no_fit", (), "needs more memory than this machine and its workers have together")
+
+
+def split(places: list[tuple[str, int]]) -> Note:
+    """The plan line of a model split across workers: `plan: 12 layers here, 10 on 10.0.0.2:50052`."""
+    parts = [f"{n} layer{'s' * (n != 1)} here" if where == "here" else f"{n} on {where}" for where, n in places]
+    return Note("split", tuple(n for _, n in places), "plan: " + ", ".join(parts))
 
 
 def load_gpu_reduced(was: int, now: int) -> Note:

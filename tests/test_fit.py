@@ -313,3 +313,43 @@ def test_the_largest_context_that_fits_is_the_edge_of_the_plan():
     # a context asked beyond the trained one that fits is never above its own reach
     past = plan(Q4_K_M, cpu_box(64, 60), Q4_K_M.n_ctx_train * 2)
     assert past.fits and past.max_ctx >= past.n_ctx
+
+
+# -- split across workers (--rpc) ------------------------------------------------------------------
+def with_workers(machine: Machine, *free_gib: float, total_gib: float = 8) -> Machine:
+    from localrun.workers import Worker, WorkerDevice
+
+    found = [
+        Worker(f"10.0.0.{i + 2}:50052", "7.0.0", (WorkerDevice(0, int(f * GiB), int(total_gib * GiB)),))
+        for i, f in enumerate(free_gib)
+    ]
+    return machine.with_workers(tuple(found))
+
+
+def test_a_split_shares_the_layers_in_proportion_to_the_memory_free():
+    # a layer is 125 MiB of weights + 16 of KV = 141 MiB. Here: 8 GiB available - 1.6 GiB headroom
+    # - what stays here whatever the split (embeddings 280, output 410, compute 128, fixed ~61) =
+    # ~5674 MiB; each worker: 4 GiB - 256 MiB reserve - 128 MiB compute = 3712. 32 layers in
+    # proportion: 13.9, 9.1, 9.1 -> 14, 9, 9 (the largest remainder rounds up).
+    p = plan(Q4_K_M, with_workers(cpu_box(16, 8), 4, 4))
+    assert p.placement == "split" and p.fits and p.n_ctx == 4096
+    assert [(s.where, s.layers) for s in p.split] == [("here", 14), ("10.0.0.2:50052", 9), ("10.0.0.3:50052", 9)]
+    assert p.note == "plan: 14 layers here, 9 on 10.0.0.2:50052, 9 on 10.0.0.3:50052"
+    # llama.cpp offloads the last 18 blocks and the output layer; the output counted on the last
+    # device (the loader keeps its weights here: runtime), tensor_split in the workers' order
+    assert p.n_gpu_layers == 19 and p.tensor_split == (9, 10) and p.rpc == ("10.0.0.2:50052", "10.0.0.3:50052")
+    assert p.split[1].memory == 9 * (125 + 16) * MiB + LAYER_PHASE
+
+
+def test_a_worker_lending_a_cpu_keeps_the_headroom_of_ram():
+    # ggml says a CPU has all its RAM free: 8 GiB "free" of 8 keeps 1 GiB, not 256 MiB
+    cpu_worker = plan(Q4_K_M, with_workers(cpu_box(16, 8), 8, total_gib=8))
+    gpu_worker = plan(Q4_K_M, with_workers(cpu_box(16, 8), 7.99, total_gib=8))
+    assert cpu_worker.split[1].layers < gpu_worker.split[1].layers
+
+
+def test_a_model_that_fits_no_combination_says_so():
+    p = plan(Q8_0, with_workers(cpu_box(8, 4), 1, 1))
+    assert p.placement == "none" and not p.fits
+    assert p.note == "needs more memory than this machine and its workers have together"
+    assert p.split == () and p.tensor_split == () and p.rpc == ()

@@ -123,7 +123,7 @@ def test_ps_shows_running_servers_and_forgets_dead_ones(tiny):
         stream.close()
         server.stop(signal.SIGKILL)  # dies without a word: its state file stays behind
     assert json.loads(runner.invoke(app, ["ps", "--json"]).stdout)["servers"] == []
-    assert "no localrun server is running" in runner.invoke(app, ["ps"]).stderr
+    assert "no localrun server or worker is running" in runner.invoke(app, ["ps"]).stderr
 
 
 def test_an_idle_model_is_unloaded_after_keep_alive_and_reloaded_when_asked(tiny):

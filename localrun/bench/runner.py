@@ -103,6 +103,18 @@ def _wanted_quants(ref: ModelRef, opts: BenchOptions, notify: Callable[[str], No
     return wanted
 
 
+def _split_over_workers(cand: Candidate, n_ctx: int, notify: Callable[[str], None]) -> fit.Plan | None:
+    """With --rpc: the candidate's plan across this machine and the workers, said; else None."""
+    machine = this_machine()
+    if not machine.workers:
+        return None
+    plan = fit.plan(read_header(cand.files.path), machine, n_ctx)
+    if not plan.fits:
+        raise NoSpace(f"{cand.files.label} does not fit across this machine and its workers")
+    notify(f"{cand.files.label}: {plan.note}")
+    return plan
+
+
 def resolve_candidates(
     models: list[str], opts: BenchOptions, fetch: Fetch, notify: Callable[[str], None]
 ) -> list[Candidate]:
@@ -295,6 +307,13 @@ def run_bench(
                     ref_in=ref_dir if have_ref else None,
                     verbose=opts.verbose,
                 )
+                split = _split_over_workers(cand, max(opts.ppl_ctx, opts.pp + opts.tg), notify)
+                if split is not None:
+                    spec.gpu_layers, spec.rpc, spec.tensor_split = (
+                        split.n_gpu_layers,
+                        list(split.rpc),
+                        list(split.tensor_split),
+                    )
                 if ref_dir:
                     os.makedirs(ref_dir, exist_ok=True)
                 result.status = "running"

@@ -17,7 +17,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,8 @@ class WorkerSpec:
     ref_out: str | None = None  # folder: write the reference tokens and distributions here (the reference run)
     ref_in: str | None = None  # folder: read them from here (every other run)
     verbose: bool = False
+    rpc: list[str] = field(default_factory=list)  # workers (--rpc) and the layers each takes, as planned
+    tensor_split: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -189,6 +191,8 @@ def measure_quality(model, tokens: list[int], spec: WorkerSpec, ref: ReferenceRe
         use_extra_bufts=spec.use_extra_bufts,
         logits_all=True,
         verbose=True,
+        rpc=tuple(spec.rpc),
+        tensor_split=tuple(spec.tensor_split),
     )
     nll: list[np.ndarray] = []
     kld: list[np.ndarray] = []
@@ -263,6 +267,8 @@ def run(spec: WorkerSpec) -> dict:
         n_gpu_layers=spec.gpu_layers,
         use_extra_bufts=spec.use_extra_bufts,
         verbose=True,
+        rpc=tuple(spec.rpc),
+        tensor_split=tuple(spec.tensor_split),
     )
     start = time.perf_counter()
     loaded = load(spec.path, opts)

@@ -18,10 +18,12 @@ from localrun.cli.options import (
     JsonOpt,
     ModelArg,
     RevisionOpt,
+    RpcOpt,
     ThreadsOpt,
     VerboseOpt,
     YesOpt,
     plan_shape,
+    workers_option,
 )
 from localrun.errors import ExitCode
 from localrun.output import Output
@@ -64,12 +66,14 @@ def hw(
     selftest: Annotated[
         bool, typer.Option("--selftest/--no-selftest", help="Load a tiny model and decode in a child process.")
     ] = True,
+    rpc: RpcOpt = None,
 ) -> None:
     """Hardware report: CPU features, RAM, GPUs, the llama.cpp build, and a self-test."""
     from localrun.commands import hw as command
 
     out = Output.from_env(json=json)
-    result = command.hardware_report(out, run_selftest=selftest)
+    found = workers_option(rpc, out, need_build=False)
+    result = command.hardware_report(out, run_selftest=selftest, workers=found)
     command.show_hardware(out, result)
     if selftest and not result.selftest_ok:
         raise typer.Exit(ExitCode.CRASH)
@@ -97,6 +101,7 @@ def pull(
     cache_type_k: CacheTypeKOpt = "f16",
     cache_type_v: CacheTypeVOpt = "f16",
     flash_attn: FlashAttnOpt = "auto",
+    rpc: RpcOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Choose the quantization that fits this machine, show why, and download it."""
@@ -105,6 +110,7 @@ def pull(
 
     out = Output.from_env(json=json)
     shape = plan_shape(cache_type_k, cache_type_v, flash_attn)
+    workers_option(rpc, out)
     result = command(parse_ref(model, revision), out, n_ctx=ctx, dry_run=dry_run, quant=quant, shape=shape)
     if json:
         out.data(result.to_dict())
@@ -165,6 +171,7 @@ def show(
     cache_type_k: CacheTypeKOpt = "f16",
     cache_type_v: CacheTypeVOpt = "f16",
     flash_attn: FlashAttnOpt = "auto",
+    rpc: RpcOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """What a model is and how it would run here; for a repo not pulled, reads only its header."""
@@ -175,6 +182,7 @@ def show(
     out = Output.from_env(json=json)
     ref = parse_ref(model, revision)
     shape = plan_shape(cache_type_k, cache_type_v, flash_attn)
+    workers_option(rpc, out)
     command.show(out, command.describe(ref, n_ctx=ctx, machine=this_machine(out.info), shape=shape))
 
 
@@ -308,6 +316,7 @@ def bench(
     gpu_layers: GpuLayersOpt = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV on stdout.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table on stdout.")] = False,
+    rpc: RpcOpt = None,
     json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -318,6 +327,7 @@ def bench(
 
     fmt = output_format(json=json, csv=csv, markdown=markdown)
     out = Output.from_env(json=fmt != "table", verbose=verbose)
+    workers_option(rpc, out)
     opts = BenchOptions(
         pp=pp,
         tg=tg,

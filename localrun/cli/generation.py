@@ -22,6 +22,7 @@ from localrun.cli.options import (
     PromptCacheOpt,
     PromptCacheSizeOpt,
     ReasoningBudgetOpt,
+    RpcOpt,
     SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
@@ -29,6 +30,7 @@ from localrun.cli.options import (
     check_speculation,
     shape_options,
     size_option,
+    workers_option,
 )
 from localrun.errors import ExitCode
 from localrun.inference.generation.settings import TOP_LOGPROBS_MAX
@@ -214,6 +216,7 @@ def _generation_command(mode: str, doc: str):
         cache_type_v: CacheTypeVOpt = "f16",
         flash_attn: FlashAttnOpt = "auto",
         server: ServerOpt = None,
+        rpc: RpcOpt = None,
         json: JsonOpt = False,
         stream: StreamOpt = False,
         logprobs: LogprobsOpt = None,
@@ -272,6 +275,9 @@ def _generation_command(mode: str, doc: str):
             tools,
             tool_choice,
         )
+        if rpc and server:
+            raise UsageError("--rpc splits a model loaded here; with --server the server loads it", hint="drop one")
+        workers_option(rpc, out)
         stats = generate(
             mode, model, prompt or [], cfg, settings, out, prompt_options, stream=stream, draft=draft, server=server
         )

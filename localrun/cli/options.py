@@ -162,3 +162,25 @@ def plan_shape(type_k: str, type_v: str, flash_attn: str):
 
     k, v, flash = shape_options(type_k, type_v, flash_attn)
     return EngineConfig(type_k=k, type_v=v, flash_attn=flash).shape
+
+
+RpcOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--rpc",
+        metavar="HOST:PORT,...",
+        envvar="LOCALRUN_RPC",
+        show_default=False,
+        help="Split the model across these workers (`localrun worker` on each machine).",
+    ),
+]
+
+
+def workers_option(rpc: str | None, out, *, need_build: bool = True) -> tuple:
+    """--rpc: the workers asked what they lend (commands.worker.use_workers), imported only when
+    named (the socket and ctypes code is not every command's start-up)."""
+    if not rpc:
+        return ()
+    from localrun.commands.worker import use_workers
+
+    return use_workers(rpc, out, need_build=need_build)

@@ -17,12 +17,14 @@ from localrun.cli.options import (
     PromptCacheOpt,
     PromptCacheSizeOpt,
     ReasoningBudgetOpt,
+    RpcOpt,
     SpeculateOpt,
     TemplateOpt,
     ThreadsOpt,
     VerboseOpt,
     check_speculation,
     size_option,
+    workers_option,
 )
 from localrun.output import Output
 
@@ -118,6 +120,7 @@ def serve(
         ),
     ] = 512,
     reasoning_budget: ReasoningBudgetOpt = None,
+    rpc: RpcOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve models until Ctrl-C with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models,
@@ -165,13 +168,48 @@ def serve(
         },
     )
     cfg = EngineConfig(n_ctx=ctx, n_gpu_layers=gpu_layers, n_threads=threads, verbose=verbose)
+    workers_option(rpc, out)
     raise typer.Exit(run_server(list(models or []), opts, settings, cfg, out, draft=draft))
 
 
-@app.command(short_help="The localrun servers running here: models, slots busy, memory.")
+@app.command(short_help="Lend this machine's devices to localrun on other machines (--rpc).")
+@boundary
+def worker(
+    host: Annotated[
+        str, typer.Option("--host", metavar="ADDR", help="Address to listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="Port.")] = 50052,
+    threads: ThreadsOpt = None,
+    cache: Annotated[
+        Optional[str],
+        typer.Option(
+            "--cache", metavar="DIR", show_default=False, help="Keep the tensors sent here, to skip them next time."
+        ),
+    ] = None,
+    devices: Annotated[
+        Optional[str],
+        typer.Option(
+            "--devices", metavar="DEV,...", show_default=False, help="ggml devices to lend (default: GPUs, else CPU)."
+        ),
+    ] = None,
+    json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve this machine's devices with llama.cpp's RPC server until Ctrl-C: another machine's
+    `localrun run|chat|serve --rpc HOST:PORT` puts some of a model's layers here. No
+    authentication, no encryption: a private network or an SSH tunnel only."""
+    from localrun.commands.worker import WorkerSettings, run_worker
+
+    out = Output.from_env(json=json, verbose=verbose)
+    names = tuple(d.strip() for d in (devices or "").split(",") if d.strip())
+    settings = WorkerSettings(host, port, threads, cache, names, verbose)
+    raise typer.Exit(run_worker(settings, out))
+
+
+@app.command(short_help="The localrun servers and workers running here: models, slots busy, memory.")
 @boundary
 def ps(json: JsonOpt = False) -> None:
-    """The `localrun serve` processes running on this machine: URL, models, slots busy, memory, uptime."""
+    """The `localrun serve` and `localrun worker` processes running here: URL, models, slots busy, memory, uptime."""
     from localrun.commands import ps as command
 
     out = Output.from_env(json=json)

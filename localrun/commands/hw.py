@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from localrun import hardware
 from localrun.hardware import Machine
+from localrun.inference.llama import rpc
 from localrun.inference.llama.build import BuildInfo, build_info
 from localrun.inference.safety import selftest
 from localrun.inference.safety.selftest import Verdict
@@ -18,13 +19,15 @@ class HardwareReport:
     machine: Machine
     build: BuildInfo
     selftest: Verdict | None
+    rpc: bool = False  # the build has llama.cpp's RPC backend (`localrun worker`, --rpc)
 
     @property
     def selftest_ok(self) -> bool:
         return self.selftest is not None and self.selftest.ok
 
     def to_dict(self) -> dict:
-        data = {"machine": self.machine.to_dict(), "llama_cpp": asdict(self.build), "selftest": None}
+        build = dict(asdict(self.build), rpc=self.rpc)
+        data = {"machine": self.machine.to_dict(), "llama_cpp": build, "selftest": None}
         if self.selftest is not None:
             v = self.selftest
             data["selftest"] = {
@@ -37,7 +40,7 @@ class HardwareReport:
         return data
 
 
-def hardware_report(out: Output, run_selftest: bool = True) -> HardwareReport:
+def hardware_report(out: Output, run_selftest: bool = True, workers: tuple = ()) -> HardwareReport:
     build = build_info()
     verdict = None
     if run_selftest:
@@ -46,10 +49,10 @@ def hardware_report(out: Output, run_selftest: bool = True) -> HardwareReport:
                 verdict = selftest.check()
         else:
             verdict = selftest.check()
-    machine = hardware.detect()
+    machine = hardware.detect().with_workers(workers)
     if verdict is not None and verdict.use_extra_bufts is not None:
         machine = machine.with_extra_bufts(verdict.use_extra_bufts)
-    return HardwareReport(machine, build, verdict)
+    return HardwareReport(machine, build, verdict, rpc.supported())
 
 
 def _gpu_rows(m: Machine) -> list[tuple[str, str]]:
@@ -85,6 +88,8 @@ def show_hardware(out: Output, report: HardwareReport) -> None:
         ("llama-cpp-python", b.version),
         ("GPU offload", "yes" if b.gpu_offload else "no (CPU-only build)"),
         ("Backends", ", ".join(b.backends) or "-"),
+        ("RPC", "yes: `localrun worker` and --rpc" if report.rpc else f"no: rebuild with {rpc.rebuild_command()}"),
+        *[(f"Worker {w.endpoint}", f"protocol {w.version}, {w.describe()}") for w in m.workers],
         ("System info", b.system_info),
     ]
     if m.cpu.has_amx:

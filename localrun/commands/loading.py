@@ -125,7 +125,7 @@ def draft_beside(
     the CPU (the engine loads it with no GPU layers): a small model drafts fast there, and the
     GPU's memory stays the model's; so its CPU plan is what is counted."""
     draft = resolve_or_pull(parse_ref(reference), out, n_ctx=target.plan.n_ctx, machine=machine)
-    on_cpu = fit.plan(draft.header, replace(machine, gpus=[]), target.plan.n_ctx, cfg.shape)
+    on_cpu = fit.plan(draft.header, replace(machine, gpus=[], workers=()), target.plan.n_ctx, cfg.shape)
     both = target.plan.estimate.ram + on_cpu.estimate.ram
     room = machine.ram_available - fit.ram_headroom(machine)
     if both > room:

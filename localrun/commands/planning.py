@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class Row:
         if self.plan.placement == "partial":
             total = self.header.n_layer + 1 if self.header else "?"
             return f"GPU {self.plan.n_gpu_layers}/{total} + CPU"
+        if self.plan.placement == "split":
+            return " + ".join(f"{share.layers} {share.where}" for share in self.plan.split)
         return "CPU"
 
     def verdict(self) -> str:
@@ -78,6 +80,7 @@ class Row:
                 "kv_cache": self.plan.kv_cache if self.plan else None,
                 "fits": self.fits,
                 "note": self.plan.note if self.plan else None,
+                "split": [asdict(share) for share in self.plan.split] if self.plan else [],
                 "problem": self.problem,
             }
         )
@@ -261,6 +264,8 @@ def _why(rows: list[Row], chosen: int | None, forced: bool, machine: Machine) ->
     """One line: what was chosen and what decided it."""
     if chosen is None:
         gpu = f" and {human_bytes(sum(g.free for g in machine.gpus))} free VRAM" if machine.gpus else ""
+        if machine.workers:
+            gpu += f" and {human_bytes(sum(w.free for w in machine.workers))} free on the workers"
         return (
             f"nothing fits in {human_bytes(machine.ram_available)} available RAM{gpu} "
             f"({human_bytes(fit.ram_headroom(machine))} of the RAM is kept free for the system)"
@@ -270,9 +275,12 @@ def _why(rows: list[Row], chosen: int | None, forced: bool, machine: Machine) ->
     label = safe(row.quant.label)
     if plan is None or not plan.fits:
         return f"{label}: as asked" + (f" (won't fit: {memory_need(row)})" if plan else "")
-    where = {"gpu": "runs fully on the GPU", "partial": "fits with part of it on the GPU", "cpu": "fits in RAM"}.get(
-        plan.placement, "fits"
-    )
+    where = {
+        "gpu": "runs fully on the GPU",
+        "partial": "fits with part of it on the GPU",
+        "cpu": "fits in RAM",
+        "split": "fits across this machine and its workers",
+    }.get(plan.placement, "fits")
     if forced:
         why = f"{label}: as asked; it {where}"
     elif chosen == next(i for i, r in enumerate(rows) if r.plan is not None):

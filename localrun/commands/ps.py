@@ -1,4 +1,4 @@
-"""`localrun ps`: the servers running on this machine (from their state files), each asked how
+"""`localrun ps`: the servers and workers running on this machine (from their state files), each asked how
 busy it is; a server that died is not listed, whatever it left behind."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
+from localrun import workers
 from localrun.output import Output
 from localrun.serve import client, state
 from localrun.text import human_bytes, safe
@@ -31,6 +32,8 @@ class ServerRow:
     memory: int | None  # resident memory of the process, bytes
     answering: bool
     models: list[ModelRow] = field(default_factory=list)
+    kind: str = "serve"  # or "worker"
+    lends: list[str] = field(default_factory=list)  # a worker's devices
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +46,12 @@ def servers() -> list[ServerRow]:
             memory: int | None = psutil.Process(record.pid).memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             memory = None
+        if record.kind == "worker":
+            up = not workers.gone(record.url.removeprefix("rpc://"))
+            rows.append(
+                ServerRow(record.pid, record.url, time.time() - record.started, memory, up, [], "worker", record.lends)
+            )
+            continue
         live = client.health(record.url)
         by_id = {m["id"]: m for m in (live or {}).get("models", []) if isinstance(m, dict) and "id" in m}
         models = []
@@ -68,11 +77,16 @@ def show(out: Output, rows: list[ServerRow]) -> None:
         out.data({"servers": [r.to_dict() for r in rows]})
         return
     if not rows:
-        out.info("no localrun server is running (start one with `localrun serve MODEL`)")
+        out.info("no localrun server or worker is running (start one with `localrun serve MODEL`)")
         return
     lines = []
     for row in rows:
         memory = human_bytes(row.memory) if row.memory is not None else "?"
+        if row.kind == "worker":
+            what = "worker: " + (", ".join(row.lends) or "?")
+            busy = "lending" if row.answering else "not answering"
+            lines.append([safe(what), safe(row.url), str(row.pid), busy, "-", memory, _uptime(row.uptime_s)])
+            continue
         for i, m in enumerate(row.models or [ModelRow("-", None, 0, None, None, None)]):
             if not row.answering:
                 busy, queued = "not answering", "?"

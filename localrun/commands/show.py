@@ -87,6 +87,7 @@ class Description:
                 "kv_cache": self.plan.kv_cache,
                 "fits": self.plan.fits,
                 "note": self.plan.note,
+                "split": [asdict(share) for share in self.plan.split],
                 "ram": est.ram,
                 "vram": est.vram,
                 "estimate": asdict(est),
@@ -202,6 +203,7 @@ def _plan_line(d: Description) -> str:
         "gpu": "all layers on the GPU",
         "cpu": "CPU",
         "partial": f"{plan.n_gpu_layers}/{d.header.n_layer + 1} layers on the GPU",
+        "split": "split across workers",
     }.get(plan.placement, "-")
     memory = f"~{human_bytes(est.ram)} RAM" + (f" + {human_bytes(est.vram)} VRAM" if est.vram else "")
     parts = (

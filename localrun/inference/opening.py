@@ -122,6 +122,8 @@ def load_engine(
         type_k=cfg.type_k,
         type_v=cfg.type_v,
         flash_attn=cfg.flash_attn,
+        rpc=plan.rpc,
+        tensor_split=plan.tensor_split if cfg.n_gpu_layers is None else (),
     )
     opened = load_backing_off(model.path, opts, notify, progress=progress)
     loaded, opts = opened.loaded, opened.opts
@@ -197,9 +199,11 @@ def speculator_for(loaded: Loaded, mode: Mode, draft: ModelFiles | None, notify:
     if mode in ("auto", "lookup"):
         drafters.append(LookupDrafter())
     if draft is not None and mode in ("auto", "draft"):
-        # on the CPU (the planner counted it there: commands.loading), one logits row, f16 cells;
-        # the target's context, batch, sequences and threads
-        draft_opts = replace(opts, n_gpu_layers=0, n_outputs=1, type_k="f16", type_v="f16", flash_attn=None)
+        # on the CPU (the planner counted it there: commands.loading; no worker), one logits row, f16
+        # cells; the target's context, batch, sequences and threads
+        draft_opts = replace(
+            opts, n_gpu_layers=0, n_outputs=1, type_k="f16", type_v="f16", flash_attn=None, rpc=(), tensor_split=()
+        )
         drafting = runtime.load(draft.path, draft_opts)
         if drafting.model.vocab_fingerprint() != loaded.model.vocab_fingerprint():
             drafting.close()

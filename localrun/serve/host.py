@@ -292,6 +292,8 @@ class ModelHost:
             n_outputs=n * generation.logits_rows,  # per slot and step: one row, or a verify batch's
             n_seq_max=n,
             kv_unified=False,  # each slot its own KV stream of per_slot cells: no slot crowds out another
+            rpc=plan.rpc,
+            tensor_split=plan.tensor_split if self.opts.gpu_layers is None else (),
         )
 
         def load() -> tuple[Engine, ChatTemplate, SlotLoop]:

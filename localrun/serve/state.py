@@ -1,4 +1,5 @@
-"""What is being served, for `localrun ps`: one small file per server in $LOCALRUN_HOME/servers/,
+"""What is being served, for `localrun ps`: one small file per server (and per worker lending its
+devices) in $LOCALRUN_HOME/servers/,
 written when it starts and removed when it stops. A server that died without removing it is
 recognised (its pid is gone, or is another process now) and its file removed, never shown."""
 
@@ -26,20 +27,25 @@ class ServerRecord:
     started: float  # the process's creation time (psutil): with the pid, it names this process
     url: str
     models: list[ServedModel] = field(default_factory=list)
+    kind: str = "serve"  # or "worker": `localrun worker`, lending devices at rpc://HOST:PORT
+    lends: list[str] = field(default_factory=list)  # a worker's devices, e.g. "CPU 7.7 GB"
 
     @classmethod
     def from_dict(cls, data: dict) -> ServerRecord:
         models = [ServedModel(str(m["id"]), int(m["slots"])) for m in data.get("models", [])]
-        return cls(int(data["pid"]), float(data["started"]), str(data["url"]), models)
+        lends = [str(d) for d in data.get("lends", [])]
+        return cls(
+            int(data["pid"]), float(data["started"]), str(data["url"]), models, str(data.get("kind", "serve")), lends
+        )
 
 
 def _folder() -> Path:
     return paths.home() / FOLDER
 
 
-def register(url: str, models: list[ServedModel]) -> ServerRecord:
+def register(url: str, models: list[ServedModel], kind: str = "serve", lends: list[str] | None = None) -> ServerRecord:
     me = psutil.Process()
-    record = ServerRecord(me.pid, me.create_time(), url, models)
+    record = ServerRecord(me.pid, me.create_time(), url, models, kind, list(lends or []))
     paths.write_json_quietly(_folder() / f"{me.pid}.json", asdict(record))
     return record
 

@@ -76,9 +76,12 @@ def build_info() -> BuildInfo:
         ]
     except AttributeError:  # older bindings do not expose the backend registry
         backends = [m.group(1) for m in re.finditer(r"(\w+) : ", system_info)]
+    from localrun.inference.llama.rpc import local_devices  # it reaches ggml through this module
+
     return BuildInfo(
         version=getattr(lc, "__version__", "unknown"),
-        gpu_offload=bool(lc.llama_supports_gpu_offload()),
+        # a GPU here: llama_supports_gpu_offload() also says yes for a build with the RPC backend
+        gpu_offload=any(d.kind in ("GPU", "iGPU") for d in local_devices()),
         system_info=system_info,
         backends=backends,
     )

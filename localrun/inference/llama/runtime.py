@@ -19,6 +19,7 @@ from typing import Any
 from localrun.errors import BadModel, LocalrunError, NoSpace, UsageError
 from localrun.fit import CELL_PAD, UBATCH
 from localrun.hardware import default_threads
+from localrun.inference.llama import rpc
 from localrun.inference.llama.build import llama
 from localrun.inference.llama.log import install as install_log
 from localrun.inference.llama.log import last_error, recent
@@ -78,6 +79,8 @@ class LoadOptions:
     # or None for the model's own from its GGUF, mean where it names none (a generative model).
     embeddings: bool = False
     pooling: int | None = None
+    rpc: tuple[str, ...] = ()  # workers' endpoints (HOST:PORT) whose devices may take layers
+    tensor_split: tuple[int, ...] = ()  # layers per offload device, llama.cpp's order (fit.Plan)
 
 
 def _with_reason(message: str) -> str:
@@ -100,6 +103,15 @@ class LlamaModel:
         params.n_gpu_layers = opts.n_gpu_layers
         params.use_mmap = opts.use_mmap
         params.use_extra_bufts = opts.use_extra_bufts
+        if opts.rpc:
+            self._devices, gpus_here = rpc.model_devices(opts.rpc, len(opts.tensor_split))
+            params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+            if not gpus_here:  # the output layer stays here: no logits over the network
+                self._overrides = rpc.output_here()
+                params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
+        if opts.tensor_split:
+            self._split = (ctypes.c_float * max(len(opts.tensor_split), lc.LLAMA_MAX_DEVICES))(*opts.tensor_split)
+            params.tensor_split = self._split
         self._lc = lc
         self.ptr = _load_abortably(lc, str(self.path).encode(), params, progress)
         if not self.ptr:

@@ -28,7 +28,7 @@ from localrun.inference.llama.log import last_error
 PROBE_TIMEOUT = 120.0
 
 REBUILD_HINT = (
-    'rebuild llama-cpp-python without AMX: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON '
+    'rebuild llama-cpp-python without AMX: CMAKE_ARGS="-DGGML_RPC=ON -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON '
     '-DGGML_F16C=ON" pip install --force-reinstall --no-cache-dir llama-cpp-python'
 )
 

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""A model split across two loopback workers against the same model run locally, and what the
+split sends over the network, per token.
+
+    python scripts/bench_rpc.py [--model PATH] [--pp 256] [--tg 64] [--reps 3] [--threads N]
+        [--rpc-server PATH --llama-bench PATH] [--bytes-only]
+
+- local vs split: `localrun run MODEL --json` (prompt and generation speed from its stats)
+  without and with `--rpc` to two `localrun worker`s started here on loopback ports; repetitions
+  interleaved; speculative decoding and the prompt cache off, greedy, a fixed-length reply.
+- bytes: for the counted runs each worker is reached through a counting TCP proxy in this script
+  (the timed runs go straight to the workers). Two runs that differ only in reply length (and two
+  in prompt length) give the bytes each generated (and each prompt) token costs, both ways, and
+  the request/reply turns per token: what a real network adds, worked out for a few links at the
+  end (turns x round-trip time + bytes / bandwidth).
+- with --rpc-server and --llama-bench (llama.cpp's ggml-rpc-server and llama-bench, built from the
+  vendored sources with -DGGML_RPC=ON): the same split (the plan's -ngl, -ts and the output layer
+  here) on two of llama.cpp's servers, through llama-bench; the ratio localrun/llama.cpp per phase
+  (target >= 0.95).
+Do not trust figures from a machine that other work is using: run it on an idle one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCALRUN = [sys.executable, "-m", "localrun"]
+WORDS = [
+    "the",
+    "river",
+    "valley",
+    "farmers",
+    "settled",
+    "along",
+    "its",
+    "banks",
+    "built",
+    "canals",
+    "and",
+    "traded",
+    "grain",
+    "upstream",
+]
+LINKS = [  # name, round-trip time (s), bytes per second
+    ("loopback (measured)", None, None),
+    ("10 GbE LAN", 50e-6, 1.17e9),
+    ("1 GbE LAN", 200e-6, 117e6),
+    ("Wi-Fi 6", 3e-3, 60e6),
+    ("SSH tunnel over the internet", 20e-3, 10e6),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CountingProxy:
+    """Forwards 127.0.0.1:port to a worker and counts the bytes and turns each way."""
+
+    def __init__(self, target: int):
+        self.target, self.port = target, free_port()
+        self.up = self.down = self.turns = 0
+        self._last = ""
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> tuple[int, int, int]:
+        counts = (self.up, self.down, self.turns)
+        self.up = self.down = self.turns = 0
+        return counts
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self._server.accept()
+            worker = socket.create_connection(("127.0.0.1", self.target))
+            for sock in (client, worker):  # as ggml's transport does: no Nagle delay on small messages
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pump, args=(client, worker), daemon=True).start()
+
+    def _pump(self, client: socket.socket, worker: socket.socket) -> None:
+        peers = {client: worker, worker: client}
+        while True:
+            ready, _, _ = select.select(list(peers), [], [])
+            for sock in ready:
+                data = sock.recv(1 << 20)
+                if not data:
+                    client.close()
+                    worker.close()
+                    return
+                peers[sock].sendall(data)
+                way = "up" if sock is client else "down"
+                if way == "up":
+                    self.up += len(data)
+                    if self._last != "up":
+                        self.turns += 1
+                else:
+                    self.down += len(data)
+                self._last = way
+
+
+def start_worker(argv: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"{argv[0]} did not listen on {port}")
+
+
+def prompt_of(n_words: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
+
+
+def run(model: Path, prompt: str, tg: int, threads: int, rpc: str | None) -> dict:
+    argv = [*LOCALRUN, "run", str(model), prompt, "--raw", "--json", "--temperature", "0", "--ignore-eos"]
+    argv += ["--max-tokens", str(tg), "--speculate", "off", "--no-prompt-cache", "--threads", str(threads)]
+    if rpc:
+        argv += ["--rpc", rpc]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"localrun run failed ({done.returncode}): {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def llama_bench(path: str, model: Path, pp: int, tg: int, reps: int, threads: int, rpc: str, plan: dict) -> dict:
+    shares = plan["split"]
+    counts = [s["layers"] for s in shares[1:]]
+    counts[-1] += 1  # the output layer, as localrun's tensor split counts it
+    argv = [path, "-m", str(model), "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads)]
+    argv += ["--rpc", rpc, "-ngl", str(plan["n_gpu_layers"]), "-ts", "/".join(map(str, counts)), "-o", "json"]
+    if not any(s["endpoint"] is None and s["where"] != "here" for s in shares):  # no GPU here
+        argv += ["-ot", r"^(output|token_embd)\.=CPU"]  # the output layer here, as localrun keeps it
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"llama-bench failed ({done.returncode}): {done.stderr[-2000:]}")
+    speeds = {}
+    for row in json.loads(done.stdout):
+        phase = "pp" if row.get("n_prompt") else "tg"
+        speeds[phase] = row["avg_ts"]
+    return speeds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / ".cache/tests/gemma/gemma-3-270m-Q4_K_M.gguf")
+    ap.add_argument("--pp", type=int, default=256, help="prompt words (about as many tokens)")
+    ap.add_argument("--tg", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rpc-server", help="llama.cpp's rpc-server binary (built with -DGGML_RPC=ON)")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, from the same build")
+    ap.add_argument("--bytes-only", action="store_true", help="count the traffic per token; time nothing")
+    args = ap.parse_args()
+
+    ports = [free_port(), free_port()]
+    workers = [start_worker([*LOCALRUN, "worker", "--port", str(p), "--threads", str(args.threads)], p) for p in ports]
+    proxies = [CountingProxy(p) for p in ports]
+    rpc = ",".join(f"127.0.0.1:{p}" for p in ports)  # timed: straight to the workers
+    counted = ",".join(f"127.0.0.1:{p.port}" for p in proxies)  # counted: through the proxies
+    try:
+        shown = subprocess.run(
+            [*LOCALRUN, "show", str(args.model), "--json", "--rpc", rpc], capture_output=True, text=True
+        )
+        plan = json.loads(shown.stdout)["plan"]
+        print("plan:", ", ".join(f"{s['layers']} {s['where']}" for s in plan["split"]))
+        prompt = prompt_of(args.pp)
+        speeds: dict[str, list[float]] = {"local pp": [], "local tg": [], "split pp": [], "split tg": []}
+        for _ in range(0 if args.bytes_only else args.reps):
+            for where, via in (("local", None), ("split", rpc)):
+                result = run(args.model, prompt, args.tg, args.threads, via)
+                speeds[f"{where} pp"].append(result["prompt_tps"])
+                speeds[f"{where} tg"].append(result["gen_tps"])
+        print(f"\n{'':12}{'local tok/s':>14}{'split tok/s':>14}{'ratio':>8}")
+        for phase in () if args.bytes_only else ("pp", "tg"):
+            local, split = statistics.median(speeds[f"local {phase}"]), statistics.median(speeds[f"split {phase}"])
+            print(f"{phase:12}{local:14.1f}{split:14.1f}{split / local:8.2f}")
+
+        def traffic(prompt_words: int, tg: int) -> list[tuple[int, int, int]]:
+            for p in proxies:
+                p.reset()
+            run(args.model, prompt_of(prompt_words), tg, args.threads, counted)
+            return [p.reset() for p in proxies]
+
+        short, long = traffic(args.pp, 8), traffic(args.pp, 8 + args.tg)
+        small, big = traffic(16, 1), traffic(16 + args.pp, 1)
+        print("\nper worker, bytes up (to it) / down (from it) / request turns")
+        per_token = []
+        for i, p in enumerate(proxies):
+            gen = [(b - a) / args.tg for a, b in zip(short[i], long[i])]
+            pre = [(b - a) / args.pp for a, b in zip(small[i], big[i])]
+            per_token.append(gen)
+            print(f"  {p.port}: per generated token {gen[0]:,.0f} / {gen[1]:,.0f} B, {gen[2]:.1f} turns;")
+            print(f"  {'':{len(str(p.port))}}  per prompt token {pre[0]:,.0f} / {pre[1]:,.0f} B")
+        turns = sum(g[2] for g in per_token)
+        volume = sum(g[0] + g[1] for g in per_token)
+        print("\nwhat a network adds per generated token (turns x RTT + bytes / bandwidth), both workers:")
+        for name, rtt, bandwidth in LINKS:
+            if rtt is None:
+                if not args.bytes_only:
+                    added = 1 / statistics.median(speeds["split tg"]) - 1 / statistics.median(speeds["local tg"])
+                    print(f"  {name:32}{added * 1e3:8.2f} ms")
+                continue
+            added = turns * rtt + volume / bandwidth
+            print(f"  {name:32}{added * 1e3:8.2f} ms")
+
+        if args.rpc_server and args.llama_bench and not args.bytes_only:
+            ours = {phase: statistics.median(speeds[f"split {phase}"]) for phase in ("pp", "tg")}
+            for proc in workers:  # the same ports, now llama.cpp's own servers
+                proc.terminate()
+                proc.wait(10)
+            workers[:] = [start_worker([args.rpc_server, "-p", str(p), "-t", str(args.threads)], p) for p in ports]
+            theirs = llama_bench(args.llama_bench, args.model, args.pp, args.tg, args.reps, args.threads, rpc, plan)
+            print(f"\n{'':12}{'localrun':>12}{'llama.cpp':>12}{'ratio':>8}")
+            for phase in ("pp", "tg"):
+                print(f"{phase:12}{ours[phase]:12.1f}{theirs[phase]:12.1f}{ours[phase] / theirs[phase]:8.2f}")
+    finally:
+        for proc in workers:
+            proc.terminate()
+            proc.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
