@@ -356,9 +356,13 @@ def _prompt_session(input: Input | None, output: PTOutput | None) -> Any:
 
 
 def _ctrl_c_typed_ahead(session: Any) -> bool:
-    """Whether Ctrl-C came in the same read as the Enter that sent the line: prompt-toolkit keeps
-    such keys for the next prompt, where it would be taken for Ctrl-C on an empty line."""
+    """Whether Ctrl-C came right after the Enter that sent the line: in the same read (prompt-toolkit
+    keeps such keys for the next prompt, where it would be taken for Ctrl-C on an empty line), or
+    after that read but while the terminal was still raw (then it waits in the terminal's queue as a
+    key, not a signal, for the next prompt to read)."""
     keys = get_typeahead(session.input)
+    with session.input.raw_mode():  # what is queued is read as it was typed, without waiting
+        keys += session.input.read_keys()
     ctrl_c = [k for k in keys if k.key == Keys.ControlC]
     store_typeahead(session.input, [k for k in keys if k.key != Keys.ControlC])
     return bool(ctrl_c)
