@@ -78,3 +78,35 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"not a size: {text!r} (say 4G, 512M or a number of bytes)")
     return int(float(m.group(1)) * 1024 ** "bkmgt".index((m.group(2) or "b").lower()))
+
+
+FOREVER_SECONDS = 292 * 365 * 86400.0  # Go's longest duration: a longer one (Ollama's too) means forever
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(value: float | str) -> float | None:
+    """A duration as people and Ollama's clients write it, in seconds; None: forever. A number of
+    seconds, or Go's form ("5m", "1h30m", "300ms"); negative, or beyond FOREVER_SECONDS, is forever.
+    ValueError for anything else (a boolean, NaN, text that is no duration)."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    try:
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        else:
+            text = value.strip()
+            sign = -1.0 if text.startswith("-") else 1.0
+            body = text.lstrip("+-")
+            if re.fullmatch(r"\d+(?:\.\d+)?", body):  # a bare number: seconds
+                seconds = sign * float(body)
+            else:
+                parts = _GO_DURATION.findall(body)
+                if not body or "".join(n + u for n, u in parts) != body:
+                    raise ValueError("not a duration")
+                seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    except OverflowError:  # an integer too large for a float: forever either way
+        return None
+    if seconds != seconds:
+        raise ValueError("not a duration")
+    return None if seconds < 0 or seconds >= FOREVER_SECONDS else seconds

@@ -381,6 +381,8 @@ def test_a_pulled_model_is_served_at_once_and_delete_removes_it(tiny, hub):
     [
         *[(300, 300.0), (2.5, 2.5), ("5m", 300.0), ("1h30m", 5400.0), ("300ms", 0.3), ("0", 0.0), ("45", 45.0)],
         *[(-1, None), ("-1m", None)],
+        # beyond Go's longest duration, or beyond a float: forever (it broke /api/ps's expiry date)
+        *[("9999999999999999h", None), (10**400, None), (1e300, None)],
     ],
 )
 def test_keep_alive_is_seconds_or_a_go_duration_and_negative_is_forever(value, seconds):
@@ -440,3 +442,11 @@ def test_a_body_sent_as_ollamas_docs_send_it_is_read_as_json(server: ServerProce
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=60)
     assert refused.value.code == 400 and "Content-Type: application/json" in refused.value.read().decode()
+
+
+def test_a_keep_alive_beyond_any_date_keeps_the_model_loaded_and_ps_answering(server: ServerProcess):
+    c = client(server)
+    c.chat(model=TINY, messages=[], keep_alive="9999999999999999h")
+    loaded = c.ps().models
+    assert [m.model for m in loaded] == [TINY] and loaded[0].expires_at.year > 2300
+    c.chat(model=TINY, messages=[], keep_alive="5m")  # as the other tests expect it

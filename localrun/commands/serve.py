@@ -3,7 +3,6 @@ and Ollama's APIs on HTTP until Ctrl-C or SIGTERM, which end the streams in flig
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +25,7 @@ from localrun.serve.registry import ModelChanges, Registry
 from localrun.serve.server import Limits, bind, is_loopback, serve, url_of
 from localrun.store.resolve import Resolved, aliases_of, resolve
 from localrun.store.scan import scan
-from localrun.text import safe
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
+from localrun.text import duration_seconds, safe
 
 
 @dataclass
@@ -46,15 +43,16 @@ class ServeSettings:
 
 
 def keep_alive(text: str) -> float | None:
-    """`5m`, `30s`, `1h`, `300` (seconds), `0` (unload when idle); `forever` or -1: never unload."""
+    """`5m`, `30s`, `1h30m`, `300` (seconds), `0` (unload when idle); `forever` or -1: never unload."""
     value = text.strip().lower()
-    if value in ("forever", "never", "-1", "inf"):
+    if value in ("forever", "never", "inf"):
         return None
-    m = _DURATION.match(value)
-    if not m:
-        raise UsageError(f"--keep-alive {safe(text)!r} is not a duration", hint="e.g. 30s, 5m, 1h, 0, or forever")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    return float(m.group(1)) * scale
+    try:
+        return duration_seconds(value)
+    except ValueError:
+        raise UsageError(
+            f"--keep-alive {safe(text)!r} is not a duration", hint="e.g. 30s, 5m, 1h, 0, or forever"
+        ) from None
 
 
 def _model_id(resolved: Resolved, ref: ModelRef) -> tuple[str, set[str]]:

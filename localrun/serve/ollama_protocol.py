@@ -9,12 +9,12 @@ honour is refused by name in the mapping (ollama.py), never dropped silently.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from localrun.serve.protocol import _Body, _bound, _Request
+from localrun.text import duration_seconds
 
 # -- requests ----------------------------------------------------------------------------------------
 
@@ -275,29 +275,12 @@ class Version(Out):
 
 
 # -- durations ---------------------------------------------------------------------------------------
-_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def keep_alive_seconds(value: KeepAlive) -> float | None:
     """Ollama's keep_alive in seconds (None: stay loaded until the server stops): a number of
-    seconds, or a Go duration ("5m", "1h30m", "300ms"); negative means forever, 0 unload now.
-    ValueError for anything else."""
-    if isinstance(value, bool):
-        raise ValueError("keep_alive is a number of seconds or a duration such as 5m")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = value.strip()
-        sign = -1.0 if text.startswith("-") else 1.0
-        body = text.lstrip("+-")
-        if re.fullmatch(r"\d+(?:\.\d+)?", body):  # a bare number: seconds
-            seconds = sign * float(body)
-        else:
-            parts = _GO_DURATION.findall(body)
-            if not body or "".join(n + u for n, u in parts) != body:
-                raise ValueError(f"keep_alive {value[:40]!r} is not a duration (such as 30s, 5m, 1h30m, 0 or -1)")
-            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        raise ValueError("keep_alive must be a finite number of seconds")
-    return None if seconds < 0 else seconds
+    seconds, or a Go duration ("5m", "1h30m", "300ms"); negative (or beyond Go's 292 years) means
+    forever, 0 unload now. ValueError for anything else."""
+    try:
+        return duration_seconds(value)
+    except ValueError:
+        shown = value[:40] if isinstance(value, str) else value
+        raise ValueError(f"keep_alive {shown!r} is not a duration (such as 30s, 5m, 1h30m, 0 or -1)") from None
