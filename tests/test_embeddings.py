@@ -448,3 +448,10 @@ def test_base64_is_the_little_endian_float32_of_the_float_vector(server: ServerP
     _, as_b64 = post(server, "/v1/embeddings", {"model": CHAT, "input": "hot", "encoding_format": "base64"})
     _, as_float = post(server, "/v1/embeddings", {"model": CHAT, "input": "hot"})
     assert np.allclose(_decoded(as_b64["data"][0]["embedding"]), as_float["data"][0]["embedding"], atol=1e-7)
+
+
+def test_embed_refuses_an_output_it_cannot_write_before_any_work(tiny, tmp_path):
+    for target, said in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.npy", "there is no folder")):
+        run = embed_cli(str(tiny.quants["Q8_0"]), "-o", str(target), stdin="the cat\n")
+        stderr = run.stderr.decode()
+        assert run.returncode == 2 and said in stderr and "Traceback" not in stderr, stderr

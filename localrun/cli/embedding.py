@@ -48,6 +48,7 @@ def embed(
 
     if format not in command.FORMATS:
         raise UsageError(f"--format {format}: use jsonl or npy")
+    command.check_output(output)
     out = Output.from_env(verbose=verbose)
     cfg = EngineConfig(
         n_gpu_layers=gpu_layers,

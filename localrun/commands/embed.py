@@ -15,7 +15,7 @@ from localrun.errors import UsageError
 from localrun.inference.embedding import normalized
 from localrun.inference.opening import EngineConfig
 from localrun.output import Output
-from localrun.text import plural
+from localrun.text import plural, safe
 
 FORMATS = ("jsonl", "npy")
 
@@ -60,19 +60,32 @@ def embed(
     return Embedded(vectors, [e.n_tokens for e in found], cut, pooling, seconds)
 
 
+def check_output(output: Path | None) -> None:
+    """Refuse, before any work, a file the vectors could not be written to."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise UsageError(f"-o {safe(str(output))} is a folder", hint="name a file in it")
+    if not output.parent.is_dir():
+        raise UsageError(f"-o {safe(str(output))}: there is no folder {safe(str(output.parent))}")
+
+
 def show_embedded(out: Output, result: Embedded, fmt: str, output: Path | None) -> None:
     """The vectors on stdout (or in `output`): JSON Lines {"index", "embedding"}, or a .npy array;
     what was done on stderr."""
-    if fmt == "npy":
+    if output is not None:
+        try:
+            if fmt == "npy":
+                np.save(output, result.vectors, allow_pickle=False)
+            else:
+                with output.open("w", encoding="utf-8") as file:
+                    file.writelines(_json_lines(result.vectors))
+        except OSError as exc:
+            raise UsageError(f"cannot write {safe(str(output))}: {exc.strerror or exc}") from None
+    elif fmt == "npy":
         buffer = io.BytesIO()
         np.save(buffer, result.vectors)
-        if output is not None:
-            output.write_bytes(buffer.getvalue())
-        else:
-            out.binary(buffer.getvalue())
-    elif output is not None:
-        with output.open("w", encoding="utf-8") as file:
-            file.writelines(_json_lines(result.vectors))
+        out.binary(buffer.getvalue())
     else:
         for line in _json_lines(result.vectors):
             out.text(line)
