@@ -295,7 +295,7 @@ def test_two_apps_in_one_process_keep_their_own_metrics():
     metrics as duplicates, and mix their figures."""
     apps = [create_app(Registry([]), Access()) for _ in range(2)]  # the second would raise
     assert apps[0] is not apps[1]
-    first, second = Metrics([], []), Metrics([], [])
+    first, second = Metrics(list, []), Metrics(list, [])
     first.request("GET /health", 200)
     assert b'localrun_http_requests_total{method="GET",route="unmatched",status="200"} 1.0' in first.exposition()[0]
     assert b"localrun_http_requests_total{" not in second.exposition()[0]

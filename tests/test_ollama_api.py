@@ -352,6 +352,9 @@ def test_a_pulled_model_is_served_at_once_and_delete_removes_it(tiny, hub):
         for name in ("acme/tiny-GGUF:Q8_0", "hf.co/acme/tiny-GGUF:Q8_0"):
             reply = c.chat(model=name, messages=hi(), options=literal("pulled"))
             assert reply.message.content == "pulled" and reply.model == "acme/tiny-GGUF:Q8_0"
+        metrics = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
+        assert 'localrun_generated_tokens_total{model="acme/tiny-GGUF:Q8_0"}' in metrics  # counted as served
+        assert 'localrun_model_loaded{model="acme/tiny-GGUF:Q8_0"} 1.0' in metrics
         assert c.pull("acme/tiny-GGUF:Q8_0").status == "success"  # again: nothing to download
         assert c.delete("acme/tiny-GGUF:Q8_0").status == "success"
         assert [m.model for m in c.list().models] == ["tiny-llama-Q4_K_M"]

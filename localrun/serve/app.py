@@ -79,7 +79,7 @@ def create_app(registry: Registry, access: Access, log: Callable[[Served], None]
             log(Served(endpoint, "-", error.status, error=error.message))
 
     app = FastAPI(title="localrun", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    metrics = Metrics(registry.hosts, app.routes)
+    metrics = Metrics(lambda: registry.hosts, app.routes)
     log = metrics.counting(log)  # every request logged (each generation, every error) is counted
     # added innermost first: Gate, then CORS (preflights), then the body's limits, then the app
     app.add_middleware(JsonBodies)

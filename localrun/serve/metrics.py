@@ -36,11 +36,10 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 class Metrics:
     """The figures of one app; `exposition()` is what GET /metrics answers."""
 
-    def __init__(self, hosts: Sequence[ModelHost], routes: Sequence[BaseRoute]):
-        self.hosts = hosts
+    def __init__(self, hosts: Callable[[], Sequence[ModelHost]], routes: Sequence[BaseRoute]):
+        self.hosts = hosts  # the models served now (a pull adds one, a delete takes one away)
         self.routes = routes  # the app's own list: routes added later are matched too
         self.registry = CollectorRegistry()
-        self._models = {host.id for host in hosts}
         reg = self.registry
         by_model = ["model"]
         self.requests = Counter(
@@ -128,7 +127,7 @@ class Metrics:
 
     def generation(self, model: str, stats: Stats) -> None:
         """A reply's figures, for the model that generated it."""
-        if model not in self._models:
+        if model not in {host.id for host in self.hosts()}:
             return
         self.prompt_tokens.labels(model).inc(stats.prompt_tokens)
         self.generated_tokens.labels(model).inc(stats.generated_tokens)
@@ -147,7 +146,7 @@ class Metrics:
 class _HostCollector:
     """What each served model is doing at the moment of a scrape, read from its host."""
 
-    def __init__(self, hosts: Sequence[ModelHost]):
+    def __init__(self, hosts: Callable[[], Sequence[ModelHost]]):
         self.hosts = hosts
 
     def collect(self) -> Iterator[Metric]:
@@ -157,7 +156,7 @@ class _HostCollector:
         queued = GaugeMetricFamily("localrun_queued_requests", "Requests waiting for a free slot", labels=["model"])
         loads = CounterMetricFamily("localrun_model_loads", "Times the model was loaded", labels=["model"])
         load_time = SummaryMetricFamily("localrun_model_load_seconds", "Time the model's loads took", labels=["model"])
-        for host in self.hosts:
+        for host in self.hosts():
             status = host.status()
             loaded.add_metric([host.id], int(status.loaded))
             slots.add_metric([host.id], status.slots)
