@@ -97,8 +97,13 @@ def model_changes(opts: ServeOptions, out: Output) -> ModelChanges:
         assert resolved is not None, "a pull that returns ends with the files on disk"
         return _host(resolved, ref, opts, out)
 
-    def delete_one(label: str) -> list[str]:
-        plan = plan_removal(parse_ref(label))
+    def delete_one(host: ModelHost) -> list[str]:
+        # the served model's own place in the cache: never its name read again (an alias of yours
+        # by that name would stand for another model)
+        model = host.described().model
+        if model.repo_id is None:
+            raise UsageError(f"{safe(host.id)} is a file named when the server started: not the server's to delete")
+        plan = plan_removal(parse_ref(model.label, expand=False))
         remove(plan)
         return [e.label for e in plan.entries]
 

@@ -190,7 +190,7 @@ def router(registry: Registry, authorize: Callable[..., None], log: Log, counted
         changes = _allowed(registry, "delete models")
         host = registry.find(_named(req.target))
         try:
-            await run_in_threadpool(changes.delete, host.id)
+            await run_in_threadpool(changes.delete, host)
         except LocalrunError as exc:
             raise from_localrun(exc) from None
         registry.retire(host)

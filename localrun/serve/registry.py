@@ -20,10 +20,10 @@ from localrun.serve.protocol import Health, ModelCard, ModelList
 class ModelChanges:
     """What a server started with --allow-model-changes may do to the models on disk: pull one (a
     name as `localrun pull` takes it; the host that serves it once it is on disk), and delete one
-    (a pulled model's label; the labels removed)."""
+    (a served model pulled into the cache; the labels removed)."""
 
     pull: Callable[[str, DownloadProgress], ModelHost]
-    delete: Callable[[str], list[str]]
+    delete: Callable[[ModelHost], list[str]]
 
 
 class Registry:
