@@ -173,14 +173,12 @@ class CostCurve:
 
     def __init__(self) -> None:
         self.seen: dict[int, deque[float]] = {}  # batch size -> its latest decodes' seconds
+        self.times: dict[int, float] = {}  # batch size -> seconds per decode (their median)
 
     def observe(self, size: int, seconds: float) -> None:
-        self.seen.setdefault(size, deque(maxlen=self.KEEP)).append(seconds)
-
-    @property
-    def times(self) -> dict[int, float]:
-        """Batch size -> seconds per decode (the median of those remembered)."""
-        return {size: statistics.median(kept) for size, kept in self.seen.items()}
+        kept = self.seen.setdefault(size, deque(maxlen=self.KEEP))
+        kept.append(seconds)
+        self.times[size] = statistics.median(kept)
 
     def cost(self, n: int) -> float:
         """time(batch of n) / time(batch of 1); before any measurement a mild guess."""
