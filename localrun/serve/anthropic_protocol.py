@@ -11,17 +11,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
-from localrun.serve.protocol import _Body, _bound, _Request
+from localrun.serve.protocol import Body, RequestBody, bounds_of
 
 # -- requests ----------------------------------------------------------------------------------------
 
 
-class TextBlock(_Body):
+class TextBlock(Body):
     type: Literal["text"]
     text: str  # cache_control and citations are ignored: they do not change the answer
 
 
-class ThinkingBlock(_Body):
+class ThinkingBlock(Body):
     """An earlier reply's reasoning, sent back (templates that keep reasoning render it)."""
 
     type: Literal["thinking"]
@@ -29,33 +29,33 @@ class ThinkingBlock(_Body):
     signature: str | None = None
 
 
-class RedactedThinkingBlock(_Body):
+class RedactedThinkingBlock(Body):
     """Another server's encrypted reasoning: nothing a local template can render."""
 
     type: Literal["redacted_thinking"]
     data: str | None = None
 
 
-class ToolUseBlock(_Body):
+class ToolUseBlock(Body):
     type: Literal["tool_use"]
     id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     input: dict[str, Any]
 
 
-class ResultPart(_Body):
+class ResultPart(Body):
     type: str
     text: str | None = None
 
 
-class ToolResultBlock(_Body):
+class ToolResultBlock(Body):
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1)
     content: str | list[ResultPart] | None = None
     is_error: bool = False
 
 
-class OtherBlock(_Body):
+class OtherBlock(Body):
     """A block of any other type (image, document, search_result, a server tool's): refused by name."""
 
     type: str
@@ -80,12 +80,12 @@ Block = Annotated[
 ]
 
 
-class Message(_Body):
+class Message(Body):
     role: Literal["user", "assistant"]
     content: str | list[Block]
 
 
-class Tool(_Body):
+class Tool(Body):
     """A client tool (the caller runs it); `type` names Anthropic's server tools, which it runs."""
 
     name: str = Field(min_length=1, max_length=256)
@@ -94,32 +94,32 @@ class Tool(_Body):
     input_schema: dict[str, Any] | None = None
 
 
-class ToolChoiceAuto(_Body):
+class ToolChoiceAuto(Body):
     type: Literal["auto"]
     disable_parallel_tool_use: bool | None = None
 
 
-class ToolChoiceAny(_Body):
+class ToolChoiceAny(Body):
     type: Literal["any"]
     disable_parallel_tool_use: bool | None = None
 
 
-class ToolChoiceTool(_Body):
+class ToolChoiceTool(Body):
     type: Literal["tool"]
     name: str = Field(min_length=1)
     disable_parallel_tool_use: bool | None = None
 
 
-class ToolChoiceNone(_Body):
+class ToolChoiceNone(Body):
     type: Literal["none"]
 
 
 ToolChoice = Annotated[ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone, Field(discriminator="type")]
 
 
-class Thinking(_Body):
+class Thinking(Body):
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = Field(None, **_bound("max_tokens"))
+    budget_tokens: int | None = Field(None, **bounds_of("max_tokens"))
     display: Literal["summarized", "omitted"] | None = None
 
     @model_validator(mode="after")
@@ -129,17 +129,17 @@ class Thinking(_Body):
         return self
 
 
-class OutputFormat(_Body):
+class OutputFormat(Body):
     type: Literal["json_schema"]
     schema_: dict[str, Any] = Field(alias="schema")
 
 
-class OutputConfig(_Body):
+class OutputConfig(Body):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
     format: OutputFormat | None = None
 
 
-class CountTokensRequest(_Request):
+class CountTokensRequest(RequestBody):
     """What a prompt is made of: the body of /v1/messages/count_tokens, and the start of a message's."""
 
     model: str
@@ -157,14 +157,14 @@ class CountTokensRequest(_Request):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: int = Field(**_bound("max_tokens"))
+    max_tokens: int = Field(**bounds_of("max_tokens"))
     stop_sequences: list[str] | None = None
     stream: bool = False
-    temperature: float | None = Field(None, **_bound("temperature"))
-    top_p: float | None = Field(None, **_bound("top_p"))
-    top_k: int | None = Field(None, **_bound("top_k"))
+    temperature: float | None = Field(None, **bounds_of("temperature"))
+    top_p: float | None = Field(None, **bounds_of("top_p"))
+    top_k: int | None = Field(None, **bounds_of("top_k"))
     # localrun's own, as on OpenAI's routes
-    seed: int | None = Field(None, **_bound("seed"))
+    seed: int | None = Field(None, **bounds_of("seed"))
     grammar: str | None = None  # GBNF the reply must follow
 
 

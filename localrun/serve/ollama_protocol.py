@@ -13,13 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from localrun.serve.protocol import _Body, _bound, _Request
+from localrun.serve.protocol import Body, RequestBody, bounds_of
 from localrun.text import duration_seconds
 
 # -- requests ----------------------------------------------------------------------------------------
 
 
-class Options(_Body):
+class Options(Body):
     """The `options` Ollama's runner takes. The fields here are the ones localrun honours; the
     others Ollama knows stay in `model_extra`, where the mapping ignores the harmless ones (how the
     model is loaded: threads, mmap...) and refuses the rest by name."""
@@ -28,29 +28,29 @@ class Options(_Body):
 
     num_ctx: int | None = Field(None, ge=1)
     num_predict: int | None = Field(None, ge=-2)  # -1: until the end, -2: until the context is full
-    temperature: float | None = Field(None, **_bound("temperature"))
-    top_k: int | None = Field(None, **_bound("top_k"))
-    top_p: float | None = Field(None, **_bound("top_p"))
-    min_p: float | None = Field(None, **_bound("min_p"))
-    repeat_penalty: float | None = Field(None, **_bound("repeat_penalty"))
-    repeat_last_n: int | None = Field(None, **_bound("repeat_last_n"))
-    presence_penalty: float | None = Field(None, **_bound("presence_penalty"))
-    frequency_penalty: float | None = Field(None, **_bound("frequency_penalty"))
+    temperature: float | None = Field(None, **bounds_of("temperature"))
+    top_k: int | None = Field(None, **bounds_of("top_k"))
+    top_p: float | None = Field(None, **bounds_of("top_p"))
+    min_p: float | None = Field(None, **bounds_of("min_p"))
+    repeat_penalty: float | None = Field(None, **bounds_of("repeat_penalty"))
+    repeat_last_n: int | None = Field(None, **bounds_of("repeat_last_n"))
+    presence_penalty: float | None = Field(None, **bounds_of("presence_penalty"))
+    frequency_penalty: float | None = Field(None, **bounds_of("frequency_penalty"))
     seed: int | None = None  # negative: a random seed, as Ollama's -1
     stop: list[str] | str | None = None
     grammar: str | None = None  # localrun's own: a GBNF grammar the reply follows (as llama.cpp takes it)
 
 
-class FunctionCall(_Body):
+class FunctionCall(Body):
     name: str = Field(min_length=1)
     arguments: dict[str, Any] = Field(default_factory=dict)
 
 
-class ToolCall(_Body):
+class ToolCall(Body):
     function: FunctionCall
 
 
-class Message(_Body):
+class Message(Body):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = None
     thinking: str | None = None
@@ -59,13 +59,13 @@ class Message(_Body):
     tool_name: str | None = None
 
 
-class Function(_Body):
+class Function(Body):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class Tool(_Body):
+class Tool(Body):
     type: Literal["function"] = "function"
     function: Function
 
@@ -73,7 +73,7 @@ class Tool(_Body):
 KeepAlive = float | int | str
 
 
-class _Generating(_Request):
+class _Generating(RequestBody):
     """What chat and generate share."""
 
     model: str = Field(min_length=1)
@@ -111,7 +111,7 @@ class GenerateRequest(_Generating):
     steps: int | None = None
 
 
-class EmbedRequest(_Request):
+class EmbedRequest(RequestBody):
     """/api/embed: one text or several; cut to the context unless `truncate` is false."""
 
     model: str = Field(min_length=1)
@@ -122,7 +122,7 @@ class EmbedRequest(_Request):
     keep_alive: KeepAlive | None = None
 
 
-class EmbeddingsRequest(_Request):
+class EmbeddingsRequest(RequestBody):
     """/api/embeddings, the older form: one text, its vector as the model pools it."""
 
     model: str = Field(min_length=1)
@@ -131,7 +131,7 @@ class EmbeddingsRequest(_Request):
     keep_alive: KeepAlive | None = None
 
 
-class ModelRequest(_Request):
+class ModelRequest(RequestBody):
     """/api/show, /api/delete: a model by name (`name` is the older spelling)."""
 
     model: str = Field("", max_length=1024)

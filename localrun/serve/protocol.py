@@ -22,12 +22,16 @@ from localrun.inference.generation.settings import BOUNDS, TOP_LOGPROBS_MAX
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _bound(name: str) -> dict[str, float]:
+def bounds_of(name: str) -> dict[str, float]:
+    """A sampling field's range from the one table of bounds, as pydantic's Field takes it (ge, le)."""
     bound = BOUNDS[name]
     return {k: v for k, v in (("ge", bound.low), ("le", bound.high)) if v is not None}
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
+    """A request body's part, as every API's request models take it (OpenAI's here, Ollama's and
+    Anthropic's in their modules): unknown fields ignored, known ones strictly typed."""
+
     model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
@@ -51,7 +55,7 @@ def _lone_surrogate(data: object) -> str | None:
     return None
 
 
-class _Request(_Body):
+class RequestBody(Body):
     @model_validator(mode="before")
     @classmethod
     def _text_only(cls, data: Any) -> Any:
@@ -66,23 +70,23 @@ class _Request(_Body):
 
 
 # -- requests ----------------------------------------------------------------------------------------
-class ContentPart(_Body):
+class ContentPart(Body):
     type: str
     text: str | None = None
 
 
-class FunctionCallIn(_Body):
+class FunctionCallIn(Body):
     name: str = Field(min_length=1)
     arguments: str | dict[str, Any] = "{}"
 
 
-class ToolCallIn(_Body):
+class ToolCallIn(Body):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -91,47 +95,47 @@ class ChatMessage(_Body):
     reasoning_content: str | None = None  # an earlier turn's reasoning (sent back where templates ask)
 
 
-class FunctionSpec(_Body):
+class FunctionSpec(Body):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolSpec(_Body):
+class ToolSpec(Body):
     type: Literal["function"]
     function: FunctionSpec
 
 
-class NamedFunction(_Body):
+class NamedFunction(Body):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(Body):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class JsonSchemaSpec(_Body):
+class JsonSchemaSpec(Body):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class TextFormat(_Body):
+class TextFormat(Body):
     type: Literal["text"]
 
 
-class JsonObjectFormat(_Body):
+class JsonObjectFormat(Body):
     type: Literal["json_object"]
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(Body):
     type: Literal["json_schema"]
     json_schema: JsonSchemaSpec
 
@@ -139,27 +143,27 @@ class JsonSchemaFormat(_Body):
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
-class GenerationRequest(_Request):
+class GenerationRequest(RequestBody):
     """What chat and text completions share: the model, sampling, length, stops, streaming."""
 
     model: str
-    max_tokens: int | None = Field(None, **_bound("max_tokens"))
-    temperature: float | None = Field(None, **_bound("temperature"))
-    top_p: float | None = Field(None, **_bound("top_p"))
-    seed: int | None = Field(None, **_bound("seed"))
+    max_tokens: int | None = Field(None, **bounds_of("max_tokens"))
+    temperature: float | None = Field(None, **bounds_of("temperature"))
+    top_p: float | None = Field(None, **bounds_of("top_p"))
+    seed: int | None = Field(None, **bounds_of("seed"))
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(None, **_bound("presence_penalty"))
-    frequency_penalty: float | None = Field(None, **_bound("frequency_penalty"))
+    presence_penalty: float | None = Field(None, **bounds_of("presence_penalty"))
+    frequency_penalty: float | None = Field(None, **bounds_of("frequency_penalty"))
     logit_bias: dict[str, float] | None = None
     n: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # llama.cpp's own sampling fields, as llama-server accepts them (extra_body in the openai client)
-    top_k: int | None = Field(None, **_bound("top_k"))
-    min_p: float | None = Field(None, **_bound("min_p"))
-    repeat_penalty: float | None = Field(None, **_bound("repeat_penalty"))
-    repeat_last_n: int | None = Field(None, **_bound("repeat_last_n"))
+    top_k: int | None = Field(None, **bounds_of("top_k"))
+    min_p: float | None = Field(None, **bounds_of("min_p"))
+    repeat_penalty: float | None = Field(None, **bounds_of("repeat_penalty"))
+    repeat_last_n: int | None = Field(None, **bounds_of("repeat_last_n"))
     ignore_eos: bool = False
     grammar: str | None = None  # GBNF the reply must follow
 
@@ -173,7 +177,7 @@ class GenerationRequest(_Request):
 
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, **_bound("max_tokens"))
+    max_completion_tokens: int | None = Field(None, **bounds_of("max_tokens"))
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
@@ -197,7 +201,7 @@ class CompletionRequest(GenerationRequest):
     best_of: int | None = Field(None, ge=1)
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(RequestBody):
     """llama-server's /tokenize; `model` is localrun's (default: the first model served)."""
 
     model: str | None = None
@@ -207,7 +211,7 @@ class TokenizeRequest(_Request):
     with_pieces: bool = False
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(RequestBody):
     """llama-server's /detokenize."""
 
     model: str | None = None
@@ -217,7 +221,7 @@ class DetokenizeRequest(_Request):
 MAX_INPUTS = 2048  # inputs of one embeddings request (OpenAI's bound), documents of one rerank
 
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(RequestBody):
     """OpenAI's embeddings body: one text or several, or token ids; `truncate` (llama-server's and
     Ollama's) cuts an input to the context instead of refusing it."""
 
@@ -240,7 +244,7 @@ class EmbeddingRequest(_Request):
         return value
 
 
-class RerankRequest(_Request):
+class RerankRequest(RequestBody):
     """A rerank body as llama-server, Jina and Cohere take it."""
 
     model: str
