@@ -33,7 +33,6 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from localrun.errors import LocalrunError
 from localrun.serve import anthropic_replies, prepare
 from localrun.serve.anthropic_protocol import (
     REFUSED,
@@ -54,7 +53,7 @@ from localrun.serve.anthropic_protocol import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
+from localrun.serve.errors import ApiError, bad_request, unsupported
 from localrun.serve.generating import Log, start
 from localrun.serve.protocol import (
     ChatMessage,
@@ -110,14 +109,8 @@ def router(
     async def count_tokens(req: CountTokensRequest) -> TokenCount:
         chat = chat_request(req)
         host = registry.find(chat.model)
-        try:
-            host.checkout_now() or await run_in_threadpool(registry.checkout, host)
-        except LocalrunError as exc:
-            raise from_localrun(exc) from None
-        try:
+        async with registry.holding(host):
             return TokenCount(input_tokens=await run_in_threadpool(prepare.prompt_tokens, host, chat))
-        finally:
-            host.checkin()
 
     return api
 

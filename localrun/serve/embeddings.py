@@ -15,12 +15,11 @@ import base64
 from collections.abc import Sequence
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from localrun.errors import LocalrunError
 from localrun.inference.embedding import Embedding, Input, InputTooLong, normalized
 from localrun.inference.llama.runtime import DecodeAborted
-from localrun.serve.errors import ApiError, as_api_error, bad_request, from_localrun
+from localrun.serve.errors import ApiError, as_api_error, bad_request
 from localrun.serve.host import ModelHost
 from localrun.serve.loop import QueueFull
 from localrun.serve.protocol import (
@@ -52,10 +51,7 @@ async def rank(
 
 
 async def _on_worker(registry: Registry, host: ModelHost, work):
-    try:
-        host.checkout_now() or await run_in_threadpool(registry.checkout, host)
-    except LocalrunError as exc:
-        raise from_localrun(exc) from None
+    await registry.acquire(host)
     try:
         worker = host.embeddings
         if worker is None:  # unloaded between checkout and here: cannot be while checked out

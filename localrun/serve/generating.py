@@ -121,10 +121,7 @@ async def start(
     cannot take raises the ApiError that says why, with the slot given back."""
     endpoint = f"{request.method} {request.url.path}"
     host = registry.find(req.model)
-    try:
-        scheduler = host.checkout_now() or await run_in_threadpool(registry.checkout, host)
-    except LocalrunError as exc:
-        raise from_localrun(exc) from None
+    scheduler = await registry.acquire(host)
     try:
         host.preparing += 1  # the scheduler, if idle, waits for it to batch its prompt with the others
         try:

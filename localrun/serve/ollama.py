@@ -250,11 +250,8 @@ async def _ensure_loaded(registry: Registry, host: ModelHost) -> int:
     """Load the model if it is not (nanoseconds it took: Ollama's load_duration)."""
     began = time.perf_counter_ns()
     if host.scheduler is None:
-        try:
-            await run_in_threadpool(registry.checkout, host)
-        except LocalrunError as exc:
-            raise from_localrun(exc) from None
-        host.checkin()
+        async with registry.holding(host):
+            pass
     return time.perf_counter_ns() - began
 
 

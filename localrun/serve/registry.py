@@ -3,14 +3,17 @@ started with --allow-model-changes, models pulled (served at once) and deleted w
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from localrun.errors import NoSpace
+from starlette.concurrency import run_in_threadpool
+
+from localrun.errors import LocalrunError, NoSpace
 from localrun.hub.download import DownloadProgress
 from localrun.model.refs import without_hub_prefix
-from localrun.serve.errors import ApiError
+from localrun.serve.errors import ApiError, from_localrun
 from localrun.serve.host import ModelHost
 from localrun.serve.loop import SlotLoop
 from localrun.serve.protocol import Health, ModelCard, ModelList
@@ -85,6 +88,23 @@ class Registry:
             if not freed:
                 raise
             return host.checkout()
+
+    async def acquire(self, host: ModelHost) -> SlotLoop:
+        """checkout() from a request: at once when the model is ready, else in a worker thread (it
+        may load); a failure is the ApiError a client gets. Give it back with host.checkin()."""
+        try:
+            return host.checkout_now() or await run_in_threadpool(self.checkout, host)
+        except LocalrunError as exc:
+            raise from_localrun(exc) from None
+
+    @contextlib.asynccontextmanager
+    async def holding(self, host: ModelHost) -> AsyncIterator[SlotLoop]:
+        """The model checked out (loaded, and not unloaded) while the block runs."""
+        loop = await self.acquire(host)
+        try:
+            yield loop
+        finally:
+            host.checkin()
 
     def cards(self) -> ModelList:
         return ModelList(data=[ModelCard(id=h.id, created=h.created) for h in self.hosts])

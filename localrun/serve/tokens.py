@@ -7,11 +7,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
-
-from localrun.errors import LocalrunError
 from localrun.inference.llama.runtime import LlamaModel
-from localrun.serve.errors import bad_request, from_localrun
+from localrun.serve.errors import bad_request
 from localrun.serve.protocol import Detokenized, DetokenizeRequest, Tokenized, TokenizeRequest, TokenPiece
 from localrun.serve.registry import Registry
 
@@ -21,15 +18,9 @@ async def vocabulary(registry: Registry, name: str | None) -> AsyncIterator[Llam
     """The vocabulary of the model `name` (None: the first served), loaded if it is not, and kept
     loaded while it is used."""
     host = registry.hosts[0] if name is None and registry.hosts else registry.find(name or "")
-    try:
-        host.checkout_now() or await run_in_threadpool(registry.checkout, host)
-    except LocalrunError as exc:
-        raise from_localrun(exc) from None
-    try:
+    async with registry.holding(host):
         assert host.engine is not None
         yield host.engine.model
-    finally:
-        host.checkin()
 
 
 def tokenize(model: LlamaModel, req: TokenizeRequest) -> Tokenized:
