@@ -24,13 +24,12 @@ message to continue (prefill); `container`, `mcp_servers`, `context_management`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from localrun.serve import anthropic_replies, prepare
@@ -84,22 +83,7 @@ def router(
         omit = req.thinking is not None and req.thinking.display == "omitted"
         generation = await start(registry, request, chat_request(req), log)
         if req.stream:
-
-            async def events() -> AsyncIterator[str]:
-                try:
-                    async for line in anthropic_replies.stream(generation, stops, omit):
-                        yield line
-                finally:
-                    generation.release()
-
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            # the background task also releases a stream whose client left before it began
-            return StreamingResponse(
-                events(),
-                media_type="text/event-stream",
-                headers=headers,
-                background=BackgroundTask(generation.release),
-            )
+            return generation.streamed(anthropic_replies.stream(generation, stops, omit), "text/event-stream")
         reply = await generation.collect(request)
         if reply is None:  # the client went away: nobody reads what is sent
             return Response(status_code=499)

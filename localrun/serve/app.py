@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -181,19 +180,8 @@ async def _openai(
     logprobs = generation.job.top_logprobs is not None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for chunk in replies.stream(generation.feed, reply, logprobs, include_usage):
-                    yield chunk
-            finally:
-                generation.release()
-
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        # the background task also releases a stream whose client left before it began
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers=headers, background=BackgroundTask(generation.release)
-        )
+        chunks = replies.stream(generation.feed, reply, logprobs, include_usage)
+        return generation.streamed(chunks, "text/event-stream")
     if await generation.collect(request) is None:  # the client went away: nobody reads what is sent
         return Response(status_code=499)
     return replies.body(reply, logprobs)

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from localrun.errors import LocalrunError
@@ -105,6 +107,22 @@ class Generation:
                 return
             else:
                 return
+
+    def streamed(self, chunks: AsyncIterator[str], media_type: str) -> StreamingResponse:
+        """The reply as a stream of `chunks` (an API's SSE events or NDJSON lines), released when
+        it ends -- or, by the background task, when its client left before it began."""
+
+        async def released() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                self.release()
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(
+            released(), media_type=media_type, headers=headers, background=BackgroundTask(self.release)
+        )
 
     def cancel(self) -> None:
         self.scheduler.cancel(self.job)

@@ -38,7 +38,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from localrun import __version__
@@ -220,16 +219,7 @@ async def _generate(registry: Registry, request: Request, req: ChatRequest | Gen
     logprobs = bool(req.logprobs)
     render = _Render(host.id, chat, began, load_ns, logprobs)
     if req.stream:
-
-        async def lines() -> AsyncIterator[str]:
-            try:
-                async for line in render.stream(generation):
-                    yield line
-            finally:
-                generation.release()
-
-        # the background task also releases a stream whose client left before it began
-        return StreamingResponse(lines(), media_type=NDJSON, background=BackgroundTask(generation.release))
+        return generation.streamed(render.stream(generation), NDJSON)
     reply = await generation.collect(request)
     if reply is None:  # the client went away: nobody reads what is sent
         return Response(status_code=499)
