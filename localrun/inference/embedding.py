@@ -75,15 +75,13 @@ class Embedder:
     def __init__(self, model: LlamaModel, ctx: LlamaContext, max_tokens: int, *, owns_model: bool = False):
         self.model, self.ctx = model, ctx
         self._owns_model = owns_model
-        lc = model._lc
-        self._lc = lc
         self.max_tokens = min(max_tokens, ctx.n_batch)  # per input and per decode (the context is padded)
         self.n_seq = max(1, min(ctx.n_seq_max, MAX_SEQUENCES))
         self.pooling = POOLING_NAMES.get(ctx.pooling, str(ctx.pooling))
         own = model.pooling_type()
         self.pooling_from_model = own is not None and own == ctx.pooling  # else chosen for a generative model
-        self.is_reranker = ctx.pooling == lc.LLAMA_POOLING_TYPE_RANK
-        self.dimensions = lc.llama_model_n_embd_out(model.ptr)
+        self.is_reranker = ctx.ranks
+        self.dimensions = model.n_embd_out
         self._batch = Batch(self.max_tokens)  # one sequence id per token
 
     @classmethod
@@ -149,33 +147,9 @@ class Embedder:
             found = self.embed([query, *documents], truncate=truncate)
             q = _unit(found[0].vector)
             return [float(np.dot(q, _unit(e.vector))) for e in found[1:]], sum(e.n_tokens for e in found)
-        pairs = [self._fitted(i, self._pair(query, doc), truncate)[0] for i, doc in enumerate(documents)]
+        pairs = [self._fitted(i, self.model.rerank_pair(query, doc), truncate)[0] for i, doc in enumerate(documents)]
         scores = self._pooled(pairs)
         return [float(s[0]) for s in scores], sum(len(p) for p in pairs)
-
-    def _pair(self, query: str, document: str) -> list[int]:
-        """A (query, document) pair's tokens: the GGUF's rerank template, else BOS query EOS SEP
-        document EOS (as far as the vocabulary adds each), as llama-server builds them."""
-        lc, vocab, model = self._lc, self.model.vocab, self.model
-        raw = lc.llama_model_chat_template(model.ptr, b"rerank")
-        if raw:
-            text = raw.decode("utf-8", errors="replace").replace("{query}", query).replace("{document}", document)
-            return model.tokenize(text, add_special=False, parse_special=True)
-        eos = lc.llama_vocab_eos(vocab)
-        if eos == lc.LLAMA_TOKEN_NULL:
-            eos = lc.llama_vocab_sep(vocab)
-        toks: list[int] = []
-        if lc.llama_vocab_get_add_bos(vocab):
-            toks.append(lc.llama_vocab_bos(vocab))
-        toks += model.tokenize(query, add_special=False, parse_special=False)
-        if lc.llama_vocab_get_add_eos(vocab):
-            toks.append(eos)
-        if lc.llama_vocab_get_add_sep(vocab):
-            toks.append(lc.llama_vocab_sep(vocab))
-        toks += model.tokenize(document, add_special=False, parse_special=False)
-        if lc.llama_vocab_get_add_eos(vocab):
-            toks.append(eos)
-        return toks
 
     def _pooled(self, sequences: list[list[int]]) -> list[np.ndarray]:
         """The pooled output of each token sequence (each fits one decode), packed into decodes."""

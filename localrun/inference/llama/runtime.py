@@ -139,6 +139,35 @@ class LlamaModel:
         raw = self._lc.llama_model_chat_template(self.ptr, None)
         return raw.decode("utf-8", errors="replace") if raw else None
 
+    @property
+    def n_embd_out(self) -> int:
+        """The width of the vectors an embedding context gives."""
+        return self._lc.llama_model_n_embd_out(self.ptr)
+
+    def rerank_pair(self, query: str, document: str) -> list[int]:
+        """A (query, document) pair's tokens for a reranker: the GGUF's rerank template, else BOS
+        query EOS SEP document EOS (as far as the vocabulary adds each), as llama-server builds them."""
+        lc, vocab = self._lc, self.vocab
+        raw = lc.llama_model_chat_template(self.ptr, b"rerank")
+        if raw:
+            text = raw.decode("utf-8", errors="replace").replace("{query}", query).replace("{document}", document)
+            return self.tokenize(text, add_special=False, parse_special=True)
+        eos = lc.llama_vocab_eos(vocab)
+        if eos == lc.LLAMA_TOKEN_NULL:
+            eos = lc.llama_vocab_sep(vocab)
+        toks: list[int] = []
+        if lc.llama_vocab_get_add_bos(vocab):
+            toks.append(lc.llama_vocab_bos(vocab))
+        toks += self.tokenize(query, add_special=False, parse_special=False)
+        if lc.llama_vocab_get_add_eos(vocab):
+            toks.append(eos)
+        if lc.llama_vocab_get_add_sep(vocab):
+            toks.append(lc.llama_vocab_sep(vocab))
+        toks += self.tokenize(document, add_special=False, parse_special=False)
+        if lc.llama_vocab_get_add_eos(vocab):
+            toks.append(eos)
+        return toks
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 16
@@ -244,6 +273,7 @@ class LlamaContext:
         self.n_batch = lc.llama_n_batch(self.ptr)  # at most n_ctx: one decode never holds more
         self.n_seq_max = lc.llama_n_seq_max(self.ptr)
         self.pooling = lc.llama_pooling_type(self.ptr)  # LLAMA_POOLING_TYPE_NONE unless an embedding context
+        self.ranks = self.pooling == lc.LLAMA_POOLING_TYPE_RANK  # a reranker's head scores each sequence
         self.n_past = 0
         # Abort flag read by llama.cpp between graph nodes. The callback is libc's strlen on a
         # 2-byte buffer: it returns 0 until abort() writes byte 1, costs no GIL and no Python call.
