@@ -256,6 +256,8 @@ def test_a_reasoning_budget_ends_the_reasoning_after_n_tokens(tiny, budget: int)
     data = run_json(tiny, "-n", "20", "--logprobs", "0", "--reasoning-budget", str(budget))
     tokens = [t["token"] for t in data["logprobs"]]
     n_close = next(i for i in range(1, 12) if "".join(tokens[budget : budget + i]).strip() == "</think>")
+    # the marker as it comes inside a text: no space of the vocabulary's before its first piece
+    assert "".join(tokens[budget : budget + n_close]) == "</think>"
     assert all(t["logprob"] == 0.0 for t in data["logprobs"][budget : budget + n_close])
     assert (data.get("reasoning") or "").strip() == "".join(tokens[:budget]).strip()
     assert data["text"].strip() == "".join(tokens[budget + n_close :]).strip() and data["text"].strip()

@@ -109,7 +109,7 @@ class Engine:
     def reasoning_watch(self, fmt: ReasoningFormat, *, opened: bool, budget: int | None) -> ReasoningWatch:
         """What follows a reply's reasoning in the core: counts its tokens, and forces the format's
         closing marker (its tokens in this vocabulary) after `budget` of them."""
-        closing = self.model.tokenize(fmt.closing, add_special=False, parse_special=True)
+        closing = self.model.tokenize_inside(fmt.closing)
         return ReasoningWatch(fmt, starts_in_reasoning=opened, budget=budget, closing=closing)
 
     def special_tokens(self) -> SpecialTokens:

@@ -178,6 +178,16 @@ class LlamaModel:
             n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
         return list(buf[:n])
 
+    def tokenize_inside(self, text: str) -> list[int]:
+        """`text`'s tokens as they come inside a longer text (special tokens read as such): without
+        the space a SentencePiece vocabulary puts before a text's start. Read after a newline, and
+        the newline's own tokens dropped, where they come out the same alone."""
+        lead = self.tokenize("\n", add_special=False, parse_special=True)
+        joined = self.tokenize("\n" + text, add_special=False, parse_special=True)
+        if joined[: len(lead)] == lead and len(joined) > len(lead):
+            return joined[len(lead) :]
+        return self.tokenize(text, add_special=False, parse_special=True)
+
     def piece(self, token: int, special: bool = False) -> bytes:
         # the call releases the GIL: a buffer shared by threads could be overwritten before it is read
         buf = getattr(self._buffers, "piece", None)
