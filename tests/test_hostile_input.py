@@ -373,7 +373,8 @@ def test_the_home_and_what_is_kept_in_it_are_owner_only(tiny, tmp_path: Path):
 @pytest.mark.slow
 def test_a_costly_grammar_does_not_hold_back_the_other_slots(gemma: Path, session_home, tmp_path: Path):
     """Masking Gemma's 262k-token vocabulary against 500 open alternatives takes about a second a
-    token, and a bias on an unrelated token makes every step mask. That sampling runs beside
+    token when the draw needs the whole row's mass (top-p alone: the row's head cannot decide
+    it), and a bias on an unrelated token makes every step mask. That sampling runs beside
     the decodes: a plain 24-token reply asked after it finishes while the grammar's 6-token
     reply is still being sampled (when it held the decode step, the plain reply waited for
     every one of its tokens and finished last)."""
@@ -391,7 +392,9 @@ def test_a_costly_grammar_does_not_hold_back_the_other_slots(gemma: Path, sessio
             model=model,
             messages=messages,
             stream=True,
-            temperature=0,
+            temperature=1,
+            top_p=0.9,
+            extra_body={"top_k": 0, "min_p": 0},
             response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}},
             logit_bias={"9259": 100},  # a word the grammar never allows: the chain's choice is always refused
         )
