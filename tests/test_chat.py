@@ -11,12 +11,10 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from localrun.commands.generate import PromptOptions, open_conversation
-from localrun.commands.repl import Repl
+from localrun.commands.generate import PromptOptions
 from localrun.inference.conversation import LocalConversation
 from localrun.inference.generation.settings import SamplingOptions, Settings
-from localrun.output import Output
-from support.engines import open_engine
+from support.chat import typed_into_repl
 
 
 def repl(
@@ -30,23 +28,8 @@ def repl(
     ignore_eos: bool = False,
 ) -> LocalConversation:
     """Type `keys` into the real REPL (prompt-toolkit over a pipe) until they run out."""
-    from prompt_toolkit.input import create_pipe_input
-    from prompt_toolkit.output import DummyOutput
-
-    out = Output()
-    engine = open_engine(model, n_ctx=n_ctx)
     settings = Settings(SamplingOptions(temperature=0, ban_eog=ignore_eos), max_tokens)
-    conv = open_conversation(engine, out, settings, PromptOptions(system=system, chat_format=chat_format))
-    try:
-        with create_pipe_input() as pipe:
-            pipe.send_text(keys)
-            pipe.close()
-            Repl(conv, out).run(input=pipe, output=DummyOutput())
-        # what the engine was last sent, as text (while the model is still loaded)
-        conv.sent = b"".join(engine.model.piece(t, special=True) for t in conv.last_prompt).decode("utf-8", "replace")
-    finally:
-        engine.close()
-    return conv
+    return typed_into_repl(model, keys, settings, PromptOptions(system=system, chat_format=chat_format), n_ctx)
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import pytest
 
 from localrun.inference.embedding import Embedder, InputTooLong
 from localrun.inference.llama.runtime import LlamaContext, LlamaModel, LoadOptions
-from support.serving import ServerProcess, isolated_env
+from support.serving import ServerProcess, fresh_env
 
 CHAT = "tiny-llama-Q8_0"
 LAST = "tiny-last-F32"  # its GGUF names last-token pooling
@@ -36,8 +35,7 @@ AGREE = 0.9999  # cosine of one text's vectors made two ways (batch shapes chang
 @pytest.fixture(scope="module")
 def server(tiny, session_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
-    shutil.copytree(session_home, root / "home")
-    env = isolated_env(root / "home", root / "hf")
+    env = fresh_env(session_home, root)
     models = [tiny.quants["Q8_0"], tiny.pooling_last, tiny.pooling_rank]
     with ServerProcess(models, "--parallel", "2", "--embed-ctx", str(EMBED_CTX), env=env) as proc:
         yield proc
@@ -276,8 +274,7 @@ def test_embed_refuses_a_too_long_line_in_one_line_or_cuts_it_when_asked(tiny):
 
 
 def test_embedding_requests_beyond_the_queue_get_503_and_the_server_keeps_serving(tiny, session_home, tmp_path):
-    shutil.copytree(session_home, tmp_path / "home")
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     many = [f"{word} the cat sat on the mat with the dog" for word in ("hot", "word", "one", "what")] * 96
     with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "1", "--queue", "0", env=env) as server:
         post(server, "/v1/embeddings", {"model": CHAT, "input": "warm"})
@@ -422,8 +419,7 @@ def test_seeded_hostile_bodies_never_earn_a_500_and_the_server_keeps_serving(ser
 # -- a real model ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_gemma_ranks_the_relevant_document_first_and_embeds_alike_both_ways(gemma, session_home, tmp_path):
-    shutil.copytree(session_home, tmp_path / "home")
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     docs = [
         "Paris is the capital and largest city of France.",
         "Bananas are a yellow fruit rich in potassium.",

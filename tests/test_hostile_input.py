@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from localrun.inference.generation.settings import SamplingOptions
 from localrun.inference.prompting.templates import ChatTemplate
 from localrun.model.tiny import CHATML_TEMPLATE
 from support.engines import open_engine
-from support.serving import ServerProcess, isolated_env
+from support.serving import ServerProcess, fresh_env
 
 MODEL = "tiny-llama-Q8_0"
 NESTED = "root ::= " + "(" * 20000 + '"a"' + ")" * 20000  # segfaulted llama.cpp's parser (exit 139)
@@ -44,8 +43,7 @@ def engine(tiny):
 @pytest.fixture(scope="module")
 def server(tiny, session_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    shutil.copytree(session_home, root / "home")
-    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", env=isolated_env(root / "home", root / "hf")) as proc:
+    with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", env=fresh_env(session_home, root)) as proc:
         yield proc
 
 
@@ -380,8 +378,7 @@ def test_a_costly_grammar_does_not_hold_back_the_other_slots(gemma: Path, sessio
     every one of its tokens and finished last)."""
     import threading
 
-    shutil.copytree(session_home, tmp_path / "home", dirs_exist_ok=True)
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     schema = {"enum": [f"v{i:03d}" for i in range(500)]}
     finished: list[str] = []
     with ServerProcess([gemma], "--parallel", "2", "--ctx", "512", env=env) as proc:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ from localrun.inference.llama.runtime import LlamaModel, LoadOptions
 from localrun.serve.app import Access, create_app
 from localrun.serve.metrics import Metrics
 from localrun.serve.registry import Registry
-from support.serving import ServerProcess, isolated_env
+from support.serving import ServerProcess, fresh_env
 
 KEY = "sk-local-test"
 MODEL = "tiny-llama-Q8_0"
@@ -31,8 +30,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture(scope="module")
 def server(tiny, session_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
-    shutil.copytree(session_home, root / "home")
-    env = isolated_env(root / "home", root / "hf")
+    env = fresh_env(session_home, root)
     with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", env=env, api_key=KEY) as proc:
         yield proc
 

@@ -6,7 +6,6 @@ the Hub emulator."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import urllib.request
 from datetime import datetime, timedelta, timezone
@@ -16,7 +15,8 @@ import jsonschema
 import ollama
 import pytest
 
-from support.serving import ServerProcess, isolated_env
+from support.chat import WEATHER
+from support.serving import ServerProcess, fresh_env
 
 TINY = "tiny-llama-Q8_0"
 KEY = "ollama-test-key"
@@ -29,14 +29,6 @@ SCHEMA = {
     },
     "required": ["color", "count"],
     "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
 }
 
 
@@ -52,8 +44,7 @@ def hi(**extra) -> list[dict]:
 @pytest.fixture(scope="module")
 def server(tiny, session_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("ollama")
-    shutil.copytree(session_home, root / "home")
-    env = isolated_env(root / "home", root / "hf")
+    env = fresh_env(session_home, root)
     with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", env=env, api_key=KEY) as proc:
         yield proc
 
@@ -62,8 +53,7 @@ def server(tiny, session_home, tmp_path_factory):
 def qwen3(tiny, session_home, tmp_path_factory):
     """The tiny model with Qwen3's template: reasoning in <think>, tool calls in <tool_call>."""
     root = tmp_path_factory.mktemp("ollama-qwen3")
-    shutil.copytree(session_home, root / "home")
-    env = isolated_env(root / "home", root / "hf")
+    env = fresh_env(session_home, root)
     args = ["--parallel", "2", "--template", str(TEMPLATES / "qwen3.jinja")]
     with ServerProcess([tiny.quants["Q8_0"]], *args, env=env) as proc:
         yield proc

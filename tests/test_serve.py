@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 from pathlib import Path
 
 import jsonschema
@@ -14,7 +13,7 @@ import openai
 import pytest
 
 from localrun.model.tiny import vocabulary
-from support.serving import ServerProcess, isolated_env
+from support.serving import ServerProcess, fresh_env
 
 KEY = "sk-local-test"
 GREEDY = {"temperature": 0}
@@ -34,8 +33,7 @@ SCHEMA = {
 @pytest.fixture(scope="module")
 def server(tiny, session_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    shutil.copytree(session_home, root / "home")
-    env = isolated_env(root / "home", root / "hf")
+    env = fresh_env(session_home, root)
     model = tiny.quants["Q8_0"]
     with ServerProcess([model], "--parallel", "2", "--max-body", "64k", env=env, api_key=KEY) as proc:
         yield proc

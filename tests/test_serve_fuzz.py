@@ -8,13 +8,12 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from support.serving import ServerProcess, isolated_env
+from support.serving import ServerProcess, fresh_env
 
 SEED = 20261206
 COUNT = 300
@@ -176,8 +175,7 @@ def plain_request_seconds(url: str, model: str) -> float:
 
 @pytest.mark.slow
 def test_hundreds_of_hostile_bodies_never_crash_leak_or_earn_a_500(tiny, session_home, tmp_path: Path):
-    shutil.copytree(session_home, tmp_path / "home", dirs_exist_ok=True)
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     rng = random.Random(SEED)
     model = "tiny-llama-Q8_0"
     with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", "--ctx", "256", env=env) as server:

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from localrun.serve.app import Access, create_app
 from localrun.serve.registry import Registry
-from support.serving import ServerProcess, isolated_env
+from support.serving import ServerProcess, fresh_env
 
 MODEL = "tiny-llama-Q8_0"
 FIXED = {"extra_body": {"ignore_eos": True}}  # replies of exactly max_tokens (a random tiny model)
@@ -28,8 +28,7 @@ FIXED = {"extra_body": {"ignore_eos": True}}  # replies of exactly max_tokens (a
 @pytest.fixture(scope="module")
 def server(tiny, session_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    shutil.copytree(session_home, root / "home")
-    env = isolated_env(root / "home", root / "hf")
+    env = fresh_env(session_home, root)
     with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", env=env) as proc:
         yield proc
 
@@ -95,8 +94,7 @@ def test_a_request_from_another_origin_is_refused_403(server: ServerProcess):
 
 
 def test_cors_allows_the_origins_named_and_answers_their_preflights(tiny, session_home, tmp_path: Path):
-    shutil.copytree(session_home, tmp_path / "home")
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     flags = ("--cors", "http://app.example", "--allowed-host", "box.lan")
     with ServerProcess([tiny.quants["Q8_0"]], *flags, env=env, api_key="sk-cors") as server:
         preflight = {
@@ -194,8 +192,7 @@ def test_an_unexpected_failure_is_one_500_and_one_log_line_never_a_raise():
 # -- clients that leave, hang or trickle --------------------------------------------------------------
 def test_a_non_streaming_client_that_leaves_frees_its_slot_at_once(tiny, session_home, tmp_path: Path):
     """Tokens flow without a pause: the slot is freed by the disconnect itself, not by a pause."""
-    shutil.copytree(session_home, tmp_path / "home")
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     with ServerProcess([tiny.quants["Q8_0"]], "--parallel", "2", "--ctx", "32768", env=env) as server:
         impatient = server.client(timeout=1.5)
 
@@ -246,8 +243,7 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 def test_slow_and_idle_connections_are_closed(tiny, session_home, tmp_path: Path):
-    shutil.copytree(session_home, tmp_path / "home")
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     flags = ("--idle-timeout", "1", "--body-timeout", "1", "--max-connections", "8")
     with ServerProcess([tiny.quants["Q8_0"]], *flags, env=env) as server:
         started = time.monotonic()
@@ -281,8 +277,7 @@ def test_slow_and_idle_connections_are_closed(tiny, session_home, tmp_path: Path
 
 # -- the model's file changes under the server ------------------------------------------------------
 def test_a_model_file_deleted_after_unloading_is_a_clear_503(tiny, session_home, tmp_path: Path):
-    shutil.copytree(session_home, tmp_path / "home")
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     model = tmp_path / "doomed.gguf"
     shutil.copy(tiny.quants["Q8_0"], model)
     with ServerProcess([model], "--keep-alive", "0", env=env) as server:
@@ -303,8 +298,7 @@ def test_a_model_file_deleted_after_unloading_is_a_clear_503(tiny, session_home,
 
 
 def test_a_model_file_truncated_while_served_is_unloaded_not_a_sigbus(tiny, session_home, tmp_path: Path):
-    shutil.copytree(session_home, tmp_path / "home")
-    env = isolated_env(tmp_path / "home", tmp_path / "hf")
+    env = fresh_env(session_home, tmp_path)
     model = tmp_path / "mapped.gguf"
     original = tiny.quants["Q8_0"].read_bytes()
     model.write_bytes(original)

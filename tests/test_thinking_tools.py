@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from support.chat import WEATHER
 from support.serving import ServerProcess
 
 TINY = "tiny-llama-Q8_0"
 TEMPLATES = Path(__file__).parent / "support" / "templates"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 def gbnf_literal(text: str) -> str:
@@ -303,29 +296,13 @@ def test_a_grammar_that_rules_out_the_closing_marker_wins_over_the_budget(tiny, 
 def chat_keys(tiny, keys: str, template: str, max_tokens: int = 8):
     """Type `keys` into the real REPL (prompt-toolkit over a pipe) with the tiny model under a
     thinking template; the conversation it leaves."""
-    from prompt_toolkit.input import create_pipe_input
-    from prompt_toolkit.output import DummyOutput
-
-    from localrun.commands.generate import PromptOptions, open_conversation
-    from localrun.commands.repl import Repl
+    from localrun.commands.generate import PromptOptions
     from localrun.inference.generation.settings import SamplingOptions, Settings
-    from localrun.output import Output
-    from support.engines import open_engine
+    from support.chat import typed_into_repl
 
-    out = Output()
-    engine = open_engine(tiny.quants["Q8_0"], n_ctx=512)
     settings = Settings(SamplingOptions(temperature=0), max_tokens)
     options = PromptOptions(template_file=TEMPLATES / template, reasoning_budget=3)
-    conv = open_conversation(engine, out, settings, options)
-    try:
-        with create_pipe_input() as pipe:
-            pipe.send_text(keys)
-            pipe.close()
-            Repl(conv, out).run(input=pipe, output=DummyOutput())
-        conv.sent = b"".join(engine.model.piece(t, special=True) for t in conv.last_prompt).decode("utf-8", "replace")
-    finally:
-        engine.close()
-    return conv
+    return typed_into_repl(tiny.quants["Q8_0"], keys, settings, options, n_ctx=512)
 
 
 def test_chat_shows_hides_and_saves_the_reasoning_apart(tiny, tmp_path: Path, capsys):

@@ -52,7 +52,7 @@ from localrun.serve.anthropic_protocol import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from localrun.serve.errors import ApiError, bad_request, unsupported
+from localrun.serve.errors import ApiError, bad_request, invalid_request, unsupported
 from localrun.serve.generating import Log, start
 from localrun.serve.protocol import (
     ChatMessage,
@@ -127,9 +127,7 @@ def chat_request(req: CountTokensRequest) -> ChatRequest:
     try:
         return ChatRequest(**fields)
     except ValidationError as exc:  # a value Anthropic's bounds allow and OpenAI's shapes do not
-        problem = exc.errors()[0]
-        where = ".".join(str(p) for p in problem.get("loc", ()))
-        raise bad_request(f"invalid request: {where}: {problem.get('msg')}") from None
+        raise invalid_request(exc.errors()) from None
 
 
 def _tool_choice(req: CountTokensRequest) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from localrun.serve import anthropic, embeddings, ollama, replies, tokens
-from localrun.serve.errors import ApiError
+from localrun.serve.errors import ApiError, invalid_request
 from localrun.serve.generating import Log, Served, start
 from localrun.serve.metrics import Metrics
 from localrun.serve.middleware import BodyLimit, Gate, JsonBodies, LastResort
@@ -213,13 +213,7 @@ def _error_handlers(app: FastAPI, report: Callable[[str, ApiError], None]) -> No
             # the body was not read as JSON at all (curl -d sends a form): say what to send
             message = f"the body must be JSON, sent with Content-Type: application/json (not {kind or 'none'})"
             return said(request, ApiError(400, message))
-        # where each problem is: its location, or for a check of the whole body the field it names
-        where = [
-            ".".join(str(p) for p in e.get("loc", ()) if p != "body") or (e.get("ctx") or {}).get("param") or ""
-            for e in problems
-        ]
-        text = "; ".join(f"{w or 'body'}: {e.get('msg')}" for w, e in list(zip(where, problems))[:5])
-        return said(request, ApiError(400, f"invalid request: {text}", param=(where[0] if where else "") or None))
+        return said(request, invalid_request(problems))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -7,6 +7,7 @@ route (the body's limit, the Host and Origin gate) still answers in the client's
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from starlette.responses import JSONResponse
@@ -82,6 +83,18 @@ def dialect(path: str) -> Dialect:
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def invalid_request(problems: Sequence[Mapping[str, Any]], named: Callable[[str], str] = str) -> ApiError:
+    """A 400 for what pydantic found wrong in a body (its `errors()`): where each of the first
+    five problems is -- its location, or for a check of the whole body the field it names -- in
+    the words of the client's API (`named`), and what is wrong there."""
+    where = [
+        named(".".join(str(p) for p in e.get("loc", ()) if p != "body") or (e.get("ctx") or {}).get("param") or "")
+        for e in problems
+    ]
+    text = "; ".join(f"{w or 'body'}: {e.get('msg')}" for w, e in list(zip(where, problems))[:5])
+    return ApiError(400, f"invalid request: {text}", param=(where[0] if where else "") or None)
 
 
 def unsupported(param: str, why: str) -> ApiError:

@@ -47,7 +47,7 @@ from localrun.inference.generation.events import SampledToken, Stats
 from localrun.inference.prompting.replies import ContentText, ReasoningText
 from localrun.model.refs import parse_ref
 from localrun.serve import embeddings, protocol
-from localrun.serve.errors import ApiError, bad_request, from_localrun, unsupported
+from localrun.serve.errors import ApiError, bad_request, from_localrun, invalid_request, unsupported
 from localrun.serve.generating import Generation, Log, Served, start
 from localrun.serve.host import ModelHost
 from localrun.serve.ollama_protocol import (
@@ -413,12 +413,13 @@ def _internal(cls: type, req: ChatRequest | GenerateRequest, host: ModelHost, **
     try:
         return cls.model_validate({"model": host.id, "stream": req.stream, **fields})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        name = {"max_tokens": "options.num_predict", "response_format": "format"}.get(where.split(".")[0])
-        if name is None and where in _OPTION_NAMES:
-            name = f"options.{where}"
-        raise bad_request(f"invalid request: {name or where}: {first.get('msg')}", param=name or where) from None
+        raise invalid_request(exc.errors(), _ollama_name) from None
+
+
+def _ollama_name(where: str) -> str:
+    """A field of the server's request by the name Ollama's request gives it."""
+    name = {"max_tokens": "options.num_predict", "response_format": "format"}.get(where.split(".")[0])
+    return name or (f"options.{where}" if where in _OPTION_NAMES else where)
 
 
 _OPTION_NAMES = frozenset(

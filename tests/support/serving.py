@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,13 @@ class ServerProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
         return self.proc.wait(timeout)
+
+
+def fresh_env(session_home: Path, root: Path) -> dict[str, str]:
+    """The environment of a server with a home of its own under `root` (a copy of the session's,
+    which holds the build's checks) and an empty Hugging Face cache beside it."""
+    shutil.copytree(session_home, root / "home", dirs_exist_ok=True)
+    return isolated_env(root / "home", root / "hf")
 
 
 def isolated_env(home: Path, hf_home: Path) -> dict[str, str]:
