@@ -357,6 +357,9 @@ def test_a_pulled_model_is_served_at_once_and_delete_removes_it(tiny, hub):
         with pytest.raises(ollama.ResponseError) as err:
             list(c.pull("acme/missing-GGUF", stream=True))
         assert "missing" in err.value.error
+        # the stream had begun (200): its failure is on the server's log, as a cut-short reply's is
+        assert "POST /api/pull acme/missing-GGUF 200 · cut short: " in server.stderr
+        assert "POST /api/pull acme/tiny-GGUF:Q8_0 200 · pulled" in server.stderr
         for path in ("/etc/passwd", "./model.gguf", "not a name"):  # no request makes the server open a file
             with pytest.raises(ollama.ResponseError) as err:
                 list(c.pull(path, stream=True))
@@ -443,3 +446,25 @@ def test_a_keep_alive_beyond_any_date_keeps_the_model_loaded_and_ps_answering(se
     loaded = c.ps().models
     assert [m.model for m in loaded] == [TINY] and loaded[0].expires_at.year > 2300
     c.chat(model=TINY, messages=[], keep_alive="5m")  # as the other tests expect it
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "anthropic_type"),
+    [
+        ("UsageError", 400, "invalid_request_error"),
+        ("NotFound", 404, "not_found_error"),
+        ("AccessDenied", 403, "permission_error"),  # the Hub refused a pull: a token or a licence
+        ("NetworkError", 502, "api_error"),  # the Hub did not answer: upstream, not this server
+        ("NoSpace", 503, "overloaded_error"),
+        ("BadModel", 500, "api_error"),
+    ],
+)
+def test_a_localrun_error_keeps_its_meaning_in_every_apis_shape(kind, status, anthropic_type):
+    from localrun import errors
+    from localrun.serve.errors import from_localrun
+
+    said = from_localrun(getattr(errors, kind)("what happened", hint="what to do"))
+    assert said.status == status
+    assert said.payload("ollama") == {"error": "what happened (what to do)"}
+    assert said.payload("anthropic")["error"] == {"type": anthropic_type, "message": "what happened (what to do)"}
+    assert said.payload("openai")["error"]["message"] == "what happened (what to do)"

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from starlette.responses import JSONResponse
 
-from localrun.errors import BadModel, LocalrunError, NoSpace, NotFound, UsageError
+from localrun.errors import AccessDenied, BadModel, LocalrunError, NetworkError, NoSpace, NotFound, UsageError
 from localrun.serve.protocol import ErrorBody, ErrorResponse
 
 
@@ -115,6 +115,10 @@ def from_localrun(exc: LocalrunError) -> ApiError:
         return ApiError(404, message, code="model_not_found")
     if isinstance(exc, NoSpace):
         return ApiError(503, message, type="server_error", code="no_memory", retry_after=5)
+    if isinstance(exc, AccessDenied):  # the Hub refused a pull: the client's to fix (a token, a licence)
+        return ApiError(403, message, type="permission_error", code="hub_access_denied")
+    if isinstance(exc, NetworkError):  # the Hub, upstream of this server, did not answer
+        return ApiError(502, message, type="server_error", code="hub_unreachable")
     code = "bad_model" if isinstance(exc, BadModel) else None
     return ApiError(500, message, type="server_error", code=code)
 

@@ -182,7 +182,7 @@ def router(registry: Registry, authorize: Callable[..., None], log: Log, counted
         name = _named(req.target)
         if name.lower().endswith(":latest"):  # Ollama's default tag: here, the quant that fits best
             name = name[: -len(":latest")]
-        return await _pull(registry, name, req.stream)
+        return await _pull(registry, name, req.stream, log)
 
     @api.delete("/api/delete", dependencies=[Depends(counted)])
     async def delete(req: ModelRequest) -> Response:
@@ -677,7 +677,7 @@ class _PullProgress:
         pass
 
 
-async def _pull(registry: Registry, name: str, stream: bool):
+async def _pull(registry: Registry, name: str, stream: bool, log: Log):
     changes = _allowed(registry, "pull models")
     try:  # a name that is no Hub repo is refused before any line of progress
         ref = parse_ref(name, expand=False)
@@ -706,6 +706,7 @@ async def _pull(registry: Registry, name: str, stream: bool):
         while True:
             item = await queue.get()
             if item is None:
+                log(Served("POST /api/pull", name, 200, detail="pulled"))
                 yield Progress(status="success")
                 return
             if isinstance(item, BaseException):
@@ -721,7 +722,8 @@ async def _pull(registry: Registry, name: str, stream: bool):
         try:
             async for item in events():
                 yield _line(item)
-        except ApiError as exc:
+        except ApiError as exc:  # the 200 and the first lines are sent: the error comes in-band
+            log(Served("POST /api/pull", name, 200, error=exc.message))
             yield json.dumps({"error": exc.message}) + "\n"
 
     return StreamingResponse(lines(), media_type=NDJSON)
