@@ -8,18 +8,20 @@ the network, per token.
 
 - local vs split: `localrun run MODEL --json` (prompt and generation speed from its stats)
   without and with `--rpc` to two `localrun worker`s started here on loopback ports; repetitions
-  interleaved; speculative decoding and the prompt cache off, greedy, a fixed-length reply.
+  interleaved; speculative decoding and the prompt cache off, temperature 0 after run's repeat
+  penalty (1.1, given explicitly, over the last 64 tokens), a fixed-length reply.
 - with --rpc-server and --llama-completion (llama.cpp's ggml-rpc-server and llama-completion,
   built from the vendored sources with -DGGML_RPC=ON): two of llama.cpp's servers beside ours,
   and llama-completion run on them in the same repetitions, doing the same work as `localrun run`:
   the same prompt text (the same tokens: the script checks the count), reply length (end of text
-  banned), greedy sampling (top-k 1, as llama.cpp spells it), threads for the client and each
-  worker, batch and micro-batch, context (with its full-size sliding-window cache, as localrun
-  makes it), and the plan's split (-ngl, -ts, the output layer here with -ot); no warm-up run
-  (localrun run has none; --warmup gives llama.cpp its own). Its speeds come from its perf print:
-  prefill = prompt tokens / prompt eval time; decode = reply tokens / (sampling + eval time),
-  the span localrun's generation speed covers (every token sampled, all but the last decoded);
-  decode without sampling is shown beside it. Ratio localrun/llama.cpp per phase (target >= 0.95).
+  banned), sampler chain (the same repeat penalty, then greedy: top-k 1, as llama.cpp spells it),
+  threads for the client and each worker, batch and micro-batch, context (with its full-size
+  sliding-window cache, as localrun makes it), and the plan's split (-ngl, -ts, the output layer
+  here with -ot); no warm-up run (localrun run has none; --warmup gives llama.cpp its own). Its
+  speeds come from its perf print: prefill = prompt tokens / prompt eval time; decode = reply
+  tokens / (sampling + eval time), the span localrun's generation speed covers (every token
+  sampled, all but the last decoded); eval tokens / eval time is shown beside it. Ratio
+  localrun/llama.cpp per phase (target >= 0.95).
 - bytes: for the counted runs each worker is reached through a counting TCP proxy in this script
   (the timed runs go straight to the workers). Two runs that differ only in reply length (and two
   in prompt length) give the bytes each generated (and each prompt) token costs, both ways, and
@@ -62,6 +64,7 @@ WORDS = [
     "grain",
     "upstream",
 ]
+PENALTY, PENALTY_LAST_N = 1.1, 64  # run's default repeat penalty (its window is not an option of run)
 LINKS = [  # name, round-trip time (s), bytes per second
     ("loopback (measured)", None, None),
     ("10 GbE LAN", 50e-6, 1.17e9),
@@ -141,6 +144,7 @@ def prompt_of(n_words: int) -> str:
 def run(model: Path, prompt: str, tg: int, threads: int, rpc: str | None) -> dict:
     argv = [*LOCALRUN, "run", str(model), prompt, "--raw", "--json", "--temperature", "0", "--ignore-eos"]
     argv += ["--max-tokens", str(tg), "--speculate", "off", "--no-prompt-cache", "--threads", str(threads)]
+    argv += ["--repeat-penalty", str(PENALTY)]
     if rpc:
         argv += ["--rpc", rpc]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -159,7 +163,8 @@ def llama_completion(
     counts = [s["layers"] for s in plan["split"][1:]]
     counts[-1] += 1  # the output layer, counted with the last device as n_gpu_layers counts it
     argv = [path, "-m", str(model), "-p", prompt, "-n", str(tg), "-no-cnv", "--ignore-eos", "--no-display-prompt"]
-    argv += ["--temp", "0", "--top-k", "1", "--samplers", "top_k", "-s", "0"]  # greedy, as llama.cpp spells it
+    argv += ["--repeat-penalty", str(PENALTY), "--repeat-last-n", str(PENALTY_LAST_N), "--samplers", "penalties;top_k"]
+    argv += ["--temp", "0", "--top-k", "1", "-s", "0"]  # greedy, as llama.cpp spells it
     argv += ["-t", str(threads), "-tb", str(threads), "-b", "512", "-ub", "512", "-c", str(plan["n_ctx"])]
     argv += ["--swa-full", "--rpc", rpc, "-ngl", str(plan["n_gpu_layers"]), "-ts", ",".join(map(str, counts))]
     if not any(s["endpoint"] is None and s["where"] != "here" for s in plan["split"]):  # no GPU here
@@ -244,9 +249,13 @@ def main() -> int:
             for phase in ("pp", "tg"):
                 ours, theirs = med[f"split {phase}"], med[f"llama.cpp {phase}"]
                 print(f"{phase:12}{ours:12.1f}{theirs:12.1f}{ours / theirs:8.2f}")
-            print(f"(llama.cpp's decode without its sampling: {med['llama.cpp tg compute']:.1f} tok/s)")
+            print(f"(llama.cpp's eval tokens / eval time, no sampling: {med['llama.cpp tg compute']:.1f} tok/s)")
             same = texts["llama.cpp"].strip() == texts["split"].strip()
             print(f"replies {'identical' if same else 'differ (a near-tie taken another way)'}")
+        if not args.bytes_only:
+            print("\nevery repetition, tok/s:")
+            for key, values in speeds.items():
+                print(f"  {key:21}" + " ".join(f"{v:7.1f}" for v in values))
 
         def traffic(via: list[CountingProxy], prompt_words: int, tg: int, ours: bool = True):
             for p in via:
