@@ -8,7 +8,7 @@ the network, per token.
 
 - local vs split: `localrun run MODEL --json` (prompt and generation speed from its stats)
   without and with `--rpc` to two `localrun worker`s started here on loopback ports; repetitions
-  interleaved; speculative decoding and the prompt cache off, temperature 0 after run's repeat
+  interleaved, in alternating order; speculative decoding and the prompt cache off, temperature 0 after run's repeat
   penalty (1.1, given explicitly, over the last 64 tokens), a fixed-length reply.
 - with --rpc-server and --llama-completion (llama.cpp's ggml-rpc-server and llama-completion,
   built from the vendored sources with -DGGML_RPC=ON): two of llama.cpp's servers beside ours,
@@ -218,25 +218,28 @@ def main() -> int:
         prompt = prompt_of(args.pp)
         speeds: dict[str, list[float]] = {}
         texts: dict[str, str] = {}
-        for _ in range(0 if args.bytes_only else args.reps):
-            for where, via in (("local", None), ("split", rpc)):
-                result = run(args.model, prompt, args.tg, args.threads, via)
+        n_prompt = 0
+        for rep in range(0 if args.bytes_only else args.reps):
+            order = ["local", "split", "llama.cpp"] if anchor else ["local", "split"]
+            for where in order if rep % 2 == 0 else order[::-1]:  # neither side always runs first
+                if where == "llama.cpp":
+                    got = llama_completion(
+                        args.llama_completion, args.model, prompt, args.tg, args.threads, theirs_rpc, plan, args.warmup
+                    )
+                    for phase in ("pp", "tg", "tg compute"):
+                        speeds.setdefault(f"llama.cpp {phase}", []).append(got[phase])
+                    texts[where] = got["text"]
+                    continue
+                result = run(args.model, prompt, args.tg, args.threads, rpc if where == "split" else None)
                 speeds.setdefault(f"{where} pp", []).append(result["prompt_tps"])
                 speeds.setdefault(f"{where} tg", []).append(result["gen_tps"])
                 texts[where] = result["text"]
                 n_prompt = result["prompt_tokens"]
-            if anchor:
-                got = llama_completion(
-                    args.llama_completion, args.model, prompt, args.tg, args.threads, theirs_rpc, plan, args.warmup
+            if anchor and (got["prompt_tokens"], got["generated_tokens"]) != (n_prompt, args.tg):
+                raise SystemExit(
+                    f"llama-completion read {got['prompt_tokens']} prompt tokens and generated "
+                    f"{got['generated_tokens']}; localrun {n_prompt} and {args.tg}: not the same work"
                 )
-                if (got["prompt_tokens"], got["generated_tokens"]) != (n_prompt, args.tg):
-                    raise SystemExit(
-                        f"llama-completion read {got['prompt_tokens']} prompt tokens and generated "
-                        f"{got['generated_tokens']}; localrun {n_prompt} and {args.tg}: not the same work"
-                    )
-                for phase in ("pp", "tg", "tg compute"):
-                    speeds.setdefault(f"llama.cpp {phase}", []).append(got[phase])
-                texts["llama.cpp"] = got["text"]
         med = {key: statistics.median(values) for key, values in speeds.items()}
         if not args.bytes_only:
             print(f"\n{'':12}{'local tok/s':>14}{'split tok/s':>14}{'ratio':>8}")
