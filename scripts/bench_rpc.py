@@ -21,7 +21,8 @@ the network, per token.
   speeds come from its perf print: prefill = prompt tokens / prompt eval time; decode = reply
   tokens / (sampling + eval time), the span localrun's generation speed covers (every token
   sampled, all but the last decoded); eval tokens / eval time is shown beside it. Ratio
-  localrun/llama.cpp per phase (target >= 0.95).
+  localrun/llama.cpp per phase, of the medians and the median of each repetition's pair (target
+  >= 0.95).
 - bytes: for the counted runs each worker is reached through a counting TCP proxy in this script
   (the timed runs go straight to the workers). Two runs that differ only in reply length (and two
   in prompt length) give the bytes each generated (and each prompt) token costs, both ways, and
@@ -248,10 +249,15 @@ def main() -> int:
                 print(f"{phase:12}{local:14.1f}{split:14.1f}{split / local:8.2f}")
             print(f"({n_prompt} prompt tokens, {args.tg} generated; medians of {args.reps})")
         if anchor and not args.bytes_only:
-            print(f"\nsplit{'':7}{'localrun':>12}{'llama.cpp':>12}{'ratio':>8}")
+            # each repetition's two runs are next to each other: the median of their ratios is
+            # less moved by a machine that is slower for a while than the ratio of the medians
+            print(f"\nsplit{'':7}{'localrun':>12}{'llama.cpp':>12}{'ratio':>8}{'paired':>8}")
             for phase in ("pp", "tg"):
                 ours, theirs = med[f"split {phase}"], med[f"llama.cpp {phase}"]
-                print(f"{phase:12}{ours:12.1f}{theirs:12.1f}{ours / theirs:8.2f}")
+                paired = statistics.median(
+                    a / b for a, b in zip(speeds[f"split {phase}"], speeds[f"llama.cpp {phase}"])
+                )
+                print(f"{phase:12}{ours:12.1f}{theirs:12.1f}{ours / theirs:8.2f}{paired:8.2f}")
             print(f"(llama.cpp's eval tokens / eval time, no sampling: {med['llama.cpp tg compute']:.1f} tok/s)")
             same = texts["llama.cpp"].strip() == texts["split"].strip()
             print(f"replies {'identical' if same else 'differ (a near-tie taken another way)'}")
