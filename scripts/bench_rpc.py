@@ -8,8 +8,8 @@ the network, per token.
 
 - local vs split: `localrun run MODEL --json` (prompt and generation speed from its stats)
   without and with `--rpc` to two `localrun worker`s started here on loopback ports; repetitions
-  interleaved, in alternating order; speculative decoding and the prompt cache off, temperature 0 after run's repeat
-  penalty (1.1, given explicitly, over the last 64 tokens), a fixed-length reply.
+  interleaved, in alternating order; speculative decoding and the prompt cache off, temperature 0
+  after run's repeat penalty (1.1, given explicitly, over the last 64 tokens), a fixed-length reply.
 - with --rpc-server and --llama-completion (llama.cpp's ggml-rpc-server and llama-completion,
   built from the vendored sources with -DGGML_RPC=ON): two of llama.cpp's servers beside ours,
   and llama-completion run on them in the same repetitions, doing the same work as `localrun run`:
