@@ -14,13 +14,14 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import ollama
 import openai
 import pytest
 
-from localrun.inference.embedding import Embedder, InputTooLong
+from localrun.inference.embedding import Embedder, InputTooLong, embedding_options
 from localrun.inference.llama.runtime import LlamaContext, LlamaModel, LoadOptions
 from support.serving import ServerProcess, fresh_env
 
@@ -117,6 +118,21 @@ def test_a_generative_model_is_mean_pooled_and_a_gguf_pooling_is_honoured(direct
         last.close()
     finally:
         model.close()
+
+
+def test_a_generative_models_states_averaged_without_its_output_head_equal_llama_cpps_mean(direct: Embedder):
+    # the default context stops its graph before the output head and averages the token states
+    # itself; llama.cpp's own mean pooling (asked for by name) computes the head, then pools
+    opts = replace(embedding_options(LoadOptions(n_threads=1), EMBED_CTX), pooling=1)
+    pooled = Embedder(direct.model, LlamaContext(direct.model, opts), EMBED_CTX)
+    try:
+        assert pooled.pooling == direct.pooling == "mean"
+        for ours, theirs in zip(direct.embed(TEXTS), pooled.embed(TEXTS)):
+            assert ours.n_tokens == theirs.n_tokens
+            assert cosine(ours.vector, theirs.vector) >= AGREE
+            assert np.allclose(ours.vector, theirs.vector, rtol=1e-3, atol=1e-4)  # not just the direction
+    finally:
+        pooled.close()
 
 
 def test_an_input_longer_than_the_context_is_refused_or_cut(direct: Embedder):

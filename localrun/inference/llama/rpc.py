@@ -58,8 +58,8 @@ class Device:
 
 
 @functools.cache
-def _ggml() -> ctypes.CDLL:
-    """libggml (the registry) and libggml-base (devices), as llama_cpp loaded them, declared."""
+def ggml() -> ctypes.CDLL:
+    """libggml (the registry) and libggml-base (devices, tensors), as llama_cpp loaded them, declared."""
     import llama_cpp
 
     llama()
@@ -100,6 +100,7 @@ def _ggml() -> ctypes.CDLL:
         ("ggml_set_abort_callback", p, [p]),
         ("ggml_backend_dev_by_type", p, [ctypes.c_int]),
         ("ggml_backend_dev_buffer_type", p, [p]),
+        ("ggml_get_name", ctypes.c_char_p, [p]),
     ):
         fn = getattr(g, name)
         fn.restype, fn.argtypes = res, args
@@ -121,7 +122,7 @@ def require() -> None:
 
 
 def _rpc_proc(name: str) -> int:
-    g = _ggml()
+    g = ggml()
     reg = g.ggml_backend_reg_by_name(b"RPC")
     address = g.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
     if not address:
@@ -131,7 +132,7 @@ def _rpc_proc(name: str) -> int:
 
 def local_devices() -> list[Device]:
     """This machine's devices (workers' devices left out), with their memory now."""
-    g = _ggml()
+    g = ggml()
     found = []
     for i in range(g.ggml_backend_dev_count()):
         dev = g.ggml_backend_dev_get(i)
@@ -171,7 +172,7 @@ def serve(endpoint: str, devices: Sequence[Device], threads: int, cache_dir: str
     """Serve `devices` at `endpoint` (HOST:PORT) with ggml's RPC server. Blocks for good: call it
     in a thread of a process that ends by signal (localrun.commands.worker)."""
     require()
-    g = _ggml()
+    g = ggml()
     handles = (ctypes.c_void_p * len(devices))(*(g.ggml_backend_dev_by_name(d.name.encode()) for d in devices))
     start = ctypes.CFUNCTYPE(
         None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)
@@ -190,7 +191,7 @@ def add_servers(endpoints: Iterable[str]) -> None:
     if not endpoints:
         return
     require()
-    g = _ggml()
+    g = ggml()
     add = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(_rpc_proc("ggml_backend_rpc_add_server"))
     guard_abort()
     for endpoint in endpoints:
@@ -207,7 +208,7 @@ def model_devices(endpoints: Sequence[str], count: int) -> tuple[ctypes.Array, i
     (the order fit.Plan.tensor_split counts layers in); and how many of them are GPUs here.
     (llama.cpp's own choice, when none are given, leaves out workers registered at run time.)"""
     add_servers(endpoints)
-    g = _ggml()
+    g = ggml()
     chosen = []
     for endpoint in endpoints:
         reg = _registered[endpoint]
@@ -232,7 +233,7 @@ def output_here() -> ctypes.Array:
     """llama_model_params.tensor_buft_overrides that keep the output layer in this machine's RAM:
     llama.cpp would put it on the last worker, which then sends every token's logits back (1 MiB
     a token for a 262k vocabulary) instead of one row of activations."""
-    g = _ggml()
+    g = ggml()
     cpu = g.ggml_backend_dev_buffer_type(g.ggml_backend_dev_by_type(0))
     return (_BuftOverride * 2)(_BuftOverride(OUTPUT_TENSORS, cpu), _BuftOverride(None, None))
 
@@ -268,4 +269,4 @@ def _on_abort(message: bytes | None) -> None:
 
 def guard_abort() -> None:
     """Install the hook that turns llama.cpp's abort on a lost worker into a clean exit."""
-    _ggml().ggml_set_abort_callback(ctypes.cast(_on_abort, ctypes.c_void_p))
+    ggml().ggml_set_abort_callback(ctypes.cast(_on_abort, ctypes.c_void_p))

@@ -241,6 +241,8 @@ class LlamaModel:
 class LlamaContext:
     """An inference context over a model: decode tokens, read logits, sample."""
 
+    _averages_here = False  # an embedding context that pools a generative model's states itself
+
     def __init__(self, model: LlamaModel, opts: LoadOptions):
         lc = model._lc
         self._lc = lc
@@ -271,7 +273,19 @@ class LlamaContext:
             params.embeddings = True
             params.n_ubatch = opts.n_batch
             params.n_outputs_max = opts.n_batch
-            params.pooling_type = opts.pooling if opts.pooling is not None else _pooling_default(model)
+            self._averages_here = opts.pooling is None and _names_no_pooling(model)
+            if self._averages_here:
+                # A generative model's default: mean. Its graph ends in its output head, n_vocab
+                # logits per token (on a 262k vocabulary, more work than all its layers), which
+                # llama.cpp computes before it pools and an embedding context never reads. Asked
+                # for each token's state (pooling none), llama.cpp returns the final norm's output,
+                # a node before the head: the graph stops there (_stop_at_embeddings) and the
+                # states are averaged here, per sequence (sequence_embedding).
+                params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+                self._stop_cb = _stop_at_embeddings(lc)
+                params.cb_eval = self._stop_cb
+            else:
+                params.pooling_type = opts.pooling if opts.pooling is not None else _pooling_default(model)
         self.logits_all = opts.logits_all
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -282,7 +296,9 @@ class LlamaContext:
         self.n_ctx = lc.llama_n_ctx(self.ptr)
         self.n_batch = lc.llama_n_batch(self.ptr)  # at most n_ctx: one decode never holds more
         self.n_seq_max = lc.llama_n_seq_max(self.ptr)
-        self.pooling = lc.llama_pooling_type(self.ptr)  # LLAMA_POOLING_TYPE_NONE unless an embedding context
+        # LLAMA_POOLING_TYPE_NONE unless an embedding context; the vectors' pooling, wherever done
+        self.pooling = lc.LLAMA_POOLING_TYPE_MEAN if self._averages_here else lc.llama_pooling_type(self.ptr)
+        self._seq_of: Any = None  # an embedding context averaging here: each token's sequence, last decode
         self.ranks = self.pooling == lc.LLAMA_POOLING_TYPE_RANK  # a reranker's head scores each sequence
         self.n_past = 0
         # Abort flag read by llama.cpp between graph nodes. The callback is libc's strlen on a
@@ -351,6 +367,15 @@ class LlamaContext:
         import numpy as np
 
         lc = self._lc
+        if self._averages_here:
+            ptr = lc.llama_get_embeddings(self.ptr) if self._seq_of is not None else None
+            if not ptr:
+                raise LocalrunError(f"llama.cpp gave no token embeddings for sequence {seq}")
+            shape = (len(self._seq_of), self.model.n_embd_out)
+            states = np.ctypeslib.as_array(ptr, shape=shape)[self._seq_of == seq]
+            if not len(states):
+                raise LocalrunError(f"the last decode held no tokens of sequence {seq}")
+            return states.mean(axis=0, dtype=np.float64).astype(np.float32)
         ptr = lc.llama_get_embeddings_seq(self.ptr, seq)
         if not ptr:
             raise LocalrunError(f"llama.cpp gave no pooled embedding for sequence {seq}")
@@ -375,7 +400,13 @@ class LlamaContext:
     def decode_batch(self, batch: Batch) -> None:
         """Decode what `batch` holds at the positions and sequences it says; logits where flagged."""
         if batch.n_tokens:
+            self._seq_of = None
             self._check(self._lc.llama_decode(self.ptr, batch.raw))
+            if self._averages_here:
+                import numpy as np
+
+                ids = batch.raw.seq_id
+                self._seq_of = np.fromiter((ids[i][0] for i in range(batch.n_tokens)), np.int32, batch.n_tokens)
 
     def drop(self, seq: int, start: int, end: int = -1) -> bool:
         """Forget positions [start, end) of one sequence; False when the memory cannot."""
@@ -460,9 +491,32 @@ def _pooling_default(model: LlamaModel) -> int:
     model whose GGUF names none (a generative model: every token's state counts alike)."""
     lc = model._lc
     own = model.pooling_type()
-    if own is None or own in (lc.LLAMA_POOLING_TYPE_NONE, lc.LLAMA_POOLING_TYPE_UNSPECIFIED):
-        return lc.LLAMA_POOLING_TYPE_MEAN
-    return own
+    return lc.LLAMA_POOLING_TYPE_MEAN if own is None or _names_no_pooling(model) else own
+
+
+def _names_no_pooling(model: LlamaModel) -> bool:
+    """Whether the model's GGUF names no pooling (a generative model, not an embedding model)."""
+    lc = model._lc
+    own = model.pooling_type()
+    return own is None or own in (lc.LLAMA_POOLING_TYPE_NONE, lc.LLAMA_POOLING_TYPE_UNSPECIFIED)
+
+
+EMBEDDINGS_NODE = b"result_embd_pooled"  # llama.cpp's name for the graph node its embeddings are read from
+
+
+def _stop_at_embeddings(lc):
+    """An eval callback (llama_context_params.cb_eval) that ends a decode's graph once the node
+    llama.cpp reads the embeddings from is computed: ggml's scheduler asks it about each node in
+    order (ask=true: "do you want this one?") and stops the graph when told false about one it
+    wanted. Of a generative model with pooling none, that node is the final norm's output, and what
+    follows it is the output head only: embeddings come out as without it, logits are never made."""
+    name = rpc.ggml().ggml_get_name
+
+    @lc.ggml_backend_sched_eval_callback
+    def stop(tensor: Any, ask: bool, user_data: Any) -> bool:
+        return ask and name(tensor) == EMBEDDINGS_NODE
+
+    return stop
 
 
 def _strlen_callback(lc):
