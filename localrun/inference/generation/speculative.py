@@ -29,7 +29,7 @@ from localrun.inference.generation.settings import SamplingOptions
 from localrun.inference.llama.runtime import Batch, LlamaContext, LlamaModel, common_prefix
 
 Mode = Literal["auto", "lookup", "draft", "off"]
-K_MAX = 8  # drafted tokens per verify batch at most (the context reserves K_MAX + 1 logits rows)
+K_MAX = 32  # drafted tokens per verify batch at most (the context reserves K_MAX + 1 logits rows)
 NGRAM_MAX, NGRAM_MIN = 4, 2
 
 
@@ -167,9 +167,15 @@ class CostCurve:
     """What a decode of n tokens (each with its logits row) costs against one, measured as the
     batches go: per size, the median of its latest decodes (a decode slowed once by something
     else on the machine is outvoted, not averaged in and then trusted for as long as that size
-    goes unmeasured); linear between sizes seen, the slope extended beyond."""
+    goes unmeasured); linear between sizes seen. Beyond the largest size seen the slope grows no
+    faster than the guess of ROW per row: the small batches seen first are the least efficient per
+    row (matrix-vector kernels; Gemma's 262k-row output layer is read again for every few rows),
+    and their slope extended would price a wide verify batch at twice what it costs, so that it
+    is never tried and never measured. Priced so, a wide batch is tried once where the acceptance
+    makes it pay, and that try measures it."""
 
     KEEP = 5  # decodes remembered per size
+    ROW = 0.3  # a guess: what one more row costs against a plain step (until measured)
 
     def __init__(self) -> None:
         self.seen: dict[int, deque[float]] = {}  # batch size -> its latest decodes' seconds
@@ -181,19 +187,19 @@ class CostCurve:
         self.times[size] = statistics.median(kept)
 
     def cost(self, n: int) -> float:
-        """time(batch of n) / time(batch of 1); before any measurement a mild guess."""
+        """time(batch of n) / time(batch of 1); before any measurement the guess."""
         times = self.times
         one = times.get(1)
         if one is None or n <= 1:
-            return 1.0 + 0.3 * max(0, n - 1)
+            return 1.0 + self.ROW * max(0, n - 1)
         if n in times:
             return times[n] / one
         sizes = sorted(s for s in times if s > 1)
         below = max((s for s in sizes if s < n), default=1)
         above = min((s for s in sizes if s > n), default=None)
-        if above is None:  # beyond the largest measured: extend the slope seen so far
-            slope = (times[below] - one) / (below - 1) if below > 1 else 0.3 * one
-            return (times[below] + slope * (n - below)) / one
+        if above is None:  # beyond the largest measured: its slope, at most the guess's
+            slope = min((times[below] - one) / (below - 1) if below > 1 else self.ROW * one, self.ROW * one)
+            return (times[below] + max(0.0, slope) * (n - below)) / one
         t_below = times[below]
         return (t_below + (times[above] - t_below) * (n - below) / (above - below)) / one
 
@@ -204,15 +210,30 @@ class Controller:
     E(K) = (1 - a^(K+1)) / (1 - a) tokens. In a batch of b rows (this sequence's and the others'),
     a plain step gives b tokens for time(b); K drafts give b - 1 + E(K) for time(b + K) (plus what
     a draft model spends). K maximises the ratio of the two; none while no K beats a plain step
-    (then it probes again now and then, for the text may change)."""
+    (then it probes again now and then, for the text may change).
+
+    The acceptance a is that of a drafted token the model got to judge: a verify batch stops at
+    the first rejected token, so the drafted tokens after it tell nothing (counted as rejected,
+    a batch of 8 with its 5th rejected would read 4/8, not 4/5, and the wider the batch the
+    lower the estimate: the controller would talk itself out of the wide batches a long copy
+    pays for). Counts decay per verify batch, so the estimate follows the text; a PRIOR_WEIGHT
+    of tokens at PRIOR starts it."""
 
     adaptive: bool = True
-    accept: float = 0.6  # running estimate of the acceptance per drafted token
-    judged: int = 0  # verify batches seen: the first few move the estimate more
+    hits: float = 0.0  # drafted tokens accepted (decaying counts)
+    judged: float = 0.0  # drafted tokens the model judged: the accepted, and the one rejected
     idle: int = 0  # plain steps since drafting was last judged not to pay
     draft_cost: float = 0.0  # seconds per drafted token, relative to a plain step (a draft model)
     PROBE_EVERY: int = 32
     SMOOTH: float = 0.15
+    PRIOR: float = 0.6
+    PRIOR_WEIGHT: float = 2.0
+    DECAY: float = 0.85  # per verify batch: the counts of the last few batches decide
+
+    @property
+    def accept(self) -> float:
+        """The estimated acceptance of a drafted token."""
+        return (self.hits + self.PRIOR * self.PRIOR_WEIGHT) / (self.judged + self.PRIOR_WEIGHT)
 
     def expected(self, k: int) -> float:
         a = min(self.accept, 0.999)
@@ -247,12 +268,11 @@ class Controller:
         self.draft_cost += self.SMOOTH * (relative_per_token - self.draft_cost)
 
     def observe(self, drafted: int, accepted: int) -> None:
-        """A verify batch's outcome; a running average that starts as a plain mean (the prior's
-        guess is soon outweighed) and weighs a batch by its drafts (one drafted token tells little)."""
+        """A verify batch's outcome: `accepted` of its `drafted` tokens, then (if any was not) the
+        one rejected; the rest were not judged."""
         if drafted:
-            self.judged += 1
-            rate = max(self.SMOOTH, 1 / (self.judged + 1))
-            self.accept += rate * min(drafted, 4) / 4 * (accepted / drafted - self.accept)
+            self.hits = self.DECAY * self.hits + accepted
+            self.judged = self.DECAY * self.judged + accepted + (accepted < drafted)
 
 
 class Speculator:
