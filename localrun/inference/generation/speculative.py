@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from localrun.inference.generation.sampler import Sampler
@@ -33,6 +33,18 @@ K_MAX = 32  # drafted tokens per verify batch at most (the context reserves K_MA
 NGRAM_MAX, NGRAM_MIN = 4, 2
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What a draft stands on: drafts standing on the same are accepted alike (Controller), and
+    until they have been judged, with probability `prior` per token."""
+
+    kind: str
+    prior: float = 0.6
+
+
+MODEL = Evidence("a draft model")
+
+
 class Drafter(Protocol):
     free: bool  # drafting costs nothing worth counting (a lookup)
 
@@ -40,6 +52,9 @@ class Drafter(Protocol):
         """Catch up with the history (read what it has not): not part of a draft's cost."""
 
     def draft(self, history: list[int], k: int) -> list[int]: ...
+    def evidence(self) -> Evidence:
+        """What its last draft stands on."""
+
     def close(self) -> None: ...
 
 
@@ -49,9 +64,11 @@ class LookupDrafter:
     with the history, so a lookup costs a dictionary access, not a scan."""
 
     free = True
+    MATCH_CAP = 32  # a match is followed back at most this far
 
     def __init__(self) -> None:
         self.seen = 0  # history length indexed
+        self.match = 0  # how many tokens before the last draft agree with those before its source
         # n-gram -> (end of its latest occurrence, end of the one before), ends exclusive
         self.index: dict[tuple[int, ...], tuple[int, int]] = {}
 
@@ -78,8 +95,21 @@ class LookupDrafter:
                 continue
             earlier = found[1] if found[0] == end else found[0]
             if earlier > 0:
+                m = n
+                while m < min(self.MATCH_CAP, earlier) and history[earlier - m - 1] == history[end - m - 1]:
+                    m += 1
+                self.match = m
                 return history[earlier : earlier + k]
         return []
+
+    def evidence(self) -> Evidence:
+        """What the last draft stands on: its match's length, in classes of 2-3, 4-7, 8-15, ...
+        tokens (a copy being followed matches far back, a common phrase a few tokens only, and
+        their drafts are accepted very differently); until drafts of a class are judged, the rule
+        of succession on its shortest match: m tokens in a row agreed, so the next agrees with
+        probability (m + 1) / (m + 2)."""
+        shortest = 1 << max(0, self.match.bit_length() - 1)
+        return Evidence(f"a match of {shortest}+", (shortest + 1) / (shortest + 2))
 
     def close(self) -> None:
         pass
@@ -152,6 +182,9 @@ class SeqDrafter:
             self.cached.append(token)
         return out
 
+    def evidence(self) -> Evidence:
+        return MODEL
+
     def close(self) -> None:
         pass
 
@@ -216,44 +249,52 @@ class Controller:
     the first rejected token, so the drafted tokens after it tell nothing (counted as rejected,
     a batch of 8 with its 5th rejected would read 4/8, not 4/5, and the wider the batch the
     lower the estimate: the controller would talk itself out of the wide batches a long copy
-    pays for). Counts decay per verify batch, so the estimate follows the text; a PRIOR_WEIGHT
-    of tokens at PRIOR starts it."""
+    pays for). It is kept per kind of evidence a draft stands on (a lookup's match length, see
+    LookupDrafter.evidence; a draft model's): the draft of a copy being followed is accepted
+    almost whole, one found after a common two-token phrase seldom, and one average of the two
+    would verify the first too short and the second too long. Counts decay per verify batch, so
+    an estimate follows the text; each starts as PRIOR_WEIGHT tokens at its evidence's prior, which decay as any
+    count does (a prior kept for ever would cap the estimate of a long copy near 0.985, and with
+    it the drafts that pay)."""
 
     adaptive: bool = True
-    hits: float = 0.0  # drafted tokens accepted (decaying counts)
-    judged: float = 0.0  # drafted tokens the model judged: the accepted, and the one rejected
+    # evidence -> [drafted tokens accepted, drafted tokens judged (the accepted and the one
+    # rejected)], decaying counts, the prior's first
+    counts: dict[Evidence, list[float]] = field(default_factory=dict)
+    evidence: Evidence = MODEL  # what the draft being verified stands on
     idle: int = 0  # plain steps since drafting was last judged not to pay
     draft_cost: float = 0.0  # seconds per drafted token, relative to a plain step (a draft model)
     PROBE_EVERY: int = 32
     SMOOTH: float = 0.15
-    PRIOR: float = 0.6
     PRIOR_WEIGHT: float = 2.0
     DECAY: float = 0.85  # per verify batch: the counts of the last few batches decide
 
-    @property
-    def accept(self) -> float:
-        """The estimated acceptance of a drafted token."""
-        return (self.hits + self.PRIOR * self.PRIOR_WEIGHT) / (self.judged + self.PRIOR_WEIGHT)
+    def accept(self, evidence: Evidence = MODEL) -> float:
+        """The estimated acceptance of a drafted token standing on `evidence`."""
+        hits, judged = self.counts.get(evidence, (evidence.prior * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT))
+        return hits / judged
 
-    def expected(self, k: int) -> float:
-        a = min(self.accept, 0.999)
+    def expected(self, k: int, evidence: Evidence = MODEL) -> float:
+        a = min(self.accept(evidence), 0.999)
         return (1 - a ** (k + 1)) / (1 - a)
 
-    def gain(self, k: int, busy: int, curve: CostCurve) -> float:
+    def gain(self, k: int, busy: int, curve: CostCurve, evidence: Evidence = MODEL) -> float:
         """Tokens per unit of time with k drafts against a plain step (1.0), in a batch of `busy` rows."""
         plain = busy / curve.cost(busy)
-        return (busy - 1 + self.expected(k)) / (curve.cost(busy + k) + k * self.draft_cost) / plain
+        drafted = busy - 1 + self.expected(k, evidence)
+        return drafted / (curve.cost(busy + k) + k * self.draft_cost) / plain
 
-    def choose(self, available: int, busy: int, curve: CostCurve) -> int:
-        """How many of `available` drafted tokens to verify (0: a plain step), beside busy - 1
-        other rows in the batch."""
+    def choose(self, available: int, busy: int, curve: CostCurve, evidence: Evidence = MODEL) -> int:
+        """How many of `available` drafted tokens (standing on `evidence`) to verify (0: a plain
+        step), beside busy - 1 other rows in the batch."""
+        self.evidence = evidence
         if available <= 0:
             return 0
         if not self.adaptive:
             return min(available, K_MAX)
         best_k, best = 0, 1.0
         for k in range(1, min(available, K_MAX) + 1):
-            gain = self.gain(k, busy, curve)
+            gain = self.gain(k, busy, curve, evidence)
             if gain > best:
                 best_k, best = k, gain
         if best_k == 0:
@@ -261,7 +302,7 @@ class Controller:
             if self.idle >= self.PROBE_EVERY:  # look again: acceptance, or the batch's cost, may have changed
                 self.idle = 0
                 # as many as would be accepted: a probe also measures the batch size it would use
-                return min(available, K_MAX, max(2, round(self.expected(K_MAX))))
+                return min(available, K_MAX, max(2, round(self.expected(K_MAX, evidence))))
         return best_k
 
     def observe_draft(self, relative_per_token: float) -> None:
@@ -271,8 +312,10 @@ class Controller:
         """A verify batch's outcome: `accepted` of its `drafted` tokens, then (if any was not) the
         one rejected; the rest were not judged."""
         if drafted:
-            self.hits = self.DECAY * self.hits + accepted
-            self.judged = self.DECAY * self.judged + accepted + (accepted < drafted)
+            prior = self.evidence.prior
+            kept = self.counts.setdefault(self.evidence, [prior * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT])
+            kept[0] = self.DECAY * kept[0] + accepted
+            kept[1] = self.DECAY * kept[1] + accepted + (accepted < drafted)
 
 
 class Speculator:
@@ -295,19 +338,29 @@ class Speculator:
         lookup = LookupDrafter() if self.lookup else None
         return lookup, SeqDrafter(self.model, seq) if self.model is not None else None
 
-    def draft(self, seq_drafters: tuple, controller: Controller, history: list[int], k: int) -> list[int]:
-        """The first drafter's proposal (prompt lookup first: it is free); what a draft model
-        spends per token is measured against a plain step (not the reading it does to catch up:
-        a long prompt would look like slow drafting)."""
+    def draft(self, seq_drafters: tuple, controller: Controller, history: list[int], k: int, busy: int) -> list[int]:
+        """The tokens to verify after the history, at most k, beside busy - 1 other rows: the
+        first drafter's proposal (prompt lookup first: it is free, so it proposes k and the
+        controller, knowing what the proposal stands on, keeps as many as pay), as many as the
+        controller wants. What a draft model spends per token is measured against a plain step (not
+        the reading it does to catch up: a long prompt would look like slow drafting)."""
         for drafter in seq_drafters:
             if drafter is None:
                 continue
             drafter.follow(history)
+            if drafter.free:
+                proposed = drafter.draft(history, k)
+                if proposed:
+                    return proposed[: controller.choose(len(proposed), busy, self.curve, drafter.evidence())]
+                continue
+            want = controller.choose(k, busy, self.curve, drafter.evidence())
+            if not want:
+                return []
             started = time.perf_counter()
-            proposed = drafter.draft(history, k)
+            proposed = drafter.draft(history, want)
             if proposed:
                 one = self.curve.times.get(1)
-                if not drafter.free and one:
+                if one:
                     controller.observe_draft((time.perf_counter() - started) / len(proposed) / one)
-                return proposed
+                return proposed[:want]
         return []
