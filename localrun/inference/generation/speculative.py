@@ -30,6 +30,7 @@ from localrun.inference.llama.runtime import Batch, LlamaContext, LlamaModel, co
 
 Mode = Literal["auto", "lookup", "draft", "off"]
 K_MAX = 32  # drafted tokens per verify batch at most (the context reserves K_MAX + 1 logits rows)
+K_FIXED = 8  # drafted tokens per verify batch where the controller does not judge (lookup, draft)
 NGRAM_MAX, NGRAM_MIN = 4, 2
 
 
@@ -290,8 +291,8 @@ class Controller:
         self.evidence = evidence
         if available <= 0:
             return 0
-        if not self.adaptive:
-            return min(available, K_MAX)
+        if not self.adaptive:  # wider only where judged to pay: a fixed K of 32 wastes most rows
+            return min(available, K_FIXED)
         best_k, best = 0, 1.0
         for k in range(1, min(available, K_MAX) + 1):
             gain = self.gain(k, busy, curve, evidence)
