@@ -11,6 +11,7 @@ import pytest
 
 from localrun.inference.generation.events import Piece, Speculation, Stats
 from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.generation.speculative import K_MAX, Controller, CostCurve, Evidence, LookupDrafter
 from support.engines import open_engine
 
 EVAL = (Path(__file__).resolve().parents[1] / "localrun" / "data" / "eval.txt").read_text()
@@ -218,3 +219,62 @@ def test_a_draft_of_another_vocabulary_or_one_that_does_nothing_is_refused(tiny,
     assert other.exit_code == 2 and "has another vocabulary than the model" in other.stderr
     idle = runner.invoke(app, ["run", str(tiny.quants["Q8_0"]), "hi", "--draft", str(gemma), "--speculate", "lookup"])
     assert idle.exit_code == 2 and "--draft does nothing with --speculate lookup" in idle.stderr
+
+
+def measured_curve() -> CostCurve:
+    """A cost curve as Gemma 3 270M on 2 cores measures it for batches up to 9 rows (ms): the small
+    batches, on matrix-vector kernels, are the dearest per row."""
+    curve = CostCurve()
+    for size, ms in {1: 19.7, 2: 32.8, 3: 39.7, 4: 46.6, 5: 67.1, 6: 72.7, 7: 80.2, 8: 69.2, 9: 96.7}.items():
+        curve.observe(size, ms / 1000)
+    return curve
+
+
+LONG = Evidence("a match of 32+", 33 / 34)  # a copy being followed
+SHORT = Evidence("a match of 2+", 3 / 4)  # a common phrase
+
+
+def test_acceptance_counts_only_the_drafted_tokens_the_model_judged():
+    # every batch of 8 accepts 4 and rejects the 5th: the last 3 were never judged
+    controller = Controller()
+    for _ in range(30):
+        controller.choose(8, 1, CostCurve(), SHORT)
+        controller.observe(8, 4)
+    assert controller.accept(SHORT) == pytest.approx(0.8, abs=0.01)
+
+
+def test_a_long_copy_is_verified_in_wide_batches_once_its_drafts_hold():
+    # a wide batch never measured is priced at most the guessed cost per row beyond the widest
+    # seen (their slope, extended, made 33 rows cost 16 plain steps, where they cost 10.5)
+    curve = measured_curve()
+    assert curve.cost(33) <= curve.cost(9) + 24 * CostCurve.ROW + 1e-9
+    controller = Controller()
+    for _ in range(8):
+        k = controller.choose(K_MAX, 1, curve, LONG)
+        controller.observe(k, k)
+    assert controller.choose(K_MAX, 1, curve, LONG) > 16
+
+
+def test_drafts_on_short_matches_are_judged_apart_from_those_on_long_ones():
+    controller = Controller()
+    curve = measured_curve()
+    for _ in range(10):
+        controller.choose(K_MAX, 1, curve, LONG)
+        controller.observe(16, 16)
+        controller.choose(K_MAX, 1, curve, SHORT)
+        controller.observe(2, 0)
+    assert controller.choose(K_MAX, 1, curve, SHORT) == 0
+    assert controller.choose(K_MAX, 1, curve, LONG) > 8
+
+
+def test_a_lookup_tells_how_far_back_its_match_goes():
+    copied = list(range(100, 140))
+    lookup = LookupDrafter()
+    history = [*copied, 7, *copied[:20]]  # the copy followed for 20 tokens
+    assert lookup.draft(history, 4) == copied[20:24]
+    assert lookup.evidence().kind == "a match of 16+"
+    history = [5, 6, 1, 2, 3, 9, 9, 9, 1, 2]  # only "1 2" was seen before
+    assert LookupDrafter().draft(history, 3) == [3, 9, 9]
+    drafter = LookupDrafter()
+    drafter.draft(history, 3)
+    assert drafter.evidence() == SHORT

@@ -190,9 +190,8 @@ class Scheduler:
         pooled = self.pool is not None and request.sampler.rule
         if spec is not None and request.speculate and spare > 0 and not pooled and len(seq.pending) == 1:
             k = min(K_MAX, spare, request.limit - seq.generated - 1, self.n_ctx_seq - start - 2)
-            want = seq.controller.choose(k, busy, spec.curve) if k > 0 else 0
-            if want:
-                draft = spec.draft(seq.drafters, seq.controller, seq.history, want)[:want]
+            if k > 0:
+                draft = spec.draft(seq.drafters, seq.controller, seq.history, k, busy)
         batch = self.batch
         tokens, first_row = [*seq.pending, *draft], len(seq.pending) - 1
         rows = [batch.add(token, start + i, seq.seq, i >= first_row) for i, token in enumerate(tokens)]

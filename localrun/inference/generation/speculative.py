@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from localrun.inference.generation.sampler import Sampler
@@ -29,8 +29,21 @@ from localrun.inference.generation.settings import SamplingOptions
 from localrun.inference.llama.runtime import Batch, LlamaContext, LlamaModel, common_prefix
 
 Mode = Literal["auto", "lookup", "draft", "off"]
-K_MAX = 8  # drafted tokens per verify batch at most (the context reserves K_MAX + 1 logits rows)
+K_MAX = 32  # drafted tokens per verify batch at most (the context reserves K_MAX + 1 logits rows)
+K_FIXED = 8  # drafted tokens per verify batch where the controller does not judge (lookup, draft)
 NGRAM_MAX, NGRAM_MIN = 4, 2
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a draft stands on: drafts standing on the same are accepted alike (Controller), and
+    until they have been judged, with probability `prior` per token."""
+
+    kind: str
+    prior: float = 0.6
+
+
+MODEL = Evidence("a draft model")
 
 
 class Drafter(Protocol):
@@ -40,6 +53,9 @@ class Drafter(Protocol):
         """Catch up with the history (read what it has not): not part of a draft's cost."""
 
     def draft(self, history: list[int], k: int) -> list[int]: ...
+    def evidence(self) -> Evidence:
+        """What its last draft stands on."""
+
     def close(self) -> None: ...
 
 
@@ -49,9 +65,11 @@ class LookupDrafter:
     with the history, so a lookup costs a dictionary access, not a scan."""
 
     free = True
+    MATCH_CAP = 32  # a match is followed back at most this far
 
     def __init__(self) -> None:
         self.seen = 0  # history length indexed
+        self.match = 0  # how many tokens before the last draft agree with those before its source
         # n-gram -> (end of its latest occurrence, end of the one before), ends exclusive
         self.index: dict[tuple[int, ...], tuple[int, int]] = {}
 
@@ -78,8 +96,21 @@ class LookupDrafter:
                 continue
             earlier = found[1] if found[0] == end else found[0]
             if earlier > 0:
+                m = n
+                while m < min(self.MATCH_CAP, earlier) and history[earlier - m - 1] == history[end - m - 1]:
+                    m += 1
+                self.match = m
                 return history[earlier : earlier + k]
         return []
+
+    def evidence(self) -> Evidence:
+        """What the last draft stands on: its match's length, in classes of 2-3, 4-7, 8-15, ...
+        tokens (a copy being followed matches far back, a common phrase a few tokens only, and
+        their drafts are accepted very differently); until drafts of a class are judged, the rule
+        of succession on its shortest match: m tokens in a row agreed, so the next agrees with
+        probability (m + 1) / (m + 2)."""
+        shortest = 1 << max(0, self.match.bit_length() - 1)
+        return Evidence(f"a match of {shortest}+", (shortest + 1) / (shortest + 2))
 
     def close(self) -> None:
         pass
@@ -152,6 +183,9 @@ class SeqDrafter:
             self.cached.append(token)
         return out
 
+    def evidence(self) -> Evidence:
+        return MODEL
+
     def close(self) -> None:
         pass
 
@@ -167,9 +201,15 @@ class CostCurve:
     """What a decode of n tokens (each with its logits row) costs against one, measured as the
     batches go: per size, the median of its latest decodes (a decode slowed once by something
     else on the machine is outvoted, not averaged in and then trusted for as long as that size
-    goes unmeasured); linear between sizes seen, the slope extended beyond."""
+    goes unmeasured); linear between sizes seen. Beyond the largest size seen the slope grows no
+    faster than the guess of ROW per row: the small batches seen first are the least efficient per
+    row (matrix-vector kernels; Gemma's 262k-row output layer is read again for every few rows),
+    and their slope extended would price a wide verify batch at twice what it costs, so that it
+    is never tried and never measured. Priced so, a wide batch is tried once where the acceptance
+    makes it pay, and that try measures it."""
 
     KEEP = 5  # decodes remembered per size
+    ROW = 0.3  # a guess: what one more row costs against a plain step (until measured)
 
     def __init__(self) -> None:
         self.seen: dict[int, deque[float]] = {}  # batch size -> its latest decodes' seconds
@@ -181,19 +221,19 @@ class CostCurve:
         self.times[size] = statistics.median(kept)
 
     def cost(self, n: int) -> float:
-        """time(batch of n) / time(batch of 1); before any measurement a mild guess."""
+        """time(batch of n) / time(batch of 1); before any measurement the guess."""
         times = self.times
         one = times.get(1)
         if one is None or n <= 1:
-            return 1.0 + 0.3 * max(0, n - 1)
+            return 1.0 + self.ROW * max(0, n - 1)
         if n in times:
             return times[n] / one
         sizes = sorted(s for s in times if s > 1)
         below = max((s for s in sizes if s < n), default=1)
         above = min((s for s in sizes if s > n), default=None)
-        if above is None:  # beyond the largest measured: extend the slope seen so far
-            slope = (times[below] - one) / (below - 1) if below > 1 else 0.3 * one
-            return (times[below] + slope * (n - below)) / one
+        if above is None:  # beyond the largest measured: its slope, at most the guess's
+            slope = min((times[below] - one) / (below - 1) if below > 1 else self.ROW * one, self.ROW * one)
+            return (times[below] + max(0.0, slope) * (n - below)) / one
         t_below = times[below]
         return (t_below + (times[above] - t_below) * (n - below) / (above - below)) / one
 
@@ -204,35 +244,58 @@ class Controller:
     E(K) = (1 - a^(K+1)) / (1 - a) tokens. In a batch of b rows (this sequence's and the others'),
     a plain step gives b tokens for time(b); K drafts give b - 1 + E(K) for time(b + K) (plus what
     a draft model spends). K maximises the ratio of the two; none while no K beats a plain step
-    (then it probes again now and then, for the text may change)."""
+    (then it probes again now and then, for the text may change).
+
+    The acceptance a is that of a drafted token the model got to judge: a verify batch stops at
+    the first rejected token, so the drafted tokens after it tell nothing (counted as rejected,
+    a batch of 8 with its 5th rejected would read 4/8, not 4/5, and the wider the batch the
+    lower the estimate: the controller would talk itself out of the wide batches a long copy
+    pays for). It is kept per kind of evidence a draft stands on (a lookup's match length, see
+    LookupDrafter.evidence; a draft model's): the draft of a copy being followed is accepted
+    almost whole, one found after a common two-token phrase seldom, and one average of the two
+    would verify the first too short and the second too long. Counts decay per verify batch, so
+    an estimate follows the text; each starts as PRIOR_WEIGHT tokens at its evidence's prior, which decay as any
+    count does (a prior kept for ever would cap the estimate of a long copy near 0.985, and with
+    it the drafts that pay)."""
 
     adaptive: bool = True
-    accept: float = 0.6  # running estimate of the acceptance per drafted token
-    judged: int = 0  # verify batches seen: the first few move the estimate more
+    # evidence -> [drafted tokens accepted, drafted tokens judged (the accepted and the one
+    # rejected)], decaying counts, the prior's first
+    counts: dict[Evidence, list[float]] = field(default_factory=dict)
+    evidence: Evidence = MODEL  # what the draft being verified stands on
     idle: int = 0  # plain steps since drafting was last judged not to pay
     draft_cost: float = 0.0  # seconds per drafted token, relative to a plain step (a draft model)
     PROBE_EVERY: int = 32
     SMOOTH: float = 0.15
+    PRIOR_WEIGHT: float = 2.0
+    DECAY: float = 0.85  # per verify batch: the counts of the last few batches decide
 
-    def expected(self, k: int) -> float:
-        a = min(self.accept, 0.999)
+    def accept(self, evidence: Evidence = MODEL) -> float:
+        """The estimated acceptance of a drafted token standing on `evidence`."""
+        hits, judged = self.counts.get(evidence, (evidence.prior * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT))
+        return hits / judged
+
+    def expected(self, k: int, evidence: Evidence = MODEL) -> float:
+        a = min(self.accept(evidence), 0.999)
         return (1 - a ** (k + 1)) / (1 - a)
 
-    def gain(self, k: int, busy: int, curve: CostCurve) -> float:
+    def gain(self, k: int, busy: int, curve: CostCurve, evidence: Evidence = MODEL) -> float:
         """Tokens per unit of time with k drafts against a plain step (1.0), in a batch of `busy` rows."""
         plain = busy / curve.cost(busy)
-        return (busy - 1 + self.expected(k)) / (curve.cost(busy + k) + k * self.draft_cost) / plain
+        drafted = busy - 1 + self.expected(k, evidence)
+        return drafted / (curve.cost(busy + k) + k * self.draft_cost) / plain
 
-    def choose(self, available: int, busy: int, curve: CostCurve) -> int:
-        """How many of `available` drafted tokens to verify (0: a plain step), beside busy - 1
-        other rows in the batch."""
+    def choose(self, available: int, busy: int, curve: CostCurve, evidence: Evidence = MODEL) -> int:
+        """How many of `available` drafted tokens (standing on `evidence`) to verify (0: a plain
+        step), beside busy - 1 other rows in the batch."""
+        self.evidence = evidence
         if available <= 0:
             return 0
-        if not self.adaptive:
-            return min(available, K_MAX)
+        if not self.adaptive:  # wider only where judged to pay: a fixed K of 32 wastes most rows
+            return min(available, K_FIXED)
         best_k, best = 0, 1.0
         for k in range(1, min(available, K_MAX) + 1):
-            gain = self.gain(k, busy, curve)
+            gain = self.gain(k, busy, curve, evidence)
             if gain > best:
                 best_k, best = k, gain
         if best_k == 0:
@@ -240,19 +303,20 @@ class Controller:
             if self.idle >= self.PROBE_EVERY:  # look again: acceptance, or the batch's cost, may have changed
                 self.idle = 0
                 # as many as would be accepted: a probe also measures the batch size it would use
-                return min(available, K_MAX, max(2, round(self.expected(K_MAX))))
+                return min(available, K_MAX, max(2, round(self.expected(K_MAX, evidence))))
         return best_k
 
     def observe_draft(self, relative_per_token: float) -> None:
         self.draft_cost += self.SMOOTH * (relative_per_token - self.draft_cost)
 
     def observe(self, drafted: int, accepted: int) -> None:
-        """A verify batch's outcome; a running average that starts as a plain mean (the prior's
-        guess is soon outweighed) and weighs a batch by its drafts (one drafted token tells little)."""
+        """A verify batch's outcome: `accepted` of its `drafted` tokens, then (if any was not) the
+        one rejected; the rest were not judged."""
         if drafted:
-            self.judged += 1
-            rate = max(self.SMOOTH, 1 / (self.judged + 1))
-            self.accept += rate * min(drafted, 4) / 4 * (accepted / drafted - self.accept)
+            prior = self.evidence.prior
+            kept = self.counts.setdefault(self.evidence, [prior * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT])
+            kept[0] = self.DECAY * kept[0] + accepted
+            kept[1] = self.DECAY * kept[1] + accepted + (accepted < drafted)
 
 
 class Speculator:
@@ -275,19 +339,29 @@ class Speculator:
         lookup = LookupDrafter() if self.lookup else None
         return lookup, SeqDrafter(self.model, seq) if self.model is not None else None
 
-    def draft(self, seq_drafters: tuple, controller: Controller, history: list[int], k: int) -> list[int]:
-        """The first drafter's proposal (prompt lookup first: it is free); what a draft model
-        spends per token is measured against a plain step (not the reading it does to catch up:
-        a long prompt would look like slow drafting)."""
+    def draft(self, seq_drafters: tuple, controller: Controller, history: list[int], k: int, busy: int) -> list[int]:
+        """The tokens to verify after the history, at most k, beside busy - 1 other rows: the
+        first drafter's proposal (prompt lookup first: it is free, so it proposes k and the
+        controller, knowing what the proposal stands on, keeps as many as pay), as many as the
+        controller wants. What a draft model spends per token is measured against a plain step (not
+        the reading it does to catch up: a long prompt would look like slow drafting)."""
         for drafter in seq_drafters:
             if drafter is None:
                 continue
             drafter.follow(history)
+            if drafter.free:
+                proposed = drafter.draft(history, k)
+                if proposed:
+                    return proposed[: controller.choose(len(proposed), busy, self.curve, drafter.evidence())]
+                continue
+            want = controller.choose(k, busy, self.curve, drafter.evidence())
+            if not want:
+                return []
             started = time.perf_counter()
-            proposed = drafter.draft(history, k)
+            proposed = drafter.draft(history, want)
             if proposed:
                 one = self.curve.times.get(1)
-                if not drafter.free and one:
+                if one:
                     controller.observe_draft((time.perf_counter() - started) / len(proposed) / one)
-                return proposed
+                return proposed[:want]
         return []
