@@ -129,6 +129,22 @@ def test_show_and_pull_plan_the_split_and_hw_lists_the_workers(three_layers: Pat
         assert "protocol 7.0.0, 1 device:" in line and "free of" in line
 
 
+def test_bench_splits_each_quant_over_the_workers_and_says_so(three_layers: Path, two_workers):
+    a, b = two_workers
+    workers = f"{a.endpoint},{b.endpoint}"
+    args = ["bench", str(three_layers), "--rpc", workers, "--no-quality", "--reps", "1", "--pp", "16", "--tg", "4"]
+    done = localrun(*args, "--json", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"plan: 1 layer here, 1 on {a.endpoint}, 1 on {b.endpoint}" in done.stderr
+    report = json.loads(done.stdout)
+    assert report["settings"]["workers"] == [a.endpoint, b.endpoint]
+    assert report["candidates"][0]["tg"]["mean"] > 0
+    shown = localrun(*args, timeout=300)  # the table's caption: where the layers ran, not "0 GPU layers"
+    assert shown.returncode == 0, shown.stderr
+    assert f"layers split with 2 workers ({a.endpoint}, {b.endpoint})" in shown.stdout
+    assert "GPU layers" not in shown.stdout
+
+
 def test_an_unreachable_worker_is_one_line_naming_it(three_layers: Path):
     dead = f"127.0.0.1:{free_port()}"
     started = time.monotonic()

@@ -269,6 +269,7 @@ def run_bench(
         "quality": opts.quality,
         "eval_text": str(text),
         "use_extra_bufts": extra_bufts,
+        "workers": [w.endpoint for w in this_machine().workers],  # --rpc: each plan splits the layers
     }
     machine = {"cpu": cpu.model, "physical_cores": cpu.physical_cores, "llama_cpp": build.version}
     bench = BenchResult(

@@ -153,14 +153,19 @@ def table_rows(bench: BenchResult) -> list[dict[str, str] | None]:
     return rows
 
 
+def _layers(settings: dict) -> str:
+    """Where the layers ran: on GPUs here, or split across this machine and its workers."""
+    workers = settings.get("workers") or []
+    if workers:
+        return f"layers split with {plural(len(workers), 'worker')} ({', '.join(workers)}) as each plan said"
+    return f"{settings['gpu_layers']} GPU layers"
+
+
 def caption(bench: BenchResult) -> str:
     s = bench.settings
     scored = next((r for r in bench.results if r.ppl_windows), None)
     several = len(bench.models) > 1
-    parts = [
-        f"pp{s['pp']} / tg{s['tg']}, {plural(s['reps'], 'rep')}, {plural(s['threads'], 'thread')}, "
-        f"{s['gpu_layers']} GPU layers"
-    ]
+    parts = [f"pp{s['pp']} / tg{s['tg']}, {plural(s['reps'], 'rep')}, {plural(s['threads'], 'thread')}, {_layers(s)}"]
     if not s.get("quality", True):
         parts.append("speed only (--no-quality): no perplexity or KLD, so no recommendation")
     if scored:
@@ -313,7 +318,7 @@ def to_markdown(bench: BenchResult) -> str:
         f"**localrun bench** of {_model_names(bench)}",
         "",
         f"- CPU: {m['cpu']} ({plural(m['physical_cores'] or 0, 'core')}), {plural(s['threads'], 'thread')}, "
-        f"{s['gpu_layers']} GPU layers",
+        f"{_layers(s)}",
         f"- llama.cpp {m['llama_cpp']}, localrun {__version__}",
         f"- date: {bench.date}",
         "",
