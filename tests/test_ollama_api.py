@@ -454,7 +454,7 @@ def test_a_keep_alive_beyond_any_date_keeps_the_model_loaded_and_ps_answering(se
         ("UsageError", 400, "invalid_request_error"),
         ("NotFound", 404, "not_found_error"),
         ("AccessDenied", 403, "permission_error"),  # the Hub refused a pull: a token or a licence
-        ("NetworkError", 502, "api_error"),  # the Hub did not answer: upstream, not this server
+        ("NetworkError", 502, "api_error"),  # the Hub or a worker did not answer: upstream of this server
         ("NoSpace", 503, "overloaded_error"),
         ("BadModel", 500, "api_error"),
     ],

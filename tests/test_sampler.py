@@ -5,6 +5,7 @@ and masked when refused), whatever the settings, the biases, the penalties' hist
 from __future__ import annotations
 
 import ctypes
+from dataclasses import replace
 
 import llama_cpp as lc
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from localrun.inference.generation import grammar
 from localrun.inference.generation.sampler import Sampler
 from localrun.inference.generation.settings import SamplingOptions
+from localrun.inference.llama.vocabulary import partial_utf8_tokens
 from support.engines import open_engine
 
 SETTINGS = {
@@ -23,6 +25,9 @@ SETTINGS = {
     "top-p alone (the whole row)": SamplingOptions(top_k=0, top_p=0.9, min_p=0.0, seed=7),
     "a penalty that raises (the whole row)": SamplingOptions(temperature=0, repeat_penalty=0.8),
     "frequency and presence": SamplingOptions(seed=3, frequency_penalty=0.5, presence_penalty=0.5),
+    # the rows favour a banned token (end-of-generation; under a grammar, a byte piece): the ban
+    # holds though a bias (given below) names it too
+    "a bias on a banned token": SamplingOptions(temperature=0),
 }
 
 
@@ -33,16 +38,20 @@ def model(tiny):
     engine.close()
 
 
-def rows(n_vocab: int, count: int, seed: int) -> list[np.ndarray]:
+def rows(n_vocab: int, count: int, seed: int, favoured: int, broken: bool = False) -> list[np.ndarray]:
     """Rows shaped like a model's: noise, a few favourites that keep coming back (so penalties
-    have a history to act on), sometimes a near-tie, sometimes a flat row."""
+    have a history to act on; `favoured` among them), sometimes a near-tie, sometimes a
+    flat row; `broken`: now and then a row with an infinite or NaN logit, as an overflowing or
+    damaged model gives."""
     rng = np.random.default_rng(seed)
-    favourites = rng.choice(n_vocab, size=6, replace=False)
+    favourites = np.union1d(rng.choice(n_vocab, size=6, replace=False), [favoured])
     out = []
     for i in range(count):
         row = rng.normal(0.0, 2.0, n_vocab).astype(np.float32)
         if i % 7 != 6:  # every seventh row flat: the head must widen, or give the row up
             row[favourites] += rng.uniform(4.0, 12.0, len(favourites)).astype(np.float32)
+        if broken and i % 10 == 3:
+            row[favourites[i % len(favourites)]] = np.inf if i % 20 == 3 else np.nan
         out.append(row)
     return out
 
@@ -67,13 +76,18 @@ def refused(rule, token: int) -> bool:
 @pytest.mark.parametrize("constrained", [False, True], ids=["free", "JSON grammar"])
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_a_pick_from_the_rows_head_is_the_whole_rows(model, name, constrained):
-    sampler = Sampler(model, SETTINGS[name], grammar.json_object().gbnf if constrained else None, n_ctx=512)
+    banned = partial_utf8_tokens(model)[0] if constrained else model.eog_tokens()[0]
+    options = SETTINGS[name]
+    if name == "a bias on a banned token":  # ignore_eos cannot go with a grammar
+        options = replace(options, ban_eog=not constrained, logit_bias=((banned, 5.0),))
+    sampler = Sampler(model, options, grammar.json_object().gbnf if constrained else None, n_ctx=512)
     # the same chain (its random state and penalties' history too), applied to every token
     chain = lc.llama_sampler_clone(sampler.ptr)
     rule = lc.llama_sampler_clone(sampler.rule) if constrained else None
     try:
         picked, expected = [], []
-        for row in rows(model.n_vocab, 60, seed=len(name)):
+        # llama.cpp's draws and sorts are not defined over NaN or infinite logits: greedy ones only
+        for row in rows(model.n_vocab, 60, seed=len(name), favoured=banned, broken=options.greedy):
             token = whole_row_pick(chain, rule, row, masked=False)
             if rule is not None:
                 if refused(rule, token):

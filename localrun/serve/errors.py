@@ -117,8 +117,8 @@ def from_localrun(exc: LocalrunError) -> ApiError:
         return ApiError(503, message, type="server_error", code="no_memory", retry_after=5)
     if isinstance(exc, AccessDenied):  # the Hub refused a pull: the client's to fix (a token, a licence)
         return ApiError(403, message, type="permission_error", code="hub_access_denied")
-    if isinstance(exc, NetworkError):  # the Hub, upstream of this server, did not answer
-        return ApiError(502, message, type="server_error", code="hub_unreachable")
+    if isinstance(exc, NetworkError):  # upstream of this server (the Hub, an RPC worker) did not answer
+        return ApiError(502, message, type="server_error", code="upstream_unreachable")
     code = "bad_model" if isinstance(exc, BadModel) else None
     return ApiError(500, message, type="server_error", code=code)
 

@@ -16,7 +16,11 @@ if TYPE_CHECKING:
     from localrun.inference.llama.runtime import LlamaContext, LlamaModel
 
 
-HEAD_MARGIN = 4.0  # logits below the best that the first head holds (doubled until it decides)
+# The head: the tokens within a margin of the best logit; widened through these margins until it
+# decides, but never past HEAD_MOST tokens (the biases' search on a head costs its size times
+# their count: a grammar bans hundreds of byte tokens).
+HEAD_MARGINS = (4.0, 8.0, 16.0, 32.0, 64.0)
+HEAD_MOST = 4096
 
 
 class Sampler:
@@ -76,7 +80,13 @@ class Sampler:
         lowers_only = s.repeat_penalty >= 1.0 and s.frequency_penalty >= 0 and s.presence_penalty >= 0
         self._heads = lowers_only and (s.greedy or s.top_k > 0 or (s.top_p >= 1.0 and s.min_p > 0))
         banned = [*(model.eog_tokens() if s.ban_eog else ()), *(partial_utf8_tokens(model) if grammar else ())]
-        bias = list(s.logit_bias) + [(t, float("-inf")) for t in banned]
+        # one entry per token (a ban wins): llama.cpp applies only a token's first entry when it
+        # has to search for it, as in a row's head
+        merged: dict[int, float] = {}
+        for t, b in s.logit_bias:
+            merged[t] = merged.get(t, 0.0) + b
+        merged |= dict.fromkeys(banned, float("-inf"))
+        bias = list(merged.items())
         if bias:
             cells = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias])
             lc.llama_sampler_chain_add(self._pre, lc.llama_sampler_init_logit_bias(model.n_vocab, len(bias), cells))
@@ -143,11 +153,11 @@ class Sampler:
         the row's head where that decides it, else over every token."""
         import numpy as np
 
-        if self._heads:
-            best, margin = float(logits.max()), HEAD_MARGIN
-            while True:
+        best = float(logits.max())
+        if self._heads and math.isfinite(best):  # NaN or inf: no margin below the best means anything
+            for margin in HEAD_MARGINS:
                 head = np.flatnonzero(logits >= best - margin)
-                if len(head) > self._n_vocab // 8:
+                if len(head) > HEAD_MOST:  # the whole row, in llama.cpp, costs no more
                     break
                 if self._raised:
                     head = np.union1d(head, self._raised)
@@ -155,7 +165,6 @@ class Sampler:
                 array = self._shaped(cells, masked)
                 if self._decides(cells["logit"], best - margin):
                     return self._chosen(array, masked)
-                margin *= 2
         if self._cells is None:
             self._ids = np.arange(self._n_vocab, dtype=np.int32)
             self._cells = self._cells_for(self._ids, logits)

@@ -139,7 +139,10 @@ class Scheduler:
         batch.clear()
         generating = [s for s in self.sequences if s.pending]
         reading = sorted((s for s in self.sequences if s.reading), key=lambda s: s.request.submitted)  # type: ignore[union-attr]
-        spare = self.max_rows - len(generating) - len(reading)  # logits rows left for drafts
+        # what drafts may take: logits rows, and the batch's room after every pending token
+        spare = min(
+            self.max_rows - len(generating) - len(reading), batch.capacity - sum(len(s.pending) for s in generating)
+        )
         for i, seq in enumerate(generating):
             busy = batch.n_tokens + len(generating) - i  # the batch's rows if it drafts nothing
             spare -= self._add_generating(seq, spare, busy)
