@@ -44,6 +44,7 @@ SETTINGS_KEYS = {
     "quality",
     "eval_text",
     "use_extra_bufts",
+    "workers",
 }
 CANDIDATE_KEYS = {
     "label",

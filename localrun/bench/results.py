@@ -13,6 +13,7 @@ from localrun.model.quants import info as quant_info
 # 2: settings.kld_top_k became kld_reference (distributions kept whole)
 # 3: several models in one run: candidates[].model, and models[] with each one's reference and
 #    recommendation (the top-level reference and recommendation are those of a run of one model)
+#    (added since, which a reader of 3 may ignore: settings.workers, the --rpc endpoints)
 SCHEMA = "localrun.bench/3"
 
 
