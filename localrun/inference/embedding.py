@@ -2,7 +2,7 @@
 
 The context pools every token's hidden state per sequence, as the model's GGUF says (mean, CLS,
 last; rank for a reranker's classifier head) -- mean for a generative model whose GGUF names no
-pooling (runtime._pooling_default). Many inputs go through one decode: each its own sequence id,
+pooling (LlamaContext: runtime._names_no_pooling). Many inputs go through one decode: each its own sequence id,
 as many as fit in the batch's tokens and the context's sequences; the context gives one pooled
 vector per sequence (LlamaContext.sequence_embedding: llama.cpp's, or for a generative model its
 token states averaged without computing the output head), and the cells are cleared for the next

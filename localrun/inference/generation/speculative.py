@@ -272,8 +272,12 @@ class Controller:
 
     def accept(self, evidence: Evidence = MODEL) -> float:
         """The estimated acceptance of a drafted token standing on `evidence`."""
-        hits, judged = self.counts.get(evidence, (evidence.prior * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT))
+        hits, judged = self._counts(evidence)
         return hits / judged
+
+    def _counts(self, evidence: Evidence) -> list[float]:
+        """[accepted, judged] of drafts standing on `evidence`; the prior's, before any."""
+        return self.counts.setdefault(evidence, [evidence.prior * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT])
 
     def expected(self, k: int, evidence: Evidence = MODEL) -> float:
         a = min(self.accept(evidence), 0.999)
@@ -313,8 +317,7 @@ class Controller:
         """A verify batch's outcome: `accepted` of its `drafted` tokens, then (if any was not) the
         one rejected; the rest were not judged."""
         if drafted:
-            prior = self.evidence.prior
-            kept = self.counts.setdefault(self.evidence, [prior * self.PRIOR_WEIGHT, self.PRIOR_WEIGHT])
+            kept = self._counts(self.evidence)
             kept[0] = self.DECAY * kept[0] + accepted
             kept[1] = self.DECAY * kept[1] + accepted + (accepted < drafted)
 

@@ -284,8 +284,8 @@ class LlamaContext:
                 params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
                 self._stop_cb = _stop_at_embeddings(lc)
                 params.cb_eval = self._stop_cb
-            else:
-                params.pooling_type = opts.pooling if opts.pooling is not None else _pooling_default(model)
+            else:  # asked for by name, or the model's own (an embedding model, a reranker)
+                params.pooling_type = opts.pooling if opts.pooling is not None else model.pooling_type()
         self.logits_all = opts.logits_all
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -484,14 +484,6 @@ class Loaded:
     def close(self) -> None:
         self.ctx.close()
         self.model.close()
-
-
-def _pooling_default(model: LlamaModel) -> int:
-    """The pooling of an embedding context when none is asked for: the model's own, or mean for a
-    model whose GGUF names none (a generative model: every token's state counts alike)."""
-    lc = model._lc
-    own = model.pooling_type()
-    return lc.LLAMA_POOLING_TYPE_MEAN if own is None or _names_no_pooling(model) else own
 
 
 def _names_no_pooling(model: LlamaModel) -> bool:
