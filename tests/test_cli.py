@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -17,7 +19,7 @@ from typer.testing import CliRunner
 from localrun.cli import app
 from localrun.commands.stream import LiveRenderer, WordWrap, stats_line
 from localrun.errors import UsageError
-from localrun.inference.generation.events import Stats
+from localrun.inference.generation.events import PrefillProgress, Stats
 from localrun.inference.generation.settings import Settings
 from localrun.output import Output
 
@@ -126,6 +128,25 @@ def test_replies_wrap_at_word_boundaries_on_a_terminal(monkeypatch):
         assert columns >= len(text) or len(lines) > 1
     piped, _ = render(pieces, stdout_tty=False, stderr_tty=False, monkeypatch=monkeypatch)
     assert piped == text + "\n"  # piped output is exactly the text
+
+
+def test_the_seconds_count_on_while_the_caller_waits_in_a_long_prompt_read(monkeypatch):
+    """One progress event, then the caller blocked (as in llama_decode, for a large model's batch):
+    the status line goes on counting; the first piece stops it, and nothing is drawn after."""
+    monkeypatch.setenv("COLUMNS", "80")
+    err = Screen()
+    monkeypatch.setattr(sys, "stdout", Screen())
+    monkeypatch.setattr(sys, "stderr", err)
+    renderer = LiveRenderer(Output(stdout_tty=True, stderr_tty=True), show_stats=False)
+    renderer.progress(PrefillProgress(3614, 0, 0.2))
+    time.sleep(1.5)  # a C call that releases the GIL, as llama_decode does
+    renderer.piece("The")
+    drawn = len(err.getvalue())
+    time.sleep(0.5)
+    renderer.finish(Stats(3614, 700.0, 1, 50.0, 1.7, 1.7, "length"))
+    seconds = set(re.findall(r"reading the prompt: 3614 tokens · ([0-9.]+) s", err.getvalue()))
+    assert len(seconds) >= 3 and max(map(float, seconds)) >= 1.0  # counted on from 0.2 s
+    assert "reading the prompt" not in err.getvalue()[drawn:]  # the ticker stopped at the first piece
 
 
 def test_word_wrap_breaks_what_cannot_fit():

@@ -105,11 +105,12 @@ def test_ctrl_c_aborts_a_long_prompt_and_the_engine_recovers(gemma: Path):
     engine = open_engine(gemma, n_ctx=4096)
     try:
         tokens = engine.tokenize("the quick brown fox jumps over the lazy dog " * 300)
-        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))  # in the first batch of 512
         timer.start()
         _, stats = run(engine, tokens, n=5)
         timer.join()
         assert stats.finish_reason == "cancelled" and stats.generated_tokens == 0
+        assert engine.cached == []  # that batch was aborted, not finished first: nothing of it is kept
         short = engine.tokenize("The capital of France is the city of")
         text, stats = run(engine, short, n=5)
         assert stats.finish_reason == "length" and text.startswith(" Paris")

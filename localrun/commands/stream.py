@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -221,6 +222,9 @@ class LiveRenderer:
         self.wrap = WordWrap(self.columns) if out.stdout_tty else None
         self.drawn = False
         self.spec = ""  # speculative decoding's acceptance so far, for the status line
+        self._ticker: threading.Thread | None = None  # counts the seconds while the prompt is read
+        self._ticking = threading.Event()
+        self._lock = threading.Lock()  # the ticker's drawing and progress()'s
         if self.live:
             self._draw(self._status_text(self.started))
 
@@ -258,6 +262,7 @@ class LiveRenderer:
     def piece(self, text: str) -> None:
         now = time.perf_counter()
         if self.first is None:
+            self.close()
             if self.show_thinking and self.thinking:  # the answer on a line of its own after the reasoning
                 sys.stderr.write("\n")
             self.first = now
@@ -289,12 +294,14 @@ class LiveRenderer:
         return self.wrap.resize(columns)  # type: ignore[union-attr] (called with a wrapper)
 
     def notice(self, event: Notice) -> None:
+        self.close()
         self._erase()
         self.out.warn(event.text)
 
     def reasoning(self, event: Reasoning) -> None:
         """A thinking model's reasoning: dimmed on stderr when asked for, else a live count."""
         self.thinking += 1
+        self.close()
         if self.show_thinking:
             self._erase()
             dim = (_DIM, _RESET) if self.out.color and self.out.stderr_tty else ("", "")
@@ -306,6 +313,7 @@ class LiveRenderer:
 
     def tool_call(self, event: ToolCalled) -> None:
         """A tool call: one JSON line on stdout, on a line of its own (a script reads the calls)."""
+        self.close()
         self._erase()
         if self.wrap:
             self._write(self.wrap.flush())
@@ -319,11 +327,36 @@ class LiveRenderer:
         self.spec = f" · spec {acceptance(event.accepted, event.drafted)}" if event.drafted else ""
 
     def progress(self, event: PrefillProgress) -> None:
-        if self.live:
+        """The prompt is being read, a batch at a time, and this thread waits in llama.cpp for
+        each (a large model's batch on a CPU takes many seconds): the seconds are counted on the
+        status line by a ticker thread until the first piece (or anything else) comes."""
+        if not self.live:
+            return
+        since = time.perf_counter() - event.elapsed_s
+        reading = f"… reading the prompt: {event.prompt_tokens} tokens"
+        with self._lock:
             self._erase()
-            self._draw(f"… reading the prompt: {event.prompt_tokens} tokens · {event.elapsed_s:.1f} s"[: self.width])
+            self._draw(f"{reading} · {event.elapsed_s:.1f} s"[: self.width])
+        self.close()
+        self._ticking.clear()
+        self._ticker = threading.Thread(target=self._tick, args=(reading, since), name="localrun-status", daemon=True)
+        self._ticker.start()
+
+    def _tick(self, reading: str, since: float) -> None:
+        while not self._ticking.wait(1 / STATUS_HZ):
+            with self._lock:
+                if not self._ticking.is_set():
+                    self._draw(f"{reading} · {time.perf_counter() - since:.1f} s"[: self.width])
+
+    def close(self) -> None:
+        """Stop counting the seconds (drive() calls it however the stream ended)."""
+        if self._ticker is not None:
+            self._ticking.set()
+            self._ticker.join()
+            self._ticker = None
 
     def finish(self, stats: Stats) -> None:
+        self.close()
         self._erase()
         if self.show_thinking and self.thinking and self.first is None:  # it ended thinking: the line ends
             sys.stderr.write("\n")

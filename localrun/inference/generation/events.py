@@ -157,9 +157,9 @@ def drive(events: Iterable[Event], sink: EventSink) -> Stats:
         if stats is None:
             stats = Stats(0, None, 0, 0.0, None, 0.0, "cancelled")
     finally:
-        close = getattr(it, "close", None)
-        if close:
-            close()
+        for ended in (getattr(it, "close", None), getattr(sink, "close", None)):  # the stream, a live display
+            if ended:
+                ended()
     assert stats is not None, "the engine always ends a stream with Stats"
     sink.finish(stats)
     return stats
