@@ -244,9 +244,9 @@ class Engine:
     def _read(self, seq: Sequence) -> Iterator[PrefillProgress]:
         """One step of reading the prompt (up to a batch of it), on this thread: every decode of
         a reply is then made from one thread, as a plain loop makes them (read on a thread of its
-        own, a 256-token prompt took ~4% longer: llama.cpp's OpenMP threads are per calling thread,
-        and the idle team spins while a new one starts). Progress comes before a step when more
-        follow or the reading has taken a while; Ctrl-C aborts the decode running (Interruptible)."""
+        own, a 256-token prompt took 3-8% longer in bench_engine: llama.cpp's OpenMP workers belong
+        to the thread that calls it). Progress comes before a step when more follow or the reading
+        has taken a while; Ctrl-C aborts the decode in progress (Interruptible)."""
         request = seq.request
         assert request is not None
         elapsed = time.perf_counter() - request.submitted

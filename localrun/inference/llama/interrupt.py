@@ -1,7 +1,7 @@
 """Ctrl-C during a llama.cpp call made from the main thread.
 
 Python runs a signal's handler only between bytecodes, so a Ctrl-C during a long llama_decode
-(a prompt chunk of a large model on a CPU takes seconds) would wait for the call to end. While a
+(a prompt chunk of a large model on a CPU takes seconds) would wait for the call to end. While an
 `Interruptible` block runs, the signal also wakes a watcher thread (through the wakeup fd Python
 writes from its C-level handler), which calls `abort` at once: llama.cpp checks it between graph
 nodes. The signal's own handler, whatever it was, is run when the block ends, at a point the
