@@ -153,8 +153,8 @@ class Sampler:
         the row's head where that decides it, else over every token."""
         import numpy as np
 
-        best = float(logits.max())
-        if self._heads and math.isfinite(best):  # NaN or inf: no margin below the best means anything
+        # the best logit only where a head is tried; NaN or inf: no margin below it means anything
+        if self._heads and math.isfinite(best := float(logits.max())):
             for margin in HEAD_MARGINS:
                 head = np.flatnonzero(logits >= best - margin)
                 if len(head) > HEAD_MOST:  # the whole row, in llama.cpp, costs no more
